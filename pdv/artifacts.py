@@ -1,0 +1,426 @@
+"""Typed artifacts: the JSON contract between profile, plan, simulate and run.
+
+Every artifact is one JSON object with ``"schema": "pdv.<kind>/v<N>"`` and a ``provenance``
+block. Units are SI (seconds, bytes, bytes per second); human units live at the CLI edge only.
+Writing is atomic and deterministic (sorted keys, no timestamps), so identical inputs give
+identical bytes and a failed write never leaves half a file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pdv import __version__
+from pdv.errors import PdvError
+
+__all__ = [
+    "KINDS",
+    "Artifact",
+    "ClusterArtifact",
+    "ClusterDevice",
+    "DeviceInfo",
+    "LayerProfile",
+    "LayerSample",
+    "Links",
+    "ModelProfile",
+    "ModelSpec",
+    "Plan",
+    "PlanStage",
+    "Planner",
+    "Predicted",
+    "Provenance",
+    "RunMeasured",
+    "RunReport",
+    "StagePrediction",
+    "TimeFit",
+    "digest",
+    "dumps",
+    "load",
+    "load_as",
+    "parse",
+    "schema_of",
+    "write",
+]
+
+
+class _Strict(BaseModel):
+    # Frozen so an artifact read once cannot drift; extra="forbid" so a typo in a hand-written
+    # file is an error naming the field rather than a silently ignored key.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class Provenance(_Strict):
+    """Where an artifact came from."""
+
+    pdv_version: str = Field(__version__, description="pdv version that wrote the artifact")
+    method: Literal["measured", "estimated", "declared"] = Field(
+        "declared",
+        description="measured on hardware, estimated from FLOPs/bytes, or declared by a person",
+    )
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="name -> sha256 digest of each input artifact"
+    )
+    notes: list[str] = Field(
+        default_factory=list, description="how the numbers were obtained (methods, caveats)"
+    )
+
+
+class ModelSpec(_Strict):
+    """How to rebuild the model: a factory reference and its keyword arguments."""
+
+    spec: str = Field(description="'path/to/file.py:factory' or 'package.module:factory'")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="factory keyword arguments")
+
+
+# --------------------------------------------------------------------------- model profile
+
+
+class TimeFit(_Strict):
+    """Least-squares fit time = a_s + b_s * micro_batch_size, and how good it is."""
+
+    a_s: float = Field(description="fixed cost per call, seconds")
+    b_s: float = Field(description="cost per sample of the micro-batch, seconds")
+    r2: float = Field(description="coefficient of determination of the fit (1 = perfect)")
+    max_rel_error: float = Field(description="largest |fit - measured| / measured over samples")
+
+
+class LayerSample(_Strict):
+    """One layer measured at one micro-batch size and TP degree (local shard shapes)."""
+
+    micro_batch_size: int = Field(ge=1)
+    tp_degree: int = Field(ge=1)
+    fwd_s: float = Field(ge=0, description="median forward time, seconds")
+    bwd_s: float = Field(ge=0, description="median backward time, seconds")
+    fwd_spread_s: float = Field(ge=0, description="interquartile range of forward time")
+    bwd_spread_s: float = Field(ge=0, description="interquartile range of backward time")
+    param_bytes: int = Field(ge=0, description="parameter bytes of this rank's shard")
+    activation_bytes: int = Field(
+        ge=0, description="bytes saved for backward, per micro-batch of this size"
+    )
+    output_bytes: int = Field(ge=0, description="bytes of the output, per micro-batch")
+
+
+class LayerProfile(_Strict):
+    """One pipeline unit (layer) of the model, in execution order."""
+
+    name: str
+    fwd_s: float = Field(ge=0, description="forward time at the reference point, seconds")
+    bwd_s: float = Field(ge=0, description="backward time at the reference point, seconds")
+    param_bytes: int = Field(ge=0, description="parameter bytes, unsharded")
+    grad_bytes: int = Field(ge=0, description="gradient bytes, unsharded")
+    optimizer_bytes: int = Field(ge=0, description="optimizer-state bytes, unsharded")
+    activation_bytes: int = Field(
+        ge=0, description="bytes saved for backward per micro-batch, at the reference point"
+    )
+    output_bytes: int = Field(
+        ge=0, description="bytes sent to the next stage per micro-batch, at the reference point"
+    )
+    flops_fwd: float | None = Field(
+        None, description="forward FLOPs per sample, where counted (FlopCounterMode)"
+    )
+    samples: list[LayerSample] = Field(
+        default_factory=list, description="every (micro-batch size, TP degree) point measured"
+    )
+    fwd_fit: dict[str, TimeFit] = Field(
+        default_factory=dict, description="TP degree (as a string) -> forward-time fit"
+    )
+    bwd_fit: dict[str, TimeFit] = Field(
+        default_factory=dict, description="TP degree (as a string) -> backward-time fit"
+    )
+
+
+class DeviceInfo(_Strict):
+    """The device a profile was taken on."""
+
+    kind: str = Field(description="device kind, matched against the cluster's device kinds")
+    name: str = Field(description="human name, e.g. 'NVIDIA H100 80GB HBM3' or the CPU model")
+    matmul_flops: float | None = Field(
+        None, description="measured dense matmul throughput, FLOP/s"
+    )
+
+
+class ModelProfile(_Strict):
+    """Per-layer compute time and memory of one model on one device kind."""
+
+    schema_: Literal["pdv.model-profile/v1"] = Field("pdv.model-profile/v1", alias="schema")
+    provenance: Provenance = Field(default_factory=Provenance)
+    model: ModelSpec
+    device: DeviceInfo
+    dtype: str = Field("float32", description="parameter and activation dtype")
+    optimizer: str = Field("adam", description="optimizer whose state bytes are counted")
+    reference_micro_batch_size: int = Field(
+        1, ge=1, description="micro-batch size of the per-layer top-level numbers (TP degree 1)"
+    )
+    micro_batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    tp_degrees: list[int] = Field(default_factory=lambda: [1])
+    overhead_bytes: int = Field(
+        0, ge=0, description="per-device constant memory (runtime, allocator, buffers)"
+    )
+    layers: list[LayerProfile] = Field(min_length=1)
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+class ClusterDevice(_Strict):
+    """One rank's device."""
+
+    rank: int = Field(ge=0)
+    host: str
+    kind: str = Field(description="device kind; a model profile of this kind prices it")
+    memory_bytes: int = Field(gt=0, description="memory available to the rank")
+    name: str | None = Field(None, description="human name of the device")
+    matmul_flops: float | None = Field(None, description="measured matmul throughput, FLOP/s")
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="what the probe reported (NVML, psutil)"
+    )
+
+
+class Links(_Strict):
+    """Point-to-point α/β between every ordered pair; row = sender, column = receiver."""
+
+    latency_s: list[list[float]] = Field(description="α: fixed cost of one message, seconds")
+    bandwidth_Bps: list[list[float]] = Field(description="β: bytes per second")
+
+
+class ClusterArtifact(_Strict):
+    """Devices and the measured (or declared) network between them."""
+
+    schema_: Literal["pdv.cluster/v1"] = Field("pdv.cluster/v1", alias="schema")
+    provenance: Provenance = Field(default_factory=Provenance)
+    devices: list[ClusterDevice] = Field(min_length=1)
+    links: Links
+    measurement: dict[str, Any] = Field(
+        default_factory=dict, description="how links were measured: sizes, rounds, fit quality"
+    )
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ClusterArtifact:
+        n = len(self.devices)
+        ranks = [d.rank for d in self.devices]
+        if ranks != list(range(n)):
+            raise ValueError(f"devices must be listed by rank 0..{n - 1}, got ranks {ranks}")
+        for name, m in (("latency_s", self.links.latency_s), ("bandwidth_Bps", self.links.bandwidth_Bps)):
+            if len(m) != n or any(len(row) != n for row in m):
+                raise ValueError(f"links.{name} must be a {n}x{n} matrix (one row per device)")
+        for i in range(n):
+            for j in range(n):
+                if i == j:
+                    continue
+                if self.links.bandwidth_Bps[i][j] <= 0:
+                    raise ValueError(f"links.bandwidth_Bps[{i}][{j}] must be > 0")
+                if self.links.latency_s[i][j] < 0:
+                    raise ValueError(f"links.latency_s[{i}][{j}] must be >= 0")
+        return self
+
+
+# --------------------------------------------------------------------------- plan
+
+
+class PlanStage(_Strict):
+    """One pipeline stage: a range of layers on a group of ranks."""
+
+    layers: tuple[int, int] = Field(description="[start, end) into the profile's layers")
+    ranks: list[int] = Field(min_length=1, description="global ranks, dp-major: replica r, shard t")
+    dp: int = Field(1, ge=1, description="data-parallel replicas of this stage")
+    tp: int = Field(1, ge=1, description="tensor-parallel degree inside each replica")
+    fsdp: bool = Field(False, description="shard params/grads/optimizer over the replicas (FSDP2)")
+    recompute: bool = Field(False, description="activation checkpointing for the stage's layers")
+    layer_sharding: list[dict[str, Any]] | None = Field(
+        None, description="per-layer choices where they differ inside the stage"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PlanStage:
+        if self.layers[0] >= self.layers[1]:
+            raise ValueError(f"stage layers {list(self.layers)} must be a non-empty [start, end)")
+        if self.dp * self.tp != len(self.ranks):
+            raise ValueError(
+                f"stage has {len(self.ranks)} ranks but dp*tp = {self.dp}*{self.tp}"
+            )
+        return self
+
+
+class StagePrediction(_Strict):
+    """Predicted per-stage breakdown for one training step."""
+
+    compute_s: float = Field(description="forward+backward compute over all micro-batches")
+    p2p_s: float = Field(description="activation/gradient transfers to the next stage")
+    collective_s: float = Field(description="TP collectives and DP/FSDP gradient sync")
+    peak_memory_bytes: int = Field(description="peak memory per rank of this stage")
+
+
+class Predicted(_Strict):
+    """What the cost model/simulator predicts for one step."""
+
+    step_time_s: float
+    peak_memory_bytes: dict[str, int] = Field(description="global rank (string) -> bytes")
+    bubble_fraction: float | None = None
+    stages: list[StagePrediction] = Field(default_factory=list)
+
+
+class Planner(_Strict):
+    """How the plan was found. Wall-clock search time is printed, not stored (determinism)."""
+
+    name: str = Field("manual", description="pdv | hierarchy | uniform | pipedream | manual")
+    status: str = Field("n/a", description="solver status, e.g. OPTIMAL or FEASIBLE")
+    optimality_gap: float | None = Field(None, description="relative gap reported by the solver")
+    candidates: int | None = Field(None, description="candidates evaluated (deterministic)")
+
+
+class Plan(_Strict):
+    """A training plan: stages, micro-batching, schedule, and its prediction."""
+
+    schema_: Literal["pdv.plan/v1"] = Field("pdv.plan/v1", alias="schema")
+    provenance: Provenance = Field(default_factory=Provenance)
+    model: ModelSpec | None = Field(None, description="model to build at run time")
+    stages: list[PlanStage] = Field(min_length=1)
+    micro_batch_size: int = Field(ge=1)
+    num_micro_batches: int = Field(ge=1)
+    global_batch_size: int = Field(ge=1)
+    schedule: str = Field("1F1B", description="GPipe | 1F1B | Interleaved1F1B | ...")
+    predicted: Predicted | None = None
+    planner: Planner = Field(default_factory=Planner)
+    devices: list[ClusterDevice] | None = Field(
+        None, description="the cluster's devices (host of each rank), for launching"
+    )
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- run report
+
+
+class RunMeasured(_Strict):
+    """What a run measured."""
+
+    step_time_s: float = Field(description="median step time after warm-up")
+    step_time_spread_s: float = Field(description="interquartile range of step time")
+    step_times_s: list[float] = Field(default_factory=list, description="every step timed")
+    peak_memory_bytes: dict[str, int] = Field(description="global rank (string) -> bytes")
+    memory_method: str = Field(description="how peak memory was measured on this device")
+
+
+class RunReport(_Strict):
+    """Measured against predicted for one run of a plan."""
+
+    schema_: Literal["pdv.run-report/v1"] = Field("pdv.run-report/v1", alias="schema")
+    provenance: Provenance = Field(default_factory=lambda: Provenance(method="measured"))
+    plan_digest: str
+    measured: RunMeasured
+    predicted: Predicted | None
+    loss: list[float]
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+Artifact = ModelProfile | ClusterArtifact | Plan | RunReport
+
+KINDS: dict[str, type[BaseModel]] = {
+    "model-profile": ModelProfile,
+    "cluster": ClusterArtifact,
+    "plan": Plan,
+    "run-report": RunReport,
+}
+_VERSIONS = {f"pdv.{k}/v1": k for k in KINDS}
+
+
+# --------------------------------------------------------------------------- (de)serialization
+
+
+def dumps(artifact: BaseModel) -> str:
+    """Deterministic JSON text of an artifact: sorted keys, two-space indent, newline at end."""
+    data = artifact.model_dump(mode="json", by_alias=True)
+    return json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"
+
+
+def digest(artifact: BaseModel) -> str:
+    """sha256 of the artifact's canonical JSON, for provenance inputs and plan digests."""
+    return "sha256:" + hashlib.sha256(dumps(artifact).encode()).hexdigest()
+
+
+def write(path: str | os.PathLike[str], artifact: BaseModel) -> Path:
+    """Write atomically: a temp file in the same folder, fsync, then rename over the target."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = dumps(artifact)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {err['msg']}{more}"
+
+
+def schema_of(data: Any) -> str:
+    """The schema string of a parsed JSON object, or a PdvError saying why there is none."""
+    if not isinstance(data, dict):
+        raise PdvError("not a pdv artifact: the top level must be a JSON object")
+    schema = data.get("schema")
+    if not isinstance(schema, str):
+        raise PdvError("not a pdv artifact: no \"schema\" field (expected e.g. \"pdv.plan/v1\")")
+    return schema
+
+
+def parse(data: Any, source: str = "<input>", expect: str | None = None) -> Any:
+    """Validate a parsed JSON object into its artifact type (optionally of one expected kind)."""
+    schema = schema_of(data)
+    kind = _VERSIONS.get(schema)
+    if kind is None:
+        base = schema.rsplit("/", 1)[0]
+        known = [s for s in _VERSIONS if s.rsplit("/", 1)[0] == base]
+        if known:
+            raise PdvError(f"{source}: schema {schema} is not supported; this pdv reads {known[0]}")
+        raise PdvError(f"{source}: unknown schema {schema!r}; known: {', '.join(sorted(_VERSIONS))}")
+    if expect is not None and kind != expect:
+        raise PdvError(f"{source}: expected a pdv.{expect}/v1 artifact, got {schema}")
+    try:
+        return KINDS[kind].model_validate(data)
+    except ValidationError as exc:
+        raise PdvError(f"{source}: invalid {schema}: {_first_error(exc)}") from None
+
+
+def load(path: str | os.PathLike[str], expect: str | None = None) -> Any:
+    """Read and validate an artifact file; every failure is a one-line PdvError."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise PdvError(f"{p}: no such file") from None
+    except OSError as exc:
+        raise PdvError(f"{p}: cannot read: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PdvError(
+            f"{p}: not valid JSON (truncated or corrupt?) at line {exc.lineno} column {exc.colno}"
+        ) from None
+    return parse(data, str(p), expect)
+
+
+def load_as(path: str | os.PathLike[str], kind: str) -> Any:
+    """Load an artifact that must be of one kind ('model-profile', 'cluster', 'plan', ...)."""
+    return load(path, expect=kind)

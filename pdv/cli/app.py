@@ -1,0 +1,89 @@
+"""The typer app, its global options, and the one place where errors become exit codes.
+
+Torch is imported inside command bodies only, so ``pdv plan`` and ``pdv --help`` start fast on a
+login node without torch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from rich.console import Console
+
+from pdv import __version__
+from pdv.errors import PdvError
+
+__all__ = ["app", "main", "console", "err_console", "profile_app", "cluster_app"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="pdv",
+    help="pipeDejavu: profile real hardware, plan hybrid-parallel training on the measurements, "
+    "run the plan and check the prediction.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+profile_app = typer.Typer(
+    help="Measure layers (per device kind) and links (between every pair of ranks).",
+    no_args_is_help=True,
+)
+cluster_app = typer.Typer(help="Clusters that are not at hand: declare them for what-if planning.",
+                          no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
+app.add_typer(cluster_app, name="cluster")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"pdv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+) -> None:
+    """pipeDejavu."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app; a PdvError is one line on stderr and exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="pdv", standalone_mode=False)
+    except PdvError as exc:
+        if debug:
+            raise
+        err_console.print(f"pdv: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err_console.print("pdv: aborted")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("pdv: interrupted")
+        return 130
+    return 0
+
+
+# Command modules register themselves on the app above; importing them here wires them in.
+from pdv.cli import artifacts_cmd  # noqa: E402,F401
+from pdv.cli import profile_model_cmd  # noqa: E402,F401
+from pdv.cli import profile_cluster_cmd  # noqa: E402,F401
+from pdv.cli import plan_cmd  # noqa: E402,F401
+from pdv.cli import simulate_cmd  # noqa: E402,F401
+from pdv.cli import run_cmd  # noqa: E402,F401

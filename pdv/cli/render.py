@@ -1,0 +1,134 @@
+"""Rich rendering of artifacts, and the human units that appear only at the CLI edge."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pdv.artifacts import ClusterArtifact, ModelProfile, Plan, RunReport
+
+__all__ = ["fmt_bytes", "fmt_time", "fmt_rate", "render", "RENDERERS"]
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes in binary units: 1.5 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def fmt_time(s: float) -> str:
+    """Seconds in the unit that keeps 3 significant digits: 12.3 ms."""
+    if s >= 1:
+        return f"{s:.3g} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} µs"
+
+
+def fmt_rate(bps: float) -> str:
+    """Bytes per second as bits per second, as links are sold: 94.1 Mbit/s."""
+    bits = bps * 8
+    for unit, scale in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:.3g} {unit}"
+    return f"{bits:.3g} bit/s"
+
+
+def _provenance(a: Any, console: Console) -> None:
+    p = a.provenance
+    console.print(f"[bold]{a.schema_}[/]  method: {p.method}  pdv {p.pdv_version}")
+    for note in p.notes:
+        console.print(f"  [dim]{note}[/]")
+
+
+def _model_profile(a: ModelProfile, console: Console) -> None:
+    _provenance(a, console)
+    console.print(
+        f"model {a.model.spec} {a.model.kwargs}  device {a.device.kind} ({a.device.name})  "
+        f"mbs {a.micro_batch_sizes}  tp {a.tp_degrees}  ref mbs {a.reference_micro_batch_size}"
+    )
+    t = Table(title="layers (reference micro-batch, TP 1)")
+    for col in ("#", "name", "fwd", "bwd", "params", "activations", "output", "fit r²"):
+        t.add_column(col, justify="left" if col == "name" else "right")
+    for i, layer in enumerate(a.layers):
+        fit = layer.fwd_fit.get("1")
+        t.add_row(
+            str(i), layer.name, fmt_time(layer.fwd_s), fmt_time(layer.bwd_s),
+            fmt_bytes(layer.param_bytes), fmt_bytes(layer.activation_bytes),
+            fmt_bytes(layer.output_bytes), f"{fit.r2:.3f}" if fit else "-",
+        )
+    console.print(t)
+    total_f = sum(x.fwd_s for x in a.layers)
+    total_b = sum(x.bwd_s for x in a.layers)
+    console.print(f"total fwd {fmt_time(total_f)}  bwd {fmt_time(total_b)}  "
+                  f"params {fmt_bytes(sum(x.param_bytes for x in a.layers))}")
+
+
+def _cluster(a: ClusterArtifact, console: Console) -> None:
+    _provenance(a, console)
+    t = Table(title="devices")
+    for col in ("rank", "host", "kind", "name", "memory", "matmul"):
+        t.add_column(col)
+    for d in a.devices:
+        flops = f"{d.matmul_flops / 1e9:.1f} GFLOP/s" if d.matmul_flops else "-"
+        t.add_row(str(d.rank), d.host, d.kind, d.name or "-", fmt_bytes(d.memory_bytes), flops)
+    console.print(t)
+    n = len(a.devices)
+    if n > 16:
+        console.print(f"links: {n}x{n} matrix (too large to print; see the JSON)")
+        return
+    for title, m, fmt in (
+        ("bandwidth row→col", a.links.bandwidth_Bps, fmt_rate),
+        ("latency row→col", a.links.latency_s, fmt_time),
+    ):
+        t = Table(title=title)
+        t.add_column("")
+        for j in range(n):
+            t.add_column(str(j), justify="right")
+        for i in range(n):
+            t.add_row(str(i), *("-" if i == j else fmt(m[i][j]) for j in range(n)))
+        console.print(t)
+
+
+def _plan(a: Plan, console: Console) -> None:
+    _provenance(a, console)
+    t = Table(title=f"plan ({a.planner.name}, {a.schedule}, mbs {a.micro_batch_size} x "
+                    f"{a.num_micro_batches} = {a.global_batch_size})")
+    for col in ("stage", "layers", "ranks", "dp", "tp", "fsdp", "recompute"):
+        t.add_column(col)
+    for i, s in enumerate(a.stages):
+        t.add_row(str(i), f"[{s.layers[0]}, {s.layers[1]})", str(s.ranks), str(s.dp), str(s.tp),
+                  str(s.fsdp), str(s.recompute))
+    console.print(t)
+    if a.predicted:
+        console.print(f"predicted step time {fmt_time(a.predicted.step_time_s)}")
+
+
+def _run_report(a: RunReport, console: Console) -> None:
+    _provenance(a, console)
+    m = a.measured
+    pred = a.predicted.step_time_s if a.predicted else None
+    line = f"measured step {fmt_time(m.step_time_s)} (IQR {fmt_time(m.step_time_spread_s)})"
+    if pred:
+        line += f"  predicted {fmt_time(pred)}  error {abs(pred - m.step_time_s) / m.step_time_s:.1%}"
+    console.print(line)
+    console.print(f"loss {[round(x, 5) for x in a.loss]}")
+
+
+RENDERERS: dict[type, Callable[[Any, Console], None]] = {
+    ModelProfile: _model_profile,
+    ClusterArtifact: _cluster,
+    Plan: _plan,
+    RunReport: _run_report,
+}
+
+
+def render(artifact: Any, console: Console) -> None:
+    """Print an artifact as rich tables."""
+    RENDERERS[type(artifact)](artifact, console)

@@ -1,0 +1,1 @@
+"""The cost model: pure functions of (profile, cluster, plan); no torch."""

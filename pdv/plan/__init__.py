@@ -1,0 +1,1 @@
+"""The planner: groups, stage DP, CP-SAT sharding, baselines; no torch."""

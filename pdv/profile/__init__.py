@@ -1,0 +1,1 @@
+"""Measurement on real hardware: layers (compute.py, memory.py), links (network.py), devices."""

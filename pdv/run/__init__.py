@@ -1,0 +1,1 @@
+"""Launch a plan under torchrun, the per-rank runtime, and the run report."""

@@ -1,0 +1,1 @@
+"""Small real models for pdv: an MLP, a GPT family, a conv net."""

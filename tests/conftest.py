@@ -1,0 +1,28 @@
+"""Shared fixtures: the repository root and a way to run the real pdv command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def root() -> Path:
+    """The repository root (sample models are named relative to it)."""
+    return ROOT
+
+
+def run_pdv(*args: str, cwd: Path | None = None, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `pdv` console entry as a user would, capturing its output."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pdv", *args], cwd=cwd or ROOT, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )

@@ -1,0 +1,119 @@
+"""Artifact contract: validation, one-line errors with exit 2, atomic deterministic writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pdv import artifacts
+from pdv.errors import PdvError
+
+from .conftest import run_pdv
+
+MINIMAL_CLUSTER = {
+    "schema": "pdv.cluster/v1",
+    "devices": [
+        {"rank": 0, "host": "a", "kind": "cpu", "memory_bytes": 2**30},
+        {"rank": 1, "host": "b", "kind": "cpu", "memory_bytes": 2**30},
+    ],
+    "links": {"latency_s": [[0, 1e-4], [1e-4, 0]], "bandwidth_Bps": [[0, 1e8], [2e8, 0]]},
+}
+
+
+def test_hand_written_cluster_defaults_to_declared(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(MINIMAL_CLUSTER))
+    cluster = artifacts.load(path)
+    assert cluster.provenance.method == "declared"
+    assert cluster.links.bandwidth_Bps[1][0] == 2e8
+
+
+def test_round_trip_is_byte_identical(tmp_path):
+    cluster = artifacts.parse(MINIMAL_CLUSTER)
+    a = artifacts.write(tmp_path / "a.json", cluster)
+    b = artifacts.write(tmp_path / "b.json", artifacts.load(a))
+    assert a.read_bytes() == b.read_bytes()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_failed_write_leaves_old_file(tmp_path, monkeypatch):
+    path = artifacts.write(tmp_path / "c.json", artifacts.parse(MINIMAL_CLUSTER))
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifacts.os, "fsync", boom)
+    with pytest.raises(OSError):
+        artifacts.write(path, artifacts.parse(MINIMAL_CLUSTER))
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({**MINIMAL_CLUSTER, "links": {"latency_s": [[0]], "bandwidth_Bps": [[0]]}}, "2x2"),
+        ({**MINIMAL_CLUSTER, "devices": MINIMAL_CLUSTER["devices"][::-1]}, "by rank"),
+        ({**MINIMAL_CLUSTER, "bogus": 1}, "bogus"),
+    ],
+)
+def test_invalid_cluster_names_the_problem(bad, message):
+    with pytest.raises(PdvError, match=message):
+        artifacts.parse(bad)
+
+
+def _one_line_exit_2(result):
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_truncated_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(MINIMAL_CLUSTER)[:40])
+    result = run_pdv("validate", str(path))
+    _one_line_exit_2(result)
+    assert "not valid JSON" in result.stderr
+
+
+def test_validate_wrong_schema_version(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**MINIMAL_CLUSTER, "schema": "pdv.cluster/v9"}))
+    result = run_pdv("validate", str(path))
+    _one_line_exit_2(result)
+    assert "pdv.cluster/v9 is not supported" in result.stderr
+
+
+def test_validate_other_kind_where_one_is_expected(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(MINIMAL_CLUSTER))
+    with pytest.raises(PdvError, match="expected a pdv.plan/v1 artifact, got pdv.cluster/v1"):
+        artifacts.load_as(path, "plan")
+    # and a file of a kind pdv does not know at all
+    path.write_text(json.dumps({"schema": "other.thing/v1"}))
+    _one_line_exit_2(run_pdv("validate", str(path)))
+
+
+def test_validate_and_show_a_good_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(MINIMAL_CLUSTER))
+    ok = run_pdv("validate", str(path))
+    assert ok.returncode == 0 and "valid pdv.cluster/v1" in ok.stdout
+    shown = run_pdv("show", str(path))
+    assert shown.returncode == 0 and "bandwidth" in shown.stdout and "1.6 Gbit/s" in shown.stdout
+
+
+@pytest.mark.parametrize("kind", list(artifacts.KINDS))
+def test_schema_export(kind):
+    result = run_pdv("schema", kind)
+    assert result.returncode == 0
+    assert "properties" in json.loads(result.stdout)
+
+
+def test_help_and_version():
+    result = run_pdv("--help")
+    assert result.returncode == 0 and "profile" in result.stdout
+    version = run_pdv("--version")
+    assert version.returncode == 0 and version.stdout.startswith("pdv ")
