@@ -141,9 +141,7 @@ class DeviceInfo(_Strict):
 
     kind: str = Field(description="device kind, matched against the cluster's device kinds")
     name: str = Field(description="human name, e.g. 'NVIDIA H100 80GB HBM3' or the CPU model")
-    matmul_flops: float | None = Field(
-        None, description="measured dense matmul throughput, FLOP/s"
-    )
+    matmul_flops: float | None = Field(None, description="measured dense matmul throughput, FLOP/s")
 
 
 class ModelProfile(_Strict):
@@ -211,7 +209,10 @@ class ClusterArtifact(_Strict):
         ranks = [d.rank for d in self.devices]
         if ranks != list(range(n)):
             raise ValueError(f"devices must be listed by rank 0..{n - 1}, got ranks {ranks}")
-        for name, m in (("latency_s", self.links.latency_s), ("bandwidth_Bps", self.links.bandwidth_Bps)):
+        for name, m in (
+            ("latency_s", self.links.latency_s),
+            ("bandwidth_Bps", self.links.bandwidth_Bps),
+        ):
             if len(m) != n or any(len(row) != n for row in m):
                 raise ValueError(f"links.{name} must be a {n}x{n} matrix (one row per device)")
         for i in range(n):
@@ -246,9 +247,7 @@ class PlanStage(_Strict):
         if self.layers[0] >= self.layers[1]:
             raise ValueError(f"stage layers {list(self.layers)} must be a non-empty [start, end)")
         if self.dp * self.tp != len(self.ranks):
-            raise ValueError(
-                f"stage has {len(self.ranks)} ranks but dp*tp = {self.dp}*{self.tp}"
-            )
+            raise ValueError(f"stage has {len(self.ranks)} ranks but dp*tp = {self.dp}*{self.tp}")
         return self
 
 
@@ -381,7 +380,7 @@ def schema_of(data: Any) -> str:
         raise PdvError("not a pdv artifact: the top level must be a JSON object")
     schema = data.get("schema")
     if not isinstance(schema, str):
-        raise PdvError("not a pdv artifact: no \"schema\" field (expected e.g. \"pdv.plan/v1\")")
+        raise PdvError('not a pdv artifact: no "schema" field (expected e.g. "pdv.plan/v1")')
     return schema
 
 
@@ -394,7 +393,9 @@ def parse(data: Any, source: str = "<input>", expect: str | None = None) -> Any:
         known = [s for s in _VERSIONS if s.rsplit("/", 1)[0] == base]
         if known:
             raise PdvError(f"{source}: schema {schema} is not supported; this pdv reads {known[0]}")
-        raise PdvError(f"{source}: unknown schema {schema!r}; known: {', '.join(sorted(_VERSIONS))}")
+        raise PdvError(
+            f"{source}: unknown schema {schema!r}; known: {', '.join(sorted(_VERSIONS))}"
+        )
     if expect is not None and kind != expect:
         raise PdvError(f"{source}: expected a pdv.{expect}/v1 artifact, got {schema}")
     try:

@@ -36,7 +36,7 @@ class ModelDef:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     """(last layer's output, targets) -> scalar loss (mean over the micro-batch)."""
     tp_plan: Callable[[int, nn.Module], dict[str, Any]] | None = None
-    """Layer index, layer -> parallelize_module plan (module path -> ParallelStyle); {} = replicate."""
+    """Layer index, layer -> parallelize_module plan {module path: ParallelStyle}; {} replicates."""
     tp_shard: Callable[[int, nn.Module, int], nn.Module] | None = None
     """Layer index, layer, k -> a module with the local shard shapes of TP degree k (profiling)."""
     tp_degrees: Sequence[int] = field(default_factory=lambda: (1,))

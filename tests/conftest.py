@@ -18,11 +18,16 @@ def root() -> Path:
     return ROOT
 
 
-def run_pdv(*args: str, cwd: Path | None = None, timeout: float = 600,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_pdv(
+    *args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real `pdv` console entry as a user would, capturing its output."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "pdv", *args], cwd=cwd or ROOT, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "pdv", *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

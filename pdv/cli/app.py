@@ -32,8 +32,9 @@ profile_app = typer.Typer(
     help="Measure layers (per device kind) and links (between every pair of ranks).",
     no_args_is_help=True,
 )
-cluster_app = typer.Typer(help="Clusters that are not at hand: declare them for what-if planning.",
-                          no_args_is_help=True)
+cluster_app = typer.Typer(
+    help="Clusters that are not at hand: declare them for what-if planning.", no_args_is_help=True
+)
 app.add_typer(profile_app, name="profile")
 app.add_typer(cluster_app, name="cluster")
 
@@ -78,12 +79,3 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("pdv: interrupted")
         return 130
     return 0
-
-
-# Command modules register themselves on the app above; importing them here wires them in.
-from pdv.cli import artifacts_cmd  # noqa: E402,F401
-from pdv.cli import profile_model_cmd  # noqa: E402,F401
-from pdv.cli import profile_cluster_cmd  # noqa: E402,F401
-from pdv.cli import plan_cmd  # noqa: E402,F401
-from pdv.cli import simulate_cmd  # noqa: E402,F401
-from pdv.cli import run_cmd  # noqa: E402,F401

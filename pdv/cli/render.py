@@ -59,15 +59,22 @@ def _model_profile(a: ModelProfile, console: Console) -> None:
     for i, layer in enumerate(a.layers):
         fit = layer.fwd_fit.get("1")
         t.add_row(
-            str(i), layer.name, fmt_time(layer.fwd_s), fmt_time(layer.bwd_s),
-            fmt_bytes(layer.param_bytes), fmt_bytes(layer.activation_bytes),
-            fmt_bytes(layer.output_bytes), f"{fit.r2:.3f}" if fit else "-",
+            str(i),
+            layer.name,
+            fmt_time(layer.fwd_s),
+            fmt_time(layer.bwd_s),
+            fmt_bytes(layer.param_bytes),
+            fmt_bytes(layer.activation_bytes),
+            fmt_bytes(layer.output_bytes),
+            f"{fit.r2:.3f}" if fit else "-",
         )
     console.print(t)
     total_f = sum(x.fwd_s for x in a.layers)
     total_b = sum(x.bwd_s for x in a.layers)
-    console.print(f"total fwd {fmt_time(total_f)}  bwd {fmt_time(total_b)}  "
-                  f"params {fmt_bytes(sum(x.param_bytes for x in a.layers))}")
+    console.print(
+        f"total fwd {fmt_time(total_f)}  bwd {fmt_time(total_b)}  "
+        f"params {fmt_bytes(sum(x.param_bytes for x in a.layers))}"
+    )
 
 
 def _cluster(a: ClusterArtifact, console: Console) -> None:
@@ -98,13 +105,22 @@ def _cluster(a: ClusterArtifact, console: Console) -> None:
 
 def _plan(a: Plan, console: Console) -> None:
     _provenance(a, console)
-    t = Table(title=f"plan ({a.planner.name}, {a.schedule}, mbs {a.micro_batch_size} x "
-                    f"{a.num_micro_batches} = {a.global_batch_size})")
+    t = Table(
+        title=f"plan ({a.planner.name}, {a.schedule}, mbs {a.micro_batch_size} x "
+        f"{a.num_micro_batches} = {a.global_batch_size})"
+    )
     for col in ("stage", "layers", "ranks", "dp", "tp", "fsdp", "recompute"):
         t.add_column(col)
     for i, s in enumerate(a.stages):
-        t.add_row(str(i), f"[{s.layers[0]}, {s.layers[1]})", str(s.ranks), str(s.dp), str(s.tp),
-                  str(s.fsdp), str(s.recompute))
+        t.add_row(
+            str(i),
+            f"[{s.layers[0]}, {s.layers[1]})",
+            str(s.ranks),
+            str(s.dp),
+            str(s.tp),
+            str(s.fsdp),
+            str(s.recompute),
+        )
     console.print(t)
     if a.predicted:
         console.print(f"predicted step time {fmt_time(a.predicted.step_time_s)}")
@@ -116,7 +132,9 @@ def _run_report(a: RunReport, console: Console) -> None:
     pred = a.predicted.step_time_s if a.predicted else None
     line = f"measured step {fmt_time(m.step_time_s)} (IQR {fmt_time(m.step_time_spread_s)})"
     if pred:
-        line += f"  predicted {fmt_time(pred)}  error {abs(pred - m.step_time_s) / m.step_time_s:.1%}"
+        line += (
+            f"  predicted {fmt_time(pred)}  error {abs(pred - m.step_time_s) / m.step_time_s:.1%}"
+        )
     console.print(line)
     console.print(f"loss {[round(x, 5) for x in a.loss]}")
 

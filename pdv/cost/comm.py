@@ -1,0 +1,71 @@
+"""Communication cost on measured links: the α-β model for point-to-point and ring collectives.
+
+Every formula charges the actual links the ring or transfer uses, taken from the cluster's
+measured (or declared) N×N matrices; nothing assumes that a host boundary makes a link slow.
+
+Sources: point-to-point t = α + S/β (Hockney); ring collectives as in nccl-tests
+(PERFORMANCE.md: all-reduce moves 2(n−1)/n·S per rank in 2(n−1) steps, all-gather and
+reduce-scatter (n−1)/n·S in n−1 steps). A ring runs at the pace of its slowest hop, so the ring
+uses the minimum bandwidth and maximum latency over its hops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pdv.artifacts import Links
+
+__all__ = [
+    "p2p_time",
+    "ring_hops",
+    "ring_link",
+    "all_reduce_time",
+    "all_gather_time",
+    "reduce_scatter_time",
+]
+
+
+def p2p_time(links: Links, src: int, dst: int, nbytes: float) -> float:
+    """Time to send nbytes from rank src to rank dst: α + S/β on that ordered link."""
+    if src == dst or nbytes <= 0:
+        return 0.0
+    return links.latency_s[src][dst] + nbytes / links.bandwidth_Bps[src][dst]
+
+
+def ring_hops(ranks: Sequence[int]) -> list[tuple[int, int]]:
+    """The directed hops of a ring over ranks in the given order (r0→r1→…→r0)."""
+    n = len(ranks)
+    return [(ranks[i], ranks[(i + 1) % n]) for i in range(n)] if n > 1 else []
+
+
+def ring_link(links: Links, ranks: Sequence[int]) -> tuple[float, float]:
+    """(α, β) of a ring: the slowest hop sets the pace (max latency, min bandwidth)."""
+    hops = ring_hops(ranks)
+    if not hops:
+        return 0.0, float("inf")
+    alpha = max(links.latency_s[s][d] for s, d in hops)
+    beta = min(links.bandwidth_Bps[s][d] for s, d in hops)
+    return alpha, beta
+
+
+def all_reduce_time(links: Links, ranks: Sequence[int], nbytes: float) -> float:
+    """Ring all-reduce of nbytes per rank: 2(n−1)/n·S/β + 2(n−1)α."""
+    n = len(ranks)
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    alpha, beta = ring_link(links, ranks)
+    return 2 * (n - 1) / n * nbytes / beta + 2 * (n - 1) * alpha
+
+
+def all_gather_time(links: Links, ranks: Sequence[int], nbytes: float) -> float:
+    """Ring all-gather producing nbytes per rank: (n−1)/n·S/β + (n−1)α."""
+    n = len(ranks)
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    alpha, beta = ring_link(links, ranks)
+    return (n - 1) / n * nbytes / beta + (n - 1) * alpha
+
+
+def reduce_scatter_time(links: Links, ranks: Sequence[int], nbytes: float) -> float:
+    """Ring reduce-scatter of nbytes per rank: same volume and steps as all-gather."""
+    return all_gather_time(links, ranks, nbytes)
