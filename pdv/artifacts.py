@@ -40,6 +40,7 @@ __all__ = [
     "RunReport",
     "StagePrediction",
     "TimeFit",
+    "WholeModelTiming",
     "digest",
     "dumps",
     "load",
@@ -136,6 +137,17 @@ class LayerProfile(_Strict):
     )
 
 
+class WholeModelTiming(_Strict):
+    """The whole model's forward+backward (all layers and the loss), timed like the layers."""
+
+    micro_batch_size: int = Field(ge=1)
+    tp_degree: int = Field(1, ge=1)
+    fwd_s: float = Field(ge=0, description="median forward time (layers + loss), seconds")
+    bwd_s: float = Field(ge=0, description="median backward time, seconds")
+    fwd_bwd_s: float = Field(ge=0, description="median forward+backward time, seconds")
+    fwd_bwd_spread_s: float = Field(ge=0, description="interquartile range of fwd+bwd time")
+
+
 class DeviceInfo(_Strict):
     """The device a profile was taken on."""
 
@@ -162,6 +174,9 @@ class ModelProfile(_Strict):
         0, ge=0, description="per-device constant memory (runtime, allocator, buffers)"
     )
     layers: list[LayerProfile] = Field(min_length=1)
+    whole_model: WholeModelTiming | None = Field(
+        None, description="timed whole-model fwd+bwd at the reference point, to check layer sums"
+    )
 
     model_config = ConfigDict(populate_by_name=True)
 

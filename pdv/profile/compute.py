@@ -1,0 +1,160 @@
+"""Timing primitives for layer profiles: the device, a synchronizing clock, robust statistics,
+the time = a + b·micro_batch fit, and a dense matmul throughput probe.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pdv.artifacts import DeviceInfo, TimeFit
+from pdv.errors import PdvError
+
+__all__ = [
+    "DTYPES",
+    "Clock",
+    "device_info",
+    "fit_time",
+    "matmul_throughput",
+    "median_iqr",
+    "op_overhead",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'cpu' or 'cuda[:i]' -> a device that exists here, or a PdvError saying what to use."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PdvError(f"--device {name!r}: expected cpu or cuda[:index]") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PdvError(
+                f"--device {name}: no CUDA device here; use --device cpu, or --estimate "
+                "with --device-flops to plan for a GPU not at hand"
+            )
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise PdvError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise PdvError(f"--device {name!r}: expected cpu or cuda[:index]")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' -> torch dtype."""
+    if name not in DTYPES:
+        raise PdvError(f"--dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_info(device: torch.device, matmul_flops: float | None,
+                kind: str | None = None) -> DeviceInfo:
+    """The profile's device. CPU is kind "cpu"; CUDA is a slug of the device name."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return DeviceInfo(kind=kind or _slug(name), name=name, matmul_flops=matmul_flops)
+    return DeviceInfo(kind=kind or "cpu", name=_cpu_name(), matmul_flops=matmul_flops)
+
+
+class Clock:
+    """Wall clock that first waits for the device, so a reading covers the work queued before it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._device = device
+
+    def now(self) -> float:
+        """Seconds, after all queued work on the device has finished."""
+        if self._cuda:
+            torch.cuda.synchronize(self._device)
+        return time.perf_counter()
+
+
+def median_iqr(values: Sequence[float]) -> tuple[float, float]:
+    """Median and interquartile range: robust to the odd slow round (a neighbour's burst)."""
+    assert values, "no samples"
+    arr = np.asarray(values, dtype=float)
+    q1, med, q3 = np.percentile(arr, [25, 50, 75])
+    return float(med), float(q3 - q1)
+
+
+def fit_time(micro_batch_sizes: Sequence[int], times: Sequence[float]) -> TimeFit:
+    """Least-squares time = a + b·mbs over the measured points, with R² and max relative error.
+
+    One point cannot separate a from b: it is taken as all per-sample cost (a = 0), which is
+    what a user scaling a single measurement would assume; R² is then reported as 1.
+    """
+    x = np.asarray(micro_batch_sizes, dtype=float)
+    y = np.asarray(times, dtype=float)
+    assert x.shape == y.shape and x.size >= 1
+    if x.size == 1 or np.ptp(x) == 0:
+        a, b = 0.0, float(y.mean() / x.mean())
+    else:
+        b, a = (float(v) for v in np.polyfit(x, y, 1))
+    pred = a + b * x
+    ss_res = float(((y - pred) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 if ss_tot == 0 else 1.0 - ss_res / ss_tot
+    rel = np.abs(pred - y) / np.where(y > 0, y, 1.0)
+    return TimeFit(a_s=a, b_s=b, r2=r2, max_rel_error=float(rel.max()))
+
+
+def matmul_throughput(device: torch.device, dtype: torch.dtype = torch.float32,
+                      seconds: float = 0.5) -> float:
+    """Dense square matmul FLOP/s on this device, timed for about `seconds` after a warm-up."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    clock = Clock(device)
+    torch.mm(a, b)
+    start = clock.now()
+    torch.mm(a, b)
+    one = max(clock.now() - start, 1e-6)
+    reps = max(1, int(seconds / one))
+    start = clock.now()
+    for _ in range(reps):
+        torch.mm(a, b)
+    elapsed = clock.now() - start
+    return 2.0 * n**3 * reps / elapsed
+
+
+def op_overhead(device: torch.device, reps: int = 2000) -> float:
+    """Seconds per tiny op (dispatch + launch): the floor under every kernel's time."""
+    x = torch.zeros(1, device=device)
+    clock = Clock(device)
+    for _ in range(50):
+        x.add_(1)
+    start = clock.now()
+    for _ in range(reps):
+        x.add_(1)
+    return (clock.now() - start) / reps

@@ -1,0 +1,378 @@
+"""`pdv profile model`: every layer's forward and backward time and memory, measured or estimated.
+
+Measuring (the default) runs the layers on this device. For each TP degree (at the local shard
+shapes the model's ``tp_shard`` gives) and each micro-batch size:
+
+1. the micro-batch is pushed through the layers once without grad, so each layer is fed the
+   real activations of the layers before it;
+2. one untimed forward per layer counts its saved activations, output bytes and FLOPs;
+3. then ``warmup + repeat`` rounds; a round times every layer once -- forward (the last layer
+   includes the loss, as the last pipeline stage computes it), then backward from a fixed
+   upstream gradient -- and, at the reference point, the whole model's forward+backward.
+   Interleaving rounds spreads any noise from the rest of the machine evenly over the layers and
+   the whole model, so their medians can be compared.
+
+Times are medians over the kept rounds, with the interquartile range as the spread. Per layer and
+TP degree, time = a + b·micro_batch is fitted over the micro-batch sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pdv.artifacts import (
+    LayerProfile,
+    LayerSample,
+    ModelProfile,
+    ModelSpec,
+    Provenance,
+    WholeModelTiming,
+)
+from pdv.errors import PdvError
+from pdv.models import ModelDef, build_model
+from pdv.profile.compute import (
+    Clock,
+    device_info,
+    fit_time,
+    matmul_throughput,
+    median_iqr,
+    resolve_device,
+    resolve_dtype,
+)
+from pdv.profile.memory import (
+    OPTIMIZERS,
+    SavedTensors,
+    cuda_saved_bytes,
+    grad_bytes,
+    optimizer_state_bytes,
+    overhead_bytes,
+    param_bytes,
+    tensor_bytes,
+)
+
+__all__ = ["ProfileRequest", "Progress", "Point", "parse_sizes", "profile_model", "assemble"]
+
+Progress = Callable[[str, int, int], None]
+"""(what is being done, steps done, steps in all) -> None; the CLI draws it as a progress bar."""
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    """What to profile and how; validated by :func:`profile_model`."""
+
+    spec: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    micro_batch_sizes: tuple[int, ...] = (1, 2, 4)
+    tp_degrees: tuple[int, ...] = (1,)
+    warmup: int = 3
+    repeat: int = 10
+    dtype: str = "float32"
+    optimizer: str = "adam"
+    estimate: bool = False
+    device_flops: float | None = None
+    """--estimate only: scale FLOPs by this throughput instead of measuring this device's."""
+    device_kind: str | None = None
+    """Override the device kind recorded (to match a cluster's kind for a device not at hand)."""
+    seed: int = 0
+
+
+@dataclass
+class Point:
+    """One layer at one (micro-batch size, TP degree): what goes into a LayerSample."""
+
+    fwd: list[float]
+    bwd: list[float]
+    param_bytes: int
+    activation_bytes: int
+    output_bytes: int
+    flops_fwd: float | None = None
+
+    def sample(self, mbs: int, tp: int) -> LayerSample:
+        """Medians and spreads of the kept rounds as a LayerSample."""
+        f, fs = median_iqr(self.fwd)
+        b, bs = median_iqr(self.bwd)
+        return LayerSample(micro_batch_size=mbs, tp_degree=tp, fwd_s=f, bwd_s=b,
+                           fwd_spread_s=fs, bwd_spread_s=bs, param_bytes=self.param_bytes,
+                           activation_bytes=self.activation_bytes,
+                           output_bytes=self.output_bytes)
+
+
+def parse_sizes(text: str, option: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4): positive, distinct, sorted; anything else is a PdvError."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise PdvError(f"{option} {text!r}: expected comma-separated positive integers, "
+                       "e.g. 1,2,4") from None
+    if not values or min(values) < 1:
+        raise PdvError(f"{option} {text!r}: expected comma-separated positive integers, "
+                       "e.g. 1,2,4")
+    return tuple(sorted(set(values)))
+
+
+def _check(req: ProfileRequest, model: ModelDef) -> tuple[int, ...]:
+    """Validate the request against the model; returns the TP degrees to profile (1 first)."""
+    if not req.micro_batch_sizes or min(req.micro_batch_sizes) < 1:
+        raise PdvError(f"micro-batch sizes {list(req.micro_batch_sizes)}: need positive integers")
+    if req.warmup < 0 or req.repeat < 1:
+        raise PdvError(f"--warmup {req.warmup} --repeat {req.repeat}: need warmup >= 0, "
+                       "repeat >= 1")
+    if req.optimizer not in OPTIMIZERS:
+        raise PdvError(f"--optimizer {req.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    tps = tuple(sorted(set(req.tp_degrees) | {1}))
+    wanted = [k for k in tps if k > 1]
+    if wanted and (model.tp_plan is None or model.tp_shard is None):
+        raise PdvError(f"model {req.spec} declares no tensor-parallel plan, so TP degree "
+                       f"{wanted[0]} cannot be profiled; use --tp-degrees 1")
+    bad = [k for k in wanted if k not in model.tp_degrees]
+    if bad:
+        raise PdvError(f"model {req.spec} supports TP degrees {list(model.tp_degrees)}, "
+                       f"not {bad}")
+    return tps
+
+
+def profile_model(req: ProfileRequest, progress: Progress | None = None) -> ModelProfile:
+    """Measure (or with req.estimate, estimate) the per-layer profile of a model."""
+    resolve_dtype(req.dtype)
+    if req.estimate:
+        from pdv.profile.estimate import estimate_profile
+
+        return estimate_profile(req, progress)
+    if req.device_flops is not None:
+        raise PdvError("--device-flops only applies with --estimate (measured times need no "
+                       "scaling)")
+    return _measure_profile(req, progress)
+
+
+def _leaf(x: torch.Tensor, grad: bool) -> torch.Tensor:
+    x = x.detach()
+    return x.requires_grad_(grad and x.is_floating_point())
+
+
+def _clear_grads(layer: nn.Module) -> None:
+    # Training zeroes grads with set_to_none: each backward allocates them afresh.
+    for p in layer.parameters():
+        p.grad = None
+
+
+def _forward(layer: nn.Module, x: torch.Tensor, last: bool, loss_fn: Callable[..., Any],
+             targets: torch.Tensor) -> torch.Tensor:
+    out = layer(x)
+    return loss_fn(out, targets) if last else out
+
+
+def _layer_memory(layer: nn.Module, x: torch.Tensor, first: bool, last: bool,
+                  loss_fn: Callable[..., Any], targets: torch.Tensor,
+                  device: torch.device) -> tuple[int, int, float]:
+    """(saved activation bytes, output bytes, forward FLOPs) of one untimed forward."""
+    x = _leaf(x, not first)
+    saved = SavedTensors(exclude=list(layer.parameters()))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+    with saved.active(), FlopCounterMode(display=False) as counter:
+        out = layer(x)
+        loss = loss_fn(out, targets) if last else None
+    out_bytes = tensor_bytes(out)
+    act = saved.bytes()
+    if cuda:
+        torch.cuda.synchronize(device)
+        after = torch.cuda.memory_allocated(device)
+        act = cuda_saved_bytes(before, after, out_bytes, saved.holds(out),
+                               tensor_bytes(x), saved.holds(x))
+    del out, loss
+    return act, out_bytes, float(counter.get_total_flops())
+
+
+def _time_layer(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor | None, first: bool,
+                last: bool, loss_fn: Callable[..., Any], targets: torch.Tensor,
+                clock: Clock) -> tuple[float, float]:
+    x = _leaf(x, not first)
+    _clear_grads(layer)
+    t0 = clock.now()
+    out = _forward(layer, x, last, loss_fn, targets)
+    t1 = clock.now()
+    out.backward(None if last else grad)
+    t2 = clock.now()
+    return t1 - t0, t2 - t1
+
+
+def _time_whole(layers: Sequence[nn.Module], x: torch.Tensor, loss_fn: Callable[..., Any],
+                targets: torch.Tensor, clock: Clock) -> tuple[float, float]:
+    for layer in layers:
+        _clear_grads(layer)
+    t0 = clock.now()
+    h = x
+    for layer in layers:
+        h = layer(h)
+    loss = loss_fn(h, targets)
+    t1 = clock.now()
+    loss.backward()
+    t2 = clock.now()
+    return t1 - t0, t2 - t1
+
+
+def _measure_point(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
+                   inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
+                   warmup: int, repeat: int, whole: bool,
+                   tick: Callable[[], None]) -> tuple[list[Point], list[tuple[float, float]]]:
+    """Every layer at one micro-batch size and TP degree; optionally the whole model too."""
+    n = len(layers)
+    clock = Clock(device)
+    acts = [inputs]
+    with torch.no_grad():
+        for layer in layers[:-1]:
+            acts.append(layer(acts[-1]))
+    # A fixed upstream gradient per layer output stands in for what the next stage sends back.
+    gen = torch.Generator(device=device).manual_seed(1)
+    grads = [torch.randn(a.shape, generator=gen, device=device, dtype=a.dtype)
+             if a.is_floating_point() else None for a in acts[1:]]
+    points = []
+    for i, layer in enumerate(layers):
+        act, out, flops = _layer_memory(layer, acts[i], i == 0, i == n - 1, loss_fn, targets,
+                                         device)
+        points.append(Point([], [], param_bytes(layer), act, out, flops))
+    whole_times: list[tuple[float, float]] = []
+    for r in range(warmup + repeat):
+        for i, layer in enumerate(layers):
+            tf, tb = _time_layer(layer, acts[i], grads[i] if i < n - 1 else None, i == 0,
+                                 i == n - 1, loss_fn, targets, clock)
+            if r >= warmup:
+                points[i].fwd.append(tf)
+                points[i].bwd.append(tb)
+        if whole:
+            tw = _time_whole(layers, inputs, loss_fn, targets, clock)
+            if r >= warmup:
+                whole_times.append(tw)
+        tick()
+    for layer in layers:
+        _clear_grads(layer)
+    return points, whole_times
+
+
+def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+
+def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelProfile:
+    device = resolve_device(req.device)
+    dtype = resolve_dtype(req.dtype)
+    # The matmul probe doubles as the warm-up that loads kernels and libraries, so the overhead
+    # read right after it (before any model tensor exists) is the runtime's constant cost.
+    flops = matmul_throughput(device, dtype)
+    overhead, overhead_note = overhead_bytes(device)
+    model = build_model(req.spec, req.kwargs, req.seed)
+    tps = _check(req, model)
+    mbss = tuple(sorted(set(req.micro_batch_sizes)))
+    ref = mbss[0]
+    base = [layer.to(device=device, dtype=dtype) for _, layer in model.layers]
+    gen = torch.Generator().manual_seed(req.seed)
+    batches = {}
+    for m in mbss:
+        x, y = model.make_batch(m, gen)
+        batches[m] = (_to_device(x, device, dtype), y.to(device))
+
+    total = len(tps) * len(mbss) * (req.warmup + req.repeat)
+    done = 0
+    points: dict[tuple[int, int], list[Point]] = {}
+    whole: list[tuple[float, float]] = []
+    for tp in tps:
+        if tp == 1:
+            layers = base
+        else:
+            assert model.tp_shard is not None
+            with torch.device(device):
+                layers = [model.tp_shard(i, layer, tp).to(device=device, dtype=dtype)
+                          for i, layer in enumerate(base)]
+        for m in mbss:
+            what = f"TP {tp}, micro-batch {m}"
+
+            def tick(what: str = what) -> None:
+                nonlocal done
+                done += 1
+                if progress:
+                    progress(what, done, total)
+
+            if progress:
+                progress(what, done, total)
+            pts, w = _measure_point(layers, model.loss_fn, *batches[m], device, req.warmup,
+                                    req.repeat, whole=(tp == 1 and m == ref), tick=tick)
+            points[(tp, m)] = pts
+            whole = whole or w
+
+    wf = [f for f, _ in whole]
+    wb = [b for _, b in whole]
+    wfb_med, wfb_iqr = median_iqr([f + b for f, b in whole])
+    whole_timing = WholeModelTiming(micro_batch_size=ref, fwd_s=median_iqr(wf)[0],
+                                    bwd_s=median_iqr(wb)[0], fwd_bwd_s=wfb_med,
+                                    fwd_bwd_spread_s=wfb_iqr)
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    notes = [
+        f"per layer: {req.warmup} warm-up + {req.repeat} timed rounds; median and IQR; rounds "
+        "interleave all layers and the whole model so machine noise hits each alike",
+        "each layer is fed the real activations of the layers before it; backward is timed "
+        "from a fixed upstream gradient and includes the input gradient (not for layer 0)",
+        "the last layer's fwd/bwd include the loss, as the last pipeline stage computes it",
+        "activation_bytes: distinct non-parameter storages saved for backward "
+        + ("(caching-allocator delta across the forward, adjusted for input/output)"
+           if device.type == "cuda" else "(saved_tensors_hooks)")
+        + ", per micro-batch, including the layer's input where backward keeps it",
+        f"optimizer_bytes: {req.optimizer} at {OPTIMIZERS[req.optimizer]} bytes per parameter",
+        overhead_note,
+        f"matmul_flops: {'4096' if device.type == 'cuda' else '1024'}^3 {req.dtype} matmul "
+        "timed for ~0.5 s",
+        "time fits: least squares over the micro-batch sizes, per TP degree",
+    ]
+    if threads is not None:
+        notes.append(f"CPU threads: {threads} (torch.get_num_threads())")
+    if len(tps) > 1:
+        notes.append("TP > 1: layers timed at the local shard shapes of model.tp_shard on one "
+                     "device; TP collectives are not included (the planner prices them on links)")
+    return assemble(req, model, device_info(device, flops, req.device_kind), points, tps, mbss,
+                    dtype, overhead, Provenance(method="measured", notes=notes), whole_timing)
+
+
+def assemble(req: ProfileRequest, model: ModelDef, device: Any,
+             points: dict[tuple[int, int], list[Point]], tps: tuple[int, ...],
+             mbss: tuple[int, ...], dtype: torch.dtype, overhead: int,
+             provenance: Provenance, whole: WholeModelTiming | None) -> ModelProfile:
+    """Turn per-point measurements into the model-profile artifact (fits, reference numbers)."""
+    ref = mbss[0]
+    layers = []
+    for i, (name, layer) in enumerate(model.layers):
+        samples = [points[(tp, m)][i].sample(m, tp) for tp in tps for m in mbss]
+        by = {(s.tp_degree, s.micro_batch_size): s for s in samples}
+        fwd_fit = {str(tp): fit_time(mbss, [by[(tp, m)].fwd_s for m in mbss]) for tp in tps}
+        bwd_fit = {str(tp): fit_time(mbss, [by[(tp, m)].bwd_s for m in mbss]) for tp in tps}
+        top = by[(1, ref)]
+        flops = points[(1, ref)][i].flops_fwd
+        layers.append(LayerProfile(
+            name=name, fwd_s=top.fwd_s, bwd_s=top.bwd_s,
+            param_bytes=param_bytes(layer), grad_bytes=grad_bytes(layer),
+            optimizer_bytes=optimizer_state_bytes(layer, req.optimizer),
+            activation_bytes=top.activation_bytes, output_bytes=top.output_bytes,
+            flops_fwd=None if flops is None else flops / ref,
+            samples=samples, fwd_fit=fwd_fit, bwd_fit=bwd_fit,
+        ))
+    return ModelProfile(
+        provenance=provenance,
+        model=ModelSpec(spec=req.spec, kwargs=dict(req.kwargs)),
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        optimizer=req.optimizer,
+        reference_micro_batch_size=ref,
+        micro_batch_sizes=list(mbss),
+        tp_degrees=list(tps),
+        overhead_bytes=overhead,
+        layers=layers,
+        whole_model=whole,
+    )
