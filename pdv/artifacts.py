@@ -353,9 +353,15 @@ _VERSIONS = {f"pdv.{k}/v1": k for k in KINDS}
 # --------------------------------------------------------------------------- (de)serialization
 
 
-def dumps(artifact: BaseModel) -> str:
-    """Deterministic JSON text of an artifact: sorted keys, two-space indent, newline at end."""
+def dumps(artifact: BaseModel, compact: bool = False) -> str:
+    """Deterministic JSON text of an artifact: sorted keys, two-space indent, newline at end.
+
+    `compact` drops the indentation (one line): a 1024-rank cluster's two N×N matrices take
+    half the bytes that way. The digest always uses the indented form.
+    """
     data = artifact.model_dump(mode="json", by_alias=True)
+    if compact:
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
     return json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"
 
 
@@ -364,11 +370,11 @@ def digest(artifact: BaseModel) -> str:
     return "sha256:" + hashlib.sha256(dumps(artifact).encode()).hexdigest()
 
 
-def write(path: str | os.PathLike[str], artifact: BaseModel) -> Path:
+def write(path: str | os.PathLike[str], artifact: BaseModel, compact: bool = False) -> Path:
     """Write atomically: a temp file in the same folder, fsync, then rename over the target."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = dumps(artifact)
+    text = dumps(artifact, compact)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w") as f:
