@@ -118,8 +118,9 @@ def parse_sizes(text: str, option: str) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
-def _check(req: ProfileRequest, model: ModelDef) -> tuple[int, ...]:
-    """Validate the request against the model; returns the TP degrees to profile (1 first)."""
+def _check_request(req: ProfileRequest) -> None:
+    """Checks that need no model, done before any work."""
+    resolve_dtype(req.dtype)
     if not req.micro_batch_sizes or min(req.micro_batch_sizes) < 1:
         raise PdvError(f"micro-batch sizes {list(req.micro_batch_sizes)}: need positive integers")
     if req.warmup < 0 or req.repeat < 1:
@@ -127,6 +128,12 @@ def _check(req: ProfileRequest, model: ModelDef) -> tuple[int, ...]:
                        "repeat >= 1")
     if req.optimizer not in OPTIMIZERS:
         raise PdvError(f"--optimizer {req.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    if not req.tp_degrees or min(req.tp_degrees) < 1:
+        raise PdvError(f"TP degrees {list(req.tp_degrees)}: need positive integers")
+
+
+def _check(req: ProfileRequest, model: ModelDef) -> tuple[int, ...]:
+    """Validate the request against the model; returns the TP degrees to profile (1 first)."""
     tps = tuple(sorted(set(req.tp_degrees) | {1}))
     wanted = [k for k in tps if k > 1]
     if wanted and (model.tp_plan is None or model.tp_shard is None):
@@ -141,7 +148,7 @@ def _check(req: ProfileRequest, model: ModelDef) -> tuple[int, ...]:
 
 def profile_model(req: ProfileRequest, progress: Progress | None = None) -> ModelProfile:
     """Measure (or with req.estimate, estimate) the per-layer profile of a model."""
-    resolve_dtype(req.dtype)
+    _check_request(req)
     if req.estimate:
         from pdv.profile.estimate import estimate_profile
 

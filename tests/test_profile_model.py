@@ -1,0 +1,196 @@
+"""pdv profile model: the real command on CPU, measured and estimated, and its errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdv import artifacts
+from pdv.errors import PdvError
+from pdv.profile.compute import fit_time
+from pdv.profile.layers import ProfileRequest, parse_sizes, profile_model
+from pdv.profile.memory import SavedTensors
+from tests.conftest import run_pdv
+
+torch.set_num_threads(1)
+GPT = "sample_models/gpt.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory: pytest.TempPathFactory) -> artifacts.ModelProfile:
+    """The acceptance command, run once: profile gpt_tiny on CPU, then validate the file."""
+    out = tmp_path_factory.mktemp("profile") / "p.json"
+    r = run_pdv("profile", "model", f"{GPT}:gpt_tiny", "--device", "cpu", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    v = run_pdv("validate", str(out))
+    assert v.returncode == 0, v.stderr
+    assert "valid pdv.model-profile/v1" in v.stdout
+    return artifacts.load_as(out, "model-profile")
+
+
+def test_acceptance_layers_in_order_with_backward(tiny_profile: artifacts.ModelProfile) -> None:
+    p = tiny_profile
+    assert p.provenance.method == "measured"
+    assert p.device.kind == "cpu"
+    assert [x.name for x in p.layers] == ["embed", "block0", "block1", "block2", "block3", "head"]
+    assert all(x.fwd_s > 0 and x.bwd_s > 0 for x in p.layers)
+    assert p.micro_batch_sizes == [1, 2, 4] and p.reference_micro_batch_size == 1
+    for layer in p.layers:
+        assert {(s.micro_batch_size, s.tp_degree) for s in layer.samples} == {
+            (1, 1), (2, 1), (4, 1)}
+        assert set(layer.fwd_fit) == set(layer.bwd_fit) == {"1"}
+    # Adam state is two fp32 tensors per parameter; grads match the fp32 params.
+    for layer in p.layers:
+        assert layer.grad_bytes == layer.param_bytes
+        assert layer.optimizer_bytes == 2 * layer.param_bytes
+
+
+def test_acceptance_layer_sum_matches_whole_model(tiny_profile: artifacts.ModelProfile) -> None:
+    p = tiny_profile
+    whole = p.whole_model
+    assert whole is not None and whole.micro_batch_size == p.reference_micro_batch_size
+    layer_sum = sum(x.fwd_s + x.bwd_s for x in p.layers)
+    assert abs(layer_sum - whole.fwd_bwd_s) / whole.fwd_bwd_s < 0.25, (layer_sum, whole)
+
+
+def test_memory_scales_with_micro_batch(tiny_profile: artifacts.ModelProfile) -> None:
+    for layer in tiny_profile.layers[1:]:
+        by = {s.micro_batch_size: s for s in layer.samples}
+        # A block's saved activations and output are linear in the micro-batch.
+        assert by[4].output_bytes == 4 * by[1].output_bytes
+        assert by[4].activation_bytes == pytest.approx(4 * by[1].activation_bytes, rel=0.05)
+    block = tiny_profile.layers[1]
+    # At least the block's input and the MLP hidden (4x wider) are saved: > 5 x (B, T, d) fp32.
+    assert block.activation_bytes > 5 * 32 * 64 * 4
+    assert block.output_bytes == 32 * 64 * 4
+
+
+def test_tp_degrees_profiled_at_shard_shapes() -> None:
+    p = profile_model(ProfileRequest(spec=f"{GPT}:gpt_tiny", micro_batch_sizes=(1, 2),
+                                     tp_degrees=(2,), warmup=1, repeat=3))
+    assert p.tp_degrees == [1, 2]
+    block = p.layers[1]
+    by = {(s.tp_degree, s.micro_batch_size): s for s in block.samples}
+    assert set(by) == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    # A TP-2 shard holds half of every matrix (LayerNorms and row-parallel biases stay whole).
+    assert 0.45 < by[(2, 1)].param_bytes / by[(1, 1)].param_bytes < 0.55
+    assert by[(2, 1)].activation_bytes < by[(1, 1)].activation_bytes
+    assert set(block.fwd_fit) == {"1", "2"}
+    embed = {(s.tp_degree, s.micro_batch_size): s for s in p.layers[0].samples}
+    assert embed[(2, 1)].param_bytes == embed[(1, 1)].param_bytes
+
+
+def test_estimate_gpt3_175b_is_fast_and_marked(tmp_path: Path) -> None:
+    out = tmp_path / "gpt3.json"
+    start = time.perf_counter()
+    r = run_pdv("profile", "model", f"{GPT}:gpt3_175b", "--estimate", "--tp-degrees", "1,8",
+                "-o", str(out), "--json")
+    elapsed = time.perf_counter() - start
+    assert r.returncode == 0, r.stderr
+    assert elapsed < 120, elapsed
+    summary = json.loads(r.stdout)
+    assert summary["method"] == "estimated" and summary["layers"] == 98
+    p = artifacts.load_as(out, "model-profile")
+    assert p.provenance.method == "estimated"
+    assert any("reuse one trace" in n for n in p.provenance.notes)
+    params = sum(x.param_bytes for x in p.layers) / 4
+    assert abs(params - 175e9) / 175e9 < 0.01
+    block = p.layers[1]
+    # Forward of a block: 2 x (12 d^2) FLOPs per token for the matmuls, plus attention.
+    d, t = 12288, 2048
+    assert block.flops_fwd == pytest.approx(24 * d * d * t, rel=0.1)
+    assert block.bwd_s == pytest.approx(2 * block.fwd_s, rel=0.1)
+    tp8 = {s.tp_degree: s for s in block.samples if s.micro_batch_size == 1}
+    assert tp8[8].fwd_s < tp8[1].fwd_s / 6
+
+
+def test_estimate_close_to_measured_on_gpt_tiny(tiny_profile: artifacts.ModelProfile) -> None:
+    est = profile_model(ProfileRequest(spec=f"{GPT}:gpt_tiny", estimate=True))
+    assert est.provenance.method == "estimated"
+    assert [x.name for x in est.layers] == [x.name for x in tiny_profile.layers]
+    measured = sum(x.fwd_s + x.bwd_s for x in tiny_profile.layers)
+    estimated = sum(x.fwd_s + x.bwd_s for x in est.layers)
+    # Tiny layers are dominated by per-op costs the estimate prices only roughly.
+    assert 0.1 < estimated / measured < 10, (estimated, measured)
+    for m, e in zip(tiny_profile.layers, est.layers, strict=True):
+        assert m.param_bytes == e.param_bytes
+        assert m.output_bytes == e.output_bytes
+
+
+def test_no_tp_plan_is_one_line_error() -> None:
+    r = run_pdv("profile", "model", "sample_models/convnet.py:convnet", "--tp-degrees", "1,2",
+                "-o", "/tmp/never.json")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0
+    assert "convnet" in r.stderr and "tensor-parallel" in r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--micro-batch-sizes", "1,x"], "--micro-batch-sizes"),
+    (["--micro-batch-sizes", "0"], "--micro-batch-sizes"),
+    (["--tp-degrees", "3"], "supports TP degrees"),
+    (["--optimizer", "lamb"], "--optimizer"),
+    (["--dtype", "float8"], "--dtype"),
+    (["--model-arg", "n_layer"], "--model-arg"),
+    (["--model-arg", "bogus=1"], "bad arguments"),
+])
+def test_bad_input_exits_2_with_one_line(args: list[str], words: str, tmp_path: Path) -> None:
+    r = run_pdv("profile", "model", f"{GPT}:gpt_tiny", *args, "-o", str(tmp_path / "x.json"))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert words in r.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bad_model_spec_exits_2(tmp_path: Path) -> None:
+    for spec in ("nowhere.py:gpt", f"{GPT}:no_such_factory", "gpt_tiny"):
+        r = run_pdv("profile", "model", spec, "-o", str(tmp_path / "x.json"))
+        assert r.returncode == 2 and r.stderr.startswith("pdv: error:"), r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_gpu_exits_2(tmp_path: Path) -> None:
+    r = run_pdv("profile", "model", f"{GPT}:gpt_tiny", "--device", "cuda",
+                "-o", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and "--estimate" in r.stderr
+
+
+def test_help() -> None:
+    r = run_pdv("profile", "model", "--help")
+    assert r.returncode == 0
+    assert "--micro-batch-sizes" in r.stdout and "--estimate" in r.stdout
+
+
+def test_parse_sizes() -> None:
+    assert parse_sizes("4, 1,2,2", "--x") == (1, 2, 4)
+    for bad in ("", "a", "1,-2", "0"):
+        with pytest.raises(PdvError):
+            parse_sizes(bad, "--x")
+
+
+def test_fit_time_recovers_a_line() -> None:
+    fit = fit_time([1, 2, 4, 8], [0.5 + 0.25 * m for m in (1, 2, 4, 8)])
+    assert fit.a_s == pytest.approx(0.5) and fit.b_s == pytest.approx(0.25)
+    assert fit.r2 == pytest.approx(1.0) and fit.max_rel_error < 1e-9
+    noisy = fit_time([1, 2, 4], [1.0, 3.0, 2.0])
+    assert noisy.r2 < 0.9 and noisy.max_rel_error > 0.1
+
+
+def test_saved_tensors_counts_input_not_weights() -> None:
+    lin = torch.nn.Linear(8, 16)
+    x = torch.randn(4, 8, requires_grad=True)
+    saved = SavedTensors(exclude=list(lin.parameters()))
+    with saved.active():
+        y = lin(x)
+    assert saved.bytes() == x.numel() * 4  # addmm saves its input; the weight is a parameter
+    assert saved.holds(x) and not saved.holds(y)
+    relu = SavedTensors(exclude=[])
+    with relu.active():
+        z = torch.relu(y)
+        z2 = z.view(-1)  # a view of a saved tensor adds nothing
+        z2.sum()
+    assert relu.bytes() == y.numel() * 4
