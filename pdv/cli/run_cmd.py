@@ -1,1 +1,108 @@
-"""(filled in by its issue)"""
+"""pdv run: check a plan against this machine, launch torchrun for this host, show the report."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import typer
+
+from pdv import artifacts
+from pdv.cli.app import app, console, err_console
+from pdv.cli.render import fmt_bytes, render
+
+__all__ = ["run"]
+
+
+@app.command("run")
+def run(
+    plan: Path = typer.Argument(..., help="The plan to run (pdv.plan/v1)."),
+    steps: int = typer.Option(10, "--steps", min=1, help="Training steps."),
+    report: Path | None = typer.Option(None, "--report", help="Write the run report here."),
+    model: str | None = typer.Option(
+        None, "--model", help="Model factory, when the plan names none (or to override it)."
+    ),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="Factory argument key=value."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights and the synthetic data."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | sgd."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Steps left out of the timing."),
+    data: str | None = typer.Option(
+        None, "--data", help="Data hook 'pkg.mod:fn' -> (inputs, targets) of a global batch."
+    ),
+    checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Checkpoint folder."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0,
+                                         help="Save every K steps (0: never)."),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0,
+                                     help="torchrun restarts after a failure (resumes from"
+                                     " the last checkpoint)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    master_port: int | None = typer.Option(None, "--master-port",
+                                           help="Rendezvous port (default: a free one)."),
+    print_commands: bool = typer.Option(False, "--print-commands",
+                                        help="Print one torchrun command per host and exit."),
+    slurm: bool = typer.Option(False, "--slurm", help="Print an sbatch script and exit."),
+) -> None:
+    """Run a plan under torchrun and report measured against predicted."""
+    from pdv.run import launch
+
+    the_plan = artifacts.load_as(plan, "plan")
+    opts = launch.RunOptions(
+        plan=str(plan), steps=steps, model=model, model_args=tuple(model_arg), seed=seed, lr=lr,
+        optimizer=optimizer, warmup=warmup, report=str(report) if report else None, data=data,
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+        checkpoint_every=checkpoint_every, device=device,
+    )
+    port = master_port or launch.DEFAULT_PORT
+    if print_commands:
+        typer.echo(launch.print_commands(the_plan, opts, port, max_restarts), nl=False)
+        return
+    if slurm:
+        typer.echo(launch.sbatch_script(the_plan, opts, port, max_restarts), nl=False)
+        return
+    from pdv.run.local import check_plan, local_command
+
+    check_plan(the_plan, opts)
+    with tempfile.TemporaryDirectory(prefix="pdv-run-") as tmp:
+        if opts.report is None:
+            opts = launch.RunOptions(**{**opts.__dict__, "report": str(Path(tmp) / "report.json")})
+        argv = local_command(the_plan, opts, dict(os.environ), master_port, max_restarts)
+        rc = _launch(argv)
+        if rc != 0:
+            err_console.print(f"pdv: error: the run failed (torchrun exit code {rc}); the ranks' "
+                              "errors are above", highlight=False)
+            raise typer.Exit(2 if rc == 2 else 1)
+        result = artifacts.load_as(opts.report, "run-report")
+    render(result, console)
+    peaks = result.measured.peak_memory_bytes
+    predicted = result.predicted.peak_memory_bytes if result.predicted else {}
+    for r in sorted(peaks, key=int):
+        pred = f"  predicted {fmt_bytes(predicted[r])}" if r in predicted else ""
+        console.print(f"rank {r} peak memory {fmt_bytes(peaks[r])}{pred}", highlight=False)
+    if report:
+        console.print(f"report written to {report}", highlight=False)
+
+
+def _launch(argv: list[str]) -> int:
+    """Run torchrun in its own session and leave no process of it behind, whatever happens."""
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    try:
+        return proc.wait()
+    except BaseException:
+        _kill_group(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        raise
+    finally:
+        _kill_group(proc.pid, signal.SIGKILL)
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)

@@ -1,0 +1,67 @@
+"""Training data for a run: seeded synthetic batches, or a user's data hook.
+
+Every rank draws the same global batch for a step (a generator seeded by (seed, step)) and keeps
+only its rows, so the data never depend on the plan: a single-process run sees the same samples.
+A data hook is named like a model factory (``pkg.mod:fn`` or ``path/file.py:fn``) and is called
+as ``fn(step=..., batch_size=..., seed=...)``; it returns ``(inputs, targets)`` of the whole
+global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pdv.errors import PdvError
+from pdv.models import ModelDef, load_factory
+
+__all__ = ["BatchSource", "step_seed", "micro_batch_rows"]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The generator seed of one step: distinct per (seed, step), stable across runs."""
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+class BatchSource:
+    """Gives the global batch of a step, from the model's make_batch or a data hook."""
+
+    def __init__(self, model: ModelDef, global_batch_size: int, seed: int,
+                 hook: str | None = None) -> None:
+        self.model = model
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self._hook: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = (
+            load_factory(hook) if hook else None
+        )
+        self.hook = hook
+
+    def global_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the whole global batch of this step."""
+        if self._hook is None:
+            gen = torch.Generator().manual_seed(step_seed(self.seed, step))
+            return self.model.make_batch(self.global_batch_size, gen)
+        x, y = self._hook(step=step, batch_size=self.global_batch_size, seed=self.seed)
+        for name, t in (("inputs", x), ("targets", y)):
+            if not isinstance(t, torch.Tensor) or t.shape[0] != self.global_batch_size:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise PdvError(
+                    f"data hook {self.hook}: {name} must be a tensor with "
+                    f"{self.global_batch_size} rows (the global batch), got {got}"
+                )
+        return x, y
+
+
+def micro_batch_rows(t: torch.Tensor, num_micro_batches: int, dp: int,
+                     replica: int) -> torch.Tensor:
+    """The rows of a global batch that one replica sees, micro-batch after micro-batch.
+
+    Micro-batch m is rows [m*M, (m+1)*M); the replica takes its 1/dp slice of each, and the
+    slices are concatenated in micro-batch order (what a pipeline schedule splits back apart).
+    """
+    m = t.shape[0] // num_micro_batches
+    rows = m // dp
+    first = replica * rows
+    parts = [t[i * m + first : i * m + first + rows] for i in range(num_micro_batches)]
+    return torch.cat(parts)

@@ -1,0 +1,82 @@
+"""Equal-width plans: one torch.distributed.pipelining pipeline per chain.
+
+Every stage has the same (dp, tp), so replica r, shard t of each stage form chain (r, t): a
+pipeline with its own process group, run by the plan's schedule (GPipe, 1F1B, or an interleaved
+schedule when ranks hold several stages). Gradient sync across replicas is DDP's or FSDP2's,
+driven by the schedule (no_sync / requires_gradient_sync between micro-batches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pdv.errors import PdvError
+from pdv.run.data import micro_batch_rows
+from pdv.run.dims import ParallelDims, StageMeshes
+
+__all__ = ["ChainPipeline"]
+
+
+class ChainPipeline:
+    """This rank's PipelineStage(s) and the schedule that drives them."""
+
+    def __init__(self, dims: ParallelDims, meshes: StageMeshes, modules: dict[int, nn.Module],
+                 rank: int, device: torch.device, schedule: str,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        from torch.distributed.pipelining import PipelineStage
+        from torch.distributed.pipelining.schedules import get_schedule_class
+
+        self.dims = dims
+        self.rank = rank
+        self.device = device
+        self.stage_ids = sorted(modules)
+        group_ranks = sorted(set(meshes.pp_ranks))
+        # new_group numbers its members in sorted order; stages find their peers through this map
+        # (the default assumes stage i sits on group rank i % size, which a plan need not do).
+        to_group = {i: group_ranks.index(g) for i, g in enumerate(meshes.pp_ranks)}
+        if dims.multi_stage:
+            loop = {i: i % len(group_ranks) for i in range(dims.num_stages)}
+            if to_group != loop:
+                raise PdvError(
+                    f"interleaved schedules place stage i on the chain's (i mod pp)-th rank in "
+                    f"increasing rank order; chain {meshes.pp_ranks} does not; reorder the "
+                    "stages' ranks"
+                )
+        self.stages = []
+        for i in self.stage_ids:
+            st = PipelineStage(modules[i], i, dims.num_stages, device, group=meshes.pp_group)
+            st.stage_index_to_group_rank = dict(to_group)
+            self.stages.append(st)
+        try:
+            cls = get_schedule_class(schedule)
+        except ValueError as exc:
+            raise PdvError(f"plan schedule: {exc}") from None
+        nmb = dims.num_micro_batches
+        if dims.multi_stage:
+            self.schedule = cls(self.stages, n_microbatches=nmb, loss_fn=loss_fn)
+        else:
+            self.schedule = cls(self.stages[0], n_microbatches=nmb, loss_fn=loss_fn)
+        self.first = 0 in self.stage_ids
+        self.last = dims.num_stages - 1 in self.stage_ids
+        self.reports_loss = self.last and dims.position(rank, dims.num_stages - 1)[1] == 0
+        """True on the ranks whose losses count: shard 0 of each last-stage replica."""
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+        """Forward and backward of one global batch; the last stage returns micro-batch losses."""
+        losses: list[torch.Tensor] = []
+        nmb = self.dims.num_micro_batches
+        args = ()
+        if self.first:
+            replica, _ = self.dims.position(self.rank, 0)
+            args = (micro_batch_rows(x, nmb, self.dims.stages[0].dp, replica).to(self.device),)
+        if self.last:
+            end = self.dims.num_stages - 1
+            replica, _ = self.dims.position(self.rank, end)
+            target = micro_batch_rows(y, nmb, self.dims.stages[end].dp, replica).to(self.device)
+            self.schedule.step(*args, target=target, losses=losses)
+        else:
+            self.schedule.step(*args)
+        return [float(v.detach()) for v in losses]

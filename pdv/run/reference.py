@@ -1,0 +1,52 @@
+"""Single-process training of the same model, seed and data: the losses every plan must match.
+
+Same global batch, same micro-batches (gradient accumulation, each micro-batch's mean loss
+divided by the number of micro-batches, as the pipeline schedules scale it), same optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from pdv.errors import PdvError
+from pdv.models import build_model
+from pdv.run.data import BatchSource
+
+__all__ = ["OPTIMIZERS", "make_optimizer", "reference_losses"]
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], name: str,
+                   lr: float) -> torch.optim.Optimizer:
+    """The run's optimizer; foreach off so sharded (DTensor) and plain params take one path."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, foreach=False)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, foreach=False)
+    raise PdvError(f"optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def reference_losses(spec: str, kwargs: dict[str, Any], *, steps: int, global_batch_size: int,
+                     num_micro_batches: int, seed: int = 0, lr: float = 1e-3,
+                     optimizer: str = "adamw", data: str | None = None) -> list[float]:
+    """Per-step losses of single-process training with gradient accumulation."""
+    model = build_model(spec, kwargs, seed)
+    net = model.sequential()
+    opt = make_optimizer(net.parameters(), optimizer, lr)
+    source = BatchSource(model, global_batch_size, seed, data)
+    losses = []
+    for step in range(steps):
+        x, y = source.global_batch(step)
+        opt.zero_grad()
+        total = 0.0
+        for xm, ym in zip(x.chunk(num_micro_batches), y.chunk(num_micro_batches), strict=True):
+            loss = model.loss_fn(net(xm), ym)
+            (loss / num_micro_batches).backward()
+            total += loss.item()
+        opt.step()
+        losses.append(total / num_micro_batches)
+    return losses

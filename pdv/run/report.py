@@ -1,0 +1,95 @@
+"""Measure a run (step time, peak memory per rank) and write the run report.
+
+Peak memory, CUDA: ``torch.cuda.max_memory_reserved`` (what the allocator holds from the device,
+the number that must fit) and ``max_memory_allocated`` in the notes.
+Peak memory, CPU: the rank's resident-set high-water mark (``VmHWM`` in /proc/self/status)
+during training, minus its resident set before the model was built (interpreter, torch and
+process groups). The high-water mark is reset (``/proc/self/clear_refs`` = 5) after the stage is
+built and the other stages' layers are freed (``malloc_trim``), so building the whole model on
+every rank does not count. What remains is parameters, gradients, optimizer state, activations
+and communication buffers of this rank's stage, in resident pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import statistics
+from pathlib import Path
+
+from pdv.artifacts import Plan, Provenance, RunMeasured, RunReport, digest
+
+__all__ = ["PeakMemory", "step_stats", "make_report", "CPU_MEMORY_METHOD", "CUDA_MEMORY_METHOD"]
+
+CPU_MEMORY_METHOD = (
+    "cpu: peak resident set (VmHWM, reset after the stage was built) minus resident set "
+    "before the model was built"
+)
+CUDA_MEMORY_METHOD = "cuda: torch.cuda.max_memory_reserved (caching allocator)"
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory of this rank, by the method that fits its device."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self.baseline = _status_bytes("VmRSS") if device_type == "cpu" else 0
+
+    @property
+    def method(self) -> str:
+        """How the peak is measured, for the report."""
+        return CPU_MEMORY_METHOD if self.device_type == "cpu" else CUDA_MEMORY_METHOD
+
+    def start(self) -> None:
+        """Start the peak window (after the stage is built and the rest of the model freed)."""
+        if self.device_type == "cpu":
+            with contextlib.suppress(OSError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")
+        else:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int:
+        """Peak bytes in the window."""
+        if self.device_type == "cpu":
+            return max(_status_bytes("VmHWM") - self.baseline, 0)
+        import torch
+
+        return int(torch.cuda.max_memory_reserved())
+
+
+def step_stats(times: list[float], warmup: int) -> tuple[float, float]:
+    """(median, interquartile range) of the step times after the warm-up steps."""
+    timed = times[warmup:] or times
+    if len(timed) < 2:
+        return timed[0], 0.0
+    q = statistics.quantiles(timed, n=4, method="inclusive")
+    return statistics.median(timed), q[2] - q[0]
+
+
+def make_report(plan: Plan, step_times: list[float], warmup: int, peaks: list[int],
+                memory_method: str, losses: list[float], notes: list[str]) -> RunReport:
+    """The run report: measured next to the plan's prediction, with the loss of every step."""
+    median, spread = step_stats(step_times, warmup)
+    return RunReport(
+        provenance=Provenance(method="measured", inputs={"plan": digest(plan)}, notes=notes),
+        plan_digest=digest(plan),
+        measured=RunMeasured(
+            step_time_s=median,
+            step_time_spread_s=spread,
+            step_times_s=step_times,
+            peak_memory_bytes={str(r): int(b) for r, b in enumerate(peaks)},
+            memory_method=memory_method,
+        ),
+        predicted=plan.predicted,
+        loss=losses,
+    )

@@ -1,0 +1,196 @@
+"""Per-rank entry of ``pdv run``: torchrun starts ``python -m pdv.run.runtime plan.json ...``.
+
+Each rank: joins the process group (gloo on CPU, nccl on CUDA), builds the model with the run's
+seed (every rank gets the same weights), keeps its stage's layers, parallelizes them (TP, then
+recompute, then FSDP2/DDP over the stage's replicas), and trains on the plan's schedule: with
+torch.distributed.pipelining when every stage has the same width, with pdv's split/merge executor
+(pdv.run.widths) when widths differ. Rank 0 gathers step times, peak memory and losses and
+writes the run report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint  # noqa: F401  (imported before the memory baseline)
+import torch.distributed.fsdp  # noqa: F401
+import torch.distributed.pipelining  # noqa: F401
+import torch.distributed.tensor.parallel  # noqa: F401
+
+from pdv.artifacts import Plan, load_as, write
+from pdv.errors import PdvError
+from pdv.models import build_model, parse_model_args
+from pdv.run.checkpoint import Checkpointer
+from pdv.run.data import BatchSource
+from pdv.run.dims import ParallelDims, build_meshes
+from pdv.run.reference import OPTIMIZERS, make_optimizer
+from pdv.run.report import PeakMemory, make_report
+from pdv.run.stage import build_stage_module, check_tp_support
+
+__all__ = ["main", "resolve_model", "parse_args"]
+
+CRASH_ENV = "PDV_TEST_CRASH_AT_STEP"
+"""Test hook: "STEP:RANK:MARKER" makes RANK exit after STEP once (MARKER file remembers)."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The runtime's arguments (mirrors pdv.run.launch.runtime_argv)."""
+    p = argparse.ArgumentParser(prog="python -m pdv.run.runtime")
+    p.add_argument("plan")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--model")
+    p.add_argument("--model-arg", action="append", default=[])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--report")
+    p.add_argument("--data")
+    p.add_argument("--checkpoint-dir")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return p.parse_args(argv)
+
+
+def resolve_model(plan: Plan, model: str | None,
+                  model_args: list[str]) -> tuple[str, dict[str, Any]]:
+    """(spec, kwargs): --model wins over the plan's model; --model-arg overrides its kwargs."""
+    kwargs = dict(plan.model.kwargs) if plan.model and not model else {}
+    spec = model or (plan.model.spec if plan.model else None)
+    if spec is None:
+        raise PdvError(
+            "the plan names no model; pass --model path/file.py:factory (and --model-arg)"
+        )
+    kwargs.update(parse_model_args(model_args))
+    return spec, kwargs
+
+
+def _device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _maybe_crash(step: int, rank: int) -> None:
+    hook = os.environ.get(CRASH_ENV)
+    if not hook:
+        return
+    at, who, marker = hook.split(":", 2)
+    if int(at) == step and int(who) == rank and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(f"crashed after step {step}\n")
+        os._exit(17)
+
+
+def train(args: argparse.Namespace) -> None:
+    """Run the plan on this rank (process group already initialized)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    plan: Plan = load_as(args.plan, "plan")
+    spec, kwargs = resolve_model(plan, args.model, args.model_arg)
+    dims = ParallelDims.from_plan(plan)
+    if dims.world_size != world:
+        raise PdvError(f"the plan uses {dims.world_size} ranks but torchrun started {world}")
+    meshes = build_meshes(dims, device.type, rank)
+    # The memory baseline: interpreter, torch's distributed modules and process groups, before
+    # any model tensor exists.
+    memory = PeakMemory(device.type)
+    model = build_model(spec, kwargs, args.seed)
+    dims = ParallelDims.from_plan(plan, len(model.layers))
+    check_tp_support(model, list(plan.stages), spec)
+    uniform = dims.uniform
+    modules = {
+        i: build_stage_module(model, dims.stages[i], meshes.stage_mesh[i], device,
+                              sync_replicas=uniform)
+        for i in dims.stages_of(rank)
+    }
+    loss_fn = model.loss_fn
+    source = BatchSource(model, plan.global_batch_size, args.seed, args.data)
+    model.layers = []  # the other stages' layers are freed; this rank keeps its own
+    if uniform:
+        from pdv.run.pipeline import ChainPipeline
+
+        executor: Any = ChainPipeline(dims, meshes, modules, rank, device, plan.schedule, loss_fn)
+    else:
+        from pdv.run.widths import WidthPipeline
+
+        executor = WidthPipeline(dims, meshes, modules, rank, device, plan.schedule, loss_fn)
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = make_optimizer(params, args.optimizer, args.lr)
+    ckpt = Checkpointer(args.checkpoint_dir, args.checkpoint_every, modules, opt, args.steps)
+    start, losses, times = ckpt.resume()
+    memory.start()
+    for step in range(start, args.steps):
+        x, y = source.global_batch(step)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        micro_losses = executor.step(x, y)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(sum(micro_losses) / len(micro_losses) if micro_losses else 0.0)
+        ckpt.maybe_save(step, losses, times)
+        _maybe_crash(step, rank)
+    _finish(plan, dims, args, rank, world, device, memory, losses, times, executor)
+
+
+def _finish(plan: Plan, dims: ParallelDims, args: argparse.Namespace, rank: int, world: int,
+            device: torch.device, memory: PeakMemory, losses: list[float], times: list[float],
+            executor: Any) -> None:
+    last = dims.num_stages - 1
+    counts = executor.reports_loss
+    # Each replica of the last stage (shard 0 only: TP shards hold the same loss) adds its mean
+    # over micro-batches; replicas saw equal slices, so the step loss is their average.
+    loss_t = torch.tensor(losses if counts else [0.0] * len(losses), dtype=torch.float64)
+    time_t = torch.tensor(times, dtype=torch.float64)
+    peak_t = torch.zeros(world, dtype=torch.int64)
+    peak_t[rank] = memory.peak()
+    comm = device if device.type == "cuda" else torch.device("cpu")
+    loss_t, time_t, peak_t = loss_t.to(comm), time_t.to(comm), peak_t.to(comm)
+    dist.all_reduce(loss_t)
+    dist.all_reduce(time_t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(peak_t)
+    if rank != 0 or not args.report:
+        return
+    step_losses = (loss_t / dims.stages[last].dp).tolist()
+    notes = [
+        f"device {device.type}, backend {dist.get_backend()}, world {world}",
+        f"schedule {plan.schedule}, {dims.num_micro_batches} micro-batches of "
+        f"{dims.pipeline_micro_batch}, executor {type(executor).__name__}",
+        f"steps {args.steps}, warm-up {args.warmup}, seed {args.seed}, optimizer "
+        f"{args.optimizer} lr {args.lr}; step time = max over ranks",
+    ]
+    if device.type == "cuda":
+        notes.append(f"rank 0 max_memory_allocated {torch.cuda.max_memory_allocated()} bytes")
+    report = make_report(plan, time_t.tolist(), min(args.warmup, max(args.steps - 1, 0)),
+                         peak_t.tolist(), memory.method, step_losses, notes)
+    write(args.report, report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry under torchrun; a PdvError is one line on stderr and exit code 2."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        train(args)
+    except PdvError as exc:
+        print(f"pdv: error: rank {dist.get_rank()}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Build one rank's stage module: keep the stage's layers, then TP, recompute, and replicas.
+
+Order follows torchtitan's parallelize: tensor parallel first (parallelize_module with the model's
+own TP plan on the stage's "tp" axis), then activation checkpointing, then data parallel over the
+"dp" axis: FSDP2 ``fully_shard`` per layer and on the stage when the plan says fsdp, else DDP.
+DDP does not take DTensor parameters, so a stage with both TP and plain replicas goes through
+torch's ``_pre_dp_module_transform`` (local shards under DDP, DTensors rebuilt in forward).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pdv.artifacts import PlanStage
+from pdv.errors import PdvError
+from pdv.models import ModelDef
+
+__all__ = ["build_stage_module", "check_tp_support"]
+
+
+def check_tp_support(model: ModelDef, stages: list[PlanStage], spec: str) -> None:
+    """A PdvError when the plan asks for a TP degree the model does not offer."""
+    for i, s in enumerate(stages):
+        if s.tp == 1:
+            continue
+        if model.tp_plan is None:
+            raise PdvError(
+                f"stage {i} asks for tp={s.tp} but model {spec} has no TP plan; use tp=1"
+            )
+        if s.tp not in model.tp_degrees:
+            raise PdvError(
+                f"stage {i} asks for tp={s.tp} but model {spec} supports TP degrees "
+                f"{list(model.tp_degrees)}"
+            )
+
+
+def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
+                       device: torch.device, sync_replicas: bool = True) -> nn.Module:
+    """The stage's layers as one module, parallelized for this rank.
+
+    With ``sync_replicas`` False the replicas are left unwrapped (the caller reduces gradients
+    itself, as the different-width executor does).
+    """
+    start, end = stage.layers
+    module = model.sequential(start, end)
+    module.to(device)
+    if stage.tp > 1:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        assert model.tp_plan is not None
+        tp_mesh = mesh["tp"]
+        for index in range(start, end):
+            layer = module[index - start]
+            plan = model.tp_plan(index, layer)
+            if plan:
+                parallelize_module(layer, tp_mesh, plan)
+    if stage.recompute:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            checkpoint_wrapper,
+        )
+
+        for index in range(end - start):
+            module[index] = checkpoint_wrapper(module[index])
+    if stage.dp == 1 or not sync_replicas:
+        return module
+    if stage.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["dp"]
+        for layer in module:
+            fully_shard(layer, mesh=dp_mesh)
+        fully_shard(module, mesh=dp_mesh)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    if stage.tp > 1:
+        from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
+
+        _pre_dp_module_transform(module)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, process_group=mesh["dp"].get_group())

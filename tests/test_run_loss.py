@@ -1,0 +1,88 @@
+"""Acceptance: `pdv run` trains to the same per-step losses as one process, whatever the plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pdv.run.reference import reference_losses
+from tests.conftest import run_pdv
+
+MODEL = "sample_models/gpt.py:gpt_tiny"
+ARGS = {"n_layer": 2}
+STEPS = 5
+NMB, MBS = 4, 4
+
+
+def write_plan(path: Path, stages: list[dict], schedule: str = "1F1B", nmb: int = NMB,
+               mbs: int = MBS) -> Path:
+    """A hand-written plan with only the contract fields."""
+    plan = {"schema": "pdv.plan/v1", "stages": stages, "micro_batch_size": mbs,
+            "num_micro_batches": nmb, "global_batch_size": mbs * nmb, "schedule": schedule}
+    path.write_text(json.dumps(plan))
+    return path
+
+
+PLANS = {
+    "pp2xdp2": [{"layers": [0, 2], "ranks": [0, 1], "dp": 2},
+                {"layers": [2, 4], "ranks": [2, 3], "dp": 2}],
+    "pp4": [{"layers": [i, i + 1], "ranks": [i]} for i in range(4)],
+    "pp2xtp2": [{"layers": [0, 2], "ranks": [0, 1], "tp": 2},
+                {"layers": [2, 4], "ranks": [2, 3], "tp": 2}],
+}
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[float]:
+    return reference_losses(MODEL, ARGS, steps=STEPS, global_batch_size=NMB * MBS,
+                            num_micro_batches=NMB)
+
+
+def run_losses(tmp_path: Path, plan: Path, *extra: str) -> list[float]:
+    report = tmp_path / "report.json"
+    args = [f"--model-arg={k}={v}" for k, v in ARGS.items()]
+    res = run_pdv("run", str(plan), "--steps", str(STEPS), "--model", MODEL, *args,
+                  "--report", str(report), *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["schema"] == "pdv.run-report/v1"
+    assert len(data["measured"]["peak_memory_bytes"]) == 4
+    assert all(v > 0 for v in data["measured"]["peak_memory_bytes"].values())
+    return data["loss"]
+
+
+def assert_close(got: list[float], want: list[float], rel: float = 1e-5) -> None:
+    assert len(got) == len(want)
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert abs(g - w) <= rel * abs(w), f"step {step}: {g} vs single-process {w}"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_losses_match_single_process(tmp_path: Path, reference: list[float], name: str) -> None:
+    plan = write_plan(tmp_path / f"{name}.json", PLANS[name])
+    assert_close(run_losses(tmp_path, plan), reference)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_fsdp_gpipe_matches_too(tmp_path: Path, reference: list[float]) -> None:
+    stages = [{**s, "fsdp": True} for s in PLANS["pp2xdp2"]]
+    plan = write_plan(tmp_path / "fsdp.json", stages, schedule="GPipe")
+    assert_close(run_losses(tmp_path, plan), reference)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_interleaved_matches_too(tmp_path: Path, reference: list[float]) -> None:
+    # Two ranks, four stages: rank 0 holds stages 0 and 2, rank 1 holds 1 and 3 (looped).
+    stages = [{"layers": [i, i + 1], "ranks": [i % 2]} for i in range(4)]
+    plan = write_plan(tmp_path / "interleaved.json", stages, schedule="Interleaved1F1B")
+    report = tmp_path / "r.json"
+    res = run_pdv("run", str(plan), "--steps", str(STEPS), "--model", MODEL, "--model-arg",
+                  "n_layer=2", "--report", str(report))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_close(json.loads(report.read_text())["loss"], reference)
