@@ -1,1 +1,164 @@
-"""(filled in by its issue)"""
+"""pdv profile cluster (measure devices and links) and pdv cluster declare (describe them)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pdv import artifacts
+from pdv.cli.app import cluster_app, console, profile_app
+from pdv.cli.render import fmt_rate, fmt_time, render
+from pdv.cluster_spec import declare_cluster, load_spec, parse_bytes
+from pdv.errors import PdvError
+
+# Above this many ranks the declared artifact is written unindented (two N×N matrices).
+_COMPACT_ABOVE = 64
+
+
+def _sizes(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    sizes = tuple(parse_bytes(s.strip(), "--sizes") for s in text.split(",") if s.strip())
+    if not sizes or any(s < 1 for s in sizes):
+        raise PdvError(f"--sizes: give positive message sizes like 4KiB,64KiB,1MiB (got {text!r})")
+    return tuple(sorted(set(sizes)))
+
+
+@profile_app.command("cluster")
+def profile_cluster(
+    out: Path = typer.Option(..., "-o", "--out", help="Where rank 0 writes the cluster JSON."),
+    nproc_per_node: int | None = typer.Option(
+        None, "--nproc-per-node", min=1,
+        help="Start this many ranks on this host under torchrun (else run as one torchrun rank).",
+    ),
+    timeout: float = typer.Option(
+        120.0, "--timeout", min=1,
+        help="Seconds a rank may take to join, or all ranks may go without progress, "
+        "before the command names the stuck rank and ends (exit 2).",
+    ),
+    sizes: str | None = typer.Option(
+        None, "--sizes", help="Message sizes of the sweep, e.g. 4KiB,64KiB,1MiB,4MiB."
+    ),
+    max_size: str = typer.Option(
+        "64MiB", "--max-size",
+        help="Fast links: the sweep grows x4 past --sizes while a message takes < 10 ms, "
+        "up to this size. Set it to the largest of --sizes to keep the sweep fixed.",
+    ),
+    iters: int = typer.Option(5, "--iters", min=1, help="Timed messages per size (median)."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed messages per size first."),
+    backend: str = typer.Option(
+        "auto", "--backend", help="auto (nccl on CUDA, else gloo), gloo, or nccl."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the artifact as JSON when done."),
+) -> None:
+    """Measure every rank's device and the α/β of every ordered pair of ranks."""
+    from pdv.profile.network import DEFAULT_SIZES, SweepConfig
+
+    cfg = SweepConfig(sizes=_sizes(sizes) or DEFAULT_SIZES, iters=iters, warmup=warmup,
+                      max_size=parse_bytes(max_size, "--max-size"))
+    if nproc_per_node is None:
+        _run_rank(out, cfg, timeout, backend, as_json)
+        return
+    rank_args = ["profile", "cluster", "-o", str(out.resolve()), "--timeout", f"{timeout:g}",
+                 "--sizes", ",".join(map(str, cfg.sizes)), "--max-size", str(cfg.max_size),
+                 "--iters", str(iters), "--warmup", str(warmup), "--backend", backend]
+    _launch(nproc_per_node, rank_args, timeout)
+    _summary(artifacts.load_as(out, "cluster"), out, as_json)
+
+
+def _run_rank(out: Path, cfg: Any, timeout: float, backend: str, as_json: bool) -> None:
+    """One torchrun rank: measure; rank 0 prints the summary unless a launcher watches."""
+    from pdv.profile.cluster import profile_cluster_rank, rank_env
+    from pdv.profile.launch_local import heartbeat_from_env
+
+    env = rank_env()
+    if env is None:
+        raise PdvError("pdv profile cluster runs under torchrun (RANK/WORLD_SIZE unset): use "
+                       "`torchrun ... pdv profile cluster -o c.json` or pass --nproc-per-node N")
+    beat = heartbeat_from_env(env[0])
+    try:
+        artifact = profile_cluster_rank(out, cfg, timeout, backend, beat)
+    except PdvError as exc:
+        if beat:
+            beat({"phase": "error", "error": str(exc)})
+        raise
+    if artifact is not None and beat is None:
+        _summary(artifact, out, as_json)
+
+
+def _launch(nproc: int, rank_args: list[str], timeout: float) -> None:
+    from pdv.profile.cluster import describe_event
+    from pdv.profile.launch_local import launch_local
+    from pdv.profile.network import tournament_rounds
+
+    rounds = len(tournament_rounds(nproc))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        joined = bar.add_task("ranks joined", total=nproc)
+        done = bar.add_task("tournament rounds", total=rounds)
+
+        def show(states: dict[int, dict[str, Any]]) -> None:
+            events = [s["event"] for s in states.values()]
+            bar.update(joined, completed=sum(e.get("phase") != "joining" for e in events))
+            finished = [e["round"] + 1 if e.get("phase") == "round-done"
+                        else e.get("round", 0) if "round" in e
+                        else rounds if e.get("phase") in ("gathered", "written") else 0
+                        for e in events]
+            bar.update(done, completed=min(finished) if len(finished) == nproc else 0)
+
+        launch_local(nproc, rank_args, timeout, show, describe_event)
+
+
+def _summary(artifact: Any, out: Path, as_json: bool) -> None:
+    if as_json:
+        typer.echo(artifacts.dumps(artifact), nl=False)
+        return
+    render(artifact, console)
+    n = len(artifact.devices)
+    off = [(i, j) for i in range(n) for j in range(n) if i != j]
+    if off:
+        bws = [artifact.links.bandwidth_Bps[i][j] for i, j in off]
+        lats = [artifact.links.latency_s[i][j] for i, j in off]
+        r2 = artifact.measurement.get("r2_min")
+        console.print(
+            f"{len(off)} ordered pairs: bandwidth {fmt_rate(min(bws))} .. {fmt_rate(max(bws))}, "
+            f"latency {fmt_time(min(lats))} .. {fmt_time(max(lats))}"
+            + (f", fit r² >= {r2:.3f}" if r2 is not None else ""),
+            highlight=False,
+        )
+    console.print(f"wrote {out}", highlight=False)
+
+
+@cluster_app.command("declare")
+def declare(
+    spec: Path = typer.Argument(..., help="Cluster description (JSON; TOML on Python >= 3.11)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the cluster JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
+) -> None:
+    """Make a cluster artifact (provenance 'declared') from hosts, device kinds and link classes."""
+    start = time.perf_counter()
+    data, raw = load_spec(spec)
+    artifact = declare_cluster(data, str(spec), raw)
+    n = len(artifact.devices)
+    artifacts.write(out, artifact, compact=n > _COMPACT_ABOVE)
+    if as_json:
+        kinds: dict[str, int] = {}
+        for d in artifact.devices:
+            kinds[d.kind] = kinds.get(d.kind, 0) + 1
+        typer.echo(json.dumps({"out": str(out), "ranks": n,
+                               "hosts": len({d.host for d in artifact.devices}),
+                               "kinds": kinds, "seconds": round(time.perf_counter() - start, 3)}))
+        return
+    if n <= 16:
+        render(artifact, console)
+    else:
+        hosts = len({d.host for d in artifact.devices})
+        console.print(f"{n} ranks on {hosts} hosts; kinds: "
+                      + ", ".join(sorted({d.kind for d in artifact.devices})), highlight=False)
+    console.print(f"wrote {out}", highlight=False)

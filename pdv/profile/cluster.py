@@ -1,0 +1,142 @@
+"""One rank of `pdv profile cluster`: join, probe the device, measure links, rank 0 writes.
+
+Runs under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment). Every
+step is reported to a callback; under the local launcher that callback writes heartbeat files
+(pdv.profile.launch_local) so a rank that stops answering is named, not waited for.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pdv import artifacts
+from pdv.artifacts import ClusterArtifact, ClusterDevice, Links, Provenance
+from pdv.errors import PdvError
+from pdv.profile.hardware import probe_device
+from pdv.profile.network import (
+    Progress,
+    SweepConfig,
+    link_matrices,
+    measure_links,
+    measurement_block,
+)
+
+__all__ = ["describe_event", "profile_cluster_rank", "rank_env"]
+
+# Test hook: PDV_TEST_STALL_RANK=r makes rank r stop answering at PDV_TEST_STALL_AT
+# ("join": before it joins the group; "round": at the first round). Used to prove the timeout.
+_STALL_RANK, _STALL_AT = "PDV_TEST_STALL_RANK", "PDV_TEST_STALL_AT"
+
+
+def rank_env() -> tuple[int, int] | None:
+    """(rank, world size) when running under torchrun, else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def _maybe_stall(rank: int, where: str) -> None:
+    if os.environ.get(_STALL_RANK) == str(rank) and os.environ.get(_STALL_AT, "round") == where:
+        while True:
+            time.sleep(3600)
+
+
+def _pick(backend: str) -> tuple[str, torch.device]:
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise PdvError("--backend nccl needs CUDA; use --backend gloo on CPU ranks")
+        torch.cuda.set_device(local)
+        return backend, torch.device("cuda", local)
+    if backend != "gloo":
+        raise PdvError(f"unknown backend {backend!r}; use auto, gloo or nccl")
+    return backend, torch.device("cpu")
+
+
+def profile_cluster_rank(
+    out: Path,
+    cfg: SweepConfig,
+    timeout_s: float,
+    backend: str = "auto",
+    report: Progress | None = None,
+) -> ClusterArtifact | None:
+    """Run this rank's part; rank 0 writes `out` and returns the artifact, others return None."""
+    env = rank_env()
+    if env is None:
+        raise PdvError("not under torchrun (no RANK/WORLD_SIZE); pass --nproc-per-node N")
+    rank, world = env
+    report = report or (lambda event: None)
+    last: dict[str, Any] = {}
+
+    def step(event: dict[str, Any]) -> None:
+        last.clear()
+        last.update(event)
+        report(event)
+
+    _maybe_stall(rank, "join")
+    step({"phase": "joining"})
+    backend, device = _pick(backend)
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    except Exception as exc:
+        raise PdvError(
+            f"rank {rank}: could not join the {world}-rank group within {timeout_s:g}s "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    try:
+        step({"phase": "joined"})
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        mine = probe_device(device, local) | {"rank": rank}
+        step({"phase": "probed"})
+        devices: list[dict[str, Any]] | None = [{} for _ in range(world)] if rank == 0 else None
+        dist.gather_object(mine, devices, dst=0)
+        _maybe_stall(rank, "round")
+        results = measure_links(cfg, device, step)
+        step({"phase": "gathered"})
+        if rank != 0:
+            return None
+        assert devices is not None and results is not None
+        lat, bw = link_matrices(world, results)
+        artifact = ClusterArtifact(
+            provenance=Provenance(
+                method="measured",
+                notes=[f"pdv profile cluster: {world} ranks, {backend}, "
+                       f"{len(results)} ordered pairs in tournament rounds"],
+            ),
+            devices=[ClusterDevice(**d) for d in devices],
+            links=Links(latency_s=lat, bandwidth_Bps=bw),
+            measurement=measurement_block(world, cfg, results, backend),
+        )
+        artifacts.write(out, artifact)
+        step({"phase": "written"})
+        return artifact
+    except PdvError:
+        raise
+    except Exception as exc:
+        # A peer that died or stalled surfaces here as a gloo/nccl timeout or a closed socket.
+        raise PdvError(
+            f"rank {rank}: link measurement failed after {describe_event(last)}: "
+            f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        ) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    """Human words for a progress event, e.g. 'round 2, 1→3, 64 KiB'."""
+    phase = event.get("phase", "starting")
+    if phase == "pair":
+        return f"round {event['round'] + 1}, rank {event['src']}→{event['dst']}, {event['size']} B"
+    if phase in ("round", "round-done"):
+        return f"{phase} {event['round'] + 1} of {event['rounds']}"
+    return str(phase)

@@ -1,0 +1,207 @@
+"""What one rank runs on: its device (kind, name, memory), host, and a measured matmul speed.
+
+CPU ranks get kind "cpu" (the model profiler measures under the same kind); a CUDA rank gets a
+deterministic slug of its NVML/torch device name, e.g. "nvidia-h100-80gb-hbm3", so a profile
+taken on one H100 prices every H100 of the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+__all__ = ["device_kind", "host_name", "memory_limit", "matmul_flops", "probe_device"]
+
+_NO_LIMIT = 1 << 60  # cgroup v1 writes ~2^63 for "unlimited"; anything this large means none
+
+
+def device_kind(name: str) -> str:
+    """Deterministic kind slug of a name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug or "unknown"
+
+
+def _netns_name() -> str | None:
+    # Ranks of the emulated cluster run in named network namespaces that stand for hosts; the
+    # kernel host name is the same in all of them, so the namespace name tells the hosts apart.
+    try:
+        mine = os.stat("/proc/self/ns/net").st_ino
+        if mine == os.stat("/proc/1/ns/net").st_ino:
+            return None
+        for entry in Path("/var/run/netns").iterdir():
+            if entry.stat().st_ino == mine:
+                return entry.name
+    except OSError:
+        return None
+    return None
+
+
+def host_name() -> str:
+    """The host a rank runs on: PDV_HOST if set, else hostname (plus ':netns' inside one)."""
+    if os.environ.get("PDV_HOST"):
+        return os.environ["PDV_HOST"]
+    host = socket.gethostname()
+    ns = _netns_name()
+    return f"{host}:{ns}" if ns else host
+
+
+def _cgroup_memory_limits() -> list[tuple[int, str]]:
+    """Memory limits of every cgroup (v1 and v2) that holds this process, innermost first."""
+    found: list[tuple[int, str]] = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: limits may sit on any ancestor
+            root, leaf = Path("/sys/fs/cgroup"), "memory.max"
+            if not (root / "cgroup.controllers").exists():
+                root = Path("/sys/fs/cgroup/unified")
+        elif "memory" in controllers.split(","):
+            root, leaf = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        for d in [rel, *rel.parents]:
+            f = root / d / leaf
+            try:
+                text = f.read_text().strip()
+            except OSError:
+                continue
+            if text != "max" and int(text) < _NO_LIMIT:
+                found.append((int(text), str(f)))
+    return found
+
+
+def memory_limit(local_ranks: int) -> tuple[int, str]:
+    """Memory one CPU rank may use, and where the number came from.
+
+    The smaller of: the tightest cgroup memory limit on this process (it binds the whole
+    cgroup, and all local ranks of a launch share it, so it is divided too), and total RAM
+    divided by the ranks on this host.
+    """
+    local_ranks = max(1, local_ranks)
+    total = psutil.virtual_memory().total
+    best, source = total // local_ranks, f"psutil total RAM {total} B / {local_ranks} local ranks"
+    for limit, where in _cgroup_memory_limits():
+        share = min(limit, total) // local_ranks
+        if share < best:
+            best, source = share, f"cgroup limit {limit} B ({where}) / {local_ranks} local ranks"
+    return best, source
+
+
+def matmul_flops(device: torch.device, seconds: float = 0.3) -> float:
+    """Dense float32 matmul throughput of one rank's device, FLOP/s, timed for ~`seconds`."""
+    n = 512 if device.type == "cuda" else 256
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):  # warm-up: allocator, kernels, caches
+        a @ b
+    sync()
+    calls, start = 0, time.perf_counter()
+    while True:
+        for _ in range(8):
+            a @ b
+        calls += 8
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * n**3 * calls / elapsed
+
+
+def _cuda_details(index: int) -> dict[str, Any]:
+    """What NVML says about one GPU: name, memory, and its active NVLinks."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(h)
+        name = name.decode() if isinstance(name, bytes) else name
+        info: dict[str, Any] = {
+            "name": name,
+            "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
+            "pci_bus_id": _text(pynvml.nvmlDeviceGetPciInfo(h).busId),
+        }
+        links = []
+        for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
+            try:
+                if pynvml.nvmlDeviceGetNvLinkState(h, link) != pynvml.NVML_FEATURE_ENABLED:
+                    continue
+                remote = _text(pynvml.nvmlDeviceGetNvLinkRemotePciInfo(h, link).busId)
+            except pynvml.NVMLError:
+                continue  # not supported on this GPU or link absent
+            links.append({"link": link, "remote_pci_bus_id": remote})
+        info["nvlinks"] = links
+        return info
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def probe_device(device: torch.device, local_ranks: int, seconds: float = 0.3) -> dict[str, Any]:
+    """This rank's device as ClusterDevice fields (without rank): kind, name, memory, speed."""
+    host = host_name()
+    cpu_name = _cpu_model()
+    details: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "cpu_model": cpu_name,
+        "logical_cpus": psutil.cpu_count(logical=True),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "ram_total_bytes": psutil.virtual_memory().total,
+    }
+    ns = _netns_name()
+    if ns:
+        details["netns"] = ns
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        try:
+            nvml = _cuda_details(index)
+            details["nvml"] = nvml
+            name, memory = nvml["name"], nvml["memory_bytes"]
+            details["memory_source"] = "NVML total device memory"
+        except Exception as exc:  # NVML missing in a container: fall back to torch's view
+            props = torch.cuda.get_device_properties(index)
+            name, memory = props.name, int(props.total_memory)
+            details["memory_source"] = f"torch device properties (NVML unavailable: {exc})"
+        kind = device_kind(name)
+    else:
+        name, kind = cpu_name, "cpu"
+        memory, details["memory_source"] = memory_limit(local_ranks)
+    return {
+        "host": host,
+        "kind": kind,
+        "name": name,
+        "memory_bytes": int(memory),
+        "matmul_flops": matmul_flops(device, seconds),
+        "details": details,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
