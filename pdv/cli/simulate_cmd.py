@@ -1,1 +1,134 @@
-"""(filled in by its issue)"""
+"""pdv simulate: replay a plan's schedule on the measured devices and links, event by event."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pdv import artifacts
+from pdv.artifacts import ClusterArtifact, ModelProfile, Plan
+from pdv.cli.app import app, console
+from pdv.cli.render import fmt_bytes, fmt_time
+from pdv.cost.simulate import Simulation, simulate, to_predicted
+from pdv.cost.trace import chrome_trace, text_timeline
+from pdv.errors import PdvError
+
+
+def _profiles(paths: list[Path]) -> dict[str, ModelProfile]:
+    out: dict[str, ModelProfile] = {}
+    for p in paths:
+        prof = artifacts.load_as(p, "model-profile")
+        kind = prof.device.kind
+        if kind in out:
+            raise PdvError(f"two profiles for device kind {kind!r} ({p}); pass one per kind")
+        out[kind] = prof
+    return out
+
+
+def _summary(sim: Simulation, plan: Plan, cluster: ClusterArtifact) -> dict[str, Any]:
+    return {
+        "schedule": sim.schedule,
+        "step_time_s": sim.step_time_s,
+        "bubble_fraction": sim.bubble_fraction,
+        "stages": [
+            {"index": i, "layers": list(st.layers), "ranks": st.ranks, **pred.model_dump()}
+            for i, (st, pred) in enumerate(zip(plan.stages, sim.stages, strict=True))
+        ],
+        "peak_memory_bytes": {str(r): int(b) for r, b in sim.peak_memory_bytes.items()},
+        "memory_bytes": {str(r): cluster.devices[r].memory_bytes for r in sim.peak_memory_bytes},
+        "notes": list(sim.notes),
+    }
+
+
+def _render(sim: Simulation, plan: Plan, cluster: ClusterArtifact, out: Console) -> None:
+    out.print(
+        f"[bold]{sim.schedule}[/]  {len(plan.stages)} stages  mbs {plan.micro_batch_size} x "
+        f"{plan.num_micro_batches} micro-batches = {plan.global_batch_size}"
+    )
+    out.print(
+        f"step time [bold]{fmt_time(sim.step_time_s)}[/]  bubble {sim.bubble_fraction:.1%}",
+        highlight=False,
+    )
+    t = Table(title="per stage, one step")
+    for col in ("stage", "layers", "ranks", "dp×tp", "fwd/mb", "bwd/mb", "compute", "p2p",
+                "collective", "peak memory"):  # fmt: skip
+        t.add_column(col, justify="left" if col in ("layers", "ranks") else "right")
+    for i, (st, pred, c) in enumerate(zip(plan.stages, sim.stages, sim.costs, strict=True)):
+        t.add_row(
+            str(i),
+            f"[{st.layers[0]}, {st.layers[1]})",
+            ",".join(map(str, st.ranks)),
+            f"{st.dp}×{st.tp}",
+            fmt_time(c.fwd_s),
+            fmt_time(c.bwd_s),
+            fmt_time(pred.compute_s),
+            fmt_time(pred.p2p_s),
+            fmt_time(pred.collective_s),
+            fmt_bytes(pred.peak_memory_bytes),
+        )
+    out.print(t)
+    m = Table(title="peak memory per rank")
+    for col in ("rank", "host", "kind", "peak", "capacity", "use"):
+        m.add_column(col, justify="right" if col in ("peak", "capacity", "use") else "left")
+    for r, peak in sim.peak_memory_bytes.items():
+        d = cluster.devices[r]
+        use = peak / d.memory_bytes
+        style = "red" if use > 1 else ""
+        m.add_row(str(r), d.host, d.kind, fmt_bytes(peak), fmt_bytes(d.memory_bytes),
+                  f"[{style}]{use:.0%}[/]" if style else f"{use:.0%}")  # fmt: skip
+    out.print(m)
+    out.print("timeline (F forward, B backward, I/W input/weight grad, ~ grad sync, . idle)")
+    for line in text_timeline(sim, width=max(20, out.width - 22)):
+        out.print(line, markup=False, highlight=False)
+    for note in sim.notes:
+        out.print(f"[dim]note: {note}[/]")
+
+
+@app.command("simulate")
+def simulate_command(
+    plan_path: Path = typer.Argument(
+        ...,
+        metavar="PLAN",
+        help="A plan (only its contract fields are needed; hand-written plans are fine).",
+    ),  # fmt: skip
+    profile: list[Path] = typer.Option(
+        [], "--profile", "-p", help="Model profile, one per device kind of the cluster."
+    ),
+    cluster_path: Path | None = typer.Option(
+        None, "--cluster", "-c", help="Cluster artifact (measured or declared)."
+    ),
+    trace: Path | None = typer.Option(
+        None, "--trace", help="Write a Chrome/Perfetto trace (one process per rank)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Write the plan with `predicted` filled in."
+    ),
+) -> None:
+    """Simulate one training step of a plan: step time, bubble, breakdown, memory, trace."""
+    plan = artifacts.load_as(plan_path, "plan")
+    if not profile:
+        raise PdvError("no model profile: pass --profile PROFILE.json (one per device kind)")
+    if cluster_path is None:
+        raise PdvError("no cluster: pass --cluster CLUSTER.json")
+    profiles = _profiles(profile)
+    cluster = artifacts.load_as(cluster_path, "cluster")
+    sim = simulate(plan, profiles, cluster)
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.write_text(json.dumps(chrome_trace(sim, plan)) + "\n")
+    if output is not None:
+        artifacts.write(output, plan.model_copy(update={"predicted": to_predicted(sim)}))
+    if as_json:
+        typer.echo(json.dumps(_summary(sim, plan, cluster), indent=2, sort_keys=True))
+        return
+    _render(sim, plan, cluster, console)
+    if trace is not None:
+        console.print(f"trace written to {trace} (open in ui.perfetto.dev)")
+    if output is not None:
+        console.print(f"plan with predictions written to {output}")

@@ -1,0 +1,208 @@
+"""Pipeline schedules as per-rank-group op orders, following torch.distributed.pipelining.
+
+A plan's stages are the pipeline's (virtual) stages. A schedule with several stages per rank
+(Interleaved1F1B, LoopedBFS, InterleavedZeroBubble) is written as a plan whose stage i runs on
+the same ranks as stage i mod p, p being the number of distinct rank groups: torch's
+``stage_index = local_index · pp_group_size + rank`` placement. GPipe and 1F1B need one stage per
+rank group.
+
+An op is ``(kind, stage, micro)`` with kind ``F`` (forward), ``B`` (full backward), ``I``
+(backward for inputs) or ``W`` (backward for weights). The orders reproduce torch 2.x's
+``_calculate_single_rank_operations`` / ``_step_microbatches`` (their idle slots dropped: the
+simulator waits on dependencies instead).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdv.errors import PdvError
+
+__all__ = [
+    "SCHEDULES",
+    "Op",
+    "StageLayout",
+    "canonical_schedule",
+    "stage_layout",
+    "rank_orders",
+    "splits_backward",
+]
+
+Op = tuple[str, int, int]
+
+# Canonical name -> (several stages per rank allowed, backward split into I and W).
+SCHEDULES: dict[str, tuple[bool, bool]] = {
+    "GPipe": (False, False),
+    "1F1B": (False, False),
+    "Interleaved1F1B": (True, False),
+    "LoopedBFS": (True, False),
+    "InterleavedZeroBubble": (True, True),
+}
+
+
+def canonical_schedule(name: str) -> str:
+    """The canonical spelling of a schedule name ('interleaved1f1b', 'ScheduleGPipe', ...)."""
+    key = name.lower().removeprefix("schedule").replace("_", "").replace("-", "")
+    for canon in SCHEDULES:
+        if canon.lower() == key:
+            return canon
+    raise PdvError(
+        f"schedule {name!r} is not simulated; use one of {', '.join(SCHEDULES)} "
+        f"(ZBVZeroBubble and DualPipeV are not modelled yet)"
+    )
+
+
+def splits_backward(schedule: str) -> bool:
+    """True when the schedule runs backward as separate input-grad and weight-grad ops."""
+    return SCHEDULES[canonical_schedule(schedule)][1]
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Which rank group runs each stage, and the stages of each group in local order."""
+
+    group_of_stage: tuple[int, ...]
+    stages_of_group: tuple[tuple[int, ...], ...]
+    group_ranks: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_groups(self) -> int:
+        """Pipeline ranks (rank groups) p."""
+        return len(self.stages_of_group)
+
+    @property
+    def local_stages(self) -> int:
+        """Stages per rank group v."""
+        return len(self.stages_of_group[0])
+
+
+def stage_layout(stage_ranks: Sequence[Sequence[int]], schedule: str) -> StageLayout:
+    """Map stages to rank groups; a PdvError when the placement does not fit the schedule."""
+    schedule = canonical_schedule(schedule)
+    multi = SCHEDULES[schedule][0]
+    groups: list[frozenset[int]] = []
+    group_of: list[int] = []
+    for i, ranks in enumerate(stage_ranks):
+        key = frozenset(ranks)
+        if key in groups:
+            group_of.append(groups.index(key))
+            continue
+        for g, other in enumerate(groups):
+            if key & other:
+                raise PdvError(
+                    f"stage {i} ranks {sorted(key)} overlap stage group {g} ranks {sorted(other)} "
+                    f"without being the same ranks; a rank belongs to one pipeline rank group"
+                )
+        groups.append(key)
+        group_of.append(len(groups) - 1)
+    p, s = len(groups), len(stage_ranks)
+    if not multi and p != s:
+        raise PdvError(
+            f"{schedule} runs one stage per rank group, but {s} stages share {p} groups; "
+            f"give each stage its own ranks or use Interleaved1F1B"
+        )
+    if multi:
+        want = [i % p for i in range(s)]
+        if s % p or group_of != want:
+            raise PdvError(
+                f"{schedule} places stage i on the ranks of stage i mod p (p = {p} rank groups); "
+                f"the plan's stages run on groups {group_of}, expected {want}"
+            )
+    by_group = tuple(tuple(i for i in range(s) if group_of[i] == g) for g in range(p))
+    ranks = tuple(tuple(stage_ranks[by_group[g][0]]) for g in range(p))
+    return StageLayout(tuple(group_of), by_group, ranks)
+
+
+def _gpipe(stage: int, m: int) -> list[Op]:
+    # ScheduleGPipe: every forward, then every backward, micro-batches in order.
+    return [("F", stage, i) for i in range(m)] + [("B", stage, i) for i in range(m)]
+
+
+def _one_f_one_b(stage: int, num_stages: int, m: int) -> list[Op]:
+    # Schedule1F1B (Narayanan et al. 2021, §2.2): stage s warms up with min(M, p − s) forwards,
+    # then alternates one backward and one forward, then drains the backwards.
+    warm = min(m, num_stages - stage)
+    ops: list[Op] = [("F", stage, i) for i in range(warm)]
+    for i in range(m):
+        ops.append(("B", stage, i))
+        if warm + i < m:
+            ops.append(("F", stage, warm + i))
+    return ops
+
+
+def _rounds(m: int, p: int, schedule: str) -> int:
+    rounds = max(1, m // p)
+    if m % rounds:
+        raise PdvError(
+            f"{schedule} needs num_micro_batches ({m}) to be a multiple of its rounds "
+            f"max(1, M // p) = {rounds} (p = {p} rank groups), as torch requires"
+        )
+    return m // rounds
+
+
+def _interleaved(rank: int, p: int, v: int, m: int, zero_bubble: bool, name: str) -> list[Op]:
+    # ScheduleInterleaved1F1B / ScheduleInterleavedZeroBubble (torch's _get_warmup_ops and
+    # _get_1f1b_rank_ops): forwards walk the local stages round by round, backwards walk them in
+    # reverse; zero bubble warms up with one op fewer per hop and defers each W by `rank` steps.
+    per_round = _rounds(m, p, name)
+    factor = 1 if zero_bubble else 2
+    warm = min((v - 1) * per_round + factor * (p - 1 - rank), m * v)
+    total = m * v
+
+    def fwd_stage(step: int) -> int:
+        return ((step // per_round) % v) * p + rank
+
+    def bwd_stage(step: int) -> int:
+        return (v - 1 - ((step - warm) // per_round) % v) * p + rank
+
+    counters: dict[tuple[str, int], int] = defaultdict(int)
+
+    def take(kind: str, stage: int) -> Op:
+        i = counters[(kind, stage)]
+        counters[(kind, stage)] = i + 1
+        return (kind, stage, i)
+
+    back = "I" if zero_bubble else "B"
+    ops: list[Op] = []
+    backward_steps: list[int] = []
+    weights_done = 0
+    for step in range(total + warm):  # warm-up, steady 1F1B, then `warm` cool-down steps
+        if step < warm:
+            ops.append(take("F", fwd_stage(step)))
+            continue
+        if step < total:
+            ops.append(take("F", fwd_stage(step)))
+        ops.append(take(back, bwd_stage(step)))
+        backward_steps.append(step)
+        if zero_bubble and step - warm >= rank:
+            ops.append(take("W", bwd_stage(backward_steps[weights_done])))
+            weights_done += 1
+    while zero_bubble and weights_done < len(backward_steps):
+        ops.append(take("W", bwd_stage(backward_steps[weights_done])))
+        weights_done += 1
+    return ops
+
+
+def _looped_bfs(rank: int, p: int, v: int, m: int) -> list[Op]:
+    # ScheduleLoopedBFS (Lamy-Poirier 2023): all forwards of each local stage in turn, then the
+    # backwards of the local stages in reverse, micro-batches in reverse.
+    local = [rank + k * p for k in range(v)]
+    ops: list[Op] = [("F", s, i) for s in local for i in range(m)]
+    ops += [("B", s, i) for s in reversed(local) for i in reversed(range(m))]
+    return ops
+
+
+def rank_orders(layout: StageLayout, schedule: str, num_micro: int) -> list[list[Op]]:
+    """The op order of each rank group for one training step."""
+    schedule = canonical_schedule(schedule)
+    p, v, m = layout.num_groups, layout.local_stages, num_micro
+    if schedule == "GPipe":
+        return [_gpipe(layout.stages_of_group[g][0], m) for g in range(p)]
+    if schedule == "1F1B":
+        return [_one_f_one_b(layout.stages_of_group[g][0], p, m) for g in range(p)]
+    if schedule == "LoopedBFS":
+        return [_looped_bfs(g, p, v, m) for g in range(p)]
+    zero_bubble = schedule == "InterleavedZeroBubble"
+    return [_interleaved(g, p, v, m, zero_bubble, schedule) for g in range(p)]
