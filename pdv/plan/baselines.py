@@ -1,0 +1,143 @@
+"""Baseline planners: the same problem in, ranked candidates out, each with one assumption changed.
+
+- ``hierarchy`` (Alpa, Metis, AMP): the network is reduced to β by host. The two classes are
+  taken from this cluster's own measurements — the median intra-host link and the median
+  inter-host link — and, as those planners assume, the faster of the two medians is given to
+  every intra-host pair and the slower to every inter-host pair (latency likewise). Devices are
+  grouped and ordered by host name (hosts in order of their first rank). The stage DP and the
+  CP-SAT sharding then run unchanged on that network.
+- ``uniform`` (Megatron-LM): equal layers per stage, fixed dp × tp × pp over the ranks in rank
+  order; every degree combination (and recompute where memory needs it) is tried, the best kept.
+- ``pipedream`` (Narayanan et al., SOSP 2019): stages replicated by data parallelism only
+  (no TP, FSDP or recompute), the slowest stage minimized (PipeDream's throughput objective),
+  over a flat network at the median measured link, as its single-level profile sees it.
+
+Every baseline's plans are re-evaluated by the simulator on the measured matrix (pdv.plan.search),
+so the difference between planners is their assumption alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from statistics import median
+
+from pdv.artifacts import ClusterArtifact, Links
+from pdv.plan.evaluate import pipeline_objective
+from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec
+from pdv.plan.stages import DPResult, stage_dp
+
+__all__ = ["hierarchy_links", "host_order", "hierarchy", "uniform", "pipedream", "flat_links"]
+
+
+def _classes(cluster: ClusterArtifact) -> tuple[list[float], list[float], list[float], list[float]]:
+    n = len(cluster.devices)
+    bw, lat = cluster.links.bandwidth_Bps, cluster.links.latency_s
+    intra_b, inter_b, intra_a, inter_a = [], [], [], []
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                continue
+            same = cluster.devices[i].host == cluster.devices[j].host
+            (intra_b if same else inter_b).append(bw[i][j])
+            (intra_a if same else inter_a).append(lat[i][j])
+    return intra_b, inter_b, intra_a, inter_a
+
+
+def hierarchy_links(cluster: ClusterArtifact) -> Links:
+    """The cluster's links as a host hierarchy assumes them: fast inside a host, slow between."""
+    intra_b, inter_b, intra_a, inter_a = _classes(cluster)
+    meds_b = [median(x) for x in (intra_b, inter_b) if x]
+    meds_a = [median(x) for x in (intra_a, inter_a) if x]
+    fast_b, slow_b = max(meds_b), min(meds_b)
+    fast_a, slow_a = min(meds_a), max(meds_a)
+    n = len(cluster.devices)
+    hosts = [d.host for d in cluster.devices]
+    bw = [
+        [0.0 if i == j else fast_b if hosts[i] == hosts[j] else slow_b for j in range(n)]
+        for i in range(n)
+    ]
+    lat = [
+        [0.0 if i == j else fast_a if hosts[i] == hosts[j] else slow_a for j in range(n)]
+        for i in range(n)
+    ]
+    return Links(latency_s=lat, bandwidth_Bps=bw)
+
+
+def flat_links(cluster: ClusterArtifact) -> Links:
+    """Every pair at the median measured link (a single-level network)."""
+    intra_b, inter_b, intra_a, inter_a = _classes(cluster)
+    b, a = median(intra_b + inter_b), median(intra_a + inter_a)
+    n = len(cluster.devices)
+    bw = [[0.0 if i == j else b for j in range(n)] for i in range(n)]
+    lat = [[0.0 if i == j else a for j in range(n)] for i in range(n)]
+    return Links(latency_s=lat, bandwidth_Bps=bw)
+
+
+def host_order(cluster: ClusterArtifact) -> tuple[list[int], list[list[int]]]:
+    """Ranks grouped by host name, hosts in order of their first rank."""
+    groups: dict[str, list[int]] = {}
+    for d in cluster.devices:
+        groups.setdefault(d.host, []).append(d.rank)
+    parts = list(groups.values())
+    return [r for p in parts for r in p], parts
+
+
+def hierarchy(problem: PlanProblem) -> DPResult:
+    """Alpa-style: the same DP on the host-hierarchy network and host grouping."""
+    order, parts = host_order(problem.cluster)
+    believed = replace(problem, links=hierarchy_links(problem.cluster))
+    return stage_dp(believed, order, parts, search="hierarchy")
+
+
+def pipedream(problem: PlanProblem) -> DPResult:
+    """PipeDream-style: DP-replicated stages, min slowest stage, flat network."""
+    order = list(range(len(problem.cluster.devices)))
+    believed = replace(
+        problem,
+        links=flat_links(problem.cluster),
+        tp_degrees=(1,),
+        allow_fsdp=False,
+        allow_recompute=False,
+    )
+    return stage_dp(believed, order, [order], search="pipedream", bottleneck_only=True)
+
+
+def _split(n_layers: int, pp: int) -> list[tuple[int, int]]:
+    base, extra = divmod(n_layers, pp)
+    out, lo = [], 0
+    for s in range(pp):
+        hi = lo + base + (1 if s < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def uniform(problem: PlanProblem) -> DPResult:
+    """Megatron-style: equal layers per stage, one dp × tp × pp for the whole cluster."""
+    n = len(problem.cluster.devices)
+    L = problem.num_layers
+    found: list[Candidate] = []
+    evaluated = 0
+    for mbs in problem.mbs_options():
+        for pp in range(1, min(n, L) + 1):
+            if n % pp:
+                continue
+            width = n // pp
+            for tp in problem.tp_options():
+                if width % tp or mbs % (width // tp):
+                    continue
+                for recompute in (False, True):
+                    ch = Choice(tp, False, recompute)
+                    stages = tuple(
+                        StageSpec(lo, hi, tuple(range(s * width, (s + 1) * width)), ch)
+                        for s, (lo, hi) in enumerate(_split(L, pp))
+                    )
+                    evaluated += 1
+                    j = pipeline_objective(problem, stages, mbs)
+                    if j < float("inf"):
+                        found.append(
+                            Candidate(stages, mbs, problem.global_batch // mbs, j, "uniform")
+                        )
+                        break  # recompute only where memory needs it
+    found.sort(key=lambda c: (c.objective_s, len(c.stages), c.micro_batch_size, repr(c.stages)))
+    return DPResult(found, True, evaluated)

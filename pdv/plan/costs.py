@@ -1,0 +1,329 @@
+"""The planner's price of a stage: per-layer arrays from the profiles, priced on given ranks.
+
+A stage of layers [lo, hi) on ranks R (dp-major: replica r holds R[r·k:(r+1)·k] for TP degree
+k) with micro-batch size m runs each replica on m / dp samples. Per micro-batch it costs
+
+- compute: the slowest device kind of R, each kind's profile at (m/dp, k) scaled by the
+  measured matmul speed of its slowest rank (pdv.cost.compute.speed_factor);
+  recompute adds one forward to the backward;
+- TP (Megatron): two all-reduces of the layer output in forward and two in backward, on the
+  slowest replica's ring (pdv.cost.comm);
+- FSDP: an all-gather of the layer's parameters in forward and again in backward, on the
+  replicas' ring;
+- transfer: the output of layer hi−1 (m/dp samples per replica) to the next stage and its
+  gradient back, over the link between the last rank of R and the first rank of the next stage.
+
+Per step: the gradient sync over the replicas' ring (all-reduce; reduce-scatter with FSDP).
+Memory per rank: pdv.cost.compute.stage_memory_bytes' formula (state, in-flight activations).
+The same arrays serve the scalar price (:func:`stage_price`) and the DP's vectorized tables
+(:func:`stage_table`), and a test checks they agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from pdv.artifacts import Links, ModelProfile
+from pdv.cost.comm import ring_link
+from pdv.cost.compute import layer_cost, speed_factor
+from pdv.plan.problem import Choice, PlanProblem, in_flight
+
+__all__ = [
+    "LayerArrays",
+    "StagePrice",
+    "StageTable",
+    "layer_arrays",
+    "stage_price",
+    "stage_table",
+    "link",
+]
+
+# Megatron-LM: 2 all-reduces of the layer output in a block's forward and 2 in its backward
+# (Narayanan et al., 2021, §2.3), as pdv.cost.stage prices them.
+TP_ALL_REDUCES = 2
+
+
+@dataclass(frozen=True)
+class LayerArrays:
+    """Per-layer numbers of one profile at one per-replica batch and TP degree."""
+
+    fwd: np.ndarray
+    bwd: np.ndarray
+    params: np.ndarray
+    """parameter bytes per rank (TP shard)"""
+    state: np.ndarray
+    """params + grads + optimizer state per rank (TP shard)"""
+    grads: np.ndarray
+    act: np.ndarray
+    """activation bytes saved for backward per micro-batch"""
+    out: np.ndarray
+    """output bytes per micro-batch"""
+
+
+def _arrays(profile: ModelProfile, batch: int, tp: int) -> LayerArrays:
+    n = len(profile.layers)
+    rows = [layer_cost(profile, i, batch, tp) for i in range(n)]
+    full = np.array([max(x.param_bytes, 1) for x in profile.layers], dtype=float)
+    params = np.array([c.param_bytes for c in rows], dtype=float)
+    ratio = params / full
+    grads = np.array([x.grad_bytes for x in profile.layers], dtype=float) * ratio
+    opt = np.array([x.optimizer_bytes for x in profile.layers], dtype=float) * ratio
+    return LayerArrays(
+        fwd=np.array([c.fwd_s for c in rows]),
+        bwd=np.array([c.bwd_s for c in rows]),
+        params=params,
+        state=params + grads + opt,
+        grads=grads,
+        act=np.array([c.activation_bytes for c in rows], dtype=float),
+        out=np.array([c.output_bytes for c in rows], dtype=float),
+    )
+
+
+_ARRAYS: dict[tuple[int, int, int], tuple[ModelProfile, LayerArrays]] = {}
+
+
+def layer_arrays(profile: ModelProfile, batch: int, tp: int) -> LayerArrays:
+    """Per-layer arrays, cached by profile identity (profiles are frozen)."""
+    key = (id(profile), batch, tp)
+    hit = _ARRAYS.get(key)
+    if hit is None or hit[0] is not profile:
+        hit = (profile, _arrays(profile, batch, tp))
+        _ARRAYS[key] = hit
+    return hit[1]
+
+
+def link(links: Links, src: int, dst: int) -> tuple[float, float]:
+    """(α, β) of one directed link."""
+    return links.latency_s[src][dst], links.bandwidth_Bps[src][dst]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """What a set of ranks contributes to a stage's price, independent of the layers."""
+
+    kinds: tuple[tuple[str, float, float, float], ...]
+    """(kind, speed factor of its slowest rank, capacity of its smallest rank, overhead bytes)"""
+    tp_rings: tuple[tuple[float, float], ...]
+    """(α, β) of each replica's TP ring, dominated ones dropped (the slowest ring paces)"""
+    dp_rings: tuple[tuple[float, float, str], ...]
+    """(α, β, kind of its first rank) of each TP position's replica ring"""
+    dp: int
+    tp: int
+
+
+def _pareto(rings: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    # Keep only rings that could be the slowest for some message size (max α or min β).
+    out = []
+    for a, b in sorted(set(rings)):
+        if not any(a2 >= a and b2 <= b and (a2, b2) != (a, b) for a2, b2 in rings):
+            out.append((a, b))
+    return tuple(out)
+
+
+@lru_cache(maxsize=65536)
+def _group_cached(problem: PlanProblem, ranks: tuple[int, ...], tp: int) -> _Group:
+    links = problem.net
+    dp = len(ranks) // tp
+    by_kind: dict[str, tuple[float, float]] = {}
+    for r in ranks:
+        kind = problem.cluster.devices[r].kind
+        sf = speed_factor(problem.profile_of(r), problem.cluster.devices[r])
+        cap = problem.capacity(r)
+        old = by_kind.get(kind)
+        by_kind[kind] = (max(sf, old[0]), min(cap, old[1])) if old else (sf, cap)
+    kinds = tuple(
+        (k, sf, cap, float(problem.profiles[k].overhead_bytes))
+        for k, (sf, cap) in sorted(by_kind.items())
+    )
+    tp_rings = _pareto([ring_link(links, ranks[r * tp : (r + 1) * tp]) for r in range(dp)])
+    dp_rings = tuple(
+        sorted(
+            {
+                (*ring_link(links, ranks[t::tp]), problem.cluster.devices[ranks[t]].kind)
+                for t in range(tp)
+            }
+        )
+    )
+    return _Group(kinds, tp_rings, dp_rings, dp, tp)
+
+
+def _group(problem: PlanProblem, ranks: tuple[int, ...], tp: int) -> _Group:
+    return _group_cached(problem, tuple(ranks), tp)
+
+
+def _ring(alpha: float, beta: float, n: int, nbytes: np.ndarray, steps: float) -> np.ndarray:
+    # steps·(n−1)/n·S/β + steps·(n−1)·α, with steps 2 for all-reduce, 1 for gather/scatter
+    if n <= 1:
+        return np.zeros_like(nbytes)
+    return steps * ((n - 1) / n * nbytes / beta + (n - 1) * alpha) * (nbytes > 0)
+
+
+@dataclass(frozen=True)
+class StagePrice:
+    """One stage priced by the planner, per micro-batch (times) and per step (sync)."""
+
+    fwd_s: float
+    bwd_s: float
+    send_s: float
+    """activations to the next stage and their gradient back, per micro-batch"""
+    sync_s: float
+    memory_bytes: dict[str, float]
+    """peak bytes per device kind of the stage (its smallest-capacity rank of that kind)"""
+    capacity_bytes: dict[str, float]
+
+    @property
+    def time_s(self) -> float:
+        """t: per-micro-batch time of the stage in the objective."""
+        return self.fwd_s + self.bwd_s + self.send_s
+
+    @property
+    def fits(self) -> bool:
+        """Whether every kind's peak stays within its capacity."""
+        return all(self.memory_bytes[k] <= self.capacity_bytes[k] for k in self.memory_bytes)
+
+
+def _kind_arrays(problem: PlanProblem, g: _Group, kind: str, mbs: int) -> LayerArrays:
+    return layer_arrays(problem.profiles[kind], mbs // g.dp, g.tp)
+
+
+def _tp_per_layer(problem: PlanProblem, g: _Group, mbs: int) -> list[np.ndarray]:
+    """Forward TP all-reduce seconds per layer, one array per (non-dominated) replica ring."""
+    if g.tp < 2:
+        return [np.zeros(problem.num_layers)]
+    out = np.max([_kind_arrays(problem, g, k[0], mbs).out for k in g.kinds], axis=0)
+    return [TP_ALL_REDUCES * _ring(a, b, g.tp, out, 2.0) for a, b in g.tp_rings]
+
+
+def _sync_terms(problem: PlanProblem, g: _Group, mbs: int, choice: Choice):
+    """Per ring: (α-term, bytes-term per layer) of the per-step gradient sync."""
+    for alpha, beta, kind in g.dp_rings:
+        arr = _kind_arrays(problem, g, kind, mbs)
+        yield alpha, beta, arr
+
+
+def _sync_of(
+    g: _Group, alpha: float, beta: float, grads: np.ndarray, params: np.ndarray, fsdp: bool
+) -> np.ndarray:
+    if g.dp < 2:
+        return np.zeros_like(grads)
+    if fsdp:  # one reduce-scatter of the grads, two all-gathers of the params (FSDP2)
+        return _ring(alpha, beta, g.dp, grads, 1.0) + 2 * _ring(alpha, beta, g.dp, params, 1.0)
+    return _ring(alpha, beta, g.dp, grads, 2.0)
+
+
+def _send(links: Links, src: int, dst: int | None, nbytes: float) -> float:
+    if dst is None or nbytes <= 0:
+        return 0.0
+    a1, b1 = link(links, src, dst)
+    a2, b2 = link(links, dst, src)
+    return a1 + nbytes / b1 + a2 + nbytes / b2
+
+
+def stage_price(
+    problem: PlanProblem,
+    ranks: tuple[int, ...],
+    lo: int,
+    hi: int,
+    mbs: int,
+    choice: Choice,
+    stages_to_end: int,
+    num_micro: int,
+    next_rank: int | None,
+) -> StagePrice:
+    """Price one stage with one choice for all its layers (the reference for the DP tables)."""
+    g = _group(problem, ranks, choice.tp)
+    n_in = in_flight(problem.schedule, stages_to_end, num_micro)
+    sl = slice(lo, hi)
+    fwd_c = bwd_c = 0.0
+    memory: dict[str, float] = {}
+    capacity: dict[str, float] = {}
+    out_last = 0.0
+    for kind, sf, cap, overhead in g.kinds:
+        arr = _kind_arrays(problem, g, kind, mbs)
+        fwd_c = max(fwd_c, sf * float(arr.fwd[sl].sum()))
+        bwd_c = max(bwd_c, sf * float((arr.bwd[sl] + arr.fwd[sl] * choice.recompute).sum()))
+        state = float(arr.state[sl].sum()) / (g.dp if choice.fsdp and g.dp > 1 else 1)
+        if choice.recompute:
+            live = float(arr.out[sl].sum()) * n_in + float(arr.act[sl].max())
+        else:
+            live = float(arr.act[sl].sum()) * n_in
+        memory[kind] = overhead + state + live
+        capacity[kind] = cap
+        out_last = max(out_last, float(arr.out[hi - 1]))
+    tp_f = max(float(t[sl].sum()) for t in _tp_per_layer(problem, g, mbs))
+    tp_b = tp_f * (2 if choice.recompute else 1)  # recompute repeats the forward's all-reduces
+    sync = 0.0
+    for alpha, beta, arr in _sync_terms(problem, g, mbs, choice):
+        grads = np.array([arr.grads[sl].sum()])
+        params = np.array([arr.params[sl].sum()])
+        sync = max(sync, float(_sync_of(g, alpha, beta, grads, params, choice.fsdp)[0]))
+    send = _send(problem.net, ranks[-1], next_rank, out_last)
+    return StagePrice(fwd_c + tp_f, bwd_c + tp_b, send, sync, memory, capacity)
+
+
+@dataclass(frozen=True)
+class StageTable:
+    """A group's prices for every layer range: index [lo, hi] (hi exclusive), inf if empty."""
+
+    time: np.ndarray
+    """fwd + bwd per micro-batch (without the transfer, which depends on the next group)"""
+    sync: np.ndarray
+    max_in_flight: np.ndarray
+    """the most in-flight micro-batches that fit in memory (−1 if not even the state fits)"""
+    out: np.ndarray
+    """bytes sent to the next stage per replica, by end layer hi"""
+
+
+def _pairwise(prefix: np.ndarray) -> np.ndarray:
+    return prefix[None, :] - prefix[:, None]
+
+
+def stage_table(
+    problem: PlanProblem, ranks: tuple[int, ...], mbs: int, choice: Choice
+) -> StageTable:
+    """Vectorized :func:`stage_price` for every [lo, hi) at once, for the DP."""
+    g = _group(problem, ranks, choice.tp)
+    n = problem.num_layers
+    fwd_c = np.zeros((n + 1, n + 1))
+    bwd_c = np.zeros((n + 1, n + 1))
+    kmax = np.full((n + 1, n + 1), np.inf)
+    out = np.zeros(n + 1)
+    for kind, sf, cap, overhead in g.kinds:
+        arr = _kind_arrays(problem, g, kind, mbs)
+        fwd_c = np.maximum(fwd_c, sf * _pairwise(_cum(arr.fwd)))
+        bwd_c = np.maximum(bwd_c, sf * _pairwise(_cum(arr.bwd + arr.fwd * choice.recompute)))
+        state = _pairwise(_cum(arr.state)) / (g.dp if choice.fsdp and g.dp > 1 else 1)
+        if choice.recompute:
+            per = _pairwise(_cum(arr.out))
+            room = cap - overhead - state - _range_max(arr.act)
+        else:
+            per = _pairwise(_cum(arr.act))
+            room = cap - overhead - state
+        with np.errstate(divide="ignore", invalid="ignore"):
+            k = np.where(per > 0, np.floor(room / np.where(per > 0, per, 1.0)), np.inf)
+        kmax = np.minimum(kmax, np.where(room < 0, -1.0, k))
+        out = np.maximum(out, np.concatenate([[0.0], arr.out]))
+    tp_f = np.max([_pairwise(_cum(t)) for t in _tp_per_layer(problem, g, mbs)], axis=0)
+    time = fwd_c + bwd_c + tp_f * (3 if choice.recompute else 2)
+    sync = np.zeros((n + 1, n + 1))
+    for alpha, beta, arr in _sync_terms(problem, g, mbs, choice):
+        grads, params = _pairwise(_cum(arr.grads)), _pairwise(_cum(arr.params))
+        sync = np.maximum(sync, _sync_of(g, alpha, beta, grads, params, choice.fsdp))
+    valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
+    time = np.where(valid, time, np.inf)
+    return StageTable(time, sync, np.where(valid, kmax, -1.0), out)
+
+
+def _cum(v: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(v)])
+
+
+def _range_max(act: np.ndarray) -> np.ndarray:
+    n = len(act)
+    biggest = np.zeros((n + 1, n + 1))
+    for lo in range(n):
+        biggest[lo, lo + 1 :] = np.maximum.accumulate(act[lo:])
+    return biggest

@@ -1,0 +1,57 @@
+"""The planner's objective J for a whole pipeline, and StageSpec → PlanStage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pdv.artifacts import PlanStage
+from pdv.plan.costs import StagePrice, stage_price
+from pdv.plan.problem import PlanProblem, StageSpec, objective
+
+__all__ = ["stage_prices", "pipeline_objective", "plan_stage"]
+
+
+def stage_prices(problem: PlanProblem, stages: Sequence[StageSpec], mbs: int) -> list[StagePrice]:
+    """Every stage priced by the planner, with its real neighbour and in-flight count."""
+    from pdv.plan.sharding import layered_price
+
+    M = problem.global_batch // mbs
+    out = []
+    for s, spec in enumerate(stages):
+        nxt = stages[s + 1].ranks[0] if s + 1 < len(stages) else None
+        to_end = len(stages) - s
+        if spec.layer_choices is None:
+            out.append(
+                stage_price(problem, spec.ranks, spec.lo, spec.hi, mbs, spec.choice, to_end, M, nxt)
+            )
+        else:
+            out.append(layered_price(problem, spec, mbs, to_end, M, nxt))
+    return out
+
+
+def pipeline_objective(problem: PlanProblem, stages: Sequence[StageSpec], mbs: int) -> float:
+    """J of a pipeline (inf when a stage does not fit in memory)."""
+    prices = stage_prices(problem, stages, mbs)
+    if not all(p.fits for p in prices):
+        return float("inf")
+    M = problem.global_batch // mbs
+    return objective([p.time_s for p in prices], [p.sync_s for p in prices], M)
+
+
+def plan_stage(spec: StageSpec) -> PlanStage:
+    """The artifact form of a stage; per-layer entries only where they differ from the stage."""
+    ch = spec.choice
+    sharding = None
+    if spec.layer_choices is not None and any(c != ch for c in spec.layer_choices):
+        sharding = [
+            {"tp": c.tp, "fsdp": c.fsdp, "recompute": c.recompute} for c in spec.layer_choices
+        ]
+    return PlanStage(
+        layers=(spec.lo, spec.hi),
+        ranks=list(spec.ranks),
+        dp=spec.dp,
+        tp=ch.tp,
+        fsdp=ch.fsdp,
+        recompute=ch.recompute,
+        layer_sharding=sharding,
+    )

@@ -1,0 +1,221 @@
+"""`pdv plan` as a library call: a problem in, ranked plans out (by the simulator's step time).
+
+Generators (all return ranked :class:`Candidate` lists): ``pdv`` (groups and order from the
+measured matrix, stage DP, CP-SAT sharding), ``hierarchy``, ``uniform``, ``pipedream``
+(pdv.plan.baselines). The best few candidates of a generator are refined stage by stage with
+CP-SAT (pdv and hierarchy), turned into Plan artifacts, and every plan — baselines included — is
+evaluated by the simulator on the *measured* matrix, whose prediction goes into ``predicted``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+from pdv.artifacts import ClusterArtifact, ModelProfile, Plan, Planner, Provenance, digest
+from pdv.errors import PdvError
+from pdv.plan import baselines
+from pdv.plan.costs import stage_price
+from pdv.plan.evaluate import pipeline_objective, plan_stage
+from pdv.plan.groups import device_order, islands
+from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec
+from pdv.plan.sharding import refine_stage
+from pdv.plan.stages import DPResult, stage_dp
+
+__all__ = ["PLANNERS", "SearchResult", "search", "check_profiles"]
+
+Progress = Callable[[str], None]
+
+
+def _pdv(problem: PlanProblem) -> DPResult:
+    order = device_order(problem.cluster.links)
+    return stage_dp(problem, order, islands(problem.cluster.links), search="pdv")
+
+
+PLANNERS: dict[str, Callable[[PlanProblem], DPResult]] = {
+    "pdv": _pdv,
+    "hierarchy": baselines.hierarchy,
+    "uniform": baselines.uniform,
+    "pipedream": baselines.pipedream,
+}
+_REFINED = {"pdv", "hierarchy"}
+REFINE_TOP = 3
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Plans ranked by predicted step time, best first."""
+
+    plans: list[Plan]
+    planner: str
+    exact_caps: bool
+
+
+def check_profiles(
+    profiles: Mapping[str, ModelProfile],
+    cluster: ClusterArtifact,
+    dtype: str | None,
+    optimizer: str | None,
+) -> None:
+    """One profile per device kind, all of the same model, dtype and optimizer as asked."""
+    kinds = {d.kind for d in cluster.devices}
+    missing = sorted(kinds - set(profiles))
+    if missing:
+        raise PdvError(
+            f"no model profile for device kind(s) {missing} in the cluster; pass one profile "
+            f"per kind (have: {sorted(profiles)})"
+        )
+    lengths = {k: len(p.layers) for k, p in profiles.items()}
+    if len(set(lengths.values())) > 1:
+        raise PdvError(f"profiles disagree on the number of layers: {lengths}")
+    specs = {p.model.spec for p in profiles.values()}
+    if len(specs) > 1:
+        raise PdvError(f"profiles are of different models: {sorted(specs)}")
+    for kind, p in sorted(profiles.items()):
+        if dtype is not None and p.dtype != dtype:
+            raise PdvError(
+                f"--dtype {dtype} but the {kind} profile was taken in {p.dtype}; "
+                f"re-profile with --dtype {dtype} or plan with --dtype {p.dtype}"
+            )
+        if optimizer is not None and p.optimizer != optimizer:
+            raise PdvError(
+                f"--optimizer {optimizer} but the {kind} profile counts {p.optimizer} state; "
+                f"re-profile with --optimizer {optimizer} or plan with --optimizer {p.optimizer}"
+            )
+
+
+def _refine(problem: PlanProblem, cand: Candidate) -> tuple[Candidate, str, float | None]:
+    stages = list(cand.stages)
+    statuses, gaps = [], []
+    M = cand.num_micro_batches
+    for s, spec in enumerate(stages):
+        nxt = stages[s + 1].ranks[0] if s + 1 < len(stages) else None
+        res = refine_stage(problem, spec, cand.micro_batch_size, len(stages) - s, M, nxt)
+        stages[s] = res.stage
+        statuses.append(res.status)
+        if res.gap is not None:
+            gaps.append(res.gap)
+    j = pipeline_objective(problem, stages, cand.micro_batch_size)
+    status = (
+        "OPTIMAL"
+        if all(x == "OPTIMAL" for x in statuses)
+        else ("FEASIBLE" if all(x in ("OPTIMAL", "FEASIBLE") for x in statuses) else statuses[0])
+    )
+    if j > cand.objective_s:  # never let the refinement make the pipeline worse
+        return cand, status, max(gaps, default=None)
+    return replace(cand, stages=tuple(stages), objective_s=j), status, max(gaps, default=None)
+
+
+def _provenance(profiles: Mapping[str, ModelProfile], cluster: ClusterArtifact) -> Provenance:
+    inputs = {f"profile:{k}": digest(p) for k, p in sorted(profiles.items())}
+    inputs["cluster"] = digest(cluster)
+    methods = {p.provenance.method for p in profiles.values()} | {cluster.provenance.method}
+    notes = ["predicted by pdv.cost.simulate on the cluster's links"]
+    if "estimated" in methods or "declared" in methods:
+        notes.append(f"inputs include {sorted(methods - {'measured'})} artifacts")
+    return Provenance(method="estimated", inputs=inputs, notes=notes)
+
+
+def _to_plan(
+    problem: PlanProblem, cand: Candidate, status: str, gap: float | None, evaluated: int
+) -> Plan:
+    from pdv.cost.simulate import simulate, to_predicted
+
+    profile = next(iter(sorted(problem.profiles.items())))[1]
+    plan = Plan(
+        provenance=_provenance(problem.profiles, problem.cluster),
+        model=profile.model,
+        stages=[plan_stage(s) for s in cand.stages],
+        micro_batch_size=cand.micro_batch_size,
+        num_micro_batches=cand.num_micro_batches,
+        global_batch_size=problem.global_batch,
+        schedule=problem.schedule,
+        planner=Planner(
+            name=cand.search,
+            status=status,
+            optimality_gap=None if gap is None else round(gap, 9),
+            candidates=evaluated,
+        ),
+        devices=list(problem.cluster.devices),
+    )
+    sim = simulate(plan, problem.profiles, problem.cluster)
+    return plan.model_copy(update={"predicted": to_predicted(sim)})
+
+
+def search(
+    problem: PlanProblem, planner: str = "pdv", top: int = 1, progress: Progress | None = None
+) -> SearchResult:
+    """Run one planner; return up to `top` distinct plans ranked by predicted step time."""
+    say = progress or (lambda _msg: None)
+    if planner not in PLANNERS:
+        raise PdvError(f"unknown planner {planner!r}; choose one of: {', '.join(PLANNERS)}")
+    say(f"{planner}: searching stages")
+    result = PLANNERS[planner](problem)
+    if not result.candidates:
+        raise PdvError(_tightest(problem))
+    shortlist = result.candidates[: max(top, REFINE_TOP)]
+    plans: list[tuple[float, float, int, Plan]] = []
+    for n, cand in enumerate(shortlist):
+        status, gap = ("n/a", None)
+        if planner in _REFINED:
+            say(f"{planner}: CP-SAT sharding of candidate {n + 1}/{len(shortlist)}")
+            cand, status, gap = _refine(problem, cand)
+        if not result.exact:
+            status = f"{status} (caps sampled)" if status != "n/a" else "caps sampled"
+        plan = _to_plan(problem, cand, status, gap, result.evaluated)
+        assert plan.predicted is not None
+        plans.append((plan.predicted.step_time_s, cand.objective_s, n, plan))
+    plans.sort(key=lambda x: (x[0], x[1], x[2]))
+    distinct: list[Plan] = []
+    seen: set[str] = set()
+    for *_, plan in plans:
+        key = repr((plan.stages, plan.micro_batch_size))
+        if key not in seen:
+            seen.add(key)
+            distinct.append(plan)
+    return SearchResult(distinct[:top], planner, result.exact)
+
+
+def _tightest(problem: PlanProblem) -> str:
+    """The one-line reason nothing fits: the least-over layout's worst stage, rank and bytes."""
+    order = device_order(problem.cluster.links)
+    n, L = len(order), problem.num_layers
+    best: tuple[float, str] | None = None
+    mbs = min(problem.mbs_options())
+    M = problem.global_batch // mbs
+    for pp in range(1, min(n, L) + 1):
+        if n % pp:
+            continue
+        width = n // pp
+        for tp in problem.tp_options():
+            if width % tp or mbs % (width // tp):
+                continue
+            ch = Choice(tp, problem.allow_fsdp and width // tp > 1, problem.allow_recompute)
+            bounds = baselines._split(L, pp)
+            stages = [
+                StageSpec(lo, hi, tuple(order[s * width : (s + 1) * width]), ch)
+                for s, (lo, hi) in enumerate(bounds)
+            ]
+            worst: tuple[float, str] | None = None
+            for s, spec in enumerate(stages):
+                nxt = stages[s + 1].ranks[0] if s + 1 < pp else None
+                price = stage_price(problem, spec.ranks, spec.lo, spec.hi, mbs, ch, pp - s, M, nxt)
+                for kind, mem in price.memory_bytes.items():
+                    over = mem - price.capacity_bytes[kind]
+                    rank = min(
+                        (r for r in spec.ranks if problem.cluster.devices[r].kind == kind),
+                        key=lambda r: (problem.capacity(r), r),
+                    )
+                    msg = (
+                        f"no plan fits in memory: tightest is stage {s} (layers "
+                        f"[{spec.lo}, {spec.hi})) on rank {rank} ({kind}), {over:,.0f} bytes "
+                        f"over its {problem.capacity(rank):,.0f}-byte budget with pp={pp} "
+                        f"tp={tp} dp={width // tp} fsdp={ch.fsdp} recompute={ch.recompute} "
+                        f"micro-batch {mbs}; add devices, lower --memory-margin, or use a "
+                        f"smaller model or micro-batch"
+                    )
+                    if worst is None or over > worst[0]:
+                        worst = (over, msg)
+            if worst is not None and (best is None or worst[0] < best[0]):
+                best = worst
+    return best[1] if best else "no plan fits: no layout of the devices is possible"

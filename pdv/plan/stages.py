@@ -1,0 +1,331 @@
+"""Stage DP: layer ranges × contiguous slices of the device order, exact under the objective.
+
+For a micro-batch size m (M = B/m micro-batches) and a cap U on the bottleneck term
+u_s = (M−1)·t_s + sync_s, the DP minimizes Σ t_s over pipelines whose stages all have u_s ≤ U:
+
+    f(i, a, k) = min over slice size g, choice c, end layer j of
+                 t(i, j, a, g, c) + f(j, a + g, k − 1)
+
+where the stage holds layers [i, j) on devices order[a : a+g] (in units), k counts the stages
+from this one to the end (so the 1F1B in-flight count min(k, M) is known and stages that do not
+fit are skipped), t includes the transfer to the next stage over the link between the last
+device of this slice and the first of the next, and the last stage (k = 1) takes all remaining
+layers. A pipeline may leave the tail of the order unused (a slow device can sit out).
+
+J(U) = U + min Σ t; as in Alpa the caps are enumerated. The useful caps lie in [U*, J_best − S∞]
+(U* from a bottleneck DP, S∞ the uncapped Σ t): all distinct values there when they are at most
+``MAX_CAPS`` (exact), otherwise ``MAX_CAPS`` quantiles of them (reported as approximate).
+
+Big clusters: devices move in units of one island when islands are equal (a node of 8 GPUs is
+one unit) and, beyond ``GENERAL_LIMIT`` units, all stages of one pipeline get the same number of
+units (one DP per size, so the state drops the device position).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from pdv.plan.costs import StageTable, link, stage_table
+from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, in_flight
+
+__all__ = ["MAX_CAPS", "GENERAL_LIMIT", "DPResult", "stage_dp", "choices_for"]
+
+MAX_CAPS = 48
+GENERAL_LIMIT = 16
+
+
+@dataclass(frozen=True)
+class DPResult:
+    """Ranked candidates of the stage DP and whether the cap enumeration was exhaustive."""
+
+    candidates: list[Candidate]
+    exact: bool
+    evaluated: int
+    """stage tables priced (deterministic count, for the plan's `candidates` field)"""
+
+
+def choices_for(problem: PlanProblem, size: int, mbs: int) -> Iterator[Choice]:
+    """Stage choices on `size` ranks at micro-batch size mbs (dp must divide mbs)."""
+    for tp in problem.tp_options():
+        if size % tp or mbs % (size // tp):
+            continue
+        for fsdp in (False, True) if size // tp > 1 and problem.allow_fsdp else (False,):
+            for recompute in (False, True) if problem.allow_recompute else (False,):
+                yield Choice(tp, fsdp, recompute)
+
+
+@dataclass
+class _Option:
+    a: int
+    g: int
+    choice: Choice
+    t_send: np.ndarray
+    t_last: np.ndarray
+    sync: np.ndarray
+    kmax: np.ndarray
+
+
+def _unit(problem: PlanProblem, order: list[int], islands: list[list[int]]) -> int:
+    sizes = {len(x) for x in islands}
+    if len(problem.cluster.devices) > GENERAL_LIMIT and len(sizes) == 1:
+        size = sizes.pop()
+        # Only when the order keeps each island contiguous (it does: islands are chained whole).
+        return size
+    return 1
+
+
+def _options(
+    problem: PlanProblem, order: list[int], unit: int, slices: list[tuple[int, int]], mbs: int
+) -> tuple[list[_Option], int]:
+    n_units = len(order) // unit
+    out: list[_Option] = []
+    evaluated = 0
+    for a, g in slices:
+        ranks = tuple(order[a * unit : (a + g) * unit])
+        nxt = order[(a + g) * unit] if a + g < n_units else None
+        tables: list[tuple[Choice, StageTable]] = []
+        for ch in choices_for(problem, len(ranks), mbs):
+            tables.append((ch, stage_table(problem, ranks, mbs, ch)))
+            evaluated += 1
+        for ch, tab in _undominated(tables):
+            if nxt is None:
+                send = np.zeros_like(tab.out)
+            else:
+                a1, b1 = link(problem.net, ranks[-1], nxt)
+                a2, b2 = link(problem.net, nxt, ranks[-1])
+                send = np.where(tab.out > 0, a1 + tab.out / b1 + a2 + tab.out / b2, 0.0)
+            out.append(
+                _Option(a, g, ch, tab.time + send[None, :], tab.time, tab.sync, tab.max_in_flight)
+            )
+    return out, evaluated
+
+
+def _undominated(tables: list[tuple[Choice, StageTable]]) -> list[tuple[Choice, StageTable]]:
+    # A choice no faster, no cheaper to sync and no roomier than another everywhere never helps.
+    keep = []
+    for i, (ch, t) in enumerate(tables):
+        dominated = False
+        for j, (_, o) in enumerate(tables):
+            if j == i:
+                continue
+            if (
+                np.all(o.time <= t.time)
+                and np.all(o.sync <= t.sync)
+                and np.all(o.max_in_flight >= t.max_in_flight)
+                and (
+                    np.any(o.time < t.time)
+                    or np.any(o.sync < t.sync)
+                    or np.any(o.max_in_flight > t.max_in_flight)
+                    or j < i
+                )
+            ):
+                dominated = True
+                break
+        if not dominated:
+            keep.append((ch, t))
+    return keep
+
+
+@dataclass
+class _Solution:
+    value: float
+    stages: list[tuple[int, int, int, int, Choice]]  # (lo, hi, a, g, choice)
+
+
+def _solve(
+    options: list[_Option],
+    n_units: int,
+    n_layers: int,
+    num_micro: int,
+    schedule: str,
+    cap: float,
+    bottleneck: bool,
+    equal: int | None,
+) -> list[_Solution]:
+    """One DP pass: min Σ t under the cap (or min max u when bottleneck); best per stage count."""
+    L = n_layers
+    inf = np.inf
+    kmax_stages = min(n_units, L)
+    by_pos: dict[int, list[_Option]] = {}
+    for opt in options:
+        by_pos.setdefault(opt.a, []).append(opt)
+    # f[k][a]: values over start layer i; arg[k][a][i] = (option index, end layer j)
+    f: dict[tuple[int, int], np.ndarray] = {}
+    arg: dict[tuple[int, int], list[tuple[int, int] | None]] = {}
+    rows = np.arange(L + 1)
+    for k in range(1, kmax_stages + 1):
+        need = in_flight(schedule, k, num_micro)
+        for a in range(n_units - 1, -1, -1):
+            if equal is not None and (a % equal or (n_units - a) // equal < k):
+                continue
+            best = np.full(L + 1, inf)
+            choice: list[tuple[int, int] | None] = [None] * (L + 1)
+            for idx, opt in enumerate(by_pos.get(a, [])):
+                if equal is not None and opt.g != equal:
+                    continue
+                if k == 1:
+                    t = opt.t_last[:, L]
+                    u = (num_micro - 1) * t + opt.sync[:, L]
+                    ok = (opt.kmax[:, L] >= need) & (u <= cap)
+                    vals = np.where(ok, np.maximum(u, 0) if bottleneck else t, inf)
+                    ends = np.full(L + 1, L)
+                else:
+                    nxt = f.get((k - 1, a + opt.g))
+                    if nxt is None:
+                        continue
+                    t = opt.t_send
+                    u = (num_micro - 1) * t + opt.sync
+                    ok = (opt.kmax >= need) & (u <= cap)
+                    own = np.where(ok, u if bottleneck else t, inf)
+                    total = np.maximum(own, nxt[None, :]) if bottleneck else own + nxt[None, :]
+                    ends = np.argmin(total, axis=1)
+                    vals = total[rows, ends]
+                better = vals < best
+                if np.any(better):
+                    best = np.where(better, vals, best)
+                    for i in np.flatnonzero(better):
+                        choice[i] = (idx, int(ends[i]))
+            f[(k, a)] = best
+            arg[(k, a)] = choice
+    out = []
+    for k in range(1, kmax_stages + 1):
+        v = f.get((k, 0))
+        if v is None or not np.isfinite(v[0]):
+            continue
+        stages = []
+        i, a, kk = 0, 0, k
+        while kk >= 1:
+            idx, j = arg[(kk, a)][i]  # type: ignore[misc]
+            opt = by_pos[a][idx]
+            stages.append((i, j, a, opt.g, opt.choice))
+            i, a, kk = j, a + opt.g, kk - 1
+        out.append(_Solution(float(v[0]), stages))
+    return out
+
+
+def _slices(n_units: int, equal: int | None) -> list[tuple[int, int]]:
+    if equal is not None:
+        return [(a, equal) for a in range(0, n_units - equal + 1, equal)]
+    return [(a, g) for a in range(n_units) for g in range(1, n_units - a + 1)]
+
+
+def _equal_sizes(n_units: int) -> list[int]:
+    sizes, g = [], 1
+    while g <= n_units:
+        if n_units % g == 0:
+            sizes.append(g)
+        g *= 2
+    return sizes
+
+
+def stage_dp(
+    problem: PlanProblem,
+    order: list[int],
+    islands: list[list[int]],
+    search: str = "pdv",
+    bottleneck_only: bool = False,
+) -> DPResult:
+    """Run the stage DP for every micro-batch size; candidates ranked by the objective J."""
+    unit = _unit(problem, order, islands)
+    n_units = len(order) // unit
+    L = problem.num_layers
+    modes: list[int | None] = [None] if n_units <= GENERAL_LIMIT else _equal_sizes(n_units)
+    found: dict[tuple, Candidate] = {}
+    exact = True
+    evaluated = 0
+    for mbs in problem.mbs_options():
+        M = problem.global_batch // mbs
+        for equal in modes:
+            options, n_eval = _options(problem, order, unit, _slices(n_units, equal), mbs)
+            evaluated += n_eval
+            if not options:
+                continue
+            run = lambda cap, bn: _solve(  # noqa: E731
+                options, n_units, L, M, problem.schedule, cap, bn, equal
+            )
+            bottleneck = run(np.inf, True)
+            if not bottleneck:
+                continue
+            u_star = min(s.value for s in bottleneck)
+            if bottleneck_only:  # PipeDream: the slowest stage sets the throughput
+                for s in bottleneck:
+                    if s.value <= u_star * (1 + 1e-12):
+                        cand = _candidate(problem, s, M, mbs, order, unit, search)
+                        found.setdefault((mbs, cand.stages), cand)
+                continue
+            free = run(np.inf, False)
+            s_inf = min(s.value for s in free)
+            pool = [(s, M) for s in free]
+            best = min(_objective(problem, options, s, M, mbs, order, unit) for s in free)
+            caps, is_exact = _caps(options, M, u_star, best - s_inf)
+            exact &= is_exact
+            for cap in caps:
+                if cap + s_inf >= best:
+                    break
+                for s in run(cap * (1 + 1e-12), False):
+                    pool.append((s, M))
+                    best = min(best, _objective(problem, options, s, M, mbs, order, unit))
+            for s, m_count in pool:
+                cand = _candidate(problem, s, m_count, mbs, order, unit, search)
+                key = (cand.micro_batch_size, cand.stages)
+                if key not in found or found[key].objective_s > cand.objective_s:
+                    found[key] = cand
+    ranked = sorted(found.values(), key=_rank_key)
+    return DPResult(ranked, exact, evaluated)
+
+
+def _rank_key(c: Candidate) -> tuple:
+    return (round(c.objective_s, 15), len(c.stages), c.micro_batch_size, repr(c.stages))
+
+
+def _caps(options: list[_Option], M: int, lo: float, hi: float) -> tuple[list[float], bool]:
+    values = []
+    for opt in options:
+        for t in (opt.t_send, opt.t_last):
+            u = (M - 1) * t + opt.sync
+            sel = u[(u >= lo) & (u <= hi) & np.isfinite(u)]
+            values.append(sel)
+    allv = np.unique(np.concatenate(values)) if values else np.array([])
+    if allv.size <= MAX_CAPS:
+        return [float(x) for x in allv], True
+    picks = np.unique(np.quantile(allv, np.linspace(0, 1, MAX_CAPS), method="lower"))
+    return [float(x) for x in picks], False
+
+
+def _stage_specs(s: _Solution, order: list[int], unit: int) -> tuple[StageSpec, ...]:
+    return tuple(
+        StageSpec(lo, hi, tuple(order[a * unit : (a + g) * unit]), ch)
+        for lo, hi, a, g, ch in s.stages
+    )
+
+
+def _objective(
+    problem: PlanProblem,
+    options: list[_Option],
+    s: _Solution,
+    M: int,
+    mbs: int,
+    order: list[int],
+    unit: int,
+) -> float:
+    from pdv.plan.evaluate import pipeline_objective
+
+    return pipeline_objective(problem, _stage_specs(s, order, unit), mbs)
+
+
+def _candidate(
+    problem: PlanProblem,
+    s: _Solution,
+    M: int,
+    mbs: int,
+    order: list[int],
+    unit: int,
+    search: str,
+) -> Candidate:
+    from pdv.plan.evaluate import pipeline_objective
+
+    stages = _stage_specs(s, order, unit)
+    return Candidate(stages, mbs, M, pipeline_objective(problem, stages, mbs), search)
