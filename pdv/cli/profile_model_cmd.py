@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pdv.cli.app import console, err_console, profile_app
-from pdv.cli.render import fmt_time, render
+from pdv.cli.render import render
 
 
 @profile_app.command("model")
@@ -109,11 +109,4 @@ def profile_model_cmd(
         typer.echo(json.dumps(summary, sort_keys=True))
         return
     render(profile, console)
-    if whole:
-        ratio = (fwd + bwd) / whole.fwd_bwd_s if whole.fwd_bwd_s > 0 else float("nan")
-        console.print(
-            f"whole model fwd+bwd {fmt_time(whole.fwd_bwd_s)} (IQR "
-            f"{fmt_time(whole.fwd_bwd_spread_s)}); sum of layers / whole = {ratio:.2f}",
-            highlight=False,
-        )
     console.print(f"wrote {output}", highlight=False)

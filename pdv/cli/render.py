@@ -75,6 +75,11 @@ def _model_profile(a: ModelProfile, console: Console) -> None:
         f"total fwd {fmt_time(total_f)}  bwd {fmt_time(total_b)}  "
         f"params {fmt_bytes(sum(x.param_bytes for x in a.layers))}"
     )
+    w = a.whole_model
+    if w is not None and w.fwd_bwd_s > 0:
+        console.print(f"whole model fwd+bwd {fmt_time(w.fwd_bwd_s)} (IQR "
+                      f"{fmt_time(w.fwd_bwd_spread_s)}) at micro-batch {w.micro_batch_size}; "
+                      f"sum of layers / whole = {(total_f + total_b) / w.fwd_bwd_s:.2f}")
 
 
 def _cluster(a: ClusterArtifact, console: Console) -> None:
