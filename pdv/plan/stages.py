@@ -23,6 +23,7 @@ units (one DP per size, so the state drops the device position).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -143,6 +144,7 @@ def _solve(
     schedule: str,
     cap: float,
     bottleneck: bool,
+    *,
     equal: int | None,
 ) -> list[_Solution]:
     """One DP pass: min Σ t under the cap (or min max u when bottleneck); best per stage count."""
@@ -243,8 +245,8 @@ def stage_dp(
             evaluated += n_eval
             if not options:
                 continue
-            run = lambda cap, bn: _solve(  # noqa: E731
-                options, n_units, L, M, problem.schedule, cap, bn, equal
+            run = functools.partial(
+                _solve, options, n_units, L, M, problem.schedule, equal=equal
             )
             bottleneck = run(np.inf, True)
             if not bottleneck:
