@@ -1,1 +1,183 @@
-"""(filled in by its issue)"""
+"""pdv plan: search stages, device groups and sharding on the measured matrix; write the plan."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from pdv import artifacts
+from pdv.artifacts import ModelProfile, Plan
+from pdv.cli.app import app, console, err_console
+from pdv.cli.render import fmt_bytes, fmt_time
+from pdv.errors import PdvError
+from pdv.plan.problem import PlanProblem
+from pdv.plan.search import PLANNERS, check_profiles, search
+
+
+def _profiles(paths: list[Path]) -> dict[str, ModelProfile]:
+    out: dict[str, ModelProfile] = {}
+    for p in paths:
+        prof = artifacts.load_as(p, "model-profile")
+        if prof.device.kind in out:
+            raise PdvError(f"two profiles for device kind {prof.device.kind!r} ({p}); one per kind")
+        out[prof.device.kind] = prof
+    return out
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PdvError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def _row(plan: Plan, seconds: float) -> dict:
+    pred = plan.predicted
+    assert pred is not None
+    return {
+        "planner": plan.planner.name,
+        "step_time_s": pred.step_time_s,
+        "bubble_fraction": pred.bubble_fraction,
+        "stages": len(plan.stages),
+        "micro_batch_size": plan.micro_batch_size,
+        "num_micro_batches": plan.num_micro_batches,
+        "max_peak_memory_bytes": max(pred.peak_memory_bytes.values()),
+        "status": plan.planner.status,
+        "optimality_gap": plan.planner.optimality_gap,
+        "search_time_s": round(seconds, 4),
+        "layout": [f"{s.layers[0]}-{s.layers[1]}:dp{s.dp}tp{s.tp}" for s in plan.stages],
+    }
+
+
+@app.command()
+def plan(
+    profiles: list[Path] = typer.Argument(..., help="Model profiles, one per device kind."),
+    cluster: Path = typer.Option(..., "--cluster", help="Cluster artifact (measured/declared)."),
+    global_batch: int = typer.Option(..., "--global-batch", min=1, help="Samples per step."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Write the best plan here."),
+    micro_batch_sizes: str | None = typer.Option(
+        None,
+        "--micro-batch-sizes",
+        help="Allowed micro-batch sizes, e.g. 1,2,4 (default: "
+        "the profiled ones that divide the global batch).",
+    ),
+    optimizer: str | None = typer.Option(None, "--optimizer", help="Must match the profile."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Must match the profile."),
+    memory_margin: float = typer.Option(
+        0.1, "--memory-margin", min=0.0, max=0.9, help="Fraction of device memory kept free."
+    ),
+    schedule: str = typer.Option("1F1B", "--schedule", help="GPipe or 1F1B."),
+    time_limit: float = typer.Option(
+        10.0, "--time-limit", min=0.01, help="CP-SAT time limit per stage, seconds."
+    ),
+    planner: str = typer.Option("pdv", "--planner", help="pdv | hierarchy | uniform | pipedream"),
+    compare: bool = typer.Option(False, "--compare", help="Run every planner, side by side."),
+    top: int = typer.Option(1, "--top", min=1, help="Write the K best distinct plans."),
+    top_dir: Path | None = typer.Option(None, "--top-dir", help="Folder for --top K plans."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Plan hybrid-parallel training on the measured devices and links."""
+    if schedule.lower() not in ("1f1b", "gpipe"):
+        raise PdvError(f"--schedule {schedule!r}: the planner supports 1F1B and GPipe")
+    if planner not in PLANNERS:
+        raise PdvError(f"--planner {planner!r}: choose one of {', '.join(PLANNERS)}")
+    if top > 1 and top_dir is None:
+        raise PdvError("--top K needs --top-dir DIR to write the K plans into")
+    profs = _profiles(profiles)
+    clus = artifacts.load_as(cluster, "cluster")
+    check_profiles(profs, clus, dtype, optimizer)
+    problem = PlanProblem(
+        profiles=profs,
+        cluster=clus,
+        global_batch=global_batch,
+        micro_batch_sizes=_ints(micro_batch_sizes, "--micro-batch-sizes"),
+        memory_margin=memory_margin,
+        schedule="GPipe" if schedule.lower() == "gpipe" else "1F1B",
+        time_limit_s=time_limit,
+    )
+
+    def say(msg: str) -> None:
+        if not as_json:
+            err_console.print(f"[dim]{msg}[/]")
+
+    names = list(PLANNERS) if compare else [planner]
+    results, rows = {}, []
+    for name in names:
+        started = time.perf_counter()
+        try:
+            res = search(problem, name, top if name == planner else 1, say)
+        except PdvError as exc:
+            if not compare or name == planner:
+                raise
+            rows.append({"planner": name, "error": str(exc)})
+            continue
+        seconds = time.perf_counter() - started
+        results[name] = res
+        rows.append(_row(res.plans[0], seconds))
+    best = results[planner].plans
+    if out is not None:
+        artifacts.write(out, best[0])
+    written = []
+    if top_dir is not None:
+        for k, p in enumerate(best, 1):
+            path = top_dir / f"plan-{k}.json"
+            artifacts.write(path, p)
+            written.append({"rank": k, "file": str(path), "step_time_s": p.predicted.step_time_s})
+    if as_json:
+        summary = {
+            "planner": planner,
+            "plans": rows,
+            "out": str(out) if out else None,
+            "top": written,
+        }
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    _print(rows, planner, out, written)
+
+
+def _print(rows: list[dict], planner: str, out: Path | None, written: list[dict]) -> None:
+    t = Table(title="planners (predicted by the simulator on the measured links)")
+    for col in (
+        "planner",
+        "step time",
+        "vs pdv",
+        "bubble",
+        "stages",
+        "mbs x M",
+        "peak mem",
+        "solver",
+        "gap",
+        "search",
+    ):
+        t.add_column(col, justify="left" if col in ("planner", "solver") else "right")
+    ref = next((r["step_time_s"] for r in rows if r["planner"] == "pdv" and "error" not in r), None)
+    for r in rows:
+        if "error" in r:
+            t.add_row(r["planner"], "infeasible", *[""] * 8)
+            continue
+        t.add_row(
+            r["planner"] + (" *" if r["planner"] == planner else ""),
+            fmt_time(r["step_time_s"]),
+            f"{r['step_time_s'] / ref:.2f}x" if ref else "-",
+            f"{r['bubble_fraction']:.1%}" if r["bubble_fraction"] is not None else "-",
+            str(r["stages"]),
+            f"{r['micro_batch_size']} x {r['num_micro_batches']}",
+            fmt_bytes(r["max_peak_memory_bytes"]),
+            r["status"],
+            "-" if r["optimality_gap"] is None else f"{r['optimality_gap']:.2%}",
+            fmt_time(r["search_time_s"]),
+        )
+    console.print(t)
+    for r in rows:
+        if "layout" in r:
+            console.print(f"  {r['planner']}: {'  '.join(r['layout'])}", highlight=False)
+    if out is not None:
+        console.print(f"wrote {out}", highlight=False)
+    for w in written:
+        console.print(f"  #{w['rank']} {fmt_time(w['step_time_s'])}  {w['file']}", highlight=False)

@@ -236,7 +236,8 @@ def refine_stage(
     chosen = tuple(next(opts[o] for o in range(len(opts)) if solver.Value(x[i, o])) for i in layers)
     refined = _with_layers(spec, chosen)
     # Accept only when the float price agrees that it is no worse (rounding to ns can mislead).
-    new = layered_price(problem, refined, mbs, stages_to_end, num_micro, next_rank)
+    full = replace(refined, layer_choices=chosen)
+    new = layered_price(problem, full, mbs, stages_to_end, num_micro, next_rank)
     old_busy = num_micro * ref.time_s + ref.sync_s
     new_busy = num_micro * new.time_s + new.sync_s
     if not new.fits or new.time_s > ref.time_s or new_busy >= old_busy:

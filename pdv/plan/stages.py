@@ -34,7 +34,7 @@ from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, in_fligh
 
 __all__ = ["MAX_CAPS", "GENERAL_LIMIT", "DPResult", "stage_dp", "choices_for"]
 
-MAX_CAPS = 48
+MAX_CAPS = 256
 GENERAL_LIMIT = 16
 
 
