@@ -215,7 +215,7 @@ def _sync_of(
 
 
 def _send(links: Links, src: int, dst: int | None, nbytes: float) -> float:
-    if dst is None or nbytes <= 0:
+    if dst is None or dst == src or nbytes <= 0:
         return 0.0
     a1, b1 = link(links, src, dst)
     a2, b2 = link(links, dst, src)

@@ -1,0 +1,158 @@
+"""Planner against brute force, on inverted networks, and its agreement with pdv.cost.stage."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pdv.artifacts import PlanStage
+from pdv.cost.stage import stage_cost
+from pdv.plan.evaluate import pipeline_objective, stage_prices
+from pdv.plan.groups import best_chain, chain_value, device_order, islands
+from pdv.plan.problem import Choice, PlanProblem, StageSpec
+from pdv.plan.search import search
+from pdv.plan.stages import choices_for
+from tests.plan_fixtures import profile, random_instance, two_by_two
+
+
+def _compositions(n: int, parts: int):
+    for cuts in itertools.combinations(range(1, n), parts - 1):
+        bounds = (0, *cuts, n)
+        yield [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def brute_force(problem: PlanProblem, order: list[int]) -> float:
+    """Best J over every layer split × contiguous device slices (unused tail allowed) × choice."""
+    L, n = problem.num_layers, len(order)
+    best = float("inf")
+    for mbs in problem.mbs_options():
+        for p in range(1, min(L, n) + 1):
+            for layers in _compositions(L, p):
+                for used in range(p, n + 1):
+                    for sizes in _compositions(used, p):
+                        groups = [tuple(order[a:b]) for a, b in sizes]
+                        options = [list(choices_for(problem, len(g), mbs)) for g in groups]
+                        for chs in itertools.product(*options):
+                            stages = [
+                                StageSpec(lo, hi, g, c)
+                                for (lo, hi), g, c in zip(layers, groups, chs, strict=True)
+                            ]
+                            best = min(best, pipeline_objective(problem, stages, mbs))
+    return best
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1))
+def test_dp_matches_brute_force(seed: int) -> None:
+    profiles, cluster, batch = random_instance(random.Random(seed))
+    problem = PlanProblem(profiles, cluster, batch, micro_batch_sizes=(1, 2), time_limit_s=2)
+    order = device_order(cluster)
+    exhaustive = brute_force(problem, order)
+    if exhaustive == float("inf"):
+        with pytest.raises(Exception, match="no plan fits"):
+            search(problem, "pdv")
+        return
+    from pdv.plan.stages import stage_dp
+
+    result = stage_dp(problem, order, islands(cluster.links))
+    assert result.candidates, "brute force found a plan the DP missed"
+    found = result.candidates[0].objective_s
+    assert result.exact
+    assert found <= exhaustive * (1 + 1e-9), (found, exhaustive)
+    assert found >= exhaustive * (1 - 1e-9)  # and the DP's value is a real plan's value
+
+
+def test_chain_is_optimal_on_small_matrices() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(2, 7))
+        w = rng.uniform(0, 10, (n, n))
+        w = np.minimum(w, w.T)
+        best = max(chain_value(w, p) for p in itertools.permutations(range(n)))
+        assert chain_value(w, best_chain(w)) == pytest.approx(best)
+
+
+def test_islands_follow_bandwidth_not_hosts() -> None:
+    inverted = two_by_two(intra=1e9, inter=1e10)
+    assert islands(inverted.links) == [[0, 1, 2, 3]]
+    order = device_order(inverted)
+    hosts = [inverted.devices[r].host for r in order]
+    assert all(a != b for a, b in zip(hosts, hosts[1:], strict=False))  # neighbours cross hosts
+    normal = two_by_two(intra=1e10, inter=1e9)
+    assert islands(normal.links) == [[0, 1], [2, 3]]
+
+
+def _plan_time(problem: PlanProblem, planner: str) -> float:
+    plan = search(problem, planner).plans[0]
+    assert plan.predicted is not None
+    return plan.predicted.step_time_s
+
+
+def test_inverted_network_beats_hierarchy() -> None:
+    prof = {"gpu": profile(param_bytes=256 << 20)}
+    inverted = PlanProblem(prof, two_by_two(intra=1e9, inter=1e10), 8, time_limit_s=5)
+    pdv, hier = _plan_time(inverted, "pdv"), _plan_time(inverted, "hierarchy")
+    assert hier / pdv >= 1.5, (pdv, hier)
+    normal = PlanProblem(prof, two_by_two(intra=1e10, inter=1e9), 8, time_limit_s=5)
+    assert _plan_time(normal, "pdv") <= _plan_time(normal, "hierarchy") * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    "choice", [Choice(1), Choice(2), Choice(1, True), Choice(2, False, True), Choice(1, True, True)]
+)
+def test_planner_price_agrees_with_stage_cost(choice: Choice) -> None:
+    prof = profile(param_bytes=64 << 20)
+    cl = two_by_two(1e9, 1e10)
+    problem = PlanProblem({"gpu": prof}, cl, 8)
+    ranks = (0, 2, 1, 3)
+    mbs = 4
+    mine = stage_prices(problem, [StageSpec(0, 4, ranks, choice)], mbs)[0]
+    ps = PlanStage(
+        layers=(0, 4),
+        ranks=list(ranks),
+        dp=4 // choice.tp,
+        tp=choice.tp,
+        fsdp=choice.fsdp,
+        recompute=choice.recompute,
+    )
+    ref = stage_cost(
+        {"gpu": prof},
+        cl,
+        ps,
+        None,
+        mbs=mbs,
+        schedule="1F1B",
+        stage_index=0,
+        num_stages=1,
+        num_micro=2,
+    )
+    assert mine.fwd_s == pytest.approx(ref.fwd_s)
+    assert mine.bwd_s == pytest.approx(ref.bwd_s)
+    assert mine.sync_s == pytest.approx(ref.grad_sync_s)
+    assert mine.memory_bytes["gpu"] == pytest.approx(max(ref.peak_memory_bytes.values()))
+
+
+def test_planner_send_agrees_with_stage_cost_for_single_rank_stages() -> None:
+    prof = profile()
+    cl = two_by_two(1e9, 1e10)
+    problem = PlanProblem({"gpu": prof}, cl, 8)
+    stages = [StageSpec(0, 2, (1,), Choice()), StageSpec(2, 4, (2,), Choice())]
+    mine = stage_prices(problem, stages, 2)[0]
+    ref = stage_cost(
+        {"gpu": prof},
+        cl,
+        PlanStage(layers=(0, 2), ranks=[1]),
+        PlanStage(layers=(2, 4), ranks=[2]),
+        mbs=2,
+        schedule="1F1B",
+        stage_index=0,
+        num_stages=2,
+        num_micro=4,
+    )
+    assert mine.send_s == pytest.approx(ref.send_s + ref.grad_send_s)
+    assert mine.memory_bytes["gpu"] == pytest.approx(ref.peak_memory_bytes[1])
