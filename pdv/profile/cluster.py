@@ -85,8 +85,11 @@ def profile_cluster_rank(
     _maybe_stall(rank, "join")
     step({"phase": "joining"})
     backend, device = _pick(backend)
+    # Under the local launcher the launcher diagnoses a stuck rank after timeout_s; the
+    # group's own timeout is a backstop that must not fire first (its error names no culprit).
+    group_timeout = timeout_s if os.environ.get("PDV_PROGRESS_DIR") is None else 2 * timeout_s + 30
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, timeout=timedelta(seconds=group_timeout))
     except Exception as exc:
         raise PdvError(
             f"rank {rank}: could not join the {world}-rank group within {timeout_s:g}s "
@@ -137,6 +140,8 @@ def describe_event(event: dict[str, Any]) -> str:
     phase = event.get("phase", "starting")
     if phase == "pair":
         return f"round {event['round'] + 1}, rank {event['src']}→{event['dst']}, {event['size']} B"
+    if phase == "pair-start":
+        return f"round {event['round'] + 1}, starting rank {event['src']}→{event['dst']}"
     if phase in ("round", "round-done"):
         return f"{phase} {event['round'] + 1} of {event['rounds']}"
     return str(phase)

@@ -7,6 +7,7 @@ taken on one H100 prices every H100 of the cluster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -32,14 +33,15 @@ def _netns_name() -> str | None:
     # Ranks of the emulated cluster run in named network namespaces that stand for hosts; the
     # kernel host name is the same in all of them, so the namespace name tells the hosts apart.
     try:
-        mine = os.stat("/proc/self/ns/net").st_ino
-        if mine == os.stat("/proc/1/ns/net").st_ino:
-            return None
-        for entry in Path("/var/run/netns").iterdir():
-            if entry.stat().st_ino == mine:
-                return entry.name
+        mine = os.stat("/proc/self/ns/net")
+        entries = list(Path("/var/run/netns").iterdir())
     except OSError:
         return None
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            st = entry.stat()
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                return entry.name
     return None
 
 

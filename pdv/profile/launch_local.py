@@ -138,10 +138,11 @@ def _watch(
                 last_step = now
         if on_progress:
             on_progress(states)
-        failed = sorted(r for r, rec in states.items() if rec["event"].get("phase") == "error")
+        failed = [r for r, rec in states.items() if rec["event"].get("phase") == "error"]
         if failed:
             kill_tree(proc)
-            r = failed[0]
+            # The first rank to fail is the cause; the others fail because it went away.
+            r = min(failed, key=lambda r: (states[r]["time"], r))
             raise PdvError(states[r]["event"].get("error") or f"rank {r} failed")
         if done:
             if proc.returncode == 0:

@@ -1,18 +1,19 @@
 """Latency α and bandwidth β of every ordered pair of ranks, measured in a process group.
 
 Method (nccl-tests style, point to point): for each ordered pair (src → dst) the sender sends
-messages of size 1 B and then the sweep's sizes S, each message answered by a 1-byte ack, after
+messages of 1 byte and then of the sweep's sizes S, each answered by a 1-byte ack, after
 warm-ups, and keeps the best round trip per size (ranks may share CPUs: the minimum is the link,
-the rest is scheduling noise; medians are kept too). It fits the round trips to
-rt(S) = c + S/β by least squares weighted by 1/rt² (relative residuals, so the small messages
-set c and the large ones β, and neither drowns in the other's absolute noise).
+the rest is scheduling noise; medians are kept too). Round trips are fitted by least squares to
+rt(S) = c + S/β; the slope gives β, dominated by the large messages as bandwidth should be.
 
-One-way time. Clocks of two hosts are not synchronized, so the sender times the whole round
-trip, S bytes forward and 1 byte back, on its own clock. The ack is the same for every S, so it
-moves only the intercept, never the slope: β is strictly the sender → receiver bandwidth, and
-an asymmetric link shows up as different β[i][j] and β[j][i] (row = sender). The intercept c is
-the latency of a tiny message forward plus that of the tiny ack back; taking small-message
-latency as the same both ways, α = c/2, and the one-way time of S bytes is rt(S) − c/2.
+α and the one-way time. Clocks of two hosts are not synchronized, so the sender times the whole
+round trip, S bytes forward and 1 byte back, on its own clock. The ack is the same for every S,
+so it moves only the intercept, never the slope: β is strictly the sender → receiver bandwidth,
+and an asymmetric link shows up as different β[i][j] and β[j][i] (row = sender). α is half the
+best 1-byte round trip (a tiny message each way; small-message latency taken as symmetric),
+measured directly rather than read off the fit's intercept: the intercept of a line fitted to
+megabyte messages is not a latency (a token bucket's burst makes it negative, CPU noise makes it
+anything); it is kept in the artifact as `fit_intercept_s`. One-way time of S bytes: rt(S) − α.
 
 Schedule. Pairs run as a round-robin tournament (circle method): N−1 rounds (N even; a bye
 each round when N is odd) in which every rank meets exactly one partner, so pairs of one round
@@ -70,9 +71,10 @@ class PairResult:
     dst: int
     round: int
     sizes: list[int]
-    one_way_s: list[float] = field(repr=False)  # best round trip per size, minus α (= c/2)
+    one_way_s: list[float] = field(repr=False)  # best round trip per size, minus the ack (α)
     median_one_way_s: list[float] = field(repr=False)
     rtt_1byte_s: float  # best 1-byte round trip
+    fit_intercept_s: float  # intercept of the round-trip fit (not α; see the module docstring)
     alpha_s: float
     bandwidth_Bps: float
     r2: float
@@ -99,33 +101,21 @@ def tournament_rounds(n: int) -> list[list[tuple[int, int]]]:
 
 
 def fit_line(sizes: list[int], times: list[float]) -> tuple[float, float, float, str]:
-    """Fit t = c + S/β to positive times; returns (c, β, weighted r², how), or a fallback.
-
-    Weighted least squares with weights 1/t² (relative residuals): sizes span many decades,
-    and plain least squares would let the largest message's absolute noise set c.
-    """
-    assert len(sizes) == len(times) >= 2 and min(times) > 0
-    w = [1.0 / t**2 for t in times]
-    sw = sum(w)
-    mean_s = sum(wi * s for wi, s in zip(w, sizes, strict=True)) / sw
-    mean_t = sum(wi * t for wi, t in zip(w, times, strict=True)) / sw
-    sxx = sum(wi * (s - mean_s) ** 2 for wi, s in zip(w, sizes, strict=True))
-    sxy = sum(wi * (s - mean_s) * (t - mean_t) for wi, s, t in zip(w, sizes, times, strict=True))
+    """Least-squares t = c + S/β; returns (c, β, r², how), or a fallback where unusable."""
+    assert len(sizes) == len(times) >= 2
+    n = len(sizes)
+    mean_s, mean_t = sum(sizes) / n, sum(times) / n
+    sxx = sum((s - mean_s) ** 2 for s in sizes)
+    sxy = sum((s - mean_s) * (t - mean_t) for s, t in zip(sizes, times, strict=True))
     slope = sxy / sxx if sxx > 0 else 0.0
     if slope <= 0:
         # Every size costs the same within noise (latency-bound): β from the largest message.
-        big = max(range(len(sizes)), key=lambda k: sizes[k])
+        big = max(range(n), key=lambda k: sizes[k])
         return min(times), sizes[big] / times[big], 0.0, "fallback: no positive slope"
     c = mean_t - slope * mean_s
-    # r² in the same weighted (relative) sense the fit minimizes.
-    ss_tot = sum(wi * (t - mean_t) ** 2 for wi, t in zip(w, times, strict=True))
-    ss_res = sum(wi * (t - (c + slope * s)) ** 2 for wi, s, t in zip(w, sizes, times, strict=True))
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
-    how = "weighted least squares (1/t^2)"
-    if c < 0:
-        # Noise can push the intercept below zero; a latency cannot be, and the slope stands.
-        c, how = 0.0, how + ", negative intercept clamped to 0"
-    return c, 1.0 / slope, r2, how
+    ss_tot = sum((t - mean_t) ** 2 for t in times)
+    ss_res = sum((t - (c + slope * s)) ** 2 for s, t in zip(sizes, times, strict=True))
+    return c, 1.0 / slope, 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0, "least squares"
 
 
 class _Peer:
@@ -193,11 +183,13 @@ def _send_direction(p: _Peer, me: int, rnd: int, cfg: SweepConfig, report: Progr
     p.ctl.fill_(0)
     p.send(p.ctl)  # size 0 = sweep done
     c, beta, r2, how = fit_line(sizes, best)
+    alpha = best[0] / 2  # half the 1-byte round trip: see the module docstring
     return PairResult(
         src=me, dst=p.peer, round=rnd, sizes=sizes,
-        one_way_s=[max(t - c / 2, 0.0) for t in best],
-        median_one_way_s=[max(t - c / 2, 0.0) for t in medians],
-        rtt_1byte_s=best[0], alpha_s=c / 2, bandwidth_Bps=beta, r2=r2, fit=how,
+        one_way_s=[max(t - alpha, 0.0) for t in best],
+        median_one_way_s=[max(t - alpha, 0.0) for t in medians],
+        rtt_1byte_s=best[0], fit_intercept_s=c, alpha_s=alpha, bandwidth_Bps=beta, r2=r2,
+        fit=how,
     )
 
 
@@ -229,6 +221,8 @@ def measure_links(
             p = _Peer(peer, device)
             # Lower rank sends first; then the directions swap, so row = sender both times.
             for src in (a, b):
+                report({"phase": "pair-start", "round": rnd, "src": src,
+                        "dst": b if src == a else a})
                 if src == rank:
                     mine.append(_send_direction(p, rank, rnd, cfg, report))
                 else:
@@ -263,11 +257,11 @@ def measurement_block(
     r2s = [r.r2 for r in results]
     return {
         "method": "point-to-point send/recv sweep (1 B, then the sizes), round trips fitted to "
-        "rt = c + S/beta by weighted least squares (1/rt^2); nccl-tests methodology; "
+        "rt = c + S/beta by least squares (nccl-tests methodology); beta = 1/slope; "
         "one direction at a time (row = sender)",
         "one_way_time": "sender times S bytes forward + 1-byte ack back on its own clock; the ack "
-        "moves only the intercept c = tiny-message latency forward + back, so alpha = c/2 "
-        "(small-message latency taken as symmetric) and one-way(S) = rt(S) - c/2",
+        "moves only the intercept, not beta; alpha = half the best 1-byte round trip "
+        "(small-message latency taken as symmetric); one-way(S) = rt(S) - alpha",
         "iterations": f"at least iters per size; cheap sizes repeated up to {_MAX_ITERS} times "
         f"or about {_BUDGET_S}s per size",
         "backend": backend,

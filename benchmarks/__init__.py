@@ -1,0 +1,1 @@
+"""Benchmarks: planner quality, search time, prediction accuracy, the emulated-cluster testbed."""

@@ -1,0 +1,1 @@
+"""The emulated cluster: hosts as network namespaces, links as shaped veth pairs."""
