@@ -103,7 +103,7 @@ def plan(
     )
 
     def say(msg: str) -> None:
-        if not as_json:
+        if not as_json and err_console.is_terminal:  # progress is for people, not pipes
             err_console.print(f"[dim]{msg}[/]")
 
     names = list(PLANNERS) if compare else [planner]

@@ -136,7 +136,13 @@ class _Solution:
     stages: list[tuple[int, int, int, int, Choice]]  # (lo, hi, a, g, choice)
 
 
-def _solve(
+def _solve(*args, **kwargs) -> list[_Solution]:
+    """One DP pass (see _solve_pass); infinities from empty ranges are expected, not warnings."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _solve_pass(*args, **kwargs)
+
+
+def _solve_pass(
     options: list[_Option],
     n_units: int,
     n_layers: int,
@@ -245,9 +251,7 @@ def stage_dp(
             evaluated += n_eval
             if not options:
                 continue
-            run = functools.partial(
-                _solve, options, n_units, L, M, problem.schedule, equal=equal
-            )
+            run = functools.partial(_solve, options, n_units, L, M, problem.schedule, equal=equal)
             bottleneck = run(np.inf, True)
             if not bottleneck:
                 continue
@@ -287,7 +291,8 @@ def _caps(options: list[_Option], M: int, lo: float, hi: float) -> tuple[list[fl
     values = []
     for opt in options:
         for t in (opt.t_send, opt.t_last):
-            u = (M - 1) * t + opt.sync
+            with np.errstate(invalid="ignore"):
+                u = (M - 1) * t + opt.sync
             sel = u[(u >= lo) & (u <= hi) & np.isfinite(u)]
             values.append(sel)
     allv = np.unique(np.concatenate(values)) if values else np.array([])
