@@ -212,7 +212,7 @@ def _time_layers(layers: Sequence[nn.Module], acts: Sequence[torch.Tensor],
     """
     n = len(layers)
     fwd, bwd = [0.0] * n, [0.0] * n
-    outs = []
+    outs: list[Any] = []
     for i, layer in enumerate(layers):
         x = _leaf(acts[i], i > 0)
         _clear_grads(layer)
@@ -220,10 +220,13 @@ def _time_layers(layers: Sequence[nn.Module], acts: Sequence[torch.Tensor],
         outs.append(_forward(layer, x, i == n - 1, loss_fn, targets))
         fwd[i] = clock.now() - t0
     for i in reversed(range(n)):
-        t0 = clock.now()
-        outs[i].backward(grads[i] if i < n - 1 else None)
-        bwd[i] = clock.now() - t0
+        out = outs[i]
         outs[i] = None
+        if not out.requires_grad:
+            continue  # no parameters and no gradient input: nothing to do in backward
+        t0 = clock.now()
+        out.backward(grads[i] if i < n - 1 else None)
+        bwd[i] = clock.now() - t0
     return fwd, bwd
 
 
