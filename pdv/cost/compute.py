@@ -102,10 +102,12 @@ def stage_compute_time(
 def in_flight_micro_batches(schedule: str, stage: int, num_stages: int, num_micro: int) -> int:
     """Micro-batches whose activations a stage holds at its peak.
 
-    GPipe runs all forwards before any backward: every micro-batch is in flight. 1F1B
-    (Narayanan et al., 2021, §2.2) caps stage s of p at p − s in flight.
+    GPipe (and LoopedBFS, its looped form) runs all forwards before any backward: every
+    micro-batch is in flight. 1F1B (Narayanan et al., 2021, §2.2) caps stage s of p at p − s in
+    flight; the interleaved and zero-bubble schedules are charged the same here (the simulator
+    counts them exactly from their op order).
     """
-    if schedule.lower() == "gpipe":
+    if schedule.lower().removeprefix("schedule") in ("gpipe", "loopedbfs"):
         return num_micro
     return max(1, min(num_micro, num_stages - stage))
 

@@ -111,8 +111,8 @@ def stage_layout(stage_ranks: Sequence[Sequence[int]], schedule: str) -> StageLa
                 f"the plan's stages run on groups {group_of}, expected {want}"
             )
     by_group = tuple(tuple(i for i in range(s) if group_of[i] == g) for g in range(p))
-    ranks = tuple(tuple(stage_ranks[by_group[g][0]]) for g in range(p))
-    return StageLayout(tuple(group_of), by_group, ranks)
+    group_ranks = tuple(tuple(stage_ranks[by_group[g][0]]) for g in range(p))
+    return StageLayout(tuple(group_of), by_group, group_ranks)
 
 
 def _gpipe(stage: int, m: int) -> list[Op]:

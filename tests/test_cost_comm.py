@@ -1,0 +1,78 @@
+"""α-β point-to-point and ring collectives against hand computations."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pdv.cost.comm import (
+    all_gather_time,
+    all_reduce_time,
+    p2p_time,
+    reduce_scatter_time,
+    ring_hops,
+    ring_link,
+)
+from tests.test_cost_builders import make_cluster
+
+# Row = sender: 0→1 is slow (1 MB/s, 1 ms), 1→0 fast (100 MB/s, 10 µs).
+BW = [[0, 1e6, 5e7], [1e8, 0, 2e7], [4e7, 3e7, 0]]
+LAT = [[0, 1e-3, 2e-5], [1e-5, 0, 3e-5], [4e-5, 5e-5, 0]]
+LINKS = make_cluster(3, bw=BW, lat=LAT).links
+
+
+def test_p2p_uses_the_sender_row() -> None:
+    """Each direction is priced on its own ordered link."""
+    assert p2p_time(LINKS, 0, 1, 1e6) == pytest.approx(1e-3 + 1.0)
+    assert p2p_time(LINKS, 1, 0, 1e6) == pytest.approx(1e-5 + 0.01)
+
+
+def test_p2p_is_free_to_self_and_for_nothing() -> None:
+    """No transfer happens inside one rank or for zero bytes."""
+    assert p2p_time(LINKS, 2, 2, 1e9) == 0.0
+    assert p2p_time(LINKS, 0, 1, 0) == 0.0
+
+
+def test_ring_follows_its_direction() -> None:
+    """Ring 0→1→2→0 uses links [0][1], [1][2], [2][0]; the slowest hop sets the pace."""
+    assert ring_hops([0, 1, 2]) == [(0, 1), (1, 2), (2, 0)]
+    assert ring_link(LINKS, [0, 1, 2]) == (1e-3, 1e6)
+    # The reverse ring avoids the slow 0→1 link.
+    assert ring_link(LINKS, [0, 2, 1]) == (5e-5, 3e7)
+    assert ring_hops([4]) == []
+
+
+def test_collectives_match_nccl_tests_formulas() -> None:
+    """All-reduce 2(n−1)/n·S/β + 2(n−1)α; all-gather and reduce-scatter (n−1)/n·S/β + (n−1)α."""
+    ring = [0, 2, 1]
+    alpha, beta = 5e-5, 3e7
+    s = 3e6
+    assert all_reduce_time(LINKS, ring, s) == pytest.approx(2 * 2 / 3 * s / beta + 4 * alpha)
+    assert all_gather_time(LINKS, ring, s) == pytest.approx(2 / 3 * s / beta + 2 * alpha)
+    assert reduce_scatter_time(LINKS, ring, s) == pytest.approx(2 / 3 * s / beta + 2 * alpha)
+    assert all_reduce_time(LINKS, [1], s) == 0.0
+    assert all_gather_time(LINKS, ring, 0) == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 6),
+    nbytes=st.floats(1, 1e9),
+    bw=st.floats(1e3, 1e11),
+    lat=st.floats(0, 1e-2),
+    slow=st.floats(1.0, 100.0),
+)
+def test_collectives_scale_with_the_link(
+    n: int, nbytes: float, bw: float, lat: float, slow: float
+) -> None:
+    """All-reduce = RS + AG; a slower ring never makes a collective faster; more bytes cost more."""
+    fast = make_cluster(n, bw=bw, lat=lat).links
+    slower = make_cluster(n, bw=bw / slow, lat=lat * slow).links
+    ring = list(range(n))
+    ar = all_reduce_time(fast, ring, nbytes)
+    assert ar == pytest.approx(
+        reduce_scatter_time(fast, ring, nbytes) + all_gather_time(fast, ring, nbytes)
+    )
+    assert all_reduce_time(slower, ring, nbytes) >= ar
+    assert all_reduce_time(fast, ring, 2 * nbytes) > ar

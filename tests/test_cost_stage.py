@@ -1,0 +1,159 @@
+"""One stage priced on its devices and links, against hand computations."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdv.artifacts import PlanStage
+from pdv.cost.comm import all_gather_time, all_reduce_time, reduce_scatter_time
+from pdv.cost.stage import StageCost, activation_transfer_time, stage_cost
+from pdv.errors import PdvError
+from tests.test_cost_builders import make_cluster, make_profile
+
+# Layers: forward 10 ms and backward 20 ms per sample, 1000 B params (+ grads, + 2x Adam state),
+# 500 B of saved activations and 100 B of output per sample.
+PROFILE = make_profile(fwd=0.01, bwd=0.02, params=1000, act=500, out=100, tp_degrees=(1, 2))
+PROFILES = {"cpu": PROFILE}
+
+
+def _cost(cluster, stage, nxt=None, *, mbs=1, schedule="1F1B", index=0, stages=2, micro=4):
+    return stage_cost(
+        PROFILES,
+        cluster,
+        stage,
+        nxt,
+        mbs=mbs,
+        schedule=schedule,
+        stage_index=index,
+        num_stages=stages,
+        num_micro=micro,
+    )
+
+
+def test_data_parallel_stage_by_hand() -> None:
+    """dp=2 replicas each compute half the micro-batch; both slices go to the one next replica."""
+    bw = [[0, 1e6, 1e6, 1e6], [1e6, 0, 1e6, 1e6], [2e6, 2e6, 0, 1e6], [1e6, 1e6, 1e6, 0]]
+    lat = 1e-4
+    cluster = make_cluster(4, bw=bw, lat=lat)
+    stage = PlanStage(layers=(0, 2), ranks=[0, 1], dp=2)
+    nxt = PlanStage(layers=(2, 4), ranks=[2])
+    c = _cost(cluster, stage, nxt, mbs=2)
+    assert isinstance(c, StageCost)
+    assert c.fwd_s == pytest.approx(2 * 0.01)  # 2 layers at 1 sample per replica
+    assert c.bwd_s == pytest.approx(2 * 0.02)
+    # Rank 2 receives one 100 B slice from each replica, one message at a time.
+    assert c.send_s == pytest.approx(2 * (lat + 100 / 1e6))
+    # The gradients come back over 2→0 and 2→1, which are twice as fast.
+    assert c.grad_send_s == pytest.approx(2 * (lat + 100 / 2e6))
+    # Ring all-reduce of 2 layers' grads (2000 B) over the two replicas.
+    assert c.grad_sync_s == pytest.approx(2 * 1 / 2 * 2000 / 1e6 + 2 * lat)
+    # 1F1B stage 0 of 2 holds 2 micro-batches: 8000 B state + 2 x (2 layers x 500 B).
+    assert c.peak_memory_bytes == {0: 10000, 1: 10000}
+    assert c.tp_comm_s == 0.0
+
+
+def test_last_stage_sends_nothing() -> None:
+    """The last stage has no next stage to send to."""
+    c = _cost(make_cluster(2), PlanStage(layers=(2, 4), ranks=[1]), None, index=1)
+    assert c.send_s == 0.0 and c.grad_send_s == 0.0
+
+
+def test_micro_batch_must_split_over_replicas() -> None:
+    """mbs 3 over dp 2 is a user error that names the fix."""
+    with pytest.raises(PdvError, match="multiple of 2"):
+        _cost(make_cluster(2), PlanStage(layers=(0, 4), ranks=[0, 1], dp=2), mbs=3)
+
+
+def test_device_kind_without_profile_is_named() -> None:
+    """A rank whose kind has no profile is a PdvError naming the kind."""
+    cluster = make_cluster(2, kinds=["cpu", "h100"])
+    with pytest.raises(PdvError, match="'h100'"):
+        _cost(cluster, PlanStage(layers=(0, 4), ranks=[0, 1], dp=2), mbs=2)
+
+
+def test_slowest_device_sets_the_pace() -> None:
+    """Measured matmul speed scales each rank; the stage runs at its slowest rank's pace."""
+    prof = make_profile(fwd=0.01, bwd=0.02, matmul_flops=1e12)
+    cluster = make_cluster(2, matmul_flops=[1e12, 0.25e12])
+    c = stage_cost(
+        {"cpu": prof}, cluster, PlanStage(layers=(0, 1), ranks=[0, 1], dp=2), None,
+        mbs=2, schedule="1F1B", stage_index=0, num_stages=1, num_micro=1,
+    )  # fmt: skip
+    assert c.fwd_s == pytest.approx(4 * 0.01)
+    assert c.bwd_s == pytest.approx(4 * 0.02)
+
+
+def test_each_kind_is_priced_by_its_own_profile() -> None:
+    """Two device kinds in one stage: each by its profile, the slower one wins."""
+    profiles = {"a": make_profile("a", fwd=0.01), "b": make_profile("b", fwd=0.03)}
+    cluster = make_cluster(2, kinds=["a", "b"])
+    c = stage_cost(
+        profiles, cluster, PlanStage(layers=(0, 2), ranks=[0, 1], dp=2), None,
+        mbs=2, schedule="GPipe", stage_index=0, num_stages=1, num_micro=1,
+    )  # fmt: skip
+    assert c.fwd_s == pytest.approx(2 * 0.03)
+
+
+def test_tensor_parallel_all_reduces_by_hand() -> None:
+    """TP 2: compute at the shard; 2 all-reduces of the layer output per layer, each way."""
+    lat = 1e-4
+    cluster = make_cluster(2, bw=1e6, lat=lat)
+    stage = PlanStage(layers=(0, 2), ranks=[0, 1], tp=2)
+    c = _cost(cluster, stage, stages=1)
+    ar = 2 * 1 / 2 * 100 / 1e6 + 2 * lat  # ring all-reduce of 100 B over 2 ranks
+    assert ar == pytest.approx(all_reduce_time(cluster.links, [0, 1], 100))
+    assert c.fwd_s == pytest.approx(2 * 0.01 / 2 + 2 * 2 * ar)
+    assert c.bwd_s == pytest.approx(2 * 0.02 / 2 + 2 * 2 * ar)
+    assert c.tp_comm_s == pytest.approx(8 * ar)
+    # Shard state: 500 B params + 500 B grads + 1000 B Adam per layer; one micro-batch in flight
+    # (last stage) of 250 B activations per layer.
+    assert c.peak_memory_bytes[0] == pytest.approx(2 * 2000 + 2 * 250)
+    # Recompute reruns the forward, collectives included.
+    rc = _cost(cluster, stage.model_copy(update={"recompute": True}), stages=1)
+    assert rc.bwd_s == pytest.approx(c.bwd_s + c.fwd_s)
+
+
+def test_layer_sharding_overrides_per_layer() -> None:
+    """A layer marked tp=1 runs replicated (full compute, no all-reduce) inside a TP stage."""
+    cluster = make_cluster(2, bw=1e6, lat=1e-4)
+    ar = all_reduce_time(cluster.links, [0, 1], 100)
+    stage = PlanStage(layers=(0, 2), ranks=[0, 1], tp=2, layer_sharding=[{"tp": 1}, {}])
+    c = _cost(cluster, stage, stages=1)
+    assert c.fwd_s == pytest.approx(0.01 + 0.005 + 2 * ar)
+    with pytest.raises(PdvError, match="one per layer"):
+        _cost(cluster, stage.model_copy(update={"layer_sharding": [{}]}), stages=1)
+    with pytest.raises(PdvError, match="tp 3"):
+        _cost(cluster, stage.model_copy(update={"layer_sharding": [{"tp": 3}, {}]}), stages=1)
+
+
+def test_fsdp_sync_and_memory_by_hand() -> None:
+    """FSDP: reduce-scatter of the grads + 2 all-gathers of the params; state split over dp."""
+    cluster = make_cluster(2, bw=1e6, lat=1e-4)
+    stage = PlanStage(layers=(0, 2), ranks=[0, 1], dp=2, fsdp=True)
+    c = _cost(cluster, stage, mbs=2, stages=1)
+    links = cluster.links
+    want = reduce_scatter_time(links, [0, 1], 2000) + 2 * all_gather_time(links, [0, 1], 2000)
+    assert c.grad_sync_s == pytest.approx(want)
+    assert c.static_bytes[0] == pytest.approx(8000 / 2)
+
+
+def test_tensor_parallel_stages_send_shard_to_shard() -> None:
+    """Receiver TP shard u gets the boundary tensor from sender shard u, all shards in parallel."""
+    lat = 1e-4
+    cluster = make_cluster(4, bw=1e6, lat=lat)
+    a = PlanStage(layers=(0, 2), ranks=[0, 1], tp=2)
+    b = PlanStage(layers=(2, 4), ranks=[2, 3], tp=2)
+    one = lat + 100 / 1e6
+    assert activation_transfer_time(cluster.links, a, b, 1, 100) == pytest.approx(one)
+    # A dp=1 → dp=2 boundary: the one sender sends a slice to each replica in turn.
+    c = PlanStage(layers=(0, 2), ranks=[0])
+    d = PlanStage(layers=(2, 4), ranks=[1, 2], dp=2)
+    assert activation_transfer_time(cluster.links, c, d, 2, 100) == pytest.approx(2 * one)
+
+
+def test_asymmetric_links_row_is_sender() -> None:
+    """Activations use this→next links, gradients next→this."""
+    cluster = make_cluster(2, bw=[[0, 1e3], [1e9, 0]])
+    c = _cost(cluster, PlanStage(layers=(0, 2), ranks=[0]), PlanStage(layers=(2, 4), ranks=[1]))
+    assert c.send_s == pytest.approx(100 / 1e3)
+    assert c.grad_send_s == pytest.approx(100 / 1e9)
