@@ -121,7 +121,9 @@ def train(args: argparse.Namespace) -> None:
     else:
         from pdv.run.widths import WidthPipeline
 
-        executor = WidthPipeline(dims, meshes, modules, rank, device, plan.schedule, loss_fn)
+        sample = source.global_batch(0)[0][:1]
+        executor = WidthPipeline(dims, meshes, modules, rank, device, plan.schedule, loss_fn,
+                                 sample)
     params = [p for m in modules.values() for p in m.parameters()]
     opt = make_optimizer(params, args.optimizer, args.lr)
     ckpt = Checkpointer(args.checkpoint_dir, args.checkpoint_every, modules, opt, args.steps)

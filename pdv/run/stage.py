@@ -41,8 +41,8 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
                        device: torch.device, sync_replicas: bool = True) -> nn.Module:
     """The stage's layers as one module, parallelized for this rank.
 
-    With ``sync_replicas`` False the replicas are left unwrapped (the caller reduces gradients
-    itself, as the different-width executor does).
+    With ``sync_replicas`` False plain replicas are left unwrapped (the caller reduces gradients
+    itself, as the different-width executor does); FSDP is applied either way.
     """
     start, end = stage.layers
     module = model.sequential(start, end)
@@ -64,7 +64,7 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
 
         for index in range(end - start):
             module[index] = checkpoint_wrapper(module[index])
-    if stage.dp == 1 or not sync_replicas:
+    if stage.dp == 1:
         return module
     if stage.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -73,6 +73,8 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
         for layer in module:
             fully_shard(layer, mesh=dp_mesh)
         fully_shard(module, mesh=dp_mesh)
+        return module
+    if not sync_replicas:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
