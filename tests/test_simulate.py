@@ -387,6 +387,12 @@ def test_simulate_cli_end_to_end(inputs: dict[str, Path], tmp_path: Path) -> Non
     assert filled.stages == artifacts.load_as(inputs["plan"], "plan").stages
     assert filled.predicted is not None and filled.predicted.step_time_s > 0
     assert {e["pid"] for e in json.loads(trace.read_text())["traceEvents"]} == {0, 1, 2}
+    # Simulating the filled-in plan again gives the same bytes (deterministic, idempotent).
+    again = tmp_path / "again.json"
+    args2 = ["simulate", str(out), *args[2:]]
+    assert run_pdv(*args2, "-o", str(again)).returncode == 0
+    assert again.read_bytes() == out.read_bytes()
+    assert "cluster" in filled.provenance.inputs and "profile:cpu" in filled.provenance.inputs
     j = run_pdv(*args, "--json")
     data = json.loads(j.stdout)
     assert data["step_time_s"] == filled.predicted.step_time_s

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from pdv import artifacts
 from pdv.artifacts import ClusterArtifact, ModelProfile, Plan
-from pdv.cli.app import app, console
+from pdv.cli.app import app, console, err_console
 from pdv.cli.render import fmt_bytes, fmt_time
 from pdv.cost.simulate import Simulation, simulate, to_predicted
 from pdv.cost.trace import chrome_trace, text_timeline
@@ -89,6 +89,32 @@ def _render(sim: Simulation, plan: Plan, cluster: ClusterArtifact, out: Console)
         out.print(f"[dim]note: {note}[/]")
 
 
+def _inputs(profiles: dict[str, ModelProfile], cluster: ClusterArtifact) -> dict[str, str]:
+    # The same names pdv plan records, so a re-simulated plan says what its prediction used.
+    out = {f"profile:{k}": artifacts.digest(p) for k, p in sorted(profiles.items())}
+    out["cluster"] = artifacts.digest(cluster)
+    return out
+
+
+def _with_prediction(plan: Plan, sim: Simulation, inputs: dict[str, str]) -> Plan:
+    notes = list(plan.provenance.notes)
+    for note in ("predicted by pdv simulate on the cluster's links", *sim.notes):
+        if note not in notes:
+            notes.append(note)
+    prov = plan.provenance.model_copy(
+        update={"inputs": {**plan.provenance.inputs, **inputs}, "notes": notes}
+    )
+    return plan.model_copy(update={"predicted": to_predicted(sim), "provenance": prov})
+
+
+def _write_trace(path: Path, trace: dict[str, Any]) -> None:
+    # Same atomic pattern as artifacts.write: a reader never sees half a trace.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(trace) + "\n")
+    tmp.replace(path)
+
+
 @app.command("simulate")
 def simulate_command(
     plan_path: Path = typer.Argument(
@@ -119,11 +145,18 @@ def simulate_command(
     profiles = _profiles(profile)
     cluster = artifacts.load_as(cluster_path, "cluster")
     sim = simulate(plan, profiles, cluster)
+    inputs = _inputs(profiles, cluster)
+    differ = sorted(k for k, v in plan.provenance.inputs.items() if inputs.get(k, v) != v)
+    if differ and not as_json:
+        err_console.print(
+            f"note: the plan was made from other {', '.join(differ)} artifacts than these "
+            f"(a what-if simulation)",
+            highlight=False,
+        )
     if trace is not None:
-        trace.parent.mkdir(parents=True, exist_ok=True)
-        trace.write_text(json.dumps(chrome_trace(sim, plan)) + "\n")
+        _write_trace(trace, chrome_trace(sim, plan))
     if output is not None:
-        artifacts.write(output, plan.model_copy(update={"predicted": to_predicted(sim)}))
+        artifacts.write(output, _with_prediction(plan, sim, inputs))
     if as_json:
         typer.echo(json.dumps(_summary(sim, plan, cluster), indent=2, sort_keys=True))
         return

@@ -216,31 +216,37 @@ def simulate_costs(
     split = splits_backward(schedule)
     orders = rank_orders(layout, schedule, num_micro)
     state = _Run(costs, layout, split)
+    # Each group runs its ops in a fixed order, and a group's sends are produced by its own ops
+    # in that order, so times do not depend on which ready group is advanced first: advance any
+    # group whose next op has all its inputs, and recheck its pipeline neighbours.
     pos = [0] * layout.num_groups
     remaining = sum(len(o) for o in orders)
-    while remaining:
-        # Commit the op that can start earliest; an op's start never moves once every op that
-        # could feed it has been committed, because durations are non-negative.
-        best: tuple[float, int] | None = None
-        for g, order in enumerate(orders):
-            if pos[g] == len(order):
-                continue
-            r = state.ready(order[pos[g]])
+    todo = list(range(layout.num_groups))
+    queued = [True] * layout.num_groups
+    while todo:
+        g = todo.pop()
+        queued[g] = False
+        order = orders[g]
+        while pos[g] < len(order):
+            op = order[pos[g]]
+            r = state.ready(op)
             if r is None:
-                continue
-            start = max(r, state.free[g])
-            if best is None or start < best[0]:
-                best = (start, g)
-        if best is None:
-            stuck = {g: orders[g][pos[g]] for g in range(len(orders)) if pos[g] < len(orders[g])}
-            raise PdvError(
-                f"{schedule} with {num_micro} micro-batches on {layout.num_groups} rank groups "
-                f"deadlocks (waiting ops {stuck}); use more micro-batches or another schedule"
-            )
-        start, g = best
-        state.run(g, orders[g][pos[g]], start)
-        pos[g] += 1
-        remaining -= 1
+                break
+            state.run(g, op, max(r, state.free[g]))
+            pos[g] += 1
+            remaining -= 1
+            for t in (op[1] - 1, op[1] + 1):
+                if 0 <= t < len(costs):
+                    h = layout.group_of_stage[t]
+                    if h != g and not queued[h]:
+                        queued[h] = True
+                        todo.append(h)
+    if remaining:
+        stuck = {g: orders[g][pos[g]] for g in range(len(orders)) if pos[g] < len(orders[g])}
+        raise PdvError(
+            f"{schedule} with {num_micro} micro-batches on {layout.num_groups} rank groups "
+            f"deadlocks (waiting ops {stuck}); use more micro-batches or another schedule"
+        )
     return _finish(state, orders, schedule, num_micro)
 
 
