@@ -83,6 +83,8 @@ class PairResult:
 
 def tournament_rounds(n: int) -> list[list[tuple[int, int]]]:
     """Circle-method round robin: N−1 rounds (N if odd, with a bye) of disjoint pairs (a < b)."""
+    if n < 2:
+        return []
     players: list[int | None] = list(range(n))
     if n % 2:
         players.append(None)  # the bye

@@ -1,0 +1,141 @@
+"""pdv profile cluster: the tournament, the α/β fit, real 4-rank runs, and the timeout path."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from pdv.profile.network import fit_line, tournament_rounds
+from tests.conftest import run_pdv
+
+
+@pytest.mark.parametrize("n", range(1, 12))
+def test_tournament_meets_every_pair_once_in_disjoint_rounds(n: int) -> None:
+    rounds = tournament_rounds(n)
+    assert len(rounds) == (0 if n == 1 else n - 1 if n % 2 == 0 else n)
+    met = [p for rnd in rounds for p in rnd]
+    assert sorted(met) == list(itertools.combinations(range(n), 2))
+    for rnd in rounds:
+        ranks = [r for p in rnd for r in p]
+        assert len(ranks) == len(set(ranks)), f"a rank plays twice in {rnd}"
+        assert len(rnd) == n // 2  # everyone plays, but the one with the bye
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    alpha=st.floats(1e-6, 1e-2),
+    bw=st.floats(1e6, 1e11),
+    noise=st.lists(st.floats(-0.01, 0.01), min_size=6, max_size=6),
+)
+def test_fit_recovers_beta(alpha: float, bw: float, noise: list[float]) -> None:
+    sizes = [1, 4096, 65536, 1 << 20, 4 << 20, 16 << 20]
+    # The sweep grows until the largest message is bandwidth-bound; test that regime.
+    assume(sizes[-1] / bw >= 10 * alpha)
+    times = [(alpha + s / bw) * (1 + e) for s, e in zip(sizes, noise, strict=True)]
+    c, beta, r2, how = fit_line(sizes, times)
+    assert how == "least squares"
+    assert beta == pytest.approx(bw, rel=0.05)
+    assert r2 > 0.98
+
+
+def test_fit_falls_back_when_time_does_not_grow() -> None:
+    c, beta, r2, how = fit_line([1, 1000, 2000], [1e-4, 1e-4, 0.9e-4])
+    assert how.startswith("fallback") and beta == pytest.approx(2000 / 0.9e-4)
+
+
+def test_help_lists_the_options() -> None:
+    out = run_pdv("profile", "cluster", "--help")
+    assert out.returncode == 0
+    for option in ("--nproc-per-node", "--timeout", "--sizes", "--json"):
+        assert option in out.stdout
+
+
+def test_outside_torchrun_without_nproc_is_one_line_exit_2(tmp_path: Path) -> None:
+    out = run_pdv("profile", "cluster", "-o", str(tmp_path / "c.json"))
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "--nproc-per-node" in out.stderr
+
+
+def test_bad_sizes_are_one_line_exit_2(tmp_path: Path) -> None:
+    out = run_pdv("profile", "cluster", "-o", str(tmp_path / "c.json"), "--nproc-per-node", "2",
+                  "--sizes", "4KiB,lots")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "lots" in out.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_four_local_ranks_give_a_valid_4x4_matrix(tmp_path: Path) -> None:
+    out_file = tmp_path / "c.json"
+    out = run_pdv("profile", "cluster", "--nproc-per-node", "4", "-o", str(out_file),
+                  "--timeout", "120", timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ordered pairs" in out.stdout
+    assert run_pdv("validate", str(out_file)).returncode == 0
+    data = json.loads(out_file.read_text())
+    assert data["provenance"]["method"] == "measured"
+    lat, bw = data["links"]["latency_s"], data["links"]["bandwidth_Bps"]
+    assert len(lat) == len(bw) == 4 and all(len(r) == 4 for r in lat + bw)
+    for i, j in itertools.product(range(4), range(4)):
+        if i == j:
+            assert lat[i][j] == 0 and bw[i][j] == 0
+        else:
+            assert math.isfinite(bw[i][j]) and bw[i][j] > 1e6  # loopback moves > 1 MB/s
+            assert math.isfinite(lat[i][j]) and 0 < lat[i][j] < 0.1
+    m = data["measurement"]
+    assert len(m["pairs"]) == 12
+    assert {(p["src"], p["dst"]) for p in m["pairs"]} == {
+        (i, j) for i in range(4) for j in range(4) if i != j
+    }
+    assert len(m["rounds"]) == 3 and "concurrently" in m["concurrency"]
+    for p in m["pairs"]:
+        # Time grows with size: the sweep measured something, and the fit follows it.
+        assert p["one_way_s"][-1] > p["one_way_s"][0]
+        assert p["bandwidth_Bps"] == bw[p["src"]][p["dst"]]
+    assert [d["rank"] for d in data["devices"]] == [0, 1, 2, 3]
+    for d in data["devices"]:
+        assert d["kind"] == "cpu" and d["memory_bytes"] > 0 and d["matmul_flops"] > 1e8
+        assert "memory_source" in d["details"]
+
+
+def _pdv_processes_with(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize(("stall_at", "expect"), [("join", "did not join"),
+                                                  ("round", "stopped answering")])
+def test_a_stuck_rank_is_named_within_the_timeout(tmp_path: Path, stall_at: str,
+                                                  expect: str) -> None:
+    out_file = tmp_path / f"stall-{stall_at}.json"
+    timeout = 8
+    start = time.monotonic()
+    out = run_pdv(
+        "profile", "cluster", "--nproc-per-node", "3", "-o", str(out_file),
+        "--timeout", str(timeout), "--sizes", "4KiB,64KiB", "--max-size", "64KiB",
+        env={"PDV_TEST_STALL_RANK": "2", "PDV_TEST_STALL_AT": stall_at}, timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "rank 2" in lines[0] and expect in lines[0], out.stderr
+    # The timeout plus process start-up (python, torch import on a loaded 2-core machine).
+    assert elapsed < timeout + 25, f"took {elapsed:.1f}s with --timeout {timeout}"
+    assert not out_file.exists()
+    time.sleep(0.5)
+    assert _pdv_processes_with(str(out_file)) == [], "ranks left running"
