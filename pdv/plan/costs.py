@@ -282,37 +282,51 @@ def _pairwise(prefix: np.ndarray) -> np.ndarray:
 
 
 def stage_table(
-    problem: PlanProblem, ranks: tuple[int, ...], mbs: int, choice: Choice
+    problem: PlanProblem,
+    ranks: tuple[int, ...],
+    mbs: int,
+    choice: Choice,
+    bounds: np.ndarray | None = None,
 ) -> StageTable:
-    """Vectorized :func:`stage_price` for every [lo, hi) at once, for the DP."""
+    """Vectorized :func:`stage_price` for every [lo, hi) between the given layer boundaries.
+
+    Index [x, y] of each table is the stage [bounds[x], bounds[y]); bounds default to every
+    layer boundary 0..L.
+    """
     g = _group(problem, ranks, choice.tp)
-    n = problem.num_layers
-    fwd_c = np.zeros((n + 1, n + 1))
-    bwd_c = np.zeros((n + 1, n + 1))
-    kmax = np.full((n + 1, n + 1), np.inf)
-    out = np.zeros(n + 1)
+    b = np.arange(problem.num_layers + 1) if bounds is None else np.asarray(bounds)
+    n = len(b)
+
+    def pair(v: np.ndarray) -> np.ndarray:
+        c = _cum(v)[b]
+        return c[None, :] - c[:, None]
+
+    fwd_c = np.zeros((n, n))
+    bwd_c = np.zeros((n, n))
+    kmax = np.full((n, n), np.inf)
+    out = np.zeros(n)
     for kind, sf, cap, overhead in g.kinds:
         arr = _kind_arrays(problem, g, kind, mbs)
-        fwd_c = np.maximum(fwd_c, sf * _pairwise(_cum(arr.fwd)))
-        bwd_c = np.maximum(bwd_c, sf * _pairwise(_cum(arr.bwd + arr.fwd * choice.recompute)))
-        state = _pairwise(_cum(arr.state)) / (g.dp if choice.fsdp and g.dp > 1 else 1)
+        fwd_c = np.maximum(fwd_c, sf * pair(arr.fwd))
+        bwd_c = np.maximum(bwd_c, sf * pair(arr.bwd + arr.fwd * choice.recompute))
+        state = pair(arr.state) / (g.dp if choice.fsdp and g.dp > 1 else 1)
         if choice.recompute:
-            per = _pairwise(_cum(arr.out))
-            room = cap - overhead - state - _range_max(arr.act)
+            per = pair(arr.out)
+            room = cap - overhead - state - _range_max(arr.act, b)
         else:
-            per = _pairwise(_cum(arr.act))
+            per = pair(arr.act)
             room = cap - overhead - state
         with np.errstate(divide="ignore", invalid="ignore"):
             k = np.where(per > 0, np.floor(room / np.where(per > 0, per, 1.0)), np.inf)
         kmax = np.minimum(kmax, np.where(room < 0, -1.0, k))
-        out = np.maximum(out, np.concatenate([[0.0], arr.out]))
-    tp_f = np.max([_pairwise(_cum(t)) for t in _tp_per_layer(problem, g, mbs)], axis=0)
+        out = np.maximum(out, np.concatenate([[0.0], arr.out])[b])
+    tp_f = np.max([pair(t) for t in _tp_per_layer(problem, g, mbs)], axis=0)
     time = fwd_c + bwd_c + tp_f * (3 if choice.recompute else 2)
-    sync = np.zeros((n + 1, n + 1))
+    sync = np.zeros((n, n))
     for alpha, beta, arr in _sync_terms(problem, g, mbs, choice):
-        grads, params = _pairwise(_cum(arr.grads)), _pairwise(_cum(arr.params))
+        grads, params = pair(arr.grads), pair(arr.params)
         sync = np.maximum(sync, _sync_of(g, alpha, beta, grads, params, choice.fsdp))
-    valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
+    valid = np.triu(np.ones((n, n), dtype=bool), 1)
     time = np.where(valid, time, np.inf)
     return StageTable(time, sync, np.where(valid, kmax, -1.0), out)
 
@@ -321,9 +335,11 @@ def _cum(v: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(v)])
 
 
-def _range_max(act: np.ndarray) -> np.ndarray:
-    n = len(act)
-    biggest = np.zeros((n + 1, n + 1))
-    for lo in range(n):
-        biggest[lo, lo + 1 :] = np.maximum.accumulate(act[lo:])
+def _range_max(act: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """[x, y] = the largest act over layers [bounds[x], bounds[y])."""
+    n = len(bounds)
+    biggest = np.zeros((n, n))
+    for x in range(n - 1):
+        run = np.concatenate([[0.0], np.maximum.accumulate(act[bounds[x] :])])
+        biggest[x, x + 1 :] = run[bounds[x + 1 :] - bounds[x]]
     return biggest

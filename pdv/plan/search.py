@@ -40,6 +40,8 @@ PLANNERS: dict[str, Callable[[PlanProblem], DPResult]] = {
 }
 _REFINED = {"pdv", "hierarchy"}
 REFINE_TOP = 3
+"""candidates refined and simulated on clusters up to REFINE_ALL_LIMIT devices (1 beyond)"""
+REFINE_ALL_LIMIT = 32
 
 
 @dataclass(frozen=True)
@@ -117,13 +119,18 @@ def _provenance(profiles: Mapping[str, ModelProfile], cluster: ClusterArtifact) 
 
 
 def _to_plan(
-    problem: PlanProblem, cand: Candidate, status: str, gap: float | None, evaluated: int
+    problem: PlanProblem,
+    cand: Candidate,
+    status: str,
+    gap: float | None,
+    evaluated: int,
+    provenance: Provenance,
 ) -> Plan:
     from pdv.cost.simulate import simulate, to_predicted
 
     profile = next(iter(sorted(problem.profiles.items())))[1]
     plan = Plan(
-        provenance=_provenance(problem.profiles, problem.cluster),
+        provenance=provenance,
         model=profile.model,
         stages=[plan_stage(s) for s in cand.stages],
         micro_batch_size=cand.micro_batch_size,
@@ -153,7 +160,9 @@ def search(
     result = PLANNERS[planner](problem)
     if not result.candidates:
         raise PdvError(_tightest(problem))
-    shortlist = result.candidates[: max(top, REFINE_TOP)]
+    few = REFINE_TOP if len(problem.cluster.devices) <= REFINE_ALL_LIMIT else 1
+    shortlist = result.candidates[: max(top, few)]
+    provenance = _provenance(problem.profiles, problem.cluster)
     plans: list[tuple[float, float, int, Plan]] = []
     for n, cand in enumerate(shortlist):
         status, gap = ("n/a", None)
@@ -162,7 +171,7 @@ def search(
             cand, status, gap = _refine(problem, cand)
         if not result.exact:
             status = f"{status} (caps sampled)" if status != "n/a" else "caps sampled"
-        plan = _to_plan(problem, cand, status, gap, result.evaluated)
+        plan = _to_plan(problem, cand, status, gap, result.evaluated, provenance)
         assert plan.predicted is not None
         plans.append((plan.predicted.step_time_s, cand.objective_s, n, plan))
     plans.sort(key=lambda x: (x[0], x[1], x[2]))

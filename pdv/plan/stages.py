@@ -14,7 +14,12 @@ layers. A pipeline may leave the tail of the order unused (a slow device can sit
 
 J(U) = U + min Σ t; as in Alpa the caps are enumerated. The useful caps lie in [U*, J_best − S∞]
 (U* from a bottleneck DP, S∞ the uncapped Σ t): all distinct values there when they are at most
-``MAX_CAPS`` (exact), otherwise ``MAX_CAPS`` quantiles of them (reported as approximate).
+``MAX_CAPS`` (exact), otherwise ``MAX_CAPS`` quantiles of them (``BIG_CAPS`` on big
+instances), reported as "caps sampled".
+
+Deep models: with more than ``LAYER_ATOMS`` layers, stage boundaries are restricted to
+``LAYER_ATOMS`` + 1 boundaries that split the forward+backward time evenly (Alpa clusters layers
+the same way before its stage DP); small models keep every boundary.
 
 Big clusters: devices move in units of one island when islands are equal (a node of 8 GPUs is
 one unit) and, beyond ``GENERAL_LIMIT`` units, all stages of one pipeline get the same number of
@@ -35,7 +40,12 @@ from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, in_fligh
 __all__ = ["MAX_CAPS", "GENERAL_LIMIT", "DPResult", "stage_dp", "choices_for"]
 
 MAX_CAPS = 256
+BIG_CAPS = 8
+"""caps sampled per micro-batch size when the instance is big (more than BIG_WORK cells)"""
+BIG_WORK = 200_000
 GENERAL_LIMIT = 16
+LAYER_ATOMS = 24
+"""beyond this many layers, stage boundaries fall on balanced atoms (Alpa's layer clustering)"""
 
 
 @dataclass(frozen=True)
@@ -78,8 +88,26 @@ def _unit(problem: PlanProblem, order: list[int], islands: list[list[int]]) -> i
     return 1
 
 
+def atom_bounds(problem: PlanProblem) -> np.ndarray:
+    """Layer boundaries the DP may cut at: all of them, or LAYER_ATOMS balanced ones."""
+    L = problem.num_layers
+    if L <= LAYER_ATOMS:
+        return np.arange(L + 1)
+    prof = problem.profiles[sorted(problem.profiles)[0]]
+    work = np.array([x.fwd_s + x.bwd_s for x in prof.layers], dtype=float) + 1e-12
+    cum = np.concatenate([[0.0], np.cumsum(work)])
+    targets = cum[-1] * np.arange(1, LAYER_ATOMS) / LAYER_ATOMS
+    cuts = np.searchsorted(cum, targets, side="left")
+    return np.unique(np.concatenate([[0], np.clip(cuts, 1, L - 1), [L]]))
+
+
 def _options(
-    problem: PlanProblem, order: list[int], unit: int, slices: list[tuple[int, int]], mbs: int
+    problem: PlanProblem,
+    order: list[int],
+    unit: int,
+    slices: list[tuple[int, int]],
+    mbs: int,
+    bounds: np.ndarray,
 ) -> tuple[list[_Option], int]:
     n_units = len(order) // unit
     out: list[_Option] = []
@@ -89,7 +117,7 @@ def _options(
         nxt = order[(a + g) * unit] if a + g < n_units else None
         tables: list[tuple[Choice, StageTable]] = []
         for ch in choices_for(problem, len(ranks), mbs):
-            tables.append((ch, stage_table(problem, ranks, mbs, ch)))
+            tables.append((ch, stage_table(problem, ranks, mbs, ch, bounds)))
             evaluated += 1
         for ch, tab in _undominated(tables):
             if nxt is None:
@@ -239,7 +267,8 @@ def stage_dp(
     """Run the stage DP for every micro-batch size; candidates ranked by the objective J."""
     unit = _unit(problem, order, islands)
     n_units = len(order) // unit
-    L = problem.num_layers
+    bounds = atom_bounds(problem)
+    L = len(bounds) - 1
     modes: list[int | None] = [None] if n_units <= GENERAL_LIMIT else _equal_sizes(n_units)
     found: dict[tuple, Candidate] = {}
     exact = True
@@ -247,7 +276,7 @@ def stage_dp(
     for mbs in problem.mbs_options():
         M = problem.global_batch // mbs
         for equal in modes:
-            options, n_eval = _options(problem, order, unit, _slices(n_units, equal), mbs)
+            options, n_eval = _options(problem, order, unit, _slices(n_units, equal), mbs, bounds)
             evaluated += n_eval
             if not options:
                 continue
@@ -259,23 +288,24 @@ def stage_dp(
             if bottleneck_only:  # PipeDream: the slowest stage sets the throughput
                 for s in bottleneck:
                     if s.value <= u_star * (1 + 1e-12):
-                        cand = _candidate(problem, s, M, mbs, order, unit, search)
+                        cand = _candidate(problem, s, M, mbs, order, unit, bounds, search)
                         found.setdefault((mbs, cand.stages), cand)
                 continue
             free = run(np.inf, False)
             s_inf = min(s.value for s in free)
             pool = [(s, M) for s in free]
-            best = min(_objective(problem, options, s, M, mbs, order, unit) for s in free)
-            caps, is_exact = _caps(options, M, u_star, best - s_inf)
+            best = min(_objective(problem, options, s, M, mbs, order, unit, bounds) for s in free)
+            budget = BIG_CAPS if len(options) * (L + 1) ** 2 > BIG_WORK else MAX_CAPS
+            caps, is_exact = _caps(options, M, u_star, best - s_inf, budget)
             exact &= is_exact
             for cap in caps:
                 if cap + s_inf >= best:
                     break
                 for s in run(cap * (1 + 1e-12), False):
                     pool.append((s, M))
-                    best = min(best, _objective(problem, options, s, M, mbs, order, unit))
+                    best = min(best, _objective(problem, options, s, M, mbs, order, unit, bounds))
             for s, m_count in pool:
-                cand = _candidate(problem, s, m_count, mbs, order, unit, search)
+                cand = _candidate(problem, s, m_count, mbs, order, unit, bounds, search)
                 key = (cand.micro_batch_size, cand.stages)
                 if key not in found or found[key].objective_s > cand.objective_s:
                     found[key] = cand
@@ -287,7 +317,9 @@ def _rank_key(c: Candidate) -> tuple:
     return (round(c.objective_s, 15), len(c.stages), c.micro_batch_size, repr(c.stages))
 
 
-def _caps(options: list[_Option], M: int, lo: float, hi: float) -> tuple[list[float], bool]:
+def _caps(
+    options: list[_Option], M: int, lo: float, hi: float, budget: int
+) -> tuple[list[float], bool]:
     values = []
     for opt in options:
         for t in (opt.t_send, opt.t_last):
@@ -296,15 +328,17 @@ def _caps(options: list[_Option], M: int, lo: float, hi: float) -> tuple[list[fl
             sel = u[(u >= lo) & (u <= hi) & np.isfinite(u)]
             values.append(sel)
     allv = np.unique(np.concatenate(values)) if values else np.array([])
-    if allv.size <= MAX_CAPS:
+    if allv.size <= budget:
         return [float(x) for x in allv], True
-    picks = np.unique(np.quantile(allv, np.linspace(0, 1, MAX_CAPS), method="lower"))
+    picks = np.unique(np.quantile(allv, np.linspace(0, 1, budget), method="lower"))
     return [float(x) for x in picks], False
 
 
-def _stage_specs(s: _Solution, order: list[int], unit: int) -> tuple[StageSpec, ...]:
+def _stage_specs(
+    s: _Solution, order: list[int], unit: int, bounds: np.ndarray
+) -> tuple[StageSpec, ...]:
     return tuple(
-        StageSpec(lo, hi, tuple(order[a * unit : (a + g) * unit]), ch)
+        StageSpec(int(bounds[lo]), int(bounds[hi]), tuple(order[a * unit : (a + g) * unit]), ch)
         for lo, hi, a, g, ch in s.stages
     )
 
@@ -317,10 +351,11 @@ def _objective(
     mbs: int,
     order: list[int],
     unit: int,
+    bounds: np.ndarray,
 ) -> float:
     from pdv.plan.evaluate import pipeline_objective
 
-    return pipeline_objective(problem, _stage_specs(s, order, unit), mbs)
+    return pipeline_objective(problem, _stage_specs(s, order, unit, bounds), mbs)
 
 
 def _candidate(
@@ -330,9 +365,10 @@ def _candidate(
     mbs: int,
     order: list[int],
     unit: int,
+    bounds: np.ndarray,
     search: str,
 ) -> Candidate:
     from pdv.plan.evaluate import pipeline_objective
 
-    stages = _stage_specs(s, order, unit)
+    stages = _stage_specs(s, order, unit, bounds)
     return Candidate(stages, mbs, M, pipeline_objective(problem, stages, mbs), search)

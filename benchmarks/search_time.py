@@ -1,0 +1,190 @@
+"""How long `pdv plan` searches: 96 GPT-3-175B-sized blocks on declared clusters of two GPU kinds.
+
+    python benchmarks/search_time.py            # 64 GPUs (target ≤ 1 s) and 1024 GPUs (≤ 10 s)
+    python benchmarks/search_time.py --json
+
+Profiles are synthesized here (provenance "estimated"): per block 24·s·d² + 4·s²·d forward FLOPs
+per sample (Narayanan et al., 2021, §5.1) at half the kind's peak, backward twice the forward;
+bf16 weights and grads, fp32 Adam state and master weights (16 bytes per parameter in all);
+activations per sample s·d·(10 + 24/t + 5·a·s/(d·t)) bytes at TP degree t (Korthikanti et al.,
+2022, eq. 2). The cluster is declared: nodes of 8 GPUs on NVLink, half A100 nodes, half H100
+nodes, InfiniBand between nodes. Exits 1 when a search time is over its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from pdv.artifacts import (
+    ClusterArtifact,
+    ClusterDevice,
+    DeviceInfo,
+    LayerProfile,
+    LayerSample,
+    Links,
+    ModelProfile,
+    ModelSpec,
+    Provenance,
+    TimeFit,
+)
+from pdv.plan.problem import PlanProblem
+from pdv.plan.search import search
+
+SEQ, D, HEADS, BLOCKS = 2048, 12288, 96, 96
+KINDS = {  # kind: (peak bf16 FLOP/s, NVLink bytes/s, NIC bytes/s, memory bytes)
+    "a100": (312e12, 300e9, 25e9, 80 * 10**9),
+    "h100": (989e12, 450e9, 50e9, 80 * 10**9),
+}
+TP = (1, 2, 4, 8)
+
+
+def gpt3_block_profile(kind: str) -> ModelProfile:
+    """A synthesized profile of 96 GPT-3 175B blocks on one GPU kind."""
+    peak = KINDS[kind][0]
+    flops = 24 * SEQ * D * D + 4 * SEQ * SEQ * D
+    per_sample = flops / (0.5 * peak)
+    params = 12 * D * D
+    layers = []
+    for i in range(BLOCKS):
+        samples = []
+        fwd_fit, bwd_fit = {}, {}
+        for t in TP:
+            act = SEQ * D * (10 + 24 / t + 5 * HEADS * SEQ / (D * t))
+            fwd_fit[str(t)] = TimeFit(a_s=2e-4, b_s=per_sample / t, r2=1.0, max_rel_error=0.0)
+            bwd_fit[str(t)] = TimeFit(a_s=4e-4, b_s=2 * per_sample / t, r2=1.0, max_rel_error=0.0)
+            if t > 1:
+                samples.append(
+                    LayerSample(
+                        micro_batch_size=1,
+                        tp_degree=t,
+                        fwd_s=per_sample / t,
+                        bwd_s=2 * per_sample / t,
+                        fwd_spread_s=0.0,
+                        bwd_spread_s=0.0,
+                        param_bytes=2 * params // t,
+                        activation_bytes=int(act),
+                        output_bytes=2 * SEQ * D,
+                    )
+                )
+        layers.append(
+            LayerProfile(
+                name=f"block{i}",
+                fwd_s=per_sample,
+                bwd_s=2 * per_sample,
+                param_bytes=2 * params,
+                grad_bytes=2 * params,
+                optimizer_bytes=12 * params,
+                activation_bytes=int(SEQ * D * (34 + 5 * HEADS * SEQ / D)),
+                output_bytes=2 * SEQ * D,
+                flops_fwd=float(flops),
+                samples=samples,
+                fwd_fit=fwd_fit,
+                bwd_fit=bwd_fit,
+            )
+        )
+    return ModelProfile(
+        provenance=Provenance(method="estimated", notes=["synthesized by search_time.py"]),
+        model=ModelSpec(spec="sample_models/gpt.py:gpt3_175b"),
+        device=DeviceInfo(kind=kind, name=kind.upper(), matmul_flops=0.5 * peak),
+        dtype="bfloat16",
+        micro_batch_sizes=[1, 2, 4, 8],
+        tp_degrees=list(TP),
+        overhead_bytes=2 * 10**9,
+        layers=layers,
+    )
+
+
+def declared_cluster(nodes: int, per_node: int = 8) -> ClusterArtifact:
+    """First half of the nodes A100, second half H100; NVLink inside, the slower NIC between."""
+    kinds = ["a100" if n < nodes // 2 else "h100" for n in range(nodes)]
+    devices = [
+        ClusterDevice(
+            rank=n * per_node + g,
+            host=f"node{n}",
+            kind=kinds[n],
+            memory_bytes=KINDS[kinds[n]][3],
+            matmul_flops=0.5 * KINDS[kinds[n]][0],
+        )
+        for n in range(nodes)
+        for g in range(per_node)
+    ]
+    size = nodes * per_node
+    node = [r // per_node for r in range(size)]
+    bw, lat = [], []
+    for i in range(size):
+        ki = KINDS[kinds[node[i]]]
+        row_b, row_a = [], []
+        for j in range(size):
+            if i == j:
+                row_b.append(0.0)
+                row_a.append(0.0)
+            elif node[i] == node[j]:
+                row_b.append(ki[1])
+                row_a.append(3e-6)
+            else:
+                row_b.append(min(ki[2], KINDS[kinds[node[j]]][2]))
+                row_a.append(8e-6)
+        bw.append(row_b)
+        lat.append(row_a)
+    return ClusterArtifact.model_construct(
+        provenance=Provenance(method="declared"),
+        devices=devices,
+        links=Links.model_construct(latency_s=lat, bandwidth_Bps=bw),
+        measurement={},
+    )
+
+
+def measure(nodes: int, global_batch: int) -> dict:
+    """Search time (wall clock, whole `pdv plan` search) for one cluster size."""
+    profiles = {k: gpt3_block_profile(k) for k in KINDS}
+    cluster = declared_cluster(nodes)
+    problem = PlanProblem(
+        profiles, cluster, global_batch, micro_batch_sizes=(1, 2, 4, 8), time_limit_s=2.0
+    )
+    started = time.perf_counter()
+    result = search(problem, "pdv")
+    seconds = time.perf_counter() - started
+    plan = result.plans[0]
+    return {
+        "gpus": nodes * 8,
+        "search_time_s": round(seconds, 3),
+        "stages": len(plan.stages),
+        "micro_batch_size": plan.micro_batch_size,
+        "predicted_step_time_s": plan.predicted.step_time_s if plan.predicted else None,
+        "status": plan.planner.status,
+        "layout": [f"{s.layers[0]}-{s.layers[1]}:dp{s.dp}tp{s.tp}" for s in plan.stages[:4]],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", type=int, choices=(64, 1024), help="one cluster size only")
+    args = parser.parse_args()
+    targets = {64: 1.0, 1024: 10.0}
+    rows, failed = [], False
+    for gpus, target in targets.items():
+        if args.only and gpus != args.only:
+            continue
+        row = measure(gpus // 8, 1536)
+        row["target_s"] = target
+        row["ok"] = row["search_time_s"] <= target
+        failed |= not row["ok"]
+        rows.append(row)
+        if not args.json:
+            print(
+                f"{gpus:5d} GPUs: search {row['search_time_s']:.2f} s (target ≤ {target} s) "
+                f"{'ok' if row['ok'] else 'OVER'}; {row['stages']} stages, mbs "
+                f"{row['micro_batch_size']}, predicted step {row['predicted_step_time_s']:.2f} s,"
+                f" {row['status']}; first stages {row['layout']}"
+            )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
