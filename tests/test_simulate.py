@@ -270,6 +270,52 @@ def test_interleaving_and_zero_bubble_shrink_the_bubble() -> None:
     assert any("half" in n for n in zb.notes) and not plain.notes
 
 
+def _torch_rank_ops(cls, p: int, v: int, m: int, rank: int) -> list[tuple[str, int, int]]:
+    # torch's own order generator, on an instance given just the fields it reads (building real
+    # PipelineStages would need a process group per rank).
+    kind = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}
+    sched = object.__new__(cls)
+    sched.pp_group_size, sched.n_local_stages, sched._n_microbatches = p, v, m
+    sched.number_of_rounds = max(1, m // p)
+    sched.microbatches_per_round = m // sched.number_of_rounds
+    sched._stages = [None] * v
+    ops = sched._calculate_single_rank_operations(rank)
+    return [
+        (kind[a.computation_type.name], a.stage_index, a.microbatch_index)
+        for a in ops
+        if a is not None
+    ]
+
+
+def test_orders_are_torchs_orders() -> None:
+    """Interleaved1F1B, InterleavedZeroBubble and LoopedBFS orders equal torch's, op for op."""
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    from pdv.cost.schedules import rank_orders, stage_layout
+
+    classes = {
+        "Interleaved1F1B": schedules.ScheduleInterleaved1F1B,
+        "InterleavedZeroBubble": schedules.ScheduleInterleavedZeroBubble,
+        "LoopedBFS": schedules.ScheduleLoopedBFS,
+    }
+    checked = 0
+    for name, cls in classes.items():
+        for p in (1, 2, 3, 4):
+            for v in (1, 2, 3):
+                for m in range(1, 10):
+                    if m % max(1, m // p):
+                        continue
+                    layout = stage_layout([[i % p] for i in range(p * v)], name)
+                    mine = rank_orders(layout, name, m)
+                    for r in range(p):
+                        try:
+                            theirs = _torch_rank_ops(cls, p, v, m, r)
+                        except AttributeError as exc:  # private API moved in another torch
+                            pytest.skip(f"torch's schedule internals changed: {exc}")
+                        assert mine[r] == theirs, (name, p, v, m, r)
+                        checked += 1
+    assert checked > 300
+
+
 @pytest.mark.parametrize(
     ("schedule", "groups", "num_micro", "match"),
     [
