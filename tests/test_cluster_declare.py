@@ -121,7 +121,7 @@ def test_overrides_apply_in_order_and_direction() -> None:
     assert bw[0][4] == 450e9 and lat[0][4] == 2e-6  # the last override won
     assert bw[4][0] == 12.5e9 and lat[4][0] == 1e-5  # the reverse direction was not touched
     assert bw[3][0] == 12.5e9  # n1 -> n0 untouched by the one-way nvlink override
-    assert bw[2][5] == 12.5e9  # slow -> slow is not slow -> fast
+    assert bw[5][2] == 12.5e9  # slow -> slow is not slow -> fast
 
 
 @pytest.mark.parametrize(
