@@ -107,6 +107,7 @@ def test_closed_form_tracks_interleaved_and_zero_bubble() -> None:
         ("Interleaved1F1B", [0, 1, 2, 3, 0, 1, 2, 3]),
         ("InterleavedZeroBubble", [0, 1, 2, 3, 0, 1, 2, 3]),
         ("InterleavedZeroBubble", list(range(8))),
+        ("ZBVZeroBubble", [0, 1, 2, 3, 3, 2, 1, 0]),
     ):
         sim = _sim(chain_plan(8, num_micro=8, schedule=schedule, groups=groups), prof)
         closed = analytic_step_time(list(sim.costs), 8, schedule, groups)
@@ -119,7 +120,7 @@ def test_closed_form_tracks_interleaved_and_zero_bubble() -> None:
 def _check_invariants(sim: Simulation, plan: Plan) -> None:
     """What must hold after every simulation."""
     m, n = plan.num_micro_batches, len(plan.stages)
-    back = "I" if sim.schedule == "InterleavedZeroBubble" else "B"
+    back = "I" if "ZeroBubble" in sim.schedule else "B"
     compute = [e for e in sim.events if e.lane == "compute"]
     # Every op exactly once.
     ops = [(e.name, e.stage, e.micro) for e in compute]
@@ -162,13 +163,24 @@ def _instances(draw):
     cuts = sorted(draw(st.sets(st.integers(1, n_layers - 1), min_size=n_stages - 1,
                                max_size=n_stages - 1)))  # fmt: skip
     bounds = [0, *cuts, n_layers]
-    schedule = draw(st.sampled_from(["GPipe", "1F1B", "InterleavedZeroBubble", "Interleaved1F1B"]))
-    interleave = schedule.startswith("Interleaved") and n_stages % 2 == 0 and draw(st.booleans())
-    widths = [1 if interleave else draw(st.sampled_from([1, 2])) for _ in range(n_stages)]
+    schedule = draw(
+        st.sampled_from(
+            ["GPipe", "1F1B", "InterleavedZeroBubble", "Interleaved1F1B", "ZBVZeroBubble"]
+        )
+    )
+    if schedule == "ZBVZeroBubble" and n_stages % 2:
+        schedule = "1F1B"
+    interleave = schedule != "ZBVZeroBubble" and schedule.startswith("Interleaved")
+    interleave = interleave and n_stages % 2 == 0 and draw(st.booleans())
+    v_shape = schedule == "ZBVZeroBubble"
+    shared = interleave or v_shape
+    widths = [1 if shared else draw(st.sampled_from([1, 2])) for _ in range(n_stages)]
     groups: list[list[int]] = []
     nxt = 0
     for i, w in enumerate(widths):
-        if interleave and i >= n_stages // 2:
+        if v_shape and i >= n_stages // 2:
+            groups.append(groups[n_stages - 1 - i])
+        elif interleave and i >= n_stages // 2:
             groups.append(groups[i - n_stages // 2])
         else:
             groups.append(list(range(nxt, nxt + w)))
@@ -178,7 +190,7 @@ def _instances(draw):
         for i in range(n_stages)
     ]
     m = draw(st.integers(1, 6))
-    p = nxt if interleave else n_stages
+    p = nxt if shared else n_stages
     if schedule.startswith("Interleaved") and m % max(1, m // p):
         m = p
     plan = make_plan(stages, mbs=2, num_micro=m, schedule=schedule)
@@ -279,6 +291,7 @@ def _torch_rank_ops(cls, p: int, v: int, m: int, rank: int) -> list[tuple[str, i
     sched.number_of_rounds = max(1, m // p)
     sched.microbatches_per_round = m // sched.number_of_rounds
     sched._stages = [None] * v
+    sched.num_stages = p * v
     ops = sched._calculate_single_rank_operations(rank)
     return [
         (kind[a.computation_type.name], a.stage_index, a.microbatch_index)
@@ -288,7 +301,8 @@ def _torch_rank_ops(cls, p: int, v: int, m: int, rank: int) -> list[tuple[str, i
 
 
 def test_orders_are_torchs_orders() -> None:
-    """Interleaved1F1B, InterleavedZeroBubble and LoopedBFS orders equal torch's, op for op."""
+    """Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble and LoopedBFS orders equal torch's,
+    op for op."""
     schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
     from pdv.cost.schedules import rank_orders, stage_layout
 
@@ -298,6 +312,16 @@ def test_orders_are_torchs_orders() -> None:
         "LoopedBFS": schedules.ScheduleLoopedBFS,
     }
     checked = 0
+    for p in (1, 2, 3, 4):
+        v_layout = stage_layout(
+            [[i if i < p else 2 * p - 1 - i] for i in range(2 * p)], "ZBVZeroBubble"
+        )
+        for m in range(1, 10):
+            mine = rank_orders(v_layout, "ZBVZeroBubble", m)
+            for r in range(p):
+                theirs = _torch_rank_ops(schedules.ScheduleZBVZeroBubble, p, 2, m, r)
+                assert mine[r] == theirs, ("ZBV", p, m, r)
+                checked += 1
     for name, cls in classes.items():
         for p in (1, 2, 3, 4):
             for v in (1, 2, 3):
@@ -322,7 +346,8 @@ def test_orders_are_torchs_orders() -> None:
         ("GPipe", [0, 1, 0, 1], 4, "one stage per rank group"),
         ("Interleaved1F1B", [0, 0, 1, 1], 4, "stage i on the ranks"),
         ("Interleaved1F1B", [0, 1, 0, 1], 5, "multiple of its rounds"),
-        ("ZBVZeroBubble", [0, 1], 4, "not simulated"),
+        ("ZBVZeroBubble", [0, 1, 0, 1], 4, "in a V"),
+        ("DualPipeV", [0, 1, 1, 0], 4, "not simulated"),
     ],
 )
 def test_bad_layouts_are_user_errors(schedule, groups, num_micro, match) -> None:

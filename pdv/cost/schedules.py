@@ -3,8 +3,9 @@
 A plan's stages are the pipeline's (virtual) stages. A schedule with several stages per rank
 (Interleaved1F1B, LoopedBFS, InterleavedZeroBubble) is written as a plan whose stage i runs on
 the same ranks as stage i mod p, p being the number of distinct rank groups: torch's
-``stage_index = local_index · pp_group_size + rank`` placement. GPipe and 1F1B need one stage per
-rank group.
+``stage_index = local_index · pp_group_size + rank`` placement. ZBVZeroBubble takes torch's "v"
+placement instead: 2p stages, stage i on group i and stage 2p − 1 − i on group i. GPipe and 1F1B
+need one stage per rank group.
 
 An op is ``(kind, stage, micro)`` with kind ``F`` (forward), ``B`` (full backward), ``I``
 (backward for inputs) or ``W`` (backward for weights). The orders reproduce torch 2.x's
@@ -39,6 +40,7 @@ SCHEDULES: dict[str, tuple[bool, bool]] = {
     "Interleaved1F1B": (True, False),
     "LoopedBFS": (True, False),
     "InterleavedZeroBubble": (True, True),
+    "ZBVZeroBubble": (True, True),
 }
 
 
@@ -50,7 +52,7 @@ def canonical_schedule(name: str) -> str:
             return canon
     raise PdvError(
         f"schedule {name!r} is not simulated; use one of {', '.join(SCHEDULES)} "
-        f"(ZBVZeroBubble and DualPipeV are not modelled yet)"
+        f"(DualPipeV is not modelled yet)"
     )
 
 
@@ -103,7 +105,15 @@ def stage_layout(stage_ranks: Sequence[Sequence[int]], schedule: str) -> StageLa
             f"{schedule} runs one stage per rank group, but {s} stages share {p} groups; "
             f"give each stage its own ranks or use Interleaved1F1B"
         )
-    if multi:
+    if schedule == "ZBVZeroBubble":
+        want = [i if i < p else 2 * p - 1 - i for i in range(2 * p)]
+        if group_of != want:
+            raise PdvError(
+                f"ZBVZeroBubble runs 2 stages per rank group in a V: stage i and stage 2p − 1 − i "
+                f"on group i (p = {p}); the plan's stages run on groups {group_of}, "
+                f"expected {want}"
+            )
+    elif multi:
         want = [i % p for i in range(s)]
         if s % p or group_of != want:
             raise PdvError(
@@ -194,6 +204,42 @@ def _looped_bfs(rank: int, p: int, v: int, m: int) -> list[Op]:
     return ops
 
 
+def _zbv(rank: int, p: int, m: int) -> list[Op]:
+    # ScheduleZBVZeroBubble (Qi et al. 2024, §6, ZB-V): chunk 0 is stage `rank` on the way down,
+    # chunk 1 stage 2p − 1 − rank on the way back; warm-up fills the V, the steady state runs
+    # F I W on each chunk in turn, the cool-down drains inputs grads then weight grads. torch pads
+    # to 2p − 1 micro-batches and drops the padding afterwards; so does this.
+    n = max(2 * p - 1, m)
+    c0, c1 = rank, 2 * p - 1 - rank
+    ops: list[Op] = []
+    f0 = f1 = b0 = b1 = 0
+    for _ in range(2 * (p - rank) - 1):
+        ops.append(("F", c0, f0))
+        f0 += 1
+    for _ in range(rank):
+        ops += [("F", c1, f1), ("F", c0, f0)]
+        f1, f0 = f1 + 1, f0 + 1
+    for _ in range(p - rank):
+        ops += [("F", c1, f1), ("I", c1, b1), ("W", c1, b1)]
+        f1, b1 = f1 + 1, b1 + 1
+    while f1 < f0 or f0 < n:
+        if f0 < n:
+            ops.append(("F", c0, f0))
+            f0 += 1
+        ops += [("I", c0, b0), ("W", c0, b0), ("F", c1, f1), ("I", c1, b1), ("W", c1, b1)]
+        b0, f1, b1 = b0 + 1, f1 + 1, b1 + 1
+    w0, w1 = b0, b1
+    for _ in range(rank):
+        ops += [("I", c0, b0), ("I", c1, b1)]
+        b0, b1 = b0 + 1, b1 + 1
+    for _ in range(p - rank):
+        ops += [("I", c0, b0), ("W", c0, w0)]
+        b0, w0 = b0 + 1, w0 + 1
+    ops += [("W", c1, i) for i in range(w1, b1)]
+    ops += [("W", c0, i) for i in range(w0, b0)]
+    return [op for op in ops if op[2] < m]
+
+
 def rank_orders(layout: StageLayout, schedule: str, num_micro: int) -> list[list[Op]]:
     """The op order of each rank group for one training step."""
     schedule = canonical_schedule(schedule)
@@ -204,5 +250,7 @@ def rank_orders(layout: StageLayout, schedule: str, num_micro: int) -> list[list
         return [_one_f_one_b(layout.stages_of_group[g][0], p, m) for g in range(p)]
     if schedule == "LoopedBFS":
         return [_looped_bfs(g, p, v, m) for g in range(p)]
+    if schedule == "ZBVZeroBubble":
+        return [_zbv(g, p, m) for g in range(p)]
     zero_bubble = schedule == "InterleavedZeroBubble"
     return [_interleaved(g, p, v, m, zero_bubble, schedule) for g in range(p)]

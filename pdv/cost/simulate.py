@@ -342,8 +342,8 @@ def analytic_step_time(
     traversal of the transfers (Σ send + grad_send) is added. Interleaved schedules with v stages
     per group shrink the fill/drain term by v (Narayanan et al. 2021, §2.2); zero bubble keeps
     only the forwards in it, (p − 1)·F for I = W (Qi et al. 2024, ZB-H1), shrunk by v as well.
-    The slowest group's gradient sync is added at the end. The simulator is the reference; this
-    is the planner's fast objective.
+    It is never below one micro-batch's trip down and back. The slowest group's gradient sync is
+    added at the end. The simulator is the reference; this is the planner's fast objective.
     """
     if not costs:
         return 0.0
@@ -363,4 +363,9 @@ def analytic_step_time(
     if schedule in ("GPipe", "1F1B"):
         v = 1
     transfers = sum(c.send_s + c.grad_send_s for c in costs)
-    return num_micro * t[slowest] + fill / v + transfers + max(sync)
+    # One micro-batch must still travel down and back: with few micro-batches that trip, not
+    # the steady state, bounds the step (weight grads off the path except the first stage's).
+    trip = sum(c.fwd_s + c.bwd_s for c in costs)
+    if splits_backward(schedule):
+        trip -= sum(c.bwd_s / 2 for c in costs[1:])
+    return max(num_micro * t[slowest] + fill / v, trip) + transfers + max(sync)
