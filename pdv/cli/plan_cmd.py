@@ -15,7 +15,7 @@ from pdv.cli.app import app, console, err_console
 from pdv.cli.render import fmt_bytes, fmt_time
 from pdv.errors import PdvError
 from pdv.plan.problem import PlanProblem
-from pdv.plan.search import PLANNERS, check_profiles, search
+from pdv.plan.search import PLANNERS, check_profiles, plan_provenance, search
 
 
 def _profiles(paths: list[Path]) -> dict[str, ModelProfile]:
@@ -106,12 +106,13 @@ def plan(
         if not as_json and err_console.is_terminal:  # progress is for people, not pipes
             err_console.print(f"[dim]{msg}[/]")
 
+    provenance = plan_provenance(profs, clus)
     names = list(PLANNERS) if compare else [planner]
     results, rows = {}, []
     for name in names:
         started = time.perf_counter()
         try:
-            res = search(problem, name, top if name == planner else 1, say)
+            res = search(problem, name, top if name == planner else 1, say, provenance)
         except PdvError as exc:
             if not compare or name == planner:
                 raise

@@ -22,7 +22,7 @@ from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec
 from pdv.plan.sharding import refine_stage
 from pdv.plan.stages import DPResult, stage_dp
 
-__all__ = ["PLANNERS", "SearchResult", "search", "check_profiles"]
+__all__ = ["PLANNERS", "SearchResult", "search", "check_profiles", "plan_provenance"]
 
 Progress = Callable[[str], None]
 
@@ -108,7 +108,7 @@ def _refine(problem: PlanProblem, cand: Candidate) -> tuple[Candidate, str, floa
     return replace(cand, stages=tuple(stages), objective_s=j), status, max(gaps, default=None)
 
 
-def _provenance(profiles: Mapping[str, ModelProfile], cluster: ClusterArtifact) -> Provenance:
+def plan_provenance(profiles: Mapping[str, ModelProfile], cluster: ClusterArtifact) -> Provenance:
     inputs = {f"profile:{k}": digest(p) for k, p in sorted(profiles.items())}
     inputs["cluster"] = digest(cluster)
     methods = {p.provenance.method for p in profiles.values()} | {cluster.provenance.method}
@@ -150,9 +150,17 @@ def _to_plan(
 
 
 def search(
-    problem: PlanProblem, planner: str = "pdv", top: int = 1, progress: Progress | None = None
+    problem: PlanProblem,
+    planner: str = "pdv",
+    top: int = 1,
+    progress: Progress | None = None,
+    provenance: Provenance | None = None,
 ) -> SearchResult:
-    """Run one planner; return up to `top` distinct plans ranked by predicted step time."""
+    """Run one planner; return up to `top` distinct plans ranked by predicted step time.
+
+    `provenance` (input digests) may be computed once by the caller: hashing a big cluster's
+    N×N matrices takes longer than searching it.
+    """
     say = progress or (lambda _msg: None)
     if planner not in PLANNERS:
         raise PdvError(f"unknown planner {planner!r}; choose one of: {', '.join(PLANNERS)}")
@@ -162,7 +170,7 @@ def search(
         raise PdvError(_tightest(problem))
     few = REFINE_TOP if len(problem.cluster.devices) <= REFINE_ALL_LIMIT else 1
     shortlist = result.candidates[: max(top, few)]
-    provenance = _provenance(problem.profiles, problem.cluster)
+    provenance = provenance or plan_provenance(problem.profiles, problem.cluster)
     plans: list[tuple[float, float, int, Plan]] = []
     for n, cand in enumerate(shortlist):
         status, gap = ("n/a", None)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdv.plan.costs import StageTable, link, stage_table
+from pdv.plan.costs import StageTable, _group, link, stage_table
 from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, in_flight
 
 __all__ = ["MAX_CAPS", "GENERAL_LIMIT", "DPResult", "stage_dp", "choices_for"]
@@ -112,14 +112,21 @@ def _options(
     n_units = len(order) // unit
     out: list[_Option] = []
     evaluated = 0
+    cache: dict[tuple, list[tuple[Choice, StageTable]]] = {}
     for a, g in slices:
         ranks = tuple(order[a * unit : (a + g) * unit])
         nxt = order[(a + g) * unit] if a + g < n_units else None
-        tables: list[tuple[Choice, StageTable]] = []
-        for ch in choices_for(problem, len(ranks), mbs):
-            tables.append((ch, stage_table(problem, ranks, mbs, ch, bounds)))
-            evaluated += 1
-        for ch, tab in _undominated(tables):
+        # Slices with the same kinds, speeds and ring links price alike (declared clusters repeat
+        # one node many times): price one of them.
+        key = (_group_key(problem, ranks), mbs)
+        if key not in cache:
+            tables = [
+                (ch, stage_table(problem, ranks, mbs, ch, bounds))
+                for ch in choices_for(problem, len(ranks), mbs)
+            ]
+            evaluated += len(tables)
+            cache[key] = _undominated(tables)
+        for ch, tab in cache[key]:
             if nxt is None:
                 send = np.zeros_like(tab.out)
             else:
@@ -130,6 +137,10 @@ def _options(
                 _Option(a, g, ch, tab.time + send[None, :], tab.time, tab.sync, tab.max_in_flight)
             )
     return out, evaluated
+
+
+def _group_key(problem: PlanProblem, ranks: tuple[int, ...]) -> tuple:
+    return tuple(_group(problem, ranks, tp) for tp in problem.tp_options() if len(ranks) % tp == 0)
 
 
 def _undominated(tables: list[tuple[Choice, StageTable]]) -> list[tuple[Choice, StageTable]]:
@@ -144,10 +155,12 @@ def _undominated(tables: list[tuple[Choice, StageTable]]) -> list[tuple[Choice, 
                 np.all(o.time <= t.time)
                 and np.all(o.sync <= t.sync)
                 and np.all(o.max_in_flight >= t.max_in_flight)
+                and np.all(o.out <= t.out)
                 and (
                     np.any(o.time < t.time)
                     or np.any(o.sync < t.sync)
                     or np.any(o.max_in_flight > t.max_in_flight)
+                    or np.any(o.out < t.out)
                     or j < i
                 )
             ):
@@ -195,7 +208,8 @@ def _solve_pass(
     for k in range(1, kmax_stages + 1):
         need = in_flight(schedule, k, num_micro)
         for a in range(n_units - 1, -1, -1):
-            if equal is not None and (a % equal or (n_units - a) // equal < k):
+            # Equal slices use the whole order, so the stage at a has (units − a)/g stages to go.
+            if equal is not None and (a % equal or (n_units - a) // equal != k):
                 continue
             best = np.full(L + 1, inf)
             choice: list[tuple[int, int] | None] = [None] * (L + 1)
