@@ -15,8 +15,11 @@ from pdv.artifacts import ClusterArtifact, ModelProfile, Plan
 from pdv.cli.app import app, console, err_console
 from pdv.cli.render import fmt_bytes, fmt_time
 from pdv.cost.simulate import Simulation, simulate, to_predicted
-from pdv.cost.trace import chrome_trace, text_timeline
+from pdv.cost.trace import chrome_trace, ranks_label, text_timeline
 from pdv.errors import PdvError
+
+_MAX_RANK_ROWS = 32
+_MAX_TIMELINE_ROWS = 32
 
 
 def _profiles(paths: list[Path]) -> dict[str, ModelProfile]:
@@ -62,7 +65,7 @@ def _render(sim: Simulation, plan: Plan, cluster: ClusterArtifact, out: Console)
         t.add_row(
             str(i),
             f"[{st.layers[0]}, {st.layers[1]})",
-            ",".join(map(str, st.ranks)),
+            ranks_label(st.ranks),
             f"{st.dp}×{st.tp}",
             fmt_time(c.fwd_s),
             fmt_time(c.bwd_s),
@@ -72,10 +75,18 @@ def _render(sim: Simulation, plan: Plan, cluster: ClusterArtifact, out: Console)
             fmt_bytes(pred.peak_memory_bytes),
         )
     out.print(t)
-    m = Table(title="peak memory per rank")
+    ranks = list(sim.peak_memory_bytes)
+    title = "peak memory per rank"
+    if len(ranks) > _MAX_RANK_ROWS:
+        # A large cluster: the fullest ranks are the ones a reader needs; --json has them all.
+        ranks.sort(key=lambda r: -sim.peak_memory_bytes[r] / cluster.devices[r].memory_bytes)
+        ranks = sorted(ranks[:_MAX_RANK_ROWS])
+        title += f" (the {_MAX_RANK_ROWS} fullest of {len(sim.peak_memory_bytes)}; --json: all)"
+    m = Table(title=title)
     for col in ("rank", "host", "kind", "peak", "capacity", "use"):
         m.add_column(col, justify="right" if col in ("peak", "capacity", "use") else "left")
-    for r, peak in sim.peak_memory_bytes.items():
+    for r in ranks:
+        peak = sim.peak_memory_bytes[r]
         d = cluster.devices[r]
         use = peak / d.memory_bytes
         style = "red" if use > 1 else ""
@@ -83,8 +94,11 @@ def _render(sim: Simulation, plan: Plan, cluster: ClusterArtifact, out: Console)
                   f"[{style}]{use:.0%}[/]" if style else f"{use:.0%}")  # fmt: skip
     out.print(m)
     out.print("timeline (F forward, B backward, I/W input/weight grad, ~ grad sync, . idle)")
-    for line in text_timeline(sim, width=max(20, out.width - 22)):
+    lines = text_timeline(sim, width=max(20, out.width - 22))
+    for line in lines[:_MAX_TIMELINE_ROWS]:
         out.print(line, markup=False, highlight=False)
+    if len(lines) > _MAX_TIMELINE_ROWS:
+        out.print(f"... {len(lines) - _MAX_TIMELINE_ROWS} more rank groups (see --trace)")
     for note in sim.notes:
         out.print(f"[dim]note: {note}[/]")
 

@@ -8,12 +8,13 @@ Times are microseconds, as the format requires.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pdv.artifacts import Plan
 from pdv.cost.simulate import Simulation
 
-__all__ = ["chrome_trace", "text_timeline", "LANES"]
+__all__ = ["chrome_trace", "text_timeline", "ranks_label", "LANES"]
 
 LANES = {"compute": 0, "p2p": 1, "collective": 2}
 _NAMES = {
@@ -72,6 +73,20 @@ def _meta(name: str, pid: int, tid: int, args: dict[str, Any]) -> dict[str, Any]
     return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": args}
 
 
+def ranks_label(ranks: Sequence[int]) -> str:
+    """Ranks with consecutive runs folded: [0, 1, 2, 3, 8] -> '0-3,8'."""
+    out: list[str] = []
+    rs = sorted(ranks)
+    i = 0
+    while i < len(rs):
+        j = i
+        while j + 1 < len(rs) and rs[j + 1] == rs[j] + 1:
+            j += 1
+        out.append(str(rs[i]) if j == i else f"{rs[i]}-{rs[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
 def text_timeline(sim: Simulation, width: int = 72) -> list[str]:
     """One line per rank group: F/B/I/W cells over the step, '.' for idle, '~' for sync."""
     if sim.step_time_s <= 0:
@@ -88,5 +103,5 @@ def text_timeline(sim: Simulation, width: int = 72) -> list[str]:
             hi = max(lo + 1, min(width, round(e.end_s * scale)))
             for i in range(lo, hi):
                 row[i] = ch
-        lines.append(f"ranks {','.join(map(str, sorted(ranks))):<10} |{''.join(row)}|")
+        lines.append(f"ranks {ranks_label(ranks):<10} |{''.join(row)}|")
     return lines
