@@ -289,6 +289,10 @@ def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tor
 def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelProfile:
     device = resolve_device(req.device)
     dtype = resolve_dtype(req.dtype)
+    # Check the model first on the meta device (no memory, no time), so a bad model or TP
+    # degree fails before any measuring.
+    with torch.device("meta"):
+        _check(req, build_model(req.spec, req.kwargs, req.seed))
     # The matmul probe doubles as the warm-up that loads kernels and libraries, so the overhead
     # read right after it (before any model tensor exists) is the runtime's constant cost.
     flops = matmul_throughput(device, dtype)
