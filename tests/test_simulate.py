@@ -504,3 +504,12 @@ def test_simulate_runs_without_torch(inputs: dict[str, Path], tmp_path: Path) ->
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["step_time_s"] > 0
+
+
+def test_ranks_label_folds_runs() -> None:
+    """Consecutive ranks print as a range, so 1024-rank stages fit on a line."""
+    from pdv.cost.trace import ranks_label
+
+    assert ranks_label([3, 0, 1, 2, 8, 10, 11]) == "0-3,8,10-11"
+    assert ranks_label(list(range(128))) == "0-127"
+    assert ranks_label([5]) == "5"
