@@ -139,3 +139,27 @@ def test_a_stuck_rank_is_named_within_the_timeout(tmp_path: Path, stall_at: str,
     assert not out_file.exists()
     time.sleep(0.5)
     assert _pdv_processes_with(str(out_file)) == [], "ranks left running"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_under_plain_torchrun_a_silent_peer_is_named(tmp_path: Path) -> None:
+    """Without the launcher, the group timeout ends the run, naming the rank it waited on."""
+    import os
+    import subprocess
+    import sys
+
+    from pdv.profile.launch_local import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+           "--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+           "--no-python", sys.executable, "-m", "pdv", "profile", "cluster",
+           "-o", str(tmp_path / "c.json"), "--timeout", "5", "--sizes", "4KiB",
+           "--max-size", "4KiB"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PDV_TEST_STALL_RANK": "1"}
+    env.pop("PDV_PROGRESS_DIR", None)
+    start = time.monotonic()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "rank 0: no answer from rank 1" in done.stderr, done.stderr[-2000:]
+    assert time.monotonic() - start < 5 + 30

@@ -48,18 +48,22 @@ def _maybe_stall(rank: int, where: str) -> None:
             time.sleep(3600)
 
 
-def _pick(backend: str) -> tuple[str, torch.device]:
+def _pick(backend: str) -> tuple[str, torch.device, torch.device]:
+    """(backend, device the messages live on, device the rank computes on)."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    # The rank's device is its GPU where there is one, whatever carries the messages.
+    compute = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if compute.type == "cuda":
+        torch.cuda.set_device(compute)
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if compute.type == "cuda" else "gloo"
     if backend == "nccl":
-        if not torch.cuda.is_available():
+        if compute.type != "cuda":
             raise PdvError("--backend nccl needs CUDA; use --backend gloo on CPU ranks")
-        torch.cuda.set_device(local)
-        return backend, torch.device("cuda", local)
+        return backend, compute, compute
     if backend != "gloo":
         raise PdvError(f"unknown backend {backend!r}; use auto, gloo or nccl")
-    return backend, torch.device("cpu")
+    return backend, torch.device("cpu"), compute  # gloo point-to-point moves host memory
 
 
 def profile_cluster_rank(
@@ -84,7 +88,7 @@ def profile_cluster_rank(
 
     _maybe_stall(rank, "join")
     step({"phase": "joining"})
-    backend, device = _pick(backend)
+    backend, wire, device = _pick(backend)
     # Under the local launcher the launcher diagnoses a stuck rank after timeout_s; the
     # group's own timeout is a backstop that must not fire first (its error names no culprit).
     group_timeout = timeout_s if os.environ.get("PDV_PROGRESS_DIR") is None else 2 * timeout_s + 30
@@ -103,7 +107,7 @@ def profile_cluster_rank(
         devices: list[dict[str, Any]] | None = [{} for _ in range(world)] if rank == 0 else None
         dist.gather_object(mine, devices, dst=0)
         _maybe_stall(rank, "round")
-        results = measure_links(cfg, device, step)
+        results = measure_links(cfg, wire, step)
         step({"phase": "gathered"})
         if rank != 0:
             return None
@@ -126,9 +130,11 @@ def profile_cluster_rank(
         raise
     except Exception as exc:
         # A peer that died or stalled surfaces here as a gloo/nccl timeout or a closed socket.
+        peers = {last.get("src"), last.get("dst")} - {rank, None}
+        who = f"no answer from rank {peers.pop()}" if peers else "link measurement failed"
         raise PdvError(
-            f"rank {rank}: link measurement failed after {describe_event(last)}: "
-            f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            f"rank {rank}: {who} (last step: {describe_event(last)}; group timeout "
+            f"{group_timeout:g}s): {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
         ) from None
     finally:
         if dist.is_initialized():
