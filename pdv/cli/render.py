@@ -110,25 +110,70 @@ def _cluster(a: ClusterArtifact, console: Console) -> None:
 
 def _plan(a: Plan, console: Console) -> None:
     _provenance(a, console)
+    p = a.planner
+    gap = "-" if p.optimality_gap is None else f"{p.optimality_gap:.2%}"
+    console.print(
+        f"planner {p.name}  status {p.status}  gap {gap}  candidates {p.candidates}",
+        highlight=False,
+    )
     t = Table(
         title=f"plan ({a.planner.name}, {a.schedule}, mbs {a.micro_batch_size} x "
         f"{a.num_micro_batches} = {a.global_batch_size})"
     )
-    for col in ("stage", "layers", "ranks", "dp", "tp", "fsdp", "recompute"):
+    cols = ["stage", "layers", "ranks", "devices", "dp", "tp", "fsdp", "recompute"]
+    if a.predicted and a.predicted.stages:
+        cols += ["compute", "p2p", "collective", "peak mem"]
+    for col in cols:
         t.add_column(col)
     for i, s in enumerate(a.stages):
-        t.add_row(
+        devices = "-"
+        if a.devices:
+            kinds: dict[str, int] = {}
+            for r in s.ranks:
+                key = f"{a.devices[r].kind}@{a.devices[r].host}"
+                kinds[key] = kinds.get(key, 0) + 1
+            devices = ", ".join(f"{n}x {k}" for k, n in kinds.items())
+        row = [
             str(i),
             f"[{s.layers[0]}, {s.layers[1]})",
             str(s.ranks),
+            devices,
             str(s.dp),
             str(s.tp),
             str(s.fsdp),
-            str(s.recompute),
-        )
+            str(s.recompute) + (" (per layer)" if s.layer_sharding else ""),
+        ]
+        if a.predicted and len(a.predicted.stages) == len(a.stages):
+            sp = a.predicted.stages[i]
+            row += [
+                fmt_time(sp.compute_s),
+                fmt_time(sp.p2p_s),
+                fmt_time(sp.collective_s),
+                fmt_bytes(sp.peak_memory_bytes),
+            ]
+        t.add_row(*row)
     console.print(t)
-    if a.predicted:
-        console.print(f"predicted step time {fmt_time(a.predicted.step_time_s)}")
+    if not a.predicted:
+        console.print("no prediction (run pdv simulate to fill it in)")
+        return
+    bubble = a.predicted.bubble_fraction
+    console.print(
+        f"predicted step time {fmt_time(a.predicted.step_time_s)}"
+        + (f"  bubble {bubble:.1%}" if bubble is not None else "")
+    )
+    # A text timeline of the step: each stage's busy time (# compute, = p2p, ~ collectives)
+    # against the step time; the rest of the row is the stage's idle (bubble) time.
+    width = 60
+    step = a.predicted.step_time_s
+    for i, sp in enumerate(a.predicted.stages):
+        cells = [
+            ("#", sp.compute_s),
+            ("=", sp.p2p_s),
+            ("~", sp.collective_s),
+        ]
+        bar = "".join(ch * round(width * v / step) for ch, v in cells if step > 0)[:width]
+        console.print(f"  stage {i:<3d}|{bar.ljust(width, '.')}|", highlight=False)
+    console.print("  # compute  = p2p  ~ collectives  . idle", highlight=False)
 
 
 def _run_report(a: RunReport, console: Console) -> None:

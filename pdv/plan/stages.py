@@ -39,7 +39,7 @@ from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, in_fligh
 
 __all__ = ["MAX_CAPS", "GENERAL_LIMIT", "DPResult", "stage_dp", "choices_for"]
 
-MAX_CAPS = 256
+MAX_CAPS = 1024
 BIG_CAPS = 8
 """caps sampled per micro-batch size when the instance is big (more than BIG_WORK cells)"""
 BIG_WORK = 200_000
