@@ -163,3 +163,37 @@ def test_under_plain_torchrun_a_silent_peer_is_named(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "rank 0: no answer from rank 1" in done.stderr, done.stderr[-2000:]
     assert time.monotonic() - start < 5 + 30
+
+
+def test_device_kind_is_a_stable_slug() -> None:
+    from pdv.profile.hardware import device_kind
+
+    assert device_kind("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert device_kind("NVIDIA A100-SXM4-40GB") == "nvidia-a100-sxm4-40gb"
+
+
+def test_a_memory_cgroup_limit_sets_a_cpu_ranks_memory(tmp_path: Path) -> None:
+    """A rank inside a memory cgroup reports the limit (shared by its local ranks), not RAM."""
+    import os
+    import subprocess
+    import sys
+
+    line = next((ln for ln in Path("/proc/self/cgroup").read_text().splitlines()
+                 if ln.split(":")[1] == "memory"), None)
+    base = Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/") if line else None
+    if os.geteuid() != 0 or base is None or not (base / "memory.limit_in_bytes").exists():
+        pytest.skip("needs root and a cgroup v1 memory controller")
+    group = base / f"pdv-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(512 * 2**20))
+        code = (f"import os; open({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+                "from pdv.profile.hardware import memory_limit\n"
+                "import json; print(json.dumps(memory_limit(2)))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60, check=True)
+        memory, source = json.loads(done.stdout)
+        assert memory == 256 * 2**20
+        assert "cgroup limit" in source and group.name in source
+    finally:
+        group.rmdir()
