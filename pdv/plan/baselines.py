@@ -32,7 +32,10 @@ __all__ = ["hierarchy_links", "host_order", "hierarchy", "uniform", "pipedream",
 def _classes(cluster: ClusterArtifact) -> tuple[list[float], list[float], list[float], list[float]]:
     n = len(cluster.devices)
     bw, lat = cluster.links.bandwidth_Bps, cluster.links.latency_s
-    intra_b, inter_b, intra_a, inter_a = [], [], [], []
+    intra_b: list[float] = []
+    inter_b: list[float] = []
+    intra_a: list[float] = []
+    inter_a: list[float] = []
     for i in range(n):
         for j in range(n):
             if i == j:

@@ -168,11 +168,11 @@ def refine_stage(
     n_in = in_flight(problem.schedule, stages_to_end, num_micro)
     kinds = [k[0] for k in g.kinds]
     m = cp_model.CpModel()
-    x = {(i, o): m.NewBoolVar(f"x{i}_{o}") for i in layers for o in range(len(opts))}
+    x = {(i, o): m.new_bool_var(f"x{i}_{o}") for i in layers for o in range(len(opts))}
     for i in layers:
-        m.AddExactlyOne(x[i, o] for o in range(len(opts)))
+        m.add_exactly_one(x[i, o] for o in range(len(opts)))
         for o in range(len(opts)):
-            m.AddHint(x[i, o], o == base)
+            m.add_hint(x[i, o], o == base)
     big = (
         sum(max(_ns(t.fwd[k] + t.bwd[k]) for t in terms.values()) for k in kinds) * len(layers)
         + sum(max(_ns(v) for v in t.tp_f + t.tp_b) for t in terms.values())
@@ -182,22 +182,22 @@ def refine_stage(
     def lin(get) -> cp_model.LinearExpr:
         return sum(get(terms[i, o]) * x[i, o] for i in layers for o in range(len(opts)))
 
-    fwd = m.NewIntVar(0, big, "fwd")
-    bwd = m.NewIntVar(0, big, "bwd")
-    tpf = m.NewIntVar(0, big, "tp_f")
-    tpb = m.NewIntVar(0, big, "tp_b")
+    fwd = m.new_int_var(0, big, "fwd")
+    bwd = m.new_int_var(0, big, "bwd")
+    tpf = m.new_int_var(0, big, "tp_f")
+    tpb = m.new_int_var(0, big, "tp_b")
     for k in kinds:
-        m.Add(fwd >= lin(lambda t, k=k: _ns(t.fwd[k])))
-        m.Add(bwd >= lin(lambda t, k=k: _ns(t.bwd[k])))
+        m.add(fwd >= lin(lambda t, k=k: _ns(t.fwd[k])))
+        m.add(bwd >= lin(lambda t, k=k: _ns(t.bwd[k])))
     for r in range(len(g.tp_rings)):
-        m.Add(tpf >= lin(lambda t, r=r: _ns(t.tp_f[r])))
-        m.Add(tpb >= lin(lambda t, r=r: _ns(t.tp_b[r])))
+        m.add(tpf >= lin(lambda t, r=r: _ns(t.tp_f[r])))
+        m.add(tpb >= lin(lambda t, r=r: _ns(t.tp_b[r])))
     for kind, _sf, cap, over in g.kinds:
-        peak_t = m.NewIntVar(0, int(max(t.transient[kind] for t in terms.values())) + 1, "tr")
+        peak_t = m.new_int_var(0, int(max(t.transient[kind] for t in terms.values())) + 1, "tr")
         for i in layers:
             for o in range(len(opts)):
-                m.Add(peak_t >= int(terms[i, o].transient[kind])).OnlyEnforceIf(x[i, o])
-        m.Add(
+                m.add(peak_t >= int(terms[i, o].transient[kind])).only_enforce_if(x[i, o])
+        m.add(
             int(over)
             + lin(lambda t, k=kind: int(t.static[k]))
             + n_in * lin(lambda t, k=kind: int(t.live[k]))
@@ -215,25 +215,25 @@ def refine_stage(
         next_rank,
         [terms[i, base] for i in layers],
     )
-    m.Add(time <= _ns(ref.fwd_s + ref.bwd_s) + len(layers) * 4)
-    m.Add(
+    m.add(time <= _ns(ref.fwd_s + ref.bwd_s) + len(layers) * 4)
+    m.add(
         (num_micro - 1) * time + sync
         <= _ns((num_micro - 1) * (ref.fwd_s + ref.bwd_s) + ref.sync_s)
         + num_micro * len(layers) * 4
         + 8
     )
-    m.Minimize(num_micro * time + sync)
+    m.minimize(num_micro * time + sync)
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = 0
     solver.parameters.max_time_in_seconds = problem.time_limit_s
-    code = solver.Solve(m)
-    status = solver.StatusName(code)
+    code = solver.solve(m)
+    status = solver.status_name(code)
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return ShardingResult(spec, status, None)
-    obj, bound = solver.ObjectiveValue(), solver.BestObjectiveBound()
+    obj, bound = solver.objective_value, solver.best_objective_bound
     gap = abs(obj - bound) / abs(obj) if obj else 0.0
-    chosen = tuple(next(opts[o] for o in range(len(opts)) if solver.Value(x[i, o])) for i in layers)
+    chosen = tuple(next(opts[o] for o in range(len(opts)) if solver.value(x[i, o])) for i in layers)
     refined = _with_layers(spec, chosen)
     # Accept only when the float price agrees that it is no worse (rounding to ns can mislead).
     full = replace(refined, layer_choices=chosen)
@@ -247,19 +247,19 @@ def refine_stage(
 
 def _sync_var(m, g, layers, opts, terms, x, big):
     """Per-step sync ≥ each replica ring's DP all-reduce + FSDP reduce-scatter and all-gathers."""
-    sync = m.NewIntVar(0, 1 << 60, "sync")
+    sync = m.new_int_var(0, 1 << 60, "sync")
     if g.dp < 2:
-        m.Add(sync == 0)
+        m.add(sync == 0)
         return sync
     n = g.dp
     for alpha, beta, kind in g.dp_rings:
         used = {}
         for name in ("grads_dp", "grads_fsdp"):
-            used[name] = m.NewBoolVar(f"use_{name}")
+            used[name] = m.new_bool_var(f"use_{name}")
             for i in layers:
                 for o in range(len(opts)):
                     if getattr(terms[i, o], name)[kind] > 0:
-                        m.AddImplication(x[i, o], used[name])
+                        m.add_implication(x[i, o], used[name])
         steps = {"grads_dp": 2.0, "grads_fsdp": 1.0}
         expr = 0
         for name in ("grads_dp", "grads_fsdp", "params_fsdp"):
@@ -273,7 +273,7 @@ def _sync_var(m, g, layers, opts, terms, x, big):
         # α: 2(n−1) for the all-reduce, (n−1) for the reduce-scatter and 2·(n−1) for gathers
         expr += _ns(2 * (n - 1) * alpha) * used["grads_dp"]
         expr += _ns(3 * (n - 1) * alpha) * used["grads_fsdp"]
-        m.Add(sync >= expr)
+        m.add(sync >= expr)
     return sync
 
 

@@ -236,8 +236,8 @@ def _solve_pass(
                 better = vals < best
                 if np.any(better):
                     best = np.where(better, vals, best)
-                    for i in np.flatnonzero(better):
-                        choice[i] = (idx, int(ends[i]))
+                    for row in np.flatnonzero(better):
+                        choice[int(row)] = (idx, int(ends[row]))
             f[(k, a)] = best
             arg[(k, a)] = choice
     out = []
@@ -245,10 +245,12 @@ def _solve_pass(
         v = f.get((k, 0))
         if v is None or not np.isfinite(v[0]):
             continue
-        stages = []
+        stages: list[tuple[int, int, int, int, Choice]] = []
         i, a, kk = 0, 0, k
         while kk >= 1:
-            idx, j = arg[(kk, a)][i]  # type: ignore[misc]
+            step = arg[(kk, a)][i]
+            assert step is not None, "a finite DP value always has a recorded choice"
+            idx, j = step
             opt = by_pos[a][idx]
             stages.append((i, j, a, opt.g, opt.choice))
             i, a, kk = j, a + opt.g, kk - 1
@@ -283,7 +285,9 @@ def stage_dp(
     n_units = len(order) // unit
     bounds = atom_bounds(problem)
     L = len(bounds) - 1
-    modes: list[int | None] = [None] if n_units <= GENERAL_LIMIT else _equal_sizes(n_units)
+    modes: list[int | None] = (
+        [None] if n_units <= GENERAL_LIMIT else list[int | None](_equal_sizes(n_units))
+    )
     found: dict[tuple, Candidate] = {}
     exact = True
     evaluated = 0
