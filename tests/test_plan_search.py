@@ -15,7 +15,7 @@ from pdv.cost.stage import stage_cost
 from pdv.plan.evaluate import pipeline_objective, stage_prices
 from pdv.plan.groups import best_chain, chain_value, device_order, islands
 from pdv.plan.problem import Choice, PlanProblem, StageSpec
-from pdv.plan.search import search
+from pdv.plan.search import _refine, search
 from pdv.plan.stages import choices_for
 from tests.plan_fixtures import profile, random_instance, two_by_two
 
@@ -65,6 +65,13 @@ def test_dp_matches_brute_force(seed: int) -> None:
     assert result.exact
     assert found <= exhaustive * (1 + 1e-9), (found, exhaustive)
     assert found >= exhaustive * (1 - 1e-9)  # and the DP's value is a real plan's value
+    # CP-SAT's per-layer sharding may only improve the DP's pipeline under the same objective
+    refined, status, _gap = _refine(problem, result.candidates[0])
+    assert status in ("OPTIMAL", "FEASIBLE")
+    assert refined.objective_s <= found * (1 + 1e-9)
+    assert pipeline_objective(problem, refined.stages, refined.micro_batch_size) == pytest.approx(
+        refined.objective_s
+    )
 
 
 def test_chain_is_optimal_on_small_matrices() -> None:
@@ -156,3 +163,43 @@ def test_planner_send_agrees_with_stage_cost_for_single_rank_stages() -> None:
     )
     assert mine.send_s == pytest.approx(ref.send_s + ref.grad_send_s)
     assert mine.memory_bytes["gpu"] == pytest.approx(ref.peak_memory_bytes[1])
+
+
+def test_cp_sat_recomputes_only_the_layers_memory_needs() -> None:
+    GiB = 1 << 30
+    prof = profile(n_layers=4, param_bytes=1 << 20, act_bytes=GiB, out_bytes=1 << 20)
+    from tests.plan_fixtures import cluster
+
+    cl = cluster(["h0"], [[0.0]], memory=int(3.5 * GiB / 0.9))
+    problem = PlanProblem({"gpu": prof}, cl, 4, micro_batch_sizes=(1,), time_limit_s=5)
+    plan = search(problem, "pdv").plans[0]
+    (stage,) = plan.stages
+    assert stage.layer_sharding is not None, "uniform recompute left in place"
+    recomputed = [e["recompute"] for e in stage.layer_sharding]
+    assert sum(recomputed) == 2  # 4 GiB of activations, 3.5 GiB budget, 1 GiB transient
+    assert plan.planner.status == "OPTIMAL" and plan.planner.optimality_gap == 0
+    # the planner's price of the per-layer stage agrees with pdv.cost.stage's
+    from pdv.plan.sharding import layered_price
+
+    spec = StageSpec(
+        0,
+        4,
+        (0,),
+        Choice(1, False, stage.recompute),
+        tuple(Choice(1, False, r) for r in recomputed),
+    )
+    mine = layered_price(problem, spec, 1, 1, 4, None)
+    ref = stage_cost(
+        {"gpu": prof},
+        cl,
+        stage,
+        None,
+        mbs=1,
+        schedule="1F1B",
+        stage_index=0,
+        num_stages=1,
+        num_micro=4,
+    )
+    assert mine.fwd_s + mine.bwd_s == pytest.approx(ref.fwd_s + ref.bwd_s)
+    assert mine.memory_bytes["gpu"] == pytest.approx(ref.peak_memory_bytes[0])
+    assert mine.memory_bytes["gpu"] <= problem.capacity(0)
