@@ -10,7 +10,8 @@ rt(S) = c + S/β; the slope gives β, dominated by the large messages as bandwid
 round trip, S bytes forward and 1 byte back, on its own clock. The ack is the same for every S,
 so it moves only the intercept, never the slope: β is strictly the sender → receiver bandwidth,
 and an asymmetric link shows up as different β[i][j] and β[j][i] (row = sender). α is half the
-best 1-byte round trip (a tiny message each way; small-message latency taken as symmetric),
+best 1-byte round trip (a tiny message each way; small-message latency taken as symmetric; a
+larger message's round trip, where faster, bounds it better and is used instead),
 measured directly rather than read off the fit's intercept: the intercept of a line fitted to
 megabyte messages is not a latency (a token bucket's burst makes it negative, CPU noise makes it
 anything); it is kept in the artifact as `fit_intercept_s`. One-way time of S bytes: rt(S) − α.
@@ -71,6 +72,7 @@ class PairResult:
     dst: int
     round: int
     sizes: list[int]
+    rtt_s: list[float] = field(repr=False)  # best round trip per size (S forward, 1 B back)
     one_way_s: list[float] = field(repr=False)  # best round trip per size, minus the ack (α)
     median_one_way_s: list[float] = field(repr=False)
     rtt_1byte_s: float  # best 1-byte round trip
@@ -185,9 +187,12 @@ def _send_direction(p: _Peer, me: int, rnd: int, cfg: SweepConfig, report: Progr
     p.ctl.fill_(0)
     p.send(p.ctl)  # size 0 = sweep done
     c, beta, r2, how = fit_line(sizes, best)
-    alpha = best[0] / 2  # half the 1-byte round trip: see the module docstring
+    # Half the 1-byte round trip (see the module docstring). A round trip cannot get faster
+    # with size, so a larger message that came back sooner bounds it better: a noisy window
+    # (a rank descheduled on a shared CPU) during the 1-byte step then does not inflate α.
+    alpha = min(best) / 2
     return PairResult(
-        src=me, dst=p.peer, round=rnd, sizes=sizes,
+        src=me, dst=p.peer, round=rnd, sizes=sizes, rtt_s=best,
         one_way_s=[max(t - alpha, 0.0) for t in best],
         median_one_way_s=[max(t - alpha, 0.0) for t in medians],
         rtt_1byte_s=best[0], fit_intercept_s=c, alpha_s=alpha, bandwidth_Bps=beta, r2=r2,
@@ -263,6 +268,7 @@ def measurement_block(
         "one direction at a time (row = sender)",
         "one_way_time": "sender times S bytes forward + 1-byte ack back on its own clock; the ack "
         "moves only the intercept, not beta; alpha = half the best 1-byte round trip "
+        "(or of any larger message if that came back sooner) "
         "(small-message latency taken as symmetric); one-way(S) = rt(S) - alpha",
         "iterations": f"at least iters per size; cheap sizes repeated up to {_MAX_ITERS} times "
         f"or about {_BUDGET_S}s per size",
@@ -283,9 +289,13 @@ def measurement_block(
         "diagonal": "0 (a rank does not send to itself)",
         "r2_min": min(r2s) if r2s else None,
         "pairs": [
-            {k: v for k, v in asdict(r).items() if k not in ("one_way_s", "median_one_way_s")}
-            | {"one_way_s": [float(f"{t:.6g}") for t in r.one_way_s],
-               "median_one_way_s": [float(f"{t:.6g}") for t in r.median_one_way_s]}
+            {k: v for k, v in asdict(r).items() if not k.endswith("_s") or k == "alpha_s"}
+            | {k: [float(f"{t:.6g}") for t in getattr(r, k)]
+               for k in ("rtt_s", "one_way_s", "median_one_way_s")}
+            | {"rtt_1byte_s": r.rtt_1byte_s, "fit_intercept_s": r.fit_intercept_s,
+               # nccl-tests' algbw (bytes / time) of the largest message, round trip included:
+               # a lower bound next to the fitted β.
+               "algbw_largest_Bps": float(f"{r.sizes[-1] / r.rtt_s[-1]:.6g}")}
             for r in sorted(results, key=lambda r: (r.src, r.dst))
         ],
     }
