@@ -218,3 +218,33 @@ def test_saved_tensors_counts_input_not_weights() -> None:
         z2 = z.view(-1)  # a view of a saved tensor adds nothing
         z2.sum()
     assert relu.bytes() == y.numel() * 4
+
+
+def test_estimate_activation_bytes_match_korthikanti() -> None:
+    """A transformer block keeps about 34·s·b·h bytes in 16-bit for backward with a fused
+    attention (Korthikanti et al., 2022, eq. 2 without the 5·a·s²·b score term)."""
+    s, b, h = 512, 2, 1024
+    p = profile_model(ProfileRequest(
+        spec=f"{GPT}:gpt", kwargs=dict(n_layer=1, n_head=8, d_model=h, seq_len=s,
+                                       vocab_size=64),
+        micro_batch_sizes=(b,), estimate=True, dtype="bfloat16", device_flops=1e14,
+        device_bandwidth=1e12))
+    per_sbh = p.layers[1].activation_bytes / (s * b * h)
+    assert 25 < per_sbh < 40, per_sbh
+
+
+def test_estimate_scales_with_declared_device() -> None:
+    def block_time(flops: float) -> tuple[float, artifacts.ModelProfile]:
+        p = profile_model(ProfileRequest(
+            spec=f"{GPT}:gpt_13b", kwargs={"n_layer": 1}, micro_batch_sizes=(1,),
+            estimate=True, device="cuda", device_flops=flops, device_bandwidth=1e18,
+            device_kind="nvidia-a100-sxm4-80gb"))
+        return p.layers[1].fwd_s, p
+
+    slow, p = block_time(1e14)
+    fast, _ = block_time(2e14)
+    assert p.device.kind == "nvidia-a100-sxm4-80gb"
+    assert p.provenance.method == "estimated" and p.overhead_bytes == 0
+    # A 13B block is compute-bound: twice the FLOP rate, about half the time.
+    assert fast / slow == pytest.approx(0.5, rel=0.05)
+    assert slow == pytest.approx(p.layers[1].flops_fwd / 1e14, rel=0.1)

@@ -38,6 +38,10 @@ def profile_model_cmd(
         None, "--device-flops", help="With --estimate: FLOP/s of a device not at hand, "
         "instead of measuring this one."
     ),
+    device_bandwidth: float | None = typer.Option(
+        None, "--device-bandwidth", help="With --estimate: memory bandwidth (bytes/s) of a "
+        "device not at hand."
+    ),
     device_kind: str | None = typer.Option(
         None, "--device-kind", help="Record this device kind (to match a cluster's kind)."
     ),
@@ -65,6 +69,7 @@ def profile_model_cmd(
         optimizer=optimizer,
         estimate=estimate,
         device_flops=device_flops,
+        device_bandwidth=device_bandwidth,
         device_kind=device_kind,
         seed=seed,
     )

@@ -22,6 +22,7 @@ __all__ = [
     "fit_time",
     "matmul_throughput",
     "median_iqr",
+    "memory_bandwidth",
     "op_overhead",
     "resolve_device",
     "resolve_dtype",
@@ -146,6 +147,23 @@ def matmul_throughput(device: torch.device, dtype: torch.dtype = torch.float32,
         torch.mm(a, b)
     elapsed = clock.now() - start
     return 2.0 * n**3 * reps / elapsed
+
+
+def memory_bandwidth(device: torch.device, seconds: float = 0.3) -> float:
+    """Bytes/s of a large device-memory copy (read + write), beyond the caches."""
+    n = (256 if device.type == "cuda" else 32) * 2**20 // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    clock = Clock(device)
+    dst.copy_(src)
+    start = clock.now()
+    dst.copy_(src)
+    one = max(clock.now() - start, 1e-6)
+    reps = max(1, int(seconds / one))
+    start = clock.now()
+    for _ in range(reps):
+        dst.copy_(src)
+    return 2.0 * n * 4 * reps / (clock.now() - start)
 
 
 def op_overhead(device: torch.device, reps: int = 2000) -> float:

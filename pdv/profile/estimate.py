@@ -1,16 +1,17 @@
 """`pdv profile model --estimate`: a layer profile without running the layers on real data.
 
 The model is built on the meta device (no memory), and each layer's forward and backward run on
-meta tensors -- shapes only -- under ``FlopCounterMode`` and an op counter. Time is
+meta tensors -- shapes only -- under ``FlopCounterMode`` and an op log. Each launched op is
+priced by the roofline (Williams, Waterman and Patterson, CACM 2009) plus a launch floor:
 
-    t = FLOPs / matmul_throughput + ops · op_overhead
+    t_op = max(FLOPs / matmul_throughput, bytes_in_out / memory_bandwidth) + op_overhead
 
-with the throughput of a dense matmul measured on this device (or given as --device-flops for a
-device not at hand) and the per-op dispatch/launch cost measured here. Memory-bound work
-(norms, softmax, GELU) is priced only through the op floor, so the estimate is a lower bound on
-big layers and rough on tiny ones. Activation and output bytes come from the meta tensors that
-backward saves (attention on meta decomposes to its math form, which saves the attention
-matrix that a fused kernel would not). Layers with the same structure and input shape (a GPT's
+with a dense matmul's throughput and a large copy's bandwidth measured on this device (or given
+as --device-flops / --device-bandwidth for a device not at hand) and the dispatch cost of a
+1-element op measured here. Real kernels reach neither roof, so big layers come out fast and
+tiny ones rough. Attention is priced as one fused kernel (the math form that meta would run
+materializes the T x T matrix, which flash kernels never do). Activation and output bytes come
+from the meta tensors that backward saves. Layers with the same structure and input shape (a GPT's
 blocks) are traced once and reused, so a 96-block GPT-3 costs one block per point.
 """
 
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -31,6 +34,7 @@ from pdv.models import build_model
 from pdv.profile.compute import (
     device_info,
     matmul_throughput,
+    memory_bandwidth,
     op_overhead,
     resolve_device,
     resolve_dtype,
@@ -41,31 +45,128 @@ from pdv.profile.memory import OPTIMIZERS, SavedTensors, overhead_bytes, tensor_
 __all__ = ["estimate_profile"]
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops that launch work (views and metadata ops cost nothing)."""
+# Ops that launch no work over memory: views, detach, allocation without a fill.
+_FREE = frozenset({
+    torch.ops.aten.detach.default,
+    torch.ops.aten.empty.memory_format,
+    torch.ops.aten.empty_strided.default,
+    torch.ops.aten.empty_like.default,
+})
 
-    def __init__(self) -> None:
+
+# Gathers read only the rows they return, not the whole table they index into.
+_GATHER = frozenset({
+    torch.ops.aten.embedding.default,
+    torch.ops.aten.index_select.default,
+})
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
+class _OpLog(TorchDispatchMode):
+    """Records each launched aten op's FLOPs (read off an enclosing FlopCounterMode) and the
+    bytes of its tensor inputs and outputs -- what the roofline prices."""
+
+    def __init__(self, counter: FlopCounterMode) -> None:
         super().__init__()
-        self.ops = 0
+        self._counter = counter
+        self.ops: list[tuple[float, int]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if not func.is_view and func not in (torch.ops.aten.detach.default,):
-            self.ops += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        before = self._counter.get_total_flops()
+        out = func(*args, **kwargs)
+        if not func.is_view and func not in _FREE:
+            flops = float(self._counter.get_total_flops() - before)
+            if func in _GATHER:
+                moved = 2 * _nbytes(out) + _nbytes(args[1])
+            else:
+                moved = _nbytes(args) + _nbytes(kwargs) + _nbytes(out)
+            self.ops.append((flops, moved))
+        return out
+
+
+class _Phase:
+    """Which op log is collecting: the forward's, then the backward's."""
+
+    log: _OpLog | None = None
+
+
+class _FusedAttention(torch.autograd.Function):
+    """A fused (flash-style) attention for meta tensors: the shapes, FLOPs and bytes of one
+    kernel each way, instead of the math form that materializes the T x T matrix.
+
+    FLOPs follow FlashAttention-2 (Dao, 2023): forward 4·B·H·Tq·Tk·D, halved when causal;
+    backward 2.5x the forward. It saves q, k, v and the output, as the fused kernels do.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                phase: _Phase) -> torch.Tensor:
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        flops = 4.0 * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1] * (0.5 if causal else 1)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.flops, ctx.phase = flops, phase
+        if phase.log is not None:
+            phase.log.ops.append((flops, _nbytes((q, k, v, out))))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        q, k, v, out = ctx.saved_tensors
+        if ctx.phase.log is not None:
+            ctx.phase.log.ops.append((2.5 * ctx.flops, 2 * _nbytes((q, k, v, out))))
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), None, None
+
+
+class _FuseAttention(TorchFunctionMode):
+    """Routes maskless, dropout-free scaled_dot_product_attention to :class:`_FusedAttention`."""
+
+    def __init__(self, phase: _Phase) -> None:
+        super().__init__()
+        self._phase = phase
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and len(args) == 3 and set(kwargs) <= {
+                "is_causal"} and args[0].device.type == "meta":
+            return _FusedAttention.apply(*args, bool(kwargs.get("is_causal", False)),
+                                         self._phase)
+        return func(*args, **kwargs)
 
 
 @dataclass(frozen=True)
 class _Trace:
-    """What one layer's forward and backward on meta tensors cost."""
+    """What one layer's forward and backward launch on meta tensors: (FLOPs, bytes) per op."""
 
-    fwd_flops: float
-    fwd_ops: int
-    bwd_flops: float
-    bwd_ops: int
+    fwd_ops: tuple[tuple[float, int], ...]
+    bwd_ops: tuple[tuple[float, int], ...]
     saved_bytes: int
     output_bytes: int
     output_shape: tuple[int, ...]
     output_dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class _Device:
+    """The throughputs that price an op: t = max(FLOPs / flops, bytes / bandwidth) + per_op."""
+
+    flops: float
+    bandwidth: float
+    per_op: float
+
+    def seconds(self, ops: tuple[tuple[float, int], ...]) -> float:
+        """Roofline time of a sequence of ops (Williams et al., 2009), plus a per-op floor."""
+        return sum(max(f / self.flops, b / self.bandwidth) + self.per_op for f, b in ops)
 
 
 def _trace(layer: nn.Module, x: torch.Tensor, first: bool, last: bool,
@@ -73,17 +174,21 @@ def _trace(layer: nn.Module, x: torch.Tensor, first: bool, last: bool,
     """Run the layer's forward (and the loss if last) and backward on meta tensors."""
     x = x.detach().requires_grad_(not first and x.is_floating_point())
     saved = SavedTensors(exclude=list(layer.parameters()))
-    with saved.active(), FlopCounterMode(display=False) as fc, _OpCounter() as oc:
+    phase = _Phase()
+    with saved.active(), _FuseAttention(phase), FlopCounterMode(display=False) as fc, \
+            _OpLog(fc) as fwd:
+        phase.log = fwd
         out = layer(x)
         result = loss_fn(out, targets) if last else out
-    fwd_flops, fwd_ops = float(fc.get_total_flops()), oc.ops
     grad = None if last else torch.ones_like(result)
-    with FlopCounterMode(display=False) as fc, _OpCounter() as oc:
-        result.backward(grad)
+    with FlopCounterMode(display=False) as fc, _OpLog(fc) as bwd:
+        phase.log = bwd
+        if result.requires_grad:
+            result.backward(grad)
     for p in layer.parameters():
         p.grad = None
-    return _Trace(fwd_flops, fwd_ops, float(fc.get_total_flops()), oc.ops, saved.bytes(),
-                  tensor_bytes(out), tuple(out.shape), out.dtype)
+    return _Trace(tuple(fwd.ops), tuple(bwd.ops), saved.bytes(), tensor_bytes(out),
+                  tuple(out.shape), out.dtype)
 
 
 def _signature(layer: nn.Module, x: torch.Tensor, first: bool, last: bool) -> tuple[Any, ...]:
@@ -91,27 +196,49 @@ def _signature(layer: nn.Module, x: torch.Tensor, first: bool, last: bool) -> tu
     return (repr(layer), tuple(x.shape), x.dtype, first, last)
 
 
-def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> Any:
-    """Estimate a ModelProfile from FLOPs and bytes on the meta device (method "estimated")."""
-    dtype = resolve_dtype(req.dtype)
-    here = torch.device("cpu") if req.device_flops is not None else resolve_device(req.device)
+def _device(req: ProfileRequest, dtype: torch.dtype) -> tuple[_Device, torch.device, list[str]]:
+    """The roofline's throughputs: measured on this device, or given for one not at hand."""
+    declared = req.device_flops is not None
+    here = torch.device("cpu") if declared else resolve_device(req.device)
+    notes = []
     if req.device_flops is not None:
         if req.device_flops <= 0:
             raise PdvError(f"--device-flops {req.device_flops}: must be > 0 FLOP/s")
-        flops_rate = req.device_flops
-        flops_note = f"time = FLOPs / {flops_rate:.3g} FLOP/s given by --device-flops"
+        flops = req.device_flops
+        notes.append(f"FLOP rate {flops:.3g} FLOP/s given by --device-flops")
     else:
-        flops_rate = matmul_throughput(here, dtype)
-        flops_note = (f"time = FLOPs / {flops_rate:.3g} FLOP/s, a dense matmul measured on "
-                      f"this {here.type} device for ~0.5 s")
+        flops = matmul_throughput(here, dtype)
+        notes.append(f"FLOP rate {flops:.3g} FLOP/s: a dense {req.dtype} matmul measured on "
+                     f"this {here.type} device for ~0.5 s")
+    if req.device_bandwidth is not None:
+        if req.device_bandwidth <= 0:
+            raise PdvError(f"--device-bandwidth {req.device_bandwidth}: must be > 0 bytes/s")
+        bandwidth = req.device_bandwidth
+        notes.append(f"memory bandwidth {bandwidth:.3g} B/s given by --device-bandwidth")
+    elif declared:
+        bandwidth = float("inf")
+        notes.append("memory traffic not priced: --device-flops was given without "
+                     "--device-bandwidth")
+    else:
+        bandwidth = memory_bandwidth(here)
+        notes.append(f"memory bandwidth {bandwidth:.3g} B/s: a large copy measured on this "
+                     f"{here.type} device")
     per_op = op_overhead(here)
-    overhead, overhead_note = (0, "overhead_bytes: not measured (device not at hand)")
-    if req.device_flops is None:
-        overhead, overhead_note = overhead_bytes(here)
+    notes.append(f"per-op floor {per_op * 1e6:.3g} µs: a 1-element add timed on this "
+                 f"{here.type} device")
+    return _Device(flops, bandwidth, per_op), here, notes
 
+
+def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> Any:
+    """Estimate a ModelProfile from FLOPs and bytes on the meta device (method "estimated")."""
+    dtype = resolve_dtype(req.dtype)
     with torch.device("meta"):
         model = build_model(req.spec, req.kwargs, req.seed)
     tps = _check(req, model)
+    rate, here, device_notes = _device(req, dtype)
+    overhead, overhead_note = (0, "overhead_bytes: not measured (device not at hand)")
+    if req.device_flops is None:
+        overhead, overhead_note = overhead_bytes(here)
     mbss = tuple(sorted(set(req.micro_batch_sizes)))
     meta = torch.device("meta")
     layers = [layer.to(dtype=dtype) for _, layer in model.layers]
@@ -140,12 +267,12 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
                 if tr is None:
                     tr = cache[key] = _trace(layer, h, i == 0, i == n - 1, model.loss_fn,
                                              targets)
-                pts.append(Point(fwd=[tr.fwd_flops / flops_rate + tr.fwd_ops * per_op],
-                                 bwd=[tr.bwd_flops / flops_rate + tr.bwd_ops * per_op],
+                pts.append(Point(fwd=[rate.seconds(tr.fwd_ops)], bwd=[rate.seconds(tr.bwd_ops)],
                                  param_bytes=sum(p.numel() * p.element_size()
                                                  for p in layer.parameters()),
                                  activation_bytes=tr.saved_bytes,
-                                 output_bytes=tr.output_bytes, flops_fwd=tr.fwd_flops))
+                                 output_bytes=tr.output_bytes,
+                                 flops_fwd=sum(f for f, _ in tr.fwd_ops)))
                 h = torch.empty(tr.output_shape, dtype=tr.output_dtype, device=meta)
                 done += 1
                 if progress:
@@ -153,12 +280,14 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
             points[(tp, m)] = pts
 
     notes = [
-        "estimated on the meta device: FlopCounterMode counts forward and backward FLOPs per "
-        "layer; an op counter counts launched aten ops",
-        flops_note,
-        f"plus {per_op * 1e6:.3g} µs per op (a 1-element add timed on this {here.type} device)",
-        "activation_bytes: distinct non-parameter tensors saved for backward on meta "
-        "(attention in its math form); output_bytes from the output's shape",
+        "estimated on the meta device, nothing run on data: every launched aten op of each "
+        "layer's forward and backward is priced by the roofline, max(FLOPs / FLOP rate, "
+        "bytes in+out / bandwidth), plus a per-op floor; FLOPs from FlopCounterMode",
+        *device_notes,
+        "scaled_dot_product_attention is priced as one fused (flash-style) kernel each way: "
+        "4·B·H·T²·D FLOPs forward (half when causal), 2.5x that backward, q/k/v/out traffic",
+        "activation_bytes: distinct non-parameter tensors saved for backward on meta; "
+        "output_bytes from the output's shape",
         f"optimizer_bytes: {req.optimizer} at {OPTIMIZERS[req.optimizer]} bytes per parameter",
         overhead_note,
         f"{len(cache)} layer traces for {total} (layer, point) pairs: layers with the same "
@@ -168,9 +297,8 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
     kind = req.device_kind
     if kind is None and req.device_flops is not None:
         kind = req.device
-    info = device_info(here, flops_rate, kind)
+    info = device_info(here, rate.flops, kind)
     if req.device_flops is not None:
-        info = info.model_copy(update={"name": f"{kind} (declared {flops_rate:.3g} FLOP/s)"})
+        info = info.model_copy(update={"name": f"{kind} (declared {rate.flops:.3g} FLOP/s)"})
     return assemble(req, model, info, points, tps, mbss, dtype, overhead,
                     Provenance(method="estimated", notes=notes), None)
-

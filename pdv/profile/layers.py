@@ -79,6 +79,8 @@ class ProfileRequest:
     estimate: bool = False
     device_flops: float | None = None
     """--estimate only: scale FLOPs by this throughput instead of measuring this device's."""
+    device_bandwidth: float | None = None
+    """--estimate only: memory bandwidth (bytes/s) of a device not at hand."""
     device_kind: str | None = None
     """Override the device kind recorded (to match a cluster's kind for a device not at hand)."""
     seed: int = 0
@@ -154,9 +156,9 @@ def profile_model(req: ProfileRequest, progress: Progress | None = None) -> Mode
         from pdv.profile.estimate import estimate_profile
 
         return estimate_profile(req, progress)
-    if req.device_flops is not None:
-        raise PdvError("--device-flops only applies with --estimate (measured times need no "
-                       "scaling)")
+    if req.device_flops is not None or req.device_bandwidth is not None:
+        raise PdvError("--device-flops/--device-bandwidth only apply with --estimate "
+                       "(measured times need no scaling)")
     return _measure_profile(req, progress)
 
 
