@@ -32,8 +32,9 @@ def mlp(n_layer: int = 4, dim: int = 64, expansion: int = 4, in_dim: int = 32) -
     n_blocks = n_layer
 
     def make_batch(mbs: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(mbs, in_dim, generator=gen)
-        return x, torch.randn(mbs, in_dim, generator=gen)
+        # Explicitly on CPU so a factory called under `with torch.device("meta")` still works.
+        x = torch.randn(mbs, in_dim, generator=gen, device="cpu")
+        return x, torch.randn(mbs, in_dim, generator=gen, device="cpu")
 
     def tp_plan(index: int, layer: nn.Module) -> dict:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel

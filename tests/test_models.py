@@ -162,3 +162,13 @@ def test_gpt_tp_plan_matches_unsharded_block() -> None:
         errors = dict(out)
     assert sorted(errors) == [0, 1]
     assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("spec", TRAINABLE)
+def test_builds_on_meta_and_batches_stay_on_cpu(spec: str) -> None:
+    """--estimate builds under torch.device("meta"); batches must still be real CPU tensors."""
+    with torch.device("meta"):
+        model = _build(spec)
+        x, y = model.make_batch(2, torch.Generator().manual_seed(0))
+    assert all(p.device.type == "meta" for _, layer in model.layers for p in layer.parameters())
+    assert x.device.type == y.device.type == "cpu" and x.shape[0] == y.shape[0] == 2
