@@ -108,6 +108,18 @@ def _cluster(a: ClusterArtifact, console: Console) -> None:
         console.print(t)
 
 
+def _ranks_text(ranks: list[int]) -> str:
+    # Runs of consecutive ranks as a-b, so a 64-rank stage fits in a cell.
+    if len(ranks) <= 4:
+        return str(ranks)
+    runs, start = [], ranks[0]
+    for prev, cur in zip(ranks, ranks[1:] + [None], strict=True):
+        if cur != prev + 1 if cur is not None else True:
+            runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return f"{len(ranks)}: " + ",".join(runs)
+
+
 def _plan(a: Plan, console: Console) -> None:
     _provenance(a, console)
     p = a.planner
@@ -130,13 +142,14 @@ def _plan(a: Plan, console: Console) -> None:
         if a.devices:
             kinds: dict[str, int] = {}
             for r in s.ranks:
-                key = f"{a.devices[r].kind}@{a.devices[r].host}"
-                kinds[key] = kinds.get(key, 0) + 1
-            devices = ", ".join(f"{n}x {k}" for k, n in kinds.items())
+                kinds[a.devices[r].kind] = kinds.get(a.devices[r].kind, 0) + 1
+            hosts = sorted({a.devices[r].host for r in s.ranks})
+            where = hosts[0] if len(hosts) == 1 else f"{len(hosts)} hosts"
+            devices = ", ".join(f"{n}x {k}" for k, n in kinds.items()) + f" on {where}"
         row = [
             str(i),
             f"[{s.layers[0]}, {s.layers[1]})",
-            str(s.ranks),
+            _ranks_text(s.ranks),
             devices,
             str(s.dp),
             str(s.tp),
