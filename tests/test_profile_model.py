@@ -89,8 +89,13 @@ def test_memory_scales_with_micro_batch(tiny_profile: artifacts.ModelProfile) ->
 
 
 def test_tp_degrees_profiled_at_shard_shapes() -> None:
+    calls: list[tuple[str, int, int]] = []
     p = profile_model(ProfileRequest(spec=f"{GPT}:gpt_tiny", micro_batch_sizes=(1, 2),
-                                     tp_degrees=(2,), warmup=1, repeat=3))
+                                     tp_degrees=(2,), warmup=1, repeat=3),
+                      progress=lambda what, done, total: calls.append((what, done, total)))
+    # Progress: one report per round (2 TP x 2 mbs x 4 rounds) plus one per point, monotonic.
+    assert calls[-1][1] == calls[-1][2] == 16
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls)
     assert p.tp_degrees == [1, 2]
     block = p.layers[1]
     by = {(s.tp_degree, s.micro_batch_size): s for s in block.samples}
@@ -248,3 +253,17 @@ def test_estimate_scales_with_declared_device() -> None:
     # A 13B block is compute-bound: twice the FLOP rate, about half the time.
     assert fast / slow == pytest.approx(0.5, rel=0.05)
     assert slow == pytest.approx(p.layers[1].flops_fwd / 1e14, rel=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_profile_on_cuda(tmp_path: Path) -> None:
+    out = tmp_path / "cuda.json"
+    r = run_pdv("profile", "model", f"{GPT}:gpt_tiny", "--device", "cuda", "--tp-degrees", "1,2",
+                "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    p = artifacts.load_as(out, "model-profile")
+    assert p.device.kind.startswith("nvidia-") and " " not in p.device.kind
+    assert all(x.fwd_s > 0 and x.bwd_s > 0 for x in p.layers)
+    assert all(x.activation_bytes > 0 for x in p.layers[1:])
+    assert p.overhead_bytes > 0
