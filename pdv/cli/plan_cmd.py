@@ -74,7 +74,10 @@ def plan(
     ),
     schedule: str = typer.Option("1F1B", "--schedule", help="GPipe or 1F1B."),
     time_limit: float = typer.Option(
-        10.0, "--time-limit", min=0.01, help="CP-SAT time limit per stage, seconds."
+        10.0,
+        "--time-limit",
+        min=0.01,
+        help="CP-SAT limit per stage, in its deterministic time (about seconds).",
     ),
     planner: str = typer.Option("pdv", "--planner", help="pdv | hierarchy | uniform | pipedream"),
     compare: bool = typer.Option(False, "--compare", help="Run every planner, side by side."),

@@ -14,9 +14,9 @@ between k = 1 and k = T needs no transfer.
 CP-SAT works on integers: times are scaled to integer nanoseconds and bytes stay bytes. The
 model minimizes the stage's busy time M·t + sync subject to peak memory ≤ capacity·(1 − margin)
 and t, (M−1)·t + sync no larger than the DP's uniform choice (given as a hint), so a refined
-stage can only improve the pipeline objective. One worker and a fixed seed keep it
-deterministic. The solver status and the relative gap (objective − bound) / objective are
-reported.
+stage can only improve the pipeline objective. One worker, a fixed seed and a limit in
+CP-SAT's deterministic time (not wall clock) keep it deterministic. The solver status and the
+relative gap (objective − bound) / objective are reported.
 """
 
 from __future__ import annotations
@@ -226,7 +226,10 @@ def refine_stage(
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = 0
-    solver.parameters.max_time_in_seconds = problem.time_limit_s
+    # The limit is CP-SAT's deterministic time (work units calibrated to about a second), so a
+    # run stopped by it stops at the same point on any machine; wall clock only as a backstop.
+    solver.parameters.max_deterministic_time = problem.time_limit_s
+    solver.parameters.max_time_in_seconds = 10 * problem.time_limit_s
     code = solver.solve(m)
     status = solver.status_name(code)
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
