@@ -31,7 +31,8 @@ from pdv.profile.network import (
 __all__ = ["describe_event", "profile_cluster_rank", "rank_env"]
 
 # Test hook: PDV_TEST_STALL_RANK=r makes rank r stop answering at PDV_TEST_STALL_AT
-# ("join": before it joins the group; "round": at the first round). Used to prove the timeout.
+# ("join": before it joins the group; "round": at the first round), or die there
+# ("exit-join", "exit-round"). Used to prove that a stuck or dead rank is named.
 _STALL_RANK, _STALL_AT = "PDV_TEST_STALL_RANK", "PDV_TEST_STALL_AT"
 
 
@@ -43,7 +44,12 @@ def rank_env() -> tuple[int, int] | None:
 
 
 def _maybe_stall(rank: int, where: str) -> None:
-    if os.environ.get(_STALL_RANK) == str(rank) and os.environ.get(_STALL_AT, "round") == where:
+    if os.environ.get(_STALL_RANK) != str(rank):
+        return
+    at = os.environ.get(_STALL_AT, "round")
+    if at == f"exit-{where}":
+        os._exit(3)  # a crash: the rank is gone without a word
+    if at == where:
         while True:
             time.sleep(3600)
 

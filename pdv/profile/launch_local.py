@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -173,9 +174,14 @@ def _ranks(ranks: list[int]) -> str:
 
 
 def _tail(log: Path) -> str:
+    """What went wrong, from torchrun's log: the root-cause rank and exit code where it has them."""
     try:
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        text = log.read_text(errors="replace")
     except OSError:
         return "(no log)"
+    cause = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", text, re.S)
+    if cause:
+        return f"rank {cause.group(1)} exited first, with code {cause.group(2)}"
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "error" in ln.lower()]
     return (errors or lines or ["(empty log)"])[-1].strip()[:300]
