@@ -8,12 +8,13 @@ k) with micro-batch size m runs each replica on m / dp samples. Per micro-batch 
   recompute adds one forward to the backward;
 - TP (Megatron): two all-reduces of the layer output in forward and two in backward, on the
   slowest replica's ring (pdv.cost.comm);
-- FSDP: an all-gather of the layer's parameters in forward and again in backward, on the
-  replicas' ring;
 - transfer: the output of layer hi−1 (m/dp samples per replica) to the next stage and its
-  gradient back, over the link between the last rank of R and the first rank of the next stage.
+  gradient back, over the link between the last rank of R and the first rank of the next stage
+  (the DP knows only where the next stage starts; the simulator then prices every replica's
+  actual transfers, as pdv.cost.stage does — the two agree for single-rank stages).
 
-Per step: the gradient sync over the replicas' ring (all-reduce; reduce-scatter with FSDP).
+Per step: the gradient sync over the replicas' slowest ring: an all-reduce of the grads, or with
+FSDP a reduce-scatter of the grads and two all-gathers of the params (pdv.cost.stage's rule).
 Memory per rank: pdv.cost.compute.stage_memory_bytes' formula (state, in-flight activations).
 The same arrays serve the scalar price (:func:`stage_price`) and the DP's vectorized tables
 (:func:`stage_table`), and a test checks they agree.
