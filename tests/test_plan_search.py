@@ -203,3 +203,23 @@ def test_cp_sat_recomputes_only_the_layers_memory_needs() -> None:
     assert mine.fwd_s + mine.bwd_s == pytest.approx(ref.fwd_s + ref.bwd_s)
     assert mine.memory_bytes["gpu"] == pytest.approx(ref.peak_memory_bytes[0])
     assert mine.memory_bytes["gpu"] <= problem.capacity(0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dp_tables_agree_with_scalar_price(seed: int) -> None:
+    from pdv.plan.costs import stage_price, stage_table
+
+    profiles, cluster, batch = random_instance(random.Random(seed))
+    problem = PlanProblem(profiles, cluster, batch)
+    ranks = tuple(device_order(cluster))
+    L = problem.num_layers
+    for ch in choices_for(problem, len(ranks), 2):
+        tab = stage_table(problem, ranks, 2, ch)
+        for lo in range(L):
+            for hi in range(lo + 1, L + 1):
+                for to_end in (1, 3):
+                    p = stage_price(problem, ranks, lo, hi, 2, ch, to_end, batch // 2, None)
+                    assert tab.time[lo, hi] == pytest.approx(p.fwd_s + p.bwd_s)
+                    assert tab.sync[lo, hi] == pytest.approx(p.sync_s)
+                    fits = tab.max_in_flight[lo, hi] >= min(to_end, batch // 2)
+                    assert fits == p.fits
