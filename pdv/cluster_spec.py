@@ -317,6 +317,8 @@ def declare_cluster(
         _check_keys(ov, {"src", "dst", "link", "latency", "bandwidth", "symmetric"}, where)
         src = layout.select(_get(ov, "src", where), f"{where}.src")
         dst = layout.select(_get(ov, "dst", where), f"{where}.dst")
+        o_lat: float | None
+        o_bw: float | None
         if "link" in ov:
             if ov["link"] not in classes:
                 raise PdvError(f"{where}.link: unknown link class {ov['link']!r}")
