@@ -5,7 +5,6 @@ the time = a + b·micro_batch fit, and a dense matmul throughput probe.
 from __future__ import annotations
 
 import platform
-import re
 import time
 from collections.abc import Sequence
 
@@ -63,10 +62,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -78,12 +73,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def device_info(device: torch.device, matmul_flops: float | None,
+def device_info(device: torch.device, matmul_flops: float | None = None,
                 kind: str | None = None) -> DeviceInfo:
-    """The profile's device. CPU is kind "cpu"; CUDA is a slug of the device name."""
+    """The profile's device. CPU is kind "cpu"; CUDA is a slug of the device name.
+
+    matmul_flops defaults to the same probe ``pdv profile cluster`` runs on every rank
+    (pdv.profile.hardware.matmul_flops), so a profile and a cluster compare like with like.
+    """
+    from pdv.profile.hardware import device_kind
+    from pdv.profile.hardware import matmul_flops as cluster_probe
+
+    if matmul_flops is None:
+        matmul_flops = cluster_probe(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return DeviceInfo(kind=kind or _slug(name), name=name, matmul_flops=matmul_flops)
+        return DeviceInfo(kind=kind or device_kind(name), name=name, matmul_flops=matmul_flops)
     return DeviceInfo(kind=kind or "cpu", name=_cpu_name(), matmul_flops=matmul_flops)
 
 
@@ -131,8 +135,12 @@ def fit_time(micro_batch_sizes: Sequence[int], times: Sequence[float]) -> TimeFi
 
 
 def matmul_throughput(device: torch.device, dtype: torch.dtype = torch.float32,
-                      seconds: float = 0.5) -> float:
-    """Dense square matmul FLOP/s on this device, timed for about `seconds` after a warm-up."""
+                      seconds: float = 0.5, trials: int = 5) -> float:
+    """Dense square matmul FLOP/s on this device: the best of `trials` runs over ~`seconds`.
+
+    The best, not the mean: on a shared machine a neighbour's burst only ever slows a trial
+    down, so the fastest trial is the closest to what the device can do.
+    """
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -141,12 +149,14 @@ def matmul_throughput(device: torch.device, dtype: torch.dtype = torch.float32,
     start = clock.now()
     torch.mm(a, b)
     one = max(clock.now() - start, 1e-6)
-    reps = max(1, int(seconds / one))
-    start = clock.now()
-    for _ in range(reps):
-        torch.mm(a, b)
-    elapsed = clock.now() - start
-    return 2.0 * n**3 * reps / elapsed
+    reps = max(1, int(seconds / trials / one))
+    best = 0.0
+    for _ in range(trials):
+        start = clock.now()
+        for _ in range(reps):
+            torch.mm(a, b)
+        best = max(best, 2.0 * n**3 * reps / (clock.now() - start))
+    return best
 
 
 def memory_bandwidth(device: torch.device, seconds: float = 0.3) -> float:

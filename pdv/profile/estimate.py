@@ -297,7 +297,9 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
     kind = req.device_kind
     if kind is None and req.device_flops is not None:
         kind = req.device
-    info = device_info(here, rate.flops, kind)
+    # A declared device's speed is the declared rate; a device at hand gets the cluster probe,
+    # like a measured profile, so the planner's speed ratios compare like with like.
+    info = device_info(here, rate.flops if req.device_flops is not None else None, kind)
     if req.device_flops is not None:
         info = info.model_copy(update={"name": f"{kind} (declared {rate.flops:.3g} FLOP/s)"})
     return assemble(req, model, info, points, tps, mbss, dtype, overhead,

@@ -41,7 +41,6 @@ from pdv.profile.compute import (
     Clock,
     device_info,
     fit_time,
-    matmul_throughput,
     median_iqr,
     resolve_device,
     resolve_dtype,
@@ -297,7 +296,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
         _check(req, build_model(req.spec, req.kwargs, req.seed))
     # The matmul probe doubles as the warm-up that loads kernels and libraries, so the overhead
     # read right after it (before any model tensor exists) is the runtime's constant cost.
-    flops = matmul_throughput(device, dtype)
+    info = device_info(device, kind=req.device_kind)
     overhead, overhead_note = overhead_bytes(device)
     model = build_model(req.spec, req.kwargs, req.seed)
     tps = _check(req, model)
@@ -357,8 +356,8 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
         + ", per micro-batch, including the layer's input where backward keeps it",
         f"optimizer_bytes: {req.optimizer} at {OPTIMIZERS[req.optimizer]} bytes per parameter",
         overhead_note,
-        f"matmul_flops: {'4096' if device.type == 'cuda' else '1024'}^3 {req.dtype} matmul "
-        "timed for ~0.5 s",
+        "matmul_flops: the probe pdv profile cluster runs on every rank "
+        "(pdv.profile.hardware.matmul_flops), so profile and cluster speeds compare",
         "time fits: least squares over the micro-batch sizes, per TP degree",
     ]
     if threads is not None:
@@ -366,8 +365,8 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     if len(tps) > 1:
         notes.append("TP > 1: layers timed at the local shard shapes of model.tp_shard on one "
                      "device; TP collectives are not included (the planner prices them on links)")
-    return assemble(req, model, device_info(device, flops, req.device_kind), points, tps, mbss,
-                    dtype, overhead, Provenance(method="measured", notes=notes), whole_timing)
+    return assemble(req, model, info, points, tps, mbss, dtype, overhead,
+                    Provenance(method="measured", notes=notes), whole_timing)
 
 
 def assemble(req: ProfileRequest, model: ModelDef, device: Any,
