@@ -27,6 +27,7 @@ import hashlib
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -235,8 +236,7 @@ class _Layout:
                 for kind, n in devices.items():
                     self.host_of += [h] * n
                     self.kind_of += [kind] * n
-        dupes = {n for n in self.host_names if self.host_names.count(n) > 1} if len(
-            self.host_names) < 2000 else set()
+        dupes = [name for name, k in Counter(self.host_names).items() if k > 1]
         if dupes:
             raise PdvError(f"spec.hosts: host name {sorted(dupes)[0]!r} is used twice; "
                            "put {i} in the group's name")
