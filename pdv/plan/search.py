@@ -198,9 +198,9 @@ def _tightest(problem: PlanProblem) -> str:
     order = device_order(problem.cluster.links)
     n, L = len(order), problem.num_layers
     best: tuple[float, str] | None = None
-    mbs = min(problem.mbs_options())
-    M = problem.global_batch // mbs
-    for pp in range(1, min(n, L) + 1):
+    layouts = [(mbs, pp) for mbs in problem.mbs_options() for pp in range(1, min(n, L) + 1)]
+    for mbs, pp in layouts:
+        M = problem.global_batch // mbs
         if n % pp:
             continue
         width = n // pp
@@ -226,7 +226,8 @@ def _tightest(problem: PlanProblem) -> str:
                     msg = (
                         f"no plan fits in memory: tightest is stage {s} (layers "
                         f"[{spec.lo}, {spec.hi})) on rank {rank} ({kind}), {over:,.0f} bytes "
-                        f"over its {problem.capacity(rank):,.0f}-byte budget with pp={pp} "
+                        f"({over / 2**30:.1f} GiB) over its {problem.capacity(rank):,.0f}-byte "
+                        f"budget with pp={pp} "
                         f"tp={tp} dp={width // tp} fsdp={ch.fsdp} recompute={ch.recompute} "
                         f"micro-batch {mbs}; add devices, lower --memory-margin, or use a "
                         f"smaller model or micro-batch"
