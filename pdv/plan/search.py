@@ -225,9 +225,9 @@ def _tightest(problem: PlanProblem) -> str:
                     )
                     msg = (
                         f"no plan fits in memory: tightest is stage {s} (layers "
-                        f"[{spec.lo}, {spec.hi})) on rank {rank} ({kind}), {over:,.0f} bytes "
-                        f"({over / 2**30:.1f} GiB) over its {problem.capacity(rank):,.0f}-byte "
-                        f"budget with pp={pp} "
+                        f"[{spec.lo}, {spec.hi})) on rank {rank} ({kind}): {over:,.0f} bytes "
+                        f"over its {problem.capacity(rank):,.0f}-byte budget "
+                        f"({over / 2**30:.1f} GiB too much) with pp={pp} "
                         f"tp={tp} dp={width // tp} fsdp={ch.fsdp} recompute={ch.recompute} "
                         f"micro-batch {mbs}; add devices, lower --memory-margin, or use a "
                         f"smaller model or micro-batch"
