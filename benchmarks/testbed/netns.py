@@ -144,8 +144,12 @@ class Testbed:
         cleanup_leftovers(self.prefix)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def namespace(self, name: str) -> Namespace:
@@ -165,8 +169,20 @@ class Testbed:
         a_addr += str(k * 4 % 256 + 1)
         b_addr += str(k * 4 % 256 + 2)
         a_dev, b_dev = f"pv{self.tag}{k}a", f"pv{self.tag}{k}b"
-        _ip("link", "add", a_dev, "netns", a.name, "type", "veth", "peer", "name", b_dev,
-            "netns", b.name)
+        _ip(
+            "link",
+            "add",
+            a_dev,
+            "netns",
+            a.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_dev,
+            "netns",
+            b.name,
+        )
         for ns, dev, addr in ((a, a_dev, a_addr), (b, b_dev, b_addr)):
             _ip("-n", ns.name, "addr", "add", f"{addr}/30", "dev", dev)
             _ip("-n", ns.name, "link", "set", dev, "up")
@@ -174,32 +190,57 @@ class Testbed:
         self.veths.append(veth)
         return veth
 
-    def shape(self, ns: Namespace, dev: str, rate: str, burst: str = "32kbit",
-              latency: str = "50ms") -> None:
+    def shape(
+        self, ns: Namespace, dev: str, rate: str, burst: str = "32kbit", latency: str = "50ms"
+    ) -> None:
         """Limit `dev`'s egress in `ns` with a token bucket (tc tbf): rate like '100mbit'."""
         subprocess.run(
-            ns.argv(["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
-                     "burst", burst, "latency", latency]),
-            check=True, capture_output=True, text=True, timeout=30,
+            ns.argv(
+                [
+                    "tc",
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    rate,
+                    "burst",
+                    burst,
+                    "latency",
+                    latency,
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
 
     def qdiscs(self, ns: Namespace) -> str:
         """`tc qdisc show` inside a namespace (what is shaped)."""
-        return subprocess.run(ns.argv(["tc", "qdisc", "show"]), capture_output=True, text=True,
-                              check=True, timeout=30).stdout
+        return subprocess.run(
+            ns.argv(["tc", "qdisc", "show"]), capture_output=True, text=True, check=True, timeout=30
+        ).stdout
 
-    def run(self, ns: Namespace, command: Sequence[str], **kwargs: object
-            ) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, ns: Namespace, command: Sequence[str], **kwargs: object
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command inside a namespace and wait for it (text output captured)."""
         opts: dict[str, object] = {"capture_output": True, "text": True, "timeout": 120, **kwargs}
         return subprocess.run(ns.argv(command), **opts)  # type: ignore[call-overload]
 
-    def popen(self, ns: Namespace, command: Sequence[str], env: dict[str, str] | None = None,
-              **kwargs: object) -> subprocess.Popen[bytes]:
+    def popen(
+        self,
+        ns: Namespace,
+        command: Sequence[str],
+        env: dict[str, str] | None = None,
+        **kwargs: object,
+    ) -> subprocess.Popen[bytes]:
         """Start a command inside a namespace; it is killed (with its children) on close."""
         full_env = {**os.environ, **(env or {})}
-        proc = subprocess.Popen(ns.argv(command), env=full_env, start_new_session=True,
-                                **kwargs)  # type: ignore[call-overload]
+        proc = subprocess.Popen(ns.argv(command), env=full_env, start_new_session=True, **kwargs)  # type: ignore[call-overload]
         self.procs.append(proc)
         return proc
 
@@ -227,5 +268,8 @@ class Testbed:
     def root_devices(self) -> list[str]:
         """Links in the root namespace that carry this testbed's veth names (should be none)."""
         out = _ip("-o", "link", "show", check=False).stdout
-        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()
-                if f"pv{self.tag}" in line]
+        return [
+            line.split(":")[1].strip().split("@")[0]
+            for line in out.splitlines()
+            if f"pv{self.tag}" in line
+        ]
