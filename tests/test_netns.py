@@ -83,6 +83,8 @@ def test_veth_shaped_to_100mbit_is_measured_within_20_percent(testbed: netns.Tes
     testbed.shape(a, link.a_dev, "100mbit", burst="32kbit", latency="50ms")
     testbed.shape(b, link.b_dev, "100mbit", burst="32kbit", latency="50ms")
     assert "rate 100Mbit" in testbed.qdiscs(a)
+    shown = testbed.run(a, ["ip", "-4", "-o", "addr", "show", link.a_dev]).stdout
+    assert f"{link.a_addr}/30" in shown  # each veth has its own private /30
     data = _profile(testbed, [(a, link.a_dev, 1), (b, link.b_dev, 1)], link.a_addr,
                     tmp_path / "c.json", tmp_path)
     bw = data["links"]["bandwidth_Bps"]
