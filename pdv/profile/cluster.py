@@ -20,6 +20,7 @@ from pdv import artifacts
 from pdv.artifacts import ClusterArtifact, ClusterDevice, Links, Provenance
 from pdv.errors import PdvError
 from pdv.profile.hardware import probe_device
+from pdv.profile.launch_local import PROGRESS_ENV
 from pdv.profile.network import (
     Progress,
     SweepConfig,
@@ -97,7 +98,7 @@ def profile_cluster_rank(
     backend, wire, device = _pick(backend)
     # Under the local launcher the launcher diagnoses a stuck rank after timeout_s; the
     # group's own timeout is a backstop that must not fire first (its error names no culprit).
-    group_timeout = timeout_s if os.environ.get("PDV_PROGRESS_DIR") is None else 2 * timeout_s + 30
+    group_timeout = timeout_s if os.environ.get(PROGRESS_ENV) is None else 2 * timeout_s + 30
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=group_timeout))
     except Exception as exc:

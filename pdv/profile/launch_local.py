@@ -31,7 +31,14 @@ import psutil
 
 from pdv.errors import PdvError
 
-__all__ = ["Heartbeat", "free_port", "heartbeat_from_env", "kill_tree", "launch_local"]
+__all__ = [
+    "PROGRESS_ENV",
+    "Heartbeat",
+    "free_port",
+    "heartbeat_from_env",
+    "kill_tree",
+    "launch_local",
+]
 
 PROGRESS_ENV = "PDV_PROGRESS_DIR"
 
