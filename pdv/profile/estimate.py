@@ -40,7 +40,13 @@ from pdv.profile.compute import (
     resolve_dtype,
 )
 from pdv.profile.layers import Point, ProfileRequest, Progress, _check, assemble
-from pdv.profile.memory import OPTIMIZERS, SavedTensors, overhead_bytes, tensor_bytes
+from pdv.profile.memory import (
+    OPTIMIZERS,
+    SavedTensors,
+    overhead_bytes,
+    param_bytes,
+    tensor_bytes,
+)
 
 __all__ = ["estimate_profile"]
 
@@ -268,8 +274,7 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
                     tr = cache[key] = _trace(layer, h, i == 0, i == n - 1, model.loss_fn,
                                              targets)
                 pts.append(Point(fwd=[rate.seconds(tr.fwd_ops)], bwd=[rate.seconds(tr.bwd_ops)],
-                                 param_bytes=sum(p.numel() * p.element_size()
-                                                 for p in layer.parameters()),
+                                 param_bytes=param_bytes(layer),
                                  activation_bytes=tr.saved_bytes,
                                  output_bytes=tr.output_bytes,
                                  flops_fwd=sum(f for f, _ in tr.fwd_ops)))

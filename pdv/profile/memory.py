@@ -24,6 +24,7 @@ __all__ = [
     "OPTIMIZERS",
     "SavedTensors",
     "cuda_saved_bytes",
+    "grad_bytes",
     "optimizer_state_bytes",
     "overhead_bytes",
     "param_bytes",
