@@ -1,5 +1,6 @@
 """Timing primitives for layer profiles: the device, a synchronizing clock, robust statistics,
-the time = a + b·micro_batch fit, and a dense matmul throughput probe.
+the time = a + b·micro_batch fit, and the device probes the estimator prices ops with (dense
+matmul throughput, copy bandwidth, per-op dispatch cost).
 """
 
 from __future__ import annotations
