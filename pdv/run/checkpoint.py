@@ -30,7 +30,8 @@ class Checkpointer:
                  optimizer: torch.optim.Optimizer, max_steps: int = 100_000) -> None:
         self.folder = Path(folder) if folder else None
         self.every = every
-        self.modules = [modules[i] for i in sorted(modules)]
+        # One container so keys read stage<i>.<layer>...: unique across ranks and stages.
+        self.modules = nn.ModuleDict({f"stage{i}": modules[i] for i in sorted(modules)})
         self.optimizer = optimizer
         self.max_steps = max_steps
 
@@ -46,7 +47,9 @@ class Checkpointer:
         tt[: len(times)] = torch.tensor(times, dtype=torch.float64)
         return {
             "model": model_sd,
-            "optim": optim_sd,
+            # Optimizer state tensors only: hyperparameters (param_groups) come from the command
+            # line, so nothing but tensors travels through the checkpoint.
+            "optim": {"state": optim_sd["state"]},
             f"rank{rank}_losses": lt,
             f"rank{rank}_times": tt,
             "step": torch.tensor([step], dtype=torch.int64),
@@ -72,13 +75,15 @@ class Checkpointer:
         if self.folder is None or not (self.folder / "latest").is_file():
             return 0, [], []
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         name = (self.folder / "latest").read_text().strip()
         state = self._state([], [], 0)
         dcp.load(state, checkpoint_id=str(self.folder / name))
+        _, live = get_state_dict(self.modules, self.optimizer)
         set_state_dict(self.modules, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+                       optim_state_dict={"state": state["optim"]["state"],
+                                         "param_groups": live["param_groups"]})
         step = int(state["step"][0])
         rank = dist.get_rank()
         losses = state[f"rank{rank}_losses"][:step].tolist()

@@ -179,11 +179,31 @@ def _finish(plan: Plan, dims: ParallelDims, args: argparse.Namespace, rank: int,
     write(args.report, report)
 
 
+def _init_process_group(backend: str) -> None:
+    """Join the run; after a torchrun restart, under a fresh store prefix.
+
+    With a static rendezvous the agent's store outlives a restart, and the previous attempt's
+    keys (old gloo addresses) would be read again; a prefix per attempt keeps attempts apart.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend)
+        return
+    from datetime import timedelta
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timedelta(seconds=300))
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"pdv/attempt{attempt}", store),
+        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry under torchrun; a PdvError is one line on stderr and exit code 2."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    _init_process_group("nccl" if use_cuda else "gloo")
     try:
         train(args)
     except PdvError as exc:
