@@ -381,6 +381,10 @@ def write(path: str | os.PathLike[str], artifact: BaseModel, compact: bool = Fal
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; an artifact is meant to be shared, so honour the umask instead.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

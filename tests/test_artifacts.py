@@ -117,3 +117,10 @@ def test_help_and_version():
     assert result.returncode == 0 and "profile" in result.stdout
     version = run_pdv("--version")
     assert version.returncode == 0 and version.stdout.startswith("pdv ")
+
+
+def test_written_artifact_is_readable_by_others(tmp_path):
+    path = artifacts.write(tmp_path / "c.json", artifacts.parse(MINIMAL_CLUSTER))
+    umask = artifacts.os.umask(0)
+    artifacts.os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
