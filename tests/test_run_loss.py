@@ -86,3 +86,14 @@ def test_interleaved_matches_too(tmp_path: Path, reference: list[float]) -> None
                   "n_layer=2", "--report", str(report))
     assert res.returncode == 0, res.stderr[-3000:]
     assert_close(json.loads(report.read_text())["loss"], reference)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_layer_sharding_matches_too(tmp_path: Path, reference: list[float]) -> None:
+    # Stage 0: embed replicated inside the TP group with recompute, block0 TP-sharded.
+    stages = [dict(s) for s in PLANS["pp2xtp2"]]
+    stages[0]["layer_sharding"] = [{"tp": 1, "recompute": True}, {"tp": 2}]
+    stages[1]["layer_sharding"] = [{"recompute": True}, {}]
+    plan = write_plan(tmp_path / "ls.json", stages)
+    assert_close(run_losses(tmp_path, plan), reference)

@@ -12,6 +12,7 @@ import socket
 import sys
 
 from pdv.artifacts import Plan
+from pdv.cost.stage import layer_choices
 from pdv.errors import PdvError
 from pdv.models import build_model, load_factory
 from pdv.run.dims import ParallelDims
@@ -29,6 +30,8 @@ def check_plan(plan: Plan, opts: RunOptions) -> ParallelDims:
     model = build_model(spec, kwargs, opts.seed)
     dims = ParallelDims.from_plan(plan, len(model.layers))
     check_tp_support(model, list(plan.stages), spec)
+    for stage in plan.stages:
+        layer_choices(stage)
     host_slots(plan)
     if opts.optimizer not in OPTIMIZERS:
         raise PdvError(f"--optimizer {opts.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pdv.artifacts import PlanStage
+from pdv.cost.stage import layer_choices
 from pdv.errors import PdvError
 from pdv.models import ModelDef
 
@@ -45,6 +46,7 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
     itself, as the different-width executor does); FSDP is applied either way.
     """
     start, end = stage.layers
+    choices = layer_choices(stage)
     module = model.sequential(start, end)
     module.to(device)
     if stage.tp > 1:
@@ -55,23 +57,28 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
         for index in range(start, end):
             layer = module[index - start]
             plan = model.tp_plan(index, layer)
-            if plan:
+            # tp 1 in layer_sharding: the layer stays replicated inside the TP group.
+            if plan and choices[index - start].tp > 1:
                 parallelize_module(layer, tp_mesh, plan)
-    if stage.recompute:
+    if any(c.recompute for c in choices):
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
             checkpoint_wrapper,
         )
 
-        for index in range(end - start):
-            module[index] = checkpoint_wrapper(module[index])
+        for k, c in enumerate(choices):
+            if c.recompute:
+                module[k] = checkpoint_wrapper(module[k])
     if stage.dp == 1:
         return module
-    if stage.fsdp:
+    if any(c.fsdp for c in choices):
         from torch.distributed.fsdp import fully_shard
 
+        # Layers marked fsdp are their own units; the rest fall into the stage's root unit,
+        # so a stage with any FSDP layer shards all of its parameters.
         dp_mesh = mesh["dp"]
-        for layer in module:
-            fully_shard(layer, mesh=dp_mesh)
+        for k, c in enumerate(choices):
+            if c.fsdp:
+                fully_shard(module[k], mesh=dp_mesh)
         fully_shard(module, mesh=dp_mesh)
         return module
     if not sync_replicas:

@@ -162,6 +162,7 @@ class WidthPipeline:
         self.bwd_in = [] if self.last else grad_routes_in(dims, stage, r, t)
         self.bwd_out = [] if self.first else grad_routes_out(dims, stage, r, t)
         self.dp_group = meshes.stage_mesh[stage]["dp"].get_group() if spec.dp > 1 else None
+        # modules() lists the root first: its sync flags cover every FSDP unit below it.
         self.fsdp = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
         for m in self.fsdp:
             m.set_gradient_divide_factor(1.0)  # replicas sum (see "Loss and gradients")
@@ -233,8 +234,8 @@ class WidthPipeline:
             else:
                 inp, out = saved.pop(m)
                 if self.fsdp:
-                    self.fsdp[-1].set_requires_gradient_sync(m == nmb - 1)
-                    self.fsdp[-1].set_is_last_backward(m == nmb - 1)
+                    self.fsdp[0].set_requires_gradient_sync(m == nmb - 1)
+                    self.fsdp[0].set_is_last_backward(m == nmb - 1)
                 if self.last:
                     out.backward()
                 else:

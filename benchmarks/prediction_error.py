@@ -1,0 +1,86 @@
+"""Predicted against measured step time for 3 plans of gpt_small on 4 CPU ranks.
+
+    OMP_NUM_THREADS=1 python benchmarks/prediction_error.py [--out DIR] [--steps 6]
+
+Pipeline (all through the real CLI): `pdv profile model` (gpt_small, one thread, as each rank
+runs) and `pdv profile cluster` (4 ranks) once; then three plans: the pdv planner's best, the
+uniform (Megatron-style) baseline, and a hand-written pp=2 x dp=2 plan priced by `pdv simulate`.
+Each is run with `pdv run`, and the table shows predicted, measured and
+|predicted - measured| / measured. Exits 1 when any error passes --tolerance. Artifacts stay in
+--out (reused when present: delete the folder to re-profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "sample_models/gpt.py:gpt_small"
+
+
+def pdv(*args: str) -> None:
+    """Run one pdv command; its failure is the benchmark's failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "pdv", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"pdv {' '.join(args)} failed:\n{res.stderr[-3000:]}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("/tmp/pdv-prediction-error"))
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--tolerance", type=float, default=0.10)
+    a = ap.parse_args()
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    profile, cluster = out / "profile.json", out / "cluster.json"
+    if not profile.exists():
+        pdv("profile", "model", MODEL, "--micro-batch-sizes", "1,2,4", "--tp-degrees", "1,2",
+            "-o", str(profile))
+    if not cluster.exists():
+        pdv("profile", "cluster", "--nproc-per-node", "4", "-o", str(cluster))
+    gb = a.global_batch
+    plans = {"pdv": out / "plan-pdv.json", "uniform": out / "plan-uniform.json",
+             "pp2xdp2 (simulated)": out / "plan-pp2xdp2.json"}
+    for name in ("pdv", "uniform"):
+        if not plans[name].exists():
+            pdv("plan", str(profile), "--cluster", str(cluster), "--global-batch", str(gb),
+                "--planner", name, "-o", str(plans[name]))
+    hand = out / "hand-pp2xdp2.json"
+    hand.write_text(json.dumps({
+        "schema": "pdv.plan/v1", "micro_batch_size": 4, "num_micro_batches": gb // 4,
+        "global_batch_size": gb, "schedule": "1F1B",
+        "stages": [{"layers": [0, 7], "ranks": [0, 1], "dp": 2},
+                   {"layers": [7, 14], "ranks": [2, 3], "dp": 2}]}))
+    pdv("simulate", str(hand), "-p", str(profile), "-c", str(cluster), "-o",
+        str(plans["pp2xdp2 (simulated)"]))
+    rows, worst = [], 0.0
+    for name, path in plans.items():
+        report = out / f"report-{path.stem}.json"
+        pdv("run", str(path), "--model", MODEL, "--steps", str(a.steps), "--report", str(report))
+        plan = json.loads(path.read_text())
+        rep = json.loads(report.read_text())
+        pred = plan["predicted"]["step_time_s"]
+        meas = rep["measured"]["step_time_s"]
+        err = abs(pred - meas) / meas
+        worst = max(worst, err)
+        shape = " | ".join(f"{s['layers']}x{s['dp']}dp{s['tp']}tp" for s in plan["stages"])
+        rows.append((name, shape, pred, meas, rep["measured"]["step_time_spread_s"], err))
+    print(f"{'plan':<22}{'predicted':>11}{'measured':>11}{'IQR':>9}{'error':>8}  stages")
+    for name, shape, pred, meas, iqr, err in rows:
+        print(f"{name:<22}{pred * 1e3:>8.0f} ms{meas * 1e3:>8.0f} ms{iqr * 1e3:>6.0f} ms"
+              f"{err:>8.1%}  {shape}")
+    print(f"worst error {worst:.1%} (tolerance {a.tolerance:.0%}); artifacts in {out}")
+    return 0 if worst <= a.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
