@@ -15,7 +15,7 @@ from pdv.cost.stage import stage_cost
 from pdv.plan.evaluate import pipeline_objective, stage_prices
 from pdv.plan.groups import best_chain, chain_value, device_order, islands
 from pdv.plan.problem import Choice, PlanProblem, StageSpec
-from pdv.plan.search import _refine, search
+from pdv.plan.search import PLANNERS, _refine, pdv_orders, search
 from pdv.plan.stages import choices_for
 from tests.plan_fixtures import profile, random_instance, two_by_two
 
@@ -26,7 +26,12 @@ def _compositions(n: int, parts: int):
         yield [(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def brute_force(problem: PlanProblem, order: list[int]) -> float:
+def brute_force(problem: PlanProblem, orders: list[list[int]]) -> float:
+    """Best J over brute_force_order for each device order pdv searches."""
+    return min(brute_force_order(problem, order) for order in orders)
+
+
+def brute_force_order(problem: PlanProblem, order: list[int]) -> float:
     """Best J over every layer split × contiguous device slices (unused tail allowed) × choice."""
     L, n = problem.num_layers, len(order)
     best = float("inf")
@@ -42,7 +47,7 @@ def brute_force(problem: PlanProblem, order: list[int]) -> float:
                                 StageSpec(lo, hi, g, c)
                                 for (lo, hi), g, c in zip(layers, groups, chs, strict=True)
                             ]
-                            best = min(best, pipeline_objective(problem, stages, mbs))
+                            best = min(best, pipeline_objective(problem, stages, mbs, order))
     return best
 
 
@@ -51,15 +56,12 @@ def brute_force(problem: PlanProblem, order: list[int]) -> float:
 def test_dp_matches_brute_force(seed: int) -> None:
     profiles, cluster, batch = random_instance(random.Random(seed))
     problem = PlanProblem(profiles, cluster, batch, micro_batch_sizes=(1, 2), time_limit_s=2)
-    order = device_order(cluster)
-    exhaustive = brute_force(problem, order)
+    exhaustive = brute_force(problem, pdv_orders(problem))
     if exhaustive == float("inf"):
         with pytest.raises(Exception, match="no plan fits"):
             search(problem, "pdv")
         return
-    from pdv.plan.stages import stage_dp
-
-    result = stage_dp(problem, order, islands(cluster.links))
+    result = PLANNERS["pdv"](problem)
     assert result.candidates, "brute force found a plan the DP missed"
     found = result.candidates[0].objective_s
     assert result.exact
@@ -69,9 +71,9 @@ def test_dp_matches_brute_force(seed: int) -> None:
     refined, status, _gap = _refine(problem, result.candidates[0])
     assert status in ("OPTIMAL", "FEASIBLE")
     assert refined.objective_s <= found * (1 + 1e-9)
-    assert pipeline_objective(problem, refined.stages, refined.micro_batch_size) == pytest.approx(
-        refined.objective_s
-    )
+    assert pipeline_objective(
+        problem, refined.stages, refined.micro_batch_size, refined.order
+    ) == pytest.approx(refined.objective_s)
 
 
 def test_chain_is_optimal_on_small_matrices() -> None:
@@ -101,7 +103,7 @@ def _plan_time(problem: PlanProblem, planner: str) -> float:
 
 
 def test_inverted_network_beats_hierarchy() -> None:
-    prof = {"gpu": profile(param_bytes=256 << 20)}
+    prof = {"gpu": profile(param_bytes=256 << 20, out_bytes=32 << 20)}
     inverted = PlanProblem(prof, two_by_two(intra=1e9, inter=1e10), 8, time_limit_s=5)
     pdv, hier = _plan_time(inverted, "pdv"), _plan_time(inverted, "hierarchy")
     assert hier / pdv >= 1.5, (pdv, hier)

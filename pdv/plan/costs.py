@@ -215,12 +215,34 @@ def _sync_of(
     return _ring(alpha, beta, g.dp, grads, 2.0)
 
 
-def _send(links: Links, src: int, dst: int | None, nbytes: float) -> float:
-    if dst is None or dst == src or nbytes <= 0:
+def send_pairs(ranks: tuple[int, ...], following: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Who sends to whom: the x-th rank of a stage to the x-th device after it in the order.
+
+    That is the simulator's pairing (replica r, TP shard u → the same replica and shard of the
+    next stage) whenever the next stage has this stage's layout; the DP does not know the next
+    stage's layout yet, so it prices this pairing (as the scalar price does, for agreement).
+    """
+    return [(s, d) for s, d in zip(ranks, following, strict=False) if s != d]
+
+
+def send_time(links: Links, pairs: list[tuple[int, int]], nbytes: np.ndarray) -> np.ndarray:
+    """Activations over every pair and gradients back, each direction paced by its worst pair."""
+    fwd = np.zeros_like(nbytes)
+    bwd = np.zeros_like(nbytes)
+    for s, d in pairs:
+        a1, b1 = link(links, s, d)
+        a2, b2 = link(links, d, s)
+        fwd = np.maximum(fwd, a1 + nbytes / b1)
+        bwd = np.maximum(bwd, a2 + nbytes / b2)
+    return np.where(nbytes > 0, fwd + bwd, 0.0)
+
+
+def _send(
+    links: Links, ranks: tuple[int, ...], following: tuple[int, ...] | None, nbytes: float
+) -> float:
+    if not following or nbytes <= 0:
         return 0.0
-    a1, b1 = link(links, src, dst)
-    a2, b2 = link(links, dst, src)
-    return a1 + nbytes / b1 + a2 + nbytes / b2
+    return float(send_time(links, send_pairs(ranks, following), np.array([nbytes]))[0])
 
 
 def stage_price(
@@ -232,7 +254,7 @@ def stage_price(
     choice: Choice,
     stages_to_end: int,
     num_micro: int,
-    next_rank: int | None,
+    following: tuple[int, ...] | None,
 ) -> StagePrice:
     """Price one stage with one choice for all its layers (the reference for the DP tables)."""
     g = _group(problem, ranks, choice.tp)
@@ -261,7 +283,7 @@ def stage_price(
         grads = np.array([arr.grads[sl].sum()])
         params = np.array([arr.params[sl].sum()])
         sync = max(sync, float(_sync_of(g, alpha, beta, grads, params, choice.fsdp)[0]))
-    send = _send(problem.net, ranks[-1], next_rank, out_last)
+    send = _send(problem.net, ranks, following, out_last)
     return StagePrice(fwd_c + tp_f, bwd_c + tp_b, send, sync, memory, capacity)
 
 

@@ -148,11 +148,32 @@ def best_chain(weight: np.ndarray) -> list[int]:
 _CHAIN_CACHE: dict[bytes, list[int]] = {}
 
 
-def device_order(cluster: ClusterArtifact | Links, ratio: float = ISLAND_RATIO) -> list[int]:
-    """Global ranks in pipeline order: islands chained by bandwidth, devices chained inside."""
-    links = cluster.links if isinstance(cluster, ClusterArtifact) else cluster
-    sym = symmetric_bandwidth(links)
-    parts = islands(links, ratio)
+def _islands_of(sym: np.ndarray, ranks: list[int], ratio: float) -> list[list[int]]:
+    sub = sym[np.ix_(ranks, ranks)]
+    n = len(ranks)
+    best = sub.max(axis=1) if n > 1 else np.zeros(1)
+    strong = sub >= ratio * np.minimum.outer(best, best)
+    np.fill_diagonal(strong, False)
+    seen = [False] * n
+    out: list[list[int]] = []
+    for start in range(n):
+        if seen[start]:
+            continue
+        seen[start] = True
+        stack, comp = [start], []
+        while stack:
+            i = stack.pop()
+            comp.append(ranks[i])
+            for j in np.flatnonzero(strong[i]):
+                if not seen[j]:
+                    seen[j] = True
+                    stack.append(int(j))
+        out.append(sorted(comp))
+    return out
+
+
+def _chain_order(sym: np.ndarray, ranks: list[int], ratio: float) -> list[int]:
+    parts = _islands_of(sym, ranks, ratio)
     inner = [[part[k] for k in best_chain(sym[np.ix_(part, part)])] for part in parts]
     k = len(parts)
     between = np.zeros((k, k))
@@ -163,4 +184,28 @@ def device_order(cluster: ClusterArtifact | Links, ratio: float = ISLAND_RATIO) 
     order: list[int] = []
     for idx in best_chain(between):
         order.extend(inner[idx])
+    return order
+
+
+def device_order(
+    cluster: ClusterArtifact | Links,
+    ratio: float = ISLAND_RATIO,
+    slowness: Sequence[float] | None = None,
+) -> list[int]:
+    """Global ranks in pipeline order: islands chained by bandwidth, devices chained inside.
+
+    With `slowness` (time multiplier per rank), devices are first split into speed classes,
+    fastest first, and each class is chained on its own: slow devices gather at the end of the
+    order, where a pipeline may leave them unused.
+    """
+    links = cluster.links if isinstance(cluster, ClusterArtifact) else cluster
+    sym = symmetric_bandwidth(links)
+    ranks = list(range(sym.shape[0]))
+    if slowness is None:
+        return _chain_order(sym, ranks, ratio)
+    classes = sorted({round(float(x), 6) for x in slowness})
+    order: list[int] = []
+    for c in classes:
+        members = [r for r in ranks if round(float(slowness[r]), 6) == c]
+        order.extend(_chain_order(sym, members, ratio))
     return order

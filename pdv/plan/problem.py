@@ -62,6 +62,8 @@ class Candidate:
     objective_s: float
     search: str = "pdv"
     """which generator produced it (pdv, hierarchy, uniform, pipedream)"""
+    order: tuple[int, ...] = ()
+    """the device order the stages were cut from (transfers are paired along it)"""
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: the caches key on the problem object

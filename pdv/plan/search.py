@@ -13,23 +13,58 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from pdv.artifacts import ClusterArtifact, ModelProfile, Plan, Planner, Provenance, digest
+from pdv.cost.compute import speed_factor
 from pdv.errors import PdvError
 from pdv.plan import baselines
 from pdv.plan.costs import stage_price
-from pdv.plan.evaluate import pipeline_objective, plan_stage
+from pdv.plan.evaluate import followers, pipeline_objective, plan_stage
 from pdv.plan.groups import device_order, islands
 from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec
 from pdv.plan.sharding import refine_stage
-from pdv.plan.stages import DPResult, stage_dp
+from pdv.plan.stages import DPResult, rank_key, stage_dp
 
-__all__ = ["PLANNERS", "SearchResult", "search", "check_profiles", "plan_provenance"]
+__all__ = [
+    "PLANNERS",
+    "SearchResult",
+    "search",
+    "check_profiles",
+    "plan_provenance",
+    "pdv_orders",
+]
 
 Progress = Callable[[str], None]
 
 
+def pdv_orders(problem: PlanProblem) -> list[list[int]]:
+    """Device orders the pdv stage DP runs on (named generators, duplicates dropped).
+
+    - ``bandwidth``: islands chained to maximize neighbour bandwidth (pdv.plan.groups);
+    - ``speed-first``: the same, per speed class, fastest class first, so a pipeline can leave
+      slow devices in the unused tail.
+    """
+    slowness = [speed_factor(problem.profile_of(d.rank), d) for d in problem.cluster.devices]
+    orders = [
+        device_order(problem.cluster.links),
+        device_order(problem.cluster.links, slowness=slowness),
+    ]
+    unique: list[list[int]] = []
+    for order in orders:
+        if order not in unique:
+            unique.append(order)
+    return unique
+
+
 def _pdv(problem: PlanProblem) -> DPResult:
-    order = device_order(problem.cluster.links)
-    return stage_dp(problem, order, islands(problem.cluster.links), search="pdv")
+    parts = islands(problem.cluster.links)
+    runs = [stage_dp(problem, order, parts, search="pdv") for order in pdv_orders(problem)]
+    found: dict[tuple, Candidate] = {}
+    for run in runs:
+        for cand in run.candidates:
+            key = (cand.micro_batch_size, cand.stages)
+            if key not in found or found[key].objective_s > cand.objective_s:
+                found[key] = cand
+    ranked = sorted(found.values(), key=rank_key)
+    return DPResult(ranked, all(r.exact for r in runs), sum(r.evaluated for r in runs))
 
 
 PLANNERS: dict[str, Callable[[PlanProblem], DPResult]] = {
@@ -39,7 +74,7 @@ PLANNERS: dict[str, Callable[[PlanProblem], DPResult]] = {
     "pipedream": baselines.pipedream,
 }
 _REFINED = {"pdv", "hierarchy"}
-REFINE_TOP = 3
+REFINE_TOP = 10
 """candidates refined and simulated on clusters up to REFINE_ALL_LIMIT devices (1 beyond)"""
 REFINE_ALL_LIMIT = 32
 
@@ -90,14 +125,14 @@ def _refine(problem: PlanProblem, cand: Candidate) -> tuple[Candidate, str, floa
     stages = list(cand.stages)
     statuses, gaps = [], []
     M = cand.num_micro_batches
-    for s, spec in enumerate(stages):
-        nxt = stages[s + 1].ranks[0] if s + 1 < len(stages) else None
+    pairs = zip(cand.stages, followers(cand.stages, cand.order), strict=True)
+    for s, (spec, nxt) in enumerate(pairs):
         res = refine_stage(problem, spec, cand.micro_batch_size, len(stages) - s, M, nxt)
         stages[s] = res.stage
         statuses.append(res.status)
         if res.gap is not None:
             gaps.append(res.gap)
-    j = pipeline_objective(problem, stages, cand.micro_batch_size)
+    j = pipeline_objective(problem, stages, cand.micro_batch_size, cand.order)
     status = (
         "OPTIMAL"
         if all(x == "OPTIMAL" for x in statuses)
@@ -215,7 +250,7 @@ def _tightest(problem: PlanProblem) -> str:
             ]
             worst: tuple[float, str] | None = None
             for s, spec in enumerate(stages):
-                nxt = stages[s + 1].ranks[0] if s + 1 < pp else None
+                nxt = tuple(order[(s + 1) * width :]) if s + 1 < pp else None
                 price = stage_price(problem, spec.ranks, spec.lo, spec.hi, mbs, ch, pp - s, M, nxt)
                 for kind, mem in price.memory_bytes.items():
                     over = mem - price.capacity_bytes[kind]

@@ -100,7 +100,7 @@ def _price_from(
     mbs: int,
     stages_to_end: int,
     num_micro: int,
-    next_rank: int | None,
+    following: tuple[int, ...] | None,
     terms: list[_Terms],
 ) -> StagePrice:
     g = _group(problem, spec.ranks, spec.choice.tp)
@@ -126,7 +126,7 @@ def _price_from(
         pf = np.array([sum(t.params_fsdp[kind] for t in terms)])
         s = _sync_of(g, alpha, beta, gd, pf * 0, False) + _sync_of(g, alpha, beta, gf, pf, True)
         sync = max(sync, float(s[0]))
-    send = _send(problem.net, spec.ranks[-1], next_rank, terms[-1].out)
+    send = _send(problem.net, spec.ranks, following, terms[-1].out)
     return StagePrice(fwd + tp_f, bwd + tp_b, send, sync, memory, capacity)
 
 
@@ -136,7 +136,7 @@ def layered_price(
     mbs: int,
     stages_to_end: int,
     num_micro: int,
-    next_rank: int | None,
+    following: tuple[int, ...] | None,
 ) -> StagePrice:
     """Price a stage whose layers carry their own choices (spec.layer_choices)."""
     assert spec.layer_choices is not None and len(spec.layer_choices) == spec.hi - spec.lo
@@ -144,7 +144,7 @@ def layered_price(
         _terms(problem, spec, mbs, i, ch)
         for i, ch in zip(range(spec.lo, spec.hi), spec.layer_choices, strict=True)
     ]
-    return _price_from(problem, spec, mbs, stages_to_end, num_micro, next_rank, terms)
+    return _price_from(problem, spec, mbs, stages_to_end, num_micro, following, terms)
 
 
 def _ns(x: float) -> int:
@@ -157,7 +157,7 @@ def refine_stage(
     mbs: int,
     stages_to_end: int,
     num_micro: int,
-    next_rank: int | None,
+    following: tuple[int, ...] | None,
 ) -> ShardingResult:
     """Choose per-layer sharding for one stage with CP-SAT (never worse than the DP's choice)."""
     g = _group(problem, spec.ranks, spec.choice.tp)
@@ -212,7 +212,7 @@ def refine_stage(
         mbs,
         stages_to_end,
         num_micro,
-        next_rank,
+        following,
         [terms[i, base] for i in layers],
     )
     m.add(time <= _ns(ref.fwd_s + ref.bwd_s) + len(layers) * 4)
@@ -240,7 +240,7 @@ def refine_stage(
     refined = _with_layers(spec, chosen)
     # Accept only when the float price agrees that it is no worse (rounding to ns can mislead).
     full = replace(refined, layer_choices=chosen)
-    new = layered_price(problem, full, mbs, stages_to_end, num_micro, next_rank)
+    new = layered_price(problem, full, mbs, stages_to_end, num_micro, following)
     old_busy = num_micro * ref.time_s + ref.sync_s
     new_busy = num_micro * new.time_s + new.sync_s
     if not new.fits or new.time_s > ref.time_s or new_busy >= old_busy:

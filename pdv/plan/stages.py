@@ -34,10 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdv.plan.costs import StageTable, _group, link, stage_table
+from pdv.plan.costs import StageTable, _group, send_pairs, send_time, stage_table
 from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, in_flight
 
-__all__ = ["MAX_CAPS", "GENERAL_LIMIT", "DPResult", "stage_dp", "choices_for"]
+__all__ = ["MAX_CAPS", "GENERAL_LIMIT", "DPResult", "stage_dp", "choices_for", "rank_key"]
 
 MAX_CAPS = 1024
 BIG_CAPS = 8
@@ -109,13 +109,12 @@ def _options(
     mbs: int,
     bounds: np.ndarray,
 ) -> tuple[list[_Option], int]:
-    n_units = len(order) // unit
     out: list[_Option] = []
     evaluated = 0
     cache: dict[tuple, list[tuple[Choice, StageTable]]] = {}
     for a, g in slices:
         ranks = tuple(order[a * unit : (a + g) * unit])
-        nxt = order[(a + g) * unit] if a + g < n_units else None
+        following = tuple(order[(a + g) * unit :])
         # Slices with the same kinds, speeds and ring links price alike (declared clusters repeat
         # one node many times): price one of them.
         key = (_group_key(problem, ranks), mbs)
@@ -127,12 +126,7 @@ def _options(
             evaluated += len(tables)
             cache[key] = _undominated(tables)
         for ch, tab in cache[key]:
-            if nxt is None:
-                send = np.zeros_like(tab.out)
-            else:
-                a1, b1 = link(problem.net, ranks[-1], nxt)
-                a2, b2 = link(problem.net, nxt, ranks[-1])
-                send = np.where(tab.out > 0, a1 + tab.out / b1 + a2 + tab.out / b2, 0.0)
+            send = send_time(problem.net, send_pairs(ranks, following), tab.out)
             out.append(
                 _Option(a, g, ch, tab.time + send[None, :], tab.time, tab.sync, tab.max_in_flight)
             )
@@ -327,11 +321,12 @@ def stage_dp(
                 key = (cand.micro_batch_size, cand.stages)
                 if key not in found or found[key].objective_s > cand.objective_s:
                     found[key] = cand
-    ranked = sorted(found.values(), key=_rank_key)
+    ranked = sorted(found.values(), key=rank_key)
     return DPResult(ranked, exact, evaluated)
 
 
-def _rank_key(c: Candidate) -> tuple:
+def rank_key(c: Candidate) -> tuple:
+    """Sort key of candidates: objective, then fewer stages, smaller micro-batch, then layout."""
     return (round(c.objective_s, 15), len(c.stages), c.micro_batch_size, repr(c.stages))
 
 
@@ -373,7 +368,7 @@ def _objective(
 ) -> float:
     from pdv.plan.evaluate import pipeline_objective
 
-    return pipeline_objective(problem, _stage_specs(s, order, unit, bounds), mbs)
+    return pipeline_objective(problem, _stage_specs(s, order, unit, bounds), mbs, order)
 
 
 def _candidate(
@@ -389,4 +384,5 @@ def _candidate(
     from pdv.plan.evaluate import pipeline_objective
 
     stages = _stage_specs(s, order, unit, bounds)
-    return Candidate(stages, mbs, M, pipeline_objective(problem, stages, mbs), search)
+    j = pipeline_objective(problem, stages, mbs, order)
+    return Candidate(stages, mbs, M, j, search, tuple(order))
