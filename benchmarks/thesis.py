@@ -1,0 +1,238 @@
+"""Measuring beats assuming: pdv against the baselines on emulated heterogeneous clusters.
+
+    sudo python benchmarks/thesis.py                    # all four scenarios, table to stdout
+    sudo python benchmarks/thesis.py --scenario inverted --steps 8 --out /tmp/thesis
+
+For each scenario (benchmarks/testbed/topologies/<name>.json) it brings the cluster up
+(namespaces, shaped veth and lo, per-rank cgroups), runs `pdv profile cluster` across it (the
+planner learns link rates, device speeds and memory caps by measurement, never from the file),
+profiles the model once with `pdv profile model` (unconstrained, in this process's namespace;
+the measured matmul rates scale the slower ranks), plans with pdv and every baseline, runs each
+plan for N steps across the namespaces, and tears everything down. It writes a markdown table
+(scenario, planner, predicted and measured step time, prediction error, ratio to pdv, peak
+memory against cap) and exits 1 when an acceptance check fails:
+- inverted: pdv's measured step time <= 0.7x the hierarchy plan's;
+- normal: pdv's <= 1.02x the hierarchy plan's;
+- memory-tight: no pdv plan OOM-killed.
+Needs root (namespaces, tc, cgroups v1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.testbed import topology  # noqa: E402
+from benchmarks.testbed.cluster import EmulatedCluster, RankRun, unavailable_reason  # noqa: E402
+
+__all__ = ["PLANNERS", "Row", "Scenario", "check", "main", "markdown", "run_scenario"]
+
+TOPOLOGIES = ROOT / "benchmarks" / "testbed" / "topologies"
+PLANNERS = ("pdv", "hierarchy", "uniform", "pipedream")
+MODEL = "sample_models/gpt.py:gpt_tiny"
+# Wide activations and a short model: a step moves megabytes, so the links decide the ranking.
+MODEL_ARGS = ("d_model=256", "seq_len=128", "n_layer=4", "vocab_size=512")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A topology and the acceptance ratio of pdv to hierarchy (None: no such check)."""
+
+    name: str
+    max_ratio_to_hierarchy: float | None = None
+    no_pdv_oom: bool = False
+
+
+SCENARIOS = {
+    "inverted": Scenario("inverted", max_ratio_to_hierarchy=0.7),
+    "normal": Scenario("normal", max_ratio_to_hierarchy=1.02),
+    "mixed-speed": Scenario("mixed-speed"),
+    "memory-tight": Scenario("memory-tight", no_pdv_oom=True),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One plan's outcome on one scenario."""
+
+    scenario: str
+    planner: str
+    layout: str
+    predicted_s: float | None
+    measured_s: float | None
+    peak_memory: list[int]
+    memory_cap: list[int | None]
+    oom_killed: bool
+    failed: str | None = None
+
+    @property
+    def error(self) -> float | None:
+        """(predicted - measured) / measured."""
+        if self.predicted_s is None or not self.measured_s:
+            return None
+        return (self.predicted_s - self.measured_s) / self.measured_s
+
+
+def _pdv(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pdv", *args], cwd=ROOT, capture_output=True,
+                          text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                          "PYTHONPATH": str(ROOT)})
+
+
+def _layout(plan: dict) -> str:
+    return " ".join(f"{s['layers'][0]}-{s['layers'][1]}:dp{s.get('dp', 1)}tp{s.get('tp', 1)}"
+                    f"[{','.join(map(str, s['ranks']))}]" for s in plan["stages"])
+
+
+def profile_model(out: Path, model: str, model_args: tuple[str, ...],
+                  micro_batch_sizes: str) -> Path:
+    """`pdv profile model` once, unconstrained (the cluster profile scales slower ranks)."""
+    path = out / "model.json"
+    args = ["profile", "model", model, "-o", str(path), "--micro-batch-sizes",
+            micro_batch_sizes, "--repeat", "5", "--warmup", "2"]
+    for pair in model_args:
+        args += ["--model-arg", pair]
+    done = _pdv(*args)
+    if done.returncode != 0:
+        raise SystemExit(f"pdv profile model failed:\n{done.stderr[-3000:]}")
+    return path
+
+
+def run_scenario(scenario: Scenario, model_profile: Path, out: Path, global_batch: int,
+                 steps: int, planners: tuple[str, ...] = PLANNERS,
+                 topology_file: Path | None = None, log: object = print) -> list[Row]:
+    """Bring the scenario up, profile the cluster, plan with each planner and run each plan."""
+    topo = topology.load(topology_file or TOPOLOGIES / f"{scenario.name}.json")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    with EmulatedCluster(topo) as ec:
+        cluster = out / "cluster.json"
+        prof = ec.profile_cluster(cluster, out / "logs" / "profile")
+        if not prof.ok:
+            raise RuntimeError(f"{scenario.name}: pdv profile cluster failed\n{prof.tail()}")
+        log(f"[{scenario.name}] cluster profiled in {prof.wall_s:.0f} s")
+        for planner in planners:
+            plan = out / f"plan.{planner}.json"
+            done = _pdv("plan", str(model_profile), "--cluster", str(cluster), "--global-batch",
+                        str(global_batch), "--planner", planner, "--time-limit", "5", "-o",
+                        str(plan))
+            if done.returncode != 0:
+                reason = (done.stderr.strip().splitlines() or ["?"])[-1]
+                rows.append(Row(scenario.name, planner, "-", None, None, [], [], False,
+                                f"no plan: {reason}"))
+                log(f"[{scenario.name}] {planner}: no plan ({reason})")
+                continue
+            data = json.loads(plan.read_text())
+            predicted = (data.get("predicted") or {}).get("step_time_s")
+            report = out / f"report.{planner}.json"
+            run = ec.run_plan(plan, report, out / "logs" / planner, steps=steps)
+            rows.append(_row(scenario.name, planner, data, predicted, run, report))
+            log(f"[{scenario.name}] {planner}: {_layout(data)} predicted {predicted} "
+                f"measured {rows[-1].measured_s} ({run.wall_s:.0f} s)")
+    return rows
+
+
+def _row(scenario: str, planner: str, plan: dict, predicted: float | None, run: RankRun,
+         report: Path) -> Row:
+    oom = any(run.oom_kills) or any(rc in (-9, 137) for rc in run.returncodes if rc)
+    measured, failed = None, None
+    if run.ok and report.exists():
+        measured = json.loads(report.read_text())["measured"]["step_time_s"]
+    else:
+        failed = "OOM-killed" if oom else f"exit codes {run.returncodes}"
+    return Row(scenario, planner, _layout(plan), predicted, measured, run.peak_memory,
+               run.memory_cap, oom, failed)
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f} ms"
+
+
+def _mib(x: int) -> str:
+    return f"{x / 2**20:.0f}"
+
+
+def markdown(rows: list[Row]) -> str:
+    """The results table (one line per scenario and planner)."""
+    lines = ["| scenario | planner | layout | predicted | measured | error | vs pdv "
+             "| peak / cap (MiB, per rank) |",
+             "|---|---|---|---|---|---|---|---|"]
+    pdv = {r.scenario: r.measured_s for r in rows if r.planner == "pdv"}
+    for r in rows:
+        base = pdv.get(r.scenario)
+        ratio = f"{r.measured_s / base:.2f}x" if r.measured_s and base else "-"
+        err = f"{r.error:+.0%}" if r.error is not None else "-"
+        mem = " ".join(f"{_mib(p)}/{_mib(c) if c else 'inf'}"
+                       for p, c in zip(r.peak_memory, r.memory_cap, strict=True))
+        measured = _ms(r.measured_s) if r.failed is None else r.failed
+        lines.append(f"| {r.scenario} | {r.planner} | `{r.layout}` | {_ms(r.predicted_s)} "
+                     f"| {measured} | {err} | {ratio} | {mem} |")
+    return "\n".join(lines) + "\n"
+
+
+def check(scenario: Scenario, rows: list[Row]) -> list[str]:
+    """The acceptance checks that failed on this scenario (empty: all passed)."""
+    by = {r.planner: r for r in rows if r.scenario == scenario.name}
+    failures = []
+    pdv, hier = by.get("pdv"), by.get("hierarchy")
+    if scenario.max_ratio_to_hierarchy is not None:
+        if not (pdv and hier and pdv.measured_s and hier.measured_s):
+            failures.append(f"{scenario.name}: pdv or hierarchy has no measured step time")
+        elif pdv.measured_s > scenario.max_ratio_to_hierarchy * hier.measured_s:
+            failures.append(f"{scenario.name}: pdv {_ms(pdv.measured_s)} > "
+                            f"{scenario.max_ratio_to_hierarchy}x hierarchy "
+                            f"{_ms(hier.measured_s)}")
+    if scenario.no_pdv_oom and pdv and pdv.oom_killed:
+        failures.append(f"{scenario.name}: pdv's plan was OOM-killed")
+    for r in rows:
+        if r.error is None and r.failed is None:
+            failures.append(f"{scenario.name}/{r.planner}: no prediction error")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the scenarios, print the table, exit 1 if an acceptance check failed."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scenario", action="append", choices=list(SCENARIOS),
+                   help="Run only these (repeatable; default: all four).")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--model-arg", action="append", default=None)
+    p.add_argument("--out", type=Path, default=None, help="Keep artifacts and logs here.")
+    p.add_argument("--table", type=Path, default=None, help="Also write the table here.")
+    args = p.parse_args(argv)
+    reason = unavailable_reason()
+    if reason:
+        print(f"thesis: the emulated cluster is unavailable: {reason}", file=sys.stderr)
+        return 2
+    out = args.out or Path(tempfile.mkdtemp(prefix="pdv-thesis-"))
+    model_args = tuple(args.model_arg) if args.model_arg else MODEL_ARGS
+    prof = profile_model(out, args.model, model_args, "1,2,4")
+    rows: list[Row] = []
+    failures: list[str] = []
+    for name in args.scenario or list(SCENARIOS):
+        scenario = SCENARIOS[name]
+        got = run_scenario(scenario, prof, out / name, args.global_batch, args.steps)
+        rows += got
+        failures += check(scenario, got)
+    table = markdown(rows)
+    print(table)
+    if args.table:
+        args.table.write_text(table)
+    for f in failures:
+        print(f"FAIL {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""The emulated cluster end to end: a reduced `inverted` scenario, measured.
+
+Two hosts (network namespaces) of two ranks each; each host's `lo` is shaped slow (10 Mbit/s)
+and the veth between the hosts fast (1 Gbit/s), so the usual assumption (inside a host is
+faster) is wrong here. The planner learns that only from `pdv profile cluster` run across the
+testbed; the test asserts that pdv's plan, run across the namespaces, is *measured* faster than
+the hierarchy baseline's, and that no namespace, veth, qdisc or cgroup of the testbed is left.
+Needs root, iproute2 and cgroup v1 cpu/memory; skipped cleanly elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks import thesis
+from benchmarks.testbed import cgroups, netns, topology
+from benchmarks.testbed.cluster import EmulatedCluster, nothing_left, unavailable_reason
+
+pytestmark = [pytest.mark.netns, pytest.mark.e2e, pytest.mark.slow]
+
+TOPOLOGY = thesis.TOPOLOGIES / "inverted-ci.json"
+# Small enough to profile and run in seconds on one core; wide enough (128 KiB of activations
+# per sample) that a pipeline hop over a 10 Mbit/s lo costs more than a stage's compute.
+MODEL_ARGS = ("d_model=256", "seq_len=128", "n_layer=4", "vocab_size=512")
+
+
+@pytest.fixture(autouse=True)
+def _needs_testbed() -> None:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"emulated cluster unavailable: {reason}")
+
+
+def _all_qdiscs_in_root() -> str:
+    return subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout
+
+
+def test_inverted_pdv_is_measured_faster_than_hierarchy(tmp_path: Path) -> None:
+    prof = thesis.profile_model(tmp_path, thesis.MODEL, MODEL_ARGS, "1,2")
+    scenario = thesis.Scenario("inverted-ci")
+    tags: list[str] = []
+    real_enter = EmulatedCluster.__enter__
+
+    def remember(self: EmulatedCluster) -> EmulatedCluster:
+        tags.append(self.tag)
+        return real_enter(self)
+
+    EmulatedCluster.__enter__ = remember  # type: ignore[method-assign]
+    try:
+        rows = thesis.run_scenario(scenario, prof, tmp_path / "run", global_batch=8, steps=4,
+                                   planners=("pdv", "hierarchy"), topology_file=TOPOLOGY)
+    finally:
+        EmulatedCluster.__enter__ = real_enter  # type: ignore[method-assign]
+    print(thesis.markdown(rows))
+    by = {r.planner: r for r in rows}
+    pdv, hier = by["pdv"], by["hierarchy"]
+    assert pdv.measured_s and hier.measured_s, f"a plan did not run: {rows}"
+    assert pdv.measured_s < hier.measured_s, (
+        f"pdv {pdv.layout} measured {pdv.measured_s:.3f} s, hierarchy {hier.layout} "
+        f"{hier.measured_s:.3f} s"
+    )
+    assert pdv.error is not None and hier.error is not None  # both have a prediction
+    assert tags and nothing_left(netns.PREFIX, tags[0]) == []
+    assert f"pv{tags[0]}" not in _all_qdiscs_in_root()
+
+
+def test_ranks_run_in_their_namespace_and_cgroup_and_teardown_on_failure(
+        tmp_path: Path) -> None:
+    topo = topology.Topology(
+        "limits",
+        (topology.HostSpec("a", (topology.RankSpec(cpu=0.5, memory=300 << 20),), "20mbit"),
+         topology.HostSpec("b", (topology.RankSpec(),), None)),
+        "100mbit",
+    )
+    ec = EmulatedCluster(topo)
+    probe = ("import os,sys; print(open('/proc/self/cgroup').read());"
+             "print(os.stat('/proc/self/ns/net').st_ino)")
+    with pytest.raises(RuntimeError, match="boom"), ec:
+        tag = ec.tag
+        a = ec.slots[0]
+        assert (a.group.path("cpu") / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        assert a.group.memory_cap() == 300 << 20
+        assert "rate 20Mbit" in ec.testbed.qdiscs(a.ns)  # lo
+        assert "rate 100Mbit" in ec.testbed.qdiscs(a.ns)  # veth
+        run = ec.launch(["--no-python", "python", "-c", probe], tmp_path, timeout=60)
+        assert run.ok, run.tail()
+        text = run.logs[0].read_text()
+        assert f"cpu:/{a.group.name}" in text and f"memory:/{a.group.name}" in text
+        ns_inode = os.stat(f"/var/run/netns/{a.ns.name}").st_ino
+        assert str(ns_inode) in text
+        assert run.peak_memory[0] > 0 and run.memory_cap == [300 << 20, None]
+        raise RuntimeError("boom")
+    assert nothing_left(netns.PREFIX, tag) == []
+    assert not [p for p in cgroups.leftovers(netns.PREFIX) if tag in p.name]
