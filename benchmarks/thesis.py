@@ -24,6 +24,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,10 @@ class Row:
         return (self.predicted_s - self.measured_s) / self.measured_s
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 def _pdv(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pdv", *args], cwd=ROOT, capture_output=True,
                           text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
@@ -109,7 +114,8 @@ def profile_model(out: Path, model: str, model_args: tuple[str, ...],
 
 def run_scenario(scenario: Scenario, model_profile: Path, out: Path, global_batch: int,
                  steps: int, planners: tuple[str, ...] = PLANNERS,
-                 topology_file: Path | None = None, log: object = print) -> list[Row]:
+                 topology_file: Path | None = None, log: Callable[[str], None] = _say,
+                 ) -> list[Row]:
     """Bring the scenario up, profile the cluster, plan with each planner and run each plan."""
     topo = topology.load(topology_file or TOPOLOGIES / f"{scenario.name}.json")
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,9 @@ Needs root, iproute2 and cgroup v1 cpu/memory; skipped cleanly elsewhere.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,15 +22,13 @@ from benchmarks import thesis
 from benchmarks.testbed import cgroups, netns, topology
 from benchmarks.testbed.cluster import EmulatedCluster, nothing_left, unavailable_reason
 
-pytestmark = [pytest.mark.netns, pytest.mark.e2e, pytest.mark.slow]
-
 TOPOLOGY = thesis.TOPOLOGIES / "inverted-ci.json"
 # Small enough to profile and run in seconds on one core; wide enough (128 KiB of activations
 # per sample) that a pipeline hop over a 10 Mbit/s lo costs more than a stage's compute.
 MODEL_ARGS = ("d_model=256", "seq_len=128", "n_layer=4", "vocab_size=512")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def _needs_testbed() -> None:
     reason = unavailable_reason()
     if reason:
@@ -39,6 +39,10 @@ def _all_qdiscs_in_root() -> str:
     return subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout
 
 
+@pytest.mark.usefixtures("_needs_testbed")
+@pytest.mark.netns
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_inverted_pdv_is_measured_faster_than_hierarchy(tmp_path: Path) -> None:
     prof = thesis.profile_model(tmp_path, thesis.MODEL, MODEL_ARGS, "1,2")
     scenario = thesis.Scenario("inverted-ci")
@@ -68,6 +72,9 @@ def test_inverted_pdv_is_measured_faster_than_hierarchy(tmp_path: Path) -> None:
     assert f"pv{tags[0]}" not in _all_qdiscs_in_root()
 
 
+@pytest.mark.usefixtures("_needs_testbed")
+@pytest.mark.netns
+@pytest.mark.e2e
 def test_ranks_run_in_their_namespace_and_cgroup_and_teardown_on_failure(
         tmp_path: Path) -> None:
     topo = topology.Topology(
@@ -96,3 +103,63 @@ def test_ranks_run_in_their_namespace_and_cgroup_and_teardown_on_failure(
         raise RuntimeError("boom")
     assert nothing_left(netns.PREFIX, tag) == []
     assert not [p for p in cgroups.leftovers(netns.PREFIX) if tag in p.name]
+
+
+@pytest.mark.usefixtures("_needs_testbed")
+@pytest.mark.netns
+def test_sigterm_tears_the_cluster_down(tmp_path: Path) -> None:
+    script = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(thesis.ROOT)!r})\n"
+        "from benchmarks.testbed import topology\n"
+        "from benchmarks.testbed.cluster import EmulatedCluster\n"
+        f"topo = topology.load({str(TOPOLOGY)!r})\n"
+        "with EmulatedCluster(topo) as ec:\n"
+        "    print(ec.tag, flush=True)\n"
+        "    ec.launch(['--no-python', 'sleep', '300'], __import__('pathlib').Path("
+        f"{str(tmp_path)!r}), timeout=300)\n"
+    )
+    proc = subprocess.Popen(["python", "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    tag = proc.stdout.readline().strip()
+    assert tag, "the cluster did not come up"
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("rank*.log")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    assert [p for p in cgroups.leftovers(netns.PREFIX) if tag in p.name], "no cgroups made"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert nothing_left(netns.PREFIX, tag) == []
+
+
+def test_topology_files_load_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    for name in ("inverted", "normal", "mixed-speed", "memory-tight", "inverted-ci"):
+        topo = topology.load(thesis.TOPOLOGIES / f"{name}.json")
+        assert topo.world == 4
+        assert [r for r, _, _ in topo.rank_hosts()] == [0, 1, 2, 3]
+    mixed = topology.load(thesis.TOPOLOGIES / "mixed-speed.json")
+    cpus = [spec.cpu for _, _, spec in mixed.rank_hosts()]
+    assert cpus[2] == cpus[0] / 2  # host b's ranks at half the CPU of host a's
+    assert topology.parse_rate("50mbit") == 50e6
+    assert topology.parse_bytes("440MiB") == 440 << 20
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hosts": [{"name": "a", "ranks": [{}]}]}')
+    with pytest.raises(ValueError, match="exactly 2 hosts"):
+        topology.load(bad)
+    with pytest.raises(ValueError, match="50mbit"):
+        topology.parse_rate("50 megabits")
+
+
+def test_acceptance_checks_fail_when_they_should() -> None:
+    def row(planner: str, measured: float | None, oom: bool = False) -> thesis.Row:
+        return thesis.Row("inverted", planner, "-", 0.1, measured, [1], [None], oom,
+                          None if measured else "OOM-killed")
+
+    inverted = thesis.SCENARIOS["inverted"]
+    assert thesis.check(inverted, [row("pdv", 0.6), row("hierarchy", 1.0)]) == []
+    assert thesis.check(inverted, [row("pdv", 0.8), row("hierarchy", 1.0)])
+    tight = thesis.Scenario("inverted", no_pdv_oom=True)
+    assert thesis.check(tight, [row("pdv", None, oom=True)])
+    table = thesis.markdown([row("pdv", 0.5), row("hierarchy", 1.0)])
+    assert "| inverted | hierarchy |" in table and "2.00x" in table and "-80%" in table
