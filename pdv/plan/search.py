@@ -35,28 +35,34 @@ __all__ = [
 Progress = Callable[[str], None]
 
 
-def pdv_orders(problem: PlanProblem) -> list[list[int]]:
+def pdv_orders(problem: PlanProblem) -> list[tuple[list[int], list[list[int]]]]:
     """Device orders the pdv stage DP runs on (named generators, duplicates dropped).
 
     - ``bandwidth``: islands chained to maximize neighbour bandwidth (pdv.plan.groups);
     - ``speed-first``: the same, per speed class, fastest class first, so a pipeline can leave
-      slow devices in the unused tail.
+      slow devices in the unused tail;
+    - ``host``: ranks grouped by host name. Only the *layout* comes from the hosts; it is priced
+      on the measured links like the others, so every layout a host-hierarchy planner can pick
+      is in pdv's search space too, and pdv is not worse than it where the hosts do match the
+      network.
     """
     slowness = [speed_factor(problem.profile_of(d.rank), d) for d in problem.cluster.devices]
+    by_bandwidth = islands(problem.cluster.links)
+    host_chain, host_parts = baselines.host_order(problem.cluster)
     orders = [
-        device_order(problem.cluster.links),
-        device_order(problem.cluster.links, slowness=slowness),
+        (device_order(problem.cluster.links), by_bandwidth),
+        (device_order(problem.cluster.links, slowness=slowness), by_bandwidth),
+        (host_chain, host_parts),
     ]
-    unique: list[list[int]] = []
+    unique: list[tuple[list[int], list[list[int]]]] = []
     for order in orders:
-        if order not in unique:
+        if order[0] not in [u[0] for u in unique]:
             unique.append(order)
     return unique
 
 
 def _pdv(problem: PlanProblem) -> DPResult:
-    parts = islands(problem.cluster.links)
-    runs = [stage_dp(problem, order, parts, search="pdv") for order in pdv_orders(problem)]
+    runs = [stage_dp(problem, order, parts, search="pdv") for order, parts in pdv_orders(problem)]
     found: dict[tuple, Candidate] = {}
     for run in runs:
         for cand in run.candidates:
