@@ -89,7 +89,7 @@ def test_ranks_run_in_their_namespace_and_cgroup_and_teardown_on_failure(
     with pytest.raises(RuntimeError, match="boom"), ec:
         tag = ec.tag
         a = ec.slots[0]
-        assert (a.group.path("cpu") / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        assert (a.group.path("cpu") / "cpu.cfs_quota_us").read_text().strip() == "5000"
         assert a.group.memory_cap() == 300 << 20
         assert "rate 20Mbit" in ec.testbed.qdiscs(a.ns)  # lo
         assert "rate 100Mbit" in ec.testbed.qdiscs(a.ns)  # veth
