@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/prediction_error.py [--out DIR] [--steps 6]
 
 Pipeline (all through the real CLI): `pdv profile model` (gpt_small, one thread, as each rank
-runs) and `pdv profile cluster` (4 ranks) once; then three plans: the pdv planner's best, the
-uniform (Megatron-style) baseline, and a hand-written pp=2 x dp=2 plan priced by `pdv simulate`.
+runs) and `pdv profile cluster` (4 ranks) once; then three plans of different shapes: the pdv
+planner's best, and hand-written pp=4 and pp=2 x dp=2 plans priced by `pdv simulate`.
 Each is run with `pdv run`, and the table shows predicted, measured and
 |predicted - measured| / measured. Exits 1 when any error passes --tolerance. Artifacts stay in
 --out (reused when present: delete the folder to re-profile).
@@ -48,20 +48,22 @@ def main() -> int:
     if not cluster.exists():
         pdv("profile", "cluster", "--nproc-per-node", "4", "-o", str(cluster))
     gb = a.global_batch
-    plans = {"pdv": out / "plan-pdv.json", "uniform": out / "plan-uniform.json",
+    plans = {"pdv planner": out / "plan-pdv.json", "pp4 (simulated)": out / "plan-pp4.json",
              "pp2xdp2 (simulated)": out / "plan-pp2xdp2.json"}
-    for name in ("pdv", "uniform"):
-        if not plans[name].exists():
-            pdv("plan", str(profile), "--cluster", str(cluster), "--global-batch", str(gb),
-                "--planner", name, "-o", str(plans[name]))
-    hand = out / "hand-pp2xdp2.json"
-    hand.write_text(json.dumps({
-        "schema": "pdv.plan/v1", "micro_batch_size": 4, "num_micro_batches": gb // 4,
-        "global_batch_size": gb, "schedule": "1F1B",
-        "stages": [{"layers": [0, 7], "ranks": [0, 1], "dp": 2},
-                   {"layers": [7, 14], "ranks": [2, 3], "dp": 2}]}))
-    pdv("simulate", str(hand), "-p", str(profile), "-c", str(cluster), "-o",
-        str(plans["pp2xdp2 (simulated)"]))
+    if not plans["pdv planner"].exists():
+        pdv("plan", str(profile), "--cluster", str(cluster), "--global-batch", str(gb),
+            "-o", str(plans["pdv planner"]))
+    cuts = {"pp4": [([0, 4], [0]), ([4, 8], [1]), ([8, 11], [2]), ([11, 14], [3])],
+            "pp2xdp2": [([0, 7], [0, 1]), ([7, 14], [2, 3])]}
+    for name, stages in cuts.items():
+        hand = out / f"hand-{name}.json"
+        hand.write_text(json.dumps({
+            "schema": "pdv.plan/v1", "micro_batch_size": 2, "num_micro_batches": gb // 2,
+            "global_batch_size": gb, "schedule": "1F1B",
+            "stages": [{"layers": lay, "ranks": ranks, "dp": len(ranks)}
+                       for lay, ranks in stages]}))
+        pdv("simulate", str(hand), "-p", str(profile), "-c", str(cluster), "-o",
+            str(plans[f"{name} (simulated)"]))
     rows, worst = [], 0.0
     for name, path in plans.items():
         report = out / f"report-{path.stem}.json"

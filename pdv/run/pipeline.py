@@ -2,8 +2,9 @@
 
 Every stage has the same (dp, tp), so replica r, shard t of each stage form chain (r, t): a
 pipeline with its own process group, run by the plan's schedule (GPipe, 1F1B, or an interleaved
-schedule when ranks hold several stages). Gradient sync across replicas is DDP's or FSDP2's,
-driven by the schedule (no_sync / requires_gradient_sync between micro-batches).
+schedule when ranks hold several stages). Gradient sync across replicas is FSDP2's, driven by
+the schedule (requires_gradient_sync on the last micro-batch only), or for plain replicas one
+flat all-reduce after the schedule (averaged: each replica's loss is a mean over its rows).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from pdv.errors import PdvError
 from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
+from pdv.run.stage import reduce_replica_grads
 
 __all__ = ["ChainPipeline"]
 
@@ -61,6 +64,11 @@ class ChainPipeline:
             self.schedule = cls(self.stages[0], n_microbatches=nmb, loss_fn=loss_fn)
         self.first = 0 in self.stage_ids
         self.last = dims.num_stages - 1 in self.stage_ids
+        self.replica_sync = [
+            (modules[i], meshes.stage_mesh[i]["dp"].get_group(), dims.stages[i].dp)
+            for i in self.stage_ids
+            if dims.stages[i].dp > 1 and not isinstance(modules[i], FSDPModule)
+        ]
         self.reports_loss = self.last and dims.position(rank, dims.num_stages - 1)[1] == 0
         """True on the ranks whose losses count: shard 0 of each last-stage replica."""
 
@@ -79,4 +87,6 @@ class ChainPipeline:
             self.schedule.step(*args, target=target, losses=losses)
         else:
             self.schedule.step(*args)
+        for module, group, dp in self.replica_sync:
+            reduce_replica_grads(module, group, dp)
         return [float(v.detach()) for v in losses]

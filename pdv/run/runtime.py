@@ -2,10 +2,10 @@
 
 Each rank: joins the process group (gloo on CPU, nccl on CUDA), builds the model with the run's
 seed (every rank gets the same weights), keeps its stage's layers, parallelizes them (TP, then
-recompute, then FSDP2/DDP over the stage's replicas), and trains on the plan's schedule: with
-torch.distributed.pipelining when every stage has the same width, with pdv's split/merge executor
-(pdv.run.widths) when widths differ. Rank 0 gathers step times, peak memory and losses and
-writes the run report.
+recompute, then FSDP2 over the stage's replicas, or a gradient all-reduce for plain replicas),
+and trains on the plan's schedule: with torch.distributed.pipelining when every stage has the
+same width, with pdv's split/merge executor (pdv.run.widths) when widths differ. Rank 0 gathers
+step times, peak memory and losses and writes the run report.
 """
 
 from __future__ import annotations
@@ -107,8 +107,7 @@ def train(args: argparse.Namespace) -> None:
     check_tp_support(model, list(plan.stages), spec)
     uniform = dims.uniform
     modules = {
-        i: build_stage_module(model, dims.stages[i], meshes.stage_mesh[i], device,
-                              sync_replicas=uniform)
+        i: build_stage_module(model, dims.stages[i], meshes.stage_mesh[i], device)
         for i in dims.stages_of(rank)
     }
     loss_fn = model.loss_fn

@@ -19,7 +19,7 @@ from pdv.cost.stage import layer_choices
 from pdv.errors import PdvError
 from pdv.models import ModelDef
 
-__all__ = ["build_stage_module", "check_tp_support"]
+__all__ = ["build_stage_module", "check_tp_support", "reduce_replica_grads"]
 
 
 def check_tp_support(model: ModelDef, stages: list[PlanStage], spec: str) -> None:
@@ -39,11 +39,10 @@ def check_tp_support(model: ModelDef, stages: list[PlanStage], spec: str) -> Non
 
 
 def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
-                       device: torch.device, sync_replicas: bool = True) -> nn.Module:
-    """The stage's layers as one module, parallelized for this rank.
+                       device: torch.device) -> nn.Module:
+    """The stage's layers as one module, parallelized for this rank (TP, recompute, FSDP2).
 
-    With ``sync_replicas`` False plain replicas are left unwrapped (the caller reduces gradients
-    itself, as the different-width executor does); FSDP is applied either way.
+    Plain replicas come back unwrapped; the executor calls reduce_replica_grads after each step.
     """
     start, end = stage.layers
     choices = layer_choices(stage)
@@ -81,13 +80,23 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
                 fully_shard(module[k], mesh=dp_mesh)
         fully_shard(module, mesh=dp_mesh)
         return module
-    if not sync_replicas:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
+    return module
 
-    if stage.tp > 1:
-        from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
 
-        _pre_dp_module_transform(module)
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, process_group=mesh["dp"].get_group())
+def reduce_replica_grads(module: nn.Module, group: Any, divide_by: int) -> None:
+    """Sum the module's gradients over its replicas (one flat all-reduce), then divide."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    grads = []
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        g = p.grad
+        grads.append(g.to_local() if isinstance(g, DTensor) else g)
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    if divide_by != 1:
+        flat.div_(divide_by)
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(synced)

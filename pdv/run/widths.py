@@ -55,6 +55,7 @@ from torch.distributed.fsdp import FSDPModule
 from pdv.errors import PdvError
 from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
+from pdv.run.stage import reduce_replica_grads
 
 __all__ = ["Route", "routes_in", "routes_out", "WidthPipeline"]
 
@@ -273,18 +274,5 @@ class WidthPipeline:
                 for r in routes]
 
     def _sum_replica_grads(self) -> None:
-        if self.dp_group is None or self.fsdp:
-            return
-        from torch.distributed.tensor import DTensor
-
-        grads = []
-        for p in self.module.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            g = p.grad
-            grads.append(g.to_local() if isinstance(g, DTensor) else g)
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.dp_group)
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads),
-                             strict=True):
-            g.copy_(synced)
+        if self.dp_group is not None and not self.fsdp:
+            reduce_replica_grads(self.module, self.dp_group, 1)
