@@ -124,3 +124,18 @@ def test_written_artifact_is_readable_by_others(tmp_path):
     umask = artifacts.os.umask(0)
     artifacts.os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_typer_exit_code_reaches_the_shell():
+    import typer
+
+    from pdv.cli.app import app, main
+
+    @app.command("_exit-probe", hidden=True)
+    def _probe() -> None:
+        raise typer.Exit(3)
+
+    try:
+        assert main(["_exit-probe"]) == 3
+    finally:
+        app.registered_commands.pop()

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err_console.print(f"pdv: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
+        # typer >= 0.16 has its own Exit class, not a subclass of click's
         return exc.exit_code
     except click.ClickException as exc:
         exc.show()

@@ -9,7 +9,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import click
 import typer
 
 from pdv import artifacts
@@ -76,8 +75,7 @@ def run(
         if rc != 0:
             err_console.print(f"pdv: error: the run failed (torchrun exit code {rc}); the ranks' "
                               "errors are above", highlight=False)
-            # click's Exit (not typer.Exit) so pdv.cli.app.main returns the code.
-            raise click.exceptions.Exit(2 if rc == 2 else 1)
+            raise typer.Exit(2 if rc == 2 else 1)
         result = artifacts.load_as(opts.report, "run-report")
     render(result, console)
     peaks = result.measured.peak_memory_bytes
