@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="pdv", standalone_mode=False)
+        # Without standalone mode click returns an Exit's code instead of raising it.
+        rc = command.main(args=args, prog_name="pdv", standalone_mode=False)
     except PdvError as exc:
         if debug:
             raise
@@ -79,4 +80,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("pdv: interrupted")
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
