@@ -102,8 +102,12 @@ def _layout_key(plan: dict) -> str:
 
 
 def _layout(plan: dict) -> str:
-    return " ".join(f"{s['layers'][0]}-{s['layers'][1]}:dp{s.get('dp', 1)}tp{s.get('tp', 1)}"
-                    f"[{','.join(map(str, s['ranks']))}]" for s in plan["stages"])
+    """Stages as `layers:dpXtpY[ranks]` (+fsdp, +rc for recompute), then mbs x M."""
+    stages = " ".join(
+        f"{s['layers'][0]}-{s['layers'][1]}:dp{s.get('dp', 1)}tp{s.get('tp', 1)}"
+        + ("+fsdp" if s.get("fsdp") else "") + ("+rc" if s.get("recompute") else "")
+        + f"[{','.join(map(str, s['ranks']))}]" for s in plan["stages"])
+    return f"{stages} {plan['micro_batch_size']}x{plan['num_micro_batches']}"
 
 
 def profile_model(out: Path, model: str, model_args: tuple[str, ...],
