@@ -81,7 +81,7 @@ class Topology:
 
     def rank_hosts(self) -> list[tuple[int, HostSpec, RankSpec]]:
         """(global rank, host, rank limits), host by host."""
-        out = []
+        out: list[tuple[int, HostSpec, RankSpec]] = []
         for host in self.hosts:
             for spec in host.ranks:
                 out.append((len(out), host, spec))
