@@ -7,13 +7,22 @@ from pdv.cli import (
     plan_cmd,
     profile_cluster_cmd,
     profile_model_cmd,
+    quickstart_cmd,
     run_cmd,
     simulate_cmd,
 )
 from pdv.cli.app import app, main
 
 __all__ = ["app", "main", "run_main"]
-_COMMANDS = (artifacts_cmd, plan_cmd, profile_cluster_cmd, profile_model_cmd, run_cmd, simulate_cmd)
+_COMMANDS = (
+    artifacts_cmd,
+    plan_cmd,
+    profile_cluster_cmd,
+    profile_model_cmd,
+    quickstart_cmd,
+    run_cmd,
+    simulate_cmd,
+)
 
 
 def run_main() -> None:

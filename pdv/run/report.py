@@ -3,11 +3,12 @@
 Peak memory, CUDA: ``torch.cuda.max_memory_reserved`` (what the allocator holds from the device,
 the number that must fit) and ``max_memory_allocated`` in the notes.
 Peak memory, CPU: the rank's resident-set high-water mark (``VmHWM`` in /proc/self/status)
-during training, minus its resident set before the model was built (interpreter, torch and
-process groups). The high-water mark is reset (``/proc/self/clear_refs`` = 5) after the stage is
-built and the other stages' layers are freed (``malloc_trim``), so building the whole model on
-every rank does not count. What remains is parameters, gradients, optimizer state, activations
-and communication buffers of this rank's stage, in resident pages.
+during training, whole: interpreter, torch and process groups included, because that is what a
+memory cap must hold and what the profile's ``overhead_bytes`` (the resident set of a process
+that imported torch) predicts. The high-water mark is reset (``/proc/self/clear_refs`` = 5)
+after the stage is built and the other stages' layers are freed (``malloc_trim``), so building
+the whole model on every rank does not count. On top of the runtime it holds the stage's
+parameters, gradients, optimizer state, activations and communication buffers.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pdv.artifacts import Plan, Provenance, RunMeasured, RunReport, digest
 __all__ = ["PeakMemory", "step_stats", "make_report", "CPU_MEMORY_METHOD", "CUDA_MEMORY_METHOD"]
 
 CPU_MEMORY_METHOD = (
-    "cpu: peak resident set (VmHWM, reset after the stage was built) minus resident set "
-    "before the model was built"
+    "cpu: peak resident set of the rank process (VmHWM, reset after the stage was built), "
+    "runtime included"
 )
 CUDA_MEMORY_METHOD = "cuda: torch.cuda.max_memory_reserved (caching allocator)"
 
@@ -40,7 +41,6 @@ class PeakMemory:
 
     def __init__(self, device_type: str) -> None:
         self.device_type = device_type
-        self.baseline = _status_bytes("VmRSS") if device_type == "cpu" else 0
 
     @property
     def method(self) -> str:
@@ -61,7 +61,7 @@ class PeakMemory:
     def peak(self) -> int:
         """Peak bytes in the window."""
         if self.device_type == "cpu":
-            return max(_status_bytes("VmHWM") - self.baseline, 0)
+            return _status_bytes("VmHWM")
         import torch
 
         return int(torch.cuda.max_memory_reserved())

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint  # noqa: F401  (imported before the memory baseline)
+import torch.distributed.checkpoint  # noqa: F401  (loaded before the peak-memory window opens)
 import torch.distributed.fsdp  # noqa: F401
 import torch.distributed.pipelining  # noqa: F401
 import torch.distributed.tensor.parallel  # noqa: F401
@@ -99,8 +99,6 @@ def train(args: argparse.Namespace) -> None:
     if dims.world_size != world:
         raise PdvError(f"the plan uses {dims.world_size} ranks but torchrun started {world}")
     meshes = build_meshes(dims, device.type, rank)
-    # The memory baseline: interpreter, torch's distributed modules and process groups, before
-    # any model tensor exists.
     memory = PeakMemory(device.type)
     model = build_model(spec, kwargs, args.seed)
     dims = ParallelDims.from_plan(plan, len(model.layers))

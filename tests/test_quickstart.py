@@ -1,0 +1,36 @@
+"""The README's main job, end to end: profile, plan, run on this machine's CPU ranks."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdv import artifacts
+
+from .conftest import run_pdv
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_quickstart_writes_every_artifact_and_compares(tmp_path):
+    out = tmp_path / "qs"
+    result = run_pdv("quickstart", "-o", str(out), "--nproc-per-node", "2", "--steps", "3")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    kinds = {
+        "cluster.json": "cluster",
+        "profile.json": "model-profile",
+        "plan.json": "plan",
+        "report.json": "run-report",
+    }
+    loaded = {name: artifacts.load_as(out / name, kind) for name, kind in kinds.items()}
+    report, plan = loaded["report.json"], loaded["plan.json"]
+    assert report.plan_digest == artifacts.digest(plan)
+    assert report.predicted == plan.predicted and report.predicted is not None
+    assert len(report.loss) == 3 and all(x > 0 for x in report.loss)
+    assert set(report.measured.peak_memory_bytes) == {"0", "1"}
+    assert "predicted vs measured" in result.stdout
+
+
+def test_quickstart_bad_model_is_one_line(tmp_path):
+    result = run_pdv("quickstart", "-o", str(tmp_path), "--model", "nope.py:f")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
