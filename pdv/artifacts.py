@@ -193,6 +193,11 @@ class ClusterDevice(_Strict):
     memory_bytes: int = Field(gt=0, description="memory available to the rank")
     name: str | None = Field(None, description="human name of the device")
     matmul_flops: float | None = Field(None, description="measured matmul throughput, FLOP/s")
+    matmul_flops_alone: float | None = Field(
+        None,
+        description="matmul FLOP/s with this rank probing alone (matmul_flops: all ranks at "
+        "once); where they differ, the host's ranks share its cores",
+    )
     details: dict[str, Any] = Field(
         default_factory=dict, description="what the probe reported (NVML, psutil)"
     )

@@ -74,9 +74,14 @@ def layer_cost(profile: ModelProfile, index: int, mbs: int, tp: int = 1) -> Laye
 
 
 def speed_factor(profile: ModelProfile, device: ClusterDevice) -> float:
-    """Time multiplier for running this profile on `device`: profiled / device matmul FLOP/s."""
+    """Time multiplier for running this profile on `device`: profiled / device matmul FLOP/s.
+
+    The profile was timed in one process, so it compares with the device's probe taken alone
+    (matmul_flops_alone) where the cluster has it; the sharing of a host's cores by ranks that
+    compute at the same time is priced by the simulator's host bound, not here.
+    """
     measured_here = profile.device.matmul_flops
-    measured_there = device.matmul_flops
+    measured_there = device.matmul_flops_alone or device.matmul_flops
     if measured_here and measured_there:
         return measured_here / measured_there
     return 1.0

@@ -27,7 +27,7 @@ Model (each choice is what the simulator charges; the sources are next to the fo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdv.artifacts import ClusterArtifact, ModelProfile, Plan, Predicted, StagePrediction
 from pdv.cost.schedules import (
@@ -46,6 +46,8 @@ __all__ = [
     "Simulation",
     "simulate",
     "simulate_costs",
+    "apply_host_bound",
+    "host_capacity",
     "to_predicted",
     "analytic_step_time",
     "check_plan",
@@ -145,7 +147,59 @@ def simulate(
         for i, st in enumerate(plan.stages)
     ]
     layout = stage_layout([st.ranks for st in plan.stages], schedule)
-    return simulate_costs(costs, layout, schedule, plan.num_micro_batches)
+    sim = simulate_costs(costs, layout, schedule, plan.num_micro_batches)
+    return apply_host_bound(sim, cluster)
+
+
+def host_capacity(cluster: ClusterArtifact) -> dict[str, float]:
+    """Per host: how many of its ranks compute at full speed at once (measured), or none.
+
+    Each rank's share is its matmul throughput with all the host's ranks probing at once over
+    the same probe alone (pdv profile cluster measures both); the host carries the sum. Four
+    CPU ranks on two cores measure about 0.5 each, a capacity of 2. A host whose ranks lack the
+    alone probe, or whose ranks all keep full speed (one GPU each), is left out: no bound.
+    """
+    shares: dict[str, list[float]] = {}
+    for d in cluster.devices:
+        if not (d.matmul_flops and d.matmul_flops_alone):
+            shares.setdefault(d.host, []).append(float("inf"))
+            continue
+        shares.setdefault(d.host, []).append(min(1.0, d.matmul_flops / d.matmul_flops_alone))
+    return {h: sum(v) for h, v in shares.items() if sum(v) < len(v)}
+
+
+def apply_host_bound(sim: Simulation, cluster: ClusterArtifact) -> Simulation:
+    """Stretch the compute span to what each host's cores can carry, where that is longer.
+
+    The simulator runs every rank group at its alone speed, as if each had its own cores. When
+    ranks share a host's cores (CPU ranks), the step's compute cannot finish before the
+    host's total compute seconds (each rank's busy time: forwards, backwards and the TP
+    collectives inside them, which also run on those cores) divided by its measured capacity
+    (:func:`host_capacity`). That is the throughput bound of a processor-shared resource; the
+    step is the later of it and the schedule's critical path, with the transfers and gradient
+    syncs that follow the last compute op kept after it.
+    """
+    capacity = host_capacity(cluster)
+    if not capacity:
+        return sim
+    busy = [0.0] * len(sim.group_ranks)
+    for e in sim.events:
+        if e.lane == "compute":
+            busy[e.group] += e.end_s - e.start_s
+    work: dict[str, float] = {}
+    for g, ranks in enumerate(sim.group_ranks):
+        for r in ranks:
+            host = cluster.devices[r].host
+            work[host] = work.get(host, 0.0) + busy[g]
+    span = max((e.end_s for e in sim.events if e.lane == "compute"), default=0.0)
+    host, bound = max(((h, w / capacity[h]) for h, w in work.items() if h in capacity),
+                      key=lambda hb: hb[1], default=("", 0.0))
+    if bound <= span:
+        return sim
+    note = (f"host {host}: {work[host]:.3f} s of rank compute on a measured capacity of "
+            f"{capacity[host]:.2f} ranks at full speed bounds the compute span at {bound:.3f} s "
+            f"(schedule alone: {span:.3f} s)")
+    return replace(sim, step_time_s=sim.step_time_s + bound - span, notes=(*sim.notes, note))
 
 
 def _durations(cost: StageCost, split: bool) -> dict[str, float]:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from pdv import artifacts
 from pdv.artifacts import ClusterArtifact, ClusterDevice, Links, Provenance
 from pdv.errors import PdvError
-from pdv.profile.hardware import probe_device
+from pdv.profile.hardware import matmul_flops, probe_device
 from pdv.profile.launch_local import PROGRESS_ENV
 from pdv.profile.network import (
     Progress,
@@ -110,6 +110,7 @@ def profile_cluster_rank(
         step({"phase": "joined"})
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         mine = probe_device(device, local) | {"rank": rank}
+        mine["matmul_flops_alone"] = _probe_alone(device, wire, local)
         step({"phase": "probed"})
         devices: list[dict[str, Any]] | None = [{} for _ in range(world)] if rank == 0 else None
         dist.gather_object(mine, devices, dst=0)
@@ -146,6 +147,27 @@ def profile_cluster_rank(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _probe_alone(device: torch.device, wire: torch.device, local_ranks: int) -> float:
+    """This rank's matmul FLOP/s while the other ranks of its host wait.
+
+    probe_device timed all ranks at once: what each gets when every rank computes. A model
+    profile is timed in one process, and in a pipeline not every rank computes at once, so the
+    cost model needs both: alone prices one op, the ratio says how many ranks the host's cores
+    carry at full speed. Local rank l of every host probes in turn l (hosts do not share cores).
+    """
+    mine = int(os.environ.get("LOCAL_RANK", "0"))
+    # Hosts may run different numbers of ranks: all take as many turns as the fullest host.
+    turns = torch.tensor([local_ranks], device=wire)
+    dist.all_reduce(turns, op=dist.ReduceOp.MAX)
+    alone = 0.0
+    for turn in range(int(turns.item())):
+        dist.barrier()
+        if turn == mine:
+            alone = matmul_flops(device)
+    dist.barrier()
+    return alone
 
 
 def describe_event(event: dict[str, Any]) -> str:
