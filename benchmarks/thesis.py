@@ -220,6 +220,8 @@ def check(scenario: Scenario, rows: list[Row]) -> list[str]:
                             f"{_ms(hier.measured_s)}")
     if scenario.no_pdv_oom and pdv and pdv.oom_killed:
         failures.append(f"{scenario.name}: pdv's plan was OOM-killed")
+    elif pdv and pdv.failed:
+        failures.append(f"{scenario.name}: pdv's plan did not run ({pdv.failed})")
     for r in rows:
         if r.error is None and r.failed is None:
             failures.append(f"{scenario.name}/{r.planner}: no prediction error")

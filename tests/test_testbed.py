@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -161,5 +162,7 @@ def test_acceptance_checks_fail_when_they_should() -> None:
     assert thesis.check(inverted, [row("pdv", 0.8), row("hierarchy", 1.0)])
     tight = thesis.Scenario("inverted", no_pdv_oom=True)
     assert thesis.check(tight, [row("pdv", None, oom=True)])
+    crashed = replace(row("pdv", None), failed="exit codes [1, 1]")
+    assert any("did not run" in f for f in thesis.check(thesis.SCENARIOS["mixed-speed"], [crashed]))
     table = thesis.markdown([row("pdv", 0.5), row("hierarchy", 1.0)])
     assert "| inverted | hierarchy |" in table and "2.00x" in table and "-80%" in table
