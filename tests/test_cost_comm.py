@@ -38,15 +38,15 @@ def test_ring_follows_its_direction() -> None:
     """Ring 0→1→2→0 uses links [0][1], [1][2], [2][0]; the slowest hop sets the pace."""
     assert ring_hops([0, 1, 2]) == [(0, 1), (1, 2), (2, 0)]
     assert ring_link(LINKS, [0, 1, 2]) == (1e-3, 1e6)
-    # The reverse ring avoids the slow 0→1 link.
-    assert ring_link(LINKS, [0, 2, 1]) == (5e-5, 3e7)
+    # A group listed in another order runs the same ring (torch sorts a group's ranks).
+    assert ring_link(LINKS, [0, 2, 1]) == (1e-3, 1e6)
     assert ring_hops([4]) == []
 
 
 def test_collectives_match_nccl_tests_formulas() -> None:
     """All-reduce 2(n−1)/n·S/β + 2(n−1)α; all-gather and reduce-scatter (n−1)/n·S/β + (n−1)α."""
-    ring = [0, 2, 1]
-    alpha, beta = 5e-5, 3e7
+    ring = [0, 1, 2]
+    alpha, beta = 1e-3, 1e6
     s = 3e6
     assert all_reduce_time(LINKS, ring, s) == pytest.approx(2 * 2 / 3 * s / beta + 4 * alpha)
     assert all_gather_time(LINKS, ring, s) == pytest.approx(2 / 3 * s / beta + 2 * alpha)
@@ -76,3 +76,18 @@ def test_collectives_scale_with_the_link(
     )
     assert all_reduce_time(slower, ring, nbytes) >= ar
     assert all_reduce_time(fast, ring, 2 * nbytes) > ar
+
+
+def test_ring_follows_sorted_ranks_like_torch_groups():
+    # Links 0<->1 and 2<->3 slow, everything else fast: the listed order 0,2,1,3 would use only
+    # fast hops, but the group torch builds runs 0→1→2→3→0 and pays the slow 0→1 and 2→3.
+    from pdv.artifacts import Links
+    from pdv.cost.comm import ring_hops, ring_link
+
+    fast, slow = 1e10, 1e7
+    bw = [[0.0 if i == j else fast for j in range(4)] for i in range(4)]
+    for a, b in ((0, 1), (2, 3)):
+        bw[a][b] = bw[b][a] = slow
+    links = Links(latency_s=[[0.0] * 4 for _ in range(4)], bandwidth_Bps=bw)
+    assert ring_hops([0, 2, 1, 3]) == [(0, 1), (1, 2), (2, 3), (3, 0)]
+    assert ring_link(links, [0, 2, 1, 3])[1] == slow

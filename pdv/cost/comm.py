@@ -33,9 +33,14 @@ def p2p_time(links: Links, src: int, dst: int, nbytes: float) -> float:
 
 
 def ring_hops(ranks: Sequence[int]) -> list[tuple[int, int]]:
-    """The directed hops of a ring over ranks in the given order (r0→r1→…→r0)."""
-    n = len(ranks)
-    return [(ranks[i], ranks[(i + 1) % n]) for i in range(n)] if n > 1 else []
+    """The directed hops of the ring a process group over these ranks runs (r0→r1→…→r0).
+
+    torch.distributed.new_group (and DeviceMesh) sort a group's ranks, and gloo's ring follows
+    group-rank order, so the ring is in ascending global rank whatever order a plan lists.
+    """
+    ring = sorted(ranks)
+    n = len(ring)
+    return [(ring[i], ring[(i + 1) % n]) for i in range(n)] if n > 1 else []
 
 
 def ring_link(links: Links, ranks: Sequence[int]) -> tuple[float, float]:
