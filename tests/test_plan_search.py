@@ -14,7 +14,7 @@ from pdv.artifacts import PlanStage
 from pdv.cost.stage import stage_cost
 from pdv.plan.evaluate import pipeline_objective, stage_prices
 from pdv.plan.groups import best_chain, chain_value, device_order, islands
-from pdv.plan.problem import Choice, PlanProblem, StageSpec
+from pdv.plan.problem import Choice, PlanProblem, StageSpec, max_stages
 from pdv.plan.search import PLANNERS, _refine, pdv_orders, search
 from pdv.plan.stages import choices_for
 from tests.plan_fixtures import profile, random_instance, two_by_two
@@ -36,7 +36,8 @@ def brute_force_order(problem: PlanProblem, order: list[int]) -> float:
     L, n = problem.num_layers, len(order)
     best = float("inf")
     for mbs in problem.mbs_options():
-        for p in range(1, min(L, n) + 1):
+        M = problem.global_batch // mbs
+        for p in range(1, max_stages(problem.schedule, M, min(L, n)) + 1):
             for layers in _compositions(L, p):
                 for used in range(p, n + 1):
                     for sizes in _compositions(used, p):

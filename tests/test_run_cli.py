@@ -42,7 +42,7 @@ def test_help() -> None:
 
 
 @pytest.mark.parametrize("case", ["devices", "gap", "missing-model", "bad-model", "schema",
-                                  "layers", "tp", "slurm-nodes", "hosts"])
+                                  "layers", "tp", "slurm-nodes", "hosts", "few-micro-batches"])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path, case: str) -> None:
     plan = write_plan(tmp_path / "plan.json", PP2)
     data = json.loads(plan.read_text())
@@ -81,6 +81,10 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path, case: s
         data["devices"] = [{"rank": i, "host": f"h{i}", "kind": "cpu", "memory_bytes": 1}
                            for i in range(2)]
         needle = "--print-commands"
+    elif case == "few-micro-batches":  # torch's 1F1B needs at least one micro-batch per stage
+        data["num_micro_batches"] = 1
+        data["global_batch_size"] = data["micro_batch_size"]
+        needle = "at least as many micro-batches as stages"
     plan.write_text(json.dumps(data))
     res = run_pdv("run", str(plan), "--steps", "2", *args, env=env)
     assert_one_line_error(res, needle)

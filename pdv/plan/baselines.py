@@ -23,7 +23,7 @@ from statistics import median
 
 from pdv.artifacts import ClusterArtifact, Links
 from pdv.plan.evaluate import pipeline_objective
-from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec
+from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, max_stages
 from pdv.plan.stages import DPResult, stage_dp
 
 __all__ = ["hierarchy_links", "host_order", "hierarchy", "uniform", "pipedream", "flat_links"]
@@ -122,7 +122,8 @@ def uniform(problem: PlanProblem) -> DPResult:
     found: list[Candidate] = []
     evaluated = 0
     for mbs in problem.mbs_options():
-        for pp in range(1, min(n, L) + 1):
+        M = problem.global_batch // mbs
+        for pp in range(1, max_stages(problem.schedule, M, min(n, L)) + 1):
             if n % pp:
                 continue
             width = n // pp

@@ -143,6 +143,14 @@ def in_flight(schedule: str, stages_to_end: int, num_micro: int) -> int:
     return max(1, min(num_micro, stages_to_end))
 
 
+def max_stages(schedule: str, num_micro: int, limit: int) -> int:
+    """Most pipeline stages a schedule can run with num_micro micro-batches (at most `limit`).
+
+    torch.distributed.pipelining's 1F1B refuses fewer micro-batches than stages; GPipe does not.
+    """
+    return limit if schedule.lower() == "gpipe" else min(limit, num_micro)
+
+
 def objective(times: Sequence[float], syncs: Sequence[float], num_micro: int) -> float:
     """J = Σ t + max((M − 1)·t + sync) (see the module docstring)."""
     return sum(times) + max((num_micro - 1) * t + s for t, s in zip(times, syncs, strict=True))

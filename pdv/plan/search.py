@@ -19,7 +19,7 @@ from pdv.plan import baselines
 from pdv.plan.costs import stage_price
 from pdv.plan.evaluate import followers, pipeline_objective, plan_stage
 from pdv.plan.groups import device_order, islands
-from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec
+from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, max_stages
 from pdv.plan.sharding import refine_stage
 from pdv.plan.stages import DPResult, rank_key, stage_dp
 
@@ -239,7 +239,11 @@ def _tightest(problem: PlanProblem) -> str:
     order = device_order(problem.cluster.links)
     n, L = len(order), problem.num_layers
     best: tuple[float, str] | None = None
-    layouts = [(mbs, pp) for mbs in problem.mbs_options() for pp in range(1, min(n, L) + 1)]
+    layouts = [
+        (mbs, pp)
+        for mbs in problem.mbs_options()
+        for pp in range(1, max_stages(problem.schedule, problem.global_batch // mbs, min(n, L)) + 1)
+    ]
     for mbs, pp in layouts:
         M = problem.global_batch // mbs
         if n % pp:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pdv.plan.costs import StageTable, _group, send_pairs, send_time, stage_table
-from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, in_flight
+from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, in_flight, max_stages
 
 __all__ = ["MAX_CAPS", "GENERAL_LIMIT", "DPResult", "stage_dp", "choices_for", "rank_key"]
 
@@ -191,7 +191,7 @@ def _solve_pass(
     """One DP pass: min Σ t under the cap (or min max u when bottleneck); best per stage count."""
     L = n_layers
     inf = np.inf
-    kmax_stages = min(n_units, L)
+    kmax_stages = max_stages(schedule, num_micro, min(n_units, L))
     by_pos: dict[int, list[_Option]] = {}
     for opt in options:
         by_pos.setdefault(opt.a, []).append(opt)

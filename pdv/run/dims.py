@@ -103,6 +103,12 @@ class ParallelDims:
                     f"a rank holds several stages, which needs an interleaved schedule "
                     f"({', '.join(_MULTI_STAGE_SCHEDULES)}), not {schedule!r}"
                 )
+        elif self.uniform and schedule.lower() == "1f1b" and self.num_micro_batches < len(self.stages):
+            # torch's Schedule1F1B refuses this inside every rank; say it once, before launch
+            raise PdvError(
+                f"1F1B needs at least as many micro-batches as stages: {self.num_micro_batches} "
+                f"< {len(self.stages)}; raise num_micro_batches to {len(self.stages)} or use GPipe"
+            )
         elif schedule in _MULTI_STAGE_SCHEDULES:
             raise PdvError(
                 f"schedule {schedule} needs several stages per rank, but each rank holds one "
