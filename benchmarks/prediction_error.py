@@ -72,8 +72,12 @@ def main() -> int:
     rows, worst = [], 0.0
     for name, path in plans.items():
         report = out / f"report-{path.stem}.json"
+        before = os.getloadavg()[0]
         pdv("run", str(path), "--model", MODEL, "--steps", str(a.steps),
             "--warmup", str(a.warmup), "--report", str(report))
+        # The ranks alone add 4 to the load; well beyond that, other work shared the cores
+        # and the measured time holds it (the profiles cannot).
+        load = max(before, os.getloadavg()[0])
         plan = json.loads(path.read_text())
         rep = json.loads(report.read_text())
         pred = plan["predicted"]["step_time_s"]
@@ -81,11 +85,12 @@ def main() -> int:
         err = abs(pred - meas) / meas
         worst = max(worst, err)
         shape = " | ".join(f"{s['layers']}x{s['dp']}dp{s['tp']}tp" for s in plan["stages"])
-        rows.append((name, shape, pred, meas, rep["measured"]["step_time_spread_s"], err))
-    print(f"{'plan':<22}{'predicted':>11}{'measured':>11}{'IQR':>9}{'error':>8}  stages")
-    for name, shape, pred, meas, iqr, err in rows:
+        rows.append((name, shape, pred, meas, rep["measured"]["step_time_spread_s"], err, load))
+    print(f"{'plan':<22}{'predicted':>11}{'measured':>11}{'IQR':>9}{'error':>8}{'load':>6}  stages")
+    for name, shape, pred, meas, iqr, err, load in rows:
         print(f"{name:<22}{pred * 1e3:>8.0f} ms{meas * 1e3:>8.0f} ms{iqr * 1e3:>6.0f} ms"
-              f"{err:>8.1%}  {shape}")
+              f"{err:>8.1%}{load:>6.1f}  {shape}")
+    print(f"load: 1-min load average around each run, on {os.cpu_count()} CPUs")
     print(f"worst error {worst:.1%} (tolerance {a.tolerance:.0%}); artifacts in {out}")
     return 0 if worst <= a.tolerance else 1
 
