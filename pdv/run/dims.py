@@ -103,7 +103,9 @@ class ParallelDims:
                     f"a rank holds several stages, which needs an interleaved schedule "
                     f"({', '.join(_MULTI_STAGE_SCHEDULES)}), not {schedule!r}"
                 )
-        elif self.uniform and schedule.lower() == "1f1b" and self.num_micro_batches < len(self.stages):
+        elif self.uniform and schedule.lower() == "1f1b" and self.num_micro_batches < len(
+            self.stages
+        ):
             # torch's Schedule1F1B refuses this inside every rank; say it once, before launch
             raise PdvError(
                 f"1F1B needs at least as many micro-batches as stages: {self.num_micro_batches} "
