@@ -2,7 +2,7 @@
 
 # Each command module registers its commands on the app when imported. Torch is imported
 # inside command bodies only, so `pdv plan` and `pdv --help` start without it.
-from pdv.cli import (
+from pdv.cli import (  # noqa: F401
     artifacts_cmd,
     plan_cmd,
     profile_cluster_cmd,
@@ -14,15 +14,6 @@ from pdv.cli import (
 from pdv.cli.app import app, main
 
 __all__ = ["app", "main", "run_main"]
-_COMMANDS = (
-    artifacts_cmd,
-    plan_cmd,
-    profile_cluster_cmd,
-    profile_model_cmd,
-    quickstart_cmd,
-    run_cmd,
-    simulate_cmd,
-)
 
 
 def run_main() -> None:

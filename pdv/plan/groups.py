@@ -48,26 +48,7 @@ def symmetric_bandwidth(links: Links) -> np.ndarray:
 def islands(links: Links, ratio: float = ISLAND_RATIO) -> list[list[int]]:
     """Connected components of the strong links, each sorted, listed by their smallest rank."""
     sym = symmetric_bandwidth(links)
-    n = sym.shape[0]
-    best = sym.max(axis=1) if n > 1 else np.zeros(1)
-    strong = sym >= ratio * np.minimum.outer(best, best)
-    np.fill_diagonal(strong, False)
-    seen = [False] * n
-    out: list[list[int]] = []
-    for start in range(n):
-        if seen[start]:
-            continue
-        seen[start] = True
-        stack, comp = [start], []
-        while stack:
-            i = stack.pop()
-            comp.append(i)
-            for j in np.flatnonzero(strong[i]):
-                if not seen[j]:
-                    seen[j] = True
-                    stack.append(int(j))
-        out.append(sorted(comp))
-    return out
+    return _islands_of(sym, list(range(sym.shape[0])), ratio)
 
 
 def chain_value(weight: np.ndarray, order: Sequence[int]) -> float:
@@ -149,6 +130,7 @@ _CHAIN_CACHE: dict[bytes, list[int]] = {}
 
 
 def _islands_of(sym: np.ndarray, ranks: list[int], ratio: float) -> list[list[int]]:
+    # A link is strong when it is at least `ratio` of both ends' best links.
     sub = sym[np.ix_(ranks, ranks)]
     n = len(ranks)
     best = sub.max(axis=1) if n > 1 else np.zeros(1)
