@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 Progress = Callable[[str], None]
+HOST_ORDER_LIMIT = 32
+"""largest cluster on which the DP also runs on host order"""
 
 
 def pdv_orders(problem: PlanProblem) -> list[tuple[list[int], list[list[int]]]]:
@@ -44,7 +46,8 @@ def pdv_orders(problem: PlanProblem) -> list[tuple[list[int], list[list[int]]]]:
     - ``host``: ranks grouped by host name. Only the *layout* comes from the hosts; it is priced
       on the measured links like the others, so every layout a host-hierarchy planner can pick
       is in pdv's search space too, and pdv is not worse than it where the hosts do match the
-      network.
+      network. Only up to HOST_ORDER_LIMIT devices: beyond, a third DP pass costs more search
+      time than the 64-GPU target allows, and the DP there is on sampled caps anyway.
     """
     slowness = [speed_factor(problem.profile_of(d.rank), d) for d in problem.cluster.devices]
     by_bandwidth = islands(problem.cluster.links)
@@ -52,8 +55,9 @@ def pdv_orders(problem: PlanProblem) -> list[tuple[list[int], list[list[int]]]]:
     orders = [
         (device_order(problem.cluster.links), by_bandwidth),
         (device_order(problem.cluster.links, slowness=slowness), by_bandwidth),
-        (host_chain, host_parts),
     ]
+    if len(problem.cluster.devices) <= HOST_ORDER_LIMIT:
+        orders.append((host_chain, host_parts))
     unique: list[tuple[list[int], list[list[int]]]] = []
     for order in orders:
         if order[0] not in [u[0] for u in unique]:
