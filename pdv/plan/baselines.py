@@ -18,6 +18,7 @@ so the difference between planners is their assumption alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from statistics import median
 
@@ -26,7 +27,15 @@ from pdv.plan.evaluate import pipeline_objective
 from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, max_stages
 from pdv.plan.stages import DPResult, stage_dp
 
-__all__ = ["hierarchy_links", "host_order", "hierarchy", "uniform", "pipedream", "flat_links"]
+__all__ = [
+    "hierarchy_links",
+    "host_order",
+    "hierarchy",
+    "uniform",
+    "uniform_layouts",
+    "pipedream",
+    "flat_links",
+]
 
 
 def _classes(cluster: ClusterArtifact) -> tuple[list[float], list[float], list[float], list[float]]:
@@ -115,33 +124,35 @@ def _split(n_layers: int, pp: int) -> list[tuple[int, int]]:
     return out
 
 
-def uniform(problem: PlanProblem) -> DPResult:
-    """Megatron-style: equal layers per stage, one dp × tp × pp for the whole cluster."""
-    n = len(problem.cluster.devices)
-    L = problem.num_layers
-    found: list[Candidate] = []
-    evaluated = 0
+def uniform_layouts(problem: PlanProblem, n: int) -> Iterator[tuple[int, int, int, int]]:
+    """(micro-batch size, pp, stage width, tp) of every fixed dp × tp × pp over n devices."""
     for mbs in problem.mbs_options():
         M = problem.global_batch // mbs
-        for pp in range(1, max_stages(problem.schedule, M, min(n, L)) + 1):
+        for pp in range(1, max_stages(problem.schedule, M, min(n, problem.num_layers)) + 1):
             if n % pp:
                 continue
             width = n // pp
             for tp in problem.tp_options():
-                if width % tp or mbs % (width // tp):
-                    continue
-                for recompute in (False, True):
-                    ch = Choice(tp, False, recompute)
-                    stages = tuple(
-                        StageSpec(lo, hi, tuple(range(s * width, (s + 1) * width)), ch)
-                        for s, (lo, hi) in enumerate(_split(L, pp))
-                    )
-                    evaluated += 1
-                    j = pipeline_objective(problem, stages, mbs)
-                    if j < float("inf"):
-                        found.append(
-                            Candidate(stages, mbs, problem.global_batch // mbs, j, "uniform")
-                        )
-                        break  # recompute only where memory needs it
+                if width % tp == 0 and mbs % (width // tp) == 0:
+                    yield mbs, pp, width, tp
+
+
+def uniform(problem: PlanProblem) -> DPResult:
+    """Megatron-style: equal layers per stage, one dp × tp × pp for the whole cluster."""
+    n = len(problem.cluster.devices)
+    found: list[Candidate] = []
+    evaluated = 0
+    for mbs, pp, width, tp in uniform_layouts(problem, n):
+        for recompute in (False, True):
+            ch = Choice(tp, False, recompute)
+            stages = tuple(
+                StageSpec(lo, hi, tuple(range(s * width, (s + 1) * width)), ch)
+                for s, (lo, hi) in enumerate(_split(problem.num_layers, pp))
+            )
+            evaluated += 1
+            j = pipeline_objective(problem, stages, mbs)
+            if j < float("inf"):
+                found.append(Candidate(stages, mbs, problem.global_batch // mbs, j, "uniform"))
+                break  # recompute only where memory needs it
     found.sort(key=lambda c: (c.objective_s, len(c.stages), c.micro_batch_size, repr(c.stages)))
     return DPResult(found, True, evaluated)

@@ -19,7 +19,7 @@ from pdv.plan import baselines
 from pdv.plan.costs import stage_price
 from pdv.plan.evaluate import followers, pipeline_objective, plan_stage
 from pdv.plan.groups import device_order, islands
-from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, max_stages
+from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec
 from pdv.plan.sharding import refine_stage
 from pdv.plan.stages import DPResult, rank_key, stage_dp
 
@@ -241,48 +241,35 @@ def search(
 def _tightest(problem: PlanProblem) -> str:
     """The one-line reason nothing fits: the least-over layout's worst stage, rank and bytes."""
     order = device_order(problem.cluster.links)
-    n, L = len(order), problem.num_layers
     best: tuple[float, str] | None = None
-    layouts = [
-        (mbs, pp)
-        for mbs in problem.mbs_options()
-        for pp in range(1, max_stages(problem.schedule, problem.global_batch // mbs, min(n, L)) + 1)
-    ]
-    for mbs, pp in layouts:
+    for mbs, pp, width, tp in baselines.uniform_layouts(problem, len(order)):
         M = problem.global_batch // mbs
-        if n % pp:
-            continue
-        width = n // pp
-        for tp in problem.tp_options():
-            if width % tp or mbs % (width // tp):
-                continue
-            ch = Choice(tp, problem.allow_fsdp and width // tp > 1, problem.allow_recompute)
-            bounds = baselines._split(L, pp)
-            stages = [
-                StageSpec(lo, hi, tuple(order[s * width : (s + 1) * width]), ch)
-                for s, (lo, hi) in enumerate(bounds)
-            ]
-            worst: tuple[float, str] | None = None
-            for s, spec in enumerate(stages):
-                nxt = tuple(order[(s + 1) * width :]) if s + 1 < pp else None
-                price = stage_price(problem, spec.ranks, spec.lo, spec.hi, mbs, ch, pp - s, M, nxt)
-                for kind, mem in price.memory_bytes.items():
-                    over = mem - price.capacity_bytes[kind]
-                    rank = min(
-                        (r for r in spec.ranks if problem.cluster.devices[r].kind == kind),
-                        key=lambda r: (problem.capacity(r), r),
-                    )
-                    msg = (
-                        f"no plan fits in memory: tightest is stage {s} (layers "
-                        f"[{spec.lo}, {spec.hi})) on rank {rank} ({kind}): {over:,.0f} bytes "
-                        f"over its {problem.capacity(rank):,.0f}-byte budget "
-                        f"({over / 2**30:.1f} GiB too much) with pp={pp} "
-                        f"tp={tp} dp={width // tp} fsdp={ch.fsdp} recompute={ch.recompute} "
-                        f"micro-batch {mbs}; add devices, lower --memory-margin, or use a "
-                        f"smaller model or micro-batch"
-                    )
-                    if worst is None or over > worst[0]:
-                        worst = (over, msg)
-            if worst is not None and (best is None or worst[0] < best[0]):
-                best = worst
+        ch = Choice(tp, problem.allow_fsdp and width // tp > 1, problem.allow_recompute)
+        stages = [
+            StageSpec(lo, hi, tuple(order[s * width : (s + 1) * width]), ch)
+            for s, (lo, hi) in enumerate(baselines._split(problem.num_layers, pp))
+        ]
+        worst: tuple[float, str] | None = None
+        for s, spec in enumerate(stages):
+            nxt = tuple(order[(s + 1) * width :]) if s + 1 < pp else None
+            price = stage_price(problem, spec.ranks, spec.lo, spec.hi, mbs, ch, pp - s, M, nxt)
+            for kind, mem in price.memory_bytes.items():
+                over = mem - price.capacity_bytes[kind]
+                rank = min(
+                    (r for r in spec.ranks if problem.cluster.devices[r].kind == kind),
+                    key=lambda r: (problem.capacity(r), r),
+                )
+                msg = (
+                    f"no plan fits in memory: tightest is stage {s} (layers "
+                    f"[{spec.lo}, {spec.hi})) on rank {rank} ({kind}): {over:,.0f} bytes "
+                    f"over its {problem.capacity(rank):,.0f}-byte budget "
+                    f"({over / 2**30:.1f} GiB too much) with pp={pp} "
+                    f"tp={tp} dp={width // tp} fsdp={ch.fsdp} recompute={ch.recompute} "
+                    f"micro-batch {mbs}; add devices, lower --memory-margin, or use a "
+                    f"smaller model or micro-batch"
+                )
+                if worst is None or over > worst[0]:
+                    worst = (over, msg)
+        if worst is not None and (best is None or worst[0] < best[0]):
+            best = worst
     return best[1] if best else "no plan fits: no layout of the devices is possible"
