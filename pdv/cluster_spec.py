@@ -28,7 +28,7 @@ import json
 import re
 import sys
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -349,7 +349,10 @@ def declare_cluster(
     return ClusterArtifact(
         provenance=Provenance(
             method="declared", inputs=inputs,
-            notes=[f"declared from {source}: {len(layout.host_names)} hosts, {n} ranks, "
+            # The file name only: a folder path would make the artifact (and every plan that
+            # digests it) differ between checkouts; inputs["spec"] identifies the content.
+            notes=[f"declared from {PurePath(source).name}: {len(layout.host_names)} hosts, "
+                   f"{n} ranks, "
                    f"{len(classes)} link classes, {len(overrides)} overrides"],
         ),
         devices=devices,
