@@ -128,10 +128,12 @@ def _pdv_processes_with(marker: str) -> list[psutil.Process]:
     ("join", "rank 2 did not join"),
     ("round", "rank 2 stopped answering"),
     ("exit-join", "rank 2 exited first"),
-    ("exit-round", "no answer from rank 2"),
+    # A dead peer resets the others' sockets (named by the launcher) or torchrun sees it exit
+    # first (named from torchrun's log): both name the rank.
+    ("exit-round", ("no answer from rank 2", "rank 2 exited first")),
 ])
-def test_a_stuck_or_dead_rank_is_named_within_the_timeout(tmp_path: Path, stall_at: str,
-                                                  expect: str) -> None:
+def test_a_stuck_or_dead_rank_is_named_within_the_timeout(
+        tmp_path: Path, stall_at: str, expect: str | tuple[str, ...]) -> None:
     out_file = tmp_path / f"stall-{stall_at}.json"
     timeout = 8
     start = time.monotonic()
@@ -143,7 +145,8 @@ def test_a_stuck_or_dead_rank_is_named_within_the_timeout(tmp_path: Path, stall_
     elapsed = time.monotonic() - start
     assert out.returncode == 2, out.stdout + out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and expect in lines[0], out.stderr
+    expected = (expect,) if isinstance(expect, str) else expect
+    assert len(lines) == 1 and any(e in lines[0] for e in expected), out.stderr
     # The timeout plus process start-up (python, torch import on a loaded 2-core machine).
     assert elapsed < timeout + 25, f"took {elapsed:.1f}s with --timeout {timeout}"
     assert not out_file.exists()

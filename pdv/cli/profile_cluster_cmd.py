@@ -73,7 +73,7 @@ def profile_cluster(
 
 def _run_rank(out: Path, cfg: Any, timeout: float, backend: str, as_json: bool) -> None:
     """One torchrun rank: measure; rank 0 prints the summary unless a launcher watches."""
-    from pdv.profile.cluster import profile_cluster_rank, rank_env
+    from pdv.profile.cluster import LinkFailure, profile_cluster_rank, rank_env
     from pdv.profile.launch_local import heartbeat_from_env
 
     env = rank_env()
@@ -85,7 +85,10 @@ def _run_rank(out: Path, cfg: Any, timeout: float, backend: str, as_json: bool) 
         artifact = profile_cluster_rank(out, cfg, timeout, backend, beat)
     except PdvError as exc:
         if beat:
-            beat({"phase": "error", "error": str(exc)})
+            # A transfer that failed without a known peer lets the launcher name the rank
+            # that vanished (a socket reset from a dead peer does not say which one it was).
+            unknown = isinstance(exc, LinkFailure) and exc.peer is None
+            beat({"phase": "error", "error": str(exc), "peer_unknown": unknown})
         raise
     if artifact is not None and beat is None:
         _summary(artifact, out, as_json)

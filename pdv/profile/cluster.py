@@ -29,7 +29,15 @@ from pdv.profile.network import (
     measurement_block,
 )
 
-__all__ = ["describe_event", "profile_cluster_rank", "rank_env"]
+__all__ = ["LinkFailure", "describe_event", "profile_cluster_rank", "rank_env"]
+
+
+class LinkFailure(PdvError):
+    """A collective or transfer failed; `peer` is the rank it waited on, when known."""
+
+    def __init__(self, message: str, peer: int | None) -> None:
+        super().__init__(message)
+        self.peer = peer
 
 # Test hook: PDV_TEST_STALL_RANK=r makes rank r stop answering at PDV_TEST_STALL_AT
 # ("join": before it joins the group; "round": at the first round), or die there
@@ -139,10 +147,13 @@ def profile_cluster_rank(
     except Exception as exc:
         # A peer that died or stalled surfaces here as a gloo/nccl timeout or a closed socket.
         peers = {last.get("src"), last.get("dst")} - {rank, None}
-        who = f"no answer from rank {peers.pop()}" if peers else "link measurement failed"
-        raise PdvError(
+        peer = peers.pop() if peers else None
+        who = "link measurement failed" if peer is None else f"no answer from rank {peer}"
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise LinkFailure(
             f"rank {rank}: {who} (last step: {describe_event(last)}; group timeout "
-            f"{group_timeout:g}s): {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            f"{group_timeout:g}s): {type(exc).__name__}: {first}",
+            peer,
         ) from None
     finally:
         if dist.is_initialized():

@@ -51,7 +51,8 @@ class Heartbeat:
 
     def __call__(self, event: dict[str, Any]) -> None:
         self.seq += 1
-        record = {"rank": self.rank, "seq": self.seq, "time": time.time(), "event": event}
+        record = {"rank": self.rank, "seq": self.seq, "time": time.time(), "pid": os.getpid(),
+                  "event": event}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.path)
@@ -151,6 +152,16 @@ def _watch(
             kill_tree(proc)
             # The first rank to fail is the cause; the others fail because it went away.
             r = min(failed, key=lambda r: (states[r]["time"], r))
+            vanished = _vanished(states) if states[r]["event"].get("peer_unknown") else []
+            if vanished:
+                # The failing rank lost a connection; the rank that died without a word is the
+                # cause (the first to go silent, if torchrun has since stopped others too).
+                v = min(vanished, key=lambda v: (states[v]["time"], v))
+                raise PdvError(
+                    f"no answer from rank {v}: it exited without an error after "
+                    f"{describe(states[v]['event'])}; rank {r} lost its connection; "
+                    "all ranks were killed"
+                )
             raise PdvError(states[r]["event"].get("error") or f"rank {r} failed")
         if done:
             if proc.returncode == 0:
@@ -174,6 +185,21 @@ def _watch(
                 f"its last step: {describe(states[stuck]['event'])}; all ranks were killed"
             )
         time.sleep(0.2)
+
+
+def _vanished(states: dict[int, dict[str, Any]]) -> list[int]:
+    """Ranks whose process is gone (or a zombie) though they never reported an error or finished."""
+    gone = []
+    for r, rec in states.items():
+        if rec["event"].get("phase") in ("error", "gathered", "written") or "pid" not in rec:
+            continue
+        try:
+            alive = psutil.Process(rec["pid"]).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            alive = False
+        if not alive:
+            gone.append(r)
+    return gone
 
 
 def _ranks(ranks: list[int]) -> str:
