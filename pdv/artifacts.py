@@ -126,6 +126,11 @@ class LayerProfile(_Strict):
     flops_fwd: float | None = Field(
         None, description="forward FLOPs per sample, where counted (FlopCounterMode)"
     )
+    optimizer_s: float | None = Field(
+        None, ge=0,
+        description="one optimizer step over this layer's unsharded parameters on one rank, "
+        "seconds (median); a shard's step scales with its share of the parameters",
+    )
     samples: list[LayerSample] = Field(
         default_factory=list, description="every (micro-batch size, TP degree) point measured"
     )
@@ -198,6 +203,12 @@ class ClusterDevice(_Strict):
         description="matmul FLOP/s with this rank probing alone (matmul_flops: all ranks at "
         "once); where they differ, the host's ranks share its cores",
     )
+    runtime_bytes: int | None = Field(
+        None, ge=0,
+        description="memory the rank holds before any model is built: its process under "
+        "torchrun with the process group up, as its memory cap counts it (cgroup charge where "
+        "capped, else resident set; CUDA: device memory in use)",
+    )
     details: dict[str, Any] = Field(
         default_factory=dict, description="what the probe reported (NVML, psutil)"
     )
@@ -208,6 +219,16 @@ class Links(_Strict):
 
     latency_s: list[list[float]] = Field(description="α: fixed cost of one message, seconds")
     bandwidth_Bps: list[list[float]] = Field(description="β: bytes per second")
+    collective_latency_s: list[list[float]] | None = Field(
+        None,
+        description="α of an all-reduce over the pair (symmetric): a 2-rank all-reduce of S "
+        "bytes took 2α + S/β; absent where not measured (rings then use latency_s)",
+    )
+    collective_bandwidth_Bps: list[list[float]] | None = Field(
+        None,
+        description="β of an all-reduce over the pair (symmetric), bytes per second; includes "
+        "the backend's copies and reductions that point-to-point transfers do not pay",
+    )
 
 
 class ClusterArtifact(_Strict):
@@ -232,7 +253,11 @@ class ClusterArtifact(_Strict):
         for name, m in (
             ("latency_s", self.links.latency_s),
             ("bandwidth_Bps", self.links.bandwidth_Bps),
+            ("collective_latency_s", self.links.collective_latency_s),
+            ("collective_bandwidth_Bps", self.links.collective_bandwidth_Bps),
         ):
+            if m is None:
+                continue
             if len(m) != n or any(len(row) != n for row in m):
                 raise ValueError(f"links.{name} must be a {n}x{n} matrix (one row per device)")
         for i in range(n):
@@ -243,6 +268,12 @@ class ClusterArtifact(_Strict):
                     raise ValueError(f"links.bandwidth_Bps[{i}][{j}] must be > 0")
                 if self.links.latency_s[i][j] < 0:
                     raise ValueError(f"links.latency_s[{i}][{j}] must be >= 0")
+                coll_bw = self.links.collective_bandwidth_Bps
+                if coll_bw is not None and coll_bw[i][j] <= 0:
+                    raise ValueError(f"links.collective_bandwidth_Bps[{i}][{j}] must be > 0")
+                coll_lat = self.links.collective_latency_s
+                if coll_lat is not None and coll_lat[i][j] < 0:
+                    raise ValueError(f"links.collective_latency_s[{i}][{j}] must be >= 0")
         return self
 
 
