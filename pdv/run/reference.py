@@ -6,28 +6,13 @@ divided by the number of micro-batches, as the pipeline schedules scale it), sam
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
-
-from pdv.errors import PdvError
 from pdv.models import build_model
+from pdv.optim import OPTIMIZERS, make_optimizer
 from pdv.run.data import BatchSource
 
 __all__ = ["OPTIMIZERS", "make_optimizer", "reference_losses"]
-
-OPTIMIZERS = ("adamw", "sgd")
-
-
-def make_optimizer(params: Iterable[torch.nn.Parameter], name: str,
-                   lr: float) -> torch.optim.Optimizer:
-    """The run's optimizer; foreach off so sharded (DTensor) and plain params take one path."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, foreach=False)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, foreach=False)
-    raise PdvError(f"optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 
 def reference_losses(spec: str, kwargs: dict[str, Any], *, steps: int, global_batch_size: int,
