@@ -11,7 +11,9 @@ shapes the model's ``tp_shard`` gives) and each micro-batch size:
    backward in reverse order, each from a fixed upstream gradient on that layer's output --
    and, at the reference point, the whole model's forward+backward.
    Interleaving rounds spreads any noise from the rest of the machine evenly over the layers and
-   the whole model, so their medians can be compared.
+   the whole model, so their medians can be compared;
+4. last, one optimizer step per layer (pdv.profile.optimizer): the run's optimizer over the
+   layer's parameters, rounds over every layer in order after a warm-up step that allocates state.
 
 Times are medians over the kept rounds, with the interquartile range as the spread. Per layer and
 TP degree, time = a + b·micro_batch is fitted over the micro-batch sizes.
@@ -55,6 +57,7 @@ from pdv.profile.memory import (
     param_bytes,
     tensor_bytes,
 )
+from pdv.profile.optimizer import optimizer_note, time_optimizer_steps
 
 __all__ = ["ProfileRequest", "Progress", "Point", "parse_sizes", "profile_model", "assemble"]
 
@@ -309,8 +312,23 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
         x, y = model.make_batch(m, gen)
         batches[m] = (_to_device(x, device, dtype), y.to(device))
 
-    total = len(tps) * len(mbss) * (req.warmup + req.repeat)
+    # The optimizer rounds come last; its first step is always a warm-up (it allocates state).
+    opt_rounds = max(1, req.warmup) + req.repeat
+    total = len(tps) * len(mbss) * (req.warmup + req.repeat) + opt_rounds
     done = 0
+
+    def ticker(what: str) -> Callable[[], None]:
+        if progress:
+            progress(what, done, total)
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(what, done, total)
+
+        return tick
+
     points: dict[tuple[int, int], list[Point]] = {}
     whole: list[tuple[float, float]] = []
     for tp in tps:
@@ -322,20 +340,13 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
                 layers = [model.tp_shard(i, layer, tp).to(device=device, dtype=dtype)
                           for i, layer in enumerate(base)]
         for m in mbss:
-            what = f"TP {tp}, micro-batch {m}"
-
-            def tick(what: str = what) -> None:
-                nonlocal done
-                done += 1
-                if progress:
-                    progress(what, done, total)
-
-            if progress:
-                progress(what, done, total)
             pts, w = _measure_point(layers, model.loss_fn, *batches[m], device, req.warmup,
-                                    req.repeat, whole=(tp == 1 and m == ref), tick=tick)
+                                    req.repeat, whole=(tp == 1 and m == ref),
+                                    tick=ticker(f"TP {tp}, micro-batch {m}"))
             points[(tp, m)] = pts
             whole = whole or w
+    optimizer_s = time_optimizer_steps(base, req.optimizer, device, req.warmup, req.repeat,
+                                       ticker(f"optimizer step ({req.optimizer})"))
 
     wf = [f for f, _ in whole]
     wb = [b for _, b in whole]
@@ -355,6 +366,11 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
            if device.type == "cuda" else "(saved_tensors_hooks)")
         + ", per micro-batch, including the layer's input where backward keeps it",
         f"optimizer_bytes: {req.optimizer} at {OPTIMIZERS[req.optimizer]} bytes per parameter",
+        f"optimizer_s: {optimizer_note(req.optimizer)} over each layer's own trainable "
+        f"parameters (TP 1, {req.dtype}) with random gradients of their shapes; "
+        f"{opt_rounds - req.repeat} warm-up step(s) (the first allocates the state), then "
+        f"{req.repeat} timed rounds, each stepping every layer in order; median"
+        + ("; the device synchronized around each step" if device.type == "cuda" else ""),
         overhead_note,
         "matmul_flops: the probe pdv profile cluster runs on every rank "
         "(pdv.profile.hardware.matmul_flops), so profile and cluster speeds compare",
@@ -366,14 +382,16 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
         notes.append("TP > 1: layers timed at the local shard shapes of model.tp_shard on one "
                      "device; TP collectives are not included (the planner prices them on links)")
     return assemble(req, model, info, points, tps, mbss, dtype, overhead,
-                    Provenance(method="measured", notes=notes), whole_timing)
+                    Provenance(method="measured", notes=notes), whole_timing, optimizer_s)
 
 
 def assemble(req: ProfileRequest, model: ModelDef, device: Any,
              points: dict[tuple[int, int], list[Point]], tps: tuple[int, ...],
              mbss: tuple[int, ...], dtype: torch.dtype, overhead: int,
-             provenance: Provenance, whole: WholeModelTiming | None) -> ModelProfile:
+             provenance: Provenance, whole: WholeModelTiming | None,
+             optimizer_s: Sequence[float] | None = None) -> ModelProfile:
     """Turn per-point measurements into the model-profile artifact (fits, reference numbers)."""
+    assert optimizer_s is None or len(optimizer_s) == len(model.layers)
     ref = mbss[0]
     layers = []
     for i, (name, layer) in enumerate(model.layers):
@@ -389,6 +407,7 @@ def assemble(req: ProfileRequest, model: ModelDef, device: Any,
             optimizer_bytes=optimizer_state_bytes(layer, req.optimizer),
             activation_bytes=top.activation_bytes, output_bytes=top.output_bytes,
             flops_fwd=None if flops is None else flops / ref,
+            optimizer_s=None if optimizer_s is None else optimizer_s[i],
             samples=samples, fwd_fit=fwd_fit, bwd_fit=bwd_fit,
         ))
     return ModelProfile(
