@@ -18,7 +18,7 @@ from torch.distributed.fsdp import FSDPModule
 from pdv.errors import PdvError
 from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
-from pdv.run.stage import reduce_replica_grads
+from pdv.run.stage import ReplicaGrads
 
 __all__ = ["ChainPipeline"]
 
@@ -65,7 +65,7 @@ class ChainPipeline:
         self.first = 0 in self.stage_ids
         self.last = dims.num_stages - 1 in self.stage_ids
         self.replica_sync = [
-            (modules[i], meshes.stage_mesh[i]["dp"].get_group(), dims.stages[i].dp)
+            ReplicaGrads(modules[i], meshes.stage_mesh[i]["dp"].get_group(), dims.stages[i].dp)
             for i in self.stage_ids
             if dims.stages[i].dp > 1 and not isinstance(modules[i], FSDPModule)
         ]
@@ -76,6 +76,8 @@ class ChainPipeline:
         """Forward and backward of one global batch; the last stage returns micro-batch losses."""
         losses: list[torch.Tensor] = []
         nmb = self.dims.num_micro_batches
+        for grads in self.replica_sync:
+            grads.attach()
         args = ()
         if self.first:
             replica, _ = self.dims.position(self.rank, 0)
@@ -87,6 +89,6 @@ class ChainPipeline:
             self.schedule.step(*args, target=target, losses=losses)
         else:
             self.schedule.step(*args)
-        for module, group, dp in self.replica_sync:
-            reduce_replica_grads(module, group, dp)
+        for grads in self.replica_sync:
+            grads.reduce()
         return [float(v.detach()) for v in losses]

@@ -2,9 +2,9 @@
 
 Order follows torchtitan's parallelize: tensor parallel first (parallelize_module with the model's
 own TP plan on the stage's "tp" axis), then activation checkpointing, then data parallel over the
-"dp" axis: FSDP2 ``fully_shard`` per layer and on the stage when the plan says fsdp, else DDP.
-DDP does not take DTensor parameters, so a stage with both TP and plain replicas goes through
-torch's ``_pre_dp_module_transform`` (local shards under DDP, DTensors rebuilt in forward).
+"dp" axis: FSDP2 ``fully_shard`` per layer and on the stage when the plan says fsdp, else plain
+replicas whose grads one all-reduce per step sums (:class:`ReplicaGrads`; DDP under pipelining
+hits a torch internal assert with several micro-batches).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pdv.cost.stage import layer_choices
 from pdv.errors import PdvError
 from pdv.models import ModelDef
 
-__all__ = ["build_stage_module", "check_tp_support", "reduce_replica_grads"]
+__all__ = ["ReplicaGrads", "build_stage_module", "check_tp_support"]
 
 
 def check_tp_support(model: ModelDef, stages: list[PlanStage], spec: str) -> None:
@@ -42,7 +42,7 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
                        device: torch.device) -> nn.Module:
     """The stage's layers as one module, parallelized for this rank (TP, recompute, FSDP2).
 
-    Plain replicas come back unwrapped; the executor calls reduce_replica_grads after each step.
+    Plain replicas come back unwrapped; the executor sums their grads with ReplicaGrads.
     """
     start, end = stage.layers
     choices = layer_choices(stage)
@@ -83,13 +83,62 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
     return module
 
 
-def reduce_replica_grads(module: nn.Module, group: Any, divide_by: int) -> None:
-    """Sum the module's gradients over its replicas (one flat all-reduce), then divide."""
+class ReplicaGrads:
+    """A stage's gradients kept as views of one flat buffer, summed over replicas in place.
+
+    Flattening the grads before the all-reduce and copying them back after it held a second
+    copy of every gradient at the step's peak and cost two passes over it (on CPU ranks that
+    share cores, about as long as the all-reduce). With the grads as views, autograd accumulates
+    straight into the buffer the all-reduce sends (DDP's gradient_as_bucket_view idea). DTensor
+    grads (TP shards) cannot be views of a plain buffer and take the flatten path.
+    """
+
+    def __init__(self, module: nn.Module, group: Any, divide_by: int) -> None:
+        from torch.distributed.tensor import DTensor
+
+        self.group, self.divide_by = group, divide_by
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.plain = [p for p in params if not isinstance(p, DTensor)]
+        self.sharded = [p for p in params if isinstance(p, DTensor)]
+        total = sum(p.numel() for p in self.plain)
+        dtype = self.plain[0].dtype if self.plain else torch.float32
+        device = self.plain[0].device if self.plain else torch.device("cpu")
+        self.flat = torch.zeros(total, dtype=dtype, device=device)
+        self.views = []
+        at = 0
+        for p in self.plain:
+            self.views.append(self.flat[at : at + p.numel()].view_as(p))
+            at += p.numel()
+
+    def attach(self) -> None:
+        """Zero the buffer and make it the grads, before a step's first backward."""
+        self.flat.zero_()
+        for p, view in zip(self.plain, self.views, strict=True):
+            p.grad = view
+
+    def reduce(self) -> None:
+        """Sum the grads over the replicas (then divide), after the step's last backward."""
+        import torch.distributed as dist
+
+        for p, view in zip(self.plain, self.views, strict=True):
+            if p.grad is None:
+                p.grad = view  # a parameter this step did not touch: its zeros take part
+            elif p.grad.data_ptr() != view.data_ptr():
+                raise AssertionError("a gradient left its buffer view; attach() before backward")
+        if self.plain:
+            dist.all_reduce(self.flat, group=self.group)
+            if self.divide_by != 1:
+                self.flat.div_(self.divide_by)
+        if self.sharded:
+            _reduce_flattened(self.sharded, self.group, self.divide_by)
+
+
+def _reduce_flattened(params: list[nn.Parameter], group: Any, divide_by: int) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     grads = []
-    for p in module.parameters():
+    for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         g = p.grad

@@ -55,7 +55,7 @@ from torch.distributed.fsdp import FSDPModule
 from pdv.errors import PdvError
 from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
-from pdv.run.stage import reduce_replica_grads
+from pdv.run.stage import ReplicaGrads
 
 __all__ = ["Route", "routes_in", "routes_out", "WidthPipeline"]
 
@@ -162,9 +162,13 @@ class WidthPipeline:
         self.fwd_out = [] if self.last else routes_out(dims, stage, r, t)
         self.bwd_in = [] if self.last else grad_routes_in(dims, stage, r, t)
         self.bwd_out = [] if self.first else grad_routes_out(dims, stage, r, t)
-        self.dp_group = meshes.stage_mesh[stage]["dp"].get_group() if spec.dp > 1 else None
+        dp_group = meshes.stage_mesh[stage]["dp"].get_group() if spec.dp > 1 else None
         # modules() lists the root first: its sync flags cover every FSDP unit below it.
         self.fsdp = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
+        self.replica_grads = (
+            ReplicaGrads(self.module, dp_group, 1) if dp_group is not None and not self.fsdp
+            else None
+        )
         for m in self.fsdp:
             m.set_gradient_divide_factor(1.0)  # replicas sum (see "Loss and gradients")
             m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
@@ -220,6 +224,8 @@ class WidthPipeline:
         pending: list[dist.Work] = []
         losses: list[float] = []
         scale = 1.0 / (nmb * dims.stages[-1].dp)
+        if self.replica_grads is not None:
+            self.replica_grads.attach()
         for kind, m in self._order():
             if kind == "F":
                 inp = xs[m].to(self.device) if xs is not None else self._recv_input(m)
@@ -274,5 +280,5 @@ class WidthPipeline:
                 for r in routes]
 
     def _sum_replica_grads(self) -> None:
-        if self.dp_group is not None and not self.fsdp:
-            reduce_replica_grads(self.module, self.dp_group, 1)
+        if self.replica_grads is not None:
+            self.replica_grads.reduce()
