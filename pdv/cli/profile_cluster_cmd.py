@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pdv import artifacts
 from pdv.cli.app import cluster_app, console, profile_app
-from pdv.cli.render import fmt_rate, fmt_time, render
+from pdv.cli.render import fmt_bytes, fmt_rate, fmt_time, render
 from pdv.cluster_spec import declare_cluster, load_spec, parse_bytes
 from pdv.errors import PdvError
 
@@ -54,6 +54,11 @@ def profile_cluster(
     backend: str = typer.Option(
         "auto", "--backend", help="auto (nccl on CUDA, else gloo), gloo, or nccl."
     ),
+    collectives: bool = typer.Option(
+        True, "--collectives/--no-collectives",
+        help="Also time a 2-rank all-reduce of every pair of ranks (collective α/β, which the "
+        "cost model prices gradient sync and TP with); --no-collectives skips it.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the artifact as JSON when done."),
 ) -> None:
     """Measure every rank's device and the α/β of every ordered pair of ranks."""
@@ -62,16 +67,19 @@ def profile_cluster(
     cfg = SweepConfig(sizes=_sizes(sizes) or DEFAULT_SIZES, iters=iters, warmup=warmup,
                       max_size=parse_bytes(max_size, "--max-size"))
     if nproc_per_node is None:
-        _run_rank(out, cfg, timeout, backend, as_json)
+        _run_rank(out, cfg, timeout, backend, as_json, collectives)
         return
     rank_args = ["profile", "cluster", "-o", str(out.resolve()), "--timeout", f"{timeout:g}",
                  "--sizes", ",".join(map(str, cfg.sizes)), "--max-size", str(cfg.max_size),
-                 "--iters", str(iters), "--warmup", str(warmup), "--backend", backend]
-    _launch(nproc_per_node, rank_args, timeout)
+                 "--iters", str(iters), "--warmup", str(warmup), "--backend", backend,
+                 "--collectives" if collectives else "--no-collectives"]
+    _launch(nproc_per_node, rank_args, timeout, collectives)
     _summary(artifacts.load_as(out, "cluster"), out, as_json)
 
 
-def _run_rank(out: Path, cfg: Any, timeout: float, backend: str, as_json: bool) -> None:
+def _run_rank(
+    out: Path, cfg: Any, timeout: float, backend: str, as_json: bool, collectives: bool
+) -> None:
     """One torchrun rank: measure; rank 0 prints the summary unless a launcher watches."""
     from pdv.profile.cluster import LinkFailure, profile_cluster_rank, rank_env
     from pdv.profile.launch_local import heartbeat_from_env
@@ -82,7 +90,7 @@ def _run_rank(out: Path, cfg: Any, timeout: float, backend: str, as_json: bool) 
                        "`torchrun ... pdv profile cluster -o c.json` or pass --nproc-per-node N")
     beat = heartbeat_from_env(env[0])
     try:
-        artifact = profile_cluster_rank(out, cfg, timeout, backend, beat)
+        artifact = profile_cluster_rank(out, cfg, timeout, backend, beat, collectives)
     except PdvError as exc:
         if beat:
             # A transfer that failed without a known peer lets the launcher name the rank
@@ -94,26 +102,33 @@ def _run_rank(out: Path, cfg: Any, timeout: float, backend: str, as_json: bool) 
         _summary(artifact, out, as_json)
 
 
-def _launch(nproc: int, rank_args: list[str], timeout: float) -> None:
+def _launch(nproc: int, rank_args: list[str], timeout: float, collectives: bool) -> None:
     from pdv.profile.cluster import describe_event
     from pdv.profile.launch_local import launch_local
     from pdv.profile.network import tournament_rounds
 
     rounds = len(tournament_rounds(nproc))
+    total = 2 * rounds if collectives else rounds  # the all-reduce tournament follows the p2p one
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         joined = bar.add_task("ranks joined", total=nproc)
-        done = bar.add_task("tournament rounds", total=rounds)
+        done = bar.add_task("tournament rounds", total=total)
+
+        def finished(e: dict[str, Any]) -> int:
+            phase = str(e.get("phase", ""))
+            if phase in ("gathered", "written"):
+                return total
+            if "round" not in e:
+                return 0
+            base = rounds if phase.startswith("all-reduce") else 0
+            return base + e["round"] + (1 if phase.endswith("round-done") else 0)
 
         def show(states: dict[int, dict[str, Any]]) -> None:
             events = [s["event"] for s in states.values()]
             bar.update(joined, completed=sum(e.get("phase") != "joining" for e in events))
-            finished = [e["round"] + 1 if e.get("phase") == "round-done"
-                        else e.get("round", 0) if "round" in e
-                        else rounds if e.get("phase") in ("gathered", "written") else 0
-                        for e in events]
-            bar.update(done, completed=min(finished) if len(finished) == nproc else 0)
+            counts = [finished(e) for e in events]
+            bar.update(done, completed=min(counts) if len(counts) == nproc else 0)
 
         launch_local(nproc, rank_args, timeout, show, describe_event)
 
@@ -135,6 +150,23 @@ def _summary(artifact: Any, out: Path, as_json: bool) -> None:
             + (f", fit r² >= {r2:.3f}" if r2 is not None else ""),
             highlight=False,
         )
+        links = artifact.links
+        coll_bw, coll_lat = links.collective_bandwidth_Bps, links.collective_latency_s
+        if coll_bw is not None and coll_lat is not None:
+            pairs = [(i, j) for i, j in off if i < j]
+            cbw = [coll_bw[i][j] for i, j in pairs]
+            clat = [coll_lat[i][j] for i, j in pairs]
+            r2c = artifact.measurement.get("collective", {}).get("r2_min")
+            console.print(
+                f"{len(pairs)} pairs' all-reduce: bandwidth {fmt_rate(min(cbw))} .. "
+                f"{fmt_rate(max(cbw))}, latency {fmt_time(min(clat))} .. {fmt_time(max(clat))}"
+                + (f", fit r² >= {r2c:.3f}" if r2c is not None else ""),
+                highlight=False,
+            )
+    runtime = [d.runtime_bytes for d in artifact.devices if d.runtime_bytes is not None]
+    if runtime:
+        console.print(f"rank runtime memory (before any model): {fmt_bytes(min(runtime))} .. "
+                      f"{fmt_bytes(max(runtime))}", highlight=False)
     console.print(f"wrote {out}", highlight=False)
 
 

@@ -1,5 +1,8 @@
 """One rank of `pdv profile cluster`: join, probe the device, measure links, rank 0 writes.
 
+Order: join; a first collective, then the memory the rank holds (runtime_bytes); the device
+probe; the point-to-point tournament; the all-reduce tournament (unless turned off).
+
 Runs under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment). Every
 step is reported to a callback; under the local launcher that callback writes heartbeat files
 (pdv.profile.launch_local) so a rank that stops answering is named, not waited for.
@@ -19,7 +22,8 @@ import torch.distributed as dist
 from pdv import artifacts
 from pdv.artifacts import ClusterArtifact, ClusterDevice, Links, Provenance
 from pdv.errors import PdvError
-from pdv.profile.hardware import matmul_flops, probe_device
+from pdv.profile.collective import collective_block, collective_matrices, measure_collectives
+from pdv.profile.hardware import matmul_flops, probe_device, runtime_memory
 from pdv.profile.launch_local import PROGRESS_ENV
 from pdv.profile.network import (
     Progress,
@@ -40,8 +44,9 @@ class LinkFailure(PdvError):
         self.peer = peer
 
 # Test hook: PDV_TEST_STALL_RANK=r makes rank r stop answering at PDV_TEST_STALL_AT
-# ("join": before it joins the group; "round": at the first round), or die there
-# ("exit-join", "exit-round"). Used to prove that a stuck or dead rank is named.
+# ("join": before it joins the group; "round": at the first round; "all-reduce": before the
+# all-reduce tournament), or die there ("exit-join", "exit-round", "exit-all-reduce"). Used to
+# prove that a stuck or dead rank is named.
 _STALL_RANK, _STALL_AT = "PDV_TEST_STALL_RANK", "PDV_TEST_STALL_AT"
 
 
@@ -87,6 +92,7 @@ def profile_cluster_rank(
     timeout_s: float,
     backend: str = "auto",
     report: Progress | None = None,
+    collectives: bool = True,
 ) -> ClusterArtifact | None:
     """Run this rank's part; rank 0 writes `out` and returns the artifact, others return None."""
     env = rank_env()
@@ -117,27 +123,45 @@ def profile_cluster_rank(
     try:
         step({"phase": "joined"})
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        mine = probe_device(device, local) | {"rank": rank}
+        # A first collective makes the backend set up what it keeps (connections, threads,
+        # NCCL buffers) before the rank's memory is read: a run holds all of it.
+        dist.all_reduce(torch.zeros(1, device=wire))
+        runtime, runtime_info = runtime_memory(device, local)
+        step({"phase": "runtime-measured"})
+        mine = probe_device(device, local) | {"rank": rank, "runtime_bytes": runtime}
+        mine["details"] |= runtime_info
         mine["matmul_flops_alone"] = _probe_alone(device, wire, local)
         step({"phase": "probed"})
         devices: list[dict[str, Any]] | None = [{} for _ in range(world)] if rank == 0 else None
         dist.gather_object(mine, devices, dst=0)
         _maybe_stall(rank, "round")
         results = measure_links(cfg, wire, step)
+        coll = None
+        if collectives:
+            _maybe_stall(rank, "all-reduce")
+            coll = measure_collectives(cfg, wire, timedelta(seconds=group_timeout), step)
         step({"phase": "gathered"})
         if rank != 0:
             return None
         assert devices is not None and results is not None
         lat, bw = link_matrices(world, results)
+        measurement = measurement_block(world, cfg, results, backend)
+        coll_lat = coll_bw = None
+        if collectives:
+            assert coll is not None
+            coll_lat, coll_bw = collective_matrices(world, coll)
+            measurement["collective"] = collective_block(coll)
         artifact = ClusterArtifact(
             provenance=Provenance(
                 method="measured",
                 notes=[f"pdv profile cluster: {world} ranks, {backend}, "
-                       f"{len(results)} ordered pairs in tournament rounds"],
+                       f"{len(results)} ordered pairs in tournament rounds"
+                       + (f", all-reduce of {len(coll)} pairs" if coll is not None else "")],
             ),
             devices=[ClusterDevice(**d) for d in devices],
-            links=Links(latency_s=lat, bandwidth_Bps=bw),
-            measurement=measurement_block(world, cfg, results, backend),
+            links=Links(latency_s=lat, bandwidth_Bps=bw, collective_latency_s=coll_lat,
+                        collective_bandwidth_Bps=coll_bw),
+            measurement=measurement,
         )
         artifacts.write(out, artifact)
         step({"phase": "written"})
@@ -188,6 +212,12 @@ def describe_event(event: dict[str, Any]) -> str:
         return f"round {event['round'] + 1}, rank {event['src']}→{event['dst']}, {event['size']} B"
     if phase == "pair-start":
         return f"round {event['round'] + 1}, starting rank {event['src']}→{event['dst']}"
-    if phase in ("round", "round-done"):
+    if phase in ("round", "round-done", "all-reduce-round", "all-reduce-round-done"):
         return f"{phase} {event['round'] + 1} of {event['rounds']}"
+    if phase == "all-reduce":
+        return (f"all-reduce round {event['round'] + 1}, ranks {event['src']}+{event['dst']}, "
+                f"{event['size']} B")
+    if phase == "all-reduce-start":
+        return (f"all-reduce round {event['round'] + 1}, "
+                f"starting ranks {event['src']}+{event['dst']}")
     return str(phase)

@@ -18,7 +18,14 @@ from typing import Any
 import psutil
 import torch
 
-__all__ = ["device_kind", "host_name", "memory_limit", "matmul_flops", "probe_device"]
+__all__ = [
+    "device_kind",
+    "host_name",
+    "matmul_flops",
+    "memory_limit",
+    "probe_device",
+    "runtime_memory",
+]
 
 _NO_LIMIT = 1 << 60  # cgroup v1 writes ~2^63 for "unlimited"; anything this large means none
 
@@ -98,6 +105,51 @@ def memory_limit(local_ranks: int) -> tuple[int, str]:
         if share < best:
             best, source = share, f"cgroup limit {limit} B ({where}) / {local_ranks} local ranks"
     return best, source
+
+
+def _cgroup_charge(limit_file: str) -> int | None:
+    """What the cgroup of a limit file is charged now (v1 usage_in_bytes, v2 memory.current)."""
+    f = Path(limit_file)
+    usage = "memory.usage_in_bytes" if f.name == "memory.limit_in_bytes" else "memory.current"
+    try:
+        return int((f.parent / usage).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def runtime_memory(device: torch.device, local_ranks: int) -> tuple[int, dict[str, Any]]:
+    """Memory this rank holds now, as its memory cap counts it, and how it was read.
+
+    Meant to be called with the process group up and a first collective done, before any
+    model: what every rank pays before its stage's tensors. CUDA: device memory in use
+    (cudaMemGetInfo total − free: context, NCCL buffers). CPU inside a memory cgroup whose
+    limit is below host RAM (the cap memory_limit honours): the cgroup's charge, which counts
+    the launcher's processes in the group and page cache too, shared by the local ranks as
+    the limit is; otherwise the process's resident set.
+    """
+    rss = int(psutil.Process(os.getpid()).memory_info().rss)
+    info: dict[str, Any] = {"runtime_rss_bytes": rss}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        info["runtime_source"] = ("CUDA device memory in use (cudaMemGetInfo total - free) "
+                                  "with the process group up, after a first collective")
+        return int(total - free), info
+    local_ranks = max(1, local_ranks)
+    total = psutil.virtual_memory().total
+    capped = sorted((limit, where) for limit, where in _cgroup_memory_limits() if limit < total)
+    for limit, where in capped:  # the tightest cap whose charge can be read
+        charge = _cgroup_charge(where)
+        if charge is None:
+            continue
+        info["runtime_cgroup_charge_bytes"] = charge
+        info["runtime_source"] = (
+            f"cgroup charge {charge} B of the group capped at {limit} B ({where}) / "
+            f"{local_ranks} local ranks, with the process group up, after a first collective"
+        )
+        return charge // local_ranks, info
+    info["runtime_source"] = ("resident set of this rank's process (psutil) with the process "
+                              "group up, after a first collective (no memory cgroup cap)")
+    return rss, info
 
 
 def matmul_flops(device: torch.device, seconds: float = 0.3, trials: int = 5) -> float:

@@ -1,0 +1,221 @@
+"""Latency α and bandwidth β of an all-reduce over every unordered pair of ranks.
+
+Why, next to the point-to-point sweep: a backend's all-reduce pays what a send/recv does not
+(gloo on CPU copies into its own buffers, reduces, and moves both directions at once on the
+same cores), so ring formulas priced at point-to-point β under-price gradient sync. Measured
+here on 2 loopback CPU ranks: about 2–6× slower per byte, depending on load.
+
+Method. For each unordered pair {a, b} a 2-rank process group is made by the pair alone
+(`new_group(..., use_local_synchronization=True)`: ranks outside the pair do not take part)
+and all-reduces float32 tensors of the sweep's sizes: warm-ups, then repeats timed one by one
+on each rank, spread over a few passes through all sizes; per size the slower rank's median
+(an all-reduce is done when both have it). The ring all-reduce on n = 2 ranks takes
+t = 2α + S/β (nccl-tests' busbw factor 2(n−1)/n = 1): β = 1/slope of the least-squares line
+through the medians, α = half the least time any latency-bound size took beyond S/β (the
+line's intercept is kept too, but a line through megabyte messages is no latency). The cost
+model's ring formulas take α and β as they are.
+
+Schedule. The same circle-method tournament as the point-to-point sweep: disjoint pairs of a
+round run concurrently, rounds are separated by a barrier on the whole group.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pdv.profile.network import Progress, SweepConfig, fit_line, tournament_rounds
+
+__all__ = ["PairCollective", "collective_block", "collective_matrices", "measure_collectives"]
+
+# As in the point-to-point sweep: cheap sizes are repeated until about this much time is
+# spent on them (up to _MAX_ITERS), expensive ones at least `iters` times.
+_BUDGET_S, _MAX_ITERS = 0.02, 64
+_ELEMENT = 4  # float32, the gradients' dtype
+_PASSES = 3  # the repeats of each size are split over this many passes through the sizes
+
+
+@dataclass
+class PairCollective:
+    """One unordered pair a < b: the all-reduce sweep and its fit."""
+
+    a: int
+    b: int
+    round: int
+    sizes: list[int]
+    median_s: list[float] = field(repr=False)  # slower rank's median per size
+    best_s: list[float] = field(repr=False)  # slower rank's best per size
+    fit_intercept_s: float
+    alpha_s: float
+    bandwidth_Bps: float
+    r2: float
+    fit: str
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _agree(values: list[float], group: Any, device: torch.device) -> list[float]:
+    """The pair's maximum of each value: both ranks then take the same decisions."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [float(x) for x in t.tolist()]
+
+
+def _timed(buf: torch.Tensor, group: Any, count: int) -> list[float]:
+    """`count` all-reduces of `buf` in the pair, each timed on this rank's clock."""
+    samples = []
+    for _ in range(count):
+        _sync(buf.device)
+        t0 = time.perf_counter()
+        dist.all_reduce(buf, group=group)
+        _sync(buf.device)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def _sizes(
+    cfg: SweepConfig, device: torch.device, group: Any, report: Progress
+) -> list[tuple[torch.Tensor, int]]:
+    """Warm every size up and pick the sizes: the sweep's, grown ×4 as the p2p sweep grows."""
+    chosen: list[tuple[torch.Tensor, int]] = []  # (buffer, repeats per pass)
+    pending = list(cfg.sizes)
+    while pending:
+        numel = max(1, -(-pending.pop(0) // _ELEMENT))
+        buf = torch.ones(numel, dtype=torch.float32, device=device)
+        # At least one warm-up: its time, agreed by the pair, sizes the repeats and the growth.
+        (t,) = _agree([min(_timed(buf, group, max(1, cfg.warmup)))], group, device)
+        count = max(cfg.iters, min(_MAX_ITERS, int(_BUDGET_S / max(t, 1e-9))))
+        chosen.append((buf, -(-count // _PASSES)))
+        size = numel * _ELEMENT
+        report({"size": size, "pass": "warm-up"})
+        if not pending and t < cfg.grow_until_s and size * 4 <= cfg.max_size:
+            pending.append(size * 4)
+    return chosen
+
+
+def _sweep_pair(
+    a: int, b: int, rnd: int, cfg: SweepConfig, device: torch.device, group: Any,
+    report: Progress,
+) -> PairCollective:
+    """Both ranks of the pair run this together.
+
+    The repeats of every size are spread over _PASSES passes through all sizes, so a burst
+    of load from outside (other processes on the host's cores) lands in a few samples of
+    several sizes rather than in all samples of one, and the medians stay put.
+    """
+    def step(event: dict[str, Any]) -> None:
+        report({"phase": "all-reduce", "round": rnd, "src": a, "dst": b} | event)
+
+    chosen = _sizes(cfg, device, group, step)
+    samples: list[list[float]] = [[] for _ in chosen]
+    for k in range(_PASSES):
+        for i, (buf, count) in enumerate(chosen):
+            samples[i] += _timed(buf, group, count)
+            step({"size": buf.numel() * _ELEMENT, "pass": k})
+    agreed = _agree([statistics.median(x) for x in samples] + [min(x) for x in samples],
+                    group, device)
+    sizes = [buf.numel() * _ELEMENT for buf, _ in chosen]
+    medians, bests = agreed[: len(sizes)], agreed[len(sizes):]
+    c, beta, r2, how = fit_line(sizes, medians)
+    return PairCollective(
+        a=a, b=b, round=rnd, sizes=sizes, median_s=medians, best_s=bests,
+        fit_intercept_s=c, alpha_s=_alpha(sizes, medians, beta), bandwidth_Bps=beta, r2=r2,
+        fit=how,
+    )
+
+
+def _alpha(sizes: list[int], medians: list[float], beta: float) -> float:
+    """α from the latency-bound sizes: t(S) = 2α + S/β, so 2α ≤ t(S) − S/β at every S.
+
+    Not the fit's intercept: a line through megabyte messages crosses zero wherever their
+    noise puts it (often below it). Of the sizes where S/β is at most half the time, the one
+    that exceeded S/β least bounds α best: on shared cores, a small all-reduce that lands
+    while a concurrent pair moves megabytes waits for the scheduler, and a bound taken from
+    one size alone would carry that wait.
+    """
+    excess = [t - s / beta for s, t in zip(sizes, medians, strict=True) if s / beta <= t / 2]
+    return max(min(excess or [medians[0] - sizes[0] / beta]), 0.0) / 2
+
+
+def measure_collectives(
+    cfg: SweepConfig, device: torch.device, timeout: timedelta, report: Progress | None = None
+) -> list[PairCollective] | None:
+    """Run the all-reduce tournament on every rank; rank 0 gets every pair, the others None."""
+    report = report or (lambda event: None)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine: list[PairCollective] = []
+    rounds = tournament_rounds(world)
+    for rnd, pairs in enumerate(rounds):
+        report({"phase": "all-reduce-round", "round": rnd, "rounds": len(rounds)})
+        for a, b in pairs:
+            if rank not in (a, b):
+                continue
+            report({"phase": "all-reduce-start", "round": rnd, "src": a, "dst": b})
+            # Only the pair makes its group (the other pairs of the round make theirs at the
+            # same time); the name is a hash of the two ranks, so every pair's is distinct.
+            group = dist.new_group([a, b], timeout=timeout, use_local_synchronization=True)
+            try:
+                result = _sweep_pair(a, b, rnd, cfg, device, group, report)
+            finally:
+                dist.destroy_process_group(group)
+            if rank == a:
+                mine.append(result)
+        dist.barrier()  # rounds do not overlap: a round's pairs are the only traffic
+        report({"phase": "all-reduce-round-done", "round": rnd, "rounds": len(rounds)})
+    gathered: list[list[PairCollective]] | None = [[] for _ in range(world)] if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if gathered is None:
+        return None
+    return [r for part in gathered for r in part]
+
+
+def collective_matrices(
+    n: int, results: list[PairCollective]
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Symmetric N×N all-reduce α and β; the diagonal is 0, as in the point-to-point matrices."""
+    lat = [[0.0] * n for _ in range(n)]
+    bw = [[0.0] * n for _ in range(n)]
+    for r in results:
+        for i, j in ((r.a, r.b), (r.b, r.a)):
+            lat[i][j], bw[i][j] = r.alpha_s, r.bandwidth_Bps
+    missing = [(i, j) for i in range(n) for j in range(i + 1, n) if bw[i][j] <= 0]
+    assert not missing, f"pairs never measured: {missing[:5]}"
+    return lat, bw
+
+
+def collective_block(results: list[PairCollective]) -> dict[str, Any]:
+    """The `measurement.collective` entry: method, statistic, and every pair's fit."""
+    r2s = [r.r2 for r in results]
+    return {
+        "method": "2-rank all-reduce (sum, float32) per unordered pair in its own process group "
+        "(new_group with use_local_synchronization), swept over the sizes; median time per size "
+        "fitted to t = c + S/beta by least squares; ring all-reduce on n=2 is t = 2 alpha + "
+        "S/beta, so beta = 1/slope and alpha = half the least t(S) - S/beta over the "
+        "latency-bound sizes (S/beta <= t/2), at least 0 (fit_intercept_s is c)",
+        "statistic": "per size, the slower rank's median over the repeats (at least iters, cheap "
+        f"sizes up to {_MAX_ITERS} or about {_BUDGET_S}s), after warm-ups, spread over "
+        f"{_PASSES} passes through all sizes; bests are kept too",
+        "schedule": "the point-to-point tournament rounds; pairs of a round concurrently, "
+        "rounds separated by a barrier",
+        "diagonal": "0 (no all-reduce of a rank with itself)",
+        "r2_min": min(r2s) if r2s else None,
+        "pairs": [
+            {"a": r.a, "b": r.b, "round": r.round, "sizes": r.sizes,
+             "median_s": [float(f"{t:.6g}") for t in r.median_s],
+             "best_s": [float(f"{t:.6g}") for t in r.best_s],
+             "fit_intercept_s": r.fit_intercept_s, "alpha_s": r.alpha_s,
+             "bandwidth_Bps": r.bandwidth_Bps, "r2": r.r2, "fit": r.fit,
+             # bytes / time of the largest size (nccl-tests' algbw), next to the fitted β.
+             "algbw_largest_Bps": float(f"{r.sizes[-1] / r.median_s[-1]:.6g}")}
+            for r in sorted(results, key=lambda r: (r.a, r.b))
+        ],
+    }
