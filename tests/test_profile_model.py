@@ -93,8 +93,10 @@ def test_tp_degrees_profiled_at_shard_shapes() -> None:
     p = profile_model(ProfileRequest(spec=f"{GPT}:gpt_tiny", micro_batch_sizes=(1, 2),
                                      tp_degrees=(2,), warmup=1, repeat=3),
                       progress=lambda what, done, total: calls.append((what, done, total)))
-    # Progress: one report per round (2 TP x 2 mbs x 4 rounds) plus one per point, monotonic.
-    assert calls[-1][1] == calls[-1][2] == 16
+    # Progress: one report per round (2 TP x 2 mbs x 4 rounds, then 4 optimizer-step rounds)
+    # plus one per point, monotonic.
+    assert calls[-1][1] == calls[-1][2] == 20
+    assert calls[-1][0].startswith("optimizer step")
     assert [c[1] for c in calls] == sorted(c[1] for c in calls)
     assert p.tp_degrees == [1, 2]
     block = p.layers[1]
@@ -128,6 +130,8 @@ def test_estimate_gpt3_175b_is_fast_and_marked(tmp_path: Path) -> None:
     d, t = 12288, 2048
     assert block.flops_fwd == pytest.approx(24 * d * d * t, rel=0.1)
     assert block.bwd_s == pytest.approx(2 * block.fwd_s, rel=0.1)
+    # An optimizer step over the block's 1.8e9 parameters streams GBs: well above the op floor.
+    assert block.optimizer_s is not None and block.optimizer_s > 1e-3
     tp8 = {s.tp_degree: s for s in block.samples if s.micro_batch_size == 1}
     assert tp8[8].fwd_s < tp8[1].fwd_s / 6
 

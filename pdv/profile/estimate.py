@@ -13,6 +13,11 @@ tiny ones rough. Attention is priced as one fused kernel (the math form that met
 materializes the T x T matrix, which flash kernels never do). Activation and output bytes come
 from the meta tensors that backward saves. Layers with the same structure and input shape (a GPT's
 blocks) are traced once and reused, so a 96-block GPT-3 costs one block per point.
+
+The optimizer step is traced the same way: the run's optimizer (pdv.optim.make_optimizer) steps
+meta copies of each layer's parameters, and every op it launches is priced by the same roofline --
+elementwise ops count no FLOPs, so the step is its bytes (parameter, gradient and state tensors,
+read and written) over the copy bandwidth, plus the per-op floor.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pdv.artifacts import Provenance
 from pdv.errors import PdvError
 from pdv.models import build_model
+from pdv.optim import PROFILE_OPTIMIZERS, make_optimizer
 from pdv.profile.compute import (
     device_info,
     matmul_throughput,
@@ -47,6 +53,7 @@ from pdv.profile.memory import (
     param_bytes,
     tensor_bytes,
 )
+from pdv.profile.optimizer import LR, optimizer_note, trainable
 
 __all__ = ["estimate_profile"]
 
@@ -197,6 +204,22 @@ def _trace(layer: nn.Module, x: torch.Tensor, first: bool, last: bool,
                   tuple(out.shape), out.dtype)
 
 
+def _optimizer_ops(layer: nn.Module, optimizer: str) -> tuple[tuple[float, int], ...]:
+    """What one steady-state optimizer step over the layer's parameters launches (meta)."""
+    params = [nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"))
+              for p in trainable(layer)]
+    if not params:
+        return ()
+    for p in params:
+        p.grad = torch.empty_like(p)
+    opt = make_optimizer(params, PROFILE_OPTIMIZERS[optimizer], LR)
+    opt.step()  # allocates the state; the steps that follow are the ones training repeats
+    with FlopCounterMode(display=False) as fc, _OpLog(fc) as log:
+        opt.step()
+    # The step's record_function markers pass through dispatch but launch nothing.
+    return tuple(op for op in log.ops if op != (0.0, 0))
+
+
 def _signature(layer: nn.Module, x: torch.Tensor, first: bool, last: bool) -> tuple[Any, ...]:
     # repr() spells out every submodule's sizes; with the input shape it fixes the trace.
     return (repr(layer), tuple(x.shape), x.dtype, first, last)
@@ -252,8 +275,8 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
 
     cache: dict[tuple[Any, ...], _Trace] = {}
     points: dict[tuple[int, int], list[Point]] = {}
-    total, done = len(tps) * len(mbss) * len(layers), 0
     n = len(layers)
+    total, done = len(tps) * len(mbss) * n + n, 0
     for tp in tps:
         if tp == 1:
             shards = layers
@@ -284,6 +307,17 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
                     progress(f"estimate TP {tp}, micro-batch {m}", done, total)
             points[(tp, m)] = pts
 
+    step_cache: dict[tuple[Any, ...], float] = {}
+    optimizer_s = []
+    for layer in layers:
+        key = tuple((tuple(p.shape), p.dtype) for p in trainable(layer))
+        if key not in step_cache:
+            step_cache[key] = rate.seconds(_optimizer_ops(layer, req.optimizer))
+        optimizer_s.append(step_cache[key])
+        done += 1
+        if progress:
+            progress(f"estimate optimizer step ({req.optimizer})", done, total)
+
     notes = [
         "estimated on the meta device, nothing run on data: every launched aten op of each "
         "layer's forward and backward is priced by the roofline, max(FLOPs / FLOP rate, "
@@ -294,6 +328,12 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
         "activation_bytes: distinct non-parameter tensors saved for backward on meta; "
         "output_bytes from the output's shape",
         f"optimizer_bytes: {req.optimizer} at {OPTIMIZERS[req.optimizer]} bytes per parameter",
+        f"optimizer_s: ESTIMATED, not timed: {optimizer_note(req.optimizer)} traced on meta "
+        "copies of each layer's parameters (the steady-state step, after the one that "
+        "allocates state); each op priced as bytes in+out / memory bandwidth plus the per-op "
+        "floor (elementwise ops count no FLOPs)"
+        + ("; memory traffic unpriced, so only the per-op floor"
+           if rate.bandwidth == float("inf") else ""),
         overhead_note,
         f"{len(cache)} layer traces for {total} (layer, point) pairs: layers with the same "
         "structure and input shape reuse one trace",
@@ -308,4 +348,4 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
     if req.device_flops is not None:
         info = info.model_copy(update={"name": f"{kind} (declared {rate.flops:.3g} FLOP/s)"})
     return assemble(req, model, info, points, tps, mbss, dtype, overhead,
-                    Provenance(method="estimated", notes=notes), None)
+                    Provenance(method="estimated", notes=notes), None, optimizer_s)
