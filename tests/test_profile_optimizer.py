@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -9,6 +13,7 @@ from pdv import artifacts
 from pdv.models import ModelDef
 from pdv.profile.layers import ProfileRequest, profile_model
 from pdv.profile.optimizer import time_optimizer_steps
+from tests.conftest import run_pdv
 
 torch.set_num_threads(1)
 MLP = "sample_models/mlp.py:mlp"
@@ -107,3 +112,17 @@ def test_estimate_marks_optimizer_step_estimated() -> None:
     assert steps["act"] == 0.0 and steps["inp"] and steps["out"]
     note = next(n for n in p.provenance.notes if n.startswith("optimizer_s"))
     assert "ESTIMATED" in note and "bandwidth" in note
+
+
+def test_cli_reports_the_optimizer_step(tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    r = run_pdv("profile", "model", SPEC, "--micro-batch-sizes", "1", "--warmup", "1",
+                "--repeat", "3", "--optimizer", "sgd", "-o", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    p = artifacts.load_as(out, "model-profile")
+    assert summary["optimizer_s"] == pytest.approx(sum(x.optimizer_s or 0 for x in p.layers))
+    assert summary["optimizer_s"] > 0
+    shown = run_pdv("show", str(out))
+    assert shown.returncode == 0 and "opt step" in shown.stdout
+    assert "optimizer step" in shown.stdout

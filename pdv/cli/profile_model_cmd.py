@@ -48,7 +48,10 @@ def profile_model_cmd(
     warmup: int = typer.Option(3, "--warmup", help="Untimed rounds before timing."),
     repeat: int = typer.Option(10, "--repeat", help="Timed rounds; the median is kept."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    optimizer: str = typer.Option("adam", "--optimizer", help="adam or sgd (state bytes)."),
+    optimizer: str = typer.Option(
+        "adam", "--optimizer", help="adam or sgd: its state bytes, and its step timed per "
+        "layer (adam steps as pdv run's AdamW)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for weights and synthetic batches."),
     as_json: bool = typer.Option(False, "--json", help="Print a short JSON summary."),
 ) -> None:
@@ -109,6 +112,7 @@ def profile_model_cmd(
             "layer_fwd_s": fwd,
             "layer_bwd_s": bwd,
             "whole_model_fwd_bwd_s": whole.fwd_bwd_s if whole else None,
+            "optimizer_s": sum(x.optimizer_s or 0.0 for x in layers),
             "param_bytes": sum(x.param_bytes for x in layers),
         }
         typer.echo(json.dumps(summary, sort_keys=True))

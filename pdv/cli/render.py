@@ -54,7 +54,8 @@ def _model_profile(a: ModelProfile, console: Console) -> None:
         f"mbs {a.micro_batch_sizes}  tp {a.tp_degrees}  ref mbs {a.reference_micro_batch_size}"
     )
     t = Table(title="layers (reference micro-batch, TP 1)")
-    for col in ("#", "name", "fwd", "bwd", "params", "activations", "output", "fit r²"):
+    for col in ("#", "name", "fwd", "bwd", "opt step", "params", "activations", "output",
+                "fit r²"):
         t.add_column(col, justify="left" if col == "name" else "right")
     for i, layer in enumerate(a.layers):
         fit = layer.fwd_fit.get("1")
@@ -63,6 +64,7 @@ def _model_profile(a: ModelProfile, console: Console) -> None:
             layer.name,
             fmt_time(layer.fwd_s),
             fmt_time(layer.bwd_s),
+            "-" if layer.optimizer_s is None else fmt_time(layer.optimizer_s),
             fmt_bytes(layer.param_bytes),
             fmt_bytes(layer.activation_bytes),
             fmt_bytes(layer.output_bytes),
@@ -71,9 +73,11 @@ def _model_profile(a: ModelProfile, console: Console) -> None:
     console.print(t)
     total_f = sum(x.fwd_s for x in a.layers)
     total_b = sum(x.bwd_s for x in a.layers)
+    steps = [x.optimizer_s for x in a.layers if x.optimizer_s is not None]
     console.print(
         f"total fwd {fmt_time(total_f)}  bwd {fmt_time(total_b)}  "
-        f"params {fmt_bytes(sum(x.param_bytes for x in a.layers))}"
+        + (f"optimizer step {fmt_time(sum(steps))}  " if steps else "")
+        + f"params {fmt_bytes(sum(x.param_bytes for x in a.layers))}"
     )
     w = a.whole_model
     if w is not None and w.fwd_bwd_s > 0:
