@@ -1,4 +1,5 @@
-"""pdv profile cluster: the tournament, the α/β fit, real 4-rank runs, and the timeout path."""
+"""pdv profile cluster: the tournament, the α/β fits (point to point and all-reduce), real 4-rank
+runs, each rank's runtime memory (in and out of a memory cgroup), and the timeout path."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from pdv.profile.collective import PairCollective, _alpha, collective_matrices
 from pdv.profile.network import fit_line, tournament_rounds
 from tests.conftest import run_pdv
 
@@ -52,10 +54,43 @@ def test_fit_falls_back_when_time_does_not_grow() -> None:
     assert how.startswith("fallback") and beta == pytest.approx(2000 / 0.9e-4)
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    alpha=st.floats(1e-6, 1e-3),
+    bw=st.floats(1e7, 1e10),
+    noise=st.lists(st.floats(0.0, 0.5), min_size=5, max_size=5),
+)
+def test_collective_alpha_is_bounded_by_the_cleanest_small_size(
+        alpha: float, bw: float, noise: list[float]) -> None:
+    """Waits only ever add time: α comes from the latency-bound size that waited least."""
+    sizes = [4096, 16384, 65536, 1 << 20, 16 << 20]
+    clean = [2 * alpha + s / bw for s in sizes]
+    times = [t * (1 + e) for t, e in zip(clean, noise, strict=True)]
+    got = _alpha(sizes, times, bw)
+    assert got >= 0
+    # Never above the smallest size's own bound, and exact where some size ran without a wait.
+    assert got <= max(times[0] - sizes[0] / bw, 0) / 2 + 1e-15
+    bound = [k for k, s in enumerate(sizes) if s / bw <= times[k] / 2]
+    if any(noise[k] == 0 for k in bound):
+        assert got == pytest.approx(alpha, rel=1e-9)
+
+
+def test_collective_matrices_are_symmetric_with_a_zero_diagonal() -> None:
+    results = [PairCollective(a=a, b=b, round=0, sizes=[1], median_s=[1.0], best_s=[1.0],
+                              fit_intercept_s=0.0, alpha_s=1e-4 * (a + 1), r2=1.0, fit="",
+                              bandwidth_Bps=1e9 + 10 * a + b)
+               for a, b in itertools.combinations(range(3), 2)]
+    lat, bw = collective_matrices(3, results)
+    for i, j in itertools.product(range(3), range(3)):
+        assert bw[i][j] == bw[j][i] and lat[i][j] == lat[j][i]
+        assert (bw[i][j] == 0) == (i == j)
+    assert bw[0][2] == 1e9 + 2 and lat[2][0] == 1e-4
+
+
 def test_help_lists_the_options() -> None:
     out = run_pdv("profile", "cluster", "--help")
     assert out.returncode == 0
-    for option in ("--nproc-per-node", "--timeout", "--sizes", "--json"):
+    for option in ("--nproc-per-node", "--timeout", "--sizes", "--json", "--no-collectives"):
         assert option in out.stdout
 
 
@@ -109,6 +144,62 @@ def test_four_local_ranks_give_a_valid_4x4_matrix(tmp_path: Path) -> None:
         # 4 ranks on 2 cores cannot all keep their alone speed: the host's measured capacity
         # (the sum of shares, ~2 here) is what the cost model's host bound divides by.
         assert sum(d["matmul_flops"] / d["matmul_flops_alone"] for d in data["devices"]) < 3.5
+    _check_collectives(data)
+    for d in data["devices"]:
+        # A rank holds torch, its libraries and gloo before any model: far above 100 MiB.
+        assert d["runtime_bytes"] > 100 * 2**20, d["details"]
+        if not _memory_capped():
+            assert "resident set" in d["details"]["runtime_source"]
+            assert d["runtime_bytes"] == d["details"]["runtime_rss_bytes"]
+
+
+def _memory_capped() -> bool:
+    from pdv.profile.hardware import _cgroup_memory_limits
+
+    return any(limit < psutil.virtual_memory().total for limit, _ in _cgroup_memory_limits())
+
+
+def _check_collectives(data: dict) -> None:
+    """The all-reduce matrices: symmetric, positive, fitted well, and below point to point."""
+    p2p = data["links"]["bandwidth_Bps"]
+    lat, bw = data["links"]["collective_latency_s"], data["links"]["collective_bandwidth_Bps"]
+    n = len(p2p)
+    assert len(lat) == len(bw) == n and all(len(r) == n for r in lat + bw)
+    block = data["measurement"]["collective"]
+    assert {(p["a"], p["b"]) for p in block["pairs"]} == set(itertools.combinations(range(n), 2))
+    assert sorted({p["round"] for p in block["pairs"]}) == list(range(n - 1))
+    for i, j in itertools.product(range(n), range(n)):
+        assert bw[i][j] == bw[j][i] and lat[i][j] == lat[j][i]
+        if i == j:
+            assert bw[i][j] == 0 and lat[i][j] == 0
+            continue
+        assert math.isfinite(bw[i][j]) and bw[i][j] > 1e6
+        assert 0 <= lat[i][j] < 0.1
+        # An all-reduce moves S bytes each way at once and adds the sum on the same cores:
+        # per byte it cannot beat a one-way send (measured 2-4x slower here; kept loose).
+        assert bw[i][j] < max(p2p[i][j], p2p[j][i]), (i, j, bw[i][j], p2p[i][j], p2p[j][i])
+    for p in block["pairs"]:
+        assert p["fit"] == "least squares" and p["r2"] > 0.8, p
+        assert p["median_s"][-1] > 10 * p["median_s"][0]  # time grows with size
+        assert p["sizes"][:len(data["measurement"]["sizes_bytes"])] == \
+            data["measurement"]["sizes_bytes"]
+        assert p["bandwidth_Bps"] == bw[p["a"]][p["b"]]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_no_collectives_leaves_the_collective_matrices_out(tmp_path: Path) -> None:
+    out_file = tmp_path / "c.json"
+    out = run_pdv("profile", "cluster", "--nproc-per-node", "2", "-o", str(out_file),
+                  "--no-collectives", "--sizes", "4KiB,256KiB", "--max-size", "256KiB",
+                  timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "all-reduce" not in out.stdout and "runtime memory" in out.stdout
+    data = json.loads(out_file.read_text())
+    assert data["links"].get("collective_bandwidth_Bps") is None
+    assert data["links"].get("collective_latency_s") is None
+    assert "collective" not in data["measurement"]
+    assert all(d["runtime_bytes"] > 100 * 2**20 for d in data["devices"])
 
 
 def _pdv_processes_with(marker: str) -> list[psutil.Process]:
@@ -131,6 +222,9 @@ def _pdv_processes_with(marker: str) -> list[psutil.Process]:
     # A dead peer resets the others' sockets (named by the launcher) or torchrun sees it exit
     # first (named from torchrun's log): both name the rank.
     ("exit-round", ("no answer from rank 2", "rank 2 exited first")),
+    # The same inside the all-reduce tournament, where the pairs have their own groups.
+    ("all-reduce", "rank 2 stopped answering"),
+    ("exit-all-reduce", ("no answer from rank 2", "rank 2 exited first")),
 ])
 def test_a_stuck_or_dead_rank_is_named_within_the_timeout(
         tmp_path: Path, stall_at: str, expect: str | tuple[str, ...]) -> None:
@@ -210,3 +304,45 @@ def test_a_memory_cgroup_limit_sets_a_cpu_ranks_memory(tmp_path: Path) -> None:
         assert "cgroup limit" in source and group.name in source
     finally:
         group.rmdir()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_in_a_memory_cgroup_runtime_bytes_is_the_groups_charge(tmp_path: Path) -> None:
+    """A rank whose memory is capped reports what the cap counts: torchrun's agent and the rank
+    (the group's charge), not the rank's resident set alone."""
+    import shlex
+    import subprocess
+    import sys
+
+    from benchmarks.testbed import cgroups
+    from pdv.profile.launch_local import free_port
+
+    if cgroups.unavailable_reason():
+        pytest.skip(cgroups.unavailable_reason())
+    group = cgroups.RankGroup(f"pdvtest-{os.getpid()}-runtime-r0")
+    out_file = tmp_path / "c.json"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                "--nproc-per-node=1", "--rdzv-backend=static", "--master-addr=127.0.0.1",
+                f"--master-port={free_port()}", "--no-python", sys.executable, "-m", "pdv",
+                "profile", "cluster", "-o", str(out_file), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PDV_PROGRESS_DIR", None)
+    cap = 4 * 2**30
+    try:
+        group.create(cpu=None, memory=cap)
+        script = f"{group.shell_enter()} && exec {shlex.join(torchrun)}"
+        done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        peak = group.peak_memory()
+    finally:
+        group.remove()
+    (device,) = json.loads(out_file.read_text())["devices"]
+    details = device["details"]
+    assert "cgroup charge" in details["runtime_source"] and group.name in details["runtime_source"]
+    assert device["memory_bytes"] == cap  # the cap binds memory_bytes too (one local rank)
+    # The charge holds the rank's resident set and torchrun's agent beside it, and never more
+    # than the group ever held.
+    assert details["runtime_rss_bytes"] < device["runtime_bytes"] <= peak
+    assert device["runtime_bytes"] == details["runtime_cgroup_charge_bytes"]
