@@ -305,7 +305,9 @@ class PlanStage(_Strict):
 class StagePrediction(_Strict):
     """Predicted per-stage breakdown for one training step."""
 
-    compute_s: float = Field(description="forward+backward compute over all micro-batches")
+    compute_s: float = Field(
+        description="forward+backward compute over all micro-batches, plus the optimizer step"
+    )
     p2p_s: float = Field(description="activation/gradient transfers to the next stage")
     collective_s: float = Field(description="TP collectives and DP/FSDP gradient sync")
     peak_memory_bytes: int = Field(description="peak memory per rank of this stage")

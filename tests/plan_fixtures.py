@@ -33,6 +33,7 @@ def profile(
     matmul_flops: float = 1e12,
     tp_degrees: tuple[int, ...] = (1, 2),
     overhead: int = 0,
+    optimizer_s: float | None = None,
 ) -> ModelProfile:
     """A transformer-like profile: per-layer fwd, bwd = 2·fwd, Adam state = 2·params."""
     fwd = fwd or [0.01] * n_layers
@@ -46,6 +47,7 @@ def profile(
             optimizer_bytes=2 * param_bytes,
             activation_bytes=act_bytes,
             output_bytes=out_bytes,
+            optimizer_s=optimizer_s,
             samples=[
                 LayerSample(
                     micro_batch_size=1,
@@ -83,8 +85,14 @@ def cluster(
     memory: int = 16 * GiB,
     flops: list[float] | None = None,
     latency: float = 1e-5,
+    collective: list[list[float]] | None = None,
+    runtime_bytes: list[int] | None = None,
 ) -> ClusterArtifact:
-    """A declared cluster from a bandwidth matrix (bytes/s), one device per entry of hosts."""
+    """A declared cluster from a bandwidth matrix (bytes/s), one device per entry of hosts.
+
+    `collective` (bytes/s per pair) adds measured-collective matrices, with α twice the
+    point-to-point one; `runtime_bytes` gives each rank a measured footprint.
+    """
     n = len(hosts)
     kinds = kinds or ["gpu"] * n
     devices = [
@@ -94,12 +102,19 @@ def cluster(
             kind=kinds[r],
             memory_bytes=memory,
             matmul_flops=(flops[r] if flops else 1e12),
+            runtime_bytes=runtime_bytes[r] if runtime_bytes else None,
         )
         for r in range(n)
     ]
     lat = [[0.0 if i == j else latency for j in range(n)] for i in range(n)]
     bwm = [[0.0 if i == j else bw[i][j] for j in range(n)] for i in range(n)]
-    return ClusterArtifact(devices=devices, links=Links(latency_s=lat, bandwidth_Bps=bwm))
+    coll_lat = coll_bw = None
+    if collective is not None:
+        coll_lat = [[0.0 if i == j else 2 * latency for j in range(n)] for i in range(n)]
+        coll_bw = [[0.0 if i == j else collective[i][j] for j in range(n)] for i in range(n)]
+    links = Links(latency_s=lat, bandwidth_Bps=bwm, collective_latency_s=coll_lat,
+                  collective_bandwidth_Bps=coll_bw)
+    return ClusterArtifact(devices=devices, links=links)
 
 
 def two_by_two(intra: float, inter: float) -> ClusterArtifact:
@@ -123,6 +138,7 @@ def random_instance(rng: random.Random):
             param_bytes=rng.choice([8, 64, 256]) << 20,
             act_bytes=rng.choice([4, 32, 128]) << 20,
             out_bytes=rng.choice([1, 8, 64]) << 20,
+            optimizer_s=rng.choice([None, 0.0, 0.004, 0.03]),
         )
         for k in sorted(set(kinds))
     }
@@ -130,4 +146,13 @@ def random_instance(rng: random.Random):
     flops = [rng.choice([0.5e12, 1e12, 2e12]) for _ in range(n_dev)]
     memory = rng.choice([1, 2, 4, 16]) * GiB
     hosts = [f"h{r // 2}" for r in range(n_dev)]
-    return profiles, cluster(hosts, bw, kinds, memory, flops), rng.choice([4, 8, 16])
+    # Sometimes collectives measured apart from point-to-point (slower per byte, or faster),
+    # and a measured per-rank runtime footprint.
+    collective = None
+    if rng.random() < 0.5:
+        sym = [[min(bw[i][j], bw[j][i]) for j in range(n_dev)] for i in range(n_dev)]
+        collective = [[sym[i][j] * rng.choice([0.15, 1.0, 2.0]) for j in range(n_dev)]
+                      for i in range(n_dev)]
+    runtime = [rng.choice([0, 256 << 20]) for _ in range(n_dev)] if rng.random() < 0.5 else None
+    cl = cluster(hosts, bw, kinds, memory, flops, collective=collective, runtime_bytes=runtime)
+    return profiles, cl, rng.choice([4, 8, 16])

@@ -33,6 +33,7 @@ def make_profile(
     matmul_flops: float | None = None,
     overhead: int = 0,
     ref_mbs: int = 1,
+    optimizer_s: float | None = None,
 ) -> ModelProfile:
     """A profile whose layers scale linearly in micro-batch size and 1/tp in time and params."""
     fwds = [fwd] * n_layers if isinstance(fwd, float | int) else list(fwd)
@@ -64,6 +65,7 @@ def make_profile(
                 optimizer_bytes=2 * params,
                 activation_bytes=act * ref_mbs,
                 output_bytes=out * ref_mbs,
+                optimizer_s=optimizer_s,
                 samples=samples,
             )
         )

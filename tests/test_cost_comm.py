@@ -91,3 +91,18 @@ def test_ring_follows_sorted_ranks_like_torch_groups():
     links = Links(latency_s=[[0.0] * 4 for _ in range(4)], bandwidth_Bps=bw)
     assert ring_hops([0, 2, 1, 3]) == [(0, 1), (1, 2), (2, 3), (3, 0)]
     assert ring_link(links, [0, 2, 1, 3])[1] == slow
+
+
+def test_rings_use_measured_collectives_where_the_cluster_has_them() -> None:
+    """A pair's measured all-reduce α/β price the ring's hops instead of send/recv ones."""
+    from pdv.artifacts import Links
+
+    coll_bw = [[0, 2e5, 4e7], [2e5, 0, 1e7], [4e7, 1e7, 0]]
+    coll_lat = [[0, 2e-4, 1e-4], [2e-4, 0, 3e-4], [1e-4, 3e-4, 0]]
+    links = Links(latency_s=LAT, bandwidth_Bps=BW, collective_latency_s=coll_lat,
+                  collective_bandwidth_Bps=coll_bw)
+    assert ring_link(links, [0, 1, 2]) == (3e-4, 2e5)
+    assert ring_link(links, [0, 2]) == (1e-4, 4e7)
+    assert all_reduce_time(links, [0, 2], 1e6) == pytest.approx(1e6 / 4e7 + 2 * 1e-4)
+    # Point-to-point transfers keep the point-to-point matrices.
+    assert p2p_time(links, 1, 0, 1e6) == pytest.approx(1e-5 + 0.01)

@@ -17,7 +17,7 @@ from pdv.plan.groups import best_chain, chain_value, device_order, islands
 from pdv.plan.problem import Choice, PlanProblem, StageSpec, max_stages
 from pdv.plan.search import PLANNERS, _refine, pdv_orders, search
 from pdv.plan.stages import choices_for
-from tests.plan_fixtures import profile, random_instance, two_by_two
+from tests.plan_fixtures import cluster, profile, random_instance, two_by_two
 
 
 def _compositions(n: int, parts: int):
@@ -116,8 +116,12 @@ def test_inverted_network_beats_hierarchy() -> None:
     "choice", [Choice(1), Choice(2), Choice(1, True), Choice(2, False, True), Choice(1, True, True)]
 )
 def test_planner_price_agrees_with_stage_cost(choice: Choice) -> None:
-    prof = profile(param_bytes=64 << 20)
-    cl = two_by_two(1e9, 1e10)
+    prof = profile(param_bytes=64 << 20, optimizer_s=0.003, overhead=1 << 20)
+    hosts = ["h0", "h0", "h1", "h1"]
+    bw = [[1e9 if hosts[i] == hosts[j] else 1e10 for j in range(4)] for i in range(4)]
+    coll = [[b * 0.3 for b in row] for row in bw]
+    # Measured collectives, optimizer steps and rank footprints all priced the same way.
+    cl = cluster(hosts, bw, collective=coll, runtime_bytes=[300 << 20, 0, 500 << 20, 0])
     problem = PlanProblem({"gpu": prof}, cl, 8)
     ranks = (0, 2, 1, 3)
     mbs = 4
@@ -143,8 +147,11 @@ def test_planner_price_agrees_with_stage_cost(choice: Choice) -> None:
     )
     assert mine.fwd_s == pytest.approx(ref.fwd_s)
     assert mine.bwd_s == pytest.approx(ref.bwd_s)
-    assert mine.sync_s == pytest.approx(ref.grad_sync_s)
+    assert mine.sync_s == pytest.approx(ref.grad_sync_s + ref.optimizer_s)
+    assert ref.optimizer_s == pytest.approx(4 * 0.003 / ((4 // choice.tp) if choice.fsdp else 1)
+                                            / choice.tp)
     assert mine.memory_bytes["gpu"] == pytest.approx(max(ref.peak_memory_bytes.values()))
+    assert ref.peak_memory_bytes[2] - ref.peak_memory_bytes[1] == pytest.approx(500 << 20)
 
 
 def test_planner_send_agrees_with_stage_cost_for_single_rank_stages() -> None:
@@ -171,7 +178,6 @@ def test_planner_send_agrees_with_stage_cost_for_single_rank_stages() -> None:
 def test_cp_sat_recomputes_only_the_layers_memory_needs() -> None:
     GiB = 1 << 30
     prof = profile(n_layers=4, param_bytes=1 << 20, act_bytes=GiB, out_bytes=1 << 20)
-    from tests.plan_fixtures import cluster
 
     cl = cluster(["h0"], [[0.0]], memory=int(3.5 * GiB / 0.9))
     problem = PlanProblem({"gpu": prof}, cl, 4, micro_batch_sizes=(1,), time_limit_s=5)

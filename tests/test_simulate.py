@@ -77,6 +77,26 @@ def test_gradient_sync_ends_the_step() -> None:
     assert sim.costs[0].grad_sync_s == pytest.approx(2000 / 1e6 + 2e-3)
 
 
+def test_optimizer_step_follows_the_sync_on_each_stage() -> None:
+    """pdv run steps the optimizer after the schedule and the sync: the simulator does too."""
+    plan = make_plan([PlanStage(layers=(0, 2), ranks=[0, 1], dp=2),
+                      PlanStage(layers=(2, 4), ranks=[2], dp=1)], mbs=2, num_micro=2)
+    cluster = make_cluster(3, bw=1e6, lat=1e-3)
+    sim = _sim(plan, make_profile(n_layers=4, optimizer_s=0.25), cluster)
+    opt, sync = _events(sim, "opt"), _events(sim, "sync")
+    assert set(opt) == {(0, None), (1, None)}
+    assert opt[(0, None)][0] == pytest.approx(sync[(0, None)][1])  # after the dp=2 sync
+    last_b1 = max(end for (s, _m), (_st, end) in _events(sim, "B").items() if s == 1)
+    assert opt[(1, None)][0] == pytest.approx(last_b1)  # no sync on the single-rank stage
+    for s in (0, 1):
+        assert opt[(s, None)][1] - opt[(s, None)][0] == pytest.approx(2 * 0.25)
+    assert sim.step_time_s == pytest.approx(max(end for _start, end in opt.values()))
+    # The bubble is the schedule's: the same as without an optimizer step.
+    plain = _sim(plan, make_profile(n_layers=4), cluster)
+    assert sim.bubble_fraction == pytest.approx(plain.bubble_fraction)
+    assert sim.step_time_s > plain.step_time_s
+
+
 # --------------------------------------------------------------------------- closed form
 
 

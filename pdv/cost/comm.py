@@ -7,6 +7,12 @@ Sources: point-to-point t = α + S/β (Hockney); ring collectives as in nccl-tes
 (PERFORMANCE.md: all-reduce moves 2(n−1)/n·S per rank in 2(n−1) steps, all-gather and
 reduce-scatter (n−1)/n·S in n−1 steps). A ring runs at the pace of its slowest hop, so the ring
 uses the minimum bandwidth and maximum latency over its hops.
+
+A hop's α/β for collectives come from the cluster's measured 2-rank all-reduces
+(``Links.collective_*``) where it has them: a backend's collective also copies and reduces what
+it moves, which point-to-point transfers do not (gloo on CPU measured several times slower per
+byte than send/recv here). A ring of n ranks is priced from its hops' pair measurements; without
+them the point-to-point matrices price the ring.
 """
 
 from __future__ import annotations
@@ -48,8 +54,10 @@ def ring_link(links: Links, ranks: Sequence[int]) -> tuple[float, float]:
     hops = ring_hops(ranks)
     if not hops:
         return 0.0, float("inf")
-    alpha = max(links.latency_s[s][d] for s, d in hops)
-    beta = min(links.bandwidth_Bps[s][d] for s, d in hops)
+    lat = links.collective_latency_s or links.latency_s
+    bw = links.collective_bandwidth_Bps or links.bandwidth_Bps
+    alpha = max(lat[s][d] for s, d in hops)
+    beta = min(bw[s][d] for s, d in hops)
     return alpha, beta
 
 

@@ -73,6 +73,18 @@ def layer_cost(profile: ModelProfile, index: int, mbs: int, tp: int = 1) -> Laye
     return LayerCost(fwd, bwd, params, per_sample_act * mbs, per_sample_out * mbs)
 
 
+def rank_overhead_bytes(profile: ModelProfile, device: ClusterDevice) -> float:
+    """Constant bytes a rank holds besides the model: measured on the rank where the cluster has it.
+
+    The cluster profiler measures each rank's own footprint under torchrun with its process
+    group up, as its memory cap counts it (``ClusterDevice.runtime_bytes``); the model profile's
+    ``overhead_bytes`` (the profiling process after importing torch) is the fallback.
+    """
+    if device.runtime_bytes is not None:
+        return float(device.runtime_bytes)
+    return float(profile.overhead_bytes)
+
+
 def speed_factor(profile: ModelProfile, device: ClusterDevice) -> float:
     """Time multiplier for running this profile on `device`: profiled / device matmul FLOP/s.
 

@@ -12,7 +12,8 @@ Model (each choice is what the simulator charges; the sources are next to the fo
   grad_send_s on the actual ordered links.
 - After a stage's last backward its gradient sync (StageCost.grad_sync_s) runs on the group's
   collective lane; it does not overlap the backward (conservative: DDP and FSDP overlap part of
-  it). The optimizer step is not charged (it is elementwise, small next to fwd+bwd).
+  it). Then the optimizer step (StageCost.optimizer_s, measured per layer by the profiler) runs
+  on the compute lane, as ``pdv run`` calls it after the schedule and the sync.
 - Zero-bubble schedules split each backward into an input-grad op I and a weight-grad op W. The
   profile times backward as one, so pdv assumes I = W = bwd/2 (an estimate, noted in
   Simulation.notes); I carries the recompute and the TP collectives' halves alike.
@@ -64,7 +65,7 @@ class Event:
     """One interval of the simulated step on one rank group."""
 
     name: str
-    """F, B, I, W (compute), send-act, send-grad (p2p), sync (collective)"""
+    """F, B, I, W, opt (compute), send-act, send-grad (p2p), sync (collective)"""
     lane: str
     """compute | p2p | collective"""
     group: int
@@ -310,21 +311,32 @@ def _finish(state: _Run, orders: list[list[Op]], schedule: str, num_micro: int) 
     last_bwd = "W" if state.split else "B"
     step_end = max(e.end_s for e in state.events)
     span = max(e.end_s for e in state.events if e.lane == "compute")
+    synced: dict[int, float] = {}
     for s, cost in enumerate(costs):
         g = layout.group_of_stage[s]
         t0 = max(state.done[(last_bwd, s, m)] for m in range(num_micro))
+        synced[s] = t0
         if cost.grad_sync_s > 0:
             start = max(t0, coll_free[g])
             coll_free[g] = start + cost.grad_sync_s
+            synced[s] = coll_free[g]
             state.events.append(Event("sync", "collective", g, s, None, start, coll_free[g]))
             step_end = max(step_end, coll_free[g])
-
+    # The bubble is the schedule's: measured over fwd/bwd, before the optimizer steps.
     busy = sum(e.end_s - e.start_s for e in state.events if e.lane == "compute")
+    for s, cost in enumerate(costs):
+        if cost.optimizer_s > 0:
+            g = layout.group_of_stage[s]
+            start = max(synced[s], state.free[g])
+            state.free[g] = start + cost.optimizer_s
+            state.events.append(Event("opt", "compute", g, s, None, start, state.free[g]))
+            step_end = max(step_end, state.free[g])
+
     bubble = 1.0 - busy / (layout.num_groups * span) if span > 0 else 0.0
     peak = _peak_memory(costs, layout, orders, state.split)
     stages = tuple(
         StagePrediction(
-            compute_s=num_micro * (c.fwd_s + c.bwd_s - c.tp_comm_s),
+            compute_s=num_micro * (c.fwd_s + c.bwd_s - c.tp_comm_s) + c.optimizer_s,
             p2p_s=num_micro * (c.send_s + c.grad_send_s),
             collective_s=num_micro * c.tp_comm_s + c.grad_sync_s,
             peak_memory_bytes=int(max(peak[r] for r in c.peak_memory_bytes)),
@@ -397,7 +409,8 @@ def analytic_step_time(
     per group shrink the fill/drain term by v (Narayanan et al. 2021, §2.2); zero bubble keeps
     only the forwards in it, (p − 1)·F for I = W (Qi et al. 2024, ZB-H1), shrunk by v as well.
     It is never below one micro-batch's trip down and back. The slowest group's gradient sync is
-    added at the end. The simulator is the reference; this is the planner's fast objective.
+    added at the end, with its optimizer step. The simulator is the reference; this is the
+    planner's fast objective.
     """
     if not costs:
         return 0.0
@@ -411,7 +424,7 @@ def analytic_step_time(
     for c, g in zip(costs, groups, strict=True):
         t[g] += c.fwd_s + c.bwd_s
         f[g] += c.fwd_s
-        sync[g] += c.grad_sync_s
+        sync[g] += c.grad_sync_s + c.optimizer_s
     slowest = max(range(p), key=lambda g: t[g])
     fill = sum(f) - f[slowest] if splits_backward(schedule) else sum(t) - t[slowest]
     if schedule in ("GPipe", "1F1B"):

@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 
 from pdv.artifacts import ClusterArtifact, ClusterDevice, Links, ModelProfile, PlanStage
 from pdv.cost.comm import all_gather_time, all_reduce_time, p2p_time, reduce_scatter_time
-from pdv.cost.compute import in_flight_micro_batches, layer_cost, speed_factor
+from pdv.cost.compute import (
+    in_flight_micro_batches,
+    layer_cost,
+    rank_overhead_bytes,
+    speed_factor,
+)
 from pdv.errors import PdvError
 
 __all__ = [
@@ -67,6 +72,8 @@ class StageCost:
     """per rank: extra bytes while one layer is recomputed (0 without recompute)"""
     tp_comm_s: float = 0.0
     """the TP collectives inside fwd_s + bwd_s (for the breakdown)"""
+    optimizer_s: float = 0.0
+    """per step: the optimizer step over the slowest rank's parameter shard, after the sync"""
 
     @property
     def grad_send_s(self) -> float:
@@ -150,6 +157,7 @@ class _RankCompute:
     grad_bytes_dp: float
     grad_bytes_fsdp: float
     param_bytes_fsdp: float
+    optimizer_s: float
 
 
 def _rank_compute(
@@ -162,10 +170,11 @@ def _rank_compute(
     """Compute time and memory of one rank of the stage (no communication)."""
     speed = speed_factor(profile, device)
     fwd = bwd = 0.0
-    static = float(profile.overhead_bytes)
+    static = rank_overhead_bytes(profile, device)
     acts = 0.0
     transient = 0.0
     grad_dp = grad_fsdp = param_fsdp = 0.0
+    opt = 0.0
     for i, ch in zip(range(stage.layers[0], stage.layers[1]), choices, strict=True):
         if i >= len(profile.layers):
             raise PdvError(
@@ -181,13 +190,17 @@ def _rank_compute(
         shard = c.param_bytes / layer.param_bytes if layer.param_bytes else 1.0
         grads = layer.grad_bytes * shard
         state = c.param_bytes + grads + layer.optimizer_bytes * shard
+        # The step is elementwise over the rank's parameters: its time scales with the shard.
+        step = (layer.optimizer_s or 0.0) * shard * speed
         if ch.fsdp and stage.dp > 1:
             # ZeRO-3 / FSDP2: params, grads and optimizer state sharded over the replicas.
             state /= stage.dp
+            step /= stage.dp
             grad_fsdp += grads
             param_fsdp += c.param_bytes
         else:
             grad_dp += grads
+        opt += step
         static += state
         if ch.recompute:
             # Only the layer's input (the previous layer's output) stays; the full activations
@@ -196,7 +209,7 @@ def _rank_compute(
             transient = max(transient, c.activation_bytes)
         else:
             acts += c.activation_bytes
-    return _RankCompute(fwd, bwd, static, acts, transient, grad_dp, grad_fsdp, param_fsdp)
+    return _RankCompute(fwd, bwd, static, acts, transient, grad_dp, grad_fsdp, param_fsdp, opt)
 
 
 def _tp_collective_time(
@@ -338,4 +351,5 @@ def stage_cost(
         activation_bytes={r: rc.activation_bytes for r, rc in per_rank.items()},
         transient_bytes={r: rc.transient_bytes for r, rc in per_rank.items()},
         tp_comm_s=tp_f + tp_b,
+        optimizer_s=max(rc.optimizer_s for rc in per_rank.values()),
     )

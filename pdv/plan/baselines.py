@@ -18,7 +18,7 @@ so the difference between planners is their assumption alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from statistics import median
 
@@ -38,9 +38,13 @@ __all__ = [
 ]
 
 
-def _classes(cluster: ClusterArtifact) -> tuple[list[float], list[float], list[float], list[float]]:
+Matrix = list[list[float]]
+
+
+def _classes(
+    cluster: ClusterArtifact, lat: Matrix, bw: Matrix
+) -> tuple[list[float], list[float], list[float], list[float]]:
     n = len(cluster.devices)
-    bw, lat = cluster.links.bandwidth_Bps, cluster.links.latency_s
     intra_b: list[float] = []
     inter_b: list[float] = []
     intra_a: list[float] = []
@@ -55,34 +59,53 @@ def _classes(cluster: ClusterArtifact) -> tuple[list[float], list[float], list[f
     return intra_b, inter_b, intra_a, inter_a
 
 
-def hierarchy_links(cluster: ClusterArtifact) -> Links:
-    """The cluster's links as a host hierarchy assumes them: fast inside a host, slow between."""
-    intra_b, inter_b, intra_a, inter_a = _classes(cluster)
+def _matrix(cluster: ClusterArtifact, intra: float, inter: float) -> Matrix:
+    hosts = [d.host for d in cluster.devices]
+    n = len(hosts)
+    return [
+        [0.0 if i == j else intra if hosts[i] == hosts[j] else inter for j in range(n)]
+        for i in range(n)
+    ]
+
+
+def _hierarchy(cluster: ClusterArtifact, lat: Matrix, bw: Matrix) -> tuple[Matrix, Matrix]:
+    intra_b, inter_b, intra_a, inter_a = _classes(cluster, lat, bw)
     meds_b = [median(x) for x in (intra_b, inter_b) if x]
     meds_a = [median(x) for x in (intra_a, inter_a) if x]
-    fast_b, slow_b = max(meds_b), min(meds_b)
-    fast_a, slow_a = min(meds_a), max(meds_a)
-    n = len(cluster.devices)
-    hosts = [d.host for d in cluster.devices]
-    bw = [
-        [0.0 if i == j else fast_b if hosts[i] == hosts[j] else slow_b for j in range(n)]
-        for i in range(n)
-    ]
-    lat = [
-        [0.0 if i == j else fast_a if hosts[i] == hosts[j] else slow_a for j in range(n)]
-        for i in range(n)
-    ]
-    return Links(latency_s=lat, bandwidth_Bps=bw)
+    return (_matrix(cluster, min(meds_a), max(meds_a)),
+            _matrix(cluster, max(meds_b), min(meds_b)))
+
+
+def _flat(cluster: ClusterArtifact, lat: Matrix, bw: Matrix) -> tuple[Matrix, Matrix]:
+    intra_b, inter_b, intra_a, inter_a = _classes(cluster, lat, bw)
+    a, b = median(intra_a + inter_a), median(intra_b + inter_b)
+    return _matrix(cluster, a, a), _matrix(cluster, b, b)
+
+
+def _rebuilt(
+    cluster: ClusterArtifact,
+    assume: Callable[[ClusterArtifact, Matrix, Matrix], tuple[Matrix, Matrix]],
+) -> Links:
+    # Collective α/β (where measured) go through the same assumption as the point-to-point
+    # ones, so a baseline differs from pdv by its network assumption alone.
+    links = cluster.links
+    lat, bw = assume(cluster, links.latency_s, links.bandwidth_Bps)
+    coll_lat = coll_bw = None
+    if links.collective_latency_s is not None and links.collective_bandwidth_Bps is not None:
+        coll_lat, coll_bw = assume(cluster, links.collective_latency_s,
+                                   links.collective_bandwidth_Bps)
+    return Links(latency_s=lat, bandwidth_Bps=bw, collective_latency_s=coll_lat,
+                 collective_bandwidth_Bps=coll_bw)
+
+
+def hierarchy_links(cluster: ClusterArtifact) -> Links:
+    """The cluster's links as a host hierarchy assumes them: fast inside a host, slow between."""
+    return _rebuilt(cluster, _hierarchy)
 
 
 def flat_links(cluster: ClusterArtifact) -> Links:
     """Every pair at the median measured link (a single-level network)."""
-    intra_b, inter_b, intra_a, inter_a = _classes(cluster)
-    b, a = median(intra_b + inter_b), median(intra_a + inter_a)
-    n = len(cluster.devices)
-    bw = [[0.0 if i == j else b for j in range(n)] for i in range(n)]
-    lat = [[0.0 if i == j else a for j in range(n)] for i in range(n)]
-    return Links(latency_s=lat, bandwidth_Bps=bw)
+    return _rebuilt(cluster, _flat)
 
 
 def host_order(cluster: ClusterArtifact) -> tuple[list[int], list[list[int]]]:

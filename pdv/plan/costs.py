@@ -14,7 +14,9 @@ k) with micro-batch size m runs each replica on m / dp samples. Per micro-batch 
   actual transfers, as pdv.cost.stage does — the two agree for single-rank stages).
 
 Per step: the gradient sync over the replicas' slowest ring: an all-reduce of the grads, or with
-FSDP a reduce-scatter of the grads and two all-gathers of the params (pdv.cost.stage's rule).
+FSDP a reduce-scatter of the grads and two all-gathers of the params (pdv.cost.stage's rule);
+then the optimizer step over the rank's parameter shard (the profile's measured optimizer_s
+per layer, by shard share, FSDP divides it by dp). `sync` below is that per-step sum.
 Memory per rank: pdv.cost.compute.stage_memory_bytes' formula (state, in-flight activations).
 The same arrays serve the scalar price (:func:`stage_price`) and the DP's vectorized tables
 (:func:`stage_table`), and a test checks they agree.
@@ -29,7 +31,7 @@ import numpy as np
 
 from pdv.artifacts import Links, ModelProfile
 from pdv.cost.comm import ring_link
-from pdv.cost.compute import layer_cost, speed_factor
+from pdv.cost.compute import layer_cost, rank_overhead_bytes, speed_factor
 from pdv.plan.problem import Choice, PlanProblem, in_flight
 
 __all__ = [
@@ -62,6 +64,8 @@ class LayerArrays:
     """activation bytes saved for backward per micro-batch"""
     out: np.ndarray
     """output bytes per micro-batch"""
+    opt: np.ndarray
+    """optimizer step seconds per rank (TP shard), before any FSDP sharding"""
 
 
 def _arrays(profile: ModelProfile, batch: int, tp: int) -> LayerArrays:
@@ -80,6 +84,7 @@ def _arrays(profile: ModelProfile, batch: int, tp: int) -> LayerArrays:
         grads=grads,
         act=np.array([c.activation_bytes for c in rows], dtype=float),
         out=np.array([c.output_bytes for c in rows], dtype=float),
+        opt=np.array([x.optimizer_s or 0.0 for x in profile.layers], dtype=float) * ratio,
     )
 
 
@@ -106,7 +111,8 @@ class _Group:
     """What a set of ranks contributes to a stage's price, independent of the layers."""
 
     kinds: tuple[tuple[str, float, float, float], ...]
-    """(kind, speed factor of its slowest rank, capacity of its smallest rank, overhead bytes)"""
+    """(kind, speed factor of its slowest rank, capacity of its smallest rank, largest overhead
+    bytes of its ranks)"""
     tp_rings: tuple[tuple[float, float], ...]
     """(α, β) of each replica's TP ring, dominated ones dropped (the slowest ring paces)"""
     dp_rings: tuple[tuple[float, float, str], ...]
@@ -128,17 +134,17 @@ def _pareto(rings: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]
 def _group_cached(problem: PlanProblem, ranks: tuple[int, ...], tp: int) -> _Group:
     links = problem.net
     dp = len(ranks) // tp
-    by_kind: dict[str, tuple[float, float]] = {}
+    by_kind: dict[str, tuple[float, float, float]] = {}
     for r in ranks:
-        kind = problem.cluster.devices[r].kind
-        sf = speed_factor(problem.profile_of(r), problem.cluster.devices[r])
+        device = problem.cluster.devices[r]
+        sf = speed_factor(problem.profile_of(r), device)
         cap = problem.capacity(r)
-        old = by_kind.get(kind)
-        by_kind[kind] = (max(sf, old[0]), min(cap, old[1])) if old else (sf, cap)
-    kinds = tuple(
-        (k, sf, cap, float(problem.profiles[k].overhead_bytes))
-        for k, (sf, cap) in sorted(by_kind.items())
-    )
+        over = rank_overhead_bytes(problem.profile_of(r), device)
+        old = by_kind.get(device.kind)
+        by_kind[device.kind] = (
+            (max(sf, old[0]), min(cap, old[1]), max(over, old[2])) if old else (sf, cap, over)
+        )
+    kinds = tuple((k, sf, cap, over) for k, (sf, cap, over) in sorted(by_kind.items()))
     tp_rings = _pareto([ring_link(links, ranks[r * tp : (r + 1) * tp]) for r in range(dp)])
     dp_rings = tuple(
         sorted(
@@ -171,6 +177,7 @@ class StagePrice:
     send_s: float
     """activations to the next stage and their gradient back, per micro-batch"""
     sync_s: float
+    """per step: gradient sync, then the optimizer step"""
     memory_bytes: dict[str, float]
     """peak bytes per device kind of the stage (its smallest-capacity rank of that kind)"""
     capacity_bytes: dict[str, float]
@@ -260,13 +267,15 @@ def stage_price(
     g = _group(problem, ranks, choice.tp)
     n_in = in_flight(problem.schedule, stages_to_end, num_micro)
     sl = slice(lo, hi)
-    fwd_c = bwd_c = 0.0
+    fwd_c = bwd_c = opt_c = 0.0
     memory: dict[str, float] = {}
     capacity: dict[str, float] = {}
     out_last = 0.0
+    shards = g.dp if choice.fsdp and g.dp > 1 else 1
     for kind, sf, cap, overhead in g.kinds:
         arr = _kind_arrays(problem, g, kind, mbs)
         fwd_c = max(fwd_c, sf * float(arr.fwd[sl].sum()))
+        opt_c = max(opt_c, sf * float(arr.opt[sl].sum()) / shards)
         bwd_c = max(bwd_c, sf * float((arr.bwd[sl] + arr.fwd[sl] * choice.recompute).sum()))
         state = float(arr.state[sl].sum()) / (g.dp if choice.fsdp and g.dp > 1 else 1)
         if choice.recompute:
@@ -284,7 +293,7 @@ def stage_price(
         params = np.array([arr.params[sl].sum()])
         sync = max(sync, float(_sync_of(g, alpha, beta, grads, params, choice.fsdp)[0]))
     send = _send(problem.net, ranks, following, out_last)
-    return StagePrice(fwd_c + tp_f, bwd_c + tp_b, send, sync, memory, capacity)
+    return StagePrice(fwd_c + tp_f, bwd_c + tp_b, send, sync + opt_c, memory, capacity)
 
 
 @dataclass(frozen=True)
@@ -294,6 +303,7 @@ class StageTable:
     time: np.ndarray
     """fwd + bwd per micro-batch (without the transfer, which depends on the next group)"""
     sync: np.ndarray
+    """per step: gradient sync, then the optimizer step"""
     max_in_flight: np.ndarray
     """the most in-flight micro-batches that fit in memory (−1 if not even the state fits)"""
     out: np.ndarray
@@ -326,11 +336,14 @@ def stage_table(
 
     fwd_c = np.zeros((n, n))
     bwd_c = np.zeros((n, n))
+    opt_c = np.zeros((n, n))
     kmax = np.full((n, n), np.inf)
     out = np.zeros(n)
+    shards = g.dp if choice.fsdp and g.dp > 1 else 1
     for kind, sf, cap, overhead in g.kinds:
         arr = _kind_arrays(problem, g, kind, mbs)
         fwd_c = np.maximum(fwd_c, sf * pair(arr.fwd))
+        opt_c = np.maximum(opt_c, sf * pair(arr.opt) / shards)
         bwd_c = np.maximum(bwd_c, sf * pair(arr.bwd + arr.fwd * choice.recompute))
         state = pair(arr.state) / (g.dp if choice.fsdp and g.dp > 1 else 1)
         if choice.recompute:
@@ -351,7 +364,7 @@ def stage_table(
         sync = np.maximum(sync, _sync_of(g, alpha, beta, grads, params, choice.fsdp))
     valid = np.triu(np.ones((n, n), dtype=bool), 1)
     time = np.where(valid, time, np.inf)
-    return StageTable(time, sync, np.where(valid, kmax, -1.0), out)
+    return StageTable(time, sync + opt_c, np.where(valid, kmax, -1.0), out)
 
 
 def _cum(v: np.ndarray) -> np.ndarray:

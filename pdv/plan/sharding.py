@@ -60,6 +60,8 @@ class _Terms:
     grads_fsdp: dict[str, float]
     params_fsdp: dict[str, float]
     out: float
+    opt: dict[str, float]
+    """optimizer step seconds per device kind"""
 
 
 def _layer_options(spec: StageSpec) -> list[Choice]:
@@ -71,7 +73,7 @@ def _layer_options(spec: StageSpec) -> list[Choice]:
 def _terms(problem: PlanProblem, spec: StageSpec, mbs: int, i: int, ch: Choice) -> _Terms:
     g = _group(problem, spec.ranks, spec.choice.tp)
     rmbs = mbs // g.dp
-    fwd, bwd, static, live, trans, gdp, gf, pf = ({} for _ in range(8))
+    fwd, bwd, static, live, trans, gdp, gf, pf, opt = ({} for _ in range(9))
     out = 0.0
     for kind, sf, _cap, _over in g.kinds:
         arr = layer_arrays(problem.profiles[kind], rmbs, ch.tp)
@@ -79,6 +81,7 @@ def _terms(problem: PlanProblem, spec: StageSpec, mbs: int, i: int, ch: Choice) 
         bwd[kind] = sf * (arr.bwd[i] + (arr.fwd[i] if ch.recompute else 0.0))
         shard = g.dp if ch.fsdp and g.dp > 1 else 1
         static[kind] = arr.state[i] / shard
+        opt[kind] = sf * arr.opt[i] / shard
         live[kind] = arr.out[i] if ch.recompute else arr.act[i]
         trans[kind] = arr.act[i] if ch.recompute else 0.0
         fsdp = ch.fsdp and g.dp > 1
@@ -91,7 +94,7 @@ def _terms(problem: PlanProblem, spec: StageSpec, mbs: int, i: int, ch: Choice) 
         t = 2 * float(_ring(a, b, ch.tp, np.array([out]), 2.0)[0]) if ch.tp > 1 else 0.0
         tp_f.append(t)
         tp_b.append(t * (2 if ch.recompute else 1))
-    return _Terms(fwd, bwd, static, live, trans, tp_f, tp_b, gdp, gf, pf, out)
+    return _Terms(fwd, bwd, static, live, trans, tp_f, tp_b, gdp, gf, pf, out, opt)
 
 
 def _price_from(
@@ -126,8 +129,9 @@ def _price_from(
         pf = np.array([sum(t.params_fsdp[kind] for t in terms)])
         s = _sync_of(g, alpha, beta, gd, pf * 0, False) + _sync_of(g, alpha, beta, gf, pf, True)
         sync = max(sync, float(s[0]))
+    opt = max(sum(t.opt[k] for t in terms) for k in kinds)
     send = _send(problem.net, spec.ranks, following, terms[-1].out)
-    return StagePrice(fwd + tp_f, bwd + tp_b, send, sync, memory, capacity)
+    return StagePrice(fwd + tp_f, bwd + tp_b, send, sync + opt, memory, capacity)
 
 
 def layered_price(
@@ -205,6 +209,11 @@ def refine_stage(
             <= int(cap)
         )
     sync = _sync_var(m, g, layers, opts, terms, x, big)
+    # The optimizer step follows the sync; its time depends on the FSDP choice of each layer.
+    opt = m.new_int_var(0, 1 << 60, "opt")
+    for k in kinds:
+        m.add(opt >= lin(lambda t, k=k: _ns(t.opt[k])))
+    sync = sync + opt
     time = fwd + bwd + tpf + tpb
     ref = _price_from(
         problem,
