@@ -348,3 +348,6 @@ def test_in_a_memory_cgroup_runtime_bytes_is_the_groups_charge(tmp_path: Path) -
     # than the group ever held.
     assert details["runtime_rss_bytes"] < device["runtime_bytes"] <= peak
     assert device["runtime_bytes"] == details["runtime_cgroup_charge_bytes"]
+    # Most of it is the processes' own (anonymous) memory; the page cache is reported beside it.
+    stat = details["runtime_cgroup_stat_bytes"]
+    assert stat["total_rss"] > device["runtime_bytes"] / 2 and "total_cache" in stat

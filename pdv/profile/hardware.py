@@ -117,6 +117,20 @@ def _cgroup_charge(limit_file: str) -> int | None:
         return None
 
 
+def _cgroup_breakdown(limit_file: str) -> dict[str, int]:
+    """Anonymous and page-cache parts of a cgroup's charge (v1 total_rss/total_cache, v2
+    anon/file): the cache part is what the kernel can reclaim before it kills."""
+    f = Path(limit_file)
+    keys = ("total_rss", "total_cache") if f.name == "memory.limit_in_bytes" else ("anon", "file")
+    found: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        for line in (f.parent / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in keys:
+                found[key] = int(value)
+    return found
+
+
 def runtime_memory(device: torch.device, local_ranks: int) -> tuple[int, dict[str, Any]]:
     """Memory this rank holds now, as its memory cap counts it, and how it was read.
 
@@ -142,6 +156,7 @@ def runtime_memory(device: torch.device, local_ranks: int) -> tuple[int, dict[st
         if charge is None:
             continue
         info["runtime_cgroup_charge_bytes"] = charge
+        info["runtime_cgroup_stat_bytes"] = _cgroup_breakdown(where)
         info["runtime_source"] = (
             f"cgroup charge {charge} B of the group capped at {limit} B ({where}) / "
             f"{local_ranks} local ranks, with the process group up, after a first collective"
