@@ -3,7 +3,7 @@
 Why, next to the point-to-point sweep: a backend's all-reduce pays what a send/recv does not
 (gloo on CPU copies into its own buffers, reduces, and moves both directions at once on the
 same cores), so ring formulas priced at point-to-point β under-price gradient sync. Measured
-here on 2 loopback CPU ranks: about 2–6× slower per byte, depending on load.
+on 4 loopback CPU ranks sharing 2 cores: β 2–4× below the pair's send/recv β.
 
 Method. For each unordered pair {a, b} a 2-rank process group is made by the pair alone
 (`new_group(..., use_local_synchronization=True)`: ranks outside the pair do not take part)
