@@ -209,6 +209,12 @@ class ClusterDevice(_Strict):
         "torchrun with the process group up, as its memory cap counts it (cgroup charge where "
         "capped, else resident set; CUDA: device memory in use)",
     )
+    runtime_own_bytes: int | None = Field(
+        None, ge=0,
+        description="of runtime_bytes, the rank's own process (its resident set, read at the "
+        "same moment); the rest is what its cap also counts: the launcher in its cgroup, page "
+        "cache",
+    )
     details: dict[str, Any] = Field(
         default_factory=dict, description="what the probe reported (NVML, psutil)"
     )

@@ -8,6 +8,7 @@ from pdv.artifacts import ClusterDevice, TimeFit
 from pdv.cost.compute import (
     in_flight_micro_batches,
     layer_cost,
+    rank_overhead_bytes,
     speed_factor,
     stage_compute_time,
     stage_memory_bytes,
@@ -92,3 +93,16 @@ def test_more_micro_batches_never_lower_gpipe_memory() -> None:
     assert gpipe == sorted(gpipe) and gpipe[-1] > gpipe[0]
     one_f = {in_flight_micro_batches("1F1B", 0, 2, m) for m in range(2, 9)}
     assert one_f == {2}
+
+
+@pytest.mark.parametrize(("runtime", "own", "expect"), [
+    (None, None, 300),  # not measured: the profile's overhead
+    (350, 290, 300 + 60),  # a capped CPU rank: its cgroup also holds the launcher's 60
+    (290, 290, 300),  # an uncapped CPU rank: the charge is its own resident set
+    (500, None, 500),  # CUDA: device memory in use at init, larger than the profile's
+    (200, None, 300),
+])
+def test_rank_overhead_adds_what_the_cap_counts_beyond_the_rank(runtime, own, expect) -> None:
+    dev = ClusterDevice(rank=0, host="h", kind="cpu", memory_bytes=1 << 30,
+                        runtime_bytes=runtime, runtime_own_bytes=own)
+    assert rank_overhead_bytes(make_profile(overhead=300), dev) == expect

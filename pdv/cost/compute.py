@@ -74,15 +74,20 @@ def layer_cost(profile: ModelProfile, index: int, mbs: int, tp: int = 1) -> Laye
 
 
 def rank_overhead_bytes(profile: ModelProfile, device: ClusterDevice) -> float:
-    """Constant bytes a rank holds besides the model: measured on the rank where the cluster has it.
+    """Constant bytes a rank holds besides the model, as the rank's memory cap counts them.
 
-    The cluster profiler measures each rank's own footprint under torchrun with its process
-    group up, as its memory cap counts it (``ClusterDevice.runtime_bytes``); the model profile's
-    ``overhead_bytes`` (the profiling process after importing torch) is the fallback.
+    The model profile's ``overhead_bytes`` is the rank's own runtime after warm-up. The cluster
+    profiler measures, per rank under torchrun with its process group up, what the cap counts
+    (``runtime_bytes``) and how much of it is the rank's own process (``runtime_own_bytes``);
+    the difference (the launcher sharing its cgroup, page cache) is added. Where only the total
+    is known (CUDA: device memory in use, NCCL buffers included) the larger figure is taken.
     """
-    if device.runtime_bytes is not None:
-        return float(device.runtime_bytes)
-    return float(profile.overhead_bytes)
+    base = float(profile.overhead_bytes)
+    if device.runtime_bytes is None:
+        return base
+    if device.runtime_own_bytes is not None:
+        return base + max(0.0, float(device.runtime_bytes - device.runtime_own_bytes))
+    return max(base, float(device.runtime_bytes))
 
 
 def speed_factor(profile: ModelProfile, device: ClusterDevice) -> float:

@@ -129,6 +129,8 @@ def profile_cluster_rank(
         runtime, runtime_info = runtime_memory(device, local)
         step({"phase": "runtime-measured"})
         mine = probe_device(device, local) | {"rank": rank, "runtime_bytes": runtime}
+        if device.type == "cpu":
+            mine["runtime_own_bytes"] = runtime_info["runtime_rss_bytes"]
         mine["details"] |= runtime_info
         mine["matmul_flops_alone"] = _probe_alone(device, wire, local)
         step({"phase": "probed"})
