@@ -8,8 +8,8 @@ planner's best, and hand-written pp=4 and pp=2 x dp=2 plans priced by `pdv simul
 Each is run with `pdv run`; the first --warmup steps are left out of the measured median (on
 CPU the first steps of a pipeline run several times slower: allocator, gloo buffers, lazy
 init). The cluster profile measures each rank's matmul speed alone and with all ranks at once;
-the simulator prices ops at the alone speed and bounds the compute by what the host's shared
-cores carry (pdv.cost.simulate.apply_host_bound). The table shows predicted, measured and
+the simulator prices ops at the alone speed and processor-shares the host's measured capacity
+among the ranks computing at each moment (pdv.cost.simulate.Sharing). The table shows predicted, measured and
 |predicted - measured| / measured. Exits 1 when any error passes --tolerance. Artifacts stay in
 --out (reused when present: delete the folder to re-profile).
 """

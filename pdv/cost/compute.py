@@ -95,7 +95,7 @@ def speed_factor(profile: ModelProfile, device: ClusterDevice) -> float:
 
     The profile was timed in one process, so it compares with the device's probe taken alone
     (matmul_flops_alone) where the cluster has it; the sharing of a host's cores by ranks that
-    compute at the same time is priced by the simulator's host bound, not here.
+    compute at the same time is priced by the simulator's processor sharing, not here.
     """
     measured_here = profile.device.matmul_flops
     measured_there = device.matmul_flops_alone or device.matmul_flops

@@ -14,6 +14,12 @@ Model (each choice is what the simulator charges; the sources are next to the fo
   collective lane; it does not overlap the backward (conservative: DDP and FSDP overlap part of
   it). Then the optimizer step (StageCost.optimizer_s, measured per layer by the profiler) runs
   on the compute lane, as ``pdv run`` calls it after the schedule and the sync.
+- Ranks that share a host's cores (CPU ranks; measured by ``pdv profile cluster`` as each
+  rank's matmul rate with all the host's ranks probing at once over its rate alone) are
+  processor-shared: while n of a host's ranks compute, each op there progresses at
+  min(1, C / n) of its alone speed, C the host's measured capacity (the sum of the shares); a
+  rank group spanning hosts moves at its slowest rank's rate. Pipeline fill and drain leave
+  cores to the ranks that are busy; a full pipeline is bound by the host's total work / C.
 - Zero-bubble schedules split each backward into an input-grad op I and a weight-grad op W. The
   profile times backward as one, so pdv assumes I = W = bwd/2 (an estimate, noted in
   Simulation.notes); I carries the recompute and the TP collectives' halves alike.
@@ -47,7 +53,6 @@ __all__ = [
     "Simulation",
     "simulate",
     "simulate_costs",
-    "apply_host_bound",
     "host_capacity",
     "to_predicted",
     "analytic_step_time",
@@ -148,8 +153,10 @@ def simulate(
         for i, st in enumerate(plan.stages)
     ]
     layout = stage_layout([st.ranks for st in plan.stages], schedule)
-    sim = simulate_costs(costs, layout, schedule, plan.num_micro_batches)
-    return apply_host_bound(sim, cluster)
+    capacity = host_capacity(cluster)
+    hosts = [[cluster.devices[r].host for r in ranks] for ranks in layout.group_ranks]
+    return simulate_costs(costs, layout, schedule, plan.num_micro_batches,
+                          Sharing(capacity, hosts) if capacity else None)
 
 
 def host_capacity(cluster: ClusterArtifact) -> dict[str, float]:
@@ -169,65 +176,69 @@ def host_capacity(cluster: ClusterArtifact) -> dict[str, float]:
     return {h: sum(v) for h, v in shares.items() if sum(v) < len(v)}
 
 
-def apply_host_bound(sim: Simulation, cluster: ClusterArtifact) -> Simulation:
-    """Stretch the compute span to what each host's cores can carry, where that is longer.
+@dataclass(frozen=True)
+class Sharing:
+    """Hosts whose ranks share cores: measured capacity per host, and each group's rank hosts."""
 
-    The simulator runs every rank group at its alone speed, as if each had its own cores. When
-    ranks share a host's cores (CPU ranks), the step's compute cannot finish before the
-    host's total compute seconds (each rank's busy time: forwards, backwards and the TP
-    collectives inside them, which also run on those cores) divided by its measured capacity
-    (:func:`host_capacity`). That is the throughput bound of a processor-shared resource; the
-    step is the later of it and the schedule's critical path, with the transfers and gradient
-    syncs that follow the last compute op kept after it.
-    """
-    capacity = host_capacity(cluster)
-    if not capacity:
-        return sim
-    busy = [0.0] * len(sim.group_ranks)
-    for e in sim.events:
-        if e.lane == "compute":
-            busy[e.group] += e.end_s - e.start_s
-    work: dict[str, float] = {}
-    for g, ranks in enumerate(sim.group_ranks):
-        for r in ranks:
-            host = cluster.devices[r].host
-            work[host] = work.get(host, 0.0) + busy[g]
-    span = max((e.end_s for e in sim.events if e.lane == "compute"), default=0.0)
-    host, bound = max(((h, w / capacity[h]) for h, w in work.items() if h in capacity),
-                      key=lambda hb: hb[1], default=("", 0.0))
-    if bound <= span:
-        return sim
-    note = (f"host {host}: {work[host]:.3f} s of rank compute on a measured capacity of "
-            f"{capacity[host]:.2f} ranks at full speed bounds the compute span at {bound:.3f} s "
-            f"(schedule alone: {span:.3f} s)")
-    return replace(sim, step_time_s=sim.step_time_s + bound - span, notes=(*sim.notes, note))
+    capacity: Mapping[str, float]
+    group_hosts: Sequence[Sequence[str]]
+
+    def rates(self, active: Sequence[int]) -> dict[int, float]:
+        """Speed (fraction of alone) of each computing group, given who computes now."""
+        load: dict[str, int] = {}
+        for g in active:
+            for h in self.group_hosts[g]:
+                load[h] = load.get(h, 0) + 1
+        return {
+            g: min(
+                (min(1.0, self.capacity[h] / load[h]) for h in self.group_hosts[g]
+                 if h in self.capacity),
+                default=1.0,
+            )
+            for g in active
+        }
+
+    def note(self) -> str:
+        """What the simulation assumed, for Simulation.notes."""
+        held = ", ".join(f"{h} {c:.2f}" for h, c in sorted(self.capacity.items()))
+        return (f"ranks share their host's cores (processor sharing); measured capacity in "
+                f"ranks at full speed: {held}")
 
 
 def _durations(cost: StageCost, split: bool) -> dict[str, float]:
     if split:
-        return {"F": cost.fwd_s, "I": cost.bwd_s / 2, "W": cost.bwd_s / 2}
-    return {"F": cost.fwd_s, "B": cost.bwd_s}
+        return {"F": cost.fwd_s, "I": cost.bwd_s / 2, "W": cost.bwd_s / 2,
+                "O": cost.optimizer_s}
+    return {"F": cost.fwd_s, "B": cost.bwd_s, "O": cost.optimizer_s}
 
 
 class _Run:
     """Mutable state of one simulation (local to simulate_costs; never escapes)."""
 
-    def __init__(self, costs: Sequence[StageCost], layout: StageLayout, split: bool) -> None:
+    def __init__(self, costs: Sequence[StageCost], layout: StageLayout, split: bool,
+                 num_micro: int) -> None:  # fmt: skip
         self.costs = costs
         self.layout = layout
         self.split = split
+        self.num_micro = num_micro
         self.back = "I" if split else "B"
+        self.last_bwd = "W" if split else "B"
         self.done: dict[Op, float] = {}
         self.act_arrival: dict[tuple[int, int], float] = {}
         self.grad_arrival: dict[tuple[int, int], float] = {}
+        self.synced: dict[int, float] = {}
         self.free = [0.0] * layout.num_groups
         self.send_free = [0.0] * layout.num_groups
+        self.coll_free = [0.0] * layout.num_groups
+        self.backwards_left = [num_micro] * len(costs)
         self.events: list[Event] = []
 
     def ready(self, op: Op) -> float | None:
         """When op's inputs are all there, or None while a dependency has not run."""
         kind, s, m = op
         last = len(self.costs) - 1
+        if kind == "O":
+            return self.synced.get(s)
         if kind == "F":
             return 0.0 if s == 0 else self.act_arrival.get((s, m))
         if kind == "W":
@@ -240,17 +251,44 @@ class _Run:
         grad = self.grad_arrival.get((s, m))
         return None if grad is None else max(own, grad)
 
+    def duration(self, op: Op) -> float:
+        """Seconds the op takes at its group's alone speed."""
+        return _durations(self.costs[op[1]], self.split)[op[0]]
+
     def run(self, g: int, op: Op, start: float) -> None:
+        """Run op alone from start (the engine without shared cores)."""
+        self.complete(g, op, start, start + self.duration(op))
+
+    def complete(self, g: int, op: Op, start: float, end: float) -> None:
+        """Record op on group g over [start, end) and start what its end releases."""
         kind, s, m = op
-        end = start + _durations(self.costs[s], self.split)[kind]
         self.free[g] = end
         self.done[op] = end
-        self.events.append(Event(kind, "compute", g, s, m, start, end))
+        if kind == "O":
+            if end > start:  # stages without a measured optimizer step leave no event
+                self.events.append(Event("opt", "compute", g, s, None, start, end))
+        else:
+            self.events.append(Event(kind, "compute", g, s, m, start, end))
         if kind == "F" and s + 1 < len(self.costs):
             self._send(g, s, m, end, self.costs[s].send_s, "send-act", self.act_arrival, s + 1)
         if kind == self.back and s > 0:
             t = self.costs[s - 1].grad_send_s
             self._send(g, s, m, end, t, "send-grad", self.grad_arrival, s - 1)
+        if kind == self.last_bwd:
+            self.backwards_left[s] -= 1
+            if self.backwards_left[s] == 0:
+                self._sync(g, s, end)
+
+    def _sync(self, g: int, s: int, t0: float) -> None:
+        # The stage's gradient sync follows its last backward on the group's collective lane.
+        dur = self.costs[s].grad_sync_s
+        if dur <= 0:
+            self.synced[s] = t0
+            return
+        start = max(t0, self.coll_free[g])
+        self.coll_free[g] = start + dur
+        self.synced[s] = start + dur
+        self.events.append(Event("sync", "collective", g, s, None, start, start + dur))
 
     def _send(self, g: int, s: int, m: int, t0: float, dur: float, name: str,
               arrival: dict[tuple[int, int], float], to: int) -> None:  # fmt: skip
@@ -264,24 +302,53 @@ class _Run:
 
 
 def simulate_costs(
-    costs: Sequence[StageCost], layout: StageLayout, schedule: str, num_micro: int
+    costs: Sequence[StageCost],
+    layout: StageLayout,
+    schedule: str,
+    num_micro: int,
+    sharing: Sharing | None = None,
 ) -> Simulation:
     """Run the event-driven simulation on priced stages (the planner can call this directly)."""
     schedule = canonical_schedule(schedule)
     split = splits_backward(schedule)
     orders = rank_orders(layout, schedule, num_micro)
-    state = _Run(costs, layout, split)
+    # Each group ends its step with the optimizer step of each of its stages.
+    steps = [order + [("O", s, -1) for s in layout.stages_of_group[g]]
+             for g, order in enumerate(orders)]
+    state = _Run(costs, layout, split, num_micro)
+    if sharing is None:
+        _run_alone(state, steps, layout, schedule, num_micro)
+    else:
+        _run_shared(state, steps, sharing, schedule, num_micro)
+    sim = _finish(state, orders, schedule)
+    if sharing is not None:
+        sim = replace(sim, notes=(*sim.notes, sharing.note()))
+    return sim
+
+
+def _deadlock(schedule: str, num_micro: int, layout: StageLayout, steps: list[list[Op]],
+              pos: list[int]) -> PdvError:  # fmt: skip
+    stuck = {g: steps[g][pos[g]] for g in range(len(steps)) if pos[g] < len(steps[g])}
+    return PdvError(
+        f"{schedule} with {num_micro} micro-batches on {layout.num_groups} rank groups "
+        f"deadlocks (waiting ops {stuck}); use more micro-batches or another schedule"
+    )
+
+
+def _run_alone(state: _Run, steps: list[list[Op]], layout: StageLayout, schedule: str,
+               num_micro: int) -> None:  # fmt: skip
     # Each group runs its ops in a fixed order, and a group's sends are produced by its own ops
     # in that order, so times do not depend on which ready group is advanced first: advance any
     # group whose next op has all its inputs, and recheck its pipeline neighbours.
+    n_stages = len(state.costs)
     pos = [0] * layout.num_groups
-    remaining = sum(len(o) for o in orders)
+    remaining = sum(len(o) for o in steps)
     todo = list(range(layout.num_groups))
     queued = [True] * layout.num_groups
     while todo:
         g = todo.pop()
         queued[g] = False
-        order = orders[g]
+        order = steps[g]
         while pos[g] < len(order):
             op = order[pos[g]]
             r = state.ready(op)
@@ -291,49 +358,76 @@ def simulate_costs(
             pos[g] += 1
             remaining -= 1
             for t in (op[1] - 1, op[1] + 1):
-                if 0 <= t < len(costs):
+                if 0 <= t < n_stages:
                     h = layout.group_of_stage[t]
                     if h != g and not queued[h]:
                         queued[h] = True
                         todo.append(h)
     if remaining:
-        stuck = {g: orders[g][pos[g]] for g in range(len(orders)) if pos[g] < len(orders[g])}
-        raise PdvError(
-            f"{schedule} with {num_micro} micro-batches on {layout.num_groups} rank groups "
-            f"deadlocks (waiting ops {stuck}); use more micro-batches or another schedule"
-        )
-    return _finish(state, orders, schedule, num_micro)
+        raise _deadlock(schedule, num_micro, layout, steps, pos)
 
 
-def _finish(state: _Run, orders: list[list[Op]], schedule: str, num_micro: int) -> Simulation:
+def _run_shared(state: _Run, steps: list[list[Op]], sharing: Sharing, schedule: str,
+                num_micro: int) -> None:  # fmt: skip
+    """Advance time event by event; computing groups progress at their shared-core rates."""
+    groups = len(steps)
+    pos = [0] * groups
+    current: list[tuple[Op, float, float] | None] = [None] * groups  # (op, start, work left)
+    now = 0.0
+    while any(pos[g] < len(steps[g]) for g in range(groups)):
+        wake = float("inf")
+        for g in range(groups):
+            if current[g] is not None or pos[g] >= len(steps[g]):
+                continue
+            op = steps[g][pos[g]]
+            r = state.ready(op)
+            if r is None:
+                continue
+            r = max(r, state.free[g])
+            if r <= now:
+                current[g] = (op, now, state.duration(op))
+            else:
+                wake = min(wake, r)
+        active = [g for g in range(groups) if current[g] is not None]
+        if not active:
+            if wake == float("inf"):
+                raise _deadlock(schedule, num_micro, state.layout, steps, pos)
+            now = wake
+            continue
+        rate = sharing.rates(active)
+        until = min(wake, min(now + _left(current[g]) / rate[g] for g in active))
+        for g in active:
+            op, start, left = _take(current[g])
+            left -= rate[g] * (until - now)
+            current[g] = (op, start, left)
+        now = until
+        for g in active:
+            op, start, left = _take(current[g])
+            if left <= 1e-12 * max(1.0, now):
+                state.complete(g, op, start, now)
+                current[g] = None
+                pos[g] += 1
+
+
+def _take(entry: tuple[Op, float, float] | None) -> tuple[Op, float, float]:
+    assert entry is not None
+    return entry
+
+
+def _left(entry: tuple[Op, float, float] | None) -> float:
+    return _take(entry)[2]
+
+
+def _finish(state: _Run, orders: list[list[Op]], schedule: str) -> Simulation:
     costs, layout = state.costs, state.layout
-    coll_free = [0.0] * layout.num_groups
-    last_bwd = "W" if state.split else "B"
     step_end = max(e.end_s for e in state.events)
-    span = max(e.end_s for e in state.events if e.lane == "compute")
-    synced: dict[int, float] = {}
-    for s, cost in enumerate(costs):
-        g = layout.group_of_stage[s]
-        t0 = max(state.done[(last_bwd, s, m)] for m in range(num_micro))
-        synced[s] = t0
-        if cost.grad_sync_s > 0:
-            start = max(t0, coll_free[g])
-            coll_free[g] = start + cost.grad_sync_s
-            synced[s] = coll_free[g]
-            state.events.append(Event("sync", "collective", g, s, None, start, coll_free[g]))
-            step_end = max(step_end, coll_free[g])
-    # The bubble is the schedule's: measured over fwd/bwd, before the optimizer steps.
-    busy = sum(e.end_s - e.start_s for e in state.events if e.lane == "compute")
-    for s, cost in enumerate(costs):
-        if cost.optimizer_s > 0:
-            g = layout.group_of_stage[s]
-            start = max(synced[s], state.free[g])
-            state.free[g] = start + cost.optimizer_s
-            state.events.append(Event("opt", "compute", g, s, None, start, state.free[g]))
-            step_end = max(step_end, state.free[g])
-
+    # The bubble is the schedule's: fwd/bwd ops only, before the optimizer steps.
+    schedule_ops = [e for e in state.events if e.lane == "compute" and e.name != "opt"]
+    span = max(e.end_s for e in schedule_ops)
+    busy = sum(e.end_s - e.start_s for e in schedule_ops)
     bubble = 1.0 - busy / (layout.num_groups * span) if span > 0 else 0.0
     peak = _peak_memory(costs, layout, orders, state.split)
+    num_micro = state.num_micro
     stages = tuple(
         StagePrediction(
             compute_s=num_micro * (c.fwd_s + c.bwd_s - c.tp_comm_s) + c.optimizer_s,

@@ -25,6 +25,7 @@ _NAMES = {
     "send-act": "send activations",
     "send-grad": "send gradients",
     "sync": "grad sync",
+    "opt": "optimizer step",
 }
 
 
@@ -88,7 +89,7 @@ def ranks_label(ranks: Sequence[int]) -> str:
 
 
 def text_timeline(sim: Simulation, width: int = 72) -> list[str]:
-    """One line per rank group: F/B/I/W cells over the step, '.' for idle, '~' for sync."""
+    """One line per rank group: F/B/I/W/O cells over the step, '.' idle, '~' sync, O optimizer."""
     if sim.step_time_s <= 0:
         return []
     scale = width / sim.step_time_s
@@ -98,7 +99,7 @@ def text_timeline(sim: Simulation, width: int = 72) -> list[str]:
         for e in sim.events:
             if e.group != g or e.lane == "p2p":
                 continue
-            ch = "~" if e.lane == "collective" else e.name
+            ch = "~" if e.lane == "collective" else "O" if e.name == "opt" else e.name
             lo = min(width - 1, int(e.start_s * scale))
             hi = max(lo + 1, min(width, round(e.end_s * scale)))
             for i in range(lo, hi):
