@@ -10,6 +10,7 @@ Needs root, iproute2 and cgroup v1 cpu/memory; skipped cleanly elsewhere.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,8 @@ import pytest
 from benchmarks import thesis
 from benchmarks.testbed import cgroups, netns, topology
 from benchmarks.testbed.cluster import EmulatedCluster, nothing_left, unavailable_reason
+from pdv import artifacts
+from tests.conftest import run_pdv
 
 TOPOLOGY = thesis.TOPOLOGIES / "inverted-ci.json"
 # Small enough to profile and run in seconds on one core; wide enough (128 KiB of activations
@@ -104,6 +107,67 @@ def test_ranks_run_in_their_namespace_and_cgroup_and_teardown_on_failure(
         raise RuntimeError("boom")
     assert nothing_left(netns.PREFIX, tag) == []
     assert not [p for p in cgroups.leftovers(netns.PREFIX) if tag in p.name]
+
+
+@pytest.mark.usefixtures("_needs_testbed")
+@pytest.mark.netns
+@pytest.mark.e2e
+def test_a_plan_on_idle_ranks_runs_on_their_slots(tmp_path: Path) -> None:
+    # Ranks 0, 1 on host a, rank 2 on host b; the plan keeps off rank 0 and runs stage 0 on
+    # host b: torchrun's rank 0 (the rendezvous) must be plan rank 1, on host a.
+    caps = [200 << 20, 3 << 30, 2 << 30]
+    topo = topology.Topology(
+        "idle-rank",
+        (topology.HostSpec("a", (topology.RankSpec(memory=caps[0]),
+                                 topology.RankSpec(memory=caps[1]))),
+         topology.HostSpec("b", (topology.RankSpec(memory=caps[2]),))),
+        "1gbit",
+    )
+    devices = [{"rank": r, "host": h, "kind": "cpu", "memory_bytes": c}
+               for r, (h, c) in enumerate(zip("aab", caps, strict=True))]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({
+        "schema": "pdv.plan/v1", "model": {"spec": "sample_models/mlp.py:mlp",
+                                           "kwargs": {"n_layer": 2, "dim": 32}},
+        "stages": [{"layers": [0, 2], "ranks": [2]}, {"layers": [2, 4], "ranks": [1]}],
+        "micro_batch_size": 2, "num_micro_batches": 2, "global_batch_size": 4,
+        "schedule": "GPipe", "devices": devices,
+        "predicted": {"step_time_s": 0.01, "peak_memory_bytes": {"1": 111, "2": 222}},
+    }))
+    report = tmp_path / "report.json"
+    probe = ("import os; print('RANK', os.environ['RANK']);"
+             "print(open('/proc/self/cgroup').read());"
+             "print('NETNS', os.stat('/proc/self/ns/net').st_ino)")
+    with EmulatedCluster(topo) as ec:
+        tag = ec.tag
+        placed = ec.launch(["--no-python", "python", "-c", probe], tmp_path / "probe",
+                           timeout=60, ranks=[2, 1])
+        assert placed.ok, placed.tail()
+        for torchrun_rank, (slot, log) in enumerate(
+                zip([ec.slots[2], ec.slots[1]], placed.logs, strict=True)):
+            text = log.read_text()
+            assert f"RANK {torchrun_rank}\n" in text and f"memory:/{slot.group.name}\n" in text
+            assert f"NETNS {os.stat(f'/var/run/netns/{slot.ns.name}').st_ino}" in text
+        run = ec.run_plan(plan, report, tmp_path / "logs", steps=3, timeout=240)
+    assert run.ok, run.tail()
+    assert run.ranks == [1, 2] and run.memory_cap == caps[1:]
+    assert sorted(p.name for p in (tmp_path / "logs").glob("rank*.log")) == [
+        "rank1.log", "rank2.log"]
+    copy = tmp_path / "plan.renumbered.json"
+    assert run_pdv("validate", str(copy)).returncode == 0
+    ran = json.loads(copy.read_text())
+    assert [s["ranks"] for s in ran["stages"]] == [[1], [0]]
+    assert [(d["rank"], d["host"]) for d in ran["devices"]] == [(0, "a"), (1, "b")]
+    assert ran["predicted"]["peak_memory_bytes"] == {"0": 111, "1": 222}
+    assert run_pdv("validate", str(report)).returncode == 0
+    got = json.loads(report.read_text())
+    assert got["plan_digest"] == artifacts.digest(artifacts.load(plan))
+    peaks = got["measured"]["peak_memory_bytes"]
+    assert sorted(peaks) == ["1", "2"]
+    # A rank's cgroup holds its worker (and its torchrun): never less than the worker's peak.
+    for i, r in enumerate(run.ranks):
+        assert run.peak_memory[i] >= peaks[str(r)] > 0
+    assert nothing_left(netns.PREFIX, tag) == []
 
 
 @pytest.mark.usefixtures("_needs_testbed")

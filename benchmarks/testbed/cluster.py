@@ -15,6 +15,11 @@ split one rank per torchrun so each rank can enter its own cgroup before it exec
 numbers ranks node by node, so the global ranks are the plan's). gloo binds to the host's veth
 address (GLOO_SOCKET_IFNAME); between two ranks of one host the kernel routes it over `lo`.
 
+A plan that leaves ranks idle (say it runs on rank 2 alone, away from a memory-capped rank 0)
+runs on exactly the slots of the ranks it names: torchrun only numbers ranks 0..k-1, so a copy
+of the plan renumbered to 0..k-1 runs, torchrun rank i on the slot of the plan's i-th rank, and
+the run report is mapped back to the plan's own rank numbers.
+
 Teardown happens on every exit path: the context manager closes on exceptions, SIGTERM and
 SIGHUP are turned into an exception while the cluster is up, and namespaces and cgroups of a
 dead testbed process are removed on the next start (names carry the owner's pid).
@@ -23,7 +28,6 @@ dead testbed process are removed on the next start (names carry the owner's pid)
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -37,6 +41,8 @@ from types import FrameType, TracebackType
 from benchmarks.testbed import cgroups, netns
 from benchmarks.testbed.netns import Namespace
 from benchmarks.testbed.topology import Topology, parse_rate
+from pdv import artifacts
+from pdv.artifacts import Plan, RunReport
 from pdv.profile.launch_local import free_port
 from pdv.run.launch import HostSlot, RunOptions, torchrun_argv
 
@@ -79,6 +85,7 @@ class RankRun:
     oom_kills: list[int]
     logs: list[Path]
     wall_s: float
+    ranks: list[int]  # the testbed rank of each entry above (a plan may leave ranks idle)
 
     @property
     def ok(self) -> bool:
@@ -88,7 +95,7 @@ class RankRun:
     def tail(self, chars: int = 1500) -> str:
         """The end of every rank's log, for an error message."""
         return "\n".join(f"--- rank {r} (exit {rc}) ---\n{p.read_text()[-chars:]}"
-                         for r, (rc, p) in enumerate(zip(self.returncodes, self.logs, strict=True))
+                         for r, rc, p in zip(self.ranks, self.returncodes, self.logs, strict=True)
                          if p.exists())
 
 
@@ -178,22 +185,33 @@ class EmulatedCluster:
     # -- launching -------------------------------------------------------------------------
 
     def launch(self, rank_argv: list[str], logs: Path, timeout: float,
-               env: dict[str, str] | None = None, world: int | None = None) -> RankRun:
+               env: dict[str, str] | None = None, world: int | None = None,
+               ranks: list[int] | None = None) -> RankRun:
         """Run `python -m torch.distributed.run ... <rank_argv>` once per rank; wait for all.
 
         rank_argv follows torchrun's own options (a module run with `-m ...`, or `--no-python
         cmd ...`). A rank that exits non-zero or runs past `timeout` ends the launch: the
         others are killed, since they would block on it. `world`: only ranks 0..world-1.
+        `ranks`: only these testbed ranks, torchrun rank i on the slot of ranks[i] (its log
+        and the RankRun entries are named by the testbed rank).
         """
+        if ranks is None:
+            ranks = list(range(world or len(self.slots)))
+        if not ranks or len(set(ranks)) != len(ranks) or not set(ranks) <= set(
+                range(len(self.slots))):
+            raise ValueError(f"ranks {ranks}: the testbed has ranks 0..{len(self.slots) - 1}, "
+                             "each launched at most once")
         logs.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        slots = self.slots[: world or len(self.slots)]
+        slots = [self.slots[r] for r in ranks]
+        # torchrun's rank 0 hosts the static rendezvous: its host's veth address, which the
+        # other host reaches over the veth and its own host over the local route.
         master = slots[0].addr
         procs, paths = [], []
-        for slot in slots:
+        for node_rank, slot in enumerate(slots):
             slot.group.reset_peak()
             argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes",
-                    str(len(slots)), "--node-rank", str(slot.rank), "--nproc-per-node", "1",
+                    str(len(slots)), "--node-rank", str(node_rank), "--nproc-per-node", "1",
                     "--master-addr", master, "--master-port", str(port), *rank_argv]
             procs.append(self._start(slot, argv, logs / f"rank{slot.rank}.log", env))
             paths.append(logs / f"rank{slot.rank}.log")
@@ -231,7 +249,7 @@ class EmulatedCluster:
             peak_memory=[s.group.peak_memory() for s in slots],
             memory_cap=[s.group.memory_cap() for s in slots],
             oom_kills=[s.group.oom_kills() for s in slots],
-            logs=logs, wall_s=wall,
+            logs=logs, wall_s=wall, ranks=[s.rank for s in slots],
         )
         for p in procs:
             if p.poll() is None:
@@ -254,19 +272,72 @@ class EmulatedCluster:
                  timeout: float = 300) -> RankRun:
         """pdv's runtime on a plan across the testbed (rank 0 writes the run report).
 
-        A plan may leave ranks idle (a baseline that found fewer ranks faster); it runs on the
-        ranks its stages use, which must then be the first ones (torchrun numbers from 0).
+        A plan may leave ranks idle (a baseline that found fewer ranks faster, or a planner
+        that kept off a memory-capped rank); it runs on the slots of the ranks its stages use.
+        Unless those are 0..k-1, a copy renumbered to 0..k-1 runs (`<plan>.renumbered.json`
+        and `<report>.renumbered.json` next to the report), and `report` is written back in
+        the plan's own rank numbers.
         """
-        stages = json.loads(plan.read_text())["stages"]
-        used = sorted({r for s in stages for r in s["ranks"]})
-        if used != list(range(len(used))):
-            raise ValueError(f"{plan}: the plan uses ranks {used}; the testbed launches ranks "
-                             "0..k-1 only")
-        opts = RunOptions(plan=str(plan), steps=steps, warmup=warmup, report=str(report),
+        original = artifacts.load_as(plan, "plan")
+        assert isinstance(original, Plan)
+        used = sorted({r for s in original.stages for r in s.ranks})
+        if used[-1] >= len(self.slots):
+            raise ValueError(f"{plan}: the plan uses ranks {used} but the testbed has ranks "
+                             f"0..{len(self.slots) - 1}")
+        renumber = used != list(range(len(used)))
+        runs, raw = plan, report
+        if renumber:
+            runs = report.with_name(f"{plan.stem}.renumbered.json")
+            raw = report.with_name(f"{report.stem}.renumbered.json")
+            artifacts.write(runs, renumbered(original, used))
+        opts = RunOptions(plan=str(runs), steps=steps, warmup=warmup, report=str(raw),
                           device="cpu")
         # pdv's own per-host command, for one rank: drop the torchrun part we build ourselves.
         argv = torchrun_argv(HostSlot("-", 0, 0, 1), 1, "-", 0, opts, python=sys.executable)
-        return self.launch(argv[argv.index("-m", 2):], logs, timeout, world=len(used))
+        run = self.launch(argv[argv.index("-m", 2):], logs, timeout, ranks=used)
+        if renumber and run.ok and raw.exists():
+            got = artifacts.load_as(raw, "run-report")
+            assert isinstance(got, RunReport)
+            artifacts.write(report, report_in_plan_ranks(got, original, used, runs))
+        return run
+
+
+def _rank_keys(by_rank: dict[str, int], ranks: list[int]) -> dict[str, int]:
+    """Keys `str(i)` -> `str(ranks[i])` (keys outside 0..len-1 are a bug in the caller)."""
+    return {str(ranks[int(k)]): v for k, v in by_rank.items()}
+
+
+def renumbered(plan: Plan, used: list[int]) -> Plan:
+    """The plan on ranks 0..k-1: rank used[i] -> i in stages, devices and predicted memory."""
+    new = {r: i for i, r in enumerate(used)}
+    data = plan.model_dump(mode="json", by_alias=True)
+    for stage in data["stages"]:
+        stage["ranks"] = [new[r] for r in stage["ranks"]]
+    if data.get("devices") is not None:
+        # launching reads one device per rank the stages use, so the idle ones go
+        by_rank = {d["rank"]: d for d in data["devices"]}
+        data["devices"] = [{**by_rank[r], "rank": new[r]} for r in used if r in by_rank]
+    pred = data.get("predicted")
+    if pred is not None:
+        pred["peak_memory_bytes"] = {str(new[int(k)]): v
+                                     for k, v in pred["peak_memory_bytes"].items()
+                                     if int(k) in new}
+    out = Plan.model_validate(data)
+    out.provenance.notes.append(f"ranks {used} renumbered 0..{len(used) - 1} for torchrun")
+    return out
+
+
+def report_in_plan_ranks(report: RunReport, plan: Plan, used: list[int],
+                         renumbered_plan: Path) -> RunReport:
+    """A renumbered run's report in the plan's own rank numbers, against the plan's digest."""
+    measured = report.measured.model_copy(
+        update={"peak_memory_bytes": _rank_keys(report.measured.peak_memory_bytes, used)})
+    provenance = report.provenance.model_copy(deep=True)
+    provenance.inputs["plan"] = artifacts.digest(plan)
+    provenance.notes.append(f"ran as {renumbered_plan.name}: torchrun rank i was plan rank "
+                            f"{used}[i]")
+    return report.model_copy(update={"measured": measured, "plan_digest": artifacts.digest(plan),
+                                     "predicted": plan.predicted, "provenance": provenance})
 
 
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
