@@ -127,13 +127,19 @@ def test_layer_sharding_overrides_per_layer() -> None:
 
 
 def test_fsdp_sync_and_memory_by_hand() -> None:
-    """FSDP: reduce-scatter of the grads + 2 all-gathers of the params; state split over dp."""
+    """FSDP, each layer its own unit: per step a reduce-scatter of each layer's grads; per
+    micro-batch an all-gather of each layer's params in forward and again in backward."""
     cluster = make_cluster(2, bw=1e6, lat=1e-4)
     stage = PlanStage(layers=(0, 2), ranks=[0, 1], dp=2, fsdp=True)
     c = _cost(cluster, stage, mbs=2, stages=1)
+    plain = _cost(cluster, stage.model_copy(update={"fsdp": False}), mbs=2, stages=1)
     links = cluster.links
-    want = reduce_scatter_time(links, [0, 1], 2000) + 2 * all_gather_time(links, [0, 1], 2000)
-    assert c.grad_sync_s == pytest.approx(want)
+    # 2 layers of 1000 parameter bytes: the α is paid per layer, not once for 2000 bytes.
+    assert c.grad_sync_s == pytest.approx(2 * reduce_scatter_time(links, [0, 1], 1000))
+    gather = 2 * all_gather_time(links, [0, 1], 1000)
+    assert c.fwd_s == pytest.approx(plain.fwd_s + gather)
+    assert c.bwd_s == pytest.approx(plain.bwd_s + gather)
+    assert c.tp_comm_s == pytest.approx(2 * gather)
     assert c.static_bytes[0] == pytest.approx(8000 / 2)
 
 

@@ -58,7 +58,7 @@ class StageCost:
     send_s: float
     """activations of one micro-batch to the next stage over the actual links (0 for the last)"""
     grad_sync_s: float
-    """per step: DP all-reduce (or FSDP reduce-scatter + all-gathers) of this stage's grads"""
+    """per step: DP all-reduce (or FSDP reduce-scatters) of this stage's grads"""
     peak_memory_bytes: dict[int, float]
     """per global rank of the stage, at the schedule's in-flight count"""
     send_back_s: float | None = None
@@ -71,7 +71,7 @@ class StageCost:
     transient_bytes: dict[int, float] = field(default_factory=dict)
     """per rank: extra bytes while one layer is recomputed (0 without recompute)"""
     tp_comm_s: float = 0.0
-    """the TP collectives inside fwd_s + bwd_s (for the breakdown)"""
+    """the collectives inside fwd_s + bwd_s: TP all-reduces, FSDP all-gathers (breakdown)"""
     optimizer_s: float = 0.0
     """per step: the optimizer step over the slowest rank's parameter shard, after the sync"""
 
@@ -155,8 +155,10 @@ class _RankCompute:
     activation_bytes: float
     transient_bytes: float
     grad_bytes_dp: float
-    grad_bytes_fsdp: float
-    param_bytes_fsdp: float
+    fsdp_grad_bytes: tuple[float, ...]
+    """per FSDP layer (each its own FSDP2 unit): gradient bytes, reduce-scattered once a step"""
+    fsdp_param_bytes: tuple[float, ...]
+    """per FSDP layer: parameter bytes, all-gathered in every micro-batch's forward and backward"""
     optimizer_s: float
 
 
@@ -173,7 +175,9 @@ def _rank_compute(
     static = rank_overhead_bytes(profile, device)
     acts = 0.0
     transient = 0.0
-    grad_dp = grad_fsdp = param_fsdp = 0.0
+    grad_dp = 0.0
+    grad_fsdp: list[float] = []
+    param_fsdp: list[float] = []
     opt = 0.0
     for i, ch in zip(range(stage.layers[0], stage.layers[1]), choices, strict=True):
         if i >= len(profile.layers):
@@ -196,8 +200,8 @@ def _rank_compute(
             # ZeRO-3 / FSDP2: params, grads and optimizer state sharded over the replicas.
             state /= stage.dp
             step /= stage.dp
-            grad_fsdp += grads
-            param_fsdp += c.param_bytes
+            grad_fsdp.append(grads)
+            param_fsdp.append(c.param_bytes)
         else:
             grad_dp += grads
         opt += step
@@ -209,7 +213,8 @@ def _rank_compute(
             transient = max(transient, c.activation_bytes)
         else:
             acts += c.activation_bytes
-    return _RankCompute(fwd, bwd, static, acts, transient, grad_dp, grad_fsdp, param_fsdp, opt)
+    return _RankCompute(fwd, bwd, static, acts, transient, grad_dp, tuple(grad_fsdp),
+                        tuple(param_fsdp), opt)
 
 
 def _tp_collective_time(
@@ -278,14 +283,31 @@ def activation_transfer_time(
     return max(busy.values(), default=0.0)
 
 
+def _fsdp_gather_time(
+    cluster: ClusterArtifact, stage: PlanStage, per_rank: Mapping[int, _RankCompute]
+) -> float:
+    """Per micro-batch, forward and backward each: every FSDP layer's all-gather, slowest ring.
+
+    Each FSDP layer is its own FSDP2 unit and reshards after forward; under a pipeline schedule
+    every micro-batch's forward gathers it and its backward gathers it again (torch's stage keeps
+    params unsharded after backward only until the next forward reshards them).
+    """
+    if stage.dp < 2:
+        return 0.0
+    return max(
+        sum(all_gather_time(cluster.links, ring, b) for b in per_rank[ring[0]].fsdp_param_bytes)
+        for ring in replica_rings(stage)
+    )
+
+
 def _grad_sync_time(
     cluster: ClusterArtifact, stage: PlanStage, per_rank: Mapping[int, _RankCompute]
 ) -> float:
     """Per-step gradient sync over each TP position's replica ring, slowest ring.
 
-    Plain DP: ring all-reduce of the grad shard (nccl-tests formula). FSDP (ZeRO-3): one
-    reduce-scatter of the grads after the last backward and two all-gathers of the params
-    (before the forwards and again before the backwards, as FSDP2 reshards after forward).
+    Plain DP: one ring all-reduce of the stage's grads (nccl-tests formula; pdv run sums them
+    as one flat buffer). FSDP (ZeRO-3): each FSDP layer reduce-scatters its grads after the last
+    backward; its all-gathers are per micro-batch (:func:`_fsdp_gather_time`).
     """
     if stage.dp < 2:
         return 0.0
@@ -293,8 +315,7 @@ def _grad_sync_time(
     for ring in replica_rings(stage):
         rc = per_rank[ring[0]]
         t = all_reduce_time(cluster.links, ring, rc.grad_bytes_dp)
-        t += reduce_scatter_time(cluster.links, ring, rc.grad_bytes_fsdp)
-        t += 2 * all_gather_time(cluster.links, ring, rc.param_bytes_fsdp)
+        t += sum(reduce_scatter_time(cluster.links, ring, b) for b in rc.fsdp_grad_bytes)
         worst = max(worst, t)
     return worst
 
@@ -325,6 +346,8 @@ def stage_cost(
         for r in stage.ranks
     }
     tp_f, tp_b = _tp_collective_time(profiles, cluster, stage, choices, rmbs)
+    gather = _fsdp_gather_time(cluster, stage, per_rank)
+    tp_f, tp_b = tp_f + gather, tp_b + gather
     fwd = max(rc.fwd_s for rc in per_rank.values()) + tp_f
     bwd = max(rc.bwd_s for rc in per_rank.values()) + tp_b
 

@@ -13,8 +13,11 @@ k) with micro-batch size m runs each replica on m / dp samples. Per micro-batch 
   (the DP knows only where the next stage starts; the simulator then prices every replica's
   actual transfers, as pdv.cost.stage does — the two agree for single-rank stages).
 
+FSDP (each layer its own FSDP2 unit): per micro-batch, an all-gather of each layer's params in
+the forward and again in the backward, on the replicas' slowest ring.
+
 Per step: the gradient sync over the replicas' slowest ring: an all-reduce of the grads, or with
-FSDP a reduce-scatter of the grads and two all-gathers of the params (pdv.cost.stage's rule);
+FSDP a reduce-scatter of each layer's grads (pdv.cost.stage's rule);
 then the optimizer step over the rank's parameter shard (the profile's measured optimizer_s
 per layer, by shard share, FSDP divides it by dp). `sync` below is that per-step sum.
 Memory per rank: pdv.cost.compute.stage_memory_bytes' formula (state, in-flight activations).
@@ -212,14 +215,31 @@ def _sync_terms(problem: PlanProblem, g: _Group, mbs: int, choice: Choice):
         yield alpha, beta, arr
 
 
+def _per_layer(alpha: float, beta: float, n: int, nbytes: np.ndarray,
+               layers: np.ndarray) -> np.ndarray:  # fmt: skip
+    # One ring all-gather or reduce-scatter per FSDP layer (each its own FSDP2 unit): the bytes
+    # of all of them, (n−1) α for each layer that has parameters.
+    return (n - 1) / n * nbytes / beta + (n - 1) * alpha * layers
+
+
 def _sync_of(
-    g: _Group, alpha: float, beta: float, grads: np.ndarray, params: np.ndarray, fsdp: bool
+    g: _Group, alpha: float, beta: float, grads: np.ndarray, layers: np.ndarray, fsdp: bool
 ) -> np.ndarray:
+    """Per-step gradient sync on one replica ring: an all-reduce, or FSDP's reduce-scatters."""
     if g.dp < 2:
         return np.zeros_like(grads)
-    if fsdp:  # one reduce-scatter of the grads, two all-gathers of the params (FSDP2)
-        return _ring(alpha, beta, g.dp, grads, 1.0) + 2 * _ring(alpha, beta, g.dp, params, 1.0)
+    if fsdp:
+        return _per_layer(alpha, beta, g.dp, grads, layers)
     return _ring(alpha, beta, g.dp, grads, 2.0)
+
+
+def _gather_of(
+    g: _Group, alpha: float, beta: float, params: np.ndarray, layers: np.ndarray, fsdp: bool
+) -> np.ndarray:
+    """FSDP's all-gathers in one micro-batch's forward (and again in its backward)."""
+    if g.dp < 2 or not fsdp:
+        return np.zeros_like(params)
+    return _per_layer(alpha, beta, g.dp, params, layers)
 
 
 def send_pairs(ranks: tuple[int, ...], following: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -287,13 +307,16 @@ def stage_price(
         out_last = max(out_last, float(arr.out[hi - 1]))
     tp_f = max(float(t[sl].sum()) for t in _tp_per_layer(problem, g, mbs))
     tp_b = tp_f * (2 if choice.recompute else 1)  # recompute repeats the forward's all-reduces
-    sync = 0.0
+    sync = gather = 0.0
     for alpha, beta, arr in _sync_terms(problem, g, mbs, choice):
         grads = np.array([arr.grads[sl].sum()])
         params = np.array([arr.params[sl].sum()])
-        sync = max(sync, float(_sync_of(g, alpha, beta, grads, params, choice.fsdp)[0]))
+        layers = np.array([float((arr.params[sl] > 0).sum())])
+        sync = max(sync, float(_sync_of(g, alpha, beta, grads, layers, choice.fsdp)[0]))
+        gather = max(gather, float(_gather_of(g, alpha, beta, params, layers, choice.fsdp)[0]))
     send = _send(problem.net, ranks, following, out_last)
-    return StagePrice(fwd_c + tp_f, bwd_c + tp_b, send, sync + opt_c, memory, capacity)
+    return StagePrice(fwd_c + tp_f + gather, bwd_c + tp_b + gather, send, sync + opt_c, memory,
+                      capacity)
 
 
 @dataclass(frozen=True)
@@ -359,9 +382,13 @@ def stage_table(
     tp_f = np.max([pair(t) for t in _tp_per_layer(problem, g, mbs)], axis=0)
     time = fwd_c + bwd_c + tp_f * (3 if choice.recompute else 2)
     sync = np.zeros((n, n))
+    gather = np.zeros((n, n))
     for alpha, beta, arr in _sync_terms(problem, g, mbs, choice):
         grads, params = pair(arr.grads), pair(arr.params)
-        sync = np.maximum(sync, _sync_of(g, alpha, beta, grads, params, choice.fsdp))
+        layers = pair((arr.params > 0).astype(float))
+        sync = np.maximum(sync, _sync_of(g, alpha, beta, grads, layers, choice.fsdp))
+        gather = np.maximum(gather, _gather_of(g, alpha, beta, params, layers, choice.fsdp))
+    time = time + 2 * gather
     valid = np.triu(np.ones((n, n), dtype=bool), 1)
     time = np.where(valid, time, np.inf)
     return StageTable(time, sync + opt_c, np.where(valid, kmax, -1.0), out)

@@ -5,8 +5,9 @@ run TP-sharded (k = T) or replicated inside its TP group (k = 1), with or withou
 replicas, with or without recompute — the per-layer overrides the runtime and pdv.cost.stage
 accept (``layer_sharding``). Costs per layer are the planner's prices (pdv.plan.costs): profiled
 compute at the shard shape times the slowest rank's speed, TP all-reduces on each replica's
-measured ring, FSDP/DP gradient sync on the replicas' rings (its α counted once per kind of
-sync used), memory as pdv.cost.compute counts it. Resharding between consecutive layers with
+measured ring, the DP all-reduce on the replicas' rings (its α counted once), each FSDP
+layer's per-micro-batch all-gathers and per-step reduce-scatter (α per layer: each FSDP layer is
+its own unit), memory as pdv.cost.compute counts it. Resharding between consecutive layers with
 different choices costs nothing extra here: the boundary tensor of every layer is replicated
 over the TP group (a row-parallel layer ends in the all-reduce already priced), so switching
 between k = 1 and k = T needs no transfer.
@@ -27,7 +28,15 @@ from itertools import product
 import numpy as np
 from ortools.sat.python import cp_model
 
-from pdv.plan.costs import StagePrice, _group, _ring, _send, _sync_of, layer_arrays
+from pdv.plan.costs import (
+    StagePrice,
+    _gather_of,
+    _group,
+    _ring,
+    _send,
+    _sync_of,
+    layer_arrays,
+)
 from pdv.plan.problem import Choice, PlanProblem, StageSpec, in_flight
 
 __all__ = ["ShardingResult", "layered_price", "refine_stage", "NS"]
@@ -57,8 +66,10 @@ class _Terms:
     tp_f: list[float]
     tp_b: list[float]
     grads_dp: dict[str, float]
-    grads_fsdp: dict[str, float]
-    params_fsdp: dict[str, float]
+    reduce_scatter: list[float]
+    """per replica ring: this layer's FSDP reduce-scatter seconds (per step)"""
+    gather: list[float]
+    """per replica ring: this layer's FSDP all-gather seconds (per micro-batch, fwd and bwd)"""
     out: float
     opt: dict[str, float]
     """optimizer step seconds per device kind"""
@@ -73,7 +84,7 @@ def _layer_options(spec: StageSpec) -> list[Choice]:
 def _terms(problem: PlanProblem, spec: StageSpec, mbs: int, i: int, ch: Choice) -> _Terms:
     g = _group(problem, spec.ranks, spec.choice.tp)
     rmbs = mbs // g.dp
-    fwd, bwd, static, live, trans, gdp, gf, pf, opt = ({} for _ in range(9))
+    fwd, bwd, static, live, trans, gdp, opt = ({} for _ in range(7))
     out = 0.0
     for kind, sf, _cap, _over in g.kinds:
         arr = layer_arrays(problem.profiles[kind], rmbs, ch.tp)
@@ -86,15 +97,22 @@ def _terms(problem: PlanProblem, spec: StageSpec, mbs: int, i: int, ch: Choice) 
         trans[kind] = arr.act[i] if ch.recompute else 0.0
         fsdp = ch.fsdp and g.dp > 1
         gdp[kind] = 0.0 if fsdp else arr.grads[i]
-        gf[kind] = arr.grads[i] if fsdp else 0.0
-        pf[kind] = arr.params[i] if fsdp else 0.0
         out = max(out, arr.out[i])
+    rs, gather = [], []
+    for alpha, beta, kind in g.dp_rings:
+        arr = layer_arrays(problem.profiles[kind], rmbs, ch.tp)
+        layer = np.array([1.0 if arr.params[i] > 0 else 0.0])
+        fsdp = ch.fsdp and g.dp > 1
+        rs.append(float(_sync_of(g, alpha, beta, np.array([arr.grads[i]]), layer, True)[0])
+                  if fsdp else 0.0)
+        gather.append(float(_gather_of(g, alpha, beta, np.array([arr.params[i]]), layer,
+                                       fsdp)[0]))
     tp_f, tp_b = [], []
     for a, b in g.tp_rings:
         t = 2 * float(_ring(a, b, ch.tp, np.array([out]), 2.0)[0]) if ch.tp > 1 else 0.0
         tp_f.append(t)
         tp_b.append(t * (2 if ch.recompute else 1))
-    return _Terms(fwd, bwd, static, live, trans, tp_f, tp_b, gdp, gf, pf, out, opt)
+    return _Terms(fwd, bwd, static, live, trans, tp_f, tp_b, gdp, rs, gather, out, opt)
 
 
 def _price_from(
@@ -122,16 +140,16 @@ def _price_from(
             + max(t.transient[kind] for t in terms)
         )
         capacity[kind] = cap
-    sync = 0.0
-    for alpha, beta, kind in g.dp_rings:
+    sync = gather = 0.0
+    for r, (alpha, beta, kind) in enumerate(g.dp_rings):
         gd = np.array([sum(t.grads_dp[kind] for t in terms)])
-        gf = np.array([sum(t.grads_fsdp[kind] for t in terms)])
-        pf = np.array([sum(t.params_fsdp[kind] for t in terms)])
-        s = _sync_of(g, alpha, beta, gd, pf * 0, False) + _sync_of(g, alpha, beta, gf, pf, True)
-        sync = max(sync, float(s[0]))
+        dp_sync = float(_sync_of(g, alpha, beta, gd, gd * 0, False)[0])
+        sync = max(sync, dp_sync + sum(t.reduce_scatter[r] for t in terms))
+        gather = max(gather, sum(t.gather[r] for t in terms))
     opt = max(sum(t.opt[k] for t in terms) for k in kinds)
     send = _send(problem.net, spec.ranks, following, terms[-1].out)
-    return StagePrice(fwd + tp_f, bwd + tp_b, send, sync + opt, memory, capacity)
+    return StagePrice(fwd + tp_f + gather, bwd + tp_b + gather, send, sync + opt, memory,
+                      capacity)
 
 
 def layered_price(
@@ -210,11 +228,17 @@ def refine_stage(
         )
     sync = _sync_var(m, g, layers, opts, terms, x, big)
     # The optimizer step follows the sync; its time depends on the FSDP choice of each layer.
-    opt = m.new_int_var(0, 1 << 60, "opt")
+    opt = m.new_int_var(0, sum(max(_ns(v) for v in t.opt.values()) for t in terms.values()) + 1,
+                        "opt")
     for k in kinds:
         m.add(opt >= lin(lambda t, k=k: _ns(t.opt[k])))
     sync = sync + opt
-    time = fwd + bwd + tpf + tpb
+    # FSDP layers' all-gathers, in every micro-batch's forward and again in its backward.
+    gather = m.new_int_var(0, sum(max(_ns(v) for v in t.gather) if t.gather else 0
+                                  for t in terms.values()) + 1, "gather")
+    for r in range(len(g.dp_rings)):
+        m.add(gather >= lin(lambda t, r=r: _ns(t.gather[r])))
+    time = fwd + bwd + tpf + tpb + 2 * gather
     ref = _price_from(
         problem,
         spec,
@@ -258,33 +282,27 @@ def refine_stage(
 
 
 def _sync_var(m, g, layers, opts, terms, x, big):
-    """Per-step sync ≥ each replica ring's DP all-reduce + FSDP reduce-scatter and all-gathers."""
+    """Per-step sync ≥ each replica ring's DP all-reduce + its FSDP layers' reduce-scatters."""
     sync = m.new_int_var(0, 1 << 60, "sync")
     if g.dp < 2:
         m.add(sync == 0)
         return sync
     n = g.dp
-    for alpha, beta, kind in g.dp_rings:
-        used = {}
-        for name in ("grads_dp", "grads_fsdp"):
-            used[name] = m.new_bool_var(f"use_{name}")
-            for i in layers:
-                for o in range(len(opts)):
-                    if getattr(terms[i, o], name)[kind] > 0:
-                        m.add_implication(x[i, o], used[name])
-        steps = {"grads_dp": 2.0, "grads_fsdp": 1.0}
-        expr = 0
-        for name in ("grads_dp", "grads_fsdp", "params_fsdp"):
-            mult = 2.0 if name == "params_fsdp" else steps[name]
-            per_byte = mult * (n - 1) / n / beta
-            expr += sum(
-                _ns(per_byte * getattr(terms[i, o], name)[kind]) * x[i, o]
-                for i in layers
-                for o in range(len(opts))
-            )
-        # α: 2(n−1) for the all-reduce, (n−1) for the reduce-scatter and 2·(n−1) for gathers
-        expr += _ns(2 * (n - 1) * alpha) * used["grads_dp"]
-        expr += _ns(3 * (n - 1) * alpha) * used["grads_fsdp"]
+    for r, (alpha, beta, kind) in enumerate(g.dp_rings):
+        used = m.new_bool_var("use_dp")
+        for i in layers:
+            for o in range(len(opts)):
+                if terms[i, o].grads_dp[kind] > 0:
+                    m.add_implication(x[i, o], used)
+        per_byte = 2.0 * (n - 1) / n / beta
+        expr = sum(
+            (_ns(per_byte * terms[i, o].grads_dp[kind]) + _ns(terms[i, o].reduce_scatter[r]))
+            * x[i, o]
+            for i in layers
+            for o in range(len(opts))
+        )
+        # α: 2(n−1) once for the stage's one all-reduce (the FSDP layers' are in their terms)
+        expr += _ns(2 * (n - 1) * alpha) * used
         m.add(sync >= expr)
     return sync
 
