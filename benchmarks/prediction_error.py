@@ -9,9 +9,9 @@ Each is run with `pdv run`; the first --warmup steps are left out of the measure
 CPU the first steps of a pipeline run several times slower: allocator, gloo buffers, lazy
 init). The cluster profile measures each rank's matmul speed alone and with all ranks at once;
 the simulator prices ops at the alone speed and processor-shares the host's measured capacity
-among the ranks computing at each moment (pdv.cost.simulate.Sharing). The table shows predicted, measured and
-|predicted - measured| / measured. Exits 1 when any error passes --tolerance. Artifacts stay in
---out (reused when present: delete the folder to re-profile).
+among the ranks computing at each moment (pdv.cost.simulate.Sharing). The table shows
+predicted, measured and |predicted - measured| / measured. Exits 1 when any error passes
+--tolerance. Artifacts stay in --out (reused when present: delete the folder to re-profile).
 """
 
 from __future__ import annotations

@@ -143,3 +143,35 @@ def test_dtype_mismatch_is_an_error(inputs) -> None:
         "plan", str(prof), "--cluster", str(clus), "--global-batch", "8", "--dtype", "bfloat16"
     )
     assert r.returncode == 2 and "--dtype" in r.stderr
+
+
+def test_no_fsdp_and_no_recompute_keep_the_search_off_them(tmp_path: Path) -> None:
+    """Memory so tight that the free search shards or recomputes; each flag forbids its part."""
+    prof, clus = tmp_path / "p.json", tmp_path / "c.json"
+    artifacts.write(prof, profile(param_bytes=256 << 20, act_bytes=256 << 20))
+    hosts = ["h0", "h0", "h1", "h1"]
+    artifacts.write(clus, cluster(hosts, [[1e10] * 4 for _ in range(4)], memory=GIB_TIGHT))
+
+    def plan(*flags: str) -> artifacts.Plan | None:
+        out = tmp_path / f"plan{'-'.join(flags)}.json"
+        r = run_pdv("plan", str(prof), "--cluster", str(clus), "--global-batch", "8",
+                    "-o", str(out), "--time-limit", "1", *flags)
+        return artifacts.load_as(out, "plan") if r.returncode == 0 else None
+
+    def uses(p: artifacts.Plan, key: str) -> bool:
+        return any(getattr(s, key) or any(e.get(key) for e in s.layer_sharding or [])
+                   for s in p.stages)
+
+    free = plan()
+    assert free is not None and (uses(free, "fsdp") or uses(free, "recompute"))
+    found = 0
+    for flag, key in (("--no-fsdp", "fsdp"), ("--no-recompute", "recompute")):
+        held = plan(flag)
+        if held is not None:  # it may fit another way, never with what was forbidden
+            found += 1
+            assert not uses(held, key)
+            assert f"searched with {flag}" in held.provenance.notes
+    assert found, "neither flag left a plan: the instance does not test them"
+
+
+GIB_TIGHT = 3 * GiB // 2

@@ -79,6 +79,12 @@ def plan(
         min=0.01,
         help="CP-SAT limit per stage, in its deterministic time (about seconds).",
     ),
+    fsdp: bool = typer.Option(
+        True, "--fsdp/--no-fsdp", help="Let the search shard replicas' state with FSDP."
+    ),
+    recompute: bool = typer.Option(
+        True, "--recompute/--no-recompute", help="Let the search recompute activations."
+    ),
     planner: str = typer.Option("pdv", "--planner", help="pdv | hierarchy | uniform | pipedream"),
     compare: bool = typer.Option(False, "--compare", help="Run every planner, side by side."),
     top: int = typer.Option(1, "--top", min=1, help="Write the K best distinct plans."),
@@ -103,6 +109,8 @@ def plan(
         memory_margin=memory_margin,
         schedule="GPipe" if schedule.lower() == "gpipe" else "1F1B",
         time_limit_s=time_limit,
+        allow_fsdp=fsdp,
+        allow_recompute=recompute,
     )
 
     def say(msg: str) -> None:
@@ -110,6 +118,10 @@ def plan(
             err_console.print(f"[dim]{msg}[/]")
 
     provenance = plan_provenance(profs, clus)
+    off = [flag for flag, on in (("--no-fsdp", fsdp), ("--no-recompute", recompute)) if not on]
+    if off:  # a plan says what its search was not allowed to try
+        provenance = provenance.model_copy(
+            update={"notes": [*provenance.notes, f"searched with {' '.join(off)}"]})
     names = list(PLANNERS) if compare else [planner]
     results, rows = {}, []
     for name in names:

@@ -75,10 +75,13 @@ class _Terms:
     """optimizer step seconds per device kind"""
 
 
-def _layer_options(spec: StageSpec) -> list[Choice]:
+def _layer_options(problem: PlanProblem, spec: StageSpec) -> list[Choice]:
     tps = (spec.choice.tp, 1) if spec.choice.tp > 1 else (1,)
-    fsdps = (False, True) if spec.dp > 1 else (False,)
-    return [Choice(t, f, r) for t, f, r in product(tps, fsdps, (False, True))]
+    fsdps = (False, True) if spec.dp > 1 and problem.allow_fsdp else (False,)
+    recomputes = (False, True) if problem.allow_recompute else (False,)
+    # The DP's own choice stays an option (the refinement starts from it).
+    options = [Choice(t, f, r) for t, f, r in product(tps, fsdps, recomputes)]
+    return options if spec.choice in options else [*options, spec.choice]
 
 
 def _terms(problem: PlanProblem, spec: StageSpec, mbs: int, i: int, ch: Choice) -> _Terms:
@@ -184,7 +187,7 @@ def refine_stage(
     """Choose per-layer sharding for one stage with CP-SAT (never worse than the DP's choice)."""
     g = _group(problem, spec.ranks, spec.choice.tp)
     layers = list(range(spec.lo, spec.hi))
-    opts = _layer_options(spec)
+    opts = _layer_options(problem, spec)
     terms = {(i, o): _terms(problem, spec, mbs, i, ch) for i in layers for o, ch in enumerate(opts)}
     base = opts.index(spec.choice)
     n_in = in_flight(problem.schedule, stages_to_end, num_micro)
