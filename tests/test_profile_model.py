@@ -108,6 +108,10 @@ def test_tp_degrees_profiled_at_shard_shapes() -> None:
     assert set(block.fwd_fit) == {"1", "2"}
     embed = {(s.tp_degree, s.micro_batch_size): s for s in p.layers[0].samples}
     assert embed[(2, 1)].param_bytes == embed[(1, 1)].param_bytes
+    # Timed as the run executes TP (DTensor over a fake group), which is gone afterwards.
+    assert any("parallelize_module" in n for n in p.provenance.notes)
+    assert not torch.distributed.is_initialized()
+    assert by[(2, 2)].fwd_s > 0 and by[(2, 2)].bwd_s > 0
 
 
 def test_estimate_gpt3_175b_is_fast_and_marked(tmp_path: Path) -> None:
