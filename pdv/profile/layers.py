@@ -21,6 +21,7 @@ TP degree, time = a + b·micro_batch is fitted over the micro-batch sizes.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ from pdv.profile.compute import (
     resolve_device,
     resolve_dtype,
 )
+from pdv.profile.hardware import matmul_flops as matmul_flops_probe
 from pdv.profile.memory import (
     OPTIMIZERS,
     SavedTensors,
@@ -339,6 +341,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     points: dict[tuple[int, int], list[Point]] = {}
     whole: list[tuple[float, float]] = []
     tp_runtime = _TPRuntime(max(tps), device) if len(tps) > 1 else None
+    probes = [info.matmul_flops] if info.matmul_flops else []
     try:
         for tp in tps:
             timed = None
@@ -357,11 +360,16 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
                                         tick=ticker(f"TP {tp}, micro-batch {m}"), timed=timed)
                 points[(tp, m)] = pts
                 whole = whole or w
+                # The machine's speed drifts (±10% over minutes on a shared VM): probing between
+                # the points makes the profile's rate the one its layer times were taken at.
+                probes.append(matmul_flops_probe(device))
     finally:
         if tp_runtime is not None:
             tp_runtime.close()
     optimizer_s = time_optimizer_steps(base, req.optimizer, device, req.warmup, req.repeat,
                                        ticker(f"optimizer step ({req.optimizer})"))
+    if probes:
+        info = info.model_copy(update={"matmul_flops": statistics.median(probes)})
 
     wf = [f for f, _ in whole]
     wb = [b for _, b in whole]
@@ -388,7 +396,9 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
         + ("; the device synchronized around each step" if device.type == "cuda" else ""),
         overhead_note,
         "matmul_flops: the probe pdv profile cluster runs on every rank "
-        "(pdv.profile.hardware.matmul_flops), so profile and cluster speeds compare",
+        "(pdv.profile.hardware.matmul_flops), so profile and cluster speeds compare; the "
+        f"median of {len(probes)} probes taken before and between the layer points "
+        + (f"({min(probes) / 1e9:.1f} .. {max(probes) / 1e9:.1f} GFLOP/s)" if probes else ""),
         "time fits: least squares over the micro-batch sizes, per TP degree",
     ]
     if threads is not None:
