@@ -169,6 +169,8 @@ def _undominated(tables: list[tuple[Choice, StageTable]]) -> list[tuple[Choice, 
 class _Solution:
     value: float
     stages: list[tuple[int, int, int, int, Choice]]  # (lo, hi, a, g, choice)
+    max_u: float = 0.0
+    """the largest per-stage u = (M−1)·t + sync of these stages"""
 
 
 def _solve(*args, **kwargs) -> list[_Solution]:
@@ -241,14 +243,17 @@ def _solve_pass(
             continue
         stages: list[tuple[int, int, int, int, Choice]] = []
         i, a, kk = 0, 0, k
+        max_u = 0.0
         while kk >= 1:
             step = arg[(kk, a)][i]
             assert step is not None, "a finite DP value always has a recorded choice"
             idx, j = step
             opt = by_pos[a][idx]
             stages.append((i, j, a, opt.g, opt.choice))
+            t = opt.t_last[i, L] if kk == 1 else opt.t_send[i, j]
+            max_u = max(max_u, float((num_micro - 1) * t + opt.sync[i, j]))
             i, a, kk = j, a + opt.g, kk - 1
-        out.append(_Solution(float(v[0]), stages))
+        out.append(_Solution(float(v[0]), stages, max_u))
     return out
 
 
@@ -310,12 +315,24 @@ def stage_dp(
             budget = BIG_CAPS if len(options) * (L + 1) ** 2 > BIG_WORK else MAX_CAPS
             caps, is_exact = _caps(options, M, u_star, best - s_inf, budget)
             exact &= is_exact
-            for cap in caps:
-                if cap + s_inf >= best:
+            # Caps from the largest down: the solutions found under a cap stay optimal for every
+            # cap down to their own largest u, so those caps need no pass of their own; and no
+            # smaller cap can beat `best` once Σ t (which only grows as the cap shrinks) + u*
+            # reaches it.
+            caps = [c for c in caps if c + s_inf < best]
+            i = len(caps) - 1
+            while i >= 0:
+                sols = run(caps[i] * (1 + 1e-12), False)
+                if not sols:
                     break
-                for s in run(cap * (1 + 1e-12), False):
+                for s in sols:
                     pool.append((s, M))
                     best = min(best, _objective(problem, options, s, M, mbs, order, unit, bounds))
+                if min(s.value for s in sols) + u_star >= best:
+                    break
+                reached = max(s.max_u for s in sols)
+                while i >= 0 and caps[i] >= reached * (1 - 1e-12):
+                    i -= 1
             for s, m_count in pool:
                 cand = _candidate(problem, s, m_count, mbs, order, unit, bounds, search)
                 key = (cand.micro_batch_size, cand.stages)
