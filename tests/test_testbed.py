@@ -218,7 +218,7 @@ def test_topology_files_load_and_bad_ones_are_refused(tmp_path: Path) -> None:
 
 def test_acceptance_checks_fail_when_they_should() -> None:
     def row(planner: str, measured: float | None, oom: bool = False) -> thesis.Row:
-        return thesis.Row("inverted", planner, "-", 0.1, measured, [1], [None], oom,
+        return thesis.Row("inverted", planner, "-", 0.1, measured, [1], [None], [3], oom,
                           None if measured else "OOM-killed")
 
     inverted = thesis.SCENARIOS["inverted"]
@@ -230,3 +230,4 @@ def test_acceptance_checks_fail_when_they_should() -> None:
     assert any("did not run" in f for f in thesis.check(thesis.Scenario("inverted"), [crashed]))
     table = thesis.markdown([row("pdv", 0.5), row("hierarchy", 1.0)])
     assert "| inverted | hierarchy |" in table and "2.00x" in table and "-80%" in table
+    assert "r3 0/inf" in table  # peaks are labelled with the testbed rank they were read on

@@ -30,7 +30,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pdv.profile.network import Progress, SweepConfig, fit_line, tournament_rounds
+from pdv.profile.network import (
+    Progress,
+    SweepConfig,
+    fit_line,
+    gather_on_rank0,
+    tournament_rounds,
+)
 
 __all__ = ["PairCollective", "collective_block", "collective_matrices", "measure_collectives"]
 
@@ -171,11 +177,7 @@ def measure_collectives(
                 mine.append(result)
         dist.barrier()  # rounds do not overlap: a round's pairs are the only traffic
         report({"phase": "all-reduce-round-done", "round": rnd, "rounds": len(rounds)})
-    gathered: list[list[PairCollective]] | None = [[] for _ in range(world)] if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    if gathered is None:
-        return None
-    return [r for part in gathered for r in part]
+    return gather_on_rank0(mine, rank, world)
 
 
 def collective_matrices(

@@ -29,16 +29,19 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 __all__ = [
     "DEFAULT_SIZES",
     "PairResult",
     "SweepConfig",
     "fit_line",
+    "gather_on_rank0",
     "link_matrices",
     "measure_links",
     "measurement_block",
@@ -236,7 +239,12 @@ def measure_links(
                     _recv_direction(p, rank, rnd, cfg, report)
         dist.barrier()  # rounds do not overlap: a round's pairs are the only traffic
         report({"phase": "round-done", "round": rnd, "rounds": len(rounds)})
-    gathered: list[list[PairResult]] | None = [[] for _ in range(world)] if rank == 0 else None
+    return gather_on_rank0(mine, rank, world)
+
+
+def gather_on_rank0(mine: list[T], rank: int, world: int) -> list[T] | None:
+    """Every rank's results, concatenated in rank order on rank 0; None on the others."""
+    gathered: list[list[T]] | None = [[] for _ in range(world)] if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     if gathered is None:
         return None
