@@ -372,12 +372,12 @@ def _run_shared(state: _Run, steps: list[list[Op]], sharing: Sharing, schedule: 
     """Advance time event by event; computing groups progress at their shared-core rates."""
     groups = len(steps)
     pos = [0] * groups
-    current: list[tuple[Op, float, float] | None] = [None] * groups  # (op, start, work left)
+    running: dict[int, tuple[Op, float, float]] = {}  # group -> (op, start, work left)
     now = 0.0
     while any(pos[g] < len(steps[g]) for g in range(groups)):
         wake = float("inf")
         for g in range(groups):
-            if current[g] is not None or pos[g] >= len(steps[g]):
+            if g in running or pos[g] >= len(steps[g]):
                 continue
             op = steps[g][pos[g]]
             r = state.ready(op)
@@ -385,37 +385,25 @@ def _run_shared(state: _Run, steps: list[list[Op]], sharing: Sharing, schedule: 
                 continue
             r = max(r, state.free[g])
             if r <= now:
-                current[g] = (op, now, state.duration(op))
+                running[g] = (op, now, state.duration(op))
             else:
                 wake = min(wake, r)
-        active = [g for g in range(groups) if current[g] is not None]
-        if not active:
+        if not running:
             if wake == float("inf"):
                 raise _deadlock(schedule, num_micro, state.layout, steps, pos)
             now = wake
             continue
-        rate = sharing.rates(active)
-        until = min(wake, min(now + _left(current[g]) / rate[g] for g in active))
-        for g in active:
-            op, start, left = _take(current[g])
+        rate = sharing.rates(sorted(running))
+        until = min(wake, min(now + left / rate[g] for g, (_, _, left) in running.items()))
+        for g, (op, start, left) in sorted(running.items()):
             left -= rate[g] * (until - now)
-            current[g] = (op, start, left)
-        now = until
-        for g in active:
-            op, start, left = _take(current[g])
-            if left <= 1e-12 * max(1.0, now):
-                state.complete(g, op, start, now)
-                current[g] = None
+            if left <= 1e-12 * max(1.0, until):
+                state.complete(g, op, start, until)
+                del running[g]
                 pos[g] += 1
-
-
-def _take(entry: tuple[Op, float, float] | None) -> tuple[Op, float, float]:
-    assert entry is not None
-    return entry
-
-
-def _left(entry: tuple[Op, float, float] | None) -> float:
-    return _take(entry)[2]
+            else:
+                running[g] = (op, start, left)
+        now = until
 
 
 def _finish(state: _Run, orders: list[list[Op]], schedule: str) -> Simulation:

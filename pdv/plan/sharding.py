@@ -89,24 +89,23 @@ def _terms(problem: PlanProblem, spec: StageSpec, mbs: int, i: int, ch: Choice) 
     rmbs = mbs // g.dp
     fwd, bwd, static, live, trans, gdp, opt = ({} for _ in range(7))
     out = 0.0
+    fsdp = ch.fsdp and g.dp > 1
+    shard = g.dp if fsdp else 1
     for kind, sf, _cap, _over in g.kinds:
         arr = layer_arrays(problem.profiles[kind], rmbs, ch.tp)
         fwd[kind] = sf * arr.fwd[i]
         bwd[kind] = sf * (arr.bwd[i] + (arr.fwd[i] if ch.recompute else 0.0))
-        shard = g.dp if ch.fsdp and g.dp > 1 else 1
         static[kind] = arr.state[i] / shard
         opt[kind] = sf * arr.opt[i] / shard
         live[kind] = arr.out[i] if ch.recompute else arr.act[i]
         trans[kind] = arr.act[i] if ch.recompute else 0.0
-        fsdp = ch.fsdp and g.dp > 1
         gdp[kind] = 0.0 if fsdp else arr.grads[i]
         out = max(out, arr.out[i])
     rs, gather = [], []
     for alpha, beta, kind in g.dp_rings:
         arr = layer_arrays(problem.profiles[kind], rmbs, ch.tp)
         layer = np.array([1.0 if arr.params[i] > 0 else 0.0])
-        fsdp = ch.fsdp and g.dp > 1
-        rs.append(float(_sync_of(g, alpha, beta, np.array([arr.grads[i]]), layer, True)[0])
+        rs.append(float(_sync_of(g, alpha, beta, np.array([arr.grads[i]]), layer, fsdp)[0])
                   if fsdp else 0.0)
         gather.append(float(_gather_of(g, alpha, beta, np.array([arr.params[i]]), layer,
                                        fsdp)[0]))

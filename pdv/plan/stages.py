@@ -310,8 +310,9 @@ def stage_dp(
                 continue
             free = run(np.inf, False)
             s_inf = min(s.value for s in free)
-            pool = [(s, M) for s in free]
-            best = min(_objective(problem, options, s, M, mbs, order, unit, bounds) for s in free)
+            # Each solution becomes a priced candidate once; `best` is the lowest J so far.
+            pool = [_candidate(problem, s, M, mbs, order, unit, bounds, search) for s in free]
+            best = min(c.objective_s for c in pool)
             budget = BIG_CAPS if len(options) * (L + 1) ** 2 > BIG_WORK else MAX_CAPS
             caps, is_exact = _caps(options, M, u_star, best - s_inf, budget)
             exact &= is_exact
@@ -326,15 +327,14 @@ def stage_dp(
                 if not sols:
                     break
                 for s in sols:
-                    pool.append((s, M))
-                    best = min(best, _objective(problem, options, s, M, mbs, order, unit, bounds))
+                    pool.append(_candidate(problem, s, M, mbs, order, unit, bounds, search))
+                    best = min(best, pool[-1].objective_s)
                 if min(s.value for s in sols) + u_star >= best:
                     break
                 reached = max(s.max_u for s in sols)
                 while i >= 0 and caps[i] >= reached * (1 - 1e-12):
                     i -= 1
-            for s, m_count in pool:
-                cand = _candidate(problem, s, m_count, mbs, order, unit, bounds, search)
+            for cand in pool:
                 key = (cand.micro_batch_size, cand.stages)
                 if key not in found or found[key].objective_s > cand.objective_s:
                     found[key] = cand
@@ -371,21 +371,6 @@ def _stage_specs(
         StageSpec(int(bounds[lo]), int(bounds[hi]), tuple(order[a * unit : (a + g) * unit]), ch)
         for lo, hi, a, g, ch in s.stages
     )
-
-
-def _objective(
-    problem: PlanProblem,
-    options: list[_Option],
-    s: _Solution,
-    M: int,
-    mbs: int,
-    order: list[int],
-    unit: int,
-    bounds: np.ndarray,
-) -> float:
-    from pdv.plan.evaluate import pipeline_objective
-
-    return pipeline_objective(problem, _stage_specs(s, order, unit, bounds), mbs, order)
 
 
 def _candidate(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -135,53 +135,47 @@ def fit_time(micro_batch_sizes: Sequence[int], times: Sequence[float]) -> TimeFi
     return TimeFit(a_s=a, b_s=b, r2=r2, max_rel_error=float(rel.max()))
 
 
-def matmul_throughput(device: torch.device, dtype: torch.dtype = torch.float32,
-                      seconds: float = 0.5, trials: int = 5) -> float:
-    """Dense square matmul FLOP/s on this device: the best of `trials` runs over ~`seconds`.
+def _best_rate(op: Callable[[], object], work: float, device: torch.device, seconds: float,
+               trials: int) -> float:
+    """`work` units per call of `op`, per second: the best of `trials` equal runs.
 
     The best, not the mean: on a shared machine a neighbour's burst only ever slows a trial
     down, so the fastest trial is the closest to what the device can do.
     """
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
     clock = Clock(device)
-    torch.mm(a, b)
+    op()
     start = clock.now()
-    torch.mm(a, b)
+    op()
     one = max(clock.now() - start, 1e-6)
     reps = max(1, int(seconds / trials / one))
     best = 0.0
     for _ in range(trials):
         start = clock.now()
         for _ in range(reps):
-            torch.mm(a, b)
-        best = max(best, 2.0 * n**3 * reps / (clock.now() - start))
+            op()
+        best = max(best, work * reps / (clock.now() - start))
     return best
+
+
+def matmul_throughput(device: torch.device, dtype: torch.dtype = torch.float32,
+                      seconds: float = 0.5, trials: int = 5) -> float:
+    """Dense square matmul FLOP/s on this device: the best of `trials` runs over ~`seconds`."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return _best_rate(lambda: torch.mm(a, b), 2.0 * n**3, device, seconds, trials)
 
 
 def memory_bandwidth(device: torch.device, seconds: float = 0.3, trials: int = 5) -> float:
     """Bytes/s of a large device-memory copy (read + write): the best of `trials` runs.
 
     The best, as for the matmul probe: on a shared CPU one 0.3 s window measured 5 GB/s and the
-    next 25 GB/s; neighbours only ever slow a trial down.
+    next 25 GB/s.
     """
     n = (256 if device.type == "cuda" else 32) * 2**20 // 4
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
-    clock = Clock(device)
-    dst.copy_(src)
-    start = clock.now()
-    dst.copy_(src)
-    one = max(clock.now() - start, 1e-6)
-    reps = max(1, int(seconds / trials / one))
-    best = 0.0
-    for _ in range(trials):
-        start = clock.now()
-        for _ in range(reps):
-            dst.copy_(src)
-        best = max(best, 2.0 * n * 4 * reps / (clock.now() - start))
-    return best
+    return _best_rate(lambda: dst.copy_(src), 2.0 * n * 4, device, seconds, trials)
 
 
 def op_overhead(device: torch.device, reps: int = 2000, trials: int = 5) -> float:
