@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from rich.console import Console
 
@@ -61,23 +60,27 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:
-        # Without standalone mode click returns an Exit's code instead of raising it.
-        rc = command.main(args=args, prog_name="pdv", standalone_mode=False)
+        # Standalone mode lets typer's own click (real or vendored, depending on the typer
+        # version) print usage errors and exit 2; pdv never names click's exception classes.
+        command.main(args=args, prog_name="pdv", standalone_mode=True)
+    except SystemExit as exc:
+        return _exit_code(exc.code)
     except PdvError as exc:
         if debug:
             raise
         err_console.print(f"pdv: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
-    except (click.exceptions.Exit, typer.Exit) as exc:
-        # typer >= 0.16 has its own Exit class, not a subclass of click's
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        err_console.print("pdv: aborted")
-        return 130
     except KeyboardInterrupt:
         err_console.print("pdv: interrupted")
         return 130
-    return rc if isinstance(rc, int) else 0
+    return 0
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    # sys.exit("message") prints the message and means failure
+    print(code, file=sys.stderr)
+    return 1
