@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
 sys.path.insert(0, ".")
-from sample_models.gpt import gpt_small  # noqa: E402
+from pdv.sample_models.gpt import gpt_small  # noqa: E402
 
 
 def main() -> None:

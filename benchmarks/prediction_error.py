@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = "sample_models/gpt.py:gpt_small"
+MODEL = "gpt_small"
 
 
 def pdv(*args: str) -> None:

@@ -44,7 +44,7 @@ def main() -> int:
     nmb, mbs = a.micro_batches, a.micro_batch_size
     plan = {"schema": "pdv.plan/v1", "micro_batch_size": mbs, "num_micro_batches": nmb,
             "global_batch_size": mbs * nmb, "schedule": "1F1B",
-            "model": {"spec": "sample_models/gpt.py:gpt_small", "kwargs": {}},
+            "model": {"spec": "gpt_small", "kwargs": {}},
             "stages": [{"layers": [SPLITS[i], SPLITS[i + 1]], "ranks": [i]} for i in range(4)]}
     (tmp / "plan.json").write_text(json.dumps(plan))
     pdv_runs, hand_runs = [], []

@@ -95,7 +95,7 @@ def gpt3_block_profile(kind: str) -> ModelProfile:
         )
     return ModelProfile(
         provenance=Provenance(method="estimated", notes=["synthesized by search_time.py"]),
-        model=ModelSpec(spec="sample_models/gpt.py:gpt3_175b"),
+        model=ModelSpec(spec="gpt3_175b"),
         device=DeviceInfo(kind=kind, name=kind.upper(), matmul_flops=0.5 * peak),
         dtype="bfloat16",
         micro_batch_sizes=[1, 2, 4, 8],

@@ -44,7 +44,7 @@ TOPOLOGIES = ROOT / "benchmarks" / "testbed" / "topologies"
 # yet. Every planner searches without it here, so the comparison stays one of networks.
 PLAN_FLAGS = ("--no-fsdp",)
 PLANNERS = ("pdv", "hierarchy", "uniform", "pipedream")
-MODEL = "sample_models/gpt.py:gpt_tiny"
+MODEL = "gpt_tiny"
 # Wide activations and a short model: a step moves megabytes, so the links decide the ranking.
 MODEL_ARGS = ("d_model=256", "seq_len=128", "n_layer=4", "vocab_size=512")
 

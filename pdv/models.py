@@ -1,6 +1,7 @@
 """Load a model factory and the contract a model offers pdv.
 
-A factory is named as ``path/to/file.py:factory`` or ``package.module:factory`` and called with
+A factory is named as ``path/to/file.py:factory``, ``package.module:factory`` or, for the models
+shipped in ``pdv.sample_models``, by its short name (``gpt_tiny``), and called with
 keyword arguments (``--model-arg key=value``). It returns a :class:`ModelDef`: the ordered layers
 that pipeline stages are cut from, a batch maker, a loss, and optionally a tensor-parallel plan.
 """
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from pdv.errors import PdvError
+from pdv.sample_models import SAMPLES, sample_spec
 
 __all__ = ["ModelDef", "load_factory", "build_model", "parse_model_args"]
 
@@ -64,10 +66,16 @@ def parse_model_args(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def load_factory(spec: str) -> Callable[..., ModelDef]:
-    """Resolve 'path/file.py:fn' or 'pkg.mod:fn' to the factory callable."""
+    """Resolve 'path/file.py:fn', 'pkg.mod:fn' or a sample's short name to the factory callable."""
     target, sep, name = spec.rpartition(":")
+    packaged = sample_spec(spec)
+    if packaged is not None and (not sep or not Path(target).is_file()):
+        target, sep, name = packaged.rpartition(":")
     if not sep or not target or not name:
-        raise PdvError(f"model {spec!r}: expected 'path/to/file.py:factory' or 'pkg.mod:factory'")
+        raise PdvError(
+            f"model {spec!r}: expected 'path/to/file.py:factory', 'pkg.mod:factory' or a sample "
+            f"model's name ({', '.join(sorted(SAMPLES))})"
+        )
     if target.endswith(".py") or "/" in target:
         path = Path(target)
         if not path.is_file():

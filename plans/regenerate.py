@@ -57,7 +57,7 @@ def estimate_profiles() -> list[Path]:
         _pdv(
             "profile",
             "model",
-            "sample_models/gpt.py:gpt3_175b",
+            "gpt3_175b",
             "--estimate",
             "--device-flops",
             str(flops),

@@ -69,7 +69,7 @@ def profile(
         for i, f in enumerate(fwd)
     ]
     return ModelProfile(
-        model=ModelSpec(spec="sample_models/gpt.py:gpt_tiny"),
+        model=ModelSpec(spec="gpt_tiny"),
         device=DeviceInfo(kind=kind, name=kind, matmul_flops=matmul_flops),
         micro_batch_sizes=[1, 2, 4],
         tp_degrees=list(tp_degrees),

@@ -70,7 +70,7 @@ def make_profile(
             )
         )
     return ModelProfile(
-        model=ModelSpec(spec="sample_models/mlp.py:build"),
+        model=ModelSpec(spec="build"),
         device=DeviceInfo(kind=kind, name=kind, matmul_flops=matmul_flops),
         reference_micro_batch_size=ref_mbs,
         micro_batch_sizes=[ref_mbs],

@@ -14,9 +14,9 @@ from pdv.models import ModelDef, build_model
 torch.set_num_threads(1)
 
 TRAINABLE = [
-    "sample_models/mlp.py:mlp",
-    "sample_models/gpt.py:gpt_tiny",
-    "sample_models/convnet.py:convnet",
+    "mlp",
+    "gpt_tiny",
+    "convnet",
 ]
 
 
@@ -56,7 +56,7 @@ def test_layer_chain_equals_whole_model(spec: str) -> None:
 
 
 def test_gpt_layers_named_and_shaped() -> None:
-    model = _build("sample_models/gpt.py:gpt_tiny", n_layer=3)
+    model = _build("gpt_tiny", n_layer=3)
     names = [name for name, _ in model.layers]
     assert names == ["embed", "block0", "block1", "block2", "head"]
     x, y = model.make_batch(2, torch.Generator().manual_seed(0))
@@ -69,7 +69,7 @@ def test_gpt_layers_named_and_shaped() -> None:
 
 
 def test_gpt_attention_is_causal() -> None:
-    model = _build("sample_models/gpt.py:gpt_tiny")
+    model = _build("gpt_tiny")
     x, _ = model.make_batch(1, torch.Generator().manual_seed(0))
     changed = x.clone()
     changed[0, 20] = (x[0, 20] + 1) % 512
@@ -80,7 +80,7 @@ def test_gpt_attention_is_causal() -> None:
 
 
 def test_gpt_tp_shard_shapes_and_degrees() -> None:
-    model = _build("sample_models/gpt.py:gpt_tiny")  # d 64, 4 heads, MLP 256
+    model = _build("gpt_tiny")  # d 64, 4 heads, MLP 256
     assert tuple(model.tp_degrees) == (1, 2, 4)
     assert model.tp_shard is not None and model.tp_plan is not None
     block = model.layers[1][1]
@@ -95,19 +95,19 @@ def test_gpt_tp_shard_shapes_and_degrees() -> None:
     assert model.tp_plan(0, model.layers[0][1]) == {}
     assert set(model.tp_plan(1, block)) == {
         "attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc", "mlp.proj"}
-    assert set(_build("sample_models/gpt.py:gpt3_175b", n_layer=1, d_model=96, seq_len=8,
+    assert set(_build("gpt3_175b", n_layer=1, d_model=96, seq_len=8,
                       vocab_size=16).tp_degrees) == {1, 2, 3, 4, 6, 8}
 
 
 def test_convnet_has_no_tp_plan() -> None:
-    model = _build("sample_models/convnet.py:convnet")
+    model = _build("convnet")
     assert model.tp_plan is None and model.tp_shard is None
     assert [n for n, _ in model.layers] == ["stem", "conv0", "conv1", "conv2", "head"]
 
 
 def test_gpt3_175b_builds_on_meta_without_memory() -> None:
     with torch.device("meta"):
-        model = _build("sample_models/gpt.py:gpt3_175b")
+        model = _build("gpt3_175b")
     params = [p for _, layer in model.layers for p in layer.parameters()]
     assert all(p.device.type == "meta" for p in params)
     n = sum(p.numel() for p in params)
@@ -117,7 +117,7 @@ def test_gpt3_175b_builds_on_meta_without_memory() -> None:
 
 def test_named_configs_override() -> None:
     with torch.device("meta"):
-        small = _build("sample_models/gpt.py:gpt_small", seq_len=64)
+        small = _build("gpt_small", seq_len=64)
     assert small.layers[0][1].pos.weight.shape == (64, 768)
     assert len(small.layers) == 14
 
@@ -137,7 +137,7 @@ def _tp_worker(rank: int, world: int, port: int, out: dict) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = build_model("sample_models/gpt.py:gpt_tiny")
+        model = build_model("gpt_tiny")
         x, _ = model.make_batch(2, torch.Generator().manual_seed(0))
         h = model.layers[0][1](x).detach()
         block = model.layers[1][1]

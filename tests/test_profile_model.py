@@ -18,7 +18,7 @@ from pdv.profile.memory import SavedTensors
 from tests.conftest import run_pdv
 
 torch.set_num_threads(1)
-GPT = "sample_models/gpt.py"
+GPT = "pdv/sample_models/gpt.py"  # the file-path form of a model spec
 
 
 def _layer_sum_error(p: artifacts.ModelProfile) -> float:
@@ -154,7 +154,7 @@ def test_estimate_close_to_measured_on_gpt_tiny(tiny_profile: artifacts.ModelPro
 
 
 def test_no_tp_plan_is_one_line_error() -> None:
-    r = run_pdv("profile", "model", "sample_models/convnet.py:convnet", "--tp-degrees", "1,2",
+    r = run_pdv("profile", "model", "convnet", "--tp-degrees", "1,2",
                 "-o", "/tmp/never.json")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0
@@ -181,7 +181,7 @@ def test_bad_input_exits_2_with_one_line(args: list[str], words: str, tmp_path: 
     assert not (tmp_path / "x.json").exists()
 
 
-@pytest.mark.parametrize("spec", ["nowhere.py:gpt", f"{GPT}:no_such_factory", "gpt_tiny"])
+@pytest.mark.parametrize("spec", ["nowhere.py:gpt", f"{GPT}:no_such_factory", "gpt_no_such_size"])
 def test_bad_model_spec_exits_2(spec: str, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["profile", "model", spec, "-o", str(tmp_path / "x.json")])

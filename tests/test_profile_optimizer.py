@@ -16,7 +16,7 @@ from pdv.profile.optimizer import time_optimizer_steps
 from tests.conftest import run_pdv
 
 torch.set_num_threads(1)
-MLP = "sample_models/mlp.py:mlp"
+MLP = "mlp"
 SPEC = "tests.test_profile_optimizer:relu_mlp"
 
 

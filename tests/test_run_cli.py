@@ -71,7 +71,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path, case: s
     elif case == "tp":
         data["stages"][0] = {"layers": [0, 2], "ranks": [0, 2], "tp": 2}
         data["stages"][1] = {"layers": [2, 4], "ranks": [1, 3], "tp": 2}
-        args = ["--model", "sample_models/mlp.py:mlp", "--model-arg", "n_layer=2",
+        args = ["--model", "mlp", "--model-arg", "n_layer=2",
                 "--model-arg", "expansion=3", "--model-arg", "dim=3"]
         needle = "supports TP degrees"
     elif case == "slurm-nodes":

@@ -27,7 +27,7 @@ def two_host_plan(hosts: list[str]) -> Plan:
     })
 
 
-OPTS = RunOptions(plan="plan.json", steps=5, model="sample_models/gpt.py:gpt_tiny",
+OPTS = RunOptions(plan="plan.json", steps=5, model="gpt_tiny",
                   model_args=("n_layer=2",), seed=3, report="out/report.json")
 
 
@@ -49,7 +49,7 @@ def test_runtime_argv_leaves_defaults_out() -> None:
 
 def test_print_commands_exact() -> None:
     text = print_commands(two_host_plan(["n0", "n0", "n1", "n1"]), OPTS, master_port=29511)
-    tail = ("-m pdv.run.runtime plan.json --steps 5 --model sample_models/gpt.py:gpt_tiny "
+    tail = ("-m pdv.run.runtime plan.json --steps 5 --model gpt_tiny "
             "--model-arg n_layer=2 --seed 3 --report out/report.json")
     assert text == (
         "# on n0 (node 0, ranks 0-1)\n"
@@ -77,7 +77,7 @@ def test_sbatch_script_exact() -> None:
         "srun --kill-on-bad-exit=1 bash -c 'NPROC=(3 1); exec python -m torch.distributed.run "
         '--nnodes 2 --node-rank "$SLURM_NODEID" --nproc-per-node "${NPROC[$SLURM_NODEID]}" '
         '--master-addr "$MASTER_ADDR" --master-port 29511 --max-restarts 2 -m pdv.run.runtime '
-        "plan.json --steps 5 --model sample_models/gpt.py:gpt_tiny --model-arg n_layer=2 "
+        "plan.json --steps 5 --model gpt_tiny --model-arg n_layer=2 "
         "--seed 3 --report out/report.json'\n"
     )
 

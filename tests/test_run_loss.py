@@ -10,7 +10,7 @@ import pytest
 from pdv.run.reference import reference_losses
 from tests.conftest import run_pdv
 
-MODEL = "sample_models/gpt.py:gpt_tiny"
+MODEL = "gpt_tiny"
 ARGS = {"n_layer": 2}
 STEPS = 5
 NMB, MBS = 4, 4

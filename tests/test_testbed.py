@@ -127,7 +127,7 @@ def test_a_plan_on_idle_ranks_runs_on_their_slots(tmp_path: Path) -> None:
                for r, (h, c) in enumerate(zip("aab", caps, strict=True))]
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({
-        "schema": "pdv.plan/v1", "model": {"spec": "sample_models/mlp.py:mlp",
+        "schema": "pdv.plan/v1", "model": {"spec": "mlp",
                                            "kwargs": {"n_layer": 2, "dim": 32}},
         "stages": [{"layers": [0, 2], "ranks": [2]}, {"layers": [2, 4], "ranks": [1]}],
         "micro_batch_size": 2, "num_micro_batches": 2, "global_batch_size": 4,

@@ -38,7 +38,9 @@ def _step(title: str, args: list[str], env: dict[str, str]) -> None:
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("pdv-out"), "--out", "-o", help="Folder for every artifact."),
-    model: str = typer.Option("sample_models/gpt.py:gpt_tiny", help="Model factory."),
+    model: str = typer.Option(
+        "gpt_tiny", help="Model: a sample name, file.py:factory or pkg.mod:factory."
+    ),
     model_arg: list[str] = typer.Option([], "--model-arg", help="Factory argument key=value."),
     nproc: int = typer.Option(
         _default_ranks(),

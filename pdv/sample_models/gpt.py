@@ -1,7 +1,7 @@
 """A GPT family (nanoGPT-shaped, pre-LN) from a CPU-sized toy up to GPT-3 175B, as pdv ModelDefs.
 
-    pdv profile model sample_models/gpt.py:gpt_tiny --device cpu -o p.json
-    pdv profile model sample_models/gpt.py:gpt3_175b --estimate -o gpt3.json
+    pdv profile model gpt_tiny --device cpu -o p.json
+    pdv profile model gpt3_175b --estimate -o gpt3.json
 
 Layers are "embed" (token + position embedding), "block0".."block{n-1}" (causal self-attention
 and a 4x MLP, each behind a LayerNorm and a residual), and "head" (final LayerNorm + LM head,

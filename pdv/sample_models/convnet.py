@@ -1,6 +1,6 @@
 """A small conv net for 32x32 RGB images (CIFAR-shaped), as a pdv ModelDef without a TP plan.
 
-    pdv profile model sample_models/convnet.py:convnet --device cpu -o conv.json
+    pdv profile model convnet --device cpu -o conv.json
 
 Layers: "stem" (conv 3 -> width), "conv0".."conv{n-1}" (conv-norm-relu, doubling the channels
 and halving the resolution each), and "head" (global average pool + linear classifier).

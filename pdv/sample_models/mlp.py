@@ -1,6 +1,6 @@
 """A residual MLP: the smallest model that has pipeline stages and a tensor-parallel plan.
 
-pdv profile model sample_models/mlp.py:mlp --model-arg n_layer=4
+pdv profile model mlp --model-arg n_layer=4
 """
 
 from __future__ import annotations
