@@ -91,5 +91,8 @@ def test_sharing_with_room_for_everyone_changes_nothing():
     again = simulate_costs(base.costs, layout, "1F1B", 4, roomy)
     assert again.step_time_s == pytest.approx(base.step_time_s, rel=1e-12)
     key = lambda e: (e.name, e.stage, e.micro)  # noqa: E731
-    assert {key(e): (e.start_s, e.end_s) for e in again.events} == pytest.approx(
-        {key(e): (e.start_s, e.end_s) for e in base.events})
+    times = lambda r: sorted((key(e), e.start_s, e.end_s) for e in r.events)  # noqa: E731
+    assert [k for k, *_ in times(again)] == [k for k, *_ in times(base)]
+    # pytest 9.2 dropped approx over nested containers: compare the flat start/end lists
+    flat = lambda r: [t for _, *se in times(r) for t in se]  # noqa: E731
+    assert flat(again) == pytest.approx(flat(base))
