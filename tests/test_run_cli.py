@@ -8,9 +8,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pdv import artifacts
 from pdv.run.local import free_port
+from pdv.run.reference import reference_losses
 from tests.conftest import run_pdv
-from tests.test_run_loss import MODEL, write_plan
+from tests.test_run_loss import MBS, MODEL, NMB, assert_close, write_plan
 
 PP2 = [{"layers": [0, 2], "ranks": [0]}, {"layers": [2, 4], "ranks": [1]}]
 
@@ -41,7 +43,7 @@ def test_help() -> None:
         assert opt in res.stdout
 
 
-@pytest.mark.parametrize("case", ["devices", "gap", "missing-model", "bad-model", "schema",
+@pytest.mark.parametrize("case", ["devices", "missing-model", "bad-model", "schema",
                                   "layers", "tp", "slurm-nodes", "hosts", "few-micro-batches"])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path, case: str) -> None:
     plan = write_plan(tmp_path / "plan.json", PP2)
@@ -49,13 +51,9 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path, case: s
     args = ["--model", MODEL, "--model-arg", "n_layer=2"]
     env = None
     needle = ""
-    if case == "devices":  # world size: 2 ranks in stages, 3 devices
-        data["devices"] = [{"rank": i, "host": "h", "kind": "cpu", "memory_bytes": 1}
-                           for i in range(3)]
-        needle = "use 2 ranks but its devices list 3"
-    elif case == "gap":  # world size: rank 1 missing
-        data["stages"][1]["ranks"] = [2]
-        needle = "ranks [1] are in no stage"
+    if case == "devices":  # world size: 2 ranks in stages, 1 device
+        data["devices"] = [{"rank": 0, "host": "h", "kind": "cpu", "memory_bytes": 1}]
+        needle = "use 2 ranks but its devices list 1"
     elif case == "missing-model":
         args = []
         needle = "names no model"
@@ -89,6 +87,31 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path, case: s
     res = run_pdv("run", str(plan), "--steps", "2", *args, env=env)
     assert_one_line_error(res, needle)
     assert leftovers(str(tmp_path)) == []
+
+
+@pytest.mark.e2e
+def test_a_plan_that_leaves_ranks_idle_runs_on_the_ranks_it_uses(tmp_path: Path) -> None:
+    # A planner may keep ranks out (fewer ranks were faster): ranks 1 and 3 of 4 run the plan,
+    # as torchrun ranks 0 and 1, and the report speaks of the plan's own ranks 1 and 3.
+    plan = write_plan(tmp_path / "plan.json", [{"layers": [0, 2], "ranks": [3]},
+                                               {"layers": [2, 4], "ranks": [1]}])
+    data = json.loads(plan.read_text())
+    data["devices"] = [{"rank": i, "host": "localhost", "kind": "cpu", "memory_bytes": 1 << 34}
+                       for i in range(4)]
+    plan.write_text(json.dumps(data))
+    report = tmp_path / "report.json"
+    res = run_pdv("run", str(plan), "--steps", "3", "--model", MODEL, "--model-arg", "n_layer=2",
+                  "--report", str(report))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = artifacts.load_as(report, "run-report")
+    assert got.plan_digest == artifacts.digest(artifacts.load_as(plan, "plan"))
+    assert set(got.measured.peak_memory_bytes) == {"1", "3"}
+    want = reference_losses(MODEL, {"n_layer": 2}, steps=3, global_batch_size=NMB * MBS,
+                            num_micro_batches=NMB)
+    assert_close(got.loss, want)
+    printed = run_pdv("run", str(plan), "--print-commands")
+    assert printed.returncode == 0 and "0-1" in printed.stdout and "renumbered" in printed.stderr
+    assert (tmp_path / "plan.renumbered.json").exists()
 
 
 def test_plan_of_another_kind(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ from benchmarks.testbed.topology import Topology, parse_rate
 from pdv import artifacts
 from pdv.artifacts import Plan, RunReport
 from pdv.profile.launch_local import free_port
+from pdv.run.idle import renumbered, report_in_plan_ranks
 from pdv.run.launch import HostSlot, RunOptions, torchrun_argv
 
 __all__ = ["EmulatedCluster", "RankRun", "RankSlot", "nothing_left", "unavailable_reason"]
@@ -298,46 +299,8 @@ class EmulatedCluster:
         if renumber and run.ok and raw.exists():
             got = artifacts.load_as(raw, "run-report")
             assert isinstance(got, RunReport)
-            artifacts.write(report, report_in_plan_ranks(got, original, used, runs))
+            artifacts.write(report, report_in_plan_ranks(got, original, used, runs.name))
         return run
-
-
-def _rank_keys(by_rank: dict[str, int], ranks: list[int]) -> dict[str, int]:
-    """Keys `str(i)` -> `str(ranks[i])` (keys outside 0..len-1 are a bug in the caller)."""
-    return {str(ranks[int(k)]): v for k, v in by_rank.items()}
-
-
-def renumbered(plan: Plan, used: list[int]) -> Plan:
-    """The plan on ranks 0..k-1: rank used[i] -> i in stages, devices and predicted memory."""
-    new = {r: i for i, r in enumerate(used)}
-    data = plan.model_dump(mode="json", by_alias=True)
-    for stage in data["stages"]:
-        stage["ranks"] = [new[r] for r in stage["ranks"]]
-    if data.get("devices") is not None:
-        # launching reads one device per rank the stages use, so the idle ones go
-        by_rank = {d["rank"]: d for d in data["devices"]}
-        data["devices"] = [{**by_rank[r], "rank": new[r]} for r in used if r in by_rank]
-    pred = data.get("predicted")
-    if pred is not None:
-        pred["peak_memory_bytes"] = {str(new[int(k)]): v
-                                     for k, v in pred["peak_memory_bytes"].items()
-                                     if int(k) in new}
-    out = Plan.model_validate(data)
-    out.provenance.notes.append(f"ranks {used} renumbered 0..{len(used) - 1} for torchrun")
-    return out
-
-
-def report_in_plan_ranks(report: RunReport, plan: Plan, used: list[int],
-                         renumbered_plan: Path) -> RunReport:
-    """A renumbered run's report in the plan's own rank numbers, against the plan's digest."""
-    measured = report.measured.model_copy(
-        update={"peak_memory_bytes": _rank_keys(report.measured.peak_memory_bytes, used)})
-    provenance = report.provenance.model_copy(deep=True)
-    provenance.inputs["plan"] = artifacts.digest(plan)
-    provenance.notes.append(f"ran as {renumbered_plan.name}: torchrun rank i was plan rank "
-                            f"{used}[i]")
-    return report.model_copy(update={"measured": measured, "plan_digest": artifacts.digest(plan),
-                                     "predicted": plan.predicted, "provenance": provenance})
 
 
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -14,6 +15,7 @@ import typer
 from pdv import artifacts
 from pdv.cli.app import app, console, err_console
 from pdv.cli.render import fmt_bytes, render
+from pdv.run.idle import leaves_ranks_idle, renumbered, report_in_plan_ranks, used_ranks
 
 __all__ = ["run"]
 
@@ -58,6 +60,19 @@ def run(
         checkpoint_every=checkpoint_every, device=device,
     )
     port = master_port or launch.DEFAULT_PORT
+    used = used_ranks(the_plan)
+    idle = leaves_ranks_idle(the_plan)
+    if idle and (print_commands or slurm):
+        # The printed commands run elsewhere, later: the renumbered copy must outlive this call.
+        runs_path = plan.with_name(f"{plan.stem}.renumbered.json")
+        artifacts.write(runs_path, renumbered(the_plan, used))
+        err_console.print(
+            f"pdv: the plan leaves ranks idle; its ranks {used} run as 0..{len(used) - 1} from "
+            f"{runs_path} (reports name those ranks)",
+            highlight=False,
+        )
+        the_plan = artifacts.load_as(runs_path, "plan")
+        opts = replace(opts, plan=str(runs_path))
     if print_commands:
         typer.echo(launch.print_commands(the_plan, opts, port, max_restarts), nl=False)
         return
@@ -66,10 +81,16 @@ def run(
         return
     from pdv.run.local import check_plan, local_command
 
-    check_plan(the_plan, opts)
+    original = the_plan
     with tempfile.TemporaryDirectory(prefix="pdv-run-") as tmp:
-        if opts.report is None:
-            opts = launch.RunOptions(**{**opts.__dict__, "report": str(Path(tmp) / "report.json")})
+        if idle:
+            runs_path = Path(tmp) / f"{plan.stem}.renumbered.json"
+            artifacts.write(runs_path, renumbered(original, used))
+            the_plan = artifacts.load_as(runs_path, "plan")
+            opts = replace(opts, plan=str(runs_path), report=str(Path(tmp) / "ranks.json"))
+        elif opts.report is None:
+            opts = replace(opts, report=str(Path(tmp) / "report.json"))
+        check_plan(the_plan, opts)
         argv = local_command(the_plan, opts, dict(os.environ), master_port, max_restarts)
         rc = _launch(argv)
         if rc != 0:
@@ -77,6 +98,10 @@ def run(
                               "errors are above", highlight=False)
             raise typer.Exit(2 if rc == 2 else 1)
         result = artifacts.load_as(opts.report, "run-report")
+        if idle:
+            result = report_in_plan_ranks(result, original, used, f"ranks 0..{len(used) - 1}")
+            if report:
+                artifacts.write(report, result)
     render(result, console)
     peaks = result.measured.peak_memory_bytes
     predicted = result.predicted.peak_memory_bytes if result.predicted else {}
