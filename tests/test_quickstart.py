@@ -12,8 +12,10 @@ from .conftest import run_pdv
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_quickstart_writes_every_artifact_and_compares(tmp_path):
-    out = tmp_path / "qs"
-    result = run_pdv("quickstart", "-o", str(out), "--nproc-per-node", "2", "--steps", "3")
+    # From a folder that is not the repository, as a pip-installed tool runs: the sample model
+    # comes from the installed package and the artifacts land in ./pdv-out.
+    out = tmp_path / "pdv-out"
+    result = run_pdv("quickstart", "--nproc-per-node", "2", "--steps", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     kinds = {
         "cluster.json": "cluster",

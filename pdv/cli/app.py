@@ -6,6 +6,7 @@ login node without torch.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -38,16 +39,48 @@ app.add_typer(profile_app, name="profile")
 app.add_typer(cluster_app, name="cluster")
 
 
+def version_lines() -> list[str]:
+    """The block people paste into a bug report: pdv, Python, key packages, the device seen."""
+    import platform
+    from importlib import metadata
+
+    lines = [f"pdv {__version__}", f"python {platform.python_version()} ({sys.executable})"]
+    for dist in ("torch", "ortools", "typer", "rich", "pydantic"):
+        try:
+            lines.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{dist} not installed")
+    lines.append(f"device {_device_seen()}")
+    lines.append(f"platform {platform.platform()}")
+    return lines
+
+
+def _device_seen() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "unknown (torch not installed)"
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return f"cuda: {n}x {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return f"cpu ({os.cpu_count()} cores; no CUDA device)"
+
+
 def _version(value: bool) -> None:
     if value:
-        console.print(f"pdv {__version__}")
+        for line in version_lines():
+            console.print(line, markup=False, highlight=False)
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="Print pdv, Python, torch, ortools and typer versions and the device seen; exit.",
     ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
 ) -> None:

@@ -7,12 +7,11 @@ import time
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from pdv import artifacts
 from pdv.artifacts import ModelProfile, Plan
 from pdv.cli.app import app, console, err_console
-from pdv.cli.render import fmt_bytes, fmt_time
+from pdv.cli.render import fmt_bytes, fmt_time, new_table, print_table
 from pdv.errors import PdvError
 from pdv.plan.problem import PlanProblem
 from pdv.plan.search import PLANNERS, check_profiles, plan_provenance, search
@@ -158,20 +157,12 @@ def plan(
 
 
 def _print(rows: list[dict], planner: str, out: Path | None, written: list[dict]) -> None:
-    t = Table(title="planners (predicted by the simulator on the measured links)")
-    for col in (
-        "planner",
-        "step time",
-        "vs pdv",
-        "bubble",
-        "stages",
-        "mbs x M",
-        "peak mem",
-        "solver",
-        "gap",
-        "search",
-    ):
-        t.add_column(col, justify="left" if col in ("planner", "solver") else "right")
+    t = new_table(
+        "planners (predicted by the simulator on the measured links)",
+        ("planner", "step time", "vs pdv", "bubble", "stages", "mbs x M", "peak mem", "solver",
+         "gap", "search"),  # fmt: skip
+        left={"planner", "solver"},
+    )
     ref = next((r["step_time_s"] for r in rows if r["planner"] == "pdv" and "error" not in r), None)
     for r in rows:
         if "error" in r:
@@ -189,7 +180,7 @@ def _print(rows: list[dict], planner: str, out: Path | None, written: list[dict]
             "-" if r["optimality_gap"] is None else f"{r['optimality_gap']:.2%}",
             fmt_time(r["search_time_s"]),
         )
-    console.print(t)
+    print_table(console, t)
     for r in rows:
         if "layout" in r:
             console.print(f"  {r['planner']}: {'  '.join(r['layout'])}", highlight=False)

@@ -176,7 +176,8 @@ def declare(
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the cluster JSON."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
 ) -> None:
-    """Make a cluster artifact (provenance 'declared') from hosts, device kinds and link classes."""
+    """Make a cluster artifact (provenance 'declared') from a JSON or TOML spec of hosts, device
+    kinds and link classes."""
     start = time.perf_counter()
     data, raw = load_spec(spec)
     artifact = declare_cluster(data, str(spec), raw)

@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from pdv import artifacts
 from pdv.cli.app import app, console
-from pdv.cli.render import fmt_bytes, fmt_time
+from pdv.cli.render import fmt_bytes, fmt_time, new_table, print_table
 from pdv.errors import PdvError
 
 
@@ -101,9 +100,10 @@ def quickstart(
 
     result = artifacts.load_as(report, "run-report")
     measured = result.measured
-    table = Table(title=f"predicted vs measured ({model}, {nproc} CPU ranks)")
-    for col in ("", "predicted", "measured", "error"):
-        table.add_column(col, justify="right")
+    table = new_table(
+        f"predicted vs measured ({model}, {nproc} CPU ranks)",
+        ("", "predicted", "measured", "error"),
+    )
     if result.predicted is not None:
         pred = result.predicted.step_time_s
         err = abs(pred - measured.step_time_s) / measured.step_time_s
@@ -114,7 +114,7 @@ def quickstart(
             table.add_row(
                 f"peak memory rank {rank}", fmt_bytes(want) if want else "-", fmt_bytes(used), err_m
             )
-    console.print(table)
+    print_table(console, table)
     console.print(
         f"loss {result.loss[0]:.4f} → {result.loss[-1]:.4f}; memory measured as "
         f"{measured.memory_method}"

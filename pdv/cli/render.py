@@ -2,15 +2,68 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pdv.artifacts import ClusterArtifact, ModelProfile, Plan, RunReport
 
-__all__ = ["fmt_bytes", "fmt_time", "fmt_rate", "render", "RENDERERS"]
+__all__ = ["fmt_bytes", "fmt_time", "fmt_rate", "new_table", "print_table", "render", "RENDERERS"]
+
+_UNBOUNDED = 1 << 16
+
+
+def new_table(title: str, columns: Sequence[str], *, left: Collection[str] = ()) -> Table:
+    """A compact table whose cells never wrap or get cut; print it with `print_table`."""
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    for col in columns:
+        t.add_column(col, justify="left" if col in left else "right", no_wrap=True)
+    return t
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print a table whole: as is where it fits, at full width when piped, else a record per row.
+
+    Rich would squeeze a wide table into the console's width with ellipses in headers and
+    numbers; a report is useless that way. Piped output (a file, grep) keeps one line per row.
+    """
+    wide = console.options.update(max_width=_UNBOUNDED)
+    natural = console.measure(table, options=wide).maximum
+    if natural <= console.width:
+        console.print(table)
+    elif not console.is_terminal:
+        # Console.print clamps its width= to the console's own, so widen the console itself
+        width = console.width
+        console.width = natural
+        try:
+            console.print(table, crop=False)
+        finally:
+            console.width = width
+    else:
+        _print_records(console, table)
+
+
+def _print_records(console: Console, table: Table) -> None:
+    # One block per row: "header  value" lines, which fit any terminal wider than a header.
+    if table.title:
+        console.print(table.title, style="bold")
+    columns = table.columns
+    heads = [str(c.header) for c in columns]
+    cells = [list(c.cells) for c in columns]
+    for r in range(table.row_count):
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True, style="dim")
+        grid.add_column(overflow="fold")
+        for head, col in zip(heads[1:], cells[1:], strict=True):
+            grid.add_row(head, col[r])
+        first = cells[0][r]
+        label = first.plain if isinstance(first, Text) else str(first)
+        console.print(f"── {heads[0]} {label}".rstrip(), highlight=False, markup=False)
+        console.print(grid)
 
 
 def fmt_bytes(n: float) -> str:
@@ -53,10 +106,11 @@ def _model_profile(a: ModelProfile, console: Console) -> None:
         f"model {a.model.spec} {a.model.kwargs}  device {a.device.kind} ({a.device.name})  "
         f"mbs {a.micro_batch_sizes}  tp {a.tp_degrees}  ref mbs {a.reference_micro_batch_size}"
     )
-    t = Table(title="layers (reference micro-batch, TP 1)")
-    for col in ("#", "name", "fwd", "bwd", "opt step", "params", "activations", "output",
-                "fit r²"):
-        t.add_column(col, justify="left" if col == "name" else "right")
+    t = new_table(
+        "layers (reference micro-batch, TP 1)",
+        ("#", "name", "fwd", "bwd", "opt step", "params", "activations", "output", "fit r²"),
+        left={"name"},
+    )
     for i, layer in enumerate(a.layers):
         fit = layer.fwd_fit.get("1")
         t.add_row(
@@ -70,7 +124,7 @@ def _model_profile(a: ModelProfile, console: Console) -> None:
             fmt_bytes(layer.output_bytes),
             f"{fit.r2:.3f}" if fit else "-",
         )
-    console.print(t)
+    print_table(console, t)
     total_f = sum(x.fwd_s for x in a.layers)
     total_b = sum(x.bwd_s for x in a.layers)
     steps = [x.optimizer_s for x in a.layers if x.optimizer_s is not None]
@@ -88,13 +142,15 @@ def _model_profile(a: ModelProfile, console: Console) -> None:
 
 def _cluster(a: ClusterArtifact, console: Console) -> None:
     _provenance(a, console)
-    t = Table(title="devices")
-    for col in ("rank", "host", "kind", "name", "memory", "matmul"):
-        t.add_column(col)
+    t = new_table(
+        "devices",
+        ("rank", "host", "kind", "name", "memory", "matmul"),
+        left={"host", "kind", "name"},
+    )
     for d in a.devices:
         flops = f"{d.matmul_flops / 1e9:.1f} GFLOP/s" if d.matmul_flops else "-"
         t.add_row(str(d.rank), d.host, d.kind, d.name or "-", fmt_bytes(d.memory_bytes), flops)
-    console.print(t)
+    print_table(console, t)
     n = len(a.devices)
     if n > 16:
         console.print(f"links: {n}x{n} matrix (too large to print; see the JSON)")
@@ -103,13 +159,10 @@ def _cluster(a: ClusterArtifact, console: Console) -> None:
         ("bandwidth row→col", a.links.bandwidth_Bps, fmt_rate),
         ("latency row→col", a.links.latency_s, fmt_time),
     ):
-        t = Table(title=title)
-        t.add_column("")
-        for j in range(n):
-            t.add_column(str(j), justify="right")
+        t = new_table(title, ["", *(str(j) for j in range(n))])
         for i in range(n):
             t.add_row(str(i), *("-" if i == j else fmt(m[i][j]) for j in range(n)))
-        console.print(t)
+        print_table(console, t)
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -132,15 +185,15 @@ def _plan(a: Plan, console: Console) -> None:
         f"planner {p.name}  status {p.status}  gap {gap}  candidates {p.candidates}",
         highlight=False,
     )
-    t = Table(
-        title=f"plan ({a.planner.name}, {a.schedule}, mbs {a.micro_batch_size} x "
-        f"{a.num_micro_batches} = {a.global_batch_size})"
-    )
     cols = ["stage", "layers", "ranks", "devices", "dp", "tp", "fsdp", "recompute"]
     if a.predicted and a.predicted.stages:
         cols += ["compute", "p2p", "collective", "peak mem"]
-    for col in cols:
-        t.add_column(col)
+    t = new_table(
+        f"plan ({a.planner.name}, {a.schedule}, mbs {a.micro_batch_size} x "
+        f"{a.num_micro_batches} = {a.global_batch_size})",
+        cols,
+        left={"layers", "ranks", "devices", "fsdp", "recompute"},
+    )
     for i, s in enumerate(a.stages):
         devices = "-"
         if a.devices:
@@ -169,7 +222,7 @@ def _plan(a: Plan, console: Console) -> None:
                 fmt_bytes(sp.peak_memory_bytes),
             ]
         t.add_row(*row)
-    console.print(t)
+    print_table(console, t)
     if not a.predicted:
         console.print("no prediction (run pdv simulate to fill it in)")
         return

@@ -8,12 +8,11 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from pdv import artifacts
 from pdv.artifacts import ClusterArtifact, ModelProfile, Plan
 from pdv.cli.app import app, console, err_console
-from pdv.cli.render import fmt_bytes, fmt_time
+from pdv.cli.render import fmt_bytes, fmt_time, new_table, print_table
 from pdv.cost.simulate import Simulation, simulate, to_predicted
 from pdv.cost.trace import chrome_trace, ranks_label, text_timeline
 from pdv.errors import PdvError
@@ -57,10 +56,12 @@ def _render(sim: Simulation, plan: Plan, cluster: ClusterArtifact, out: Console)
         f"step time [bold]{fmt_time(sim.step_time_s)}[/]  bubble {sim.bubble_fraction:.1%}",
         highlight=False,
     )
-    t = Table(title="per stage, one step")
-    for col in ("stage", "layers", "ranks", "dp×tp", "fwd/mb", "bwd/mb", "compute", "p2p",
-                "collective", "peak memory"):  # fmt: skip
-        t.add_column(col, justify="left" if col in ("layers", "ranks") else "right")
+    t = new_table(
+        "per stage, one step",
+        ("stage", "layers", "ranks", "dp×tp", "fwd/mb", "bwd/mb", "compute", "p2p", "collective",
+         "peak memory"),  # fmt: skip
+        left={"layers", "ranks"},
+    )
     for i, (st, pred, c) in enumerate(zip(plan.stages, sim.stages, sim.costs, strict=True)):
         t.add_row(
             str(i),
@@ -74,7 +75,7 @@ def _render(sim: Simulation, plan: Plan, cluster: ClusterArtifact, out: Console)
             fmt_time(pred.collective_s),
             fmt_bytes(pred.peak_memory_bytes),
         )
-    out.print(t)
+    print_table(out, t)
     ranks = list(sim.peak_memory_bytes)
     title = "peak memory per rank"
     if len(ranks) > _MAX_RANK_ROWS:
@@ -82,9 +83,9 @@ def _render(sim: Simulation, plan: Plan, cluster: ClusterArtifact, out: Console)
         ranks.sort(key=lambda r: -sim.peak_memory_bytes[r] / cluster.devices[r].memory_bytes)
         ranks = sorted(ranks[:_MAX_RANK_ROWS])
         title += f" (the {_MAX_RANK_ROWS} fullest of {len(sim.peak_memory_bytes)}; --json: all)"
-    m = Table(title=title)
-    for col in ("rank", "host", "kind", "peak", "capacity", "use"):
-        m.add_column(col, justify="right" if col in ("peak", "capacity", "use") else "left")
+    m = new_table(
+        title, ("rank", "host", "kind", "peak", "capacity", "use"), left={"rank", "host", "kind"}
+    )
     for r in ranks:
         peak = sim.peak_memory_bytes[r]
         d = cluster.devices[r]
@@ -92,7 +93,7 @@ def _render(sim: Simulation, plan: Plan, cluster: ClusterArtifact, out: Console)
         style = "red" if use > 1 else ""
         m.add_row(str(r), d.host, d.kind, fmt_bytes(peak), fmt_bytes(d.memory_bytes),
                   f"[{style}]{use:.0%}[/]" if style else f"{use:.0%}")  # fmt: skip
-    out.print(m)
+    print_table(out, m)
     out.print("timeline (F forward, B backward, I/W input/weight grad, ~ grad sync, . idle)")
     lines = text_timeline(sim, width=max(20, out.width - 22))
     for line in lines[:_MAX_TIMELINE_ROWS]:

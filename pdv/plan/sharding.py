@@ -196,7 +196,7 @@ def refine_stage(
     for i in layers:
         m.add_exactly_one(x[i, o] for o in range(len(opts)))
         for o in range(len(opts)):
-            m.add_hint(x[i, o], o == base)
+            m.add_hint(x[i, o], int(o == base))  # ortools < 9.12 takes no bool hints
     big = (
         sum(max(_ns(t.fwd[k] + t.bwd[k]) for t in terms.values()) for k in kinds) * len(layers)
         + sum(max(_ns(v) for v in t.tp_f + t.tp_b) for t in terms.values())
