@@ -28,7 +28,9 @@ def test_quickstart_writes_every_artifact_and_compares(tmp_path):
     assert report.plan_digest == artifacts.digest(plan)
     assert report.predicted == plan.predicted and report.predicted is not None
     assert len(report.loss) == 3 and all(x > 0 for x in report.loss)
-    assert set(report.measured.peak_memory_bytes) == {"0", "1"}
+    # the planner may keep a rank idle (fewer ranks were faster); the run reports the ones used
+    used = {str(r) for stage in plan.stages for r in stage.ranks}
+    assert set(report.measured.peak_memory_bytes) == used and used <= {"0", "1"}
     assert "predicted vs measured" in result.stdout
 
 
