@@ -96,7 +96,8 @@ def test_ranks_run_in_their_namespace_and_cgroup_and_teardown_on_failure(
         assert (a.group.path("cpu") / "cpu.cfs_quota_us").read_text().strip() == "5000"
         assert a.group.memory_cap() == 300 << 20
         assert "rate 20Mbit" in ec.testbed.qdiscs(a.ns)  # lo
-        assert "rate 100Mbit" in ec.testbed.qdiscs(a.ns)  # veth
+        classes = ec.testbed.run(a.ns, ["tc", "class", "show", "dev", a.dev]).stdout
+        assert "rate 100Mbit" in classes  # the class towards host b
         run = ec.launch(["--no-python", "python", "-c", probe], tmp_path, timeout=60)
         assert run.ok, run.tail()
         text = run.logs[0].read_text()
@@ -210,7 +211,7 @@ def test_topology_files_load_and_bad_ones_are_refused(tmp_path: Path) -> None:
     assert topology.parse_bytes("440MiB") == 440 << 20
     bad = tmp_path / "bad.json"
     bad.write_text('{"hosts": [{"name": "a", "ranks": [{}]}]}')
-    with pytest.raises(ValueError, match="exactly 2 hosts"):
+    with pytest.raises(ValueError, match="at least 2 hosts"):
         topology.load(bad)
     with pytest.raises(ValueError, match="50mbit"):
         topology.parse_rate("50 megabits")

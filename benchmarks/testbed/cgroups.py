@@ -4,6 +4,12 @@ A group is `<prefix>-<pid>-<tag>-r<rank>` under /sys/fs/cgroup/cpu and /sys/fs/c
 so groups left by a crashed run (whose pid is gone) are found and removed by
 `cleanup_leftovers`, as the namespaces are. A rank enters its group before it execs (the
 launcher writes its own pid to cgroup.procs), so torchrun and every worker it spawns inherit it.
+
+A rank with a CPU quota also gets a large CPU weight (cpu.shares, `QUOTA_SHARES`): a quota only
+caps, so on a machine that other work shares, the rank would get less than its quota whenever
+the cores are busy. With the weight it is served first, up to the quota, whatever else runs; the
+quotas of one cluster must then add up to less than the machine's cores (the topology files keep
+the sum under 1.8 of 2 cores), which leaves the rest to everything else.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ __all__ = ["CONTROLLERS", "RankGroup", "cleanup_leftovers", "leftovers", "unavai
 ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("cpu", "memory")
 PERIOD_US = 10_000  # short: a rank at a quota pauses for ms, not 100 ms, mid-transfer
+QUOTA_SHARES = 32 * 1024  # 32x the weight of a plain process (1024)
 
 
 def unavailable_reason() -> str | None:
@@ -91,13 +98,18 @@ class RankGroup:
         """This group's folder under one controller."""
         return ROOT / controller / self.name
 
-    def create(self, cpu: float | None, memory: int | None) -> None:
-        """Make the groups; cpu in cores (None: no quota), memory in bytes (None: no cap)."""
+    def create(self, cpu: float | None, memory: int | None, shares: int | None = None) -> None:
+        """Make the groups; cpu in cores (None: no quota), memory in bytes (None: no cap).
+
+        shares: the CPU weight; by default `QUOTA_SHARES` under a quota, the kernel's otherwise.
+        """
         for c in CONTROLLERS:
             self.path(c).mkdir()
         cpu_dir = self.path("cpu")
         (cpu_dir / "cpu.cfs_period_us").write_text(str(PERIOD_US))
         (cpu_dir / "cpu.cfs_quota_us").write_text(str(int(cpu * PERIOD_US)) if cpu else "-1")
+        if shares or cpu:
+            (cpu_dir / "cpu.shares").write_text(str(shares or QUOTA_SHARES))
         mem = self.path("memory")
         if memory is not None:
             (mem / "memory.limit_in_bytes").write_text(str(memory))

@@ -4,13 +4,16 @@
         ec.profile_cluster(out / "cluster.json")          # pdv profile cluster, one rank each
         result = ec.run_plan(out / "plan.json", steps=6)  # pdv's runtime, one rank each
 
-Layout: each host is a network namespace; the two hosts are joined by one veth pair shaped
-with tc tbf at the inter-host rate in both directions; each host's `lo` is shaped at its own
-rate (two ranks of one host talk over it). Each rank runs in its host's namespace and in its
-own cgroup (CPU quota, memory cap).
+Layout: each host is a network namespace with one veth onto a Linux bridge (in a namespace of
+its own). Each host's port carries an htb tree with one class per destination host (a u32
+filter on the destination address), so every host pair has its own rate in each direction, all
+under the host's uplink where it has one; the bridge's port towards a host caps what it
+receives at its uplink (see `shaping`). Each host's `lo` is shaped at its own rate (two ranks of
+one host talk over it). Each rank runs in its host's namespace and in its own cgroup (CPU
+quota and weight, memory cap).
 
 Launch: one torchrun per rank (`--nproc-per-node 1`, node rank = global rank) with a static
-rendezvous at host 0's veth address. This is `pdv run --print-commands`' command for a host,
+rendezvous at the first rank's host address. This is `pdv run --print-commands`' command for a host,
 split one rank per torchrun so each rank can enter its own cgroup before it execs (torchrun
 numbers ranks node by node, so the global ranks are the plan's). gloo binds to the host's veth
 address (GLOO_SOCKET_IFNAME); between two ranks of one host the kernel routes it over `lo`.
@@ -38,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from benchmarks.testbed import cgroups, netns
+from benchmarks.testbed import cgroups, netns, shaping
 from benchmarks.testbed.netns import Namespace
-from benchmarks.testbed.topology import Topology, parse_rate
+from benchmarks.testbed.topology import Topology, parse_duration, parse_rate
 from pdv import artifacts
 from pdv.artifacts import Plan, RunReport
 from pdv.profile.launch_local import free_port
@@ -52,6 +55,7 @@ __all__ = ["EmulatedCluster", "RankRun", "RankSlot", "nothing_left", "unavailabl
 ROOT = Path(__file__).resolve().parents[2]
 LO_BURST = 256 * 1024  # lo's 64 KiB MTU: a smaller bucket drops every large packet
 VETH_BURST = 16 * 1024  # a few 1500-byte frames
+TUN_BURST = 2 * netns.TUN_MTU  # a delayed pair's packets are TUN_MTU long
 
 
 def unavailable_reason() -> str | None:
@@ -59,9 +63,8 @@ def unavailable_reason() -> str | None:
     return netns.unavailable_reason() or cgroups.unavailable_reason()
 
 
-def _burst(rate: str, floor: int) -> str:
-    """A tbf bucket that holds a packet (`floor`) and ~2 ms of traffic (fast links need more)."""
-    return f"{max(floor, int(parse_rate(rate) / 8 * 0.002))}b"
+def _bps(rate: str | None) -> float | None:
+    return parse_rate(rate) if rate else None
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class EmulatedCluster:
     prefix: str = netns.PREFIX
     testbed: netns.Testbed = field(init=False)
     slots: list[RankSlot] = field(default_factory=list)
+    service_group: cgroups.RankGroup | None = None
     _old_handlers: dict[int, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -147,21 +151,38 @@ class EmulatedCluster:
 
     def _bring_up(self) -> None:
         topo, tb = self.topology, self.testbed
-        a_spec, b_spec = topo.hosts
-        a, b = tb.namespace(a_spec.name), tb.namespace(b_spec.name)
-        link = tb.connect(a, b)
-        if topo.inter_host:
-            tb.shape(a, link.a_dev, topo.inter_host, burst=_burst(topo.inter_host, VETH_BURST))
-            tb.shape(b, link.b_dev, topo.inter_host, burst=_burst(topo.inter_host, VETH_BURST))
-        ends = {a_spec.name: (a, link.a_dev, link.a_addr),
-                b_spec.name: (b, link.b_dev, link.b_addr)}
-        for spec in topo.hosts:
-            if spec.lo:
-                tb.shape(ends[spec.name][0], "lo", spec.lo, burst=_burst(spec.lo, LO_BURST))
+        switch = tb.bridge()
+        ports = {h.name: tb.attach(switch, tb.namespace(h.name)) for h in topo.hosts}
+        delayed = {frozenset(lk.hosts): lk for lk in topo.links if lk.latency}
+        for h in topo.hosts:
+            port, uplink = ports[h.name], _bps(h.uplink)
+            # A delayed pair has a path of its own (tun devices and the delay line), shaped there.
+            dests = [shaping.Dest(ports[o.name].addr,
+                                  None if frozenset((h.name, o.name)) in delayed
+                                  else _bps(topo.pair_rate(h.name, o.name)))
+                     for o in topo.hosts if o is not h]
+            tb.tc(port.ns, shaping.pair_commands(port.dev, dests, uplink, VETH_BURST))
+            if uplink:
+                tb.tc(switch.ns, shaping.cap_commands(port.switch_dev, uplink, VETH_BURST))
+            if h.lo:
+                tb.tc(port.ns, shaping.tbf_commands("lo", parse_rate(h.lo), LO_BURST))
+        for link in delayed.values():
+            a, b = (ports[n] for n in link.hosts)
+            pair = tb.delay(a, b, parse_duration(link.latency or "0s"))
+            rate = _bps(topo.pair_rate(*link.hosts))
+            if rate:
+                tb.tc(a.ns, shaping.tbf_commands(pair.a_tun, rate, TUN_BURST))
+                tb.tc(b.ns, shaping.tbf_commands(pair.b_tun, rate, TUN_BURST))
+        if delayed:
+            self.service_group = cgroups.RankGroup(
+                f"{self.prefix}-{os.getpid()}-{self.tag}-delay")
+            # No quota, a rank's weight: a packet is never held longer for want of a core.
+            self.service_group.create(None, None, shares=cgroups.QUOTA_SHARES)
+            tb.start_delay_line(self.service_group.shell_enter())
         for rank, host, limits in topo.rank_hosts():
-            ns, dev, addr = ends[host.name]
+            port = ports[host.name]
             group = cgroups.RankGroup(f"{self.prefix}-{os.getpid()}-{self.tag}-r{rank}")
-            self.slots.append(RankSlot(rank, host.name, ns, dev, addr, group))
+            self.slots.append(RankSlot(rank, host.name, port.ns, port.dev, port.addr, group))
             group.create(limits.cpu, limits.memory)
 
     def close(self) -> None:
@@ -171,12 +192,16 @@ class EmulatedCluster:
             self.testbed.close()
         except RuntimeError as e:
             errors.append(str(e))
-        for slot in self.slots:
+        groups = [s.group for s in self.slots]
+        if self.service_group is not None:
+            groups.append(self.service_group)
+        for group in groups:
             try:
-                slot.group.remove()
+                group.remove()
             except RuntimeError as e:
                 errors.append(str(e))
         self.slots.clear()
+        self.service_group = None
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)  # type: ignore[arg-type]
         self._old_handlers.clear()
@@ -205,8 +230,8 @@ class EmulatedCluster:
         logs.mkdir(parents=True, exist_ok=True)
         port = free_port()
         slots = [self.slots[r] for r in ranks]
-        # torchrun's rank 0 hosts the static rendezvous: its host's veth address, which the
-        # other host reaches over the veth and its own host over the local route.
+        # torchrun's rank 0 hosts the static rendezvous: its host's address, which the other
+        # hosts reach over the bridge and its own host over the local route.
         master = slots[0].addr
         procs, paths = [], []
         for node_rank, slot in enumerate(slots):
