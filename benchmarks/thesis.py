@@ -1,18 +1,24 @@
 """Measuring beats assuming: pdv against the baselines on emulated heterogeneous clusters.
 
-    sudo python benchmarks/thesis.py                    # all four scenarios, table to stdout
-    sudo python benchmarks/thesis.py --scenario inverted --steps 8 --out /tmp/thesis
+    sudo python benchmarks/thesis.py                    # every named scenario, table to stdout
+    sudo python benchmarks/thesis.py --scenario geo-split --steps 8 --out /tmp/thesis
+    sudo python benchmarks/thesis.py --topology my-cluster.json   # any topology file (repeatable)
 
-For each scenario (benchmarks/testbed/topologies/<name>.json) it brings the cluster up
-(namespaces, shaped veth and lo, per-rank cgroups), runs `pdv profile cluster` across it (the
-planner learns link rates, device speeds and memory caps by measurement, never from the file),
-profiles the model once with `pdv profile model` (unconstrained, in this process's namespace;
-the measured matmul rates scale the slower ranks), plans with pdv and every baseline, runs each
-plan for N steps across the namespaces, and tears everything down. It writes a markdown table
-(scenario, planner, predicted and measured step time, prediction error, ratio to pdv, peak
-memory against cap) and exits 1 when an acceptance check fails:
-- inverted: pdv's measured step time <= 0.7x the hierarchy plan's;
-- normal: pdv's <= 1.02x the hierarchy plan's;
+For each scenario (benchmarks/testbed/topologies/<name>.json, or a file given with --topology;
+the format is in benchmarks/testbed/topology.py) it brings the cluster up (namespaces on a
+bridge, per-pair shaped links, shaped lo, per-rank cgroups), runs `pdv profile cluster` across
+it (the planner learns link rates, device speeds and memory caps by measurement, never from the
+file), profiles the model once with `pdv profile model` (unconstrained, in this process's
+namespace; the measured matmul rates scale the slower ranks), plans with pdv and every
+baseline, runs each plan for N steps across the namespaces, and tears everything down. It
+writes a markdown table (scenario, planner, predicted and measured step time, prediction error,
+ratio to pdv, peak memory against cap) and exits 1 when an acceptance check fails:
+- every scenario: pdv's measured step time <= (1 + NOISE) x every baseline's that ran
+  (NOISE: the run-to-run spread of one plan on this shared machine, see its comment);
+- where the topology inverts the hierarchy (a host's ranks talk slower to each other than
+  to another host, `Topology.inverts_hierarchy`): pdv's <= 0.8x the hierarchy plan's
+  (the two-host `inverted` scenario keeps its stricter 0.7x);
+- normal: pdv's <= 1.02x the hierarchy plan's (the hierarchy is right there);
 - memory-tight: no pdv plan OOM-killed.
 Plans are searched with --no-fsdp (see PLAN_FLAGS). Needs root (namespaces, tc, cgroups v1).
 """
@@ -24,7 +30,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,13 +55,28 @@ MODEL = "gpt_tiny"
 MODEL_ARGS = ("d_model=256", "seq_len=128", "n_layer=4", "vocab_size=512")
 
 
+# pdv may lose to a baseline by this much and still pass "no worse than every baseline": two
+# runs of one plan on this shared 2-core machine differ by up to this (see README, Results).
+NOISE = 0.05
+# Where the hierarchy is inverted, measuring should win by at least this much.
+INVERTED_RATIO = 0.8
+
+
 @dataclass(frozen=True)
 class Scenario:
-    """A topology and the acceptance ratio of pdv to hierarchy (None: no such check)."""
+    """A topology and its acceptance ratios (None: no such check)."""
 
     name: str
     max_ratio_to_hierarchy: float | None = None
     no_pdv_oom: bool = False
+    max_ratio_to_baselines: float | None = 1 + NOISE
+    topology_file: Path | None = None
+    """None: benchmarks/testbed/topologies/<name>.json"""
+
+    @property
+    def path(self) -> Path:
+        """The topology file."""
+        return self.topology_file or TOPOLOGIES / f"{self.name}.json"
 
 
 SCENARIOS = {
@@ -63,7 +84,20 @@ SCENARIOS = {
     "normal": Scenario("normal", max_ratio_to_hierarchy=1.02),
     "mixed-speed": Scenario("mixed-speed"),
     "memory-tight": Scenario("memory-tight", no_pdv_oom=True),
+    "geo-split": Scenario("geo-split"),
+    "oversubscribed": Scenario("oversubscribed"),
+    "pcie-box": Scenario("pcie-box", max_ratio_to_hierarchy=INVERTED_RATIO),
+    "inverted-4": Scenario("inverted-4", max_ratio_to_hierarchy=INVERTED_RATIO),
 }
+
+
+def scenario_for(path: Path, taken: Collection[str] = ()) -> Scenario:
+    """The checks for any topology file: no worse than every baseline, and at most 0.8x
+    hierarchy where the file inverts the hierarchy."""
+    topo = topology.load(path)
+    name = topo.name if topo.name not in taken else f"{topo.name}({path})"
+    ratio = INVERTED_RATIO if topo.inverts_hierarchy() else None
+    return Scenario(name, max_ratio_to_hierarchy=ratio, topology_file=path)
 
 
 @dataclass(frozen=True)
@@ -136,7 +170,7 @@ def run_scenario(scenario: Scenario, model_profile: Path, out: Path, global_batc
                  topology_file: Path | None = None, log: Callable[[str], None] = _say,
                  ) -> list[Row]:
     """Bring the scenario up, profile the cluster, plan with each planner and run each plan."""
-    topo = topology.load(topology_file or TOPOLOGIES / f"{scenario.name}.json")
+    topo = topology.load(topology_file or scenario.path)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     with EmulatedCluster(topo) as ec:
@@ -215,7 +249,8 @@ def markdown(rows: list[Row]) -> str:
 
 def check(scenario: Scenario, rows: list[Row]) -> list[str]:
     """The acceptance checks that failed on this scenario (empty: all passed)."""
-    by = {r.planner: r for r in rows if r.scenario == scenario.name}
+    mine = [r for r in rows if r.scenario == scenario.name]
+    by = {r.planner: r for r in mine}
     failures = []
     pdv, hier = by.get("pdv"), by.get("hierarchy")
     if scenario.max_ratio_to_hierarchy is not None:
@@ -225,21 +260,43 @@ def check(scenario: Scenario, rows: list[Row]) -> list[str]:
             failures.append(f"{scenario.name}: pdv {_ms(pdv.measured_s)} > "
                             f"{scenario.max_ratio_to_hierarchy}x hierarchy "
                             f"{_ms(hier.measured_s)}")
+    if scenario.max_ratio_to_baselines is not None and pdv and pdv.measured_s:
+        # A baseline with no plan, or whose plan did not run, is beaten by pdv's running one.
+        for r in mine:
+            if r.planner != "pdv" and r.measured_s and (
+                    pdv.measured_s > scenario.max_ratio_to_baselines * r.measured_s):
+                failures.append(f"{scenario.name}: pdv {_ms(pdv.measured_s)} > "
+                                f"{scenario.max_ratio_to_baselines:g}x {r.planner} "
+                                f"{_ms(r.measured_s)}")
     if scenario.no_pdv_oom and pdv and pdv.oom_killed:
         failures.append(f"{scenario.name}: pdv's plan was OOM-killed")
     elif pdv and pdv.failed:
         failures.append(f"{scenario.name}: pdv's plan did not run ({pdv.failed})")
-    for r in rows:
+    elif pdv is None:
+        failures.append(f"{scenario.name}: no pdv row")
+    for r in mine:
         if r.error is None and r.failed is None:
             failures.append(f"{scenario.name}/{r.planner}: no prediction error")
     return failures
+
+
+def _scenarios(names: list[str] | None, files: list[Path] | None) -> list[Scenario]:
+    """Named scenarios, then topology files; with neither, every named one."""
+    chosen = [SCENARIOS[n] for n in names or ([] if files else list(SCENARIOS))]
+    for path in files or []:
+        chosen.append(scenario_for(path, {s.name for s in chosen}))
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the scenarios, print the table, exit 1 if an acceptance check failed."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS),
-                   help="Run only these (repeatable; default: all four).")
+                   help="Run only these (repeatable; default: all named ones unless "
+                        "--topology is given).")
+    p.add_argument("--topology", action="append", type=Path, default=None, metavar="FILE",
+                   help="Also run this topology file (repeatable; format: "
+                        "benchmarks/testbed/topology.py).")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--model", default=MODEL)
@@ -247,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="Keep artifacts and logs here.")
     p.add_argument("--table", type=Path, default=None, help="Also write the table here.")
     args = p.parse_args(argv)
+    try:
+        scenarios = _scenarios(args.scenario, args.topology)
+    except (OSError, ValueError) as e:
+        print(f"thesis: {e}", file=sys.stderr)
+        return 2
     reason = unavailable_reason()
     if reason:
         print(f"thesis: the emulated cluster is unavailable: {reason}", file=sys.stderr)
@@ -256,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     prof = profile_model(out, args.model, model_args, "1,2,4")
     rows: list[Row] = []
     failures: list[str] = []
-    for name in args.scenario or list(SCENARIOS):
-        scenario = SCENARIOS[name]
-        got = run_scenario(scenario, prof, out / name, args.global_batch, args.steps)
+    for scenario in scenarios:
+        got = run_scenario(scenario, prof, out / _folder(scenario.name), args.global_batch,
+                           args.steps)
         rows += got
         failures += check(scenario, got)
     table = markdown(rows)
@@ -268,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in failures:
         print(f"FAIL {f}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _folder(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""The emulated cluster end to end: a reduced `inverted` scenario, measured.
+"""The emulated cluster end to end: links measured as the file says, a reduced `inverted`
+scenario, teardown.
 
-Two hosts (network namespaces) of two ranks each; each host's `lo` is shaped slow (10 Mbit/s)
-and the veth between the hosts fast (1 Gbit/s), so the usual assumption (inside a host is
-faster) is wrong here. The planner learns that only from `pdv profile cluster` run across the
-testbed; the test asserts that pdv's plan, run across the namespaces, is *measured* faster than
-the hierarchy baseline's, and that no namespace, veth, qdisc or cgroup of the testbed is left.
+`pdv profile cluster` across a 4-host file reproduces every pair's rate (htb class per
+destination, an uplink, a delayed pair) within 15%, and an uplink is shared by its host's
+pairs. In the reduced scenario, two hosts (network namespaces) of two ranks each; each host's
+`lo` is shaped slow (10 Mbit/s) and the link between the hosts fast (1 Gbit/s), so the usual
+assumption (inside a host is faster) is wrong here. The planner learns that only from `pdv
+profile cluster` run across the testbed; the test asserts that pdv's plan, run across the
+namespaces, is *measured* faster than the hierarchy baseline's. Every test checks that no
+namespace (the bridge's included), link, qdisc, cgroup or process of the testbed is left.
 Needs root, iproute2 and cgroup v1 cpu/memory; skipped cleanly elsewhere.
 """
 
@@ -14,6 +18,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +32,8 @@ from pdv import artifacts
 from tests.conftest import run_pdv
 
 TOPOLOGY = thesis.TOPOLOGIES / "inverted-ci.json"
+PAIRS = thesis.TOPOLOGIES / "pairs-ci.json"
+MBIT = 1e6
 # Small enough to profile and run in seconds on one core; wide enough (128 KiB of activations
 # per sample) that a pipeline hop over a 10 Mbit/s lo costs more than a stage's compute.
 MODEL_ARGS = ("d_model=256", "seq_len=128", "n_layer=4", "vocab_size=512")
@@ -41,6 +48,89 @@ def _needs_testbed() -> None:
 
 def _all_qdiscs_in_root() -> str:
     return subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.usefixtures("_needs_testbed")
+@pytest.mark.netns
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_profile_cluster_reproduces_every_pair_of_a_four_host_file(tmp_path: Path) -> None:
+    topo = topology.load(PAIRS)
+    with EmulatedCluster(topo) as ec:
+        tag = ec.tag
+        prof = ec.profile_cluster(tmp_path / "c.json", tmp_path / "logs",
+                                  sizes="64KiB,256KiB,1MiB")
+        assert prof.ok, prof.tail()
+    assert nothing_left(netns.PREFIX, tag) == []
+    data = json.loads((tmp_path / "c.json").read_text())
+    bw, lat = data["links"]["bandwidth_Bps"], data["links"]["latency_s"]
+    hosts = [h.name for _, h, _ in topo.rank_hosts()]
+    assert [d["host"].rsplit("-", 1)[-1] for d in data["devices"]] == hosts
+    lines, misses = [], []
+    for i, a in enumerate(hosts):
+        for j, b in enumerate(hosts):
+            if a == b:
+                continue
+            want, got = topo.effective_rate(a, b), bw[i][j] * 8
+            assert want is not None
+            lines.append(f"{a}->{b} {got / MBIT:.1f} of {want / MBIT:.0f} Mbit/s, "
+                         f"alpha {lat[i][j] * 1e3:.2f} ms")
+            if abs(got - want) > 0.15 * want:
+                misses.append(lines[-1])
+    print("\n".join(lines))
+    assert misses == [], misses
+    # the delayed pair's one-way latency, read from the 1-byte round trip
+    for i, j in ((0, 1), (1, 0)):
+        assert lat[i][j] == pytest.approx(0.003, rel=0.15), lines
+    assert max(lat[0][2], lat[2][3], lat[3][0]) < 0.001, "an undelayed pair got a latency"
+
+
+_SINK = ("import socket\n"
+         "s = socket.create_server(('0.0.0.0', 5301))\n"
+         "c, _ = s.accept()\n"
+         "while c.recv(1 << 20):\n"
+         "    pass\n")
+_SEND = ("import socket, sys, threading, time\n"
+         "def send(host, out):\n"
+         "    c = socket.create_connection((host, 5301))\n"
+         "    t = time.perf_counter()\n"
+         "    c.sendall(bytes(3 << 20))\n"
+         "    c.shutdown(socket.SHUT_WR)\n"
+         "    c.recv(1)\n"
+         "    out.append(3 * 8 * 2**20 / (time.perf_counter() - t))\n"
+         "out = []\n"
+         "ts = [threading.Thread(target=send, args=(h, out)) for h in sys.argv[1:]]\n"
+         "[t.start() for t in ts]\n"
+         "[t.join() for t in ts]\n"
+         "print(sum(out))\n")
+
+
+@pytest.mark.usefixtures("_needs_testbed")
+@pytest.mark.netns
+def test_an_uplink_is_shared_by_every_pair_of_its_host() -> None:
+    # Host c's uplink (30 Mbit/s) is below each of its pairs (60 Mbit/s): two flows at once
+    # share it, in both directions.
+    topo = topology.load(PAIRS)
+    with EmulatedCluster(topo) as ec:
+        tag = ec.tag
+        ns = {s.host: s for s in ec.slots}
+        tb = ec.testbed
+
+        def both(sender: str, receivers: list[str]) -> float:
+            sinks = [tb.popen(ns[r].ns, [sys.executable, "-c", _SINK]) for r in receivers]
+            time.sleep(1)
+            done = tb.run(ns[sender].ns, [sys.executable, "-c", _SEND,
+                                          *[ns[r].addr for r in receivers]], timeout=60)
+            assert done.returncode == 0, done.stderr
+            for p in sinks:
+                p.wait(timeout=10)
+            return float(done.stdout)
+
+        out_of_c = both("c", ["a", "b"])
+        unshared = both("b", ["a", "d"])  # b's pairs to a (delayed) and d, no uplink
+    assert out_of_c == pytest.approx(30 * MBIT, rel=0.15)
+    assert unshared > 1.5 * 60 * MBIT  # two pairs side by side, each at its own rate
+    assert nothing_left(netns.PREFIX, tag) == []
 
 
 @pytest.mark.usefixtures("_needs_testbed")
@@ -84,8 +174,10 @@ def test_ranks_run_in_their_namespace_and_cgroup_and_teardown_on_failure(
     topo = topology.Topology(
         "limits",
         (topology.HostSpec("a", (topology.RankSpec(cpu=0.5, memory=300 << 20),), "20mbit"),
-         topology.HostSpec("b", (topology.RankSpec(),), None)),
+         topology.HostSpec("b", (topology.RankSpec(),), None),
+         topology.HostSpec("c", (topology.RankSpec(),), None, uplink="50mbit")),
         "100mbit",
+        (topology.LinkSpec(("a", "b"), latency="1ms"),),
     )
     ec = EmulatedCluster(topo)
     probe = ("import os,sys; print(open('/proc/self/cgroup').read());"
@@ -104,7 +196,14 @@ def test_ranks_run_in_their_namespace_and_cgroup_and_teardown_on_failure(
         assert f"cpu:/{a.group.name}" in text and f"memory:/{a.group.name}" in text
         ns_inode = os.stat(f"/var/run/netns/{a.ns.name}").st_ino
         assert str(ns_inode) in text
-        assert run.peak_memory[0] > 0 and run.memory_cap == [300 << 20, None]
+        assert run.peak_memory[0] > 0 and run.memory_cap == [300 << 20, None, None]
+        # the bridge's namespace, the uplink's inbound cap there, the delay line and its cgroup
+        switch = ec.testbed.namespaces[0]
+        assert switch.name.endswith(f"-{tag}-{netns.SWITCH}")
+        assert "rate 50Mbit" in ec.testbed.run(switch, ["tc", "class", "show", "dev",
+                                                        ec.testbed.ports[2].switch_dev]).stdout
+        assert ec.service_group is not None and ec.service_group.path("cpu").exists()
+        assert [p for p in nothing_left(netns.PREFIX, tag) if "delayline" in p]
         raise RuntimeError("boom")
     assert nothing_left(netns.PREFIX, tag) == []
     assert not [p for p in cgroups.leftovers(netns.PREFIX) if tag in p.name]
@@ -174,12 +273,17 @@ def test_a_plan_on_idle_ranks_runs_on_their_slots(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("_needs_testbed")
 @pytest.mark.netns
 def test_sigterm_tears_the_cluster_down(tmp_path: Path) -> None:
+    # Three hosts on the bridge, one pair behind the delay line: all of it must go.
+    spec = json.loads(TOPOLOGY.read_text())
+    spec["hosts"].append({"name": "c", "ranks": [{}]})
+    spec["links"] = [{"hosts": ["a", "c"], "rate": "50mbit", "latency": "1ms"}]
+    (tmp_path / "three.json").write_text(json.dumps(spec))
     script = (
         "import sys, time\n"
         f"sys.path.insert(0, {str(thesis.ROOT)!r})\n"
         "from benchmarks.testbed import topology\n"
         "from benchmarks.testbed.cluster import EmulatedCluster\n"
-        f"topo = topology.load({str(TOPOLOGY)!r})\n"
+        f"topo = topology.load({str(tmp_path / 'three.json')!r})\n"
         "with EmulatedCluster(topo) as ec:\n"
         "    print(ec.tag, flush=True)\n"
         "    ec.launch(['--no-python', 'sleep', '300'], __import__('pathlib').Path("
@@ -194,6 +298,8 @@ def test_sigterm_tears_the_cluster_down(tmp_path: Path) -> None:
         time.sleep(0.2)
     time.sleep(1)
     assert [p for p in cgroups.leftovers(netns.PREFIX) if tag in p.name], "no cgroups made"
+    assert len([n for n in netns.leftovers() if f"-{tag}-" in n]) == 4  # 3 hosts + bridge
+    assert [p for p in nothing_left(netns.PREFIX, tag) if "delayline" in p]
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert nothing_left(netns.PREFIX, tag) == []
@@ -201,6 +307,7 @@ def test_sigterm_tears_the_cluster_down(tmp_path: Path) -> None:
 
 def test_topology_files_load_and_bad_ones_are_refused(tmp_path: Path) -> None:
     for name in ("inverted", "normal", "mixed-speed", "memory-tight", "inverted-ci"):
+        # the two-host scenarios (N-host files: tests/test_testbed_topology.py)
         topo = topology.load(thesis.TOPOLOGIES / f"{name}.json")
         assert topo.world == 4
         assert [r for r, _, _ in topo.rank_hosts()] == [0, 1, 2, 3]

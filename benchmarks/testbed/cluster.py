@@ -340,9 +340,16 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
 
 
 def nothing_left(prefix: str, tag: str) -> list[str]:
-    """This cluster's namespaces, root-namespace veths and cgroups that still exist."""
+    """This cluster's namespaces (bridge's included), root-namespace links, cgroups and
+    processes (ranks, the delay line: their command lines name the tag) that still exist."""
+    import psutil
+
     left = [n for n in netns.leftovers(prefix) if f"-{tag}-" in n]
     left += [str(p) for p in cgroups.leftovers(prefix) if f"-{tag}-" in p.name]
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     left += [line.split(":")[1].strip() for line in links.splitlines() if f"pv{tag}" in line]
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if f"-{tag}-" in line and proc.pid != os.getpid():
+            left.append(f"process {proc.pid}: {line[:120]}")
     return left
