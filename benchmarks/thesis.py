@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -38,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.testbed import topology  # noqa: E402
+from benchmarks.testbed import cgroups, netns, topology  # noqa: E402
 from benchmarks.testbed.cluster import EmulatedCluster, RankRun, unavailable_reason  # noqa: E402
 
 __all__ = ["PLANNERS", "Row", "Scenario", "check", "main", "markdown", "run_scenario"]
@@ -117,6 +120,15 @@ class Row:
     failed: str | None = None
     layout_key: str = ""
     same_as: str | None = None
+    runs: tuple[float, ...] = ()
+    """measured step time of every run of this plan (the row holds the median one)"""
+
+    @property
+    def spread(self) -> float | None:
+        """(slowest - fastest) / median run, with two runs or more."""
+        if len(self.runs) < 2 or not self.measured_s:
+            return None
+        return (max(self.runs) - min(self.runs)) / self.measured_s
 
     @property
     def error(self) -> float | None:
@@ -130,10 +142,13 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _pdv(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pdv", *args], cwd=ROOT, capture_output=True,
-                          text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                          "PYTHONPATH": str(ROOT)})
+def _pdv(*args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "pdv", *args]
+    if prelude:
+        argv = ["sh", "-c", f"{prelude} && exec {shlex.join(argv)}"]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                               "PYTHONPATH": str(ROOT)})
 
 
 def _layout_key(plan: dict) -> str:
@@ -153,13 +168,26 @@ def _layout(plan: dict) -> str:
 
 def profile_model(out: Path, model: str, model_args: tuple[str, ...],
                   micro_batch_sizes: str) -> Path:
-    """`pdv profile model` once, unconstrained (the cluster profile scales slower ranks)."""
+    """`pdv profile model` once, without a quota (the cluster profile scales slower ranks).
+
+    Where cgroups are at hand it runs at the ranks' CPU weight, so that other work on the
+    machine slows its timings no more than it slows the ranks'.
+    """
     path = out / "model.json"
     args = ["profile", "model", model, "-o", str(path), "--micro-batch-sizes",
             micro_batch_sizes, "--repeat", "5", "--warmup", "2"]
     for pair in model_args:
         args += ["--model-arg", pair]
-    done = _pdv(*args)
+    if cgroups.unavailable_reason() is None:
+        group = cgroups.RankGroup(f"{netns.PREFIX}-{os.getpid()}-{secrets.token_hex(2)}-model")
+        cgroups.cleanup_leftovers(netns.PREFIX)
+        group.create(None, None, shares=cgroups.QUOTA_SHARES)
+        try:
+            done = _pdv(*args, prelude=group.shell_enter())
+        finally:
+            group.remove()
+    else:
+        done = _pdv(*args)
     if done.returncode != 0:
         raise SystemExit(f"pdv profile model failed:\n{done.stderr[-3000:]}")
     return path
@@ -168,8 +196,9 @@ def profile_model(out: Path, model: str, model_args: tuple[str, ...],
 def run_scenario(scenario: Scenario, model_profile: Path, out: Path, global_batch: int,
                  steps: int, planners: tuple[str, ...] = PLANNERS,
                  topology_file: Path | None = None, log: Callable[[str], None] = _say,
-                 ) -> list[Row]:
-    """Bring the scenario up, profile the cluster, plan with each planner and run each plan."""
+                 repeat: int = 1) -> list[Row]:
+    """Bring the scenario up, profile the cluster, plan with each planner and run each plan
+    `repeat` times (the row holds the median run)."""
     topo = topology.load(topology_file or scenario.path)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
@@ -200,9 +229,17 @@ def run_scenario(scenario: Scenario, model_profile: Path, out: Path, global_batc
                                     same_as=same.planner))
                 log(f"[{scenario.name}] {planner}: the same plan as {same.planner}")
                 continue
-            report = out / f"report.{planner}.json"
-            run = ec.run_plan(plan, report, out / "logs" / planner, steps=steps)
-            rows.append(_row(scenario.name, planner, data, predicted, run, report))
+            got: list[Row] = []
+            for k in range(repeat):
+                # Each run starts fresh processes: the spread between runs is the noise the
+                # checks allow for (NOISE).
+                tail = "" if repeat == 1 else f".{k}"
+                report = out / f"report.{planner}{tail}.json"
+                run = ec.run_plan(plan, report, out / "logs" / f"{planner}{tail}", steps=steps)
+                got.append(_row(scenario.name, planner, data, predicted, run, report))
+                if got[-1].failed:
+                    break
+            rows.append(_median_row(got))
             log(f"[{scenario.name}] {planner}: {_layout(data)} predicted {predicted} "
                 f"measured {rows[-1].measured_s} ({run.wall_s:.0f} s)")
     return rows
@@ -218,6 +255,15 @@ def _row(scenario: str, planner: str, plan: dict, predicted: float | None, run: 
         failed = "OOM-killed" if oom else f"exit codes {run.returncodes}"
     return Row(scenario, planner, _layout(plan), predicted, measured, run.peak_memory,
                run.memory_cap, list(run.ranks), oom, failed, _layout_key(plan))
+
+
+def _median_row(runs: list[Row]) -> Row:
+    """The run with the median measured step (a failed run stands for all), with every run's."""
+    if any(r.failed for r in runs):
+        return next(r for r in runs if r.failed)
+    ordered = sorted(runs, key=lambda r: r.measured_s or 0.0)
+    return replace(ordered[(len(ordered) - 1) // 2],
+                   runs=tuple(r.measured_s or 0.0 for r in runs))
 
 
 def _ms(x: float | None) -> str:
@@ -241,6 +287,8 @@ def markdown(rows: list[Row]) -> str:
         mem = " ".join(f"r{k} {_mib(p)}/{_mib(c) if c else 'inf'}"
                        for k, p, c in zip(r.ranks, r.peak_memory, r.memory_cap, strict=True))
         measured = _ms(r.measured_s) if r.failed is None else r.failed
+        if r.spread is not None and r.failed is None:
+            measured += f" (runs {r.spread:.0%} apart)"
         layout = f"`{r.layout}`" + (f" (= {r.same_as})" if r.same_as else "")
         lines.append(f"| {r.scenario} | {r.planner} | {layout} | {_ms(r.predicted_s)} "
                      f"| {measured} | {err} | {ratio} | {mem} |")
@@ -298,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Also run this topology file (repeatable; format: "
                         "benchmarks/testbed/topology.py).")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="Run each plan this many times (fresh processes), keep the median.")
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--model", default=MODEL)
     p.add_argument("--model-arg", action="append", default=None)
@@ -320,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     for scenario in scenarios:
         got = run_scenario(scenario, prof, out / _folder(scenario.name), args.global_batch,
-                           args.steps)
+                           args.steps, repeat=args.repeat)
         rows += got
         failures += check(scenario, got)
     table = markdown(rows)

@@ -174,3 +174,16 @@ def test_a_topology_file_gets_its_checks_from_its_shape(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('{"hosts": []}')
     assert thesis.main(["--topology", str(bad)]) == 2
+
+
+def test_repeated_runs_keep_the_median_and_show_their_spread() -> None:
+    def run(measured: float | None) -> thesis.Row:
+        return thesis.Row("s", "pdv", "-", 0.1, measured, [], [], [], False,
+                          None if measured else "exit codes [1]")
+
+    got = thesis._median_row([run(0.30), run(0.20), run(0.25)])
+    assert got.measured_s == 0.25 and got.runs == (0.30, 0.20, 0.25)
+    assert got.spread == pytest.approx(0.4)
+    assert "250.0 ms (runs 40% apart)" in thesis.markdown([got])
+    assert thesis._median_row([run(0.2), run(None)]).failed  # one failed run fails the row
+    assert thesis._median_row([run(0.2)]).spread is None
