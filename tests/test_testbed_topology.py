@@ -187,3 +187,11 @@ def test_repeated_runs_keep_the_median_and_show_their_spread() -> None:
     assert "250.0 ms (runs 40% apart)" in thesis.markdown([got])
     assert thesis._median_row([run(0.2), run(None)]).failed  # one failed run fails the row
     assert thesis._median_row([run(0.2)]).spread is None
+
+
+def test_the_readme_example_topology_loads() -> None:
+    text = (thesis.ROOT / "README.md").read_text()
+    block = text.split("```json", 1)[1].split("```", 1)[0]
+    topo = topology.parse(json.loads(block), "readme")
+    assert topo.name == "two-sites" and topo.world == 5
+    assert topo.pair_latency("d", "a") == "2ms" and topo.effective_rate("b", "a") == 100e6
