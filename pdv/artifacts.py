@@ -78,6 +78,14 @@ class ModelSpec(_Strict):
 
     spec: str = Field(description="'path/to/file.py:factory' or 'package.module:factory'")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="factory keyword arguments")
+    split_at: list[str] = Field(
+        default_factory=list,
+        description="submodule names a layer starts at (a bare nn.Module's --split-at)",
+    )
+    blocks: list[str] = Field(
+        default_factory=list,
+        description="ModuleLists whose every child is a layer (a bare nn.Module's --blocks)",
+    )
 
 
 # --------------------------------------------------------------------------- model profile

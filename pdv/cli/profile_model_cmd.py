@@ -15,7 +15,8 @@ from pdv.cli.render import render
 @profile_app.command("model")
 def profile_model_cmd(
     model: str = typer.Argument(
-        ..., help="Model factory: 'path/to/file.py:factory' or 'package.module:factory'."
+        ..., help="Model: 'path/to/file.py:factory', 'package.module:factory', a sample's name "
+        "(gpt_tiny) or a HuggingFace family built from a config (hf:llama, hf:gpt2)."
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the profile JSON."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:index]."),
@@ -29,6 +30,14 @@ def profile_model_cmd(
     ),
     model_arg: list[str] = typer.Option(
         [], "--model-arg", help="Factory keyword argument key=value (repeatable)."
+    ),
+    split_at: list[str] = typer.Option(
+        [], "--split-at", help="For a factory returning an nn.Module: start a layer at this "
+        "submodule, e.g. layers.4 (repeatable)."
+    ),
+    blocks: list[str] = typer.Option(
+        [], "--blocks", help="For a factory returning an nn.Module: every child of this "
+        "ModuleList is a layer, e.g. model.layers (repeatable)."
     ),
     estimate: bool = typer.Option(
         False, "--estimate", help="Do not run the layers: count FLOPs and bytes on the meta "
@@ -63,6 +72,8 @@ def profile_model_cmd(
     req = ProfileRequest(
         spec=model,
         kwargs=parse_model_args(model_arg),
+        split_at=tuple(split_at),
+        blocks=tuple(blocks),
         device=device,
         micro_batch_sizes=parse_sizes(micro_batch_sizes, "--micro-batch-sizes"),
         tp_degrees=parse_sizes(tp_degrees, "--tp-degrees"),

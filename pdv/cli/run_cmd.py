@@ -29,6 +29,14 @@ def run(
         None, "--model", help="Model factory, when the plan names none (or to override it)."
     ),
     model_arg: list[str] = typer.Option([], "--model-arg", help="Factory argument key=value."),
+    split_at: list[str] = typer.Option(
+        [], "--split-at", help="With --model returning an nn.Module: start a layer at this "
+        "submodule (repeatable)."
+    ),
+    blocks: list[str] = typer.Option(
+        [], "--blocks", help="With --model returning an nn.Module: every child of this "
+        "ModuleList is a layer."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the weights and the synthetic data."),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | sgd."),
@@ -54,7 +62,8 @@ def run(
 
     the_plan = artifacts.load_as(plan, "plan")
     opts = launch.RunOptions(
-        plan=str(plan), steps=steps, model=model, model_args=tuple(model_arg), seed=seed, lr=lr,
+        plan=str(plan), steps=steps, model=model, model_args=tuple(model_arg),
+        split_at=tuple(split_at), blocks=tuple(blocks), seed=seed, lr=lr,
         optimizer=optimizer, warmup=warmup, report=str(report) if report else None, data=data,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         checkpoint_every=checkpoint_every, device=device,

@@ -262,7 +262,11 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
     """Estimate a ModelProfile from FLOPs and bytes on the meta device (method "estimated")."""
     dtype = resolve_dtype(req.dtype)
     with torch.device("meta"):
-        model = build_model(req.spec, req.kwargs, req.seed)
+        model = build_model(req.spec, req.kwargs, req.seed, split_at=req.split_at,
+                            blocks=req.blocks)
+    if model.prepare is not None:
+        raise PdvError(f"model {req.spec!r} is split by tracing, which needs real tensors; "
+                       "profile it by measuring (drop --estimate)")
     tps = _check(req, model)
     rate, here, device_notes = _device(req, dtype)
     overhead, overhead_note = (0, "overhead_bytes: not measured (device not at hand)")

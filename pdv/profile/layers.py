@@ -38,6 +38,7 @@ from pdv.artifacts import (
     Provenance,
     WholeModelTiming,
 )
+from pdv.boundaries import probe
 from pdv.errors import PdvError
 from pdv.models import ModelDef, build_model
 from pdv.profile.compute import (
@@ -73,6 +74,10 @@ class ProfileRequest:
 
     spec: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    split_at: tuple[str, ...] = ()
+    """a bare nn.Module's cut points (--split-at)"""
+    blocks: tuple[str, ...] = ()
+    """a bare nn.Module's ModuleLists whose children are layers (--blocks)"""
     device: str = "cpu"
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4)
     tp_degrees: tuple[int, ...] = (1,)
@@ -171,44 +176,69 @@ def _leaf(x: torch.Tensor, grad: bool) -> torch.Tensor:
     return x.requires_grad_(grad and x.is_floating_point())
 
 
+Values = tuple[torch.Tensor, ...]
+"""What a layer receives: the previous layer's output (a tuple's elements as arguments)."""
+
+
+def _as_values(out: Any) -> Values:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _leaves(xs: Values, grad: bool) -> Values:
+    return tuple(_leaf(x, grad) for x in xs)
+
+
+def _backward(out: Any, grads: Sequence[torch.Tensor | None] | None) -> bool:
+    """Backward from a layer's output (a loss, a tensor or a tuple); False if nothing to do."""
+    outs = _as_values(out)
+    pairs = [(o, None if grads is None else grads[k]) for k, o in enumerate(outs)
+             if o.requires_grad]
+    if not pairs:
+        return False  # no parameters and no gradient input: nothing to do in backward
+    torch.autograd.backward([o for o, _ in pairs],
+                            None if grads is None else [g for _, g in pairs])
+    return True
+
+
 def _clear_grads(layer: nn.Module) -> None:
     # Training zeroes grads with set_to_none: each backward allocates them afresh.
     for p in layer.parameters():
         p.grad = None
 
 
-def _forward(layer: nn.Module, x: torch.Tensor, last: bool, loss_fn: Callable[..., Any],
-             targets: torch.Tensor) -> torch.Tensor:
-    out = layer(x)
+def _forward(layer: nn.Module, xs: Values, last: bool, loss_fn: Callable[..., Any],
+             targets: torch.Tensor) -> Any:
+    out = layer(*xs)
     return loss_fn(out, targets) if last else out
 
 
-def _layer_memory(layer: nn.Module, x: torch.Tensor, first: bool, last: bool,
+def _layer_memory(layer: nn.Module, xs: Values, first: bool, last: bool,
                   loss_fn: Callable[..., Any], targets: torch.Tensor,
                   device: torch.device) -> tuple[int, int, float]:
     """(saved activation bytes, output bytes, forward FLOPs) of one untimed forward."""
-    x = _leaf(x, not first)
+    xs = _leaves(xs, not first)
     saved = SavedTensors(exclude=list(layer.parameters()))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
     with saved.active(), FlopCounterMode(display=False) as counter:
-        out = layer(x)
+        out = layer(*xs)
         loss = loss_fn(out, targets) if last else None
     out_bytes = tensor_bytes(out)
     act = saved.bytes()
     if cuda:
         torch.cuda.synchronize(device)
         after = torch.cuda.memory_allocated(device)
-        act = cuda_saved_bytes(before, after, out_bytes, saved.holds(out),
-                               tensor_bytes(x), saved.holds(x))
+        act = cuda_saved_bytes(before, after, out_bytes,
+                               all(saved.holds(o) for o in _as_values(out)),
+                               tensor_bytes(xs), all(saved.holds(x) for x in xs))
     del out, loss
     return act, out_bytes, float(counter.get_total_flops())
 
 
-def _time_layers(layers: Sequence[nn.Module], acts: Sequence[torch.Tensor],
-                 grads: Sequence[torch.Tensor | None], loss_fn: Callable[..., Any],
+def _time_layers(layers: Sequence[nn.Module], acts: Sequence[Values],
+                 grads: Sequence[tuple[torch.Tensor | None, ...]], loss_fn: Callable[..., Any],
                  targets: torch.Tensor, clock: Clock) -> tuple[list[float], list[float]]:
     """One round: every layer's forward in order, then every backward in reverse order.
 
@@ -220,19 +250,17 @@ def _time_layers(layers: Sequence[nn.Module], acts: Sequence[torch.Tensor],
     fwd, bwd = [0.0] * n, [0.0] * n
     outs: list[Any] = []
     for i, layer in enumerate(layers):
-        x = _leaf(acts[i], i > 0)
+        xs = _leaves(acts[i], i > 0)
         _clear_grads(layer)
         t0 = clock.now()
-        outs.append(_forward(layer, x, i == n - 1, loss_fn, targets))
+        outs.append(_forward(layer, xs, i == n - 1, loss_fn, targets))
         fwd[i] = clock.now() - t0
     for i in reversed(range(n)):
         out = outs[i]
         outs[i] = None
-        if not out.requires_grad:
-            continue  # no parameters and no gradient input: nothing to do in backward
         t0 = clock.now()
-        out.backward(grads[i] if i < n - 1 else None)
-        bwd[i] = clock.now() - t0
+        if _backward(out, grads[i] if i < n - 1 else None):
+            bwd[i] = clock.now() - t0
     return fwd, bwd
 
 
@@ -241,9 +269,9 @@ def _time_whole(layers: Sequence[nn.Module], x: torch.Tensor, loss_fn: Callable[
     for layer in layers:
         _clear_grads(layer)
     t0 = clock.now()
-    h = x
+    h: Any = x
     for layer in layers:
-        h = layer(h)
+        h = layer(*_as_values(h))
     loss = loss_fn(h, targets)
     t1 = clock.now()
     loss.backward()
@@ -265,14 +293,14 @@ def _measure_point(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
     n = len(layers)
     timed = layers if timed is None else timed
     clock = Clock(device)
-    acts = [inputs]
+    acts: list[Values] = [(inputs,)]
     with torch.no_grad():
         for layer in layers[:-1]:
-            acts.append(layer(acts[-1]))
+            acts.append(_as_values(layer(*acts[-1])))
     # A fixed upstream gradient per layer output stands in for what the next stage sends back.
     gen = torch.Generator(device=device).manual_seed(1)
-    grads = [torch.randn(a.shape, generator=gen, device=device, dtype=a.dtype)
-             if a.is_floating_point() else None for a in acts[1:]]
+    grads = [tuple(torch.randn(a.shape, generator=gen, device=device, dtype=a.dtype)
+                   if a.is_floating_point() else None for a in values) for values in acts[1:]]
     points = []
     for i, layer in enumerate(layers):
         act, out, flops = _layer_memory(layer, acts[i], i == 0, i == n - 1, loss_fn, targets,
@@ -305,13 +333,17 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     # Check the model first on the meta device (no memory, no time), so a bad model or TP
     # degree fails before any measuring.
     with torch.device("meta"):
-        _check(req, build_model(req.spec, req.kwargs, req.seed))
+        _check(req, build_model(req.spec, req.kwargs, req.seed, split_at=req.split_at,
+                                blocks=req.blocks))
     # The matmul probe doubles as the warm-up that loads kernels and libraries, so the overhead
     # read right after it (before any model tensor exists) is the runtime's constant cost.
     info = device_info(device, kind=req.device_kind)
     overhead, overhead_note = overhead_bytes(device)
-    model = build_model(req.spec, req.kwargs, req.seed)
+    model = build_model(req.spec, req.kwargs, req.seed, split_at=req.split_at,
+                        blocks=req.blocks)
     tps = _check(req, model)
+    # Every layer boundary is a possible stage boundary: check now what each hands on.
+    probe(model)
     mbss = tuple(sorted(set(req.micro_batch_sizes)))
     ref = mbss[0]
     base = [layer.to(device=device, dtype=dtype) for _, layer in model.layers]
@@ -495,7 +527,8 @@ def assemble(req: ProfileRequest, model: ModelDef, device: Any,
         ))
     return ModelProfile(
         provenance=provenance,
-        model=ModelSpec(spec=req.spec, kwargs=dict(req.kwargs)),
+        model=ModelSpec(spec=req.spec, kwargs=dict(req.kwargs), split_at=list(req.split_at),
+                        blocks=list(req.blocks)),
         device=device,
         dtype=str(dtype).removeprefix("torch."),
         optimizer=req.optimizer,

@@ -46,6 +46,8 @@ class RunOptions:
     steps: int = 10
     model: str | None = None
     model_args: tuple[str, ...] = ()
+    split_at: tuple[str, ...] = ()
+    blocks: tuple[str, ...] = ()
     seed: int = 0
     lr: float = 1e-3
     optimizer: str = "adamw"
@@ -91,6 +93,10 @@ def runtime_argv(opts: RunOptions) -> list[str]:
         argv += ["--model", opts.model]
     for pair in opts.model_args:
         argv += ["--model-arg", pair]
+    for name in opts.split_at:
+        argv += ["--split-at", name]
+    for name in opts.blocks:
+        argv += ["--blocks", name]
     defaults = RunOptions(plan=opts.plan)
     for name in ("seed", "lr", "optimizer", "warmup", "device"):
         value = getattr(opts, name)

@@ -1,7 +1,8 @@
 """Check a plan against this machine and build this host's torchrun command.
 
 Everything a user can get wrong is caught here, before any process starts: a plan of another
-schema (at load), no model, a model whose layers the stages do not cover, a TP degree the model
+schema (at load), no model, a model whose layers the stages do not cover, a stage boundary
+that carries what cannot be sent (the shape probe), a TP degree the model
 lacks, a world size the plan's devices contradict, more hosts than this allocation has, more
 ranks than this host has GPUs.
 """
@@ -12,6 +13,7 @@ import socket
 import sys
 
 from pdv.artifacts import Plan
+from pdv.boundaries import probe_for_stages
 from pdv.cost.stage import layer_choices
 from pdv.errors import PdvError
 from pdv.models import build_model, load_factory
@@ -26,10 +28,12 @@ __all__ = ["check_plan", "local_command", "free_port"]
 
 def check_plan(plan: Plan, opts: RunOptions) -> ParallelDims:
     """Every check that needs no process group; a PdvError names the fix."""
-    spec, kwargs = resolve_model(plan, opts.model, list(opts.model_args))
-    model = build_model(spec, kwargs, opts.seed)
+    spec, kwargs, split_at, blocks = resolve_model(plan, opts.model, list(opts.model_args),
+                                                   list(opts.split_at), list(opts.blocks))
+    model = build_model(spec, kwargs, opts.seed, split_at=split_at, blocks=blocks)
     dims = ParallelDims.from_plan(plan, len(model.layers))
     check_tp_support(model, list(plan.stages), spec)
+    probe_for_stages(model, [s.layers for s in dims.stages])
     for stage in plan.stages:
         layer_choices(stage)
     host_slots(plan)

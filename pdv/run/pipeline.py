@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from pdv.boundaries import Boundary, Value
 from pdv.errors import PdvError
 from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
@@ -23,12 +24,22 @@ from pdv.run.stage import ReplicaGrads
 __all__ = ["ChainPipeline"]
 
 
+def _examples(values: tuple[Value, ...], rows: int,
+              device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty(v.full_shape(rows), dtype=v.dtype, device=device)
+                 .requires_grad_(v.requires_grad) for v in values)
+
+
 class ChainPipeline:
     """This rank's PipelineStage(s) and the schedule that drives them."""
 
     def __init__(self, dims: ParallelDims, meshes: StageMeshes, modules: dict[int, nn.Module],
                  rank: int, device: torch.device, schedule: str,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 boundaries: list[Boundary], first_input: Value) -> None:
+        """`boundaries`: the shape probe's record of what each layer hands on; `first_input`:
+        the model's input. Stages get their shapes from them (torch's static mode), so no
+        shape inference runs on the wire."""
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import get_schedule_class
 
@@ -49,8 +60,13 @@ class ChainPipeline:
                     "stages' ranks"
                 )
         self.stages = []
+        rows = dims.replica_rows(0)
         for i in self.stage_ids:
-            st = PipelineStage(modules[i], i, dims.num_stages, device, group=meshes.pp_group)
+            start, end = dims.stages[i].layers
+            ins = (first_input,) if i == 0 else boundaries[start - 1].values
+            st = PipelineStage(modules[i], i, dims.num_stages, device, group=meshes.pp_group,
+                               input_args=_examples(ins, rows, device),
+                               output_args=_examples(boundaries[end - 1].values, rows, device))
             st.stage_index_to_group_rank = dict(to_group)
             self.stages.append(st)
         try:

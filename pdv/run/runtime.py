@@ -24,6 +24,7 @@ import torch.distributed.pipelining  # noqa: F401
 import torch.distributed.tensor.parallel  # noqa: F401
 
 from pdv.artifacts import Plan, load_as, write
+from pdv.boundaries import Value, probe_for_stages
 from pdv.errors import PdvError
 from pdv.models import build_model, parse_model_args
 from pdv.run.checkpoint import Checkpointer
@@ -32,6 +33,7 @@ from pdv.run.dims import ParallelDims, build_meshes
 from pdv.run.reference import OPTIMIZERS, make_optimizer
 from pdv.run.report import PeakMemory, make_report
 from pdv.run.stage import build_stage_module, check_tp_support
+from pdv.run.tied import TiedGrads
 
 __all__ = ["main", "resolve_model", "parse_args"]
 
@@ -46,6 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--model")
     p.add_argument("--model-arg", action="append", default=[])
+    p.add_argument("--split-at", action="append", default=[])
+    p.add_argument("--blocks", action="append", default=[])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
@@ -58,17 +62,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_model(plan: Plan, model: str | None,
-                  model_args: list[str]) -> tuple[str, dict[str, Any]]:
-    """(spec, kwargs): --model wins over the plan's model; --model-arg overrides its kwargs."""
-    kwargs = dict(plan.model.kwargs) if plan.model and not model else {}
+def resolve_model(plan: Plan, model: str | None, model_args: list[str],
+                  split_at: list[str] | None = None, blocks: list[str] | None = None,
+                  ) -> tuple[str, dict[str, Any], list[str], list[str]]:
+    """(spec, kwargs, split_at, blocks): --model wins over the plan's model (and its cut
+    points); --model-arg overrides its kwargs; --split-at/--blocks replace its cut points."""
+    own = plan.model if plan.model and not model else None
+    kwargs = dict(own.kwargs) if own else {}
     spec = model or (plan.model.spec if plan.model else None)
     if spec is None:
         raise PdvError(
             "the plan names no model; pass --model path/file.py:factory (and --model-arg)"
         )
     kwargs.update(parse_model_args(model_args))
-    return spec, kwargs
+    cut = bool(split_at or blocks)
+    return (spec, kwargs, list(split_at or []) if cut or not own else list(own.split_at),
+            list(blocks or []) if cut or not own else list(own.blocks))
 
 
 def _device(choice: str, local_rank: int) -> torch.device:
@@ -94,34 +103,43 @@ def train(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     plan: Plan = load_as(args.plan, "plan")
-    spec, kwargs = resolve_model(plan, args.model, args.model_arg)
+    spec, kwargs, split_at, blocks = resolve_model(plan, args.model, args.model_arg,
+                                                   args.split_at, args.blocks)
     dims = ParallelDims.from_plan(plan)
     if dims.world_size != world:
         raise PdvError(f"the plan uses {dims.world_size} ranks but torchrun started {world}")
     meshes = build_meshes(dims, device.type, rank)
     memory = PeakMemory(device.type)
-    model = build_model(spec, kwargs, args.seed)
+    model = build_model(spec, kwargs, args.seed, split_at=split_at, blocks=blocks)
     dims = ParallelDims.from_plan(plan, len(model.layers))
     check_tp_support(model, list(plan.stages), spec)
+    boundaries = probe_for_stages(model, [s.layers for s in dims.stages])
+    if model.prepare is not None:
+        model.prepare(sorted({dims.replica_rows(i) for i in range(dims.num_stages)}))
     uniform = dims.uniform
+    tied = TiedGrads(model, dims, rank, dims.stages[0].dp if uniform else 1)
     modules = {
-        i: build_stage_module(model, dims.stages[i], meshes.stage_mesh[i], device)
+        i: build_stage_module(model, dims.stages[i], meshes.stage_mesh[i], device, tied.params)
         for i in dims.stages_of(rank)
     }
+    tied.check()
     loss_fn = model.loss_fn
     source = BatchSource(model, plan.global_batch_size, args.seed, args.data)
     model.layers = []  # the other stages' layers are freed; this rank keeps its own
     if uniform:
         from pdv.run.pipeline import ChainPipeline
 
-        executor: Any = ChainPipeline(dims, meshes, modules, rank, device, plan.schedule, loss_fn)
+        x0 = source.global_batch(0)[0]
+        first = Value(x0.dtype, tuple(x0.shape[1:]), True, False)
+        executor: Any = ChainPipeline(dims, meshes, modules, rank, device, plan.schedule,
+                                      loss_fn, boundaries, first)
     else:
         from pdv.run.widths import WidthPipeline
 
-        sample = source.global_batch(0)[0][:1]
         executor = WidthPipeline(dims, meshes, modules, rank, device, plan.schedule, loss_fn,
-                                 sample)
-    params = [p for m in modules.values() for p in m.parameters()]
+                                 boundaries)
+    # A parameter two of this rank's stages share (tied, interleaved) is stepped once.
+    params = list({id(p): p for m in modules.values() for p in m.parameters()}.values())
     opt = make_optimizer(params, args.optimizer, args.lr)
     ckpt = Checkpointer(args.checkpoint_dir, args.checkpoint_every, modules, opt, args.steps)
     start, losses, times = ckpt.resume()
@@ -133,6 +151,7 @@ def train(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         opt.zero_grad()
         micro_losses = executor.step(x, y)
+        tied.reduce()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -39,10 +39,11 @@ def check_tp_support(model: ModelDef, stages: list[PlanStage], spec: str) -> Non
 
 
 def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
-                       device: torch.device) -> nn.Module:
+                       device: torch.device, tied: set[nn.Parameter] | None = None) -> nn.Module:
     """The stage's layers as one module, parallelized for this rank (TP, recompute, FSDP2).
 
     Plain replicas come back unwrapped; the executor sums their grads with ReplicaGrads.
+    `tied` parameters stay out of FSDP's shards (pdv.run.tied sums their gradients).
     """
     start, end = stage.layers
     choices = layer_choices(stage)
@@ -75,10 +76,11 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
         # Layers marked fsdp are their own units; the rest fall into the stage's root unit,
         # so a stage with any FSDP layer shards all of its parameters.
         dp_mesh = mesh["dp"]
+        ignored = set(tied or ())
         for k, c in enumerate(choices):
             if c.fsdp:
-                fully_shard(module[k], mesh=dp_mesh)
-        fully_shard(module, mesh=dp_mesh)
+                fully_shard(module[k], mesh=dp_mesh, ignored_params=ignored)
+        fully_shard(module, mesh=dp_mesh, ignored_params=ignored)
         return module
     return module
 
@@ -96,8 +98,12 @@ class ReplicaGrads:
     def __init__(self, module: nn.Module, group: Any, divide_by: int) -> None:
         from torch.distributed.tensor import DTensor
 
+        from pdv.run.tied import TIED_ATTR
+
         self.group, self.divide_by = group, divide_by
-        params = [p for p in module.parameters() if p.requires_grad]
+        # Tied parameters are summed over every rank holding a copy (pdv.run.tied), not here.
+        params = [p for p in module.parameters()
+                  if p.requires_grad and not getattr(p, TIED_ATTR, False)]
         self.plain = [p for p in params if not isinstance(p, DTensor)]
         self.sharded = [p for p in params if isinstance(p, DTensor)]
         total = sum(p.numel() for p in self.plain)

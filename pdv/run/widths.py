@@ -32,8 +32,14 @@ all backwards) or 1F1B order (``num_stages - stage - 1`` warm-up forwards, then 
 sends are asynchronous and every message carries a (micro-batch, direction) tag, so any order
 that respects the data dependencies completes.
 
-Shapes. At construction a shape pass runs one sample through the pipeline (headers with dtype
-and per-sample shape travel along the same routes), so receive buffers are sized exactly.
+Values. A boundary carries a tensor or a tuple of tensors; what each is (dtype, shape, whether
+its dim 0 is the micro-batch, whether a gradient flows back) comes from the shape probe every
+rank runs on the whole model before building its stage (:mod:`pdv.boundaries`), so receive
+buffers are sized exactly and nothing about shapes is negotiated at run time. A batched value
+is split and merged by rows as above; a value without the micro-batch dim (a table every sample
+shares) travels whole on every route, and its gradient returns whole on the route of the
+receiver's first rows only (zeros on the others), so the senders' replicas, which sum their
+gradients, count each receiver's gradient once.
 
 Replicas are plain copies whose gradients one flat all-reduce sums, or FSDP2 shards whose
 reduce-scatter sums (gradient divide factor 1, sync on the last micro-batch only).
@@ -46,12 +52,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from pdv.boundaries import Boundary, Value
 from pdv.errors import PdvError
 from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
@@ -59,8 +67,10 @@ from pdv.run.stage import ReplicaGrads
 
 __all__ = ["Route", "routes_in", "routes_out", "WidthPipeline"]
 
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
-_HEADER = 8
+
+def _tag(micro_batch: int, backward: bool, value: int) -> int:
+    """A message's gloo tag: one per (micro-batch, direction, value of the boundary tuple)."""
+    return (2 * micro_batch + int(backward)) * 256 + value
 
 
 @dataclass(frozen=True)
@@ -141,8 +151,8 @@ class WidthPipeline:
     def __init__(self, dims: ParallelDims, meshes: StageMeshes, modules: dict[int, nn.Module],
                  rank: int, device: torch.device, schedule: str,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 sample: torch.Tensor) -> None:
-        """`sample`: one row of the first stage's input, for the shape pass."""
+                 boundaries: list[Boundary]) -> None:
+        """`boundaries`: the shape probe's record of what every layer hands on."""
         if dims.multi_stage:
             raise PdvError("stages of different widths cannot also be interleaved; give each "
                            "rank one stage")
@@ -172,37 +182,9 @@ class WidthPipeline:
         for m in self.fsdp:
             m.set_gradient_divide_factor(1.0)  # replicas sum (see "Loss and gradients")
             m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
-        self.in_meta = (
-            (sample.dtype, tuple(sample.shape[1:])) if self.first else self._recv_header()
-        )
-        self._shape_pass()
-
-    # ------------------------------------------------------------------ shape pass
-
-    def _recv_header(self) -> tuple[torch.dtype, tuple[int, ...]]:
-        h = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-        dist.recv(h, self.fwd_in[0].peer, tag=999_999)
-        for extra in self.fwd_in[1:]:
-            dist.recv(torch.empty_like(h), extra.peer, tag=999_999)
-        ndim = int(h[1])
-        return _DTYPES[int(h[0])], tuple(int(d) for d in h[2 : 2 + ndim])
-
-    def _shape_pass(self) -> None:
-        # Zeros are valid input for every layer pdv knows (token id 0, zero activations).
-        dtype, shape = self.in_meta
-        with torch.no_grad():
-            out = self.module(torch.zeros((1, *shape), dtype=dtype, device=self.device))
-        self._send_header(out)
-
-    def _send_header(self, out: torch.Tensor) -> None:
-        if self.last:
-            return
-        h = torch.full((_HEADER,), -1, dtype=torch.int64)
-        h[0], h[1] = _DTYPES.index(out.dtype), out.dim() - 1
-        h[2 : 1 + out.dim()] = torch.tensor(out.shape[1:])
-        h = h.to(self.device)
-        for route in self.fwd_out:
-            dist.send(h, route.peer, tag=999_999)
+        start, end = spec.layers
+        self.in_values: tuple[Value, ...] = () if self.first else boundaries[start - 1].values
+        self.out_values: tuple[Value, ...] = () if self.last else boundaries[end - 1].values
 
     # ------------------------------------------------------------------ one step
 
@@ -220,7 +202,7 @@ class WidthPipeline:
         spec = dims.stages[self.stage]
         xs = micro_batch_rows(x, nmb, spec.dp, self.replica).chunk(nmb) if self.first else None
         ys = micro_batch_rows(y, nmb, spec.dp, self.replica).chunk(nmb) if self.last else None
-        saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        saved: dict[int, tuple[tuple[torch.Tensor, ...], Any]] = {}
         pending: list[dist.Work] = []
         losses: list[float] = []
         scale = 1.0 / (nmb * dims.stages[-1].dp)
@@ -228,56 +210,87 @@ class WidthPipeline:
             self.replica_grads.attach()
         for kind, m in self._order():
             if kind == "F":
-                inp = xs[m].to(self.device) if xs is not None else self._recv_input(m)
-                out = self.module(inp)
+                inputs = (xs[m].to(self.device),) if xs is not None else self._recv_inputs(m)
+                out = self.module(*inputs)
                 if self.last:
                     assert ys is not None
                     loss = self.loss_fn(out, ys[m].to(self.device))
                     losses.append(float(loss.detach()))
                     out = loss * scale
                 else:
-                    pending += self._send(out.detach(), self.fwd_out, 2 * m)
-                saved[m] = (inp if inp.requires_grad else None, out)
+                    outs = out if isinstance(out, tuple) else (out,)
+                    for k, value in enumerate(outs):
+                        pending += self._send(value.detach(), self.out_values[k], self.fwd_out,
+                                              _tag(m, False, k), first_only=False)
+                saved[m] = (inputs, out)
             else:
-                inp, out = saved.pop(m)
+                inputs, out = saved.pop(m)
                 if self.fsdp:
                     self.fsdp[0].set_requires_gradient_sync(m == nmb - 1)
                     self.fsdp[0].set_is_last_backward(m == nmb - 1)
                 if self.last:
                     out.backward()
                 else:
-                    out.backward(self._recv_grad(m, out))
-                if inp is not None:
-                    pending += self._send(inp.grad, self.bwd_out, 2 * m + 1)
+                    self._backward(out, m)
+                received = () if self.first else inputs
+                for k, (value, inp) in enumerate(zip(self.in_values, received, strict=True)):
+                    if value.requires_grad:
+                        grad = inp.grad if inp.grad is not None else torch.zeros_like(inp)
+                        pending += self._send(grad, value, self.bwd_out, _tag(m, True, k),
+                                              first_only=True)
         for work in pending:
             work.wait()
         self._sum_replica_grads()
         return losses
 
-    def _recv_input(self, m: int) -> torch.Tensor:
-        dtype, shape = self.in_meta
-        bufs = [torch.empty((r.hi - r.lo, *shape), dtype=dtype, device=self.device)
-                for r in self.fwd_in]
-        works = [dist.irecv(b, r.peer, tag=2 * m) for b, r in zip(bufs, self.fwd_in, strict=True)]
-        for w in works:
-            w.wait()
-        inp = torch.cat(bufs).to(self.device)
-        return inp.requires_grad_(inp.is_floating_point())
+    def _backward(self, out: Any, m: int) -> None:
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, self._recv_grad(m, k, v)) for k, (o, v) in
+                 enumerate(zip(outs, self.out_values, strict=True)) if v.requires_grad]
+        # Receive every gradient (in value order, as sent) before running backward.
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
-    def _recv_grad(self, m: int, out: torch.Tensor) -> torch.Tensor:
-        bufs = [torch.empty((r.hi - r.lo, *out.shape[1:]), dtype=out.dtype, device=self.device)
-                for r in self.bwd_in]
-        works = [dist.irecv(b, r.peer, tag=2 * m + 1)
+    def _recv_inputs(self, m: int) -> tuple[torch.Tensor, ...]:
+        out = []
+        for k, value in enumerate(self.in_values):
+            bufs = [torch.empty(value.full_shape(r.hi - r.lo), dtype=value.dtype,
+                                device=self.device) for r in self.fwd_in]
+            works = [dist.irecv(b, r.peer, tag=_tag(m, False, k))
+                     for b, r in zip(bufs, self.fwd_in, strict=True)]
+            for w in works:
+                w.wait()
+            inp = torch.cat(bufs) if value.batched else bufs[0]
+            out.append(inp.requires_grad_(value.requires_grad))
+        return tuple(out)
+
+    def _recv_grad(self, m: int, k: int, value: Value) -> torch.Tensor:
+        bufs = [torch.empty(value.full_shape(r.hi - r.lo), dtype=value.dtype,
+                            device=self.device) for r in self.bwd_in]
+        works = [dist.irecv(b, r.peer, tag=_tag(m, True, k))
                  for b, r in zip(bufs, self.bwd_in, strict=True)]
         for w in works:
             w.wait()
-        return torch.cat(bufs).to(self.device)
+        if value.batched:
+            return torch.cat(bufs)
+        total = bufs[0]
+        for b in bufs[1:]:
+            total = total + b
+        return total
 
-    def _send(self, t: torch.Tensor | None, routes: list[Route], tag: int) -> list[dist.Work]:
-        if t is None:
-            return []
-        return [dist.isend(t[r.lo - self.lo : r.hi - self.lo].contiguous(), r.peer, tag=tag)
-                for r in routes]
+    def _send(self, t: torch.Tensor, value: Value, routes: list[Route], tag: int,
+              first_only: bool) -> list[dist.Work]:
+        works = []
+        first_lo = min((r.lo for r in routes), default=0)
+        for r in routes:
+            if value.batched:
+                piece = t[r.lo - self.lo : r.hi - self.lo]
+            elif first_only and r.lo != first_lo:
+                piece = torch.zeros_like(t)
+            else:
+                piece = t
+            works.append(dist.isend(piece.contiguous(), r.peer, tag=tag))
+        return works
 
     def _sum_replica_grads(self) -> None:
         if self.replica_grads is not None:

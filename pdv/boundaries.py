@@ -1,0 +1,175 @@
+"""What each layer hands on, found by a shape probe before anything is sent.
+
+Every layer boundary is a possible stage boundary, and between stages only tensors travel, in
+buffers sized in advance. The probe runs the whole model on small real batches (three of them:
+two sizes, two draws of data) and records, per layer, what it hands on: a tensor or a tuple of
+tensors, each with its dtype, its shape without the micro-batch dim (or its whole shape when it
+has none: a table every sample shares), and whether a gradient flows back through it. Anything
+the wire cannot carry is a PdvError naming the layer (and, at run time, the stage): a non-tensor,
+a shape that changes between micro-batches, a layer that fails on what the one before it hands
+on, a last layer that returns more than the loss reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pdv.errors import PdvError
+from pdv.models import ModelDef
+
+__all__ = ["Value", "Boundary", "BoundaryError", "probe", "probe_for_stages", "WIRE_DTYPES"]
+
+WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+"""dtypes a boundary may carry (gloo and NCCL both send them)."""
+
+_ROWS = (2, 2, 3)
+_SEEDS = (0, 1, 2)
+
+
+class BoundaryError(PdvError):
+    """What a layer hands on cannot cross a stage boundary (or the layer fails on its input)."""
+
+    def __init__(self, layer: int, message: str) -> None:
+        super().__init__(message)
+        self.layer = layer
+
+
+@dataclass(frozen=True)
+class Value:
+    """One tensor a layer hands on."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    """without the micro-batch dim when `batched`, else the whole shape"""
+    batched: bool
+    """dim 0 is the micro-batch: split by rows between replicas, concatenated when merged"""
+    requires_grad: bool
+    """a gradient flows back through it"""
+
+    def full_shape(self, rows: int) -> tuple[int, ...]:
+        """The shape of this value for a micro-batch of `rows` samples."""
+        return (rows, *self.shape) if self.batched else self.shape
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """What layer `layer` hands on to the next (or, for the last layer, to the loss)."""
+
+    layer: int
+    name: str
+    values: tuple[Value, ...]
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"tensor {tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        return "(" + ", ".join(_describe(o) for o in out) + ")"
+    return type(out).__name__
+
+
+def _values(out: Any, where: str, index: int) -> tuple[torch.Tensor, ...]:
+    items = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    for k, item in enumerate(items):
+        if not isinstance(item, torch.Tensor):
+            at = f" (element {k} of its tuple)" if len(items) > 1 else ""
+            raise BoundaryError(
+                index,
+                f"{where} hands on a {type(item).__name__}{at}: {_describe(out)}; only "
+                "tensors cross stage boundaries: return a tensor or a tuple of tensors (recompute "
+                "non-tensor settings inside each layer)"
+            )
+        if item.dtype not in WIRE_DTYPES:
+            raise BoundaryError(index, f"{where} hands on a {item.dtype} tensor, which pdv does not send; "
+                           f"cast it to one of {', '.join(str(d) for d in WIRE_DTYPES)}")
+    if not items:
+        raise BoundaryError(index, f"{where} hands on an empty tuple; return at least one tensor")
+    return items
+
+
+def _run(model: ModelDef, rows: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
+    gen = torch.Generator().manual_seed(seed)
+    x, _ = model.make_batch(rows, gen)
+    values: tuple[Any, ...] = (x,)
+    outs: list[tuple[torch.Tensor, ...]] = []
+    for index, (name, layer) in enumerate(model.layers):
+        where = f"layer {index} {name!r}"
+        try:
+            out = layer(*values)
+        except PdvError:
+            raise
+        except Exception as exc:
+            got = _describe(values if len(values) > 1 else values[0])
+            raise BoundaryError(
+                index,
+                f"{where} fails on what {'the batch' if index == 0 else 'the layer before'} "
+                f"hands on ({got}): {type(exc).__name__}: {str(exc).strip()[:200]}; a layer "
+                "gets exactly the previous layer's output (a tuple as separate arguments): hand "
+                "on what the next layer needs, or recompute it there"
+            ) from None
+        outs.append(_values(out, where, index))
+        values = outs[-1]
+    return outs
+
+
+def probe(model: ModelDef) -> list[Boundary]:
+    """Run the model on three small batches; what every layer hands on, checked for the wire."""
+    runs = []
+    with torch.random.fork_rng(devices=[]):
+        for rows, seed in zip(_ROWS, _SEEDS, strict=True):
+            runs.append((rows, _run(model, rows, seed)))
+    last = len(model.layers) - 1
+    boundaries = []
+    for index, (name, _) in enumerate(model.layers):
+        where = f"layer {index} {name!r}"
+        seen = [(rows, outs[index]) for rows, outs in runs]
+        counts = {len(v) for _, v in seen}
+        if len(counts) > 1:
+            raise BoundaryError(index, f"{where} hands on a different number of tensors for different "
+                           "batches; pdv needs the same structure every micro-batch")
+        values = []
+        for k in range(counts.pop()):
+            values.append(_value([(rows, v[k]) for rows, v in seen], where, k, index))
+        if index == last and len(values) != 1:
+            raise BoundaryError(index, f"{where} is the last layer and returns {len(values)} tensors; it "
+                           "must return the one tensor the loss reads")
+        boundaries.append(Boundary(index, name, tuple(values)))
+    return boundaries
+
+
+def _value(seen: Sequence[tuple[int, torch.Tensor]], where: str, k: int, index: int) -> Value:
+    shapes = {tuple(t.shape) for _, t in seen}
+    dtypes = {t.dtype for _, t in seen}
+    grads = {t.requires_grad for _, t in seen}
+    what = f"{where} (tensor {k})" if k else where
+    if len(dtypes) > 1 or len(grads) > 1:
+        raise BoundaryError(index, f"{what}: its dtype or gradient changes between micro-batches "
+                       f"({sorted(map(str, dtypes))}); pdv sends a fixed kind of tensor")
+    batched = all(t.dim() > 0 and t.shape[0] == rows for rows, t in seen)
+    per_sample = {tuple(t.shape[1:]) for _, t in seen}
+    if batched and len(per_sample) == 1:
+        return Value(dtypes.pop(), per_sample.pop(), True, grads.pop())
+    if len(shapes) == 1:
+        return Value(dtypes.pop(), shapes.pop(), False, grads.pop())
+    listed = ", ".join(f"{tuple(t.shape)} at {rows} samples" for rows, t in seen)
+    raise BoundaryError(
+        index,
+        f"{what}: its shape changes between micro-batches ({listed}); pdv sends fixed-size "
+        "buffers between stages: pad to a fixed shape, or keep the micro-batch as dim 0"
+    )
+
+
+def probe_for_stages(model: ModelDef, stage_layers: Sequence[tuple[int, int]]) -> list[Boundary]:
+    """probe(), with an error naming the plan's stage that holds the layer."""
+    try:
+        return probe(model)
+    except BoundaryError as exc:
+        for s, (start, end) in enumerate(stage_layers):
+            if start <= exc.layer < end:
+                raise PdvError(f"stage {s} (layers [{start}, {end})): {exc}") from None
+        raise
