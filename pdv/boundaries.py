@@ -85,8 +85,9 @@ def _values(out: Any, where: str, index: int) -> tuple[torch.Tensor, ...]:
                 "non-tensor settings inside each layer)"
             )
         if item.dtype not in WIRE_DTYPES:
-            raise BoundaryError(index, f"{where} hands on a {item.dtype} tensor, which pdv does not send; "
-                           f"cast it to one of {', '.join(str(d) for d in WIRE_DTYPES)}")
+            raise BoundaryError(index, f"{where} hands on a {item.dtype} tensor, which pdv "
+                                "does not send; cast it to one of "
+                                + ", ".join(str(d) for d in WIRE_DTYPES))
     if not items:
         raise BoundaryError(index, f"{where} hands on an empty tuple; return at least one tensor")
     return items
@@ -130,14 +131,14 @@ def probe(model: ModelDef) -> list[Boundary]:
         seen = [(rows, outs[index]) for rows, outs in runs]
         counts = {len(v) for _, v in seen}
         if len(counts) > 1:
-            raise BoundaryError(index, f"{where} hands on a different number of tensors for different "
-                           "batches; pdv needs the same structure every micro-batch")
+            raise BoundaryError(index, f"{where} hands on a different number of tensors for "
+                                "different batches; pdv needs the same structure every micro-batch")
         values = []
         for k in range(counts.pop()):
             values.append(_value([(rows, v[k]) for rows, v in seen], where, k, index))
         if index == last and len(values) != 1:
-            raise BoundaryError(index, f"{where} is the last layer and returns {len(values)} tensors; it "
-                           "must return the one tensor the loss reads")
+            raise BoundaryError(index, f"{where} is the last layer and returns {len(values)} "
+                                "tensors; it must return the one tensor the loss reads")
         boundaries.append(Boundary(index, name, tuple(values)))
     return boundaries
 

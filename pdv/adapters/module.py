@@ -20,6 +20,7 @@ micro-batch size (:meth:`ModelDef.prepare` before any parallelization).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -208,10 +209,9 @@ class _Traces:
                 owner._parameters[leaf] = self.root.get_parameter(fqn)
             for fqn, _ in list(piece.named_buffers(remove_duplicate=False)):
                 owner, leaf = _owner(piece, fqn)
-                try:
+                # AttributeError: a constant the tracer lifted, the piece's own
+                with contextlib.suppress(AttributeError):
                     owner._buffers[leaf] = self.root.get_buffer(fqn)
-                except AttributeError:
-                    pass  # a constant the tracer lifted: the piece's own
 
 
 def _annotate(root: nn.Module, points: list[tuple[str, str]]) -> None:

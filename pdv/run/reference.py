@@ -6,6 +6,7 @@ divided by the number of micro-batches, as the pipeline schedules scale it), sam
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pdv.models import build_model
@@ -17,9 +18,10 @@ __all__ = ["OPTIMIZERS", "make_optimizer", "reference_losses"]
 
 def reference_losses(spec: str, kwargs: dict[str, Any], *, steps: int, global_batch_size: int,
                      num_micro_batches: int, seed: int = 0, lr: float = 1e-3,
-                     optimizer: str = "adamw", data: str | None = None) -> list[float]:
+                     optimizer: str = "adamw", data: str | None = None,
+                     split_at: Sequence[str] = (), blocks: Sequence[str] = ()) -> list[float]:
     """Per-step losses of single-process training with gradient accumulation."""
-    model = build_model(spec, kwargs, seed)
+    model = build_model(spec, kwargs, seed, split_at=split_at, blocks=blocks)
     net = model.sequential()
     opt = make_optimizer(net.parameters(), optimizer, lr)
     source = BatchSource(model, global_batch_size, seed, data)

@@ -140,6 +140,8 @@ def train(args: argparse.Namespace) -> None:
                                  boundaries)
     # A parameter two of this rank's stages share (tied, interleaved) is stepped once.
     params = list({id(p): p for m in modules.values() for p in m.parameters()}.values())
+    # A stage may have no parameters (a reshape); torch's optimizers refuse an empty list.
+    params = params or [torch.nn.Parameter(torch.zeros(0, device=device))]
     opt = make_optimizer(params, args.optimizer, args.lr)
     ckpt = Checkpointer(args.checkpoint_dir, args.checkpoint_every, modules, opt, args.steps)
     start, losses, times = ckpt.resume()

@@ -31,7 +31,7 @@ def net(channels: int = 6, length: int = 10, n_mix: int = 4) -> nn.Sequential:
     mods: list[nn.Module] = [Transpose()]
     for i in range(n_mix):
         mods.append(Mix(channels if i % 2 == 0 else length))
-    if n_mix % 2:
+    if n_mix % 2 == 0:
         mods.append(Transpose())
     return nn.Sequential(*mods)
 

@@ -1,0 +1,177 @@
+"""Conformance: every sample model and every model source x plan shapes trains as one process.
+
+Each model runs five plans on 4 CPU ranks -- pipeline only (1F1B), stages of different widths
+(GPipe), pipeline x FSDP, TP (or replicas) with recompute, interleaved -- and its per-step losses
+must equal a 1-rank run's within 1e-5 relative. All plans of all models share one torchrun
+launch (tests/conformance_worker.py). The models include one whose layers hand on
+non-contiguous views, one whose blocks take extra inputs as tuples, and three whose embedding
+is tied to the LM head across a stage boundary. Each model's profile must also add up: the
+sum of its layers' times within 15% of the whole model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pdv.run.reference import reference_losses
+from tests.conftest import ROOT
+
+pytest.importorskip("transformers")
+
+STEPS, NMB, MBS = 3, 4, 4
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model as pdv names it, and what it supports."""
+
+    spec: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    split_at: tuple[str, ...] = ()
+    blocks: tuple[str, ...] = ()
+    tp: bool = False
+    lr: float = 1e-3
+
+    def argv(self) -> list[str]:
+        out = ["--model", self.spec]
+        out += [f"--model-arg={k}={json.dumps(v)}" for k, v in self.kwargs.items()]
+        for name in self.split_at:
+            out += ["--split-at", name]
+        for name in self.blocks:
+            out += ["--blocks", name]
+        return out
+
+
+MODELS = {
+    "mlp": Source("mlp", {"n_layer": 2}, tp=True),
+    "convnet": Source("convnet", {"n_block": 2, "width": 8, "image_size": 16}),
+    "gpt_tiny": Source("gpt_tiny", {"n_layer": 2}, tp=True),
+    # tied embedding = LM head (GPT-2's default) cut by every plan's first boundary; a large
+    # learning rate so that untied copies would drift apart within the steps.
+    "hf_gpt2": Source("hf:gpt2", {"n_layer": 2, "n_embd": 32, "seq_len": 16}, lr=0.05),
+    "hf_llama": Source("hf:llama", {"num_hidden_layers": 2, "hidden_size": 32,
+                                    "intermediate_size": 64, "seq_len": 16}, tp=True),
+    "sequential_views": Source("tests/models/seq_views.py:net"),
+    "split_blocks": Source("tests/models/split_net.py:net", {"n_block": 2}, blocks=("layers",),
+                           lr=0.05),
+    "tuples_tied": Source("tests/models/carry.py:carry", {"n_block": 2}, lr=0.05),
+}
+"""Every model has at least 4 layers, so every plan below has at least one layer per stage."""
+
+
+def _layers(source: Source) -> int:
+    from pdv.models import build_model
+
+    return len(build_model(source.spec, source.kwargs, split_at=source.split_at,
+                           blocks=source.blocks).layers)
+
+
+def _cuts(n: int, k: int) -> list[list[int]]:
+    """k contiguous ranges over n layers, as even as they go."""
+    edges = [round(i * n / k) for i in range(k + 1)]
+    return [[edges[i], edges[i + 1]] for i in range(k)]
+
+
+def plans(n: int, tp: bool) -> dict[str, tuple[list[dict[str, Any]], str]]:
+    """The plan shapes every model runs, on 4 ranks."""
+    four, two = _cuts(n, 4), _cuts(n, 2)
+    width = "tp" if tp else "dp"
+    return {
+        "pipeline-1f1b": ([{"layers": r, "ranks": [i]} for i, r in enumerate(four)], "1F1B"),
+        "widths-gpipe": ([{"layers": [0, two[0][1]], "ranks": [0, 1], "dp": 2},
+                          {"layers": [two[0][1], four[3][0]], "ranks": [2]},
+                          {"layers": four[3], "ranks": [3]}], "GPipe"),
+        "fsdp-1f1b": ([{"layers": r, "ranks": [2 * i, 2 * i + 1], "dp": 2, "fsdp": True}
+                       for i, r in enumerate(two)], "1F1B"),
+        f"{width}-recompute-gpipe": ([{"layers": r, "ranks": [2 * i, 2 * i + 1], width: 2,
+                                       "recompute": True} for i, r in enumerate(two)], "GPipe"),
+        "interleaved": ([{"layers": r, "ranks": [0, 1] if i % 2 == 0 else [2, 3], "dp": 2}
+                         for i, r in enumerate(four)], "Interleaved1F1B"),
+    }
+
+
+def _write_plan(path: Path, stages: list[dict[str, Any]], schedule: str) -> None:
+    plan = {"schema": "pdv.plan/v1", "stages": stages, "micro_batch_size": MBS,
+            "num_micro_batches": NMB, "global_batch_size": MBS * NMB, "schedule": schedule}
+    path.write_text(json.dumps(plan))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], list[float]]:
+    """Every (model, plan) trained in one torchrun launch: their reports' losses."""
+    tmp = tmp_path_factory.mktemp("conformance")
+    cases, reports = [], {}
+    for model, source in MODELS.items():
+        for name, (stages, schedule) in plans(_layers(source), source.tp).items():
+            plan = tmp / f"{model}-{name}.json"
+            _write_plan(plan, stages, schedule)
+            report = tmp / f"{model}-{name}.report.json"
+            cases.append([str(plan), "--steps", str(STEPS), "--lr", str(source.lr),
+                          "--report", str(report), "--warmup", "0", *source.argv()])
+            reports[(model, name)] = report
+    listing = tmp / "cases.json"
+    listing.write_text(json.dumps(cases))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+         str(ROOT / "tests" / "conformance_worker.py"), str(listing)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    return {key: json.loads(path.read_text())["loss"] for key, path in reports.items()}
+
+
+def _reference(source: Source) -> list[float]:
+    from pdv.models import build_model  # noqa: F401  (the reference builds its own)
+
+    return reference_losses(source.spec, source.kwargs, steps=STEPS,
+                            global_batch_size=MBS * NMB, num_micro_batches=NMB, lr=source.lr,
+                            split_at=source.split_at, blocks=source.blocks)
+
+
+CASES = [(m, p) for m, s in MODELS.items() for p in plans(4, s.tp)]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_losses_equal_one_process(runs: dict[tuple[str, str], list[float]], model: str) -> None:
+    want = _reference(MODELS[model])
+    got = {plan: losses for (m, plan), losses in runs.items() if m == model}
+    assert len(got) == 5
+    for plan, losses in got.items():
+        assert len(losses) == STEPS
+        for step, (g, w) in enumerate(zip(losses, want, strict=True)):
+            assert abs(g - w) <= 1e-5 * abs(w), f"{model} {plan} step {step}: {g} vs {w}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_profile_layers_add_up_to_the_whole_model(model: str) -> None:
+    """Within 15%. Bursts of other processes on a shared machine preempt the longer whole-model
+    window more often than the short layer windows, so a profile is retaken (at most 4 times,
+    as tests/test_profile_model.py does); a systematic error fails every take."""
+    import torch
+
+    from pdv.profile.layers import ProfileRequest, profile_model
+
+    torch.set_num_threads(1)
+    source = MODELS[model]
+    req = ProfileRequest(spec=source.spec, kwargs=source.kwargs, split_at=source.split_at,
+                         blocks=source.blocks, micro_batch_sizes=(4,), warmup=3, repeat=9)
+    for _ in range(4):
+        profile = profile_model(req)
+        layers = sum(x.fwd_s + x.bwd_s for x in profile.layers)
+        assert profile.whole_model is not None
+        whole = profile.whole_model.fwd_bwd_s
+        if abs(layers - whole) <= 0.15 * whole:
+            break
+    assert abs(layers - whole) <= 0.15 * whole, f"layer sum {layers:.6f}s vs whole {whole:.6f}s"

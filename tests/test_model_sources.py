@@ -1,0 +1,119 @@
+"""Model sources and bad model input: adapters reproduce the models they adapt, and what cannot
+run is one line and exit 2 naming the fix (before anything is launched)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdv.boundaries import probe
+from pdv.errors import PdvError
+from pdv.models import build_model
+from tests.conftest import run_pdv
+
+
+def test_hf_adapters_equal_the_transformers_models() -> None:
+    transformers = pytest.importorskip("transformers")
+    from pdv.adapters import hf
+
+    for family, cls in (("llama", transformers.LlamaForCausalLM),
+                        ("gpt2", transformers.GPT2LMHeadModel)):
+        kwargs = {"seq_len": 7}
+        model = build_model(f"hf:{family}", kwargs, seed=3)
+        config, _ = hf._config(family, kwargs)
+        torch.manual_seed(3)
+        ref = cls(config)
+        x, _ = model.make_batch(3, torch.Generator().manual_seed(0))
+        assert torch.equal(model.sequential()(x), ref(input_ids=x).logits)
+    # GPT-2 ties its LM head to the token embedding: one parameter, two layers.
+    assert build_model("hf:gpt2").tied_groups() == [[(0, "tokens.weight"),
+                                                     (5, "lm_head.weight")]]
+
+
+def test_split_by_name_reproduces_the_module() -> None:
+    from tests.models import split_net
+
+    model = build_model("tests/models/split_net.py:net", {"n_block": 3}, seed=0,
+                        split_at=["layers.1", "norm"])
+    assert [n for n, _ in model.layers] == ["prologue", "layers.1", "norm"]
+    torch.manual_seed(0)
+    ref = split_net.Net(n_block=3)
+    for rows in (1, 4, 5):
+        x, _ = model.make_batch(rows, torch.Generator().manual_seed(rows))
+        assert torch.equal(model.sequential()(x), ref(x))
+    boundaries = probe(model)
+    # The position table (T, d) has no batch dim and carries a gradient (it reads a parameter).
+    table = [v for v in boundaries[0].values if not v.batched]
+    assert len(table) == 1 and table[0].requires_grad
+
+
+BAD = """
+import torch
+from torch import nn
+
+class Pair(nn.Module):
+    def forward(self, x):
+        return {"h": x}
+
+class Grow(nn.Module):
+    def forward(self, x):
+        return x[:, : int(x.abs().sum() * 10) % 5 + 1]
+
+class Branch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else self.b(x)
+
+def dict_out(): return nn.Sequential(nn.Linear(4, 4), Pair(), nn.Identity())
+def ragged(): return nn.Sequential(nn.Linear(4, 8), Grow(), nn.Identity())
+def branchy(): return Branch()
+def not_a_model(): return 42
+def make_batch(mbs, gen): return torch.randn(mbs, 4, generator=gen), torch.randn(mbs, 4)
+def loss_fn(out, y): return (out - y[:, : out.shape[1]]).pow(2).mean()
+"""
+
+
+@pytest.mark.parametrize("factory,args,needle", [
+    ("dict_out", [], "layer 1 '1' hands on a dict"),
+    ("ragged", [], "shape changes between micro-batches"),
+    ("branchy", ["--split-at", "b"], "torch.export cannot trace"),
+    ("branchy", ["--split-at", "c"], "--split-at c: model"),
+    ("branchy", [], "not an nn.Sequential"),
+    ("not_a_model", [], "factory returned int"),
+])
+def test_bad_models_are_one_line_and_exit_2(tmp_path: Path, factory: str, args: list[str],
+                                            needle: str) -> None:
+    src = tmp_path / "bad.py"
+    src.write_text(BAD)
+    res = run_pdv("profile", "model", f"{src}:{factory}", *args, "-o", str(tmp_path / "p.json"),
+                  "--repeat", "1", "--warmup", "0", "--micro-batch-sizes", "2")
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("pdv: error")]
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_run_names_the_stage_of_a_bad_boundary(tmp_path: Path) -> None:
+    src = tmp_path / "bad.py"
+    src.write_text(BAD)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"schema": "pdv.plan/v1", "micro_batch_size": 2,
+                                "num_micro_batches": 2, "global_batch_size": 4,
+                                "schedule": "GPipe",
+                                "stages": [{"layers": [0, 1], "ranks": [0]},
+                                           {"layers": [1, 3], "ranks": [1]}]}))
+    res = run_pdv("run", str(plan), "--model", f"{src}:dict_out", "--steps", "1")
+    assert res.returncode == 2, res.stderr
+    assert "stage 1 (layers [1, 3)): layer 1 '1' hands on a dict" in res.stderr
+
+
+def test_missing_batch_hooks_name_the_fix(tmp_path: Path) -> None:
+    src = tmp_path / "m.py"
+    src.write_text("from torch import nn\ndef net(): return nn.Sequential(nn.Linear(2, 2))\n")
+    with pytest.raises(PdvError, match="define make_batch and loss_fn next to the factory"):
+        build_model(f"{src}:net")
