@@ -27,6 +27,7 @@ from tests.conftest import ROOT
 pytest.importorskip("transformers")
 
 STEPS, NMB, MBS = 3, 4, 4
+PROFILE_MBS = 16
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class Source:
     blocks: tuple[str, ...] = ()
     tp: bool = False
     lr: float = 1e-3
+    profiled: dict[str, Any] = field(default_factory=dict)
+    """kwargs of the profile check: layers of a millisecond or more, so the fixed cost of
+    timing each layer on its own (tens of microseconds) stays inside the 15%"""
 
     def argv(self) -> list[str]:
         out = ["--model", self.spec]
@@ -51,8 +55,9 @@ class Source:
 
 
 MODELS = {
-    "mlp": Source("mlp", {"n_layer": 2}, tp=True),
-    "convnet": Source("convnet", {"n_block": 2, "width": 8, "image_size": 16}),
+    "mlp": Source("mlp", {"n_layer": 2}, tp=True, profiled={"dim": 512, "in_dim": 256}),
+    "convnet": Source("convnet", {"n_block": 2, "width": 8, "image_size": 16},
+                      profiled={"width": 16, "image_size": 32}),
     "gpt_tiny": Source("gpt_tiny", {"n_layer": 2}, tp=True),
     # tied embedding = LM head (GPT-2's default) cut by every plan's first boundary; a large
     # learning rate so that untied copies would drift apart within the steps.
@@ -61,8 +66,9 @@ MODELS = {
                                     "intermediate_size": 64, "seq_len": 16}, tp=True),
     "sequential_views": Source("tests/models/seq_views.py:net"),
     "split_blocks": Source("tests/models/split_net.py:net", {"n_block": 2}, blocks=("layers",),
-                           lr=0.05),
-    "tuples_tied": Source("tests/models/carry.py:carry", {"n_block": 2}, lr=0.05),
+                           lr=0.05, profiled={"d": 256}),
+    "tuples_tied": Source("tests/models/carry.py:carry", {"n_block": 2}, lr=0.05,
+                          profiled={"d": 256}),
 }
 """Every model has at least 4 layers, so every plan below has at least one layer per stage."""
 
@@ -165,8 +171,9 @@ def test_profile_layers_add_up_to_the_whole_model(model: str) -> None:
 
     torch.set_num_threads(1)
     source = MODELS[model]
-    req = ProfileRequest(spec=source.spec, kwargs=source.kwargs, split_at=source.split_at,
-                         blocks=source.blocks, micro_batch_sizes=(4,), warmup=3, repeat=9)
+    req = ProfileRequest(spec=source.spec, kwargs={**source.kwargs, **source.profiled},
+                         split_at=source.split_at, blocks=source.blocks,
+                         micro_batch_sizes=(PROFILE_MBS,), warmup=3, repeat=9)
     for _ in range(4):
         profile = profile_model(req)
         layers = sum(x.fwd_s + x.bwd_s for x in profile.layers)

@@ -26,19 +26,22 @@ class Mix(nn.Module):
         return torch.tanh(self.proj(x)).transpose(1, 2)
 
 
-def net(channels: int = 6, length: int = 10, n_mix: int = 4) -> nn.Sequential:
-    """(B, channels, length) -> (B, channels, length), every boundary a transposed view."""
+CHANNELS, LENGTH = 24, 40
+
+
+def net(n_mix: int = 4) -> nn.Sequential:
+    """(B, CHANNELS, LENGTH) -> the same shape, every boundary a transposed view."""
     mods: list[nn.Module] = [Transpose()]
     for i in range(n_mix):
-        mods.append(Mix(channels if i % 2 == 0 else length))
+        mods.append(Mix(CHANNELS if i % 2 == 0 else LENGTH))
     if n_mix % 2 == 0:
         mods.append(Transpose())
     return nn.Sequential(*mods)
 
 
 def make_batch(mbs: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(mbs, 6, 10, generator=gen)
-    return x, torch.randn(mbs, 6, 10, generator=gen)
+    x = torch.randn(mbs, CHANNELS, LENGTH, generator=gen)
+    return x, torch.randn(mbs, CHANNELS, LENGTH, generator=gen)
 
 
 loss_fn = F.mse_loss
