@@ -68,6 +68,9 @@ def from_module(module: nn.Module, factory: Callable[..., Any], spec: str,
         return ModelDef(layers=layers, make_batch=make_batch, loss_fn=loss_fn)
     points = split_points(module, split_at, blocks, spec)
     traces = _Traces(module, points, make_batch, spec)
+    if not traces.layer_names:  # built on the meta device: nothing traced, names as given
+        traces.layer_names = ["prologue"] + [n if k == "begin" else f"after_{n}"
+                                             for n, k in points]
     layers = [(name, _SplitLayer(traces, i)) for i, name in enumerate(traces.layer_names)]
     return ModelDef(layers=layers, make_batch=make_batch, loss_fn=loss_fn,
                     prepare=traces.prepare)
@@ -117,10 +120,11 @@ class _Traces:
     def __init__(self, root: nn.Module, points: list[tuple[str, str]],
                  make_batch: Callable[..., Any], spec: str) -> None:
         self.root, self.make_batch, self.spec = root, make_batch, spec
-        _annotate(root, points)
-        self.layer_names = ["prologue"] + [
-            name if kind == "begin" else f"after_{name}" for name, kind in points
-        ]
+        self.cuts: list[tuple[str, str]] = []
+        """the cut points in the order the traced forward met them"""
+        _annotate(root, points, self.cuts)
+        self.expected = len(points) + 1
+        self.layer_names: list[str] = []
         self.traced: dict[int, list[fx.GraphModule]] = {}
         self.frozen = False
         self.wiring: list[_Wiring] = []
@@ -177,6 +181,7 @@ class _Traces:
 
         gen = torch.Generator().manual_seed(0)
         x, _ = self.make_batch(rows, gen)
+        self.cuts.clear()
         try:
             pipe = Pipe.from_tracing(self.root, (x,))
         except Exception as exc:  # torch.export fails in many ways; the cause is what helps
@@ -189,12 +194,17 @@ class _Traces:
                 "the data cannot be split by name: make the forward traceable, or return a "
                 "pdv.models.ModelDef whose layers run one after another"
             ) from None
-        if pipe.num_stages != len(self.layer_names):
+        if pipe.num_stages != self.expected or len(self.cuts) != self.expected - 1:
             raise PdvError(
                 f"model {self.spec!r}: the split points give {pipe.num_stages} pieces, not "
-                f"{len(self.layer_names)}: a named submodule is not called by forward, or two "
-                "points fall on the same place; name submodules that forward calls, in order"
+                f"{self.expected}: a named submodule is not called by forward, is called more "
+                "than once, or two points fall on the same place; name submodules that forward "
+                "calls once each"
             )
+        # Layers are named by the cut that starts them, in the order forward runs them.
+        self.layer_names = ["prologue"] + [
+            name if kind == "begin" else f"after_{name}" for name, kind in self.cuts
+        ]
         wiring = _wiring(pipe.split_gm, self.spec)
         names = [n.name for n in pipe.split_gm.graph.nodes if n.op == "call_module"]
         pieces = [pipe.get_stage_module(i) for i in range(pipe.num_stages)]
@@ -214,9 +224,11 @@ class _Traces:
                     owner._buffers[leaf] = self.root.get_buffer(fqn)
 
 
-def _annotate(root: nn.Module, points: list[tuple[str, str]]) -> None:
+def _annotate(root: nn.Module, points: list[tuple[str, str]],
+              met: list[tuple[str, str]]) -> None:
     """Mark the cut points in the modules' forwards (pipelining's pipe_split markers); a module
-    may be cut both before and after (the last block of --blocks)."""
+    may be cut both before and after (the last block of --blocks). Each marker, as forward
+    meets it, is appended to `met`."""
     from torch.distributed.pipelining import pipe_split
 
     kinds: dict[str, set[str]] = {}
@@ -227,11 +239,13 @@ def _annotate(root: nn.Module, points: list[tuple[str, str]]) -> None:
         inner = module.forward
 
         def cut(*args: Any, _inner: Any = inner, _wanted: set[str] = wanted,
-                **kwargs: Any) -> Any:
+                _name: str = name, **kwargs: Any) -> Any:
             if "begin" in _wanted:
+                met.append((_name, "begin"))
                 pipe_split()
             out = _inner(*args, **kwargs)
             if "end" in _wanted:
+                met.append((_name, "end"))
                 pipe_split()
             return out
 
