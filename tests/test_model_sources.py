@@ -117,3 +117,38 @@ def test_missing_batch_hooks_name_the_fix(tmp_path: Path) -> None:
     src.write_text("from torch import nn\ndef net(): return nn.Sequential(nn.Linear(2, 2))\n")
     with pytest.raises(PdvError, match="define make_batch and loss_fn next to the factory"):
         build_model(f"{src}:net")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_split_model_profile_plan_run_equals_one_process(tmp_path: Path) -> None:
+    """The cut points travel: profiled with --split-at, planned on 4 CPU ranks, run from the plan
+    alone (no --model), and trained to the 1-rank losses."""
+    from pdv import artifacts
+    from pdv.run.reference import reference_losses
+    from tests.plan_fixtures import cluster
+
+    spec, cuts = "tests/models/split_net.py:net", ["layers.1", "layers.2", "layers.3", "norm"]
+    prof = tmp_path / "p.json"
+    res = run_pdv("profile", "model", spec, *[a for c in cuts for a in ("--split-at", c)],
+                  "--micro-batch-sizes", "1,2", "--repeat", "3", "-o", str(prof))
+    assert res.returncode == 0, res.stderr
+    profile = artifacts.load_as(prof, "model-profile")
+    assert profile.model is not None and profile.model.split_at == cuts
+    assert [x.name for x in profile.layers] == ["prologue", *cuts]
+    flops = profile.device.matmul_flops or 1e10
+    clus = tmp_path / "c.json"
+    artifacts.write(clus, cluster(["localhost"] * 4, [[1e9] * 4 for _ in range(4)],
+                                  kinds=["cpu"] * 4, flops=[flops] * 4))
+    plan = tmp_path / "plan.json"
+    res = run_pdv("plan", str(prof), "--cluster", str(clus), "--global-batch", "8", "-o",
+                  str(plan))
+    assert res.returncode == 0, res.stderr
+    report = tmp_path / "r.json"
+    res = run_pdv("run", str(plan), "--steps", "3", "--report", str(report))
+    assert res.returncode == 0, res.stderr[-3000:]
+    made = json.loads(plan.read_text())
+    want = reference_losses(spec, {}, steps=3, global_batch_size=made["global_batch_size"],
+                            num_micro_batches=made["num_micro_batches"], split_at=cuts)
+    got = json.loads(report.read_text())["loss"]
+    assert all(abs(g - w) <= 1e-5 * abs(w) for g, w in zip(got, want, strict=True)), (got, want)
