@@ -15,7 +15,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from pdv import __version__
 from pdv.errors import PdvError
@@ -86,6 +93,17 @@ class ModelSpec(_Strict):
         default_factory=list,
         description="ModuleLists whose every child is a layer (a bare nn.Module's --blocks)",
     )
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_cuts(self, handler: Any) -> Any:
+        # A model without cut points writes what it wrote before they existed: artifacts of
+        # ModelDef factories stay byte for byte the same.
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in ("split_at", "blocks"):
+                if not data.get(key):
+                    data.pop(key, None)
+        return data
 
 
 # --------------------------------------------------------------------------- model profile
