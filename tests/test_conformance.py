@@ -168,7 +168,8 @@ def test_profile_layers_add_up_to_the_whole_model(model: str) -> None:
     as tests/test_profile_model.py does); a systematic error fails every take."""
     import torch
 
-    from pdv.profile.layers import ProfileRequest, profile_model
+    from pdv.profile.layers import profile_model
+    from pdv.profile.request import ProfileRequest
 
     torch.set_num_threads(1)
     source = MODELS[model]

@@ -13,8 +13,9 @@ from pdv import artifacts
 from pdv.cli.app import main
 from pdv.errors import PdvError
 from pdv.profile.compute import fit_time
-from pdv.profile.layers import ProfileRequest, parse_sizes, profile_model
+from pdv.profile.layers import profile_model
 from pdv.profile.memory import SavedTensors
+from pdv.profile.request import ProfileRequest, parse_sizes
 from tests.conftest import run_pdv
 
 torch.set_num_threads(1)

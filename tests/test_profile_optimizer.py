@@ -11,8 +11,9 @@ from torch import nn
 
 from pdv import artifacts
 from pdv.models import ModelDef
-from pdv.profile.layers import ProfileRequest, profile_model
+from pdv.profile.layers import profile_model
 from pdv.profile.optimizer import time_optimizer_steps
+from pdv.profile.request import ProfileRequest
 from tests.conftest import run_pdv
 
 torch.set_num_threads(1)

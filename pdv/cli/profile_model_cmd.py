@@ -67,7 +67,8 @@ def profile_model_cmd(
     """Measure every layer's forward/backward time and memory (or estimate them)."""
     from pdv import artifacts
     from pdv.models import parse_model_args
-    from pdv.profile.layers import ProfileRequest, parse_sizes, profile_model
+    from pdv.profile.layers import profile_model
+    from pdv.profile.request import ProfileRequest, parse_sizes
 
     req = ProfileRequest(
         spec=model,

@@ -45,7 +45,6 @@ from pdv.profile.compute import (
     resolve_device,
     resolve_dtype,
 )
-from pdv.profile.layers import Point, ProfileRequest, Progress, _check, assemble
 from pdv.profile.memory import (
     OPTIMIZERS,
     SavedTensors,
@@ -54,6 +53,7 @@ from pdv.profile.memory import (
     tensor_bytes,
 )
 from pdv.profile.optimizer import LR, optimizer_note, trainable
+from pdv.profile.request import Point, ProfileRequest, Progress, assemble, check_model
 
 __all__ = ["estimate_profile"]
 
@@ -267,7 +267,7 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
     if model.prepare is not None:
         raise PdvError(f"model {req.spec!r} is split by tracing, which needs real tensors; "
                        "profile it by measuring (drop --estimate)")
-    tps = _check(req, model)
+    tps = check_model(req, model)
     rate, here, device_notes = _device(req, dtype)
     overhead, overhead_note = (0, "overhead_bytes: not measured (device not at hand)")
     if req.device_flops is None:

@@ -15,15 +15,15 @@ shapes the model's ``tp_shard`` gives) and each micro-batch size:
 4. last, one optimizer step per layer (pdv.profile.optimizer): the run's optimizer over the
    layer's parameters, rounds over every layer in order after a warm-up step that allocates state.
 
-Times are medians over the kept rounds, with the interquartile range as the spread. Per layer and
-TP degree, time = a + b·micro_batch is fitted over the micro-batch sizes.
+Times are medians over the kept rounds, with the interquartile range as the spread; the points
+go to pdv.profile.request.assemble, which fits time = a + b·micro_batch per layer and TP degree.
+With ``--estimate``, :func:`profile_model` hands the request to pdv.profile.estimate instead.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,139 +31,46 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pdv.artifacts import (
-    LayerProfile,
-    LayerSample,
     ModelProfile,
-    ModelSpec,
     Provenance,
     WholeModelTiming,
 )
 from pdv.boundaries import probe
 from pdv.errors import PdvError
-from pdv.models import ModelDef, build_model
+from pdv.models import build_model
 from pdv.profile.compute import (
     Clock,
     device_info,
-    fit_time,
     median_iqr,
     resolve_device,
     resolve_dtype,
 )
+from pdv.profile.estimate import estimate_profile
 from pdv.profile.hardware import matmul_flops as matmul_flops_probe
 from pdv.profile.memory import (
     OPTIMIZERS,
     SavedTensors,
     cuda_saved_bytes,
-    grad_bytes,
-    optimizer_state_bytes,
     overhead_bytes,
     param_bytes,
     tensor_bytes,
 )
 from pdv.profile.optimizer import optimizer_note, time_optimizer_steps
+from pdv.profile.request import (
+    Point,
+    ProfileRequest,
+    Progress,
+    assemble,
+    check_model,
+    check_request,
+)
 
-__all__ = ["ProfileRequest", "Progress", "Point", "parse_sizes", "profile_model", "assemble"]
-
-Progress = Callable[[str, int, int], None]
-"""(what is being done, steps done, steps in all) -> None; the CLI draws it as a progress bar."""
-
-
-@dataclass(frozen=True)
-class ProfileRequest:
-    """What to profile and how; validated by :func:`profile_model`."""
-
-    spec: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    split_at: tuple[str, ...] = ()
-    """a bare nn.Module's cut points (--split-at)"""
-    blocks: tuple[str, ...] = ()
-    """a bare nn.Module's ModuleLists whose children are layers (--blocks)"""
-    device: str = "cpu"
-    micro_batch_sizes: tuple[int, ...] = (1, 2, 4)
-    tp_degrees: tuple[int, ...] = (1,)
-    warmup: int = 3
-    repeat: int = 10
-    dtype: str = "float32"
-    optimizer: str = "adam"
-    estimate: bool = False
-    device_flops: float | None = None
-    """--estimate only: scale FLOPs by this throughput instead of measuring this device's."""
-    device_bandwidth: float | None = None
-    """--estimate only: memory bandwidth (bytes/s) of a device not at hand."""
-    device_kind: str | None = None
-    """Override the device kind recorded (to match a cluster's kind for a device not at hand)."""
-    seed: int = 0
-
-
-@dataclass
-class Point:
-    """One layer at one (micro-batch size, TP degree): what goes into a LayerSample."""
-
-    fwd: list[float]
-    bwd: list[float]
-    param_bytes: int
-    activation_bytes: int
-    output_bytes: int
-    flops_fwd: float | None = None
-
-    def sample(self, mbs: int, tp: int) -> LayerSample:
-        """Medians and spreads of the kept rounds as a LayerSample."""
-        f, fs = median_iqr(self.fwd)
-        b, bs = median_iqr(self.bwd)
-        return LayerSample(micro_batch_size=mbs, tp_degree=tp, fwd_s=f, bwd_s=b,
-                           fwd_spread_s=fs, bwd_spread_s=bs, param_bytes=self.param_bytes,
-                           activation_bytes=self.activation_bytes,
-                           output_bytes=self.output_bytes)
-
-
-def parse_sizes(text: str, option: str) -> tuple[int, ...]:
-    """'1,2,4' -> (1, 2, 4): positive, distinct, sorted; anything else is a PdvError."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise PdvError(f"{option} {text!r}: expected comma-separated positive integers, "
-                       "e.g. 1,2,4") from None
-    if not values or min(values) < 1:
-        raise PdvError(f"{option} {text!r}: expected comma-separated positive integers, "
-                       "e.g. 1,2,4")
-    return tuple(sorted(set(values)))
-
-
-def _check_request(req: ProfileRequest) -> None:
-    """Checks that need no model, done before any work."""
-    resolve_dtype(req.dtype)
-    if not req.micro_batch_sizes or min(req.micro_batch_sizes) < 1:
-        raise PdvError(f"micro-batch sizes {list(req.micro_batch_sizes)}: need positive integers")
-    if req.warmup < 0 or req.repeat < 1:
-        raise PdvError(f"--warmup {req.warmup} --repeat {req.repeat}: need warmup >= 0, "
-                       "repeat >= 1")
-    if req.optimizer not in OPTIMIZERS:
-        raise PdvError(f"--optimizer {req.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-    if not req.tp_degrees or min(req.tp_degrees) < 1:
-        raise PdvError(f"TP degrees {list(req.tp_degrees)}: need positive integers")
-
-
-def _check(req: ProfileRequest, model: ModelDef) -> tuple[int, ...]:
-    """Validate the request against the model; returns the TP degrees to profile (1 first)."""
-    tps = tuple(sorted(set(req.tp_degrees) | {1}))
-    wanted = [k for k in tps if k > 1]
-    if wanted and (model.tp_plan is None or model.tp_shard is None):
-        raise PdvError(f"model {req.spec} declares no tensor-parallel plan, so TP degree "
-                       f"{wanted[0]} cannot be profiled; use --tp-degrees 1")
-    bad = [k for k in wanted if k not in model.tp_degrees]
-    if bad:
-        raise PdvError(f"model {req.spec} supports TP degrees {list(model.tp_degrees)}, "
-                       f"not {bad}")
-    return tps
-
+__all__ = ["profile_model"]
 
 def profile_model(req: ProfileRequest, progress: Progress | None = None) -> ModelProfile:
     """Measure (or with req.estimate, estimate) the per-layer profile of a model."""
-    _check_request(req)
+    check_request(req)
     if req.estimate:
-        from pdv.profile.estimate import estimate_profile
-
         return estimate_profile(req, progress)
     if req.device_flops is not None or req.device_bandwidth is not None:
         raise PdvError("--device-flops/--device-bandwidth only apply with --estimate "
@@ -333,7 +240,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     # Check the model first on the meta device (no memory, no time), so a bad model or TP
     # degree fails before any measuring.
     with torch.device("meta"):
-        _check(req, build_model(req.spec, req.kwargs, req.seed, split_at=req.split_at,
+        check_model(req, build_model(req.spec, req.kwargs, req.seed, split_at=req.split_at,
                                 blocks=req.blocks))
     # The matmul probe doubles as the warm-up that loads kernels and libraries, so the overhead
     # read right after it (before any model tensor exists) is the runtime's constant cost.
@@ -341,7 +248,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     overhead, overhead_note = overhead_bytes(device)
     model = build_model(req.spec, req.kwargs, req.seed, split_at=req.split_at,
                         blocks=req.blocks)
-    tps = _check(req, model)
+    tps = check_model(req, model)
     # Every layer boundary is a possible stage boundary: check now what each hands on.
     probe(model)
     mbss = tuple(sorted(set(req.micro_batch_sizes)))
@@ -498,44 +405,3 @@ class _TPRuntime:
 
         if self.ready and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def assemble(req: ProfileRequest, model: ModelDef, device: Any,
-             points: dict[tuple[int, int], list[Point]], tps: tuple[int, ...],
-             mbss: tuple[int, ...], dtype: torch.dtype, overhead: int,
-             provenance: Provenance, whole: WholeModelTiming | None,
-             optimizer_s: Sequence[float] | None = None) -> ModelProfile:
-    """Turn per-point measurements into the model-profile artifact (fits, reference numbers)."""
-    assert optimizer_s is None or len(optimizer_s) == len(model.layers)
-    ref = mbss[0]
-    layers = []
-    for i, (name, layer) in enumerate(model.layers):
-        samples = [points[(tp, m)][i].sample(m, tp) for tp in tps for m in mbss]
-        by = {(s.tp_degree, s.micro_batch_size): s for s in samples}
-        fwd_fit = {str(tp): fit_time(mbss, [by[(tp, m)].fwd_s for m in mbss]) for tp in tps}
-        bwd_fit = {str(tp): fit_time(mbss, [by[(tp, m)].bwd_s for m in mbss]) for tp in tps}
-        top = by[(1, ref)]
-        flops = points[(1, ref)][i].flops_fwd
-        layers.append(LayerProfile(
-            name=name, fwd_s=top.fwd_s, bwd_s=top.bwd_s,
-            param_bytes=param_bytes(layer), grad_bytes=grad_bytes(layer),
-            optimizer_bytes=optimizer_state_bytes(layer, req.optimizer),
-            activation_bytes=top.activation_bytes, output_bytes=top.output_bytes,
-            flops_fwd=None if flops is None else flops / ref,
-            optimizer_s=None if optimizer_s is None else optimizer_s[i],
-            samples=samples, fwd_fit=fwd_fit, bwd_fit=bwd_fit,
-        ))
-    return ModelProfile(
-        provenance=provenance,
-        model=ModelSpec(spec=req.spec, kwargs=dict(req.kwargs), split_at=list(req.split_at),
-                        blocks=list(req.blocks)),
-        device=device,
-        dtype=str(dtype).removeprefix("torch."),
-        optimizer=req.optimizer,
-        reference_micro_batch_size=ref,
-        micro_batch_sizes=list(mbss),
-        tp_degrees=list(tps),
-        overhead_bytes=overhead,
-        layers=layers,
-        whole_model=whole,
-    )
