@@ -13,13 +13,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -29,10 +30,12 @@ from pdv.errors import PdvError
 
 __all__ = [
     "KINDS",
+    "SCHEDULES",
     "Artifact",
     "ClusterArtifact",
     "ClusterDevice",
     "DeviceInfo",
+    "LayerChoice",
     "LayerProfile",
     "LayerSample",
     "Links",
@@ -45,9 +48,11 @@ __all__ = [
     "Provenance",
     "RunMeasured",
     "RunReport",
+    "Schedule",
     "StagePrediction",
     "TimeFit",
     "WholeModelTiming",
+    "canonical_schedule",
     "digest",
     "dumps",
     "load",
@@ -312,6 +317,36 @@ class ClusterArtifact(_Strict):
 # --------------------------------------------------------------------------- plan
 
 
+Schedule = Literal[
+    "GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble"
+]
+"""The pipeline schedules a plan may name: torch.distributed.pipelining's, canonically spelt."""
+SCHEDULES: tuple[Schedule, ...] = get_args(Schedule)
+
+
+def _schedule_key(name: str) -> str:
+    return name.lower().removeprefix("schedule").replace("_", "").replace("-", "")
+
+
+def canonical_schedule(name: str) -> Schedule:
+    """The canonical spelling of a schedule name ('interleaved1f1b', 'ScheduleGPipe', ...)."""
+    for canon in SCHEDULES:
+        if _schedule_key(canon) == _schedule_key(name):
+            return canon
+    raise PdvError(
+        f"schedule {name!r} is not one pdv models; use one of {', '.join(SCHEDULES)} "
+        f"(DualPipeV is not modelled yet)"
+    )
+
+
+class LayerChoice(_Strict):
+    """How one layer of a stage runs: its TP degree, FSDP, recompute."""
+
+    tp: int = Field(1, ge=1, description="1 (replicated inside the TP group) or the stage's tp")
+    fsdp: bool = Field(False, description="the layer is its own FSDP2 unit over the replicas")
+    recompute: bool = Field(False, description="activation checkpointing for the layer")
+
+
 class PlanStage(_Strict):
     """One pipeline stage: a range of layers on a group of ranks."""
 
@@ -321,9 +356,22 @@ class PlanStage(_Strict):
     tp: int = Field(1, ge=1, description="tensor-parallel degree inside each replica")
     fsdp: bool = Field(False, description="shard params/grads/optimizer over the replicas (FSDP2)")
     recompute: bool = Field(False, description="activation checkpointing for the stage's layers")
-    layer_sharding: list[dict[str, Any]] | None = Field(
-        None, description="per-layer choices where they differ inside the stage"
+    layer_sharding: list[LayerChoice] | None = Field(
+        None,
+        description="one entry per layer where choices differ inside the stage; a key an entry "
+        "leaves out takes the stage's value",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_layer_defaults(cls, data: Any) -> Any:
+        # A hand-written entry may name only what differs ({"tp": 1}): the rest is the stage's.
+        if not isinstance(data, dict) or not isinstance(data.get("layer_sharding"), list):
+            return data
+        fields = LayerChoice.model_fields
+        base = {k: data.get(k, fields[k].default) for k in fields}
+        entries = [{**base, **e} if isinstance(e, dict) else e for e in data["layer_sharding"]]
+        return {**data, "layer_sharding": entries}
 
     @model_validator(mode="after")
     def _check(self) -> PlanStage:
@@ -331,7 +379,33 @@ class PlanStage(_Strict):
             raise ValueError(f"stage layers {list(self.layers)} must be a non-empty [start, end)")
         if self.dp * self.tp != len(self.ranks):
             raise ValueError(f"stage has {len(self.ranks)} ranks but dp*tp = {self.dp}*{self.tp}")
+        if len(set(self.ranks)) != len(self.ranks):
+            raise ValueError(f"stage lists a rank twice: {self.ranks}")
+        n = self.layers[1] - self.layers[0]
+        if self.layer_sharding is not None:
+            if len(self.layer_sharding) != n:
+                raise ValueError(
+                    f"stage with layers {list(self.layers)} has {len(self.layer_sharding)} "
+                    f"layer_sharding entries; it needs one per layer ({n})"
+                )
+            for i, c in enumerate(self.layer_sharding):
+                if c.tp not in (1, self.tp):
+                    raise ValueError(
+                        f"layer {self.layers[0] + i}: layer_sharding tp {c.tp} must be 1 "
+                        f"(replicated) or the stage's tp {self.tp}"
+                    )
         return self
+
+    @property
+    def choice(self) -> LayerChoice:
+        """The stage's own (tp, fsdp, recompute), which its layers take unless they differ."""
+        return LayerChoice(tp=self.tp, fsdp=self.fsdp, recompute=self.recompute)
+
+    def layer_choices(self) -> list[LayerChoice]:
+        """Each layer's choice, in layer order."""
+        if self.layer_sharding is None:
+            return [self.choice] * (self.layers[1] - self.layers[0])
+        return list(self.layer_sharding)
 
 
 class StagePrediction(_Strict):
@@ -373,7 +447,7 @@ class Plan(_Strict):
     micro_batch_size: int = Field(ge=1)
     num_micro_batches: int = Field(ge=1)
     global_batch_size: int = Field(ge=1)
-    schedule: str = Field("1F1B", description="GPipe | 1F1B | Interleaved1F1B | ...")
+    schedule: Schedule = Field("1F1B", description="GPipe | 1F1B | Interleaved1F1B | ...")
     predicted: Predicted | None = None
     planner: Planner = Field(default_factory=Planner)
     devices: list[ClusterDevice] | None = Field(
@@ -381,6 +455,17 @@ class Plan(_Strict):
     )
 
     model_config = ConfigDict(populate_by_name=True)
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _canonical_schedule(cls, value: Any) -> Any:
+        # One spelling from here on: every reader compares canonical names.
+        if not isinstance(value, str):
+            return value
+        try:
+            return canonical_schedule(value)
+        except PdvError as exc:
+            raise ValueError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- run report

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdv.cost.comm import (
+    Ring,
     all_gather_time,
+    all_reduce_linear,
     all_reduce_time,
     p2p_time,
+    pairs_time,
     reduce_scatter_time,
     ring_hops,
     ring_link,
+    ring_of,
 )
 from tests.test_cost_builders import make_cluster
 
@@ -45,14 +50,36 @@ def test_ring_follows_its_direction() -> None:
 
 def test_collectives_match_nccl_tests_formulas() -> None:
     """All-reduce 2(n−1)/n·S/β + 2(n−1)α; all-gather and reduce-scatter (n−1)/n·S/β + (n−1)α."""
-    ring = [0, 1, 2]
+    ring = ring_of(LINKS, [0, 1, 2])
+    assert ring == Ring(3, 1e-3, 1e6)
     alpha, beta = 1e-3, 1e6
     s = 3e6
-    assert all_reduce_time(LINKS, ring, s) == pytest.approx(2 * 2 / 3 * s / beta + 4 * alpha)
-    assert all_gather_time(LINKS, ring, s) == pytest.approx(2 / 3 * s / beta + 2 * alpha)
-    assert reduce_scatter_time(LINKS, ring, s) == pytest.approx(2 / 3 * s / beta + 2 * alpha)
-    assert all_reduce_time(LINKS, [1], s) == 0.0
-    assert all_gather_time(LINKS, ring, 0) == 0.0
+    assert all_reduce_time(ring, s) == pytest.approx(2 * 2 / 3 * s / beta + 4 * alpha)
+    assert all_gather_time(ring, s) == pytest.approx(2 / 3 * s / beta + 2 * alpha)
+    assert reduce_scatter_time(ring, s) == pytest.approx(2 / 3 * s / beta + 2 * alpha)
+    assert all_reduce_time(ring_of(LINKS, [1]), s) == 0.0
+    assert all_gather_time(ring, 0.0) == 0.0
+
+
+def test_collectives_price_arrays_like_scalars() -> None:
+    """One call prices a size per layer (or layer range): each as the scalar formula would."""
+    ring = ring_of(LINKS, [0, 1, 2])
+    sizes = np.array([0.0, 1.0, 3e6, 7e8])
+    for f in (all_reduce_time, all_gather_time, reduce_scatter_time):
+        assert list(f(ring, sizes)) == [f(ring, float(x)) for x in sizes]
+    # The solver's linear form is the same all-reduce for any positive size.
+    per_byte, per_call = all_reduce_linear(ring)
+    assert per_byte * 3e6 + per_call == pytest.approx(all_reduce_time(ring, 3e6))
+    assert all_reduce_linear(ring_of(LINKS, [2])) == (0.0, 0.0)
+
+
+def test_pairs_time_paces_each_direction_by_its_worst_pair() -> None:
+    """Activations over (0→1, 2→0) and gradients back over (1→0, 0→2), each its slowest pair."""
+    nbytes = np.array([0.0, 1e6])
+    got = pairs_time(LINKS, [(0, 1), (2, 0)], nbytes)
+    fwd = max(p2p_time(LINKS, 0, 1, 1e6), p2p_time(LINKS, 2, 0, 1e6))
+    bwd = max(p2p_time(LINKS, 1, 0, 1e6), p2p_time(LINKS, 0, 2, 1e6))
+    assert got[0] == 0.0 and got[1] == pytest.approx(fwd + bwd)
 
 
 @settings(max_examples=60, deadline=None)
@@ -67,22 +94,19 @@ def test_collectives_scale_with_the_link(
     n: int, nbytes: float, bw: float, lat: float, slow: float
 ) -> None:
     """All-reduce = RS + AG; a slower ring never makes a collective faster; more bytes cost more."""
-    fast = make_cluster(n, bw=bw, lat=lat).links
-    slower = make_cluster(n, bw=bw / slow, lat=lat * slow).links
-    ring = list(range(n))
-    ar = all_reduce_time(fast, ring, nbytes)
-    assert ar == pytest.approx(
-        reduce_scatter_time(fast, ring, nbytes) + all_gather_time(fast, ring, nbytes)
-    )
-    assert all_reduce_time(slower, ring, nbytes) >= ar
-    assert all_reduce_time(fast, ring, 2 * nbytes) > ar
+    ranks = list(range(n))
+    fast = ring_of(make_cluster(n, bw=bw, lat=lat).links, ranks)
+    slower = ring_of(make_cluster(n, bw=bw / slow, lat=lat * slow).links, ranks)
+    ar = all_reduce_time(fast, nbytes)
+    assert ar == pytest.approx(reduce_scatter_time(fast, nbytes) + all_gather_time(fast, nbytes))
+    assert all_reduce_time(slower, nbytes) >= ar
+    assert all_reduce_time(fast, 2 * nbytes) > ar
 
 
 def test_ring_follows_sorted_ranks_like_torch_groups():
     # Links 0<->1 and 2<->3 slow, everything else fast: the listed order 0,2,1,3 would use only
     # fast hops, but the group torch builds runs 0→1→2→3→0 and pays the slow 0→1 and 2→3.
     from pdv.artifacts import Links
-    from pdv.cost.comm import ring_hops, ring_link
 
     fast, slow = 1e10, 1e7
     bw = [[0.0 if i == j else fast for j in range(4)] for i in range(4)]
@@ -103,6 +127,6 @@ def test_rings_use_measured_collectives_where_the_cluster_has_them() -> None:
                   collective_bandwidth_Bps=coll_bw)
     assert ring_link(links, [0, 1, 2]) == (3e-4, 2e5)
     assert ring_link(links, [0, 2]) == (1e-4, 4e7)
-    assert all_reduce_time(links, [0, 2], 1e6) == pytest.approx(1e6 / 4e7 + 2 * 1e-4)
+    assert all_reduce_time(ring_of(links, [0, 2]), 1e6) == pytest.approx(1e6 / 4e7 + 2 * 1e-4)
     # Point-to-point transfers keep the point-to-point matrices.
     assert p2p_time(links, 1, 0, 1e6) == pytest.approx(1e-5 + 0.01)

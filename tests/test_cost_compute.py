@@ -1,18 +1,12 @@
-"""Layer and stage compute time and memory read from a profile."""
+"""What a profile says about each layer, and how a device scales it."""
 
 from __future__ import annotations
 
 import pytest
 
 from pdv.artifacts import ClusterDevice, TimeFit
-from pdv.cost.compute import (
-    in_flight_micro_batches,
-    layer_cost,
-    rank_overhead_bytes,
-    speed_factor,
-    stage_compute_time,
-    stage_memory_bytes,
-)
+from pdv.cost.compute import layer_cost, profile_arrays, rank_overhead_bytes, speed_factor
+from pdv.cost.schedules import in_flight
 from pdv.errors import PdvError
 from tests.test_cost_builders import make_profile
 
@@ -56,43 +50,25 @@ def test_speed_factor_is_the_matmul_ratio() -> None:
     assert speed_factor(p, unknown) == 1.0
 
 
-def test_recompute_adds_one_forward_to_backward() -> None:
-    """Activation checkpointing reruns the forward before the backward."""
-    p = make_profile(fwd=0.01, bwd=0.02)
-    f, b = stage_compute_time(p, 0, 3, 1)
-    fr, br = stage_compute_time(p, 0, 3, 1, recompute=True)
-    assert (f, b) == pytest.approx((0.03, 0.06))
-    assert (fr, br) == pytest.approx((0.03, 0.09))
+def test_profile_arrays_are_layer_cost_of_every_layer() -> None:
+    """The vectorized reader gives every layer's layer_cost, and the shard's share of state."""
+    p = make_profile(n_layers=3, tp_degrees=(1, 2), params=1000, fwd=0.02, act=500, out=100)
+    for mbs, tp in ((1, 1), (3, 1), (1, 2)):
+        a = profile_arrays(p, mbs, tp)
+        for i in range(3):
+            c = layer_cost(p, i, mbs, tp)
+            assert (a.fwd[i], a.bwd[i], a.params[i]) == (c.fwd_s, c.bwd_s, c.param_bytes)
+            assert (a.activations[i], a.outputs[i]) == (c.activation_bytes, c.output_bytes)
+            assert a.grads[i] == p.layers[i].grad_bytes * c.param_bytes / 1000
+    assert profile_arrays(p, 1, 2) is profile_arrays(p, 1, 2)
 
 
 def test_in_flight_follows_the_schedule() -> None:
-    """GPipe holds every micro-batch; 1F1B holds p − s, at least 1 and at most M."""
-    assert in_flight_micro_batches("GPipe", 0, 4, 8) == 8
-    assert in_flight_micro_batches("LoopedBFS", 1, 4, 8) == 8
-    assert [in_flight_micro_batches("1F1B", s, 4, 8) for s in range(4)] == [4, 3, 2, 1]
-    assert in_flight_micro_batches("1F1B", 0, 4, 2) == 2
-
-
-def test_stage_memory_by_hand() -> None:
-    """Weights + grads + Adam state + in-flight activations + overhead; FSDP and recompute."""
-    p = make_profile(params=1000, act=500, out=100, overhead=7)
-    # 2 layers: state 2·(1000 + 1000 + 2000) = 8000; activations 2·500 per micro-batch.
-    assert stage_memory_bytes(p, 0, 2, 1, in_flight=3) == 7 + 8000 + 3 * 1000
-    assert stage_memory_bytes(p, 0, 2, 1, dp=4, fsdp=True, in_flight=3) == 7 + 2000 + 3000
-    # Recompute keeps each layer's input (2·100) per micro-batch plus one layer's activations.
-    assert stage_memory_bytes(p, 0, 2, 1, recompute=True, in_flight=3) == 7 + 8000 + 600 + 500
-
-
-def test_more_micro_batches_never_lower_gpipe_memory() -> None:
-    """GPipe's peak grows with the micro-batch count; 1F1B's stops at p − s."""
-    p = make_profile()
-    gpipe = [
-        stage_memory_bytes(p, 0, 2, 1, in_flight=in_flight_micro_batches("GPipe", 0, 2, m))
-        for m in range(1, 9)
-    ]
-    assert gpipe == sorted(gpipe) and gpipe[-1] > gpipe[0]
-    one_f = {in_flight_micro_batches("1F1B", 0, 2, m) for m in range(2, 9)}
-    assert one_f == {2}
+    """GPipe and LoopedBFS hold every micro-batch; 1F1B holds p − s, at least 1, at most M."""
+    assert in_flight("GPipe", 4, 8) == 8
+    assert in_flight("LoopedBFS", 3, 8) == 8
+    assert [in_flight("1F1B", 4 - s, 8) for s in range(4)] == [4, 3, 2, 1]
+    assert in_flight("1F1B", 4, 2) == 2
 
 
 @pytest.mark.parametrize(("runtime", "own", "expect"), [

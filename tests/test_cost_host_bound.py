@@ -48,9 +48,10 @@ def test_data_parallel_on_shared_cores_is_bound_by_total_work():
 
 
 def test_pipeline_bubbles_leave_cores_for_the_busy_ranks():
-    # pp=4 with 1 micro-batch: one rank computes at a time, so sharing 2 cores costs nothing.
+    # pp=4 with 1 micro-batch (GPipe: torch's 1F1B wants M ≥ stages): one rank computes at a
+    # time, so sharing 2 cores costs nothing.
     prof = make_profile(n_layers=4, fwd=0.01, bwd=0.02, matmul_flops=1e12)
-    plan = chain_plan(4, num_micro=1)
+    plan = chain_plan(4, num_micro=1, schedule="GPipe")
     alone = simulate(plan, {"cpu": prof}, shared_host(4, 1.0))
     shared = simulate(plan, {"cpu": prof}, shared_host(4, 0.5))
     assert shared.step_time_s == pytest.approx(alone.step_time_s, rel=1e-9)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from pdv.artifacts import PlanStage
-from pdv.cost.comm import all_gather_time, all_reduce_time, reduce_scatter_time
+from pdv.cost.comm import all_gather_time, all_reduce_time, reduce_scatter_time, ring_of
 from pdv.cost.stage import StageCost, activation_transfer_time, stage_cost
+from pdv.cost.validity import check_plan
 from pdv.errors import PdvError
-from tests.test_cost_builders import make_cluster, make_profile
+from tests.test_cost_builders import make_cluster, make_plan, make_profile
 
 # Layers: forward 10 ms and backward 20 ms per sample, 1000 B params (+ grads, + 2x Adam state),
 # 500 B of saved activations and 100 B of output per sample.
@@ -60,8 +62,9 @@ def test_last_stage_sends_nothing() -> None:
 
 def test_micro_batch_must_split_over_replicas() -> None:
     """mbs 3 over dp 2 is a user error that names the fix."""
+    plan = make_plan([PlanStage(layers=(0, 4), ranks=[0, 1], dp=2)], mbs=3)
     with pytest.raises(PdvError, match="multiple of 2"):
-        _cost(make_cluster(2), PlanStage(layers=(0, 4), ranks=[0, 1], dp=2), mbs=3)
+        check_plan(plan, 4, 2)
 
 
 def test_device_kind_without_profile_is_named() -> None:
@@ -101,7 +104,7 @@ def test_tensor_parallel_all_reduces_by_hand() -> None:
     stage = PlanStage(layers=(0, 2), ranks=[0, 1], tp=2)
     c = _cost(cluster, stage, stages=1)
     ar = 2 * 1 / 2 * 100 / 1e6 + 2 * lat  # ring all-reduce of 100 B over 2 ranks
-    assert ar == pytest.approx(all_reduce_time(cluster.links, [0, 1], 100))
+    assert ar == pytest.approx(all_reduce_time(ring_of(cluster.links, [0, 1]), 100.0))
     assert c.fwd_s == pytest.approx(2 * 0.01 / 2 + 2 * 2 * ar)
     assert c.bwd_s == pytest.approx(2 * 0.02 / 2 + 2 * 2 * ar)
     assert c.tp_comm_s == pytest.approx(8 * ar)
@@ -116,14 +119,21 @@ def test_tensor_parallel_all_reduces_by_hand() -> None:
 def test_layer_sharding_overrides_per_layer() -> None:
     """A layer marked tp=1 runs replicated (full compute, no all-reduce) inside a TP stage."""
     cluster = make_cluster(2, bw=1e6, lat=1e-4)
-    ar = all_reduce_time(cluster.links, [0, 1], 100)
+    ar = all_reduce_time(ring_of(cluster.links, [0, 1]), 100.0)
     stage = PlanStage(layers=(0, 2), ranks=[0, 1], tp=2, layer_sharding=[{"tp": 1}, {}])
     c = _cost(cluster, stage, stages=1)
     assert c.fwd_s == pytest.approx(0.01 + 0.005 + 2 * ar)
-    with pytest.raises(PdvError, match="one per layer"):
-        _cost(cluster, stage.model_copy(update={"layer_sharding": [{}]}), stages=1)
-    with pytest.raises(PdvError, match="tp 3"):
-        _cost(cluster, stage.model_copy(update={"layer_sharding": [{"tp": 3}, {}]}), stages=1)
+    # A recomputed layer among plain ones: its forward again, its input kept, one transient.
+    mixed = PlanStage(layers=(0, 2), ranks=[0, 1], dp=2,
+                      layer_sharding=[{"recompute": True}, {}])  # fmt: skip
+    m = _cost(cluster, mixed, mbs=2, stages=1)
+    assert m.bwd_s == pytest.approx(2 * 0.02 + 0.01)
+    assert m.activation_bytes[0] == 100 + 500 and m.transient_bytes[0] == 500
+    base = {"layers": (0, 2), "ranks": [0, 1], "tp": 2}
+    with pytest.raises(ValidationError, match="one per layer"):
+        PlanStage(**base, layer_sharding=[{}])
+    with pytest.raises(ValidationError, match="tp 3"):
+        PlanStage(**base, layer_sharding=[{"tp": 3}, {}])
 
 
 def test_fsdp_sync_and_memory_by_hand() -> None:
@@ -133,14 +143,38 @@ def test_fsdp_sync_and_memory_by_hand() -> None:
     stage = PlanStage(layers=(0, 2), ranks=[0, 1], dp=2, fsdp=True)
     c = _cost(cluster, stage, mbs=2, stages=1)
     plain = _cost(cluster, stage.model_copy(update={"fsdp": False}), mbs=2, stages=1)
-    links = cluster.links
+    ring = ring_of(cluster.links, [0, 1])
     # 2 layers of 1000 parameter bytes: the α is paid per layer, not once for 2000 bytes.
-    assert c.grad_sync_s == pytest.approx(2 * reduce_scatter_time(links, [0, 1], 1000))
-    gather = 2 * all_gather_time(links, [0, 1], 1000)
+    assert c.grad_sync_s == pytest.approx(2 * reduce_scatter_time(ring, 1000.0))
+    gather = 2 * all_gather_time(ring, 1000.0)
     assert c.fwd_s == pytest.approx(plain.fwd_s + gather)
     assert c.bwd_s == pytest.approx(plain.bwd_s + gather)
     assert c.tp_comm_s == pytest.approx(2 * gather)
     assert c.static_bytes[0] == pytest.approx(8000 / 2)
+
+
+def test_stage_memory_by_hand() -> None:
+    """Overhead + weights + grads + Adam state + in-flight activations; FSDP and recompute."""
+    prof = make_profile(params=1000, act=500, out=100, overhead=7)
+    cluster = make_cluster(4)
+
+    def peak(stage: PlanStage, index: int = 0, stages: int = 3, micro: int = 8) -> float:
+        c = stage_cost({"cpu": prof}, cluster, stage, None, mbs=stage.dp, schedule="1F1B",
+                       stage_index=index, num_stages=stages, num_micro=micro)  # fmt: skip
+        return c.peak_memory_bytes[stage.ranks[0]]
+
+    # 2 layers: state 2·(1000 + 1000 + 2000) = 8000; 3 in flight (stage 0 of 3) x 2·500.
+    plain = PlanStage(layers=(0, 2), ranks=[0])
+    assert peak(plain) == 7 + 8000 + 3 * 1000
+    # The last of 3 stages holds one micro-batch; 2 micro-batches cap the first at 2.
+    assert peak(plain, index=2) == 7 + 8000 + 1000
+    assert peak(plain, micro=2) == 7 + 8000 + 2 * 1000
+    # FSDP over 4 replicas: a quarter of the state; each replica computes one sample of 4.
+    fsdp = PlanStage(layers=(0, 2), ranks=[0, 1, 2, 3], dp=4, fsdp=True)
+    assert peak(fsdp) == 7 + 2000 + 3 * 1000
+    # Recompute keeps each layer's input (2·100) per micro-batch plus one layer's activations.
+    rc = PlanStage(layers=(0, 2), ranks=[0], recompute=True)
+    assert peak(rc) == 7 + 8000 + 3 * 200 + 500
 
 
 def test_tensor_parallel_stages_send_shard_to_shard() -> None:

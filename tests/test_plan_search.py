@@ -10,14 +10,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdv.artifacts import PlanStage
+from pdv.artifacts import LayerChoice, PlanStage
+from pdv.cost.schedules import max_stages
 from pdv.cost.stage import stage_cost
-from pdv.plan.evaluate import pipeline_objective, stage_prices
 from pdv.plan.groups import best_chain, chain_value, device_order, islands
-from pdv.plan.problem import Choice, PlanProblem, StageSpec, max_stages
+from pdv.plan.objective import pipeline_objective, stage_price, stage_prices, stage_table
+from pdv.plan.problem import PlanProblem, StageSpec, choices_for, plan_stage
 from pdv.plan.search import PLANNERS, _refine, pdv_orders, search
-from pdv.plan.stages import choices_for
 from tests.plan_fixtures import cluster, profile, random_instance, two_by_two
+
+
+def ch(tp: int = 1, fsdp: bool = False, recompute: bool = False) -> LayerChoice:
+    """A LayerChoice by position, for short parameter lists."""
+    return LayerChoice(tp=tp, fsdp=fsdp, recompute=recompute)
 
 
 def _compositions(n: int, parts: int):
@@ -113,9 +118,9 @@ def test_inverted_network_beats_hierarchy() -> None:
 
 
 @pytest.mark.parametrize(
-    "choice", [Choice(1), Choice(2), Choice(1, True), Choice(2, False, True), Choice(1, True, True)]
+    "choice", [ch(1), ch(2), ch(1, True), ch(2, False, True), ch(1, True, True)]
 )
-def test_planner_price_agrees_with_stage_cost(choice: Choice) -> None:
+def test_planner_price_agrees_with_stage_cost(choice: LayerChoice) -> None:
     prof = profile(param_bytes=64 << 20, optimizer_s=0.003, overhead=1 << 20)
     hosts = ["h0", "h0", "h1", "h1"]
     bw = [[1e9 if hosts[i] == hosts[j] else 1e10 for j in range(4)] for i in range(4)]
@@ -156,11 +161,61 @@ def test_planner_price_agrees_with_stage_cost(choice: Choice) -> None:
     assert ref.peak_memory_bytes[2] - ref.peak_memory_bytes[1] == pytest.approx((500 - 1) << 20)
 
 
+def _one_model(profiles: dict) -> dict:
+    """The random instances draw bytes per kind; profiles of one model agree on them (the
+    planner prices a ring by its kinds' largest bytes, the simulator by its first rank's)."""
+    first = profiles[sorted(profiles)[0]]
+    out = {}
+    for kind, p in profiles.items():
+        layers = [
+            mine.model_copy(update={
+                "param_bytes": ref.param_bytes, "grad_bytes": ref.grad_bytes,
+                "optimizer_bytes": ref.optimizer_bytes, "activation_bytes": ref.activation_bytes,
+                "output_bytes": ref.output_bytes, "samples": [
+                    s.model_copy(update={"param_bytes": r.param_bytes,
+                                         "activation_bytes": r.activation_bytes,
+                                         "output_bytes": r.output_bytes})
+                    for s, r in zip(mine.samples, ref.samples, strict=True)]})
+            for mine, ref in zip(p.layers, first.layers, strict=True)
+        ]  # fmt: skip
+        out[kind] = p.model_copy(update={"layers": layers})
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_planner_and_simulator_price_any_stage_alike(seed: int) -> None:
+    """Any ranks, TP degree, layer range and mix of per-layer choices: the planner's reduced
+    view of the stage prices it as the simulator's every rank and ring does."""
+    rng = random.Random(seed)
+    profiles, cl, batch = random_instance(rng)
+    profiles = _one_model(profiles)
+    problem = PlanProblem(profiles, cl, batch)
+    ranks = tuple(rng.sample(range(len(cl.devices)), rng.randint(1, len(cl.devices))))
+    tp = rng.choice([t for t in problem.tp_options() if len(ranks) % t == 0])
+    mbs = len(ranks) // tp * rng.choice([1, 2])
+    lo = rng.randrange(problem.num_layers)
+    hi = rng.randint(lo + 1, problem.num_layers)
+    choices = tuple(ch(rng.choice([1, tp]), rng.random() < 0.5, rng.random() < 0.5)
+                    for _ in range(hi - lo))  # fmt: skip
+    spec = StageSpec(lo, hi, ranks, ch(tp), choices)
+    to_end, micro = rng.randint(1, 4), rng.randint(1, 8)
+    mine = stage_price(problem, spec, mbs, to_end, micro, None)
+    ref = stage_cost(profiles, cl, plan_stage(spec), None, mbs=mbs, schedule="1F1B",
+                     stage_index=0, num_stages=to_end, num_micro=micro)  # fmt: skip
+    assert mine.fwd_s == pytest.approx(ref.fwd_s, rel=1e-9)
+    assert mine.bwd_s == pytest.approx(ref.bwd_s, rel=1e-9)
+    assert mine.sync_s == pytest.approx(ref.grad_sync_s + ref.optimizer_s, rel=1e-9)
+    for kind, peak in mine.memory_bytes.items():
+        of_kind = [b for r, b in ref.peak_memory_bytes.items() if cl.devices[r].kind == kind]
+        assert peak == pytest.approx(max(of_kind), rel=1e-9)
+
+
 def test_planner_send_agrees_with_stage_cost_for_single_rank_stages() -> None:
     prof = profile()
     cl = two_by_two(1e9, 1e10)
     problem = PlanProblem({"gpu": prof}, cl, 8)
-    stages = [StageSpec(0, 2, (1,), Choice()), StageSpec(2, 4, (2,), Choice())]
+    stages = [StageSpec(0, 2, (1,), ch()), StageSpec(2, 4, (2,), ch())]
     mine = stage_prices(problem, stages, 2)[0]
     ref = stage_cost(
         {"gpu": prof},
@@ -186,20 +241,18 @@ def test_cp_sat_recomputes_only_the_layers_memory_needs() -> None:
     plan = search(problem, "pdv").plans[0]
     (stage,) = plan.stages
     assert stage.layer_sharding is not None, "uniform recompute left in place"
-    recomputed = [e["recompute"] for e in stage.layer_sharding]
+    recomputed = [e.recompute for e in stage.layer_sharding]
     assert sum(recomputed) == 2  # 4 GiB of activations, 3.5 GiB budget, 1 GiB transient
     assert plan.planner.status == "OPTIMAL" and plan.planner.optimality_gap == 0
     # the planner's price of the per-layer stage agrees with pdv.cost.stage's
-    from pdv.plan.sharding import layered_price
-
     spec = StageSpec(
         0,
         4,
         (0,),
-        Choice(1, False, stage.recompute),
-        tuple(Choice(1, False, r) for r in recomputed),
+        ch(1, False, stage.recompute),
+        tuple(ch(1, False, r) for r in recomputed),
     )
-    mine = layered_price(problem, spec, 1, 1, 4, None)
+    mine = stage_price(problem, spec, 1, 1, 4, None)
     ref = stage_cost(
         {"gpu": prof},
         cl,
@@ -211,15 +264,13 @@ def test_cp_sat_recomputes_only_the_layers_memory_needs() -> None:
         num_stages=1,
         num_micro=4,
     )
-    assert mine.fwd_s + mine.bwd_s == pytest.approx(ref.fwd_s + ref.bwd_s)
+    assert mine.time_s == pytest.approx(ref.fwd_s + ref.bwd_s)
     assert mine.memory_bytes["gpu"] == pytest.approx(ref.peak_memory_bytes[0])
     assert mine.memory_bytes["gpu"] <= problem.capacity(0)
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_dp_tables_agree_with_scalar_price(seed: int) -> None:
-    from pdv.plan.costs import stage_price, stage_table
-
     profiles, cluster, batch = random_instance(random.Random(seed))
     problem = PlanProblem(profiles, cluster, batch)
     ranks = tuple(device_order(cluster))
@@ -229,8 +280,9 @@ def test_dp_tables_agree_with_scalar_price(seed: int) -> None:
         for lo in range(L):
             for hi in range(lo + 1, L + 1):
                 for to_end in (1, 3):
-                    p = stage_price(problem, ranks, lo, hi, 2, ch, to_end, batch // 2, None)
-                    assert tab.time[lo, hi] == pytest.approx(p.fwd_s + p.bwd_s)
+                    spec = StageSpec(lo, hi, ranks, ch)
+                    p = stage_price(problem, spec, 2, to_end, batch // 2, None)
+                    assert tab.time[lo, hi] == pytest.approx(p.time_s)
                     assert tab.sync[lo, hi] == pytest.approx(p.sync_s)
                     fits = tab.max_in_flight[lo, hi] >= min(to_end, batch // 2)
                     assert fits == p.fits

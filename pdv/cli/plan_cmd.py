@@ -91,7 +91,8 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Plan hybrid-parallel training on the measured devices and links."""
-    if schedule.lower() not in ("1f1b", "gpipe"):
+    the_schedule = artifacts.canonical_schedule(schedule)
+    if the_schedule not in ("1F1B", "GPipe"):
         raise PdvError(f"--schedule {schedule!r}: the planner supports 1F1B and GPipe")
     if planner not in PLANNERS:
         raise PdvError(f"--planner {planner!r}: choose one of {', '.join(PLANNERS)}")
@@ -106,7 +107,7 @@ def plan(
         global_batch=global_batch,
         micro_batch_sizes=_ints(micro_batch_sizes, "--micro-batch-sizes"),
         memory_margin=memory_margin,
-        schedule="GPipe" if schedule.lower() == "gpipe" else "1F1B",
+        schedule=the_schedule,
         time_limit_s=time_limit,
         allow_fsdp=fsdp,
         allow_recompute=recompute,

@@ -2,6 +2,8 @@
 
 Every formula charges the actual links the ring or transfer uses, taken from the cluster's
 measured (or declared) N×N matrices; nothing assumes that a host boundary makes a link slow.
+This module is the only place in pdv that writes a transfer or collective formula: the
+simulator, the stage DP and CP-SAT all price communication through it.
 
 Sources: point-to-point t = α + S/β (Hockney); ring collectives as in nccl-tests
 (PERFORMANCE.md: all-reduce moves 2(n−1)/n·S per rank in 2(n−1) steps, all-gather and
@@ -13,22 +15,44 @@ A hop's α/β for collectives come from the cluster's measured 2-rank all-reduce
 it moves, which point-to-point transfers do not (gloo on CPU measured several times slower per
 byte than send/recv here). A ring of n ranks is priced from its hops' pair measurements; without
 them the point-to-point matrices price the ring.
+
+The collective times take a byte count or a numpy array of them (one per layer, or one per
+layer range for the stage DP) and answer in kind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
 
 from pdv.artifacts import Links
 
 __all__ = [
+    "Ring",
     "p2p_time",
+    "pairs_time",
     "ring_hops",
     "ring_link",
+    "ring_of",
     "all_reduce_time",
+    "all_reduce_linear",
     "all_gather_time",
     "reduce_scatter_time",
 ]
+
+Bytes = TypeVar("Bytes", float, np.ndarray)
+
+
+@dataclass(frozen=True)
+class Ring:
+    """A collective's ring as its cost sees it: n ranks paced by the slowest hop's α and β."""
+
+    n: int
+    alpha: float
+    beta: float
 
 
 def p2p_time(links: Links, src: int, dst: int, nbytes: float) -> float:
@@ -36,6 +60,22 @@ def p2p_time(links: Links, src: int, dst: int, nbytes: float) -> float:
     if src == dst or nbytes <= 0:
         return 0.0
     return links.latency_s[src][dst] + nbytes / links.bandwidth_Bps[src][dst]
+
+
+def pairs_time(links: Links, pairs: Sequence[tuple[int, int]], nbytes: np.ndarray) -> np.ndarray:
+    """Activations over every (sender, receiver) pair at once and their gradients back.
+
+    Each direction is paced by its worst pair (α + S/β on the ordered link); one entry per
+    element of nbytes.
+    """
+    fwd = np.zeros_like(nbytes)
+    bwd = np.zeros_like(nbytes)
+    for s, d in pairs:
+        a1, b1 = links.latency_s[s][d], links.bandwidth_Bps[s][d]
+        a2, b2 = links.latency_s[d][s], links.bandwidth_Bps[d][s]
+        fwd = np.maximum(fwd, a1 + nbytes / b1)
+        bwd = np.maximum(bwd, a2 + nbytes / b2)
+    return np.where(nbytes > 0, fwd + bwd, 0.0)
 
 
 def ring_hops(ranks: Sequence[int]) -> list[tuple[int, int]]:
@@ -61,24 +101,35 @@ def ring_link(links: Links, ranks: Sequence[int]) -> tuple[float, float]:
     return alpha, beta
 
 
-def all_reduce_time(links: Links, ranks: Sequence[int], nbytes: float) -> float:
-    """Ring all-reduce of nbytes per rank: 2(n−1)/n·S/β + 2(n−1)α."""
-    n = len(ranks)
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    alpha, beta = ring_link(links, ranks)
-    return 2 * (n - 1) / n * nbytes / beta + 2 * (n - 1) * alpha
+def ring_of(links: Links, ranks: Sequence[int]) -> Ring:
+    """The ring a process group over these ranks runs, priced on the links."""
+    return Ring(len(ranks), *ring_link(links, ranks))
 
 
-def all_gather_time(links: Links, ranks: Sequence[int], nbytes: float) -> float:
-    """Ring all-gather producing nbytes per rank: (n−1)/n·S/β + (n−1)α."""
-    n = len(ranks)
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    alpha, beta = ring_link(links, ranks)
-    return (n - 1) / n * nbytes / beta + (n - 1) * alpha
+def all_reduce_time(ring: Ring, nbytes: Bytes) -> Bytes:
+    """Ring all-reduce of nbytes per rank: 2(n−1)/n·S/β + 2(n−1)α (0 for nothing to move)."""
+    n, alpha, beta = ring.n, ring.alpha, ring.beta
+    if n <= 1:
+        return nbytes * 0.0
+    return (2 * (n - 1) / n * nbytes / beta + 2 * (n - 1) * alpha) * (nbytes > 0)
 
 
-def reduce_scatter_time(links: Links, ranks: Sequence[int], nbytes: float) -> float:
+def all_reduce_linear(ring: Ring) -> tuple[float, float]:
+    """all_reduce_time as (seconds per byte, seconds per call) for a solver's linear model."""
+    n = ring.n
+    if n <= 1:
+        return 0.0, 0.0
+    return 2 * (n - 1) / n / ring.beta, 2 * (n - 1) * ring.alpha
+
+
+def all_gather_time(ring: Ring, nbytes: Bytes) -> Bytes:
+    """Ring all-gather producing nbytes per rank: (n−1)/n·S/β + (n−1)α (0 for nothing)."""
+    n, alpha, beta = ring.n, ring.alpha, ring.beta
+    if n <= 1:
+        return nbytes * 0.0
+    return ((n - 1) / n * nbytes / beta + (n - 1) * alpha) * (nbytes > 0)
+
+
+def reduce_scatter_time(ring: Ring, nbytes: Bytes) -> Bytes:
     """Ring reduce-scatter of nbytes per rank: same volume and steps as all-gather."""
-    return all_gather_time(links, ranks, nbytes)
+    return all_gather_time(ring, nbytes)

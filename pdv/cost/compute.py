@@ -1,4 +1,4 @@
-"""Compute time and memory of layers and stages, read from a model profile.
+"""What a model profile says about each layer, and how a device of the cluster scales it.
 
 Times come from the profile's per-layer fit t = a + b·micro_batch at the TP degree's local shard
 shapes. Where a profile has no fit (a hand-written or single-point profile), the reference
@@ -9,18 +9,22 @@ priced by the ratio of their measured matmul throughputs (both numbers are measu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from pdv.artifacts import ClusterDevice, LayerProfile, ModelProfile, TimeFit
 from pdv.errors import PdvError
 
 __all__ = [
     "LayerCost",
+    "ProfileArrays",
     "layer_cost",
+    "profile_arrays",
+    "profile_for",
+    "rank_overhead_bytes",
     "speed_factor",
-    "stage_compute_time",
-    "stage_memory_bytes",
-    "in_flight_micro_batches",
 ]
 
 
@@ -104,68 +108,70 @@ def speed_factor(profile: ModelProfile, device: ClusterDevice) -> float:
     return 1.0
 
 
-def stage_compute_time(
-    profile: ModelProfile, start: int, end: int, mbs: int, tp: int = 1, recompute: bool = False
-) -> tuple[float, float]:
-    """(forward, backward) seconds of layers [start, end) for one micro-batch on one rank.
+@dataclass(frozen=True)
+class ProfileArrays:
+    """Every layer of one profile at one per-replica micro-batch and TP degree (one rank)."""
 
-    Recompute runs the forward again before the backward, so it adds one forward to backward.
-    """
-    fwd = bwd = 0.0
-    for i in range(start, end):
-        c = layer_cost(profile, i, mbs, tp)
-        fwd += c.fwd_s
-        bwd += c.bwd_s
-    if recompute:
-        bwd += fwd
-    return fwd, bwd
-
-
-def in_flight_micro_batches(schedule: str, stage: int, num_stages: int, num_micro: int) -> int:
-    """Micro-batches whose activations a stage holds at its peak.
-
-    GPipe (and LoopedBFS, its looped form) runs all forwards before any backward: every
-    micro-batch is in flight. 1F1B (Narayanan et al., 2021, §2.2) caps stage s of p at p − s in
-    flight; the interleaved and zero-bubble schedules are charged the same here (the simulator
-    counts them exactly from their op order).
-    """
-    if schedule.lower().removeprefix("schedule") in ("gpipe", "loopedbfs"):
-        return num_micro
-    return max(1, min(num_micro, num_stages - stage))
+    fwd: np.ndarray
+    bwd: np.ndarray
+    params: np.ndarray
+    """parameter bytes of the rank's TP shard"""
+    shard: np.ndarray
+    """the shard's share of the layer's parameters (1 where the layer has none)"""
+    grads: np.ndarray
+    """gradient bytes of the shard"""
+    optimizer_bytes: np.ndarray
+    """optimizer-state bytes of the shard"""
+    optimizer_s: np.ndarray
+    """one optimizer step over the shard (the step is elementwise: it scales with the share)"""
+    activations: np.ndarray
+    """bytes saved for backward, per micro-batch"""
+    outputs: np.ndarray
+    """bytes of the layer's output, per micro-batch"""
 
 
-def stage_memory_bytes(
-    profile: ModelProfile,
-    start: int,
-    end: int,
-    mbs: int,
-    *,
-    tp: int = 1,
-    dp: int = 1,
-    fsdp: bool = False,
-    recompute: bool = False,
-    in_flight: int = 1,
-) -> float:
-    """Peak bytes on one rank of a stage: weights, grads, optimizer state, live activations.
+def _arrays(profile: ModelProfile, mbs: int, tp: int) -> ProfileArrays:
+    rows = [layer_cost(profile, i, mbs, tp) for i in range(len(profile.layers))]
+    params = np.array([c.param_bytes for c in rows], dtype=float)
+    shard = np.array(
+        [c.param_bytes / x.param_bytes if x.param_bytes else 1.0
+         for c, x in zip(rows, profile.layers, strict=True)]
+    )  # fmt: skip
+    return ProfileArrays(
+        fwd=np.array([c.fwd_s for c in rows], dtype=float),
+        bwd=np.array([c.bwd_s for c in rows], dtype=float),
+        params=params,
+        shard=shard,
+        grads=np.array([x.grad_bytes for x in profile.layers], dtype=float) * shard,
+        optimizer_bytes=np.array([x.optimizer_bytes for x in profile.layers], dtype=float) * shard,
+        optimizer_s=np.array([x.optimizer_s or 0.0 for x in profile.layers], dtype=float) * shard,
+        activations=np.array([c.activation_bytes for c in rows], dtype=float),
+        outputs=np.array([c.output_bytes for c in rows], dtype=float),
+    )
 
-    FSDP shards params, grads and optimizer state over the dp replicas (ZeRO-3); TP shards them
-    by the measured shard sizes. With recompute a micro-batch keeps only each layer's input
-    (the previous output) until its backward, plus one layer's activations while recomputing.
-    """
-    state = 0.0
-    acts = 0.0
-    boundary = 0.0
-    biggest = 0.0
-    for i in range(start, end):
-        layer = profile.layers[i]
-        c = layer_cost(profile, i, mbs, tp)
-        unsharded = max(layer.param_bytes, 1)
-        shard = c.param_bytes / unsharded
-        state += c.param_bytes + (layer.grad_bytes + layer.optimizer_bytes) * shard
-        acts += c.activation_bytes
-        boundary += c.output_bytes
-        biggest = max(biggest, c.activation_bytes)
-    if fsdp and dp > 1:
-        state /= dp
-    live = (boundary * in_flight + biggest) if recompute else acts * in_flight
-    return profile.overhead_bytes + state + live
+
+_ARRAYS: dict[tuple[int, int, int], tuple[ModelProfile, ProfileArrays]] = {}
+
+
+def profile_arrays(profile: ModelProfile, mbs: int, tp: int) -> ProfileArrays:
+    """:func:`layer_cost` of every layer as arrays, cached by profile identity (profiles are
+    frozen)."""
+    key = (id(profile), mbs, tp)
+    hit = _ARRAYS.get(key)
+    if hit is None or hit[0] is not profile:
+        hit = (profile, _arrays(profile, mbs, tp))
+        _ARRAYS[key] = hit
+    return hit[1]
+
+
+def profile_for(profiles: Mapping[str, ModelProfile], device: ClusterDevice) -> ModelProfile:
+    """The profile that prices a device: the one taken on the device's kind."""
+    try:
+        return profiles[device.kind]
+    except KeyError:
+        have = ", ".join(sorted(profiles)) or "none"
+        raise PdvError(
+            f"no model profile for device kind {device.kind!r} (rank {device.rank}); "
+            f"profiles given for: {have}; profile the model on a {device.kind} device "
+            f"or pass its profile"
+        ) from None

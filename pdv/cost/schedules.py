@@ -19,22 +19,24 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pdv.artifacts import SCHEDULES, Schedule
 from pdv.errors import PdvError
 
 __all__ = [
-    "SCHEDULES",
     "Op",
     "StageLayout",
-    "canonical_schedule",
+    "in_flight",
+    "max_stages",
     "stage_layout",
     "rank_orders",
+    "check_rounds",
     "splits_backward",
 ]
 
 Op = tuple[str, int, int]
 
-# Canonical name -> (several stages per rank allowed, backward split into I and W).
-SCHEDULES: dict[str, tuple[bool, bool]] = {
+# Schedule -> (several stages per rank allowed, backward split into I and W).
+_TRAITS: dict[Schedule, tuple[bool, bool]] = {
     "GPipe": (False, False),
     "1F1B": (False, False),
     "Interleaved1F1B": (True, False),
@@ -42,23 +44,34 @@ SCHEDULES: dict[str, tuple[bool, bool]] = {
     "InterleavedZeroBubble": (True, True),
     "ZBVZeroBubble": (True, True),
 }
+assert set(_TRAITS) == set(SCHEDULES), "every schedule a plan may name is simulated"
 
 
-def canonical_schedule(name: str) -> str:
-    """The canonical spelling of a schedule name ('interleaved1f1b', 'ScheduleGPipe', ...)."""
-    key = name.lower().removeprefix("schedule").replace("_", "").replace("-", "")
-    for canon in SCHEDULES:
-        if canon.lower() == key:
-            return canon
-    raise PdvError(
-        f"schedule {name!r} is not simulated; use one of {', '.join(SCHEDULES)} "
-        f"(DualPipeV is not modelled yet)"
-    )
-
-
-def splits_backward(schedule: str) -> bool:
+def splits_backward(schedule: Schedule) -> bool:
     """True when the schedule runs backward as separate input-grad and weight-grad ops."""
-    return SCHEDULES[canonical_schedule(schedule)][1]
+    return _TRAITS[schedule][1]
+
+
+def in_flight(schedule: Schedule, stages_to_end: int, num_micro: int) -> int:
+    """Micro-batches whose activations a stage holds at its peak, for memory budgets.
+
+    GPipe (and LoopedBFS, its looped form) runs all forwards before any backward: every
+    micro-batch is in flight. 1F1B (Narayanan et al., 2021, §2.2) caps the stage with
+    ``stages_to_end`` stages from it to the last (itself included) at that many; the interleaved
+    and zero-bubble schedules are charged the same here (the simulator counts every schedule
+    exactly from its op order).
+    """
+    if schedule in ("GPipe", "LoopedBFS"):
+        return num_micro
+    return max(1, min(num_micro, stages_to_end))
+
+
+def max_stages(schedule: Schedule, num_micro: int, limit: int) -> int:
+    """Most pipeline stages a schedule can run with num_micro micro-batches (at most `limit`).
+
+    torch.distributed.pipelining's 1F1B refuses fewer micro-batches than stages; GPipe does not.
+    """
+    return min(limit, num_micro) if schedule == "1F1B" else limit
 
 
 @dataclass(frozen=True)
@@ -80,10 +93,9 @@ class StageLayout:
         return len(self.stages_of_group[0])
 
 
-def stage_layout(stage_ranks: Sequence[Sequence[int]], schedule: str) -> StageLayout:
+def stage_layout(stage_ranks: Sequence[Sequence[int]], schedule: Schedule) -> StageLayout:
     """Map stages to rank groups; a PdvError when the placement does not fit the schedule."""
-    schedule = canonical_schedule(schedule)
-    multi = SCHEDULES[schedule][0]
+    multi = _TRAITS[schedule][0]
     groups: list[frozenset[int]] = []
     group_of: list[int] = []
     for i, ranks in enumerate(stage_ranks):
@@ -140,6 +152,12 @@ def _one_f_one_b(stage: int, num_stages: int, m: int) -> list[Op]:
         if warm + i < m:
             ops.append(("F", stage, warm + i))
     return ops
+
+
+def check_rounds(layout: StageLayout, schedule: Schedule, num_micro: int) -> None:
+    """PdvError unless an interleaved schedule can split the micro-batches into its rounds."""
+    if schedule in ("Interleaved1F1B", "InterleavedZeroBubble"):
+        _rounds(num_micro, layout.num_groups, schedule)
 
 
 def _rounds(m: int, p: int, schedule: str) -> int:
@@ -240,9 +258,8 @@ def _zbv(rank: int, p: int, m: int) -> list[Op]:
     return [op for op in ops if op[2] < m]
 
 
-def rank_orders(layout: StageLayout, schedule: str, num_micro: int) -> list[list[Op]]:
+def rank_orders(layout: StageLayout, schedule: Schedule, num_micro: int) -> list[list[Op]]:
     """The op order of each rank group for one training step."""
-    schedule = canonical_schedule(schedule)
     p, v, m = layout.num_groups, layout.local_stages, num_micro
     if schedule == "GPipe":
         return [_gpipe(layout.stages_of_group[g][0], m) for g in range(p)]

@@ -1,4 +1,4 @@
-"""Event-driven simulation of one training step of a plan, and the closed form the planner uses.
+"""Event-driven simulation of one training step of a plan.
 
 Model (each choice is what the simulator charges; the sources are next to the formulas):
 
@@ -36,16 +36,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from pdv.artifacts import ClusterArtifact, ModelProfile, Plan, Predicted, StagePrediction
-from pdv.cost.schedules import (
-    Op,
-    StageLayout,
-    canonical_schedule,
-    rank_orders,
-    splits_backward,
-    stage_layout,
+from pdv.artifacts import (
+    ClusterArtifact,
+    ModelProfile,
+    Plan,
+    Predicted,
+    Schedule,
+    StagePrediction,
 )
+from pdv.cost.schedules import Op, StageLayout, rank_orders, splits_backward
 from pdv.cost.stage import StageCost, stage_cost
+from pdv.cost.validity import check_plan
 from pdv.errors import PdvError
 
 __all__ = [
@@ -55,8 +56,6 @@ __all__ = [
     "simulate_costs",
     "host_capacity",
     "to_predicted",
-    "analytic_step_time",
-    "check_plan",
 ]
 
 _ZB_SPLIT_NOTE = (
@@ -101,42 +100,17 @@ class Simulation:
     notes: tuple[str, ...] = ()
 
 
-def check_plan(plan: Plan, profiles: Mapping[str, ModelProfile], cluster: ClusterArtifact) -> None:
-    """PdvError unless the plan's batch, layers and ranks fit its profiles and cluster."""
-    if plan.micro_batch_size * plan.num_micro_batches != plan.global_batch_size:
-        raise PdvError(
-            f"global_batch_size {plan.global_batch_size} != micro_batch_size "
-            f"{plan.micro_batch_size} x num_micro_batches {plan.num_micro_batches}"
-        )
+def simulate(
+    plan: Plan, profiles: Mapping[str, ModelProfile], cluster: ClusterArtifact
+) -> Simulation:
+    """Simulate one training step of the plan on the cluster, priced by the profiles."""
     if not profiles:
         raise PdvError("no model profile given; pass one per device kind (--profile)")
     counts = {kind: len(p.layers) for kind, p in profiles.items()}
     if len(set(counts.values())) > 1:
         raise PdvError(f"profiles disagree on the number of layers: {counts}")
-    n_layers = next(iter(counts.values()))
-    expect = 0
-    for i, s in enumerate(plan.stages):
-        if s.layers[0] != expect:
-            raise PdvError(
-                f"stage {i} starts at layer {s.layers[0]} but the previous stage ends at {expect}; "
-                f"stages must cover the layers in order without gaps"
-            )
-        expect = s.layers[1]
-    if expect != n_layers:
-        raise PdvError(f"the stages end at layer {expect} but the model has {n_layers} layers")
-    n = len(cluster.devices)
-    for i, s in enumerate(plan.stages):
-        bad = [r for r in s.ranks if r >= n]
-        if bad:
-            raise PdvError(f"stage {i} uses ranks {bad} but the cluster has ranks 0..{n - 1}")
-
-
-def simulate(
-    plan: Plan, profiles: Mapping[str, ModelProfile], cluster: ClusterArtifact
-) -> Simulation:
-    """Simulate one training step of the plan on the cluster, priced by the profiles."""
-    check_plan(plan, profiles, cluster)
-    schedule = canonical_schedule(plan.schedule)
+    layout = check_plan(plan, next(iter(counts.values())), len(cluster.devices))
+    schedule = plan.schedule
     n = len(plan.stages)
     costs = [
         stage_cost(
@@ -152,7 +126,6 @@ def simulate(
         )
         for i, st in enumerate(plan.stages)
     ]
-    layout = stage_layout([st.ranks for st in plan.stages], schedule)
     capacity = host_capacity(cluster)
     hosts = [[cluster.devices[r].host for r in ranks] for ranks in layout.group_ranks]
     return simulate_costs(costs, layout, schedule, plan.num_micro_batches,
@@ -304,12 +277,11 @@ class _Run:
 def simulate_costs(
     costs: Sequence[StageCost],
     layout: StageLayout,
-    schedule: str,
+    schedule: Schedule,
     num_micro: int,
     sharing: Sharing | None = None,
 ) -> Simulation:
-    """Run the event-driven simulation on priced stages (the planner can call this directly)."""
-    schedule = canonical_schedule(schedule)
+    """Run the event-driven simulation on priced stages."""
     split = splits_backward(schedule)
     orders = rank_orders(layout, schedule, num_micro)
     # Each group ends its step with the optimizer step of each of its stages.
@@ -474,47 +446,3 @@ def to_predicted(sim: Simulation) -> Predicted:
         bubble_fraction=sim.bubble_fraction,
         stages=list(sim.stages),
     )
-
-
-def analytic_step_time(
-    costs: Sequence[StageCost],
-    num_micro: int,
-    schedule: str,
-    groups: Sequence[int] | None = None,
-) -> float:
-    """Closed-form step time: Σ stage time + (M − 1)·max stage time, plus transfers and sync.
-
-    Alpa's inter-op objective (Zheng et al. 2022, §5.2) generalized to pdv's costs: with t_g the
-    per-micro-batch fwd+bwd of rank group g (summed over its stages), GPipe and 1F1B take
-    M·max t + (Σ t − max t) — exact for uniform stages with free transfers; one fill/drain
-    traversal of the transfers (Σ send + grad_send) is added. Interleaved schedules with v stages
-    per group shrink the fill/drain term by v (Narayanan et al. 2021, §2.2); zero bubble keeps
-    only the forwards in it, (p − 1)·F for I = W (Qi et al. 2024, ZB-H1), shrunk by v as well.
-    It is never below one micro-batch's trip down and back. The slowest group's gradient sync is
-    added at the end, with its optimizer step. The simulator is the reference; this is the
-    planner's fast objective.
-    """
-    if not costs:
-        return 0.0
-    schedule = canonical_schedule(schedule)
-    groups = list(range(len(costs))) if groups is None else list(groups)
-    p = max(groups) + 1
-    v = len(costs) // p
-    t = [0.0] * p
-    f = [0.0] * p
-    sync = [0.0] * p
-    for c, g in zip(costs, groups, strict=True):
-        t[g] += c.fwd_s + c.bwd_s
-        f[g] += c.fwd_s
-        sync[g] += c.grad_sync_s + c.optimizer_s
-    slowest = max(range(p), key=lambda g: t[g])
-    fill = sum(f) - f[slowest] if splits_backward(schedule) else sum(t) - t[slowest]
-    if schedule in ("GPipe", "1F1B"):
-        v = 1
-    transfers = sum(c.send_s + c.grad_send_s for c in costs)
-    # One micro-batch must still travel down and back: with few micro-batches that trip, not
-    # the steady state, bounds the step (weight grads off the path except the first stage's).
-    trip = sum(c.fwd_s + c.bwd_s for c in costs)
-    if splits_backward(schedule):
-        trip -= sum(c.bwd_s / 2 for c in costs[1:])
-    return max(num_micro * t[slowest] + fill / v, trip) + transfers + max(sync)

@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from statistics import median
 
-from pdv.artifacts import ClusterArtifact, Links
-from pdv.plan.evaluate import pipeline_objective
-from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, max_stages
+from pdv.artifacts import ClusterArtifact, LayerChoice, Links
+from pdv.cost.schedules import max_stages
+from pdv.plan.objective import pipeline_objective
+from pdv.plan.problem import Candidate, PlanProblem, StageSpec
 from pdv.plan.stages import DPResult, stage_dp
 
 __all__ = [
@@ -167,7 +168,7 @@ def uniform(problem: PlanProblem) -> DPResult:
     evaluated = 0
     for mbs, pp, width, tp in uniform_layouts(problem, n):
         for recompute in (False, True):
-            ch = Choice(tp, False, recompute)
+            ch = LayerChoice(tp=tp, fsdp=False, recompute=recompute)
             stages = tuple(
                 StageSpec(lo, hi, tuple(range(s * width, (s + 1) * width)), ch)
                 for s, (lo, hi) in enumerate(_split(problem.num_layers, pp))

@@ -1,38 +1,21 @@
-"""The planning problem, the choices a stage can make, and the planner's objective.
+"""The planning problem: what every search takes, and the stages and candidates it returns.
 
 Every search in pdv.plan takes a :class:`PlanProblem` and returns ranked candidates, so the
-stage DP, the CP-SAT sharding and the baselines are interchangeable (STYLE habit 5).
-
-The planner's objective for a pipeline of stages with per-micro-batch times ``t_s`` (forward +
-backward + activation and gradient transfer to the next stage) and per-step gradient sync
-``sync_s``, with M micro-batches, is
-
-    J = Σ_s t_s + max_s ((M − 1)·t_s + sync_s)
-
-Alpa's inter-op objective is Σ t + (M−1)·max t (Zheng et al., 2022, eq. 2); pdv adds the
-transfers to t and lets the bottleneck stage carry its own gradient sync, which keeps a single
-max so the max-stage-cap enumeration stays exact. The simulator (pdv.cost.simulate) evaluates
-the chosen plans on the measured matrix; J only ranks candidates inside the search.
+stage DP, the CP-SAT sharding and the baselines are interchangeable (STYLE habit 5). The
+package reads in the order a search runs: problem → objective (the price of a stage and the
+objective J) → stages (the stage DP) → sharding (CP-SAT per stage) → baselines → search.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from pdv.artifacts import ClusterArtifact, Links, ModelProfile
+from pdv.artifacts import ClusterArtifact, LayerChoice, Links, ModelProfile, PlanStage, Schedule
+from pdv.cost.compute import profile_for
 from pdv.errors import PdvError
 
-__all__ = ["Choice", "PlanProblem", "Candidate", "StageSpec", "objective", "in_flight"]
-
-
-@dataclass(frozen=True, order=True)
-class Choice:
-    """How a stage runs its layers on its g ranks: TP degree k (dp = g / k), FSDP, recompute."""
-
-    tp: int = 1
-    fsdp: bool = False
-    recompute: bool = False
+__all__ = ["PlanProblem", "Candidate", "StageSpec", "choices_for", "plan_stage"]
 
 
 @dataclass(frozen=True)
@@ -42,14 +25,18 @@ class StageSpec:
     lo: int
     hi: int
     ranks: tuple[int, ...]
-    choice: Choice
-    layer_choices: tuple[Choice, ...] | None = None
+    choice: LayerChoice
+    layer_choices: tuple[LayerChoice, ...] | None = None
     """per-layer choices where the sharding solver made them differ inside the stage"""
 
     @property
     def dp(self) -> int:
         """Data-parallel replicas of the stage."""
         return len(self.ranks) // self.choice.tp
+
+    def choices(self) -> tuple[LayerChoice, ...]:
+        """Each layer's choice, in layer order."""
+        return self.layer_choices or (self.choice,) * (self.hi - self.lo)
 
 
 @dataclass(frozen=True)
@@ -76,7 +63,7 @@ class PlanProblem:
     micro_batch_sizes: tuple[int, ...] = ()
     """allowed micro-batch sizes; empty = the profiles' measured sizes that divide the batch"""
     memory_margin: float = 0.1
-    schedule: str = "1F1B"
+    schedule: Schedule = "1F1B"
     time_limit_s: float = 10.0
     """CP-SAT time limit per stage"""
     links: Links | None = None
@@ -98,13 +85,7 @@ class PlanProblem:
 
     def profile_of(self, rank: int) -> ModelProfile:
         """The profile that prices this rank (by its device kind)."""
-        kind = self.cluster.devices[rank].kind
-        if kind not in self.profiles:
-            raise PdvError(
-                f"no model profile for device kind {kind!r} (rank {rank}); profile the model "
-                f"on that kind, or pass one profile per kind: {sorted(self.kinds())}"
-            )
-        return self.profiles[kind]
+        return profile_for(self.profiles, self.cluster.devices[rank])
 
     def kinds(self) -> set[str]:
         """Device kinds present in the cluster."""
@@ -136,21 +117,28 @@ class PlanProblem:
         return self.cluster.devices[rank].memory_bytes * (1.0 - self.memory_margin)
 
 
-def in_flight(schedule: str, stages_to_end: int, num_micro: int) -> int:
-    """Micro-batches whose activations a stage holds: all for GPipe, p − s for 1F1B."""
-    if schedule.lower() == "gpipe":
-        return num_micro
-    return max(1, min(num_micro, stages_to_end))
+def choices_for(problem: PlanProblem, size: int, mbs: int) -> Iterator[LayerChoice]:
+    """Stage choices on `size` ranks at micro-batch size mbs (dp must divide mbs)."""
+    for tp in problem.tp_options():
+        if size % tp or mbs % (size // tp):
+            continue
+        for fsdp in (False, True) if size // tp > 1 and problem.allow_fsdp else (False,):
+            for recompute in (False, True) if problem.allow_recompute else (False,):
+                yield LayerChoice(tp=tp, fsdp=fsdp, recompute=recompute)
 
 
-def max_stages(schedule: str, num_micro: int, limit: int) -> int:
-    """Most pipeline stages a schedule can run with num_micro micro-batches (at most `limit`).
-
-    torch.distributed.pipelining's 1F1B refuses fewer micro-batches than stages; GPipe does not.
-    """
-    return limit if schedule.lower() == "gpipe" else min(limit, num_micro)
-
-
-def objective(times: Sequence[float], syncs: Sequence[float], num_micro: int) -> float:
-    """J = Σ t + max((M − 1)·t + sync) (see the module docstring)."""
-    return sum(times) + max((num_micro - 1) * t + s for t, s in zip(times, syncs, strict=True))
+def plan_stage(spec: StageSpec) -> PlanStage:
+    """The artifact form of a stage; per-layer entries only where they differ from the stage."""
+    ch = spec.choice
+    sharding = None
+    if spec.layer_choices is not None and any(c != ch for c in spec.layer_choices):
+        sharding = list(spec.layer_choices)
+    return PlanStage(
+        layers=(spec.lo, spec.hi),
+        ranks=list(spec.ranks),
+        dp=spec.dp,
+        tp=ch.tp,
+        fsdp=ch.fsdp,
+        recompute=ch.recompute,
+        layer_sharding=sharding,
+    )

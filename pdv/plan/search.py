@@ -12,14 +12,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from pdv.artifacts import ClusterArtifact, ModelProfile, Plan, Planner, Provenance, digest
+from pdv.artifacts import (
+    ClusterArtifact,
+    LayerChoice,
+    ModelProfile,
+    Plan,
+    Planner,
+    Provenance,
+    digest,
+)
 from pdv.cost.compute import speed_factor
+from pdv.cost.simulate import simulate, to_predicted
 from pdv.errors import PdvError
 from pdv.plan import baselines
-from pdv.plan.costs import stage_price
-from pdv.plan.evaluate import followers, pipeline_objective, plan_stage
 from pdv.plan.groups import device_order, islands
-from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec
+from pdv.plan.objective import followers, pipeline_objective, stage_price
+from pdv.plan.problem import Candidate, PlanProblem, StageSpec, plan_stage
 from pdv.plan.sharding import refine_stage
 from pdv.plan.stages import DPResult, rank_key, stage_dp
 
@@ -171,8 +179,6 @@ def _to_plan(
     evaluated: int,
     provenance: Provenance,
 ) -> Plan:
-    from pdv.cost.simulate import simulate, to_predicted
-
     profile = next(iter(sorted(problem.profiles.items())))[1]
     plan = Plan(
         provenance=provenance,
@@ -244,7 +250,8 @@ def _tightest(problem: PlanProblem) -> str:
     best: tuple[float, str] | None = None
     for mbs, pp, width, tp in baselines.uniform_layouts(problem, len(order)):
         M = problem.global_batch // mbs
-        ch = Choice(tp, problem.allow_fsdp and width // tp > 1, problem.allow_recompute)
+        ch = LayerChoice(tp=tp, fsdp=problem.allow_fsdp and width // tp > 1,
+                         recompute=problem.allow_recompute)
         stages = [
             StageSpec(lo, hi, tuple(order[s * width : (s + 1) * width]), ch)
             for s, (lo, hi) in enumerate(baselines._split(problem.num_layers, pp))
@@ -252,7 +259,7 @@ def _tightest(problem: PlanProblem) -> str:
         worst: tuple[float, str] | None = None
         for s, spec in enumerate(stages):
             nxt = tuple(order[(s + 1) * width :]) if s + 1 < pp else None
-            price = stage_price(problem, spec.ranks, spec.lo, spec.hi, mbs, ch, pp - s, M, nxt)
+            price = stage_price(problem, spec, mbs, pp - s, M, nxt)
             for kind, mem in price.memory_bytes.items():
                 over = mem - price.capacity_bytes[kind]
                 rank = min(

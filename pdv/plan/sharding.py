@@ -3,13 +3,13 @@
 After the stage DP fixed a stage (layers, ranks, TP degree T, dp = |ranks| / T), each layer may
 run TP-sharded (k = T) or replicated inside its TP group (k = 1), with or without FSDP over the
 replicas, with or without recompute — the per-layer overrides the runtime and pdv.cost.stage
-accept (``layer_sharding``). Costs per layer are the planner's prices (pdv.plan.costs): profiled
-compute at the shard shape times the slowest rank's speed, TP all-reduces on each replica's
-measured ring, the DP all-reduce on the replicas' rings (its α counted once), each FSDP
-layer's per-micro-batch all-gathers and per-step reduce-scatter (α per layer: each FSDP layer is
-its own unit), memory as pdv.cost.compute counts it. Resharding between consecutive layers with
-different choices costs nothing extra here: the boundary tensor of every layer is replicated
-over the TP group (a row-parallel layer ends in the all-reduce already priced), so switching
+accept (``layer_sharding``). The coefficients of each layer's options are its terms from
+pdv.cost.terms (compute, collectives, memory), on the reduced view of the stage's ranks that
+pdv.plan.objective prices; the DP all-reduce of the plain gradients is one call per stage (its
+per-call term counted once, pdv.cost.comm.all_reduce_linear). Resharding between consecutive
+layers with
+different choices costs nothing extra here: the boundary tensor of every layer is replicated over
+the TP group (a row-parallel layer ends in the all-reduce already priced), so switching
 between k = 1 and k = T needs no transfer.
 
 CP-SAT works on integers: times are scaled to integer nanoseconds and bytes stay bytes. The
@@ -22,24 +22,21 @@ relative gap (objective − bound) / objective are reported.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import product
+from typing import cast
 
-import numpy as np
 from ortools.sat.python import cp_model
 
-from pdv.plan.costs import (
-    StagePrice,
-    _gather_of,
-    _group,
-    _ring,
-    _send,
-    _sync_of,
-    layer_arrays,
-)
-from pdv.plan.problem import Choice, PlanProblem, StageSpec, in_flight
+from pdv.artifacts import LayerChoice
+from pdv.cost.comm import all_reduce_linear
+from pdv.cost.schedules import in_flight
+from pdv.cost.terms import LayerTerms, StageGroup
+from pdv.plan.objective import stage_group, stage_price, terms_of
+from pdv.plan.problem import PlanProblem, StageSpec
 
-__all__ = ["ShardingResult", "layered_price", "refine_stage", "NS"]
+__all__ = ["ShardingResult", "refine_stage", "NS"]
 
 NS = 1e9
 """CP-SAT time unit: integer nanoseconds"""
@@ -54,125 +51,121 @@ class ShardingResult:
     gap: float | None
 
 
-@dataclass(frozen=True)
-class _Terms:
-    """One layer under one per-layer choice: per kind and per ring, for one micro-batch."""
-
-    fwd: dict[str, float]
-    bwd: dict[str, float]
-    static: dict[str, float]
-    live: dict[str, float]
-    transient: dict[str, float]
-    tp_f: list[float]
-    tp_b: list[float]
-    grads_dp: dict[str, float]
-    reduce_scatter: list[float]
-    """per replica ring: this layer's FSDP reduce-scatter seconds (per step)"""
-    gather: list[float]
-    """per replica ring: this layer's FSDP all-gather seconds (per micro-batch, fwd and bwd)"""
-    out: float
-    opt: dict[str, float]
-    """optimizer step seconds per device kind"""
-
-
-def _layer_options(problem: PlanProblem, spec: StageSpec) -> list[Choice]:
+def _layer_options(problem: PlanProblem, spec: StageSpec) -> list[LayerChoice]:
     tps = (spec.choice.tp, 1) if spec.choice.tp > 1 else (1,)
     fsdps = (False, True) if spec.dp > 1 and problem.allow_fsdp else (False,)
     recomputes = (False, True) if problem.allow_recompute else (False,)
     # The DP's own choice stays an option (the refinement starts from it).
-    options = [Choice(t, f, r) for t, f, r in product(tps, fsdps, recomputes)]
+    options = [LayerChoice(tp=t, fsdp=f, recompute=r)
+               for t, f, r in product(tps, fsdps, recomputes)]  # fmt: skip
     return options if spec.choice in options else [*options, spec.choice]
-
-
-def _terms(problem: PlanProblem, spec: StageSpec, mbs: int, i: int, ch: Choice) -> _Terms:
-    g = _group(problem, spec.ranks, spec.choice.tp)
-    rmbs = mbs // g.dp
-    fwd, bwd, static, live, trans, gdp, opt = ({} for _ in range(7))
-    out = 0.0
-    fsdp = ch.fsdp and g.dp > 1
-    shard = g.dp if fsdp else 1
-    for kind, sf, _cap, _over in g.kinds:
-        arr = layer_arrays(problem.profiles[kind], rmbs, ch.tp)
-        fwd[kind] = sf * arr.fwd[i]
-        bwd[kind] = sf * (arr.bwd[i] + (arr.fwd[i] if ch.recompute else 0.0))
-        static[kind] = arr.state[i] / shard
-        opt[kind] = sf * arr.opt[i] / shard
-        live[kind] = arr.out[i] if ch.recompute else arr.act[i]
-        trans[kind] = arr.act[i] if ch.recompute else 0.0
-        gdp[kind] = 0.0 if fsdp else arr.grads[i]
-        out = max(out, arr.out[i])
-    rs, gather = [], []
-    for alpha, beta, kind in g.dp_rings:
-        arr = layer_arrays(problem.profiles[kind], rmbs, ch.tp)
-        layer = np.array([1.0 if arr.params[i] > 0 else 0.0])
-        rs.append(float(_sync_of(g, alpha, beta, np.array([arr.grads[i]]), layer, fsdp)[0])
-                  if fsdp else 0.0)
-        gather.append(float(_gather_of(g, alpha, beta, np.array([arr.params[i]]), layer,
-                                       fsdp)[0]))
-    tp_f, tp_b = [], []
-    for a, b in g.tp_rings:
-        t = 2 * float(_ring(a, b, ch.tp, np.array([out]), 2.0)[0]) if ch.tp > 1 else 0.0
-        tp_f.append(t)
-        tp_b.append(t * (2 if ch.recompute else 1))
-    return _Terms(fwd, bwd, static, live, trans, tp_f, tp_b, gdp, rs, gather, out, opt)
-
-
-def _price_from(
-    problem: PlanProblem,
-    spec: StageSpec,
-    mbs: int,
-    stages_to_end: int,
-    num_micro: int,
-    following: tuple[int, ...] | None,
-    terms: list[_Terms],
-) -> StagePrice:
-    g = _group(problem, spec.ranks, spec.choice.tp)
-    n_in = in_flight(problem.schedule, stages_to_end, num_micro)
-    kinds = [k[0] for k in g.kinds]
-    fwd = max(sum(t.fwd[k] for t in terms) for k in kinds)
-    bwd = max(sum(t.bwd[k] for t in terms) for k in kinds)
-    tp_f = max(sum(t.tp_f[r] for t in terms) for r in range(len(g.tp_rings)))
-    tp_b = max(sum(t.tp_b[r] for t in terms) for r in range(len(g.tp_rings)))
-    memory, capacity = {}, {}
-    for kind, _sf, cap, over in g.kinds:
-        memory[kind] = (
-            over
-            + sum(t.static[kind] for t in terms)
-            + sum(t.live[kind] for t in terms) * n_in
-            + max(t.transient[kind] for t in terms)
-        )
-        capacity[kind] = cap
-    sync = gather = 0.0
-    for r, (alpha, beta, kind) in enumerate(g.dp_rings):
-        gd = np.array([sum(t.grads_dp[kind] for t in terms)])
-        dp_sync = float(_sync_of(g, alpha, beta, gd, gd * 0, False)[0])
-        sync = max(sync, dp_sync + sum(t.reduce_scatter[r] for t in terms))
-        gather = max(gather, sum(t.gather[r] for t in terms))
-    opt = max(sum(t.opt[k] for t in terms) for k in kinds)
-    send = _send(problem.net, spec.ranks, following, terms[-1].out)
-    return StagePrice(fwd + tp_f + gather, bwd + tp_b + gather, send, sync + opt, memory,
-                      capacity)
-
-
-def layered_price(
-    problem: PlanProblem,
-    spec: StageSpec,
-    mbs: int,
-    stages_to_end: int,
-    num_micro: int,
-    following: tuple[int, ...] | None,
-) -> StagePrice:
-    """Price a stage whose layers carry their own choices (spec.layer_choices)."""
-    assert spec.layer_choices is not None and len(spec.layer_choices) == spec.hi - spec.lo
-    terms = [
-        _terms(problem, spec, mbs, i, ch)
-        for i, ch in zip(range(spec.lo, spec.hi), spec.layer_choices, strict=True)
-    ]
-    return _price_from(problem, spec, mbs, stages_to_end, num_micro, following, terms)
 
 
 def _ns(x: float) -> int:
     return int(round(x * NS))
+
+
+@dataclass
+class _Model:
+    """The CP-SAT model of one stage: x[i, o] picks option o for layer i."""
+
+    m: cp_model.CpModel
+    x: dict[tuple[int, int], cp_model.IntVar]
+    terms: list[LayerTerms]
+    """per option: every layer's terms"""
+    layers: list[int]
+
+    def lin(self, name: str, row: int, scale: Callable[[float], int]) -> cp_model.LinearExpr:
+        """Σ over layers and options of the field's scaled coefficient (one row) · x."""
+        return cast(cp_model.LinearExpr, sum(scale(getattr(t, name)[row, i]) * self.x[i, o]
+                                             for i in self.layers
+                                             for o, t in enumerate(self.terms)))  # fmt: skip
+
+    def at_least(self, bounds: Sequence[tuple[cp_model.IntVar, str]]) -> None:
+        """Each var ≥ its field's sum over the layers (ns), for every row (view or ring)."""
+        for row in range(getattr(self.terms[0], bounds[0][1]).shape[0]):
+            for var, name in bounds:
+                self.m.add(var >= self.lin(name, row, _ns))
+
+
+def _build(
+    problem: PlanProblem,
+    spec: StageSpec,
+    group: StageGroup,
+    opts: list[LayerChoice],
+    mbs: int,
+    n_in: int,
+) -> tuple[_Model, cp_model.LinearExpr, cp_model.LinearExpr]:
+    """The model, the stage's per-micro-batch time and its per-step terms (sync + optimizer)."""
+    layers = list(range(spec.lo, spec.hi))
+    terms = [terms_of(problem, group, mbs, ch) for ch in opts]
+    m = cp_model.CpModel()
+    x = {(i, o): m.new_bool_var(f"x{i}_{o}") for i in layers for o in range(len(opts))}
+    base = opts.index(spec.choice)
+    for i in layers:
+        m.add_exactly_one(x[i, o] for o in range(len(opts)))
+        for o in range(len(opts)):
+            m.add_hint(x[i, o], int(o == base))  # ortools < 9.12 takes no bool hints
+    model = _Model(m, x, terms, layers)
+    views = range(len(group.ranks))
+    big = (
+        sum(max(_ns(t.fwd_s[v, i] + t.bwd_s[v, i]) for t in terms for i in layers) for v in views)
+        * len(layers)
+        + sum(max(_ns(v) for v in [*t.tp_fwd_s[:, i], *t.tp_bwd_s[:, i]])
+              for t in terms for i in layers)
+        + 1
+    )  # fmt: skip
+    fwd, bwd = m.new_int_var(0, big, "fwd"), m.new_int_var(0, big, "bwd")
+    tpf, tpb = m.new_int_var(0, big, "tp_f"), m.new_int_var(0, big, "tp_b")
+    model.at_least([(fwd, "fwd_s"), (bwd, "bwd_s")])
+    model.at_least([(tpf, "tp_fwd_s"), (tpb, "tp_bwd_s")])
+    for v, view in enumerate(group.ranks):
+        top = max(int(t.transient_bytes[v, i]) for t in terms for i in layers)
+        peak_t = m.new_int_var(0, top + 1, "tr")
+        for i in layers:
+            for o, t in enumerate(terms):
+                m.add(peak_t >= int(t.transient_bytes[v, i])).only_enforce_if(x[i, o])
+        m.add(
+            int(view.overhead_bytes)
+            + model.lin("state_bytes", v, int)
+            + n_in * model.lin("live_bytes", v, int)
+            + peak_t
+            <= int(view.capacity_bytes)
+        )
+    sync = _sync_var(model, group)
+    # The optimizer step follows the sync; its time depends on the FSDP choice of each layer.
+    top = sum(max(_ns(t.optimizer_s[v, i]) for v in views) for t in terms for i in layers)
+    opt = m.new_int_var(0, top + 1, "opt")
+    model.at_least([(opt, "optimizer_s")])
+    # FSDP layers' all-gathers, in every micro-batch's forward and again in its backward.
+    top = sum(max(_ns(t.gather_s[d, i]) for d in range(len(group.dp_rings)))
+              for t in terms for i in layers)  # fmt: skip
+    gather = m.new_int_var(0, top + 1, "gather")
+    model.at_least([(gather, "gather_s")])
+    return model, fwd + bwd + tpf + tpb + 2 * gather, sync + opt
+
+
+def _sync_var(model: _Model, group: StageGroup) -> cp_model.IntVar:
+    """Per-step sync ≥ each replica ring's DP all-reduce + its FSDP layers' reduce-scatters."""
+    m = model.m
+    sync = m.new_int_var(0, 1 << 60, "sync")
+    if group.dp < 2:
+        m.add(sync == 0)
+        return sync
+    for d, rv in enumerate(group.dp_rings):
+        used = m.new_bool_var("use_dp")
+        for i in model.layers:
+            for o, t in enumerate(model.terms):
+                if t.dp_grad_bytes[d, i] > 0:
+                    m.add_implication(model.x[i, o], used)
+        per_byte, per_call = all_reduce_linear(rv.ring)
+        expr = sum(
+            (_ns(per_byte * t.dp_grad_bytes[d, i]) + _ns(t.reduce_scatter_s[d, i])) * model.x[i, o]
+            for i in model.layers
+            for o, t in enumerate(model.terms)
+        )
+        m.add(sync >= expr + _ns(per_call) * used)
+    return sync
 
 
 def refine_stage(
@@ -184,80 +177,18 @@ def refine_stage(
     following: tuple[int, ...] | None,
 ) -> ShardingResult:
     """Choose per-layer sharding for one stage with CP-SAT (never worse than the DP's choice)."""
-    g = _group(problem, spec.ranks, spec.choice.tp)
-    layers = list(range(spec.lo, spec.hi))
+    group = stage_group(problem, spec.ranks, spec.choice.tp)
     opts = _layer_options(problem, spec)
-    terms = {(i, o): _terms(problem, spec, mbs, i, ch) for i in layers for o, ch in enumerate(opts)}
-    base = opts.index(spec.choice)
     n_in = in_flight(problem.schedule, stages_to_end, num_micro)
-    kinds = [k[0] for k in g.kinds]
-    m = cp_model.CpModel()
-    x = {(i, o): m.new_bool_var(f"x{i}_{o}") for i in layers for o in range(len(opts))}
-    for i in layers:
-        m.add_exactly_one(x[i, o] for o in range(len(opts)))
-        for o in range(len(opts)):
-            m.add_hint(x[i, o], int(o == base))  # ortools < 9.12 takes no bool hints
-    big = (
-        sum(max(_ns(t.fwd[k] + t.bwd[k]) for t in terms.values()) for k in kinds) * len(layers)
-        + sum(max(_ns(v) for v in t.tp_f + t.tp_b) for t in terms.values())
-        + 1
-    )
-
-    def lin(get) -> cp_model.LinearExpr:
-        return sum(get(terms[i, o]) * x[i, o] for i in layers for o in range(len(opts)))
-
-    fwd = m.new_int_var(0, big, "fwd")
-    bwd = m.new_int_var(0, big, "bwd")
-    tpf = m.new_int_var(0, big, "tp_f")
-    tpb = m.new_int_var(0, big, "tp_b")
-    for k in kinds:
-        m.add(fwd >= lin(lambda t, k=k: _ns(t.fwd[k])))
-        m.add(bwd >= lin(lambda t, k=k: _ns(t.bwd[k])))
-    for r in range(len(g.tp_rings)):
-        m.add(tpf >= lin(lambda t, r=r: _ns(t.tp_f[r])))
-        m.add(tpb >= lin(lambda t, r=r: _ns(t.tp_b[r])))
-    for kind, _sf, cap, over in g.kinds:
-        peak_t = m.new_int_var(0, int(max(t.transient[kind] for t in terms.values())) + 1, "tr")
-        for i in layers:
-            for o in range(len(opts)):
-                m.add(peak_t >= int(terms[i, o].transient[kind])).only_enforce_if(x[i, o])
-        m.add(
-            int(over)
-            + lin(lambda t, k=kind: int(t.static[k]))
-            + n_in * lin(lambda t, k=kind: int(t.live[k]))
-            + peak_t
-            <= int(cap)
-        )
-    sync = _sync_var(m, g, layers, opts, terms, x, big)
-    # The optimizer step follows the sync; its time depends on the FSDP choice of each layer.
-    opt = m.new_int_var(0, sum(max(_ns(v) for v in t.opt.values()) for t in terms.values()) + 1,
-                        "opt")
-    for k in kinds:
-        m.add(opt >= lin(lambda t, k=k: _ns(t.opt[k])))
-    sync = sync + opt
-    # FSDP layers' all-gathers, in every micro-batch's forward and again in its backward.
-    gather = m.new_int_var(0, sum(max(_ns(v) for v in t.gather) if t.gather else 0
-                                  for t in terms.values()) + 1, "gather")
-    for r in range(len(g.dp_rings)):
-        m.add(gather >= lin(lambda t, r=r: _ns(t.gather[r])))
-    time = fwd + bwd + tpf + tpb + 2 * gather
-    ref = _price_from(
-        problem,
-        spec,
-        mbs,
-        stages_to_end,
-        num_micro,
-        following,
-        [terms[i, base] for i in layers],
-    )
-    m.add(time <= _ns(ref.fwd_s + ref.bwd_s) + len(layers) * 4)
-    m.add(
-        (num_micro - 1) * time + sync
-        <= _ns((num_micro - 1) * (ref.fwd_s + ref.bwd_s) + ref.sync_s)
-        + num_micro * len(layers) * 4
-        + 8
-    )
-    m.minimize(num_micro * time + sync)
+    model, time, per_step = _build(problem, spec, group, opts, mbs, n_in)
+    ref = stage_price(problem, replace(spec, layer_choices=None), mbs, stages_to_end, num_micro,
+                      following)  # fmt: skip
+    ref_t = ref.fwd_s + ref.bwd_s
+    n = len(model.layers)
+    model.m.add(time <= _ns(ref_t) + n * 4)
+    model.m.add((num_micro - 1) * time + per_step
+                <= _ns((num_micro - 1) * ref_t + ref.sync_s) + num_micro * n * 4 + 8)
+    model.m.minimize(num_micro * time + per_step)
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = 0
@@ -265,59 +196,35 @@ def refine_stage(
     # run stopped by it stops at the same point on any machine; wall clock only as a backstop.
     solver.parameters.max_deterministic_time = problem.time_limit_s
     solver.parameters.max_time_in_seconds = 10 * problem.time_limit_s
-    code = solver.solve(m)
+    code = solver.solve(model.m)
     status = solver.status_name(code)
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return ShardingResult(spec, status, None)
     obj, bound = solver.objective_value, solver.best_objective_bound
     gap = abs(obj - bound) / abs(obj) if obj else 0.0
-    chosen = tuple(next(opts[o] for o in range(len(opts)) if solver.value(x[i, o])) for i in layers)
-    refined = _with_layers(spec, chosen)
+    chosen = tuple(
+        next(opts[o] for o in range(len(opts)) if solver.value(model.x[i, o]))
+        for i in model.layers
+    )
     # Accept only when the float price agrees that it is no worse (rounding to ns can mislead).
-    full = replace(refined, layer_choices=chosen)
-    new = layered_price(problem, full, mbs, stages_to_end, num_micro, following)
+    new = stage_price(problem, replace(spec, layer_choices=chosen), mbs, stages_to_end,
+                      num_micro, following)  # fmt: skip
     old_busy = num_micro * ref.time_s + ref.sync_s
     new_busy = num_micro * new.time_s + new.sync_s
     if not new.fits or new.time_s > ref.time_s or new_busy >= old_busy:
         return ShardingResult(spec, status, gap)
-    return ShardingResult(refined, status, gap)
+    return ShardingResult(_with_layers(spec, chosen), status, gap)
 
 
-def _sync_var(m, g, layers, opts, terms, x, big):
-    """Per-step sync ≥ each replica ring's DP all-reduce + its FSDP layers' reduce-scatters."""
-    sync = m.new_int_var(0, 1 << 60, "sync")
-    if g.dp < 2:
-        m.add(sync == 0)
-        return sync
-    n = g.dp
-    for r, (alpha, beta, kind) in enumerate(g.dp_rings):
-        used = m.new_bool_var("use_dp")
-        for i in layers:
-            for o in range(len(opts)):
-                if terms[i, o].grads_dp[kind] > 0:
-                    m.add_implication(x[i, o], used)
-        per_byte = 2.0 * (n - 1) / n / beta
-        expr = sum(
-            (_ns(per_byte * terms[i, o].grads_dp[kind]) + _ns(terms[i, o].reduce_scatter[r]))
-            * x[i, o]
-            for i in layers
-            for o in range(len(opts))
-        )
-        # α: 2(n−1) once for the stage's one all-reduce (the FSDP layers' are in their terms)
-        expr += _ns(2 * (n - 1) * alpha) * used
-        m.add(sync >= expr)
-    return sync
-
-
-def _with_layers(spec: StageSpec, chosen: tuple[Choice, ...]) -> StageSpec:
+def _with_layers(spec: StageSpec, chosen: tuple[LayerChoice, ...]) -> StageSpec:
     # The stage-level fields take the most common per-layer value (first on ties), so a stage
     # whose layers all agree carries no per-layer list.
-    def common(values: list) -> object:
+    def common(values: list[bool]) -> bool:
         return max(dict.fromkeys(values), key=values.count)
 
-    fsdp = bool(common([c.fsdp for c in chosen]))
-    recompute = bool(common([c.recompute for c in chosen]))
-    stage_choice = Choice(spec.choice.tp, fsdp, recompute)
+    fsdp = common([c.fsdp for c in chosen])
+    recompute = common([c.recompute for c in chosen])
+    stage_choice = LayerChoice(tp=spec.choice.tp, fsdp=fsdp, recompute=recompute)
     if all(c == stage_choice for c in chosen):
         return replace(spec, choice=stage_choice, layer_choices=None)
     return replace(spec, choice=stage_choice, layer_choices=chosen)

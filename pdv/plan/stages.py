@@ -29,15 +29,23 @@ units (one DP per size, so the state drops the device position).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from pdv.plan.costs import StageTable, _group, send_pairs, send_time, stage_table
-from pdv.plan.problem import Candidate, Choice, PlanProblem, StageSpec, in_flight, max_stages
+from pdv.artifacts import LayerChoice, Schedule
+from pdv.cost.comm import pairs_time
+from pdv.cost.schedules import in_flight, max_stages
+from pdv.plan.objective import (
+    StageTable,
+    pipeline_objective,
+    send_pairs,
+    stage_group,
+    stage_table,
+)
+from pdv.plan.problem import Candidate, PlanProblem, StageSpec, choices_for
 
-__all__ = ["MAX_CAPS", "GENERAL_LIMIT", "DPResult", "stage_dp", "choices_for", "rank_key"]
+__all__ = ["MAX_CAPS", "GENERAL_LIMIT", "DPResult", "stage_dp", "rank_key"]
 
 MAX_CAPS = 1024
 BIG_CAPS = 8
@@ -58,21 +66,11 @@ class DPResult:
     """stage tables priced (deterministic count, for the plan's `candidates` field)"""
 
 
-def choices_for(problem: PlanProblem, size: int, mbs: int) -> Iterator[Choice]:
-    """Stage choices on `size` ranks at micro-batch size mbs (dp must divide mbs)."""
-    for tp in problem.tp_options():
-        if size % tp or mbs % (size // tp):
-            continue
-        for fsdp in (False, True) if size // tp > 1 and problem.allow_fsdp else (False,):
-            for recompute in (False, True) if problem.allow_recompute else (False,):
-                yield Choice(tp, fsdp, recompute)
-
-
 @dataclass
 class _Option:
     a: int
     g: int
-    choice: Choice
+    choice: LayerChoice
     t_send: np.ndarray
     t_last: np.ndarray
     sync: np.ndarray
@@ -111,7 +109,7 @@ def _options(
 ) -> tuple[list[_Option], int]:
     out: list[_Option] = []
     evaluated = 0
-    cache: dict[tuple, list[tuple[Choice, StageTable]]] = {}
+    cache: dict[tuple, list[tuple[LayerChoice, StageTable]]] = {}
     for a, g in slices:
         ranks = tuple(order[a * unit : (a + g) * unit])
         following = tuple(order[(a + g) * unit :])
@@ -126,7 +124,7 @@ def _options(
             evaluated += len(tables)
             cache[key] = _undominated(tables)
         for ch, tab in cache[key]:
-            send = send_time(problem.net, send_pairs(ranks, following), tab.out)
+            send = pairs_time(problem.net, send_pairs(ranks, following), tab.out)
             out.append(
                 _Option(a, g, ch, tab.time + send[None, :], tab.time, tab.sync, tab.max_in_flight)
             )
@@ -134,10 +132,14 @@ def _options(
 
 
 def _group_key(problem: PlanProblem, ranks: tuple[int, ...]) -> tuple:
-    return tuple(_group(problem, ranks, tp) for tp in problem.tp_options() if len(ranks) % tp == 0)
+    return tuple(
+        stage_group(problem, ranks, tp) for tp in problem.tp_options() if len(ranks) % tp == 0
+    )
 
 
-def _undominated(tables: list[tuple[Choice, StageTable]]) -> list[tuple[Choice, StageTable]]:
+def _undominated(
+    tables: list[tuple[LayerChoice, StageTable]],
+) -> list[tuple[LayerChoice, StageTable]]:
     # A choice no faster, no cheaper to sync and no roomier than another everywhere never helps.
     keep = []
     for i, (ch, t) in enumerate(tables):
@@ -168,7 +170,7 @@ def _undominated(tables: list[tuple[Choice, StageTable]]) -> list[tuple[Choice, 
 @dataclass
 class _Solution:
     value: float
-    stages: list[tuple[int, int, int, int, Choice]]  # (lo, hi, a, g, choice)
+    stages: list[tuple[int, int, int, int, LayerChoice]]  # (lo, hi, a, g, choice)
     max_u: float = 0.0
     """the largest per-stage u = (M−1)·t + sync of these stages"""
 
@@ -184,7 +186,7 @@ def _solve_pass(
     n_units: int,
     n_layers: int,
     num_micro: int,
-    schedule: str,
+    schedule: Schedule,
     cap: float,
     bottleneck: bool,
     *,
@@ -241,7 +243,7 @@ def _solve_pass(
         v = f.get((k, 0))
         if v is None or not np.isfinite(v[0]):
             continue
-        stages: list[tuple[int, int, int, int, Choice]] = []
+        stages: list[tuple[int, int, int, int, LayerChoice]] = []
         i, a, kk = 0, 0, k
         max_u = 0.0
         while kk >= 1:
@@ -383,8 +385,6 @@ def _candidate(
     bounds: np.ndarray,
     search: str,
 ) -> Candidate:
-    from pdv.plan.evaluate import pipeline_objective
-
     stages = _stage_specs(s, order, unit, bounds)
     j = pipeline_objective(problem, stages, mbs, order)
     return Candidate(stages, mbs, M, j, search, tuple(order))

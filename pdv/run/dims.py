@@ -6,12 +6,11 @@ Vocabulary (as torchtitan's parallel_dims): an *axis* is a device-mesh axis ("dp
 rank inside a replica (``tp`` of them). Stage ranks are dp-major: ``ranks[r * tp + t]`` is
 replica r, shard t.
 
-Micro-batching convention: one pipeline micro-batch holds ``M = global_batch_size /
-num_micro_batches`` samples, and every stage splits each micro-batch evenly over its replicas
-(replica r of a stage with dp replicas takes rows ``[r*M/dp, (r+1)*M/dp)``). That is Alpa's
-convention, and it is what lets stages have different widths. Plans written with the Megatron
-convention (``micro_batch_size`` per replica, ``global = mbs * nmb * dp``, equal dp everywhere)
-describe the same execution and are accepted too.
+Micro-batching convention: one pipeline micro-batch holds ``M = micro_batch_size =
+global_batch_size / num_micro_batches`` samples, and every stage splits each micro-batch evenly
+over its replicas (replica r of a stage with dp replicas takes rows ``[r*M/dp, (r+1)*M/dp)``).
+That is Alpa's convention, and it is what lets stages have different widths; the plan, simulate
+and run all check it with pdv.cost.validity.check_plan.
 
 A *chain* is the sequence of ranks that one sample slice visits through the pipeline when every
 stage has the same (dp, tp): chain (r, t) is replica r, shard t of every stage. Each chain is one
@@ -23,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdv.artifacts import Plan, PlanStage
+from pdv.cost.validity import check_plan
 from pdv.errors import PdvError
 
 __all__ = ["ParallelDims", "StageMeshes", "build_meshes"]
@@ -41,43 +41,11 @@ class ParallelDims:
 
     @classmethod
     def from_plan(cls, plan: Plan, num_layers: int | None = None) -> ParallelDims:
-        """Check the plan's degrees against each other (and the model's layer count)."""
-        stages = tuple(plan.stages)
-        nmb = plan.num_micro_batches
-        if plan.global_batch_size % nmb:
-            raise PdvError(
-                f"global_batch_size {plan.global_batch_size} is not divisible by "
-                f"num_micro_batches {nmb}; make it a multiple of {nmb}"
-            )
-        m = plan.global_batch_size // nmb
-        dps = {s.dp for s in stages}
-        megatron = len(dps) == 1 and m == plan.micro_batch_size * next(iter(dps))
-        if m != plan.micro_batch_size and not megatron:
-            raise PdvError(
-                f"micro_batch_size {plan.micro_batch_size} x num_micro_batches {nmb} != "
-                f"global_batch_size {plan.global_batch_size}; set global_batch_size to "
-                f"{plan.micro_batch_size * nmb}"
-            )
-        for i, s in enumerate(stages):
-            if m % s.dp:
-                raise PdvError(
-                    f"stage {i}: a micro-batch of {m} samples cannot be split over dp={s.dp} "
-                    f"replicas; use a micro-batch size divisible by {s.dp}"
-                )
-        expect = 0
-        for i, s in enumerate(stages):
-            if s.layers[0] != expect:
-                raise PdvError(
-                    f"stage {i} starts at layer {s.layers[0]} but the previous stage ends at "
-                    f"{expect}; stages must cover the layers in order without gaps"
-                )
-            expect = s.layers[1]
-        if num_layers is not None and expect != num_layers:
-            raise PdvError(
-                f"the plan's stages cover layers [0, {expect}) but the model has {num_layers} "
-                "layers; plan for this model (or pass the model the plan was made for)"
-            )
-        dims = cls(stages=stages, num_micro_batches=nmb, pipeline_micro_batch=m)
+        """Check the plan (pdv.cost.validity, as plan and simulate do) and what this runtime
+        can execute of it."""
+        check_plan(plan, num_layers)
+        dims = cls(stages=tuple(plan.stages), num_micro_batches=plan.num_micro_batches,
+                   pipeline_micro_batch=plan.micro_batch_size)
         dims._check_ranks(plan.schedule)
         return dims
 
@@ -89,9 +57,6 @@ class ParallelDims:
                 f"the plan's ranks must be 0..N-1 with none missing; ranks {missing} are in "
                 "no stage"
             )
-        for i, s in enumerate(self.stages):
-            if len(set(s.ranks)) != len(s.ranks):
-                raise PdvError(f"stage {i} lists a rank twice: {s.ranks}")
         if self.multi_stage:
             if not self.uniform:
                 raise PdvError(
@@ -103,14 +68,6 @@ class ParallelDims:
                     f"a rank holds several stages, which needs an interleaved schedule "
                     f"({', '.join(_MULTI_STAGE_SCHEDULES)}), not {schedule!r}"
                 )
-        elif self.uniform and schedule.lower() == "1f1b" and self.num_micro_batches < len(
-            self.stages
-        ):
-            # torch's Schedule1F1B refuses this inside every rank; say it once, before launch
-            raise PdvError(
-                f"1F1B needs at least as many micro-batches as stages: {self.num_micro_batches} "
-                f"< {len(self.stages)}; raise num_micro_batches to {len(self.stages)} or use GPipe"
-            )
         elif schedule in _MULTI_STAGE_SCHEDULES:
             raise PdvError(
                 f"schedule {schedule} needs several stages per rank, but each rank holds one "

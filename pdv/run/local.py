@@ -14,7 +14,6 @@ import sys
 
 from pdv.artifacts import Plan
 from pdv.boundaries import probe_for_stages
-from pdv.cost.stage import layer_choices
 from pdv.errors import PdvError
 from pdv.models import build_model, load_factory
 from pdv.run.dims import ParallelDims
@@ -34,8 +33,6 @@ def check_plan(plan: Plan, opts: RunOptions) -> ParallelDims:
     dims = ParallelDims.from_plan(plan, len(model.layers))
     check_tp_support(model, list(plan.stages), spec)
     probe_for_stages(model, [s.layers for s in dims.stages])
-    for stage in plan.stages:
-        layer_choices(stage)
     host_slots(plan)
     if opts.optimizer not in OPTIMIZERS:
         raise PdvError(f"--optimizer {opts.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from pdv.artifacts import PlanStage
-from pdv.cost.stage import layer_choices
 from pdv.errors import PdvError
 from pdv.models import ModelDef
 
@@ -46,7 +45,7 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
     `tied` parameters stay out of FSDP's shards (pdv.run.tied sums their gradients).
     """
     start, end = stage.layers
-    choices = layer_choices(stage)
+    choices = stage.layer_choices()
     module = model.sequential(start, end)
     module.to(device)
     if stage.tp > 1:

@@ -1,0 +1,332 @@
+"""The one pricing of a stage: each layer's cost terms, and how a stage composes them.
+
+:func:`layer_terms` is the only place where a layer's time, memory and communication are
+derived from the profiles and the links. Every consumer composes its output and restates
+nothing:
+
+- the simulator (pdv.cost.stage) sums the terms over a stage's layers for every rank;
+- the stage DP (pdv.plan.objective.stage_table) takes prefix sums of them, every layer range at
+  once (:func:`price_ranges`);
+- CP-SAT (pdv.plan.sharding) takes them as the coefficients of its per-layer choices;
+- all of them turn range sums into a stage's price with :func:`compose`.
+
+A stage of layers [lo, hi) on ranks R (dp-major: replica r holds R[r·k:(r+1)·k] for TP degree
+k) with micro-batch size m runs each replica on m / dp samples. Per layer and micro-batch:
+
+- compute: the profile of the rank's device kind at (m/dp, layer tp), times the rank's measured
+  speed (pdv.cost.compute.speed_factor); recompute runs the forward again before the backward;
+- TP (Megatron): two all-reduces of the layer output in forward and two in backward
+  (Narayanan et al., 2021, §2.3), on the replica's ring; recompute repeats the forward's;
+- FSDP (each layer its own FSDP2 unit): an all-gather of the layer's parameters in every
+  micro-batch's forward and again in its backward, on the replica ring;
+- memory: parameters, gradients and optimizer state (FSDP: the rank's 1/dp of them); the
+  activations one in-flight micro-batch keeps until its backward (with recompute only the
+  layer's input, plus its full activations while it is recomputed: the transient).
+
+Per step: the gradient sync on each replica ring — one all-reduce of the stage's plain
+gradients, a reduce-scatter of each FSDP layer's — then the optimizer step over the rank's
+parameter shard (the profile's measured step by shard share, 1/dp of it under FSDP).
+
+A stage runs at the pace of its slowest rank and its slowest ring: each time is the largest
+over the ranks (or rings) of its sum over the layers. A new per-layer term is one field of
+:class:`LayerTerms` and one line of :func:`layer_terms` (and of :func:`compose` where it enters
+a stage's time); a new per-step term is one line of :func:`compose`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from pdv.artifacts import LayerChoice, ModelProfile
+from pdv.cost.comm import Ring, all_gather_time, all_reduce_time, reduce_scatter_time
+from pdv.cost.compute import profile_arrays
+
+__all__ = [
+    "TP_ALL_REDUCES",
+    "RankView",
+    "RingView",
+    "StageGroup",
+    "LayerTerms",
+    "StagePrice",
+    "layer_terms",
+    "price_layers",
+    "price_ranges",
+    "compose",
+]
+
+TP_ALL_REDUCES = 2
+"""all-reduces of the layer output in a Megatron-LM block's forward (after attention, after the
+MLP), and their conjugates in its backward (Narayanan et al., 2021, §2.3)"""
+
+
+@dataclass(frozen=True)
+class RankView:
+    """A rank as a stage's costs see it (the planner: the worst of one device kind's ranks)."""
+
+    kind: str
+    """device kind: the profile that prices it"""
+    speed: float
+    """time multiplier against the profiled device (pdv.cost.compute.speed_factor)"""
+    overhead_bytes: float
+    """constant bytes besides the model (pdv.cost.compute.rank_overhead_bytes)"""
+    capacity_bytes: float
+    """bytes the rank may use"""
+
+
+@dataclass(frozen=True)
+class RingView:
+    """A ring the stage's collectives run on, and the device kinds whose bytes it moves."""
+
+    ring: Ring
+    kinds: tuple[str, ...]
+    """the largest of these kinds' per-layer bytes is moved (the kinds of one model agree)"""
+
+
+@dataclass(frozen=True)
+class StageGroup:
+    """A stage's ranks as its costs see them: who computes, and the rings it communicates on."""
+
+    ranks: tuple[RankView, ...]
+    tp_rings: tuple[RingView, ...]
+    """each replica's TP group"""
+    dp_rings: tuple[RingView, ...]
+    """each TP position's replica ring"""
+    tp: int
+    dp: int
+
+
+@dataclass(frozen=True)
+class LayerTerms:
+    """Every layer of the model under one choice on one stage group.
+
+    Row = rank view (the first group of fields) or ring (tp_*: the TP rings; the rest: the
+    replica rings); column = layer. Seconds per micro-batch unless marked per step; bytes per
+    rank.
+    """
+
+    fwd_s: np.ndarray
+    bwd_s: np.ndarray
+    """backward, and the forward again under recompute"""
+    optimizer_s: np.ndarray
+    """per step: the optimizer step over the rank's parameter shard"""
+    state_bytes: np.ndarray
+    """parameters, gradients and optimizer state held by the rank"""
+    live_bytes: np.ndarray
+    """kept by each in-flight micro-batch until its backward"""
+    transient_bytes: np.ndarray
+    """held while the layer is recomputed (a stage holds its largest): not summed"""
+    output_bytes: np.ndarray
+    """the layer's output: what the next stage receives if the stage ends here"""
+    tp_fwd_s: np.ndarray
+    tp_bwd_s: np.ndarray
+    gather_s: np.ndarray
+    """FSDP all-gather, in every micro-batch's forward and again in its backward"""
+    reduce_scatter_s: np.ndarray
+    """per step: FSDP reduce-scatter of the layer's gradients"""
+    dp_grad_bytes: np.ndarray
+    """per step: plain gradients, all-reduced in one call for the whole stage"""
+
+
+def layer_terms(
+    profiles: Mapping[str, ModelProfile],
+    group: StageGroup,
+    replica_batch: int,
+    choice: LayerChoice,
+) -> LayerTerms:
+    """Every layer's terms under one choice on one stage group (see the module docstring)."""
+    fsdp = choice.fsdp and group.dp > 1
+    rows: dict[str, list[np.ndarray]] = {f.name: [] for f in fields(LayerTerms)}
+    for view in group.ranks:
+        a = profile_arrays(profiles[view.kind], replica_batch, choice.tp)
+        fwd = a.fwd * view.speed
+        state = a.params + a.grads + a.optimizer_bytes
+        step = a.optimizer_s * view.speed
+        if fsdp:  # ZeRO-3 / FSDP2: state and step sharded over the replicas
+            state, step = state / group.dp, step / group.dp
+        rows["fwd_s"].append(fwd)
+        rows["bwd_s"].append(a.bwd * view.speed + (fwd if choice.recompute else 0.0))
+        rows["optimizer_s"].append(step)
+        rows["state_bytes"].append(state)
+        rows["live_bytes"].append(a.outputs if choice.recompute else a.activations)
+        rows["transient_bytes"].append(a.activations * choice.recompute)
+        rows["output_bytes"].append(a.outputs)
+    for rv in group.tp_rings:
+        out = _moved(profiles, rv, replica_batch, choice.tp, "outputs")
+        tp = TP_ALL_REDUCES * all_reduce_time(rv.ring, out) * (choice.tp > 1)
+        rows["tp_fwd_s"].append(tp)
+        rows["tp_bwd_s"].append(tp + (tp if choice.recompute else 0.0))
+    for rv in group.dp_rings:
+        params = _moved(profiles, rv, replica_batch, choice.tp, "params")
+        grads = _moved(profiles, rv, replica_batch, choice.tp, "grads")
+        rows["gather_s"].append(all_gather_time(rv.ring, params) * fsdp)
+        rows["reduce_scatter_s"].append(reduce_scatter_time(rv.ring, grads) * fsdp)
+        rows["dp_grad_bytes"].append(grads * (not fsdp))
+    return LayerTerms(**{k: np.array(v) for k, v in rows.items()})
+
+
+def _moved(profiles: Mapping[str, ModelProfile], rv: RingView, replica_batch: int, tp: int,
+           what: str) -> np.ndarray:  # fmt: skip
+    return np.max([getattr(profile_arrays(profiles[k], replica_batch, tp), what)
+                   for k in rv.kinds], axis=0)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StagePrice:
+    """A stage's price, composed from its layers' terms by :func:`compose`.
+
+    Each field is a float for one stage or, from :func:`price_ranges`, an (n, n) array over
+    layer ranges; the *_bytes fields have one row per rank view first.
+    """
+
+    compute_fwd_s: np.ndarray
+    compute_bwd_s: np.ndarray
+    tp_fwd_s: np.ndarray
+    tp_bwd_s: np.ndarray
+    gather_s: np.ndarray
+    grad_sync_s: np.ndarray
+    """per step: the slowest replica ring's all-reduce and reduce-scatters"""
+    optimizer_s: np.ndarray
+    """per step, after the sync: the slowest rank's optimizer step"""
+    static_bytes: np.ndarray
+    """overhead, parameters, gradients, optimizer state"""
+    live_bytes: np.ndarray
+    """per in-flight micro-batch"""
+    transient_bytes: np.ndarray
+    output_bytes: np.ndarray
+    """the boundary tensor to the next stage, per micro-batch and replica"""
+
+    @property
+    def collective_fwd_s(self) -> np.ndarray:
+        """The collectives inside one forward: TP all-reduces and FSDP all-gathers."""
+        return self.tp_fwd_s + self.gather_s
+
+    @property
+    def collective_bwd_s(self) -> np.ndarray:
+        """The collectives inside one backward."""
+        return self.tp_bwd_s + self.gather_s
+
+    @property
+    def fwd_s(self) -> np.ndarray:
+        """One micro-batch's forward: the slowest rank's compute and the slowest rings."""
+        return self.compute_fwd_s + self.collective_fwd_s
+
+    @property
+    def bwd_s(self) -> np.ndarray:
+        """One micro-batch's backward (with recompute), collectives included."""
+        return self.compute_bwd_s + self.collective_bwd_s
+
+    def peak_bytes(self, in_flight: int) -> np.ndarray:
+        """Per rank view: peak bytes with this many micro-batches in flight."""
+        return self.static_bytes + self.live_bytes * in_flight + self.transient_bytes
+
+
+def compose(group: StageGroup, sums: Mapping[str, np.ndarray]) -> StagePrice:
+    """A stage's price from its layers' terms summed (rows first) over its layers.
+
+    ``sums`` has one entry per :class:`LayerTerms` field: summed over the layers, except
+    transient_bytes (the largest) and output_bytes (the last layer's); state_bytes includes the
+    rank's overhead. The stage runs at the pace of its slowest rank and slowest ring.
+    """
+    sync = np.max(
+        [all_reduce_time(rv.ring, sums["dp_grad_bytes"][d]) + sums["reduce_scatter_s"][d]
+         for d, rv in enumerate(group.dp_rings)],
+        axis=0,
+    )  # fmt: skip
+    return StagePrice(
+        compute_fwd_s=np.max(sums["fwd_s"], axis=0),
+        compute_bwd_s=np.max(sums["bwd_s"], axis=0),
+        tp_fwd_s=np.max(sums["tp_fwd_s"], axis=0),
+        tp_bwd_s=np.max(sums["tp_bwd_s"], axis=0),
+        gather_s=np.max(sums["gather_s"], axis=0),
+        grad_sync_s=sync,
+        optimizer_s=np.max(sums["optimizer_s"], axis=0),
+        static_bytes=sums["state_bytes"],
+        live_bytes=sums["live_bytes"],
+        transient_bytes=sums["transient_bytes"],
+        output_bytes=np.max(sums["output_bytes"], axis=0),
+    )
+
+
+def _overheads(group: StageGroup) -> np.ndarray:
+    return np.array([v.overhead_bytes for v in group.ranks], dtype=float)
+
+
+def price_layers(
+    profiles: Mapping[str, ModelProfile],
+    group: StageGroup,
+    replica_batch: int,
+    lo: int,
+    choices: Sequence[LayerChoice],
+    terms: Mapping[LayerChoice, LayerTerms] | None = None,
+) -> StagePrice:
+    """Price layers [lo, lo + len(choices)), each with its own choice, on one stage group.
+
+    Sums run layer by layer in order (the simulator's event times depend on no summation
+    trick). `terms` may hold the layer terms of the choices already computed.
+    """
+    hi = lo + len(choices)
+    have = dict(terms or {})
+    for c in dict.fromkeys(choices):
+        if c not in have:
+            have[c] = layer_terms(profiles, group, replica_batch, c)
+    order = list(dict.fromkeys(choices))
+    which = np.array([order.index(c) for c in choices])[None, :]
+    sums: dict[str, np.ndarray] = {}
+    for f in fields(LayerTerms):
+        cols = getattr(have[order[0]], f.name)[:, lo:hi]
+        for j, c in enumerate(order[1:], 1):  # each layer's column from its own choice
+            cols = np.where(which == j, getattr(have[c], f.name)[:, lo:hi], cols)
+        if f.name == "transient_bytes":
+            sums[f.name] = np.maximum(cols.max(axis=1), 0.0)
+        elif f.name == "output_bytes":
+            sums[f.name] = cols[:, -1]
+        elif f.name == "state_bytes":
+            start = _overheads(group)[:, None]
+            sums[f.name] = np.cumsum(np.concatenate([start, cols], axis=1), axis=1)[:, -1]
+        else:
+            sums[f.name] = np.cumsum(cols, axis=1)[:, -1]
+    return compose(group, sums)
+
+
+def price_ranges(
+    profiles: Mapping[str, ModelProfile],
+    group: StageGroup,
+    replica_batch: int,
+    choice: LayerChoice,
+    bounds: np.ndarray,
+    terms: LayerTerms | None = None,
+) -> StagePrice:
+    """Price every layer range [bounds[x], bounds[y]) at once with one choice for all layers.
+
+    Index [x, y] of each field (after its row axis) is that range; ranges with y ≤ x are
+    meaningless (the caller masks them). Sums are prefix-sum differences.
+    """
+    t = terms or layer_terms(profiles, group, replica_batch, choice)
+    sums: dict[str, np.ndarray] = {}
+    for f in fields(LayerTerms):
+        v = getattr(t, f.name)
+        if f.name == "transient_bytes":
+            sums[f.name] = np.stack([_range_max(row, bounds) for row in v])
+        elif f.name == "output_bytes":
+            ends = np.concatenate([np.zeros((v.shape[0], 1)), v], axis=1)[:, bounds]
+            sums[f.name] = np.broadcast_to(ends[:, None, :], (v.shape[0], len(bounds),
+                                                               len(bounds)))
+        else:
+            c = np.concatenate([np.zeros((v.shape[0], 1)), np.cumsum(v, axis=1)], axis=1)
+            c = c[:, bounds]
+            sums[f.name] = c[:, None, :] - c[:, :, None]
+    sums["state_bytes"] = sums["state_bytes"] + _overheads(group)[:, None, None]
+    return compose(group, sums)
+
+
+def _range_max(v: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """[x, y] = the largest v over layers [bounds[x], bounds[y]) (0 for none)."""
+    n = len(bounds)
+    biggest = np.zeros((n, n))
+    for x in range(n - 1):
+        run = np.concatenate([[0.0], np.maximum.accumulate(v[bounds[x]:])])
+        biggest[x, x + 1:] = run[bounds[x + 1:] - bounds[x]]
+    return biggest
