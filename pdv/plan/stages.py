@@ -29,6 +29,7 @@ units (one DP per size, so the state drops the device position).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,7 +195,6 @@ def _solve_pass(
 ) -> list[_Solution]:
     """One DP pass: min Σ t under the cap (or min max u when bottleneck); best per stage count."""
     L = n_layers
-    inf = np.inf
     kmax_stages = max_stages(schedule, num_micro, min(n_units, L))
     by_pos: dict[int, list[_Option]] = {}
     for opt in options:
@@ -202,35 +202,22 @@ def _solve_pass(
     # f[k][a]: values over start layer i; arg[k][a][i] = (option index, end layer j)
     f: dict[tuple[int, int], np.ndarray] = {}
     arg: dict[tuple[int, int], list[tuple[int, int] | None]] = {}
-    rows = np.arange(L + 1)
     for k in range(1, kmax_stages + 1):
         need = in_flight(schedule, k, num_micro)
         for a in range(n_units - 1, -1, -1):
             # Equal slices use the whole order, so the stage at a has (units − a)/g stages to go.
             if equal is not None and (a % equal or (n_units - a) // equal != k):
                 continue
-            best = np.full(L + 1, inf)
+            best = np.full(L + 1, np.inf)
             choice: list[tuple[int, int] | None] = [None] * (L + 1)
             for idx, opt in enumerate(by_pos.get(a, [])):
                 if equal is not None and opt.g != equal:
                     continue
-                if k == 1:
-                    t = opt.t_last[:, L]
-                    u = (num_micro - 1) * t + opt.sync[:, L]
-                    ok = (opt.kmax[:, L] >= need) & (u <= cap)
-                    vals = np.where(ok, np.maximum(u, 0) if bottleneck else t, inf)
-                    ends = np.full(L + 1, L)
-                else:
-                    nxt = f.get((k - 1, a + opt.g))
-                    if nxt is None:
-                        continue
-                    t = opt.t_send
-                    u = (num_micro - 1) * t + opt.sync
-                    ok = (opt.kmax >= need) & (u <= cap)
-                    own = np.where(ok, u if bottleneck else t, inf)
-                    total = np.maximum(own, nxt[None, :]) if bottleneck else own + nxt[None, :]
-                    ends = np.argmin(total, axis=1)
-                    vals = total[rows, ends]
+                nxt = f.get((k - 1, a + opt.g))
+                step = _extend(opt, k, L, num_micro, need, cap, bottleneck, nxt)
+                if step is None:
+                    continue
+                vals, ends = step
                 better = vals < best
                 if np.any(better):
                     best = np.where(better, vals, best)
@@ -238,6 +225,45 @@ def _solve_pass(
                         choice[int(row)] = (idx, int(ends[row]))
             f[(k, a)] = best
             arg[(k, a)] = choice
+    return _solutions(f, arg, by_pos, kmax_stages, L, num_micro)
+
+
+def _extend(
+    opt: _Option,
+    k: int,
+    L: int,
+    num_micro: int,
+    need: int,
+    cap: float,
+    bottleneck: bool,
+    nxt: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Values of starting k stages with this option, per start layer, and the end layers."""
+    if k == 1:  # the last stage takes every remaining layer
+        t = opt.t_last[:, L]
+        u = (num_micro - 1) * t + opt.sync[:, L]
+        ok = (opt.kmax[:, L] >= need) & (u <= cap)
+        return np.where(ok, np.maximum(u, 0) if bottleneck else t, np.inf), np.full(L + 1, L)
+    if nxt is None:
+        return None
+    t = opt.t_send
+    u = (num_micro - 1) * t + opt.sync
+    ok = (opt.kmax >= need) & (u <= cap)
+    own = np.where(ok, u if bottleneck else t, np.inf)
+    total = np.maximum(own, nxt[None, :]) if bottleneck else own + nxt[None, :]
+    ends = np.argmin(total, axis=1)
+    return total[np.arange(L + 1), ends], ends
+
+
+def _solutions(
+    f: dict[tuple[int, int], np.ndarray],
+    arg: dict[tuple[int, int], list[tuple[int, int] | None]],
+    by_pos: dict[int, list[_Option]],
+    kmax_stages: int,
+    L: int,
+    num_micro: int,
+) -> list[_Solution]:
+    """The best pipeline of each stage count, walked back from the DP's recorded choices."""
     out = []
     for k in range(1, kmax_stages + 1):
         v = f.get((k, 0))
@@ -304,44 +330,58 @@ def stage_dp(
             if not bottleneck:
                 continue
             u_star = min(s.value for s in bottleneck)
+
+            def make(s: _Solution, M: int = M, mbs: int = mbs) -> Candidate:
+                return _candidate(problem, s, M, mbs, order, unit, bounds, search)
+
             if bottleneck_only:  # PipeDream: the slowest stage sets the throughput
-                for s in bottleneck:
-                    if s.value <= u_star * (1 + 1e-12):
-                        cand = _candidate(problem, s, M, mbs, order, unit, bounds, search)
-                        found.setdefault((mbs, cand.stages), cand)
-                continue
-            free = run(np.inf, False)
-            s_inf = min(s.value for s in free)
-            # Each solution becomes a priced candidate once; `best` is the lowest J so far.
-            pool = [_candidate(problem, s, M, mbs, order, unit, bounds, search) for s in free]
-            best = min(c.objective_s for c in pool)
-            budget = BIG_CAPS if len(options) * (L + 1) ** 2 > BIG_WORK else MAX_CAPS
-            caps, is_exact = _caps(options, M, u_star, best - s_inf, budget)
-            exact &= is_exact
-            # Caps from the largest down: the solutions found under a cap stay optimal for every
-            # cap down to their own largest u, so those caps need no pass of their own; and no
-            # smaller cap can beat `best` once Σ t (which only grows as the cap shrinks) + u*
-            # reaches it.
-            caps = [c for c in caps if c + s_inf < best]
-            i = len(caps) - 1
-            while i >= 0:
-                sols = run(caps[i] * (1 + 1e-12), False)
-                if not sols:
-                    break
-                for s in sols:
-                    pool.append(_candidate(problem, s, M, mbs, order, unit, bounds, search))
-                    best = min(best, pool[-1].objective_s)
-                if min(s.value for s in sols) + u_star >= best:
-                    break
-                reached = max(s.max_u for s in sols)
-                while i >= 0 and caps[i] >= reached * (1 - 1e-12):
-                    i -= 1
+                pool = [make(s) for s in bottleneck if s.value <= u_star * (1 + 1e-12)]
+            else:
+                budget = BIG_CAPS if len(options) * (L + 1) ** 2 > BIG_WORK else MAX_CAPS
+                pool, is_exact = _capped(run, options, M, u_star, budget, make)
+                exact &= is_exact
             for cand in pool:
                 key = (cand.micro_batch_size, cand.stages)
                 if key not in found or found[key].objective_s > cand.objective_s:
                     found[key] = cand
     ranked = sorted(found.values(), key=rank_key)
     return DPResult(ranked, exact, evaluated)
+
+
+def _capped(
+    run: Callable[[float, bool], list[_Solution]],
+    options: list[_Option],
+    M: int,
+    u_star: float,
+    budget: int,
+    make: Callable[[_Solution], Candidate],
+) -> tuple[list[Candidate], bool]:
+    """Candidates of the DP under every useful cap on the bottleneck term (Alpa's enumeration),
+    and whether the caps were all of them (not sampled)."""
+    free = run(np.inf, False)
+    s_inf = min(s.value for s in free)
+    # Each solution becomes a priced candidate once; `best` is the lowest J so far.
+    pool = [make(s) for s in free]
+    best = min(c.objective_s for c in pool)
+    caps, is_exact = _caps(options, M, u_star, best - s_inf, budget)
+    # Caps from the largest down: the solutions found under a cap stay optimal for every cap
+    # down to their own largest u, so those caps need no pass of their own; and no smaller cap
+    # can beat `best` once Σ t (which only grows as the cap shrinks) + u* reaches it.
+    caps = [c for c in caps if c + s_inf < best]
+    i = len(caps) - 1
+    while i >= 0:
+        sols = run(caps[i] * (1 + 1e-12), False)
+        if not sols:
+            break
+        for s in sols:
+            pool.append(make(s))
+            best = min(best, pool[-1].objective_s)
+        if min(s.value for s in sols) + u_star >= best:
+            break
+        reached = max(s.max_u for s in sols)
+        while i >= 0 and caps[i] >= reached * (1 - 1e-12):
+            i -= 1
+    return pool, is_exact
 
 
 def rank_key(c: Candidate) -> tuple:
