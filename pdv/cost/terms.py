@@ -130,6 +130,9 @@ class LayerTerms:
     """per step: plain gradients, all-reduced in one call for the whole stage"""
 
 
+_FIELDS = tuple(f.name for f in fields(LayerTerms))
+
+
 def layer_terms(
     profiles: Mapping[str, ModelProfile],
     group: StageGroup,
@@ -138,7 +141,7 @@ def layer_terms(
 ) -> LayerTerms:
     """Every layer's terms under one choice on one stage group (see the module docstring)."""
     fsdp = choice.fsdp and group.dp > 1
-    rows: dict[str, list[np.ndarray]] = {f.name: [] for f in fields(LayerTerms)}
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in _FIELDS}
     for view in group.ranks:
         a = profile_arrays(profiles[view.kind], replica_batch, choice.tp)
         fwd = a.fwd * view.speed
@@ -169,8 +172,8 @@ def layer_terms(
 
 def _moved(profiles: Mapping[str, ModelProfile], rv: RingView, replica_batch: int, tp: int,
            what: str) -> np.ndarray:  # fmt: skip
-    return np.max([getattr(profile_arrays(profiles[k], replica_batch, tp), what)
-                   for k in rv.kinds], axis=0)  # fmt: skip
+    moved = [getattr(profile_arrays(profiles[k], replica_batch, tp), what) for k in rv.kinds]
+    return moved[0] if len(moved) == 1 else np.max(moved, axis=0)
 
 
 @dataclass(frozen=True)
@@ -236,17 +239,17 @@ def compose(group: StageGroup, sums: Mapping[str, np.ndarray]) -> StagePrice:
         axis=0,
     )  # fmt: skip
     return StagePrice(
-        compute_fwd_s=np.max(sums["fwd_s"], axis=0),
-        compute_bwd_s=np.max(sums["bwd_s"], axis=0),
-        tp_fwd_s=np.max(sums["tp_fwd_s"], axis=0),
-        tp_bwd_s=np.max(sums["tp_bwd_s"], axis=0),
-        gather_s=np.max(sums["gather_s"], axis=0),
+        compute_fwd_s=sums["fwd_s"].max(axis=0),
+        compute_bwd_s=sums["bwd_s"].max(axis=0),
+        tp_fwd_s=sums["tp_fwd_s"].max(axis=0),
+        tp_bwd_s=sums["tp_bwd_s"].max(axis=0),
+        gather_s=sums["gather_s"].max(axis=0),
         grad_sync_s=sync,
-        optimizer_s=np.max(sums["optimizer_s"], axis=0),
+        optimizer_s=sums["optimizer_s"].max(axis=0),
         static_bytes=sums["state_bytes"],
         live_bytes=sums["live_bytes"],
         transient_bytes=sums["transient_bytes"],
-        output_bytes=np.max(sums["output_bytes"], axis=0),
+        output_bytes=sums["output_bytes"].max(axis=0),
     )
 
 
@@ -275,19 +278,19 @@ def price_layers(
     order = list(dict.fromkeys(choices))
     which = np.array([order.index(c) for c in choices])[None, :]
     sums: dict[str, np.ndarray] = {}
-    for f in fields(LayerTerms):
-        cols = getattr(have[order[0]], f.name)[:, lo:hi]
+    for name in _FIELDS:
+        cols = getattr(have[order[0]], name)[:, lo:hi]
         for j, c in enumerate(order[1:], 1):  # each layer's column from its own choice
-            cols = np.where(which == j, getattr(have[c], f.name)[:, lo:hi], cols)
-        if f.name == "transient_bytes":
-            sums[f.name] = np.maximum(cols.max(axis=1), 0.0)
-        elif f.name == "output_bytes":
-            sums[f.name] = cols[:, -1]
-        elif f.name == "state_bytes":
+            cols = np.where(which == j, getattr(have[c], name)[:, lo:hi], cols)
+        if name == "transient_bytes":
+            sums[name] = np.maximum(cols.max(axis=1), 0.0)
+        elif name == "output_bytes":
+            sums[name] = cols[:, -1]
+        elif name == "state_bytes":  # the overhead first, as a rank's memory fills
             start = _overheads(group)[:, None]
-            sums[f.name] = np.cumsum(np.concatenate([start, cols], axis=1), axis=1)[:, -1]
+            sums[name] = np.cumsum(np.concatenate([start, cols], axis=1), axis=1)[:, -1]
         else:
-            sums[f.name] = np.cumsum(cols, axis=1)[:, -1]
+            sums[name] = np.cumsum(cols, axis=1)[:, -1]
     return compose(group, sums)
 
 
@@ -305,19 +308,20 @@ def price_ranges(
     meaningless (the caller masks them). Sums are prefix-sum differences.
     """
     t = terms or layer_terms(profiles, group, replica_batch, choice)
+    n = len(bounds)
     sums: dict[str, np.ndarray] = {}
-    for f in fields(LayerTerms):
-        v = getattr(t, f.name)
-        if f.name == "transient_bytes":
-            sums[f.name] = np.stack([_range_max(row, bounds) for row in v])
-        elif f.name == "output_bytes":
+    for name in _FIELDS:
+        v = getattr(t, name)
+        if name == "transient_bytes":
+            sums[name] = np.stack([_range_max(row, bounds) if row.any() else np.zeros((n, n))
+                                   for row in v])  # fmt: skip
+        elif name == "output_bytes":
             ends = np.concatenate([np.zeros((v.shape[0], 1)), v], axis=1)[:, bounds]
-            sums[f.name] = np.broadcast_to(ends[:, None, :], (v.shape[0], len(bounds),
-                                                               len(bounds)))
+            sums[name] = np.broadcast_to(ends[:, None, :], (v.shape[0], n, n))
         else:
             c = np.concatenate([np.zeros((v.shape[0], 1)), np.cumsum(v, axis=1)], axis=1)
             c = c[:, bounds]
-            sums[f.name] = c[:, None, :] - c[:, :, None]
+            sums[name] = c[:, None, :] - c[:, :, None]
     sums["state_bytes"] = sums["state_bytes"] + _overheads(group)[:, None, None]
     return compose(group, sums)
 
