@@ -23,8 +23,7 @@ layer range for the stage DP) and answer in kind.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
@@ -46,9 +45,11 @@ __all__ = [
 Bytes = TypeVar("Bytes", float, np.ndarray)
 
 
-@dataclass(frozen=True)
-class Ring:
-    """A collective's ring as its cost sees it: n ranks paced by the slowest hop's α and β."""
+class Ring(NamedTuple):
+    """A collective's ring as its cost sees it: n ranks paced by the slowest hop's α and β.
+
+    A tuple, so the planner's caches hash and compare it at C speed.
+    """
 
     n: int
     alpha: float

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -62,8 +64,7 @@ TP_ALL_REDUCES = 2
 MLP), and their conjugates in its backward (Narayanan et al., 2021, §2.3)"""
 
 
-@dataclass(frozen=True)
-class RankView:
+class RankView(NamedTuple):
     """A rank as a stage's costs see it (the planner: the worst of one device kind's ranks)."""
 
     kind: str
@@ -76,8 +77,7 @@ class RankView:
     """bytes the rank may use"""
 
 
-@dataclass(frozen=True)
-class RingView:
+class RingView(NamedTuple):
     """A ring the stage's collectives run on, and the device kinds whose bytes it moves."""
 
     ring: Ring
@@ -253,8 +253,24 @@ def compose(group: StageGroup, sums: Mapping[str, np.ndarray]) -> StagePrice:
     )
 
 
+def _by_shape(terms: LayerTerms) -> list[tuple[str, ...]]:
+    # Fields with the same rows (rank views, TP rings, replica rings) are summed in one call.
+    return _shape_groups(tuple(getattr(terms, name).shape for name in _FIELDS))
+
+
+@lru_cache(maxsize=1024)
+def _shape_groups(shapes: tuple[tuple[int, ...], ...]) -> list[tuple[str, ...]]:
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, shape in zip(_FIELDS, shapes, strict=True):
+        groups.setdefault(shape, []).append(name)
+    return [tuple(names) for names in groups.values()]
+
+
+@lru_cache(maxsize=65536)
 def _overheads(group: StageGroup) -> np.ndarray:
-    return np.array([v.overhead_bytes for v in group.ranks], dtype=float)
+    out = np.array([v.overhead_bytes for v in group.ranks], dtype=float)
+    out.flags.writeable = False  # shared by every caller
+    return out
 
 
 def price_layers(
@@ -276,21 +292,25 @@ def price_layers(
         if c not in have:
             have[c] = layer_terms(profiles, group, replica_batch, c)
     order = list(dict.fromkeys(choices))
-    which = np.array([order.index(c) for c in choices])[None, :]
+    which = np.array([order.index(c) for c in choices])
     sums: dict[str, np.ndarray] = {}
-    for name in _FIELDS:
-        cols = getattr(have[order[0]], name)[:, lo:hi]
+    for names in _by_shape(have[order[0]]):
+        cols = np.stack([getattr(have[order[0]], n)[:, lo:hi] for n in names])
         for j, c in enumerate(order[1:], 1):  # each layer's column from its own choice
-            cols = np.where(which == j, getattr(have[c], name)[:, lo:hi], cols)
-        if name == "transient_bytes":
-            sums[name] = np.maximum(cols.max(axis=1), 0.0)
-        elif name == "output_bytes":
-            sums[name] = cols[:, -1]
-        elif name == "state_bytes":  # the overhead first, as a rank's memory fills
-            start = _overheads(group)[:, None]
-            sums[name] = np.cumsum(np.concatenate([start, cols], axis=1), axis=1)[:, -1]
-        else:
-            sums[name] = np.cumsum(cols, axis=1)[:, -1]
+            mine = np.stack([getattr(have[c], n)[:, lo:hi] for n in names])
+            cols = np.where(which == j, mine, cols)
+        # Sums run from each field's start (the rank's overhead for its state) layer by layer.
+        start = np.zeros(cols.shape[:2] + (1,))
+        if "state_bytes" in names:
+            start[names.index("state_bytes"), :, 0] = _overheads(group)
+        total = np.cumsum(np.concatenate([start, cols], axis=2), axis=2)[:, :, -1]
+        for i, n in enumerate(names):
+            sums[n] = total[i]
+        if "transient_bytes" in names:
+            sums["transient_bytes"] = np.maximum(cols[names.index("transient_bytes")].max(axis=1),
+                                                 0.0)
+        if "output_bytes" in names:
+            sums["output_bytes"] = cols[names.index("output_bytes"), :, -1]
     return compose(group, sums)
 
 
@@ -310,27 +330,34 @@ def price_ranges(
     t = terms or layer_terms(profiles, group, replica_batch, choice)
     n = len(bounds)
     sums: dict[str, np.ndarray] = {}
-    for name in _FIELDS:
-        v = getattr(t, name)
-        if name == "transient_bytes":
-            sums[name] = np.stack([_range_max(row, bounds) if row.any() else np.zeros((n, n))
-                                   for row in v])  # fmt: skip
-        elif name == "output_bytes":
-            ends = np.concatenate([np.zeros((v.shape[0], 1)), v], axis=1)[:, bounds]
-            sums[name] = np.broadcast_to(ends[:, None, :], (v.shape[0], n, n))
-        else:
-            c = np.concatenate([np.zeros((v.shape[0], 1)), np.cumsum(v, axis=1)], axis=1)
-            c = c[:, bounds]
-            sums[name] = c[:, None, :] - c[:, :, None]
+    for names in _by_shape(t):
+        v = np.stack([getattr(t, name) for name in names])
+        c = np.concatenate([np.zeros(v.shape[:2] + (1,)), np.cumsum(v, axis=2)], axis=2)
+        c = c[:, :, bounds]
+        pairs = c[:, :, None, :] - c[:, :, :, None]
+        for i, name in enumerate(names):
+            sums[name] = pairs[i]
+        if "transient_bytes" in names:
+            sums["transient_bytes"] = np.stack(
+                [_range_max(row, bounds) if row.any() else np.zeros((n, n))
+                 for row in t.transient_bytes]
+            )  # fmt: skip
+        if "output_bytes" in names:
+            ends = np.concatenate([np.zeros((v.shape[1], 1)), t.output_bytes], axis=1)[:, bounds]
+            sums["output_bytes"] = np.broadcast_to(ends[:, None, :], (v.shape[1], n, n))
     sums["state_bytes"] = sums["state_bytes"] + _overheads(group)[:, None, None]
     return compose(group, sums)
 
 
 def _range_max(v: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """[x, y] = the largest v over layers [bounds[x], bounds[y]) (0 for none)."""
+    """[x, y] = the largest v (≥ 0) over layers [bounds[x], bounds[y]) (0 for none).
+
+    bounds must rise strictly from 0 to len(v).
+    """
     n = len(bounds)
+    seg = np.maximum.reduceat(v, bounds[:-1])  # each span between consecutive bounds
+    k = np.arange(n - 1)
+    upper = np.where(k[None, :] >= k[:, None], seg[None, :], 0.0)
     biggest = np.zeros((n, n))
-    for x in range(n - 1):
-        run = np.concatenate([[0.0], np.maximum.accumulate(v[bounds[x]:])])
-        biggest[x, x + 1:] = run[bounds[x + 1:] - bounds[x]]
+    biggest[: n - 1, 1:] = np.maximum.accumulate(upper, axis=1)
     return biggest

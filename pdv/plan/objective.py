@@ -67,7 +67,7 @@ def objective(times: Sequence[float], syncs: Sequence[float], num_micro: int) ->
 def _pareto(rings: list[Ring]) -> list[Ring]:
     # Keep only rings that could be the slowest for some message size (max α or min β).
     out = []
-    for r in sorted(set(rings), key=lambda r: (r.alpha, r.beta)):
+    for r in sorted(set(rings)):
         if not any(o.alpha >= r.alpha and o.beta <= r.beta and o != r for o in rings):
             out.append(r)
     return out
@@ -88,11 +88,8 @@ def _group(problem: PlanProblem, ranks: tuple[int, ...], tp: int) -> StageGroup:
             else (sf, over, cap)
     kinds = sorted(worst)
     tp_rings = _pareto([ring_of(links, ranks[r * tp : (r + 1) * tp]) for r in range(dp)])
-    dp_rings = sorted(
-        {RingView(ring_of(links, ranks[t::tp]), (problem.cluster.devices[ranks[t]].kind,))
-         for t in range(tp)},
-        key=lambda v: (v.ring.alpha, v.ring.beta, v.kinds),
-    )  # fmt: skip
+    dp_rings = sorted({RingView(ring_of(links, ranks[t::tp]),
+                                (problem.cluster.devices[ranks[t]].kind,)) for t in range(tp)})
     return StageGroup(
         ranks=tuple(RankView(k, *worst[k]) for k in kinds),
         tp_rings=tuple(RingView(ring, tuple(kinds)) for ring in tp_rings),
@@ -185,6 +182,13 @@ def stage_price(
     following: Sequence[int] | None,
 ) -> PlannedStage:
     """Price one stage, each layer with its own choice, for the objective."""
+    return _stage_price(problem, spec, mbs, stages_to_end, num_micro,
+                        tuple(following) if following else None)  # fmt: skip
+
+
+@lru_cache(maxsize=65536)  # the DP's candidates share most of their stages
+def _stage_price(problem: PlanProblem, spec: StageSpec, mbs: int, stages_to_end: int,
+                 num_micro: int, following: tuple[int, ...] | None) -> PlannedStage:  # fmt: skip
     group = stage_group(problem, spec.ranks, spec.choice.tp)
     choices = spec.choices()
     terms = {c: terms_of(problem, group, mbs, c) for c in dict.fromkeys(choices)}
