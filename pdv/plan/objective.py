@@ -207,7 +207,7 @@ class StageTable:
     time: np.ndarray
     """fwd + bwd per micro-batch (without the transfer, which depends on the next group)"""
     sync: np.ndarray
-    """per step: gradient sync, then the optimizer step"""
+    """per step: gradient sync, then the optimizer step (0 if empty)"""
     max_in_flight: np.ndarray
     """the most in-flight micro-batches that fit in memory (−1 if not even the state fits)"""
     out: np.ndarray
@@ -237,9 +237,11 @@ def stage_table(
         k = np.where(per > 0, np.floor(room / np.where(per > 0, per, 1.0)), np.inf)
     kmax = np.min(np.where(room < 0, -1.0, k), axis=0)
     valid = np.triu(np.ones((len(b), len(b)), dtype=bool), 1)
+    # Cells below the diagonal are no stage; they hold neutral values so that comparing two
+    # tables (the DP's dominance test) looks at real stages only.
     time = np.where(valid, price.fwd_s + price.bwd_s, np.inf)
-    return StageTable(time, price.grad_sync_s + price.optimizer_s, np.where(valid, kmax, -1.0),
-                      price.output_bytes[0])
+    sync = np.where(valid, price.grad_sync_s + price.optimizer_s, 0.0)
+    return StageTable(time, sync, np.where(valid, kmax, -1.0), price.output_bytes[0])
 
 
 def followers(
