@@ -331,20 +331,19 @@ def price_ranges(
     n = len(bounds)
     sums: dict[str, np.ndarray] = {}
     for names in _by_shape(t):
-        v = np.stack([getattr(t, name) for name in names])
+        summed = [name for name in names if name not in ("transient_bytes", "output_bytes")]
+        v = np.stack([getattr(t, name) for name in summed])
         c = np.concatenate([np.zeros(v.shape[:2] + (1,)), np.cumsum(v, axis=2)], axis=2)
         c = c[:, :, bounds]
         pairs = c[:, :, None, :] - c[:, :, :, None]
-        for i, name in enumerate(names):
+        for i, name in enumerate(summed):
             sums[name] = pairs[i]
-        if "transient_bytes" in names:
-            sums["transient_bytes"] = np.stack(
-                [_range_max(row, bounds) if row.any() else np.zeros((n, n))
-                 for row in t.transient_bytes]
-            )  # fmt: skip
-        if "output_bytes" in names:
-            ends = np.concatenate([np.zeros((v.shape[1], 1)), t.output_bytes], axis=1)[:, bounds]
-            sums["output_bytes"] = np.broadcast_to(ends[:, None, :], (v.shape[1], n, n))
+    rows = t.output_bytes.shape[0]
+    sums["transient_bytes"] = np.stack(
+        [_range_max(row, bounds) if row.any() else np.zeros((n, n)) for row in t.transient_bytes]
+    )
+    ends = np.concatenate([np.zeros((rows, 1)), t.output_bytes], axis=1)[:, bounds]
+    sums["output_bytes"] = np.broadcast_to(ends[:, None, :], (rows, n, n))
     sums["state_bytes"] = sums["state_bytes"] + _overheads(group)[:, None, None]
     return compose(group, sums)
 
