@@ -2,8 +2,9 @@
 
 A factory is named as ``path/to/file.py:factory``, ``package.module:factory`` or, for the models
 shipped in ``pdv.sample_models``, by its short name (``gpt_tiny``), and called with
-keyword arguments (``--model-arg key=value``). It returns a :class:`ModelDef`: the ordered layers
-that pipeline stages are cut from, a batch maker, a loss, and optionally a tensor-parallel plan.
+keyword arguments (``--model-arg key=value``). It returns a :class:`ModelDef` (pdv.model_def,
+re-exported here): the ordered layers that pipeline stages are cut from, a batch maker, a loss,
+and optionally a tensor-parallel plan; or a plain module that an adapter (pdv.adapters) cuts.
 """
 
 from __future__ import annotations
@@ -12,96 +13,20 @@ import importlib
 import importlib.util
 import json
 import sys
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pdv.adapters.hf import FAMILIES
+from pdv.adapters.module import from_module
 from pdv.errors import PdvError
+from pdv.model_def import Chain, ModelDef
 from pdv.sample_models import SAMPLES, sample_spec
 
 __all__ = ["Chain", "ModelDef", "load_factory", "build_model", "parse_model_args"]
-
-
-class _GradContiguous(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous (what the wire accepts)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-def _wire_input(x: Any) -> Any:
-    if isinstance(x, torch.Tensor) and x.requires_grad:
-        return _GradContiguous.apply(x)
-    return x
-
-
-def _wire_output(x: Any) -> Any:
-    return x.contiguous() if isinstance(x, torch.Tensor) else x
-
-
-class Chain(nn.Sequential):
-    """Layers run in order. A layer that returns a tuple hands its elements on as the next
-    layer's positional arguments; a layer that returns one tensor hands on that tensor.
-
-    What leaves the chain is made contiguous, and so is the gradient that flows back into its
-    inputs: a stage is a Chain, and gloo (like NCCL) sends only contiguous tensors, whatever
-    views the model's own layers hand on (a transpose, a slice).
-    """
-
-    def forward(self, *args: Any) -> Any:
-        values = tuple(_wire_input(a) for a in args)
-        for layer in self:
-            out = layer(*values)
-            values = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        outs = tuple(_wire_output(v) for v in values)
-        return outs[0] if len(outs) == 1 else outs
-
-
-@dataclass
-class ModelDef:
-    """What pdv needs of a model. Layers run in order: layer i's output is layer i+1's input."""
-
-    layers: list[tuple[str, nn.Module]]
-    """Ordered (name, module) pipeline units; a stage is a contiguous range of them."""
-    make_batch: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-    """(micro_batch_size, generator) -> (inputs, targets), seeded and synthetic."""
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    """(last layer's output, targets) -> scalar loss (mean over the micro-batch)."""
-    tp_plan: Callable[[int, nn.Module], dict[str, Any]] | None = None
-    """Layer index, layer -> parallelize_module plan {module path: ParallelStyle}; {} replicates."""
-    tp_shard: Callable[[int, nn.Module, int], nn.Module] | None = None
-    """Layer index, layer, k -> a module with the local shard shapes of TP degree k (profiling)."""
-    tp_degrees: Sequence[int] = field(default_factory=lambda: (1,))
-    """TP degrees the model supports (divisors of its head count and hidden sizes)."""
-    dtype: torch.dtype = torch.float32
-    prepare: Callable[[Sequence[int]], None] | None = None
-    """Micro-batch sizes -> None: readies layers specialised to shapes (a traced split) for
-    every size that will run; called before any layer is parallelized."""
-
-    def sequential(self, start: int = 0, end: int | None = None) -> Chain:
-        """The layers [start, end) as one Chain (shares the modules, no copy)."""
-        chosen = self.layers[start:end]
-        # Module names cannot hold dots; layer names may ("layers.4", as the model names them).
-        return Chain(OrderedDict((name.replace(".", "_"), layer) for name, layer in chosen))
-
-    def tied_groups(self) -> list[list[tuple[int, str]]]:
-        """Parameters shared by several layers (an embedding tied to the LM head): per shared
-        parameter, the (layer index, parameter name) of every layer that uses it."""
-        users: dict[int, list[tuple[int, str]]] = {}
-        for index, (_, layer) in enumerate(self.layers):
-            for name, p in layer.named_parameters(remove_duplicate=True):
-                users.setdefault(id(p), []).append((index, name))
-        return [group for group in users.values() if len({i for i, _ in group}) > 1]
 
 
 def parse_model_args(pairs: Sequence[str]) -> dict[str, Any]:
@@ -126,8 +51,6 @@ def load_factory(spec: str) -> Callable[..., Any]:
     """Resolve 'path/file.py:fn', 'pkg.mod:fn', 'hf:family' or a sample's short name to the
     factory callable."""
     if spec.startswith(HF_PREFIX):
-        from pdv.adapters.hf import FAMILIES
-
         family = spec[len(HF_PREFIX):]
         if family not in FAMILIES:
             raise PdvError(f"model {spec!r}: pdv builds the HuggingFace families "
@@ -179,8 +102,6 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, seed: int = 0, 
     except TypeError as exc:
         raise PdvError(f"model {spec!r}: bad arguments {kwargs}: {exc}") from None
     if isinstance(made, nn.Module):
-        from pdv.adapters.module import from_module
-
         model = from_module(made, factory, spec, split_at, blocks)
     elif isinstance(made, ModelDef):
         if split_at or blocks:

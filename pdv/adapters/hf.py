@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdv.errors import PdvError
-from pdv.models import ModelDef
+from pdv.model_def import ModelDef
 
 __all__ = ["gpt2", "llama", "FAMILIES"]
 

@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from pdv.errors import PdvError
-from pdv.models import ModelDef
+from pdv.model_def import ModelDef
 
 __all__ = ["from_module", "split_points"]
 

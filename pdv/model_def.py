@@ -1,0 +1,96 @@
+"""The contract a model offers pdv: :class:`ModelDef` (ordered layers, data, loss, TP plan) and
+:class:`Chain` (how a run of layers hands values on).
+
+Its own module so that loading factories (pdv.models) and the adapters that turn plain modules
+into a ModelDef (pdv.adapters) both build on it without importing each other. Model files
+import it as ``pdv.models.ModelDef``, which re-exports it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Chain", "ModelDef"]
+
+
+class _GradContiguous(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (what the wire accepts)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _wire_input(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.requires_grad:
+        return _GradContiguous.apply(x)
+    return x
+
+
+def _wire_output(x: Any) -> Any:
+    return x.contiguous() if isinstance(x, torch.Tensor) else x
+
+
+class Chain(nn.Sequential):
+    """Layers run in order. A layer that returns a tuple hands its elements on as the next
+    layer's positional arguments; a layer that returns one tensor hands on that tensor.
+
+    What leaves the chain is made contiguous, and so is the gradient that flows back into its
+    inputs: a stage is a Chain, and gloo (like NCCL) sends only contiguous tensors, whatever
+    views the model's own layers hand on (a transpose, a slice).
+    """
+
+    def forward(self, *args: Any) -> Any:
+        values = tuple(_wire_input(a) for a in args)
+        for layer in self:
+            out = layer(*values)
+            values = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        outs = tuple(_wire_output(v) for v in values)
+        return outs[0] if len(outs) == 1 else outs
+
+
+@dataclass
+class ModelDef:
+    """What pdv needs of a model. Layers run in order: layer i's output is layer i+1's input."""
+
+    layers: list[tuple[str, nn.Module]]
+    """Ordered (name, module) pipeline units; a stage is a contiguous range of them."""
+    make_batch: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    """(micro_batch_size, generator) -> (inputs, targets), seeded and synthetic."""
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """(last layer's output, targets) -> scalar loss (mean over the micro-batch)."""
+    tp_plan: Callable[[int, nn.Module], dict[str, Any]] | None = None
+    """Layer index, layer -> parallelize_module plan {module path: ParallelStyle}; {} replicates."""
+    tp_shard: Callable[[int, nn.Module, int], nn.Module] | None = None
+    """Layer index, layer, k -> a module with the local shard shapes of TP degree k (profiling)."""
+    tp_degrees: Sequence[int] = field(default_factory=lambda: (1,))
+    """TP degrees the model supports (divisors of its head count and hidden sizes)."""
+    dtype: torch.dtype = torch.float32
+    prepare: Callable[[Sequence[int]], None] | None = None
+    """Micro-batch sizes -> None: readies layers specialised to shapes (a traced split) for
+    every size that will run; called before any layer is parallelized."""
+
+    def sequential(self, start: int = 0, end: int | None = None) -> Chain:
+        """The layers [start, end) as one Chain (shares the modules, no copy)."""
+        chosen = self.layers[start:end]
+        # Module names cannot hold dots; layer names may ("layers.4", as the model names them).
+        return Chain(OrderedDict((name.replace(".", "_"), layer) for name, layer in chosen))
+
+    def tied_groups(self) -> list[list[tuple[int, str]]]:
+        """Parameters shared by several layers (an embedding tied to the LM head): per shared
+        parameter, the (layer index, parameter name) of every layer that uses it."""
+        users: dict[int, list[tuple[int, str]]] = {}
+        for index, (_, layer) in enumerate(self.layers):
+            for name, p in layer.named_parameters(remove_duplicate=True):
+                users.setdefault(id(p), []).append((index, name))
+        return [group for group in users.values() if len({i for i, _ in group}) > 1]
