@@ -199,6 +199,9 @@ def _solve_pass(
     by_pos: dict[int, list[_Option]] = {}
     for opt in options:
         by_pos.setdefault(opt.a, []).append(opt)
+    # u = (M−1)·t + sync of every layer range does not depend on k: once per option and pass.
+    bound: dict[int, _Bound] = {}
+    rows = np.arange(L + 1)
     # f[k][a]: values over start layer i; arg[k][a][i] = (option index, end layer j)
     f: dict[tuple[int, int], np.ndarray] = {}
     arg: dict[tuple[int, int], list[tuple[int, int] | None]] = {}
@@ -214,10 +217,10 @@ def _solve_pass(
                 if equal is not None and opt.g != equal:
                     continue
                 nxt = f.get((k - 1, a + opt.g))
-                step = _extend(opt, k, L, num_micro, need, cap, bottleneck, nxt)
-                if step is None:
+                if k > 1 and nxt is None:
                     continue
-                vals, ends = step
+                b = bound.get(id(opt)) or bound.setdefault(id(opt), _Bound.of(opt, num_micro, cap))
+                vals, ends = _extend(opt, b, k, L, need, bottleneck, nxt, rows)
                 better = vals < best
                 if np.any(better):
                     best = np.where(better, vals, best)
@@ -228,31 +231,45 @@ def _solve_pass(
     return _solutions(f, arg, by_pos, kmax_stages, L, num_micro)
 
 
+@dataclass(frozen=True)
+class _Bound:
+    """An option's bottleneck term u = (M−1)·t + sync over every layer range, within the cap?"""
+
+    u: np.ndarray
+    within: np.ndarray
+    u_last: np.ndarray
+    """u of the last stage (layers to the end), per start layer"""
+    within_last: np.ndarray
+
+    @classmethod
+    def of(cls, opt: _Option, num_micro: int, cap: float) -> _Bound:
+        """The option's terms under one pass's cap."""
+        u = (num_micro - 1) * opt.t_send + opt.sync
+        u_last = (num_micro - 1) * opt.t_last[:, -1] + opt.sync[:, -1]
+        return cls(u, u <= cap, u_last, u_last <= cap)
+
+
 def _extend(
     opt: _Option,
+    bound: _Bound,
     k: int,
     L: int,
-    num_micro: int,
     need: int,
-    cap: float,
     bottleneck: bool,
     nxt: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray] | None:
+    rows: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Values of starting k stages with this option, per start layer, and the end layers."""
     if k == 1:  # the last stage takes every remaining layer
-        t = opt.t_last[:, L]
-        u = (num_micro - 1) * t + opt.sync[:, L]
-        ok = (opt.kmax[:, L] >= need) & (u <= cap)
-        return np.where(ok, np.maximum(u, 0) if bottleneck else t, np.inf), np.full(L + 1, L)
-    if nxt is None:
-        return None
-    t = opt.t_send
-    u = (num_micro - 1) * t + opt.sync
-    ok = (opt.kmax >= need) & (u <= cap)
-    own = np.where(ok, u if bottleneck else t, np.inf)
+        ok = (opt.kmax[:, L] >= need) & bound.within_last
+        own = np.maximum(bound.u_last, 0) if bottleneck else opt.t_last[:, L]
+        return np.where(ok, own, np.inf), np.full(L + 1, L)
+    assert nxt is not None
+    ok = (opt.kmax >= need) & bound.within
+    own = np.where(ok, bound.u if bottleneck else opt.t_send, np.inf)
     total = np.maximum(own, nxt[None, :]) if bottleneck else own + nxt[None, :]
     ends = np.argmin(total, axis=1)
-    return total[np.arange(L + 1), ends], ends
+    return total[rows, ends], ends
 
 
 def _solutions(
