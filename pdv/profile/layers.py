@@ -149,15 +149,21 @@ def _time_layers(layers: Sequence[nn.Module], acts: Sequence[Values],
                  targets: torch.Tensor, clock: Clock) -> tuple[list[float], list[float]]:
     """One round: every layer's forward in order, then every backward in reverse order.
 
-    The order is the whole model's, so each layer meets the caches and allocator state it
-    meets in training (a forward right after another layer's backward measured 30% slower on
-    CPU for gpt_tiny blocks).
+    The order and the data flow are the whole model's: a layer takes the output its
+    predecessor has just written and, in backward, the input gradient its successor has just
+    written, so each layer meets the caches and allocator state it meets in training (a
+    forward right after another layer's backward measured 30% slower on CPU for gpt_tiny
+    blocks; with precomputed, cache-cold inputs a model handing on 2 MB views summed 21% over
+    its whole-model time in one CI run). `acts` and `grads` stand in where the live tensor
+    cannot.
     """
     n = len(layers)
     fwd, bwd = [0.0] * n, [0.0] * n
     outs: list[Any] = []
+    ins: list[Values] = []
     for i, layer in enumerate(layers):
-        xs = _leaves(acts[i], i > 0)
+        xs = _leaves(acts[i] if i == 0 else _hand_on(outs[i - 1], acts[i]), i > 0)
+        ins.append(xs)
         _clear_grads(layer)
         t0 = clock.now()
         outs.append(_forward(layer, xs, i == n - 1, loss_fn, targets))
@@ -165,10 +171,31 @@ def _time_layers(layers: Sequence[nn.Module], acts: Sequence[Values],
     for i in reversed(range(n)):
         out = outs[i]
         outs[i] = None
+        upstream = None if i == n - 1 else _grads_back(ins[i + 1], grads[i])
         t0 = clock.now()
-        if _backward(out, grads[i] if i < n - 1 else None):
+        if _backward(out, upstream):
             bwd[i] = clock.now() - t0
     return fwd, bwd
+
+
+def _hand_on(out: Any, expected: Values) -> Values:
+    """The live output as the next layer's input, or the precomputed one where they differ
+    in kind or shape (a TP layer's timed output may be a DTensor)."""
+    values = _as_values(out)
+    same = len(values) == len(expected) and all(
+        type(v) is torch.Tensor and v.shape == e.shape and v.dtype == e.dtype
+        for v, e in zip(values, expected, strict=False))
+    return values if same else expected
+
+
+def _grads_back(successor_inputs: Values,
+                fixed: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+    """The gradients the successor's backward just left on its inputs, else the fixed ones."""
+    live = tuple(x.grad for x in successor_inputs)
+    same = len(live) == len(fixed) and all(
+        (g is None) == (f is None) and (g is None or f is None or g.shape == f.shape)
+        for g, f in zip(live, fixed, strict=False))
+    return live if same else fixed
 
 
 def _time_whole(layers: Sequence[nn.Module], x: torch.Tensor, loss_fn: Callable[..., Any],
