@@ -46,9 +46,11 @@ __all__ = [
     "Planner",
     "Predicted",
     "Provenance",
+    "Replan",
     "RunMeasured",
     "RunReport",
     "Schedule",
+    "SlowRank",
     "StagePrediction",
     "TimeFit",
     "WholeModelTiming",
@@ -479,6 +481,64 @@ class RunMeasured(_Strict):
     step_times_s: list[float] = Field(default_factory=list, description="every step timed")
     peak_memory_bytes: dict[str, int] = Field(description="global rank (string) -> bytes")
     memory_method: str = Field(description="how peak memory was measured on this device")
+    compute_s: dict[str, float] | None = Field(
+        None,
+        description="global rank (string) -> median seconds per step the rank computed: its "
+        "stages' forward and backward spans and its optimizer step (pdv.run.clock)",
+    )
+
+
+class SlowRank(_Strict):
+    """A rank whose measured compute exceeded its calibrated prediction, steps in a row."""
+
+    rank: int = Field(description="global rank of the plan that ran")
+    stages: list[int] = Field(description="the stages the rank runs")
+    step: int = Field(description="the step (0-based) that completed the run of slow steps")
+    consecutive_steps: int
+    measured_compute_s: float = Field(description="the rank's compute in that step")
+    predicted_compute_s: float = Field(description="its stages' predicted compute_s")
+    normal_ratio: float = Field(
+        description="measured / predicted over all ranks in the run's first timed steps: the "
+        "calibration the margin applies to"
+    )
+    reason: str
+
+
+class Replan(_Strict):
+    """One switch of an elastic run to a new plan."""
+
+    kind: Literal["lost", "slow"] = Field(description="a rank vanished, or a rank was slow")
+    reason: str
+    detected_at_s: float = Field(description="seconds after the run started")
+    last_step: int = Field(description="steps the furthest rank had finished when detected")
+    resumed_from_step: int = Field(description="the checkpoint's step the new plan started at")
+    old_plan_digest: str
+    new_plan_digest: str
+    devices_before: list[int] = Field(
+        description="devices (ranks of the first plan's cluster) of the old plan's ranks"
+    )
+    devices_after: list[int] = Field(description="devices of the new plan's ranks")
+    cluster_digest: str = Field(description="the survivors' re-measured cluster")
+    old_predicted_step_s: float | None
+    new_predicted_step_s: float | None
+    old_measured_step_s: float | None = Field(
+        description="median step time of the old plan's steps since it started"
+    )
+    new_measured_step_s: float | None = Field(
+        description="median step time of the new plan's steps (after its warm-up)"
+    )
+    state_moved_bytes: int = Field(
+        description="model and optimizer state the new plan's ranks held nowhere before "
+        "(pdv.plan.replan.switch_cost)"
+    )
+    state_only_in_checkpoint_bytes: int = Field(
+        description="of that, state whose holders are all gone: the checkpoint has it"
+    )
+    switch_estimate_s: float = Field(
+        description="estimated time to move the rest between ranks on the re-measured links"
+    )
+    remeasure_s: float = Field(description="wall time of the survivors' link measurement")
+    replan_s: float = Field(description="wall time of the search")
 
 
 class RunReport(_Strict):
@@ -490,6 +550,12 @@ class RunReport(_Strict):
     measured: RunMeasured
     predicted: Predicted | None
     loss: list[float]
+    slow_ranks: list[SlowRank] = Field(
+        default_factory=list, description="ranks flagged slow (pdv.run.slow), in step order"
+    )
+    replans: list[Replan] = Field(
+        default_factory=list, description="each switch to a new plan of an elastic run"
+    )
 
     model_config = ConfigDict(populate_by_name=True)
 

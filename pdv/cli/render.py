@@ -257,6 +257,23 @@ def _run_report(a: RunReport, console: Console) -> None:
         )
     console.print(line)
     console.print(f"loss {[round(x, 5) for x in a.loss]}")
+    for slow in a.slow_ranks:
+        console.print(f"flagged: {slow.reason}", highlight=False)
+    for k, r in enumerate(a.replans, 1):
+        def _t(v: float | None) -> str:
+            return fmt_time(v) if v is not None else "-"
+
+        console.print(
+            f"replan {k} at {r.detected_at_s:.1f}s (after step {r.last_step}, resumed from "
+            f"{r.resumed_from_step}): {r.reason}\n  devices {r.devices_before} -> "
+            f"{r.devices_after}; predicted {_t(r.old_predicted_step_s)} -> "
+            f"{_t(r.new_predicted_step_s)}, measured {_t(r.old_measured_step_s)} -> "
+            f"{_t(r.new_measured_step_s)}; state moved {fmt_bytes(r.state_moved_bytes)} "
+            f"(est. {fmt_time(r.switch_estimate_s)}); re-measure {r.remeasure_s:.1f}s, "
+            f"search {r.replan_s:.1f}s; plans {r.old_plan_digest[7:19]} -> "
+            f"{r.new_plan_digest[7:19]}",
+            highlight=False,
+        )
 
 
 RENDERERS: dict[type, Callable[[Any, Console], None]] = {

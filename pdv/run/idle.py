@@ -48,7 +48,12 @@ def renumbered(plan: Plan, used: list[int]) -> Plan:
 def report_in_plan_ranks(report: RunReport, plan: Plan, used: list[int], ran_as: str) -> RunReport:
     """A renumbered run's report in the plan's own rank numbers, against the plan's digest."""
     peaks = {str(used[int(k)]): v for k, v in report.measured.peak_memory_bytes.items()}
-    measured = report.measured.model_copy(update={"peak_memory_bytes": peaks})
+    compute = report.measured.compute_s
+    if compute is not None:
+        compute = {str(used[int(k)]): v for k, v in compute.items()}
+    measured = report.measured.model_copy(update={"peak_memory_bytes": peaks,
+                                                  "compute_s": compute})
+    slow = [s.model_copy(update={"rank": used[s.rank]}) for s in report.slow_ranks]
     provenance = report.provenance.model_copy(deep=True)
     provenance.inputs["plan"] = digest(plan)
     provenance.notes.append(f"ran as {ran_as}: torchrun rank i was plan rank {used}[i]")
@@ -58,5 +63,6 @@ def report_in_plan_ranks(report: RunReport, plan: Plan, used: list[int], ran_as:
             "plan_digest": digest(plan),
             "predicted": plan.predicted,
             "provenance": provenance,
+            "slow_ranks": slow,
         }
     )

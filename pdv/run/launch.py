@@ -56,7 +56,11 @@ class RunOptions:
     data: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
+    resume_from: str | None = None
     device: str = "auto"
+    slow_margin: float = 0.5
+    slow_steps: int = 3
+    stop_when_slow: bool = False
     extra: tuple[str, ...] = field(default=())
 
 
@@ -98,16 +102,18 @@ def runtime_argv(opts: RunOptions) -> list[str]:
     for name in opts.blocks:
         argv += ["--blocks", name]
     defaults = RunOptions(plan=opts.plan)
-    for name in ("seed", "lr", "optimizer", "warmup", "device"):
+    for name in ("seed", "lr", "optimizer", "warmup", "device", "slow_margin", "slow_steps"):
         value = getattr(opts, name)
         if value != getattr(defaults, name):
-            argv += [f"--{name}", str(value)]
-    for name in ("report", "data", "checkpoint_dir"):
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    for name in ("report", "data", "checkpoint_dir", "resume_from"):
         value = getattr(opts, name)
         if value:
             argv += [f"--{name.replace('_', '-')}", value]
     if opts.checkpoint_every:
         argv += ["--checkpoint-every", str(opts.checkpoint_every)]
+    if opts.stop_when_slow:
+        argv.append("--stop-when-slow")
     return argv + list(opts.extra)
 
 

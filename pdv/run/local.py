@@ -4,7 +4,8 @@ Everything a user can get wrong is caught here, before any process starts: a pla
 schema (at load), no model, a model whose layers the stages do not cover, a stage boundary
 that carries what cannot be sent (the shape probe), a TP degree the model
 lacks, a world size the plan's devices contradict, more hosts than this allocation has, more
-ranks than this host has GPUs.
+ranks than this host has GPUs, a checkpoint to resume from that another model (or another
+data order, or another optimizer) wrote.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from __future__ import annotations
 import socket
 import sys
 
-from pdv.artifacts import Plan
+from pdv.artifacts import ModelSpec, Plan
 from pdv.boundaries import probe_for_stages
 from pdv.errors import PdvError
 from pdv.models import build_model, load_factory
+from pdv.run.checkpoint import state_shapes
 from pdv.run.dims import ParallelDims
 from pdv.run.launch import HostSlot, RunOptions, host_slots, slurm_node, torchrun_argv
 from pdv.run.reference import OPTIMIZERS
+from pdv.run.resume import check_resume, read_meta, resume_source
 from pdv.run.runtime import resolve_model
 from pdv.run.stage import check_tp_support
 
@@ -40,6 +43,12 @@ def check_plan(plan: Plan, opts: RunOptions) -> ParallelDims:
         load_factory(opts.data)
     if opts.checkpoint_every and not opts.checkpoint_dir:
         raise PdvError("--checkpoint-every needs --checkpoint-dir")
+    source = resume_source(opts.checkpoint_dir, opts.resume_from)
+    if source is not None:
+        check_resume(read_meta(source), source,
+                     ModelSpec(spec=spec, kwargs=kwargs, split_at=split_at, blocks=blocks),
+                     state_shapes(model), global_batch_size=plan.global_batch_size,
+                     seed=opts.seed, data=opts.data, optimizer=opts.optimizer, steps=opts.steps)
     return dims
 
 

@@ -23,17 +23,20 @@ import torch.distributed.fsdp  # noqa: F401
 import torch.distributed.pipelining  # noqa: F401
 import torch.distributed.tensor.parallel  # noqa: F401
 
-from pdv.artifacts import Plan, load_as, write
+from pdv.artifacts import ModelSpec, Plan, digest, load_as, write
 from pdv.boundaries import Value, probe_for_stages
 from pdv.errors import PdvError
 from pdv.models import build_model, parse_model_args
-from pdv.run.checkpoint import Checkpointer
+from pdv.run.checkpoint import Checkpointer, state_shapes
 from pdv.run.data import BatchSource
 from pdv.run.dims import ParallelDims, build_meshes
 from pdv.run.reference import OPTIMIZERS, make_optimizer
 from pdv.run.report import PeakMemory, make_report
+from pdv.run.resume import CheckpointMeta, read_meta, resume_source
 from pdv.run.stage import build_stage_module, check_tp_support
 from pdv.run.tied import TiedGrads
+from pdv.run.watch import SlowOptions, StepWatch
+from pdv.run.workers import EXIT_REPLAN
 
 __all__ = ["main", "resolve_model", "parse_args"]
 
@@ -58,6 +61,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data")
     p.add_argument("--checkpoint-dir")
     p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--resume-from")
+    p.add_argument("--slow-margin", type=float, default=SlowOptions.margin)
+    p.add_argument("--slow-steps", type=int, default=SlowOptions.steps)
+    p.add_argument("--stop-when-slow", action="store_true")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p.parse_args(argv)
 
@@ -98,8 +105,9 @@ def _maybe_crash(step: int, rank: int) -> None:
         os._exit(17)
 
 
-def train(args: argparse.Namespace) -> None:
-    """Run the plan on this rank (process group already initialized)."""
+def train(args: argparse.Namespace) -> bool:
+    """Run the plan on this rank (process group already initialized); True when it stopped
+    early, checkpointed, because a rank was slow (--stop-when-slow)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     plan: Plan = load_as(args.plan, "plan")
@@ -125,6 +133,9 @@ def train(args: argparse.Namespace) -> None:
     tied.check()
     loss_fn = model.loss_fn
     source = BatchSource(model, plan.global_batch_size, args.seed, args.data)
+    spec_used = ModelSpec(spec=spec, kwargs=kwargs, split_at=split_at, blocks=blocks)
+    # Checkpoint keys and shapes of the whole model, read before the other stages are freed.
+    shapes = state_shapes(model) if rank == 0 else {}
     model.layers = []  # the other stages' layers are freed; this rank keeps its own
     if uniform:
         from pdv.run.pipeline import ChainPipeline
@@ -143,46 +154,78 @@ def train(args: argparse.Namespace) -> None:
     # A stage may have no parameters (a reshape); torch's optimizers refuse an empty list.
     params = params or [torch.nn.Parameter(torch.zeros(0, device=device))]
     opt = make_optimizer(params, args.optimizer, args.lr)
-    ckpt = Checkpointer(args.checkpoint_dir, args.checkpoint_every, modules, opt, args.steps)
-    start, losses, times = ckpt.resume()
+    ckpt = Checkpointer(args.checkpoint_dir, args.checkpoint_every, modules, opt)
+    start, prior_losses, prior_times = 0, [], []
+    source_dir = resume_source(args.checkpoint_dir, args.resume_from)
+    if source_dir is not None:
+        meta = read_meta(source_dir)
+        ckpt.load(source_dir)
+        start, prior_losses, prior_times = meta.step, list(meta.loss), list(meta.step_times_s)
+    slow = SlowOptions(args.slow_margin, args.slow_steps, stop=args.stop_when_slow)
+    watch = StepWatch(plan, dims, modules, rank, world, args.warmup, slow)
+    losses: list[float] = []  # this run's steps (this rank's part of each loss)
+    times: list[float] = []
+    stopped = False
     memory.start()
     for step in range(start, args.steps):
         x, y = source.global_batch(step)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        watch.before_step()
         t0 = time.perf_counter()
         opt.zero_grad()
         micro_losses = executor.step(x, y)
         tied.reduce()
+        t_opt = time.perf_counter()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
         losses.append(sum(micro_losses) / len(micro_losses) if micro_losses else 0.0)
-        ckpt.maybe_save(step, losses, times)
+        stopped = bool(watch.after_step(step, t1 - t_opt)) and slow.stop
+        if ckpt.due(step) or (stopped and ckpt.folder is not None):
+            run_losses, run_times = _history(losses, times, executor, dims, device)
+            ckpt.save(step + 1, CheckpointMeta(
+                step=step + 1, model=spec_used, tensors=shapes,
+                global_batch_size=plan.global_batch_size,
+                num_micro_batches=plan.num_micro_batches, seed=args.seed, data=args.data,
+                optimizer=args.optimizer, lr=args.lr, plan_digest=digest(plan),
+                loss=prior_losses + run_losses, step_times_s=prior_times + run_times))
+        if stopped:
+            break
         _maybe_crash(step, rank)
-    _finish(plan, dims, args, rank, world, device, memory, losses, times, executor)
+    _finish(plan, dims, args, rank, world, device, memory, (prior_losses, prior_times),
+            losses, times, executor, watch)
+    return stopped
+
+
+def _history(losses: list[float], times: list[float], executor: Any, dims: ParallelDims,
+             device: torch.device) -> tuple[list[float], list[float]]:
+    """Every rank's (step losses, step times) of this run: the loss as one process computes it,
+    the time of the slowest rank (collective: every rank calls it)."""
+    # Each replica of the last stage (shard 0 only: TP shards hold the same loss) adds its mean
+    # over micro-batches; replicas saw equal slices, so the step loss is their average.
+    comm = device if device.type == "cuda" else torch.device("cpu")
+    loss_t = torch.tensor(losses if executor.reports_loss else [0.0] * len(losses),
+                          dtype=torch.float64, device=comm)
+    time_t = torch.tensor(times, dtype=torch.float64, device=comm)
+    dist.all_reduce(loss_t)
+    dist.all_reduce(time_t, op=dist.ReduceOp.MAX)
+    return (loss_t / dims.stages[-1].dp).tolist(), time_t.tolist()
 
 
 def _finish(plan: Plan, dims: ParallelDims, args: argparse.Namespace, rank: int, world: int,
-            device: torch.device, memory: PeakMemory, losses: list[float], times: list[float],
-            executor: Any) -> None:
-    last = dims.num_stages - 1
-    counts = executor.reports_loss
-    # Each replica of the last stage (shard 0 only: TP shards hold the same loss) adds its mean
-    # over micro-batches; replicas saw equal slices, so the step loss is their average.
-    loss_t = torch.tensor(losses if counts else [0.0] * len(losses), dtype=torch.float64)
-    time_t = torch.tensor(times, dtype=torch.float64)
+            device: torch.device, memory: PeakMemory, prior: tuple[list[float], list[float]],
+            losses: list[float], times: list[float], executor: Any, watch: StepWatch) -> None:
+    run_losses, run_times = _history(losses, times, executor, dims, device)
     peak_t = torch.zeros(world, dtype=torch.int64)
     peak_t[rank] = memory.peak()
-    comm = device if device.type == "cuda" else torch.device("cpu")
-    loss_t, time_t, peak_t = loss_t.to(comm), time_t.to(comm), peak_t.to(comm)
-    dist.all_reduce(loss_t)
-    dist.all_reduce(time_t, op=dist.ReduceOp.MAX)
+    peak_t = peak_t.to(device if device.type == "cuda" else torch.device("cpu"))
     dist.all_reduce(peak_t)
     if rank != 0 or not args.report:
         return
-    step_losses = (loss_t / dims.stages[last].dp).tolist()
+    resumed = len(prior[0])
     notes = [
         f"device {device.type}, backend {dist.get_backend()}, world {world}",
         f"schedule {plan.schedule}, {dims.num_micro_batches} micro-batches of "
@@ -190,11 +233,17 @@ def _finish(plan: Plan, dims: ParallelDims, args: argparse.Namespace, rank: int,
         f"steps {args.steps}, warm-up {args.warmup}, seed {args.seed}, optimizer "
         f"{args.optimizer} lr {args.lr}; step time = max over ranks",
     ]
+    if resumed:
+        notes.append(f"resumed after step {resumed}: losses and step times of steps "
+                     f"0..{resumed - 1} come from the checkpoint; the median is of this run's")
     if device.type == "cuda":
         notes.append(f"rank 0 max_memory_allocated {torch.cuda.max_memory_allocated()} bytes")
-    report = make_report(plan, time_t.tolist(), min(args.warmup, max(args.steps - 1, 0)),
-                         peak_t.tolist(), memory.method, step_losses, notes)
-    write(args.report, report)
+    warmup = resumed + min(args.warmup, max(len(run_times) - 1, 0))
+    report = make_report(plan, prior[1] + run_times, warmup, peak_t.tolist(), memory.method,
+                         prior[0] + run_losses, notes)
+    measured = report.measured.model_copy(update={"compute_s": watch.median_compute() or None})
+    write(args.report, report.model_copy(
+        update={"measured": measured, "slow_ranks": watch.slow_ranks()}))
 
 
 def _init_process_group(backend: str) -> None:
@@ -223,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     _init_process_group("nccl" if use_cuda else "gloo")
     try:
-        train(args)
+        if train(args):
+            return EXIT_REPLAN
     except PdvError as exc:
         print(f"pdv: error: rank {dist.get_rank()}: {exc}", file=sys.stderr)
         return 2

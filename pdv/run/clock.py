@@ -1,0 +1,109 @@
+"""The wall time a rank spends computing its stages, per step (what a slowed device stretches).
+
+A rank's step time says little about which rank is slow: in a pipeline every rank waits for the
+slowest, so all step times stretch together. Its compute does not: forward time is the span of
+each stage module's call (forward hooks; FSDP's all-gather runs in its own earlier hook and is
+left out), backward time the span from the moment a gradient reaches the stage's outputs to the
+moment it leaves through its inputs (two identity autograd functions mark them). In the first
+stage, whose inputs carry no gradient (token ids), backward ends where the gradient leaves the
+stage's first layer, so that layer's backward (an embedding's: a scatter-add) is left out.
+Recompute runs inside the backward span and counts there; TP collectives and FSDP's
+reduce-scatter run inside the spans and count as compute too.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ComputeClock"]
+
+
+class _Open(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, clock: ComputeClock) -> torch.Tensor:
+        ctx.clock = clock
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.clock.open_backward()
+        return grad, None
+
+
+class _Close(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, clock: ComputeClock) -> torch.Tensor:
+        ctx.clock = clock
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.clock.close_backward()
+        return grad, None
+
+
+def _marks(value: Any) -> bool:
+    return (type(value) is torch.Tensor and value.is_floating_point() and value.requires_grad)
+
+
+def _wrap(value: Any, fn: Any, clock: ComputeClock) -> tuple[Any, bool]:
+    """The value with every plain float tensor that needs a gradient passed through fn."""
+    if _marks(value):
+        return fn.apply(value, clock), True
+    if isinstance(value, tuple):
+        parts = [_wrap(v, fn, clock) for v in value]
+        return tuple(p for p, _ in parts), any(hit for _, hit in parts)
+    return value, False
+
+
+class ComputeClock:
+    """Sums this rank's forward and backward compute spans; `take()` returns and resets."""
+
+    def __init__(self, modules: dict[int, nn.Module]) -> None:
+        self.busy_s = 0.0
+        self._fwd_start: float | None = None
+        self._bwd_start: float | None = None
+        self._closed_at_inputs = False
+        for module in modules.values():
+            module.register_forward_pre_hook(self._before_forward)
+            module.register_forward_hook(self._after_forward)
+            first = next(iter(module.children()), None)
+            if first is not None:
+                first.register_forward_hook(self._after_first_layer)
+
+    def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        self._fwd_start = time.perf_counter()
+        wrapped, self._closed_at_inputs = _wrap(args, _Close, self)
+        return wrapped
+
+    def _after_first_layer(self, module: nn.Module, args: Any, out: Any) -> Any:
+        if self._closed_at_inputs:
+            return out
+        return _wrap(out, _Close, self)[0]
+
+    def _after_forward(self, module: nn.Module, args: Any, out: Any) -> Any:
+        out = _wrap(out, _Open, self)[0]
+        if self._fwd_start is not None:
+            self.busy_s += time.perf_counter() - self._fwd_start
+            self._fwd_start = None
+        return out
+
+    def open_backward(self) -> None:
+        """A gradient reached a stage's outputs (the first of them opens the span)."""
+        if self._bwd_start is None:
+            self._bwd_start = time.perf_counter()
+
+    def close_backward(self) -> None:
+        """A gradient left the stage's inputs (the first of them closes the span)."""
+        if self._bwd_start is not None:
+            self.busy_s += time.perf_counter() - self._bwd_start
+            self._bwd_start = None
+
+    def take(self) -> float:
+        """Compute seconds since the last take (an unclosed span is dropped)."""
+        busy, self.busy_s, self._bwd_start = self.busy_s, 0.0, None
+        return busy
