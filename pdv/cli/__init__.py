@@ -8,6 +8,7 @@ from pdv.cli import (  # noqa: F401
     profile_cluster_cmd,
     profile_model_cmd,
     quickstart_cmd,
+    replan_cmd,
     run_cmd,
     simulate_cmd,
 )
