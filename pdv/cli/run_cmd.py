@@ -15,7 +15,9 @@ import typer
 from pdv import artifacts
 from pdv.cli.app import app, console, err_console
 from pdv.cli.render import fmt_bytes, render
+from pdv.errors import PdvError
 from pdv.run.idle import leaves_ranks_idle, renumbered, report_in_plan_ranks, used_ranks
+from pdv.run.launch import RunOptions
 
 __all__ = ["run"]
 
@@ -47,6 +49,29 @@ def run(
     checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Checkpoint folder."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0,
                                          help="Save every K steps (0: never)."),
+    resume_from: Path | None = typer.Option(
+        None, "--resume-from", help="Start from this checkpoint (a --checkpoint-dir, or one of "
+        "its step-<k> folders), written under any plan of the same model."
+    ),
+    slow_margin: float = typer.Option(
+        0.5, "--slow-margin", min=0.01, help="A rank is slow at a step when its compute exceeds "
+        "its prediction (calibrated on the first timed steps) by more than this fraction."
+    ),
+    slow_steps: int = typer.Option(3, "--slow-steps", min=1,
+                                   help="Steps in a row a rank must be slow to be flagged."),
+    elastic: bool = typer.Option(
+        False, "--elastic", help="When a rank dies or is slow: re-measure the rest, replan, and "
+        "resume from the last checkpoint (needs --checkpoint-dir/--checkpoint-every, --profile)."
+    ),
+    profile: list[Path] = typer.Option(
+        [], "--profile", "-p", help="With --elastic: the model profile(s) to replan with."
+    ),
+    rank_prefix: str | None = typer.Option(
+        None, "--rank-prefix", help="With --elastic: words before each rank's command, "
+        "{device} replaced by its device (e.g. 'taskset -c {device}')."
+    ),
+    max_replans: int = typer.Option(4, "--max-replans", min=1,
+                                    help="With --elastic: replans before the run gives up."),
     max_restarts: int = typer.Option(0, "--max-restarts", min=0,
                                      help="torchrun restarts after a failure (resumes from"
                                      " the last checkpoint)."),
@@ -67,7 +92,13 @@ def run(
         optimizer=optimizer, warmup=warmup, report=str(report) if report else None, data=data,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         checkpoint_every=checkpoint_every, device=device,
+        resume_from=str(resume_from) if resume_from else None, slow_margin=slow_margin,
+        slow_steps=slow_steps,
     )
+    if elastic:
+        _check_elastic(opts, print_commands or slurm, max_restarts, profile)
+        _run_elastic(the_plan, opts, profile, rank_prefix, max_replans, report)
+        return
     port = master_port or launch.DEFAULT_PORT
     used = used_ranks(the_plan)
     idle = leaves_ranks_idle(the_plan)
@@ -111,6 +142,10 @@ def run(
             result = report_in_plan_ranks(result, original, used, f"ranks 0..{len(used) - 1}")
             if report:
                 artifacts.write(report, result)
+    _show(result, report)
+
+
+def _show(result: artifacts.RunReport, report: Path | None) -> None:
     render(result, console)
     peaks = result.measured.peak_memory_bytes
     predicted = result.predicted.peak_memory_bytes if result.predicted else {}
@@ -119,6 +154,44 @@ def run(
         console.print(f"rank {r} peak memory {fmt_bytes(peaks[r])}{pred}", highlight=False)
     if report:
         console.print(f"report written to {report}", highlight=False)
+
+
+def _check_elastic(opts: RunOptions, printing: bool, max_restarts: int,
+                   profile: list[Path]) -> None:
+    if printing:
+        raise PdvError("--elastic runs the plan here (it relaunches ranks itself); drop "
+                       "--print-commands/--slurm")
+    if max_restarts:
+        raise PdvError("--elastic replaces --max-restarts (it restarts on a new plan); drop one")
+    if not opts.checkpoint_dir or not opts.checkpoint_every:
+        raise PdvError("--elastic needs --checkpoint-dir D and --checkpoint-every K: a new plan "
+                       "resumes from the last checkpoint")
+    if not profile:
+        raise PdvError("--elastic needs the model profile(s) to replan with: --profile P.json")
+
+
+def _run_elastic(plan: artifacts.Plan, opts: RunOptions, profile: list[Path],
+                 rank_prefix: str | None, max_replans: int, report: Path | None) -> None:
+    from pdv.run.elastic import ElasticOptions, run_elastic
+    from pdv.run.launch import host_slots
+
+    if len(host_slots(plan)) > 1:
+        raise PdvError("--elastic runs every rank on this host; this plan spans several hosts")
+    profiles: dict[str, artifacts.ModelProfile] = {}
+    for p in profile:
+        prof = artifacts.load_as(p, "model-profile")
+        if prof.device.kind in profiles:
+            raise PdvError(f"two profiles for device kind {prof.device.kind!r} ({p}); one per kind")
+        profiles[prof.device.kind] = prof
+    eopts = ElasticOptions(profiles=profiles, rank_prefix=rank_prefix, max_replans=max_replans)
+
+    def say(msg: str) -> None:
+        err_console.print(f"pdv: {msg}", highlight=False)
+
+    result = run_elastic(plan, opts, eopts, say)
+    if report is not None:
+        artifacts.write(report, result)
+    _show(result, report)
 
 
 def _launch(argv: list[str]) -> int:
