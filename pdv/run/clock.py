@@ -8,7 +8,8 @@ moment it leaves through its inputs (two identity autograd functions mark them).
 stage, whose inputs carry no gradient (token ids), backward ends where the gradient leaves the
 stage's first layer, so that layer's backward (an embedding's: a scatter-add) is left out.
 Recompute runs inside the backward span and counts there; TP collectives and FSDP's
-reduce-scatter run inside the spans and count as compute too.
+reduce-scatter run inside the spans and count as compute too. On CUDA the spans are CUDA events
+on the current stream (kernels run after the host queued them), read once per step.
 """
 
 from __future__ import annotations
@@ -63,10 +64,12 @@ def _wrap(value: Any, fn: Any, clock: ComputeClock) -> tuple[Any, bool]:
 class ComputeClock:
     """Sums this rank's forward and backward compute spans; `take()` returns and resets."""
 
-    def __init__(self, modules: dict[int, nn.Module]) -> None:
+    def __init__(self, modules: dict[int, nn.Module], cuda: bool = False) -> None:
         self.busy_s = 0.0
-        self._fwd_start: float | None = None
-        self._bwd_start: float | None = None
+        self._cuda = cuda
+        self._spans: list[tuple[Any, Any]] = []  # CUDA: (start, end) events of this step
+        self._fwd_start: Any = None
+        self._bwd_start: Any = None
         self._closed_at_inputs = False
         for module in modules.values():
             module.register_forward_pre_hook(self._before_forward)
@@ -75,8 +78,21 @@ class ComputeClock:
             if first is not None:
                 first.register_forward_hook(self._after_first_layer)
 
+    def _now(self) -> Any:
+        if not self._cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _add(self, start: Any) -> None:
+        if self._cuda:
+            self._spans.append((start, self._now()))
+        else:
+            self.busy_s += time.perf_counter() - start
+
     def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        self._fwd_start = time.perf_counter()
+        self._fwd_start = self._now()
         wrapped, self._closed_at_inputs = _wrap(args, _Close, self)
         return wrapped
 
@@ -88,22 +104,26 @@ class ComputeClock:
     def _after_forward(self, module: nn.Module, args: Any, out: Any) -> Any:
         out = _wrap(out, _Open, self)[0]
         if self._fwd_start is not None:
-            self.busy_s += time.perf_counter() - self._fwd_start
+            self._add(self._fwd_start)
             self._fwd_start = None
         return out
 
     def open_backward(self) -> None:
         """A gradient reached a stage's outputs (the first of them opens the span)."""
         if self._bwd_start is None:
-            self._bwd_start = time.perf_counter()
+            self._bwd_start = self._now()
 
     def close_backward(self) -> None:
         """A gradient left the stage's inputs (the first of them closes the span)."""
         if self._bwd_start is not None:
-            self.busy_s += time.perf_counter() - self._bwd_start
+            self._add(self._bwd_start)
             self._bwd_start = None
 
     def take(self) -> float:
         """Compute seconds since the last take (an unclosed span is dropped)."""
+        if self._spans:
+            torch.cuda.synchronize()
+            self.busy_s += sum(a.elapsed_time(b) for a, b in self._spans) / 1e3
+            self._spans = []
         busy, self.busy_s, self._bwd_start = self.busy_s, 0.0, None
         return busy

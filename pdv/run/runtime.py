@@ -162,7 +162,7 @@ def train(args: argparse.Namespace) -> bool:
         ckpt.load(source_dir)
         start, prior_losses, prior_times = meta.step, list(meta.loss), list(meta.step_times_s)
     slow = SlowOptions(args.slow_margin, args.slow_steps, stop=args.stop_when_slow)
-    watch = StepWatch(plan, dims, modules, rank, world, args.warmup, slow)
+    watch = StepWatch(plan, dims, modules, rank, world, args.warmup, slow, device)
     losses: list[float] = []  # this run's steps (this rank's part of each loss)
     times: list[float] = []
     stopped = False

@@ -39,9 +39,10 @@ class StepWatch:
     """One per rank; `after_step` is collective (all ranks call it every step)."""
 
     def __init__(self, plan: Plan, dims: ParallelDims, modules: dict[int, nn.Module], rank: int,
-                 world: int, warmup: int, options: SlowOptions) -> None:
+                 world: int, warmup: int, options: SlowOptions, device: torch.device) -> None:
         self.rank, self.world, self.warmup, self.options = rank, world, warmup, options
-        self.clock = ComputeClock(modules)
+        self.clock = ComputeClock(modules, cuda=device.type == "cuda")
+        self.comm = device if device.type == "cuda" else torch.device("cpu")  # nccl: on GPU
         self.compute: list[list[float]] = []  # per timed step: every rank's compute
         self.beat = heartbeat_from_env(rank)
         self.steps_seen = 0
@@ -63,6 +64,7 @@ class StepWatch:
         """Share this step's compute; return the ranks flagged slow at this step."""
         mine = torch.zeros(self.world, dtype=torch.float64)
         mine[self.rank] = self.clock.take() + optimizer_s
+        mine = mine.to(self.comm)
         dist.all_reduce(mine)
         if self.beat:
             self.beat({"phase": "step", "step": step + 1})
