@@ -37,7 +37,7 @@ from pdv.errors import PdvError
 from pdv.plan.replan import replan
 from pdv.run.idle import leaves_ranks_idle, renumbered, report_in_plan_ranks, used_ranks
 from pdv.run.launch import RunOptions, runtime_argv
-from pdv.run.resume import read_meta, resume_source
+from pdv.run.resume import META_NAME, read_meta, resume_source
 from pdv.run.workers import GroupEnd, Workers
 
 __all__ = ["ElasticOptions", "run_elastic"]
@@ -142,7 +142,7 @@ def run_elastic(plan: Plan, opts: RunOptions, eopts: ElasticOptions, say: Say) -
     assert opts.checkpoint_dir is not None and opts.checkpoint_every > 0
     work = Path(opts.checkpoint_dir) / "elastic"
     started = time.monotonic()
-    n = len(plan.devices) if plan.devices else len(used_ranks(plan))
+    n = len(plan.devices) if plan.devices else max(used_ranks(plan)) + 1
     seg = _Segment(plan, list(range(n)), _checkpoint_step(opts)[0])
     records: list[Replan] = []
     slow: list[SlowRank] = []
@@ -151,13 +151,17 @@ def run_elastic(plan: Plan, opts: RunOptions, eopts: ElasticOptions, say: Say) -
         folder = work / f"segment-{k}"
         stop = not noop_slow and len(records) < eopts.max_replans
         end, progress, run_devices, run_plan = _launch(seg, opts, eopts, folder, stop)
+        detected = time.monotonic() - started
         report_path = folder / "report.json"
         seg.report = artifacts.load_as(report_path, "run-report") if end.kind in (
             "done", "replan") and report_path.is_file() else None
+        ckpt_step, ckpt_times = _checkpoint_step(opts)
         if seg.report is not None:
             slow += [f.model_copy(update={"reason": f"{f.reason} (device {run_devices[f.rank]})"})
                      for f in seg.report.slow_ranks]
             seg.measured_s = seg.report.measured.step_time_s
+        else:  # killed: its steps up to the checkpoint are what is known of it
+            seg.measured_s = _median(ckpt_times[seg.start_step:ckpt_step], opts.warmup)
         if records:
             records[-1] = records[-1].model_copy(update={"new_measured_step_s": seg.measured_s})
         if end.kind == "done":
@@ -165,10 +169,13 @@ def run_elastic(plan: Plan, opts: RunOptions, eopts: ElasticOptions, say: Say) -
             return _final(seg, run_plan, records, slow)
         if end.kind == "failed":
             raise PdvError(f"the run failed (not a lost rank, so no replan): {end.message}")
+        if ckpt_step >= opts.steps:
+            raise PdvError(f"all {opts.steps} steps are done and checkpointed in "
+                           f"{opts.checkpoint_dir}, but a rank ended ({end.kind}) before the "
+                           f"report was written; the checkpoint's {META_NAME} holds the losses")
         if len(records) >= eopts.max_replans:
             raise PdvError(f"rank(s) lost after {len(records)} replans (--max-replans); the "
                            f"checkpoint in {opts.checkpoint_dir} resumes it")
-        detected = time.monotonic() - started
         last = _last_step(progress)
         lost = [run_devices[i] for i in end.lost]
         if end.kind == "lost":
@@ -181,9 +188,6 @@ def run_elastic(plan: Plan, opts: RunOptions, eopts: ElasticOptions, say: Say) -
         pool = [d for d in seg.devices if d not in lost]
         if not pool:
             raise PdvError("every rank is gone; nothing to continue on")
-        ckpt_step, ckpt_times = _checkpoint_step(opts)
-        if seg.measured_s is None:
-            seg.measured_s = _median(ckpt_times[seg.start_step:], opts.warmup)
         t0 = time.monotonic()
         cluster, pool = _remeasure(pool, eopts, folder, say)
         t1 = time.monotonic()
@@ -192,7 +196,10 @@ def run_elastic(plan: Plan, opts: RunOptions, eopts: ElasticOptions, say: Say) -
                      memory_margin=eopts.memory_margin, time_limit_s=eopts.time_limit_s)
         t2 = time.monotonic()
         artifacts.write(folder / "new-plan.json", res.plan)
-        noop_slow = end.kind == "replan" and digest(res.plan) == digest(seg.plan)
+        # The same layout on the same devices: stopping for this rank again would change nothing.
+        noop_slow = end.kind == "replan" and pool == seg.devices and (
+            res.plan.stages, res.plan.micro_batch_size) == (seg.plan.stages,
+                                                             seg.plan.micro_batch_size)
         new_pred = res.plan.predicted.step_time_s if res.plan.predicted else None
         records.append(Replan(
             kind="lost" if end.kind == "lost" else "slow", reason=reason,
