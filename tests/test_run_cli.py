@@ -39,7 +39,8 @@ def test_help() -> None:
     res = run_pdv("run", "--help")
     assert res.returncode == 0
     for opt in ("--steps", "--report", "--model", "--print-commands", "--slurm",
-                "--checkpoint-dir", "--checkpoint-every", "--data"):
+                "--checkpoint-dir", "--checkpoint-every", "--data", "--resume-from", "--elastic",
+                "--rank-prefix", "--slow-margin", "--slow-steps"):
         assert opt in res.stdout
 
 
