@@ -64,6 +64,14 @@ class Checkpointer:
         """Whether a checkpoint is saved after `step` (0-based)."""
         return self.folder is not None and bool(self.every) and (step + 1) % self.every == 0
 
+    def _aliases(self) -> dict[str, list[str]]:
+        """Every checkpoint key of a parameter that has several (a tied weight held twice)."""
+        keys: dict[int, list[str]] = {}
+        for name, p in self.modules.named_parameters(remove_duplicate=False):
+            key = _STAGE_PREFIX.sub("", name.replace("_checkpoint_wrapped_module.", ""))
+            keys.setdefault(id(p), []).append(key)
+        return {k: group for group in keys.values() if len(group) > 1 for k in group}
+
     def _state(self) -> tuple[dict[str, Any], dict[str, str], dict[str, str], Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -86,6 +94,13 @@ class Checkpointer:
             shutil.rmtree(target)
         dist.barrier()
         state, *_ = self._state()
+        # A tied weight held once here has its optimizer state under one of its names; a plan
+        # that puts its layers on two ranks asks for each name, so it is saved under all.
+        optim = state["optim"]["state"]
+        for key, aliases in self._aliases().items():
+            if key in optim:
+                for alias in aliases:
+                    optim.setdefault(alias, optim[key])
         dcp.save(state, checkpoint_id=str(target))
         dist.barrier()
         if dist.get_rank() == 0:
