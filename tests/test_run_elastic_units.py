@@ -139,3 +139,39 @@ def test_where_a_run_resumes_from(tmp_path: Path) -> None:
     (own / "latest").write_text("step-9\n")
     with pytest.raises(PdvError, match="incomplete"):
         checkpoint_step_dir(own)
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def _group(tmp_path: Path, script: str, devices: list[int], prefix: str | None = None):
+    from pdv.run.workers import Workers
+
+    return Workers(["-c", script], devices, tmp_path / "logs", prefix).wait()
+
+
+def test_workers_name_the_rank_that_failed_first(tmp_path: Path) -> None:
+    script = ("import os, sys, time; r = int(os.environ['RANK'])\n"
+              "time.sleep(0.6 if r == 0 else 0.1); print('pdv: error: rank', r, flush=True)\n"
+              "sys.exit(17 if r == 1 else 1)")
+    end = _group(tmp_path, script, [0, 1])
+    assert end.kind == "failed" and end.message.startswith("rank 1 exited with code 17: "
+                                                           "pdv: error: rank 1")
+
+
+def test_workers_see_a_rank_killed_from_outside(tmp_path: Path) -> None:
+    script = ("import os, signal, time\n"
+              "if os.environ['RANK'] == '1': os.kill(os.getpid(), signal.SIGKILL)\n"
+              "time.sleep(60)")
+    end = _group(tmp_path, script, [4, 7])
+    assert (end.kind, end.lost) == ("lost", (1,))
+    assert end.codes[0] is None  # the survivor was still running: killed, not lost
+
+
+def test_workers_run_on_their_device(tmp_path: Path) -> None:
+    script = ("import os, sys\n"
+              "ok = os.environ['PDV_DEVICE'] == os.environ['WANT'] and "
+              "os.environ['CUDA_VISIBLE_DEVICES'] == '5,2' and os.environ['WORLD_SIZE'] == '2'\n"
+              f"sys.exit({EXIT_REPLAN} if ok else 1)")
+    end = _group(tmp_path, script, [5, 2], prefix="env WANT={device}")
+    assert end.kind == "replan", end

@@ -26,6 +26,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,9 @@ class Workers:
                   "CUDA_VISIBLE_DEVICES": _visible(devices, base)}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.killed: set[int] = set()
+        # When each rank exited, to the thread scheduler's precision: the first to fail is the
+        # cause, the others fail because it went away (a poll loop would see them at once).
+        self.exited_at: dict[int, float] = {}
         try:
             for i, device in enumerate(devices):
                 env_i = {**base, **common, "RANK": str(i), "LOCAL_RANK": str(i),
@@ -106,9 +110,14 @@ class Workers:
                     self.procs.append(subprocess.Popen(
                         cmd, env=env_i, stdout=log, stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL, start_new_session=True))
+                threading.Thread(target=self._reap, args=(i,), daemon=True).start()
         except BaseException:
             self.kill()
             raise
+
+    def _reap(self, rank: int) -> None:
+        self.procs[rank].wait()
+        self.exited_at.setdefault(rank, time.monotonic())
 
     def pids(self) -> list[int]:
         """Process ids, by rank."""
@@ -133,7 +142,8 @@ class Workers:
             self.kill()
         end = classify(codes, self.killed)
         if end.kind == "failed":
-            first = next((i for i, c in enumerate(codes) if c not in (None, 0, EXIT_REPLAN)), 0)
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0, EXIT_REPLAN)] or [0]
+            first = min(failed, key=lambda i: (self.exited_at.get(i, float("inf")), i))
             end = GroupEnd("failed", codes=end.codes,
                            message=f"rank {first} exited with {_code(codes[first])}: "
                            f"{_last_error(self.logs[first])}")
