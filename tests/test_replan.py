@@ -199,6 +199,17 @@ def test_replan_prices_the_old_plan_on_a_slowed_cluster() -> None:
     assert res.plan.predicted.step_time_s <= res.old_on_new_s * (1 + 1e-9)
 
 
+def test_replan_on_an_unchanged_cluster_keeps_the_plan() -> None:
+    prof = profile(kind="gpu", n_layers=4)
+    cl = _flat(4)
+    found = replan(_plan([{"layers": [0, 4], "ranks": [0]}]), {"gpu": prof}, cl,
+                   {r: r for r in range(4)}).plan
+    res = replan(found, {"gpu": prof}, cl, {r: r for r in range(4)})
+    assert res.plan.stages == found.stages and res.cost.moved_bytes == 0
+    assert "kept the old plan" in res.plan.provenance.notes[-1]
+    assert res.plan.predicted == found.predicted
+
+
 def test_no_plan_on_too_few_ranks_says_so() -> None:
     prof = profile(kind="gpu", n_layers=4, param_bytes=512 * MiB)
     old = _plan([{"layers": [0, 2], "ranks": [0]}, {"layers": [2, 4], "ranks": [1]}])

@@ -12,6 +12,10 @@ to try) on the new cluster, plus what a person deciding to switch needs to see:
   that its device did not hold before, where it can come from, and the time to move it on the
   new cluster's measured links.
 
+When the search finds nothing predicted faster than the old plan on the new cluster (and the old
+plan still fits), the old plan is kept: an equally fast layout with its replicas in another
+order would move state for nothing.
+
 Shards are modelled as fractions of each layer's state along two axes: the TP shard (1/tp of the
 layer, by shard index) and, inside it, the FSDP shard (1/dp, by replica; a stage with any FSDP
 layer shards all of its layers, as the runtime does). Two holdings overlap by the product of
@@ -26,6 +30,7 @@ rank's send and receive totals.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +38,7 @@ from fractions import Fraction
 
 from pdv.artifacts import ClusterArtifact, ClusterDevice, Links, ModelProfile, Plan, digest
 from pdv.cost.comm import p2p_time
-from pdv.cost.simulate import simulate
+from pdv.cost.simulate import simulate, to_predicted
 from pdv.cost.stage import layer_choices
 from pdv.errors import PdvError
 from pdv.plan.problem import PlanProblem
@@ -306,13 +311,24 @@ def replan(plan: Plan, profiles: Mapping[str, ModelProfile], cluster: ClusterArt
     except PdvError as exc:
         raise PdvError(f"no plan on the new cluster's {len(cluster.devices)} ranks: {exc}") \
             from None
-    old_on_new = None
+    old_sim = None
     moved_plan = remap_plan(plan, mapping, cluster)
     if moved_plan is not None:
-        try:
-            old_on_new = simulate(moved_plan, profiles, cluster).step_time_s
-        except PdvError:
-            old_on_new = None  # it no longer fits (memory) or runs there
+        with contextlib.suppress(PdvError):  # its stages no longer run there
+            old_sim = simulate(moved_plan, profiles, cluster)
+    old_on_new = old_sim.step_time_s if old_sim is not None else None
+    assert new.predicted is not None
+    if moved_plan is not None and old_sim is not None and old_sim.step_time_s <= (
+            new.predicted.step_time_s) and all(
+            b <= cluster.devices[r].memory_bytes * (1 - memory_margin)
+            for r, b in old_sim.peak_memory_bytes.items()):
+        # Nothing faster than what runs now: keep it, and move nothing.
+        new = moved_plan.model_copy(update={
+            "predicted": to_predicted(old_sim),
+            "provenance": provenance.model_copy(update={"notes": [
+                *provenance.notes, "kept the old plan: the search found none faster on the "
+                "new cluster"]}),
+        })
     cost = switch_cost(plan, new, profile, cluster.links, mapping)
     return ReplanResult(
         plan=new, old_predicted_s=plan.predicted.step_time_s if plan.predicted else None,
