@@ -39,7 +39,6 @@ from fractions import Fraction
 from pdv.artifacts import ClusterArtifact, ClusterDevice, Links, ModelProfile, Plan, digest
 from pdv.cost.comm import p2p_time
 from pdv.cost.simulate import simulate, to_predicted
-from pdv.cost.stage import layer_choices
 from pdv.errors import PdvError
 from pdv.plan.problem import PlanProblem
 from pdv.plan.search import check_profiles, plan_provenance, search
@@ -202,7 +201,7 @@ def _holdings(plan: Plan, layer: int) -> list[tuple[int, Interval, Interval]]:
         lo, hi = stage.layers
         if not lo <= layer < hi:
             continue
-        choices = layer_choices(stage)
+        choices = stage.layer_choices()
         choice = choices[layer - lo]
         sharded = stage.dp > 1 and any(c.fsdp for c in choices)
         for k, rank in enumerate(stage.ranks):
