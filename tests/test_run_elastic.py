@@ -46,7 +46,9 @@ def _close(got: list[float], steps: int, rel: float = 1e-4) -> None:
 def test_a_pp2_checkpoint_resumes_under_pp1_dp2(tmp_path: Path) -> None:
     pp2 = _plan(tmp_path / "pp2.json", [{"layers": [0, 3], "ranks": [0]},
                                         {"layers": [3, 6], "ranks": [1]}])
-    dp2 = _plan(tmp_path / "dp2.json", [{"layers": [0, 6], "ranks": [0, 1], "dp": 2,
+    # Replicas listed high rank first, as an elastic replan wrote them: a mesh [1, 0] once
+    # loaded each FSDP shard into the other rank's rows.
+    dp2 = _plan(tmp_path / "dp2.json", [{"layers": [0, 6], "ranks": [1, 0], "dp": 2,
                                          "fsdp": True}], mbs=4)
     ckpt = tmp_path / "ckpt"
     res = run_pdv("run", str(pp2), "--steps", "2", "--checkpoint-dir", str(ckpt),
@@ -68,6 +70,10 @@ def test_a_pp2_checkpoint_resumes_under_pp1_dp2(tmp_path: Path) -> None:
                                   str(tmp_path / "nowhere")), "does not exist")
     assert_one_line_error(run_pdv("run", str(dp2), "--elastic", "--checkpoint-dir",
                                   str(ckpt), "--checkpoint-every", "2"), "--profile")
+    crossed = _plan(tmp_path / "crossed.json", [{"layers": [0, 6], "ranks": [0, 3, 1, 2],
+                                                 "dp": 2, "tp": 2, "fsdp": True}])
+    assert_one_line_error(run_pdv("run", str(crossed), "--steps", "4", "--resume-from",
+                                  str(ckpt)), "TP groups {0, 3}, {1, 2} cannot be laid out")
 
 
 def _runtime_of(root: psutil.Process, device: int) -> psutil.Process | None:

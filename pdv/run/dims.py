@@ -25,7 +25,7 @@ from pdv.artifacts import Plan, PlanStage
 from pdv.cost.validity import check_plan
 from pdv.errors import PdvError
 
-__all__ = ["ParallelDims", "StageMeshes", "build_meshes"]
+__all__ = ["ParallelDims", "StageMeshes", "build_meshes", "checkpoint_blocker", "mesh_grid"]
 
 _MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
 
@@ -146,9 +146,8 @@ def build_meshes(dims: ParallelDims, device_type: str, rank: int) -> StageMeshes
 
     mine: dict[int, object] = {}
     for i, s in enumerate(dims.stages):
-        mesh = DeviceMesh(
-            device_type, torch.tensor(s.ranks).view(s.dp, s.tp), mesh_dim_names=("dp", "tp")
-        )
+        grid = mesh_grid(s.ranks, s.dp, s.tp)
+        mesh = DeviceMesh(device_type, torch.tensor(grid), mesh_dim_names=("dp", "tp"))
         if rank in s.ranks:
             mine[i] = mesh
     pp_group = None
@@ -159,3 +158,41 @@ def build_meshes(dims: ParallelDims, device_type: str, rank: int) -> StageMeshes
             if rank in chain:
                 pp_group, pp_ranks = group, chain
     return StageMeshes(stage_mesh=mine, pp_group=pp_group, pp_ranks=pp_ranks)
+
+
+def mesh_grid(ranks: list[int], dp: int, tp: int) -> list[list[int]]:
+    """The stage's (dp, tp) grid of ranks with each axis ascending where its TP groups allow.
+
+    A process group numbers its ranks in ascending order, and torch 2.13's DTensor keeps the
+    shard of a rank's group rank while torch.distributed.checkpoint reads and writes at the
+    offset of its mesh coordinate: on a mesh like [1, 0] a checkpoint resharded another
+    plan's weights into the wrong rows (so did its whole-tensor state dicts). Nothing else
+    reads the mesh's order (replicas and shards take their data and routes from the plan's
+    order), so the rows (TP groups) are sorted, and sorted by first rank, whenever every
+    column then ascends too; checkpoint_blocker names the stages where they cannot.
+    """
+    rows = [list(ranks[r * tp:(r + 1) * tp]) for r in range(dp)]
+    tidy = sorted(sorted(row) for row in rows)
+    return tidy if in_group_order(tidy) else rows
+
+
+def in_group_order(grid: list[list[int]]) -> bool:
+    """Whether every row and every column of the grid ascends (coordinate = group rank)."""
+    rows_up = all(a < b for row in grid for a, b in zip(row, row[1:], strict=False))
+    cols_up = all(grid[i][k] < grid[i + 1][k]
+                  for i in range(len(grid) - 1) for k in range(len(grid[0])))
+    return rows_up and cols_up
+
+
+def checkpoint_blocker(stages: tuple[PlanStage, ...] | list[PlanStage]) -> str | None:
+    """Why this plan's sharded state cannot be checkpointed, or None when it can."""
+    for i, s in enumerate(stages):
+        grid = mesh_grid(s.ranks, s.dp, s.tp)
+        if (s.fsdp or s.tp > 1) and s.dp * s.tp > 1 and not in_group_order(grid):
+            groups = ", ".join("{" + ", ".join(map(str, sorted(row))) + "}" for row in grid)
+            return (f"stage {i}'s TP groups {groups} cannot be laid out with ranks ascending "
+                    f"along both mesh axes, and torch's checkpoint resharding misplaces shards "
+                    f"on such a mesh: checkpoints and resume are refused for this plan "
+                    "(order the stage's ranks so that its TP groups ascend together, as "
+                    "{0, 1}, {2, 3} do)")
+    return None

@@ -18,7 +18,7 @@ from pdv.boundaries import probe_for_stages
 from pdv.errors import PdvError
 from pdv.models import build_model, load_factory
 from pdv.run.checkpoint import state_shapes
-from pdv.run.dims import ParallelDims
+from pdv.run.dims import ParallelDims, checkpoint_blocker
 from pdv.run.launch import HostSlot, RunOptions, host_slots, slurm_node, torchrun_argv
 from pdv.run.reference import OPTIMIZERS
 from pdv.run.resume import check_resume, read_meta, resume_source
@@ -44,6 +44,10 @@ def check_plan(plan: Plan, opts: RunOptions) -> ParallelDims:
     if opts.checkpoint_every and not opts.checkpoint_dir:
         raise PdvError("--checkpoint-every needs --checkpoint-dir")
     source = resume_source(opts.checkpoint_dir, opts.resume_from)
+    if opts.checkpoint_dir or source is not None:
+        blocker = checkpoint_blocker(dims.stages)
+        if blocker:
+            raise PdvError(blocker)
     if source is not None:
         check_resume(read_meta(source), source,
                      ModelSpec(spec=spec, kwargs=kwargs, split_at=split_at, blocks=blocks),
