@@ -243,8 +243,10 @@ def test_a_stuck_or_dead_rank_is_named_within_the_timeout(
     lines = out.stderr.strip().splitlines()
     expected = (expect,) if isinstance(expect, str) else expect
     assert len(lines) == 1 and any(e in lines[0] for e in expected), out.stderr
-    # The timeout plus process start-up (python, torch import on a loaded 2-core machine).
-    assert elapsed < timeout + 25, f"took {elapsed:.1f}s with --timeout {timeout}"
+    # The timeout plus process start-up, which does not count against it (python and the torch
+    # import took over 20 s at load 11 on this 2-core machine): never waiting forever is the
+    # point, so the bound is loose.
+    assert elapsed < timeout + 90, f"took {elapsed:.1f}s with --timeout {timeout}"
     assert not out_file.exists()
     time.sleep(0.5)
     assert _pdv_processes_with(str(out_file)) == [], "ranks left running"
@@ -271,7 +273,7 @@ def test_under_plain_torchrun_a_silent_peer_is_named(tmp_path: Path) -> None:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "rank 0: no answer from rank 1" in done.stderr, done.stderr[-2000:]
-    assert time.monotonic() - start < 5 + 30
+    assert time.monotonic() - start < 5 + 90  # start-up on a busy machine comes on top
 
 
 def test_device_kind_is_a_stable_slug() -> None:

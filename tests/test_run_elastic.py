@@ -76,6 +76,16 @@ def test_a_pp2_checkpoint_resumes_under_pp1_dp2(tmp_path: Path) -> None:
                                   str(ckpt)), "TP groups {0, 3}, {1, 2} cannot be laid out")
 
 
+def _processes_with(text: str) -> list[psutil.Process]:
+    """Live processes whose command line names `text` (this test's own files)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if text in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(p)
+    return found
+
+
 def _runtime_of(root: psutil.Process, device: int) -> psutil.Process | None:
     for p in root.children(recursive=True):
         with contextlib.suppress(psutil.Error):
@@ -137,7 +147,7 @@ def test_elastic_run_loses_a_rank_and_finishes_on_the_rest(tmp_path: Path) -> No
     measured = json.loads((ckpt / "elastic" / "segment-0" / "cluster.json").read_text())
     assert len(measured["devices"]) == 3  # the survivors, measured again
     assert replan["cluster_digest"].startswith("sha256:")
-    assert psutil.Process().children(recursive=True) == []
+    assert _processes_with(str(ckpt)) == [], "ranks left running"
 
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")

@@ -2,7 +2,9 @@
 
 Each rank writes its latest step to a heartbeat file (`rank-<r>.json`, replaced atomically)
 in a folder the launcher names through PDV_PROGRESS_DIR. The launcher reads those files:
-- a rank with no file `timeout` seconds after the start did not join;
+- a rank with no file did not join once `timeout` seconds pass in which no rank joined and
+  no rank still starting used any CPU (importing torch on a busy machine can take longer than
+  the timeout, and is not a stuck rank);
 - when no rank has made a step for `timeout` seconds, the job is stuck, and the rank whose
   last step is the oldest is the one that stopped answering (the others block on it later);
 - a rank that failed writes its error, which becomes the launcher's one-line error.
@@ -136,7 +138,8 @@ def _watch(
     describe: Callable[[dict[str, Any]], str],
 ) -> None:
     last_seen: dict[int, tuple[int, float]] = {}  # rank -> (seq, monotonic time it changed)
-    last_step = start
+    last_step = join_progress = start
+    starting = _StartWatch(proc)
     while True:
         done = proc.poll() is not None
         now = time.monotonic()
@@ -169,12 +172,16 @@ def _watch(
             tail = _tail(folder / "torchrun.log")
             raise PdvError(f"torchrun exited with code {proc.returncode}: {tail}")
         missing = [r for r in range(nproc) if r not in states]
-        if missing and now - start > timeout_s:
+        if missing and starting.busy(set(states)):
+            join_progress = now
+        join_progress = max(join_progress, last_step)
+        if missing and now - join_progress > timeout_s:
             kill_tree(proc)
             joined = nproc - len(missing)
             raise PdvError(
                 f"rank {_ranks(missing)} did not join within {timeout_s:g}s "
-                f"({joined} of {nproc} ranks started); raise --timeout if startup is slow"
+                f"({joined} of {nproc} ranks started, and none of the others used CPU in "
+                "that time)"
             )
         if not missing and now - last_step > timeout_s:
             kill_tree(proc)
@@ -185,6 +192,35 @@ def _watch(
                 f"its last step: {describe(states[stuck]['event'])}; all ranks were killed"
             )
         time.sleep(0.2)
+
+
+class _StartWatch:
+    """Whether any rank that has not joined yet used CPU since the last look (it is still
+    starting: python, imports), read from the rank processes' own CPU times."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.cpu: dict[int, float] = {}  # pid -> CPU seconds at the last look
+
+    def busy(self, joined: set[int]) -> bool:
+        """True when a rank process outside `joined` gained CPU time since the last call."""
+        try:
+            workers = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return False
+        gained = False
+        for w in workers:
+            try:
+                rank = w.environ().get("RANK")
+                if rank is None or int(rank) in joined:
+                    continue
+                times = w.cpu_times()
+            except (psutil.Error, ValueError):
+                continue
+            cpu = times.user + times.system
+            gained = gained or cpu > self.cpu.get(w.pid, 0.0)
+            self.cpu[w.pid] = cpu
+        return gained
 
 
 def _vanished(states: dict[int, dict[str, Any]]) -> list[int]:
