@@ -39,6 +39,7 @@ __all__ = [
     "LayerProfile",
     "LayerSample",
     "Links",
+    "MessageCost",
     "ModelProfile",
     "ModelSpec",
     "Plan",
@@ -48,6 +49,7 @@ __all__ = [
     "Provenance",
     "Replan",
     "RunMeasured",
+    "RankOverheads",
     "RunReport",
     "Schedule",
     "SlowRank",
@@ -63,6 +65,14 @@ __all__ = [
     "schema_of",
     "write",
 ]
+
+
+def _drop_none(data: Any, keys: tuple[str, ...]) -> Any:
+    if isinstance(data, dict):
+        for key in keys:
+            if data.get(key, 0) is None:
+                data.pop(key)
+    return data
 
 
 class _Strict(BaseModel):
@@ -222,6 +232,33 @@ class ModelProfile(_Strict):
 # --------------------------------------------------------------------------- cluster
 
 
+class MessageCost(_Strict):
+    """CPU time one point-to-point message costs a rank: a_s + b_s_per_byte * S."""
+
+    a_s: float = Field(ge=0, description="per message, seconds")
+    b_s_per_byte: float = Field(ge=0, description="per byte, seconds")
+
+
+class RankOverheads(_Strict):
+    """What a rank pays in a pipeline besides its layers and the wire, measured on the rank.
+
+    ``pdv profile cluster`` times torch.distributed.pipelining on a one-rank stage with a
+    one-parameter layer, the rank probing alone (the bookkeeping: recv buffers, autograd
+    calls, output checks, loss call), and the CPU each p2p message costs its sender and its
+    receiver on the real backend.
+    """
+
+    fwd_s: float = Field(ge=0, description="per stage and micro-batch: forward_one_chunk and "
+                         "the loss call around a layer that costs nothing")
+    bwd_s: float = Field(ge=0, description="per stage and micro-batch: backward_one_chunk")
+    step_s: float = Field(ge=0, description="per step: zero_grad and the schedule's own work "
+                          "(split, merge, state reset) besides its micro-batches")
+    send_cpu: MessageCost | None = Field(
+        None, description="process CPU per message sent (CPU ranks: it competes with compute)")
+    recv_cpu: MessageCost | None = Field(
+        None, description="process CPU per message received")
+
+
 class ClusterDevice(_Strict):
     """One rank's device."""
 
@@ -248,9 +285,18 @@ class ClusterDevice(_Strict):
         "same moment); the rest is what its cap also counts: the launcher in its cgroup, page "
         "cache",
     )
+    overheads: RankOverheads | None = Field(
+        None, description="pipeline bookkeeping and per-message CPU, measured on the rank "
+        "(absent: not measured, priced as zero)")
     details: dict[str, Any] = Field(
         default_factory=dict, description="what the probe reported (NVML, psutil)"
     )
+
+    @model_serializer(mode="wrap")
+    def _omit_unmeasured(self, handler: Any) -> Any:
+        # Devices measured before the overhead probe (and every plan that copies them) keep
+        # their bytes.
+        return _drop_none(handler(self), ("overheads",))
 
 
 class Links(_Strict):

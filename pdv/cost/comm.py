@@ -16,6 +16,11 @@ it moves, which point-to-point transfers do not (gloo on CPU measured several ti
 byte than send/recv here). A ring of n ranks is priced from its hops' pair measurements; without
 them the point-to-point matrices price the ring.
 
+A message also costs its sender and its receiver CPU besides the wire (gloo on CPU moves it
+with the ranks' own cores: the copy, the system calls, the backend thread's wake-up). That is
+:func:`message_cpu_time`, from each rank's measured line (RankOverheads.send_cpu / recv_cpu); it
+is compute time of the op that sends or receives, not link time.
+
 The collective times take a byte count or a numpy array of them (one per layer, or one per
 layer range for the stage DP) and answer in kind.
 """
@@ -27,7 +32,7 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 
-from pdv.artifacts import Links
+from pdv.artifacts import Links, MessageCost
 
 __all__ = [
     "Ring",
@@ -40,6 +45,7 @@ __all__ = [
     "all_reduce_linear",
     "all_gather_time",
     "reduce_scatter_time",
+    "message_cpu_time",
 ]
 
 Bytes = TypeVar("Bytes", float, np.ndarray)
@@ -134,3 +140,10 @@ def all_gather_time(ring: Ring, nbytes: Bytes) -> Bytes:
 def reduce_scatter_time(ring: Ring, nbytes: Bytes) -> Bytes:
     """Ring reduce-scatter of nbytes per rank: same volume and steps as all-gather."""
     return all_gather_time(ring, nbytes)
+
+
+def message_cpu_time(cost: MessageCost | None, nbytes: float) -> float:
+    """CPU one rank spends sending (or receiving) one message of nbytes: a + b·S (0 unmeasured)."""
+    if cost is None or nbytes <= 0:
+        return 0.0
+    return cost.a_s + cost.b_s_per_byte * nbytes

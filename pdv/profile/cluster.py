@@ -1,7 +1,8 @@
 """One rank of `pdv profile cluster`: join, probe the device, measure links, rank 0 writes.
 
 Order: join; a first collective, then the memory the rank holds (runtime_bytes); the device
-probe; the point-to-point tournament; the all-reduce tournament (unless turned off).
+probe; the point-to-point tournament; the all-reduce tournament (unless turned off); the
+pipeline bookkeeping and message-CPU probes (pdv.profile.overheads).
 
 Runs under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment). Every
 step is reported to a callback; under the local launcher that callback writes heartbeat files
@@ -28,10 +29,12 @@ from pdv.profile.launch_local import PROGRESS_ENV
 from pdv.profile.network import (
     Progress,
     SweepConfig,
+    gather_on_rank0,
     link_matrices,
     measure_links,
     measurement_block,
 )
+from pdv.profile.overheads import measure_overheads, overheads_block
 
 __all__ = ["LinkFailure", "describe_event", "profile_cluster_rank", "rank_env"]
 
@@ -142,12 +145,16 @@ def profile_cluster_rank(
         if collectives:
             _maybe_stall(rank, "all-reduce")
             coll = measure_collectives(cfg, wire, timedelta(seconds=group_timeout), step)
+        over = gather_on_rank0([measure_overheads(device, step)], rank, world)
         step({"phase": "gathered"})
         if rank != 0:
             return None
-        assert devices is not None and results is not None
+        assert devices is not None and results is not None and over is not None
+        for d, o in zip(devices, over, strict=True):
+            d["overheads"] = o["overheads"]
         lat, bw = link_matrices(world, results)
         measurement = measurement_block(world, cfg, results, backend)
+        measurement["overheads"] = overheads_block(over)
         coll_lat = coll_bw = None
         if collectives:
             assert coll is not None
