@@ -314,6 +314,22 @@ class Links(_Strict):
         description="β of an all-reduce over the pair (symmetric), bytes per second; includes "
         "the backend's copies and reductions that point-to-point transfers do not pay",
     )
+    gather_latency_s: list[list[float]] | None = Field(
+        None, description="α of an all-gather over the pair (FSDP's parameter gather): "
+        "gathering S bytes on 2 ranks took α + S/(2β); absent: rings use the all-reduce's")
+    gather_bandwidth_Bps: list[list[float]] | None = Field(
+        None, description="β of an all-gather over the pair, bytes per second")
+    scatter_latency_s: list[list[float]] | None = Field(
+        None, description="α of a reduce-scatter over the pair (FSDP's gradient sync): an "
+        "input of S bytes on 2 ranks took α + S/(2β); absent: rings use the all-reduce's")
+    scatter_bandwidth_Bps: list[list[float]] | None = Field(
+        None, description="β of a reduce-scatter over the pair, bytes per second")
+
+    @model_serializer(mode="wrap")
+    def _omit_unmeasured(self, handler: Any) -> Any:
+        # Links measured before the FSDP sweep (and every plan that copies them) keep their bytes.
+        return _drop_none(handler(self), ("gather_latency_s", "gather_bandwidth_Bps",
+                                          "scatter_latency_s", "scatter_bandwidth_Bps"))
 
 
 class ClusterArtifact(_Strict):
@@ -340,6 +356,10 @@ class ClusterArtifact(_Strict):
             ("bandwidth_Bps", self.links.bandwidth_Bps),
             ("collective_latency_s", self.links.collective_latency_s),
             ("collective_bandwidth_Bps", self.links.collective_bandwidth_Bps),
+            ("gather_latency_s", self.links.gather_latency_s),
+            ("gather_bandwidth_Bps", self.links.gather_bandwidth_Bps),
+            ("scatter_latency_s", self.links.scatter_latency_s),
+            ("scatter_bandwidth_Bps", self.links.scatter_bandwidth_Bps),
         ):
             if m is None:
                 continue
@@ -359,6 +379,13 @@ class ClusterArtifact(_Strict):
                 coll_lat = self.links.collective_latency_s
                 if coll_lat is not None and coll_lat[i][j] < 0:
                     raise ValueError(f"links.collective_latency_s[{i}][{j}] must be >= 0")
+                for kind in ("gather", "scatter"):
+                    kb = getattr(self.links, f"{kind}_bandwidth_Bps")
+                    if kb is not None and kb[i][j] <= 0:
+                        raise ValueError(f"links.{kind}_bandwidth_Bps[{i}][{j}] must be > 0")
+                    kl = getattr(self.links, f"{kind}_latency_s")
+                    if kl is not None and kl[i][j] < 0:
+                        raise ValueError(f"links.{kind}_latency_s[{i}][{j}] must be >= 0")
         return self
 
 

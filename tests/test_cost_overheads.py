@@ -110,3 +110,34 @@ def test_the_planner_prices_a_stage_as_the_simulator_does() -> None:
     assert mine.bwd_s == pytest.approx(ref.bwd_s)
     assert mine.sync_s == pytest.approx(ref.grad_sync_s + ref.optimizer_s)
     assert ref.fwd_s == pytest.approx(0.04 + OVER.fwd_s)
+
+
+def test_fsdp_collectives_are_priced_on_their_own_measured_links() -> None:
+    """all_gather/reduce_scatter use the measured gather/scatter α/β of the ring's slowest hop;
+    without them, the all-reduce's (the pricing before the sweep)."""
+    from pdv.artifacts import Links
+    from pdv.cost.comm import all_gather_time, all_reduce_time, reduce_scatter_time, ring_of
+
+    n = 3
+    p2p = [[0.0 if i == j else 1e9 for j in range(n)] for i in range(n)]
+    lat = [[0.0 if i == j else 1e-5 for j in range(n)] for i in range(n)]
+    coll = [[0.0 if i == j else 4e8 for j in range(n)] for i in range(n)]
+    gather = [[0.0 if i == j else 2e8 for j in range(n)] for i in range(n)]
+    scatter = [[0.0 if i == j else 1e8 for j in range(n)] for i in range(n)]
+    scatter[1][2] = 5e7  # the slowest hop of ring 0→1→2→0
+    g_lat = [[0.0 if i == j else 3e-5 for j in range(n)] for i in range(n)]
+    old = Links(latency_s=lat, bandwidth_Bps=p2p, collective_latency_s=lat,
+                collective_bandwidth_Bps=coll)  # fmt: skip
+    new = old.model_copy(update={"gather_latency_s": g_lat, "gather_bandwidth_Bps": gather,
+                                 "scatter_latency_s": g_lat, "scatter_bandwidth_Bps": scatter})
+    s = 6e6
+    ring = ring_of(new, [2, 0, 1])
+    assert all_gather_time(ring, s) == pytest.approx(2 / 3 * s / 2e8 + 2 * 3e-5)
+    assert reduce_scatter_time(ring, s) == pytest.approx(2 / 3 * s / 5e7 + 2 * 3e-5)
+    assert all_reduce_time(ring, s) == pytest.approx(4 / 3 * s / 4e8 + 4 * 1e-5)  # unchanged
+    before = ring_of(old, [2, 0, 1])
+    assert reduce_scatter_time(before, s) == pytest.approx(2 / 3 * s / 4e8 + 2 * 1e-5)
+    assert all_gather_time(before, s) == reduce_scatter_time(before, s)
+    # Older clusters keep their bytes (the new matrices are left out, not written as null).
+    cl = make_cluster(2)
+    assert "gather_latency_s" not in json.loads(artifacts.dumps(cl))["links"]

@@ -156,20 +156,25 @@ def profile_cluster_rank(
         measurement = measurement_block(world, cfg, results, backend)
         measurement["overheads"] = overheads_block(over)
         coll_lat = coll_bw = None
+        fsdp: dict[str, list[list[float]] | None] = {}
         if collectives:
             assert coll is not None
             coll_lat, coll_bw = collective_matrices(world, coll)
+            for op, kind in (("all_gather", "gather"), ("reduce_scatter", "scatter")):
+                lat_m, bw_m = collective_matrices(world, coll, op)
+                fsdp[f"{kind}_latency_s"], fsdp[f"{kind}_bandwidth_Bps"] = lat_m, bw_m
             measurement["collective"] = collective_block(coll)
         artifact = ClusterArtifact(
             provenance=Provenance(
                 method="measured",
                 notes=[f"pdv profile cluster: {world} ranks, {backend}, "
                        f"{len(results)} ordered pairs in tournament rounds"
-                       + (f", all-reduce of {len(coll)} pairs" if coll is not None else "")],
+                       + (f", all-reduce, all-gather and reduce-scatter of {len(coll) // 3} "
+                          "pairs" if coll is not None else "")],
             ),
             devices=[ClusterDevice(**d) for d in devices],
             links=Links(latency_s=lat, bandwidth_Bps=bw, collective_latency_s=coll_lat,
-                        collective_bandwidth_Bps=coll_bw),
+                        collective_bandwidth_Bps=coll_bw, **fsdp),
             measurement=measurement,
         )
         artifacts.write(out, artifact)
