@@ -8,7 +8,9 @@ rows differ by pricing alone (machine noise cannot move them). Variants, each ad
 - none: the cluster's measured overheads removed (the pricing before issue 12);
 - +schedule: the pipeline schedule's per-micro-batch and per-step work (RankOverheads fwd/bwd/
   step);
-- +message CPU: the per-message send/receive CPU as well (everything the cluster measured).
+- +message CPU: the per-message send/receive CPU as well;
+- +FSDP collectives: all-gather and reduce-scatter on their own measured α/β (everything the
+  cluster measured).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pdv.artifacts import ClusterArtifact
 from pdv.check import predict, spearman
 
 
-def _variant(cluster: ClusterArtifact, schedule: bool, messages: bool) -> ClusterArtifact:
+def _variant(cluster: ClusterArtifact, schedule: bool, messages: bool,
+             fsdp: bool) -> ClusterArtifact:  # fmt: skip
     devices = []
     for d in cluster.devices:
         o = d.overheads
@@ -33,7 +36,12 @@ def _variant(cluster: ClusterArtifact, schedule: bool, messages: bool) -> Cluste
         if o is not None and not messages:
             o = o.model_copy(update={"send_cpu": None, "recv_cpu": None})
         devices.append(d.model_copy(update={"overheads": o}))
-    return cluster.model_copy(update={"devices": devices})
+    links = cluster.links
+    if not fsdp:
+        links = links.model_copy(update={k: None for k in (
+            "gather_latency_s", "gather_bandwidth_Bps", "scatter_latency_s",
+            "scatter_bandwidth_Bps")})  # fmt: skip
+    return cluster.model_copy(update={"devices": devices, "links": links})
 
 
 def main() -> int:
@@ -46,12 +54,12 @@ def main() -> int:
     prof = artifacts.load_as(a.profile, "model-profile")
     cluster = artifacts.load_as(a.cluster, "cluster")
     rows = [r for r in doc["rows"] if r["measured_s"] is not None]
-    variants = {"none": (False, False), "+schedule": (True, False),
-                "+message CPU": (True, True)}  # fmt: skip
-    print(f"{'pricing':<14}{'median |err|':>13}{'max |err|':>11}{'signed':>9}{'Spearman':>10}"
+    variants = {"none": (False, False, False), "+schedule": (True, False, False),
+                "+message CPU": (True, True, False), "+FSDP collectives": (True, True, True)}
+    print(f"{'pricing':<18}{'median |err|':>13}{'max |err|':>11}{'signed':>9}{'Spearman':>10}"
           "   per plan (predicted ms / measured ms)")
-    for name, (sched, msgs) in variants.items():
-        cl = _variant(cluster, sched, msgs)
+    for name, flags in variants.items():
+        cl = _variant(cluster, *flags)
         preds = []
         for r in rows:
             plan = artifacts.load_as(r["plan"], "plan")
@@ -62,7 +70,7 @@ def main() -> int:
         errs = [(p - m) / m for p, m in zip(preds, meas, strict=True)]
         rho = spearman(preds, meas)
         per = " ".join(f"{p * 1e3:.1f}/{m * 1e3:.1f}" for p, m in zip(preds, meas, strict=True))
-        print(f"{name:<14}{statistics.median(abs(e) for e in errs):>13.1%}"
+        print(f"{name:<18}{statistics.median(abs(e) for e in errs):>13.1%}"
               f"{max(abs(e) for e in errs):>11.1%}{statistics.fmean(errs):>9.1%}"
               f"{'-' if rho is None else f'{rho:.2f}':>10}   {per}")
     return 0

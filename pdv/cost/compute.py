@@ -9,12 +9,12 @@ priced by the ratio of their measured matmul throughputs (both numbers are measu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from pdv.artifacts import ClusterDevice, LayerProfile, ModelProfile, TimeFit
+from pdv.artifacts import ClusterArtifact, ClusterDevice, LayerProfile, ModelProfile, TimeFit
 from pdv.errors import PdvError
 
 __all__ = [
@@ -105,14 +105,16 @@ def schedule_overheads(device: ClusterDevice) -> tuple[float, float, float]:
     return (0.0, 0.0, 0.0) if o is None else (o.fwd_s, o.bwd_s, o.step_s)
 
 
-def unpriced_note(devices: Sequence[ClusterDevice]) -> str | None:
+def unpriced_note(cluster: ClusterArtifact) -> str | None:
     """A note naming the ranks whose schedule and per-message overheads are priced as zero."""
-    missing = [d.rank for d in devices if d.overheads is None]
+    missing = [d.rank for d in cluster.devices if d.overheads is None]
     if not missing:
         return None
-    which = "every rank" if len(missing) == len(devices) else f"ranks {missing}"
-    return (f"pipeline schedule and per-message overheads unpriced (0) on {which}: the "
-            "cluster was not profiled with the overhead probe (re-run pdv profile cluster)")
+    which = "every rank" if len(missing) == len(cluster.devices) else f"ranks {missing}"
+    why = ("a declared cluster has no measurement of them"
+           if cluster.provenance.method == "declared"
+           else "the cluster was not profiled with the overhead probe (re-run pdv profile cluster)")
+    return f"pipeline schedule and per-message overheads unpriced (0) on {which}: {why}"
 
 
 def speed_factor(profile: ModelProfile, device: ClusterDevice) -> float:

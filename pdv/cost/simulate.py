@@ -132,7 +132,7 @@ def simulate(
     hosts = [[cluster.devices[r].host for r in ranks] for ranks in layout.group_ranks]
     sim = simulate_costs(costs, layout, schedule, plan.num_micro_batches,
                          Sharing(capacity, hosts) if capacity else None)
-    unpriced = unpriced_note(cluster.devices)
+    unpriced = unpriced_note(cluster)
     return replace(sim, notes=(*sim.notes, unpriced)) if unpriced else sim
 
 

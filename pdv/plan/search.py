@@ -168,7 +168,7 @@ def plan_provenance(profiles: Mapping[str, ModelProfile], cluster: ClusterArtifa
     notes = ["predicted by pdv.cost.simulate on the cluster's links"]
     if "estimated" in methods or "declared" in methods:
         notes.append(f"inputs include {sorted(methods - {'measured'})} artifacts")
-    unpriced = unpriced_note(cluster.devices)
+    unpriced = unpriced_note(cluster)
     if unpriced:
         notes.append(unpriced)
     return Provenance(method="estimated", inputs=inputs, notes=notes)
