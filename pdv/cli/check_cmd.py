@@ -36,7 +36,8 @@ def check(
         None, "--global-batch", min=1, help="Samples per step (needed unless --plan is given)."),
     plan: list[Path] = typer.Option(
         [], "--plan", help="Check these plans (repeatable) instead of the default set; each "
-        "is priced again on the given profiles and cluster."),
+        "is priced again on the given profiles and cluster; the first is the pick whose place "
+        "is reported."),
     top: int = typer.Option(3, "--top", min=1, help="Default set: pdv's K best plans."),
     baselines: bool = typer.Option(
         True, "--baselines/--no-baselines", help="Default set: each baseline planner's pick."),
