@@ -292,6 +292,10 @@ def summarize(pool: Sequence[Candidate], tol: Tolerances, pick_label: str = "pdv
         "mean_signed_error": statistics.fmean(r["error"] for r in ran) if ran else None,
         "spearman": rho,
         "pick": pick_info,
+        "max_load": max((r["load"] for r in ran if r["load"] is not None), default=None),
+        "cpus": os.cpu_count(),
+        "ranks": max((len({r for st in c.plan.stages for r in st.ranks}) for c in pool),
+                     default=0),
     }
     misses = []
 

@@ -159,6 +159,7 @@ def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
         assert len(rep["measured"]["step_times_s"]) == 3
     assert s["median_abs_error"] == pytest.approx(statistics.median(x["abs_error"] for x in rows))
     assert 1 <= s["pick"]["measured_rank"] <= len(rows)
+    assert s["max_load"] == max(r["load"] for r in rows) and s["cpus"] >= 1
     # The same runs against a tolerance nothing meets: exit 1, the miss named.
     r = run_pdv("check", str(prof), "--cluster", str(cl), "--plan", rows[0]["plan"],
                 "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "again"),

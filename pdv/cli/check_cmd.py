@@ -159,6 +159,11 @@ def _print(doc: dict, target: Path) -> None:
         console.print(f"pdv's pick ranked {p['measured_rank']} of {p['of']} measured "
                       f"({p['vs_best']:.2f}x the measured best; predicted rank "
                       f"{p['predicted_rank']})", highlight=False)
+    load, cpus = s["max_load"], s["cpus"]
+    if load is not None and cpus and load > cpus + s["ranks"]:  # the runs' own ranks add theirs
+        console.print(f"[yellow]note:[/] the 1-min load average reached {load:.1f} on {cpus} "
+                      "CPUs around the runs: other work shared the cores, and the measured "
+                      "times hold it (the profiles cannot)", highlight=False)
     for row in doc["rows"]:
         if row["failure"]:
             console.print(f"failed: {', '.join(row['labels'])}: {row['failure']}",
