@@ -145,7 +145,7 @@ def profile_cluster_rank(
         if collectives:
             _maybe_stall(rank, "all-reduce")
             coll = measure_collectives(cfg, wire, timedelta(seconds=group_timeout), step)
-        over = gather_on_rank0([measure_overheads(device, step)], rank, world)
+        over = gather_on_rank0([measure_overheads(device, wire, step)], rank, world)
         step({"phase": "gathered"})
         if rank != 0:
             return None

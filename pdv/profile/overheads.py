@@ -160,12 +160,17 @@ def _message_cpu(rank: int, world: int) -> dict[str, Any] | None:
             "send_cpu": _line(sizes, sent), "recv_cpu": _line(sizes, received)}
 
 
-def measure_overheads(device: torch.device, report: Progress | None = None) -> dict[str, Any]:
-    """Every rank: its bookkeeping (taking turns with its host's ranks) and message CPU."""
+def measure_overheads(device: torch.device, wire: torch.device,
+                      report: Progress | None = None) -> dict[str, Any]:  # fmt: skip
+    """Every rank: its bookkeeping (taking turns with its host's ranks) and message CPU.
+
+    `device` is what the rank computes on (the stage's), `wire` where the backend's messages
+    live (NCCL: the GPU; gloo: host memory).
+    """
     report = report or (lambda event: None)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine_local = int(os.environ.get("LOCAL_RANK", "0"))
-    turns = torch.tensor([int(os.environ.get("LOCAL_WORLD_SIZE", "1"))])
+    turns = torch.tensor([int(os.environ.get("LOCAL_WORLD_SIZE", "1"))], device=wire)
     dist.all_reduce(turns, op=dist.ReduceOp.MAX)
     report({"phase": "overheads"})
     book: dict[str, float] = {}
@@ -175,7 +180,11 @@ def measure_overheads(device: torch.device, report: Progress | None = None) -> d
             book = _bookkeeping(device)
     dist.barrier()
     report({"phase": "message-cpu"})
-    messages = _message_cpu(rank, world) if device.type == "cpu" else None
+    # Every rank takes part in the pairs or none does (the sweep pairs ranks up): only when all
+    # ranks compute on CPU and move messages in host memory.
+    cpu = torch.tensor([int(device.type == "cpu" == wire.type)], device=wire)
+    dist.all_reduce(cpu, op=dist.ReduceOp.MIN)
+    messages = _message_cpu(rank, world) if int(cpu.item()) else None
     out: dict[str, Any] = dict(book)
     if messages is not None:
         out["send_cpu"] = messages["send_cpu"]
