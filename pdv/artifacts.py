@@ -39,6 +39,7 @@ __all__ = [
     "LayerProfile",
     "LayerSample",
     "Links",
+    "MessageCost",
     "ModelProfile",
     "ModelSpec",
     "Plan",
@@ -48,6 +49,7 @@ __all__ = [
     "Provenance",
     "Replan",
     "RunMeasured",
+    "RankOverheads",
     "RunReport",
     "Schedule",
     "SlowRank",
@@ -63,6 +65,14 @@ __all__ = [
     "schema_of",
     "write",
 ]
+
+
+def _drop_none(data: Any, keys: tuple[str, ...]) -> Any:
+    if isinstance(data, dict):
+        for key in keys:
+            if data.get(key, 0) is None:
+                data.pop(key)
+    return data
 
 
 class _Strict(BaseModel):
@@ -222,6 +232,33 @@ class ModelProfile(_Strict):
 # --------------------------------------------------------------------------- cluster
 
 
+class MessageCost(_Strict):
+    """CPU time one point-to-point message costs a rank: a_s + b_s_per_byte * S."""
+
+    a_s: float = Field(ge=0, description="per message, seconds")
+    b_s_per_byte: float = Field(ge=0, description="per byte, seconds")
+
+
+class RankOverheads(_Strict):
+    """What a rank pays in a pipeline besides its layers and the wire, measured on the rank.
+
+    ``pdv profile cluster`` times torch.distributed.pipelining on a one-rank stage with a
+    one-parameter layer, the rank probing alone (the bookkeeping: recv buffers, autograd
+    calls, output checks, loss call), and the CPU each p2p message costs its sender and its
+    receiver on the real backend.
+    """
+
+    fwd_s: float = Field(ge=0, description="per stage and micro-batch: forward_one_chunk and "
+                         "the loss call around a layer that costs nothing")
+    bwd_s: float = Field(ge=0, description="per stage and micro-batch: backward_one_chunk")
+    step_s: float = Field(ge=0, description="per step: zero_grad and the schedule's own work "
+                          "(split, merge, state reset) besides its micro-batches")
+    send_cpu: MessageCost | None = Field(
+        None, description="process CPU per message sent (CPU ranks: it competes with compute)")
+    recv_cpu: MessageCost | None = Field(
+        None, description="process CPU per message received")
+
+
 class ClusterDevice(_Strict):
     """One rank's device."""
 
@@ -248,9 +285,18 @@ class ClusterDevice(_Strict):
         "same moment); the rest is what its cap also counts: the launcher in its cgroup, page "
         "cache",
     )
+    overheads: RankOverheads | None = Field(
+        None, description="pipeline bookkeeping and per-message CPU, measured on the rank "
+        "(absent: not measured, priced as zero)")
     details: dict[str, Any] = Field(
         default_factory=dict, description="what the probe reported (NVML, psutil)"
     )
+
+    @model_serializer(mode="wrap")
+    def _omit_unmeasured(self, handler: Any) -> Any:
+        # Devices measured before the overhead probe (and every plan that copies them) keep
+        # their bytes.
+        return _drop_none(handler(self), ("overheads",))
 
 
 class Links(_Strict):
@@ -268,6 +314,22 @@ class Links(_Strict):
         description="β of an all-reduce over the pair (symmetric), bytes per second; includes "
         "the backend's copies and reductions that point-to-point transfers do not pay",
     )
+    gather_latency_s: list[list[float]] | None = Field(
+        None, description="α of an all-gather over the pair (FSDP's parameter gather): "
+        "gathering S bytes on 2 ranks took α + S/(2β); absent: rings use the all-reduce's")
+    gather_bandwidth_Bps: list[list[float]] | None = Field(
+        None, description="β of an all-gather over the pair, bytes per second")
+    scatter_latency_s: list[list[float]] | None = Field(
+        None, description="α of a reduce-scatter over the pair (FSDP's gradient sync): an "
+        "input of S bytes on 2 ranks took α + S/(2β); absent: rings use the all-reduce's")
+    scatter_bandwidth_Bps: list[list[float]] | None = Field(
+        None, description="β of a reduce-scatter over the pair, bytes per second")
+
+    @model_serializer(mode="wrap")
+    def _omit_unmeasured(self, handler: Any) -> Any:
+        # Links measured before the FSDP sweep (and every plan that copies them) keep their bytes.
+        return _drop_none(handler(self), ("gather_latency_s", "gather_bandwidth_Bps",
+                                          "scatter_latency_s", "scatter_bandwidth_Bps"))
 
 
 class ClusterArtifact(_Strict):
@@ -294,6 +356,10 @@ class ClusterArtifact(_Strict):
             ("bandwidth_Bps", self.links.bandwidth_Bps),
             ("collective_latency_s", self.links.collective_latency_s),
             ("collective_bandwidth_Bps", self.links.collective_bandwidth_Bps),
+            ("gather_latency_s", self.links.gather_latency_s),
+            ("gather_bandwidth_Bps", self.links.gather_bandwidth_Bps),
+            ("scatter_latency_s", self.links.scatter_latency_s),
+            ("scatter_bandwidth_Bps", self.links.scatter_bandwidth_Bps),
         ):
             if m is None:
                 continue
@@ -313,6 +379,13 @@ class ClusterArtifact(_Strict):
                 coll_lat = self.links.collective_latency_s
                 if coll_lat is not None and coll_lat[i][j] < 0:
                     raise ValueError(f"links.collective_latency_s[{i}][{j}] must be >= 0")
+                for kind in ("gather", "scatter"):
+                    kb = getattr(self.links, f"{kind}_bandwidth_Bps")
+                    if kb is not None and kb[i][j] <= 0:
+                        raise ValueError(f"links.{kind}_bandwidth_Bps[{i}][{j}] must be > 0")
+                    kl = getattr(self.links, f"{kind}_latency_s")
+                    if kl is not None and kl[i][j] < 0:
+                        raise ValueError(f"links.{kind}_latency_s[{i}][{j}] must be >= 0")
         return self
 
 

@@ -39,7 +39,7 @@ def test_every_range_at_once_prices_as_one_range(choice: LayerChoice) -> None:
     }  # fmt: skip
     fast, slow = Ring(2, 1e-5, 1e9), Ring(2, 3e-5, 2e8)
     group = StageGroup(
-        ranks=(RankView("a", 1.0, 100.0, 1e9), RankView("b", 1.5, 0.0, 1e9)),
+        ranks=(RankView("a", 1.0, 100.0, 1e9, 1e-3, 2e-3, 3e-3), RankView("b", 1.5, 0.0, 1e9)),
         tp_rings=(RingView(fast, ("a", "b")), RingView(slow, ("a", "b"))),
         dp_rings=(RingView(slow, ("a",)), RingView(fast, ("b",))),
         tp=2,

@@ -4,6 +4,7 @@
 # inside command bodies only, so `pdv plan` and `pdv --help` start without it.
 from pdv.cli import (  # noqa: F401
     artifacts_cmd,
+    check_cmd,
     plan_cmd,
     profile_cluster_cmd,
     profile_model_cmd,

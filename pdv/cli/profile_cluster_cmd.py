@@ -163,6 +163,13 @@ def _summary(artifact: Any, out: Path, as_json: bool) -> None:
                 + (f", fit r² >= {r2c:.3f}" if r2c is not None else ""),
                 highlight=False,
             )
+            for kind, what in (("gather", "all-gather"), ("scatter", "reduce-scatter")):
+                kbw = getattr(links, f"{kind}_bandwidth_Bps")
+                if kbw is not None:
+                    vals = [kbw[i][j] for i, j in pairs]
+                    console.print(f"{len(pairs)} pairs' {what} (FSDP): bandwidth "
+                                  f"{fmt_rate(min(vals))} .. {fmt_rate(max(vals))}",
+                                  highlight=False)
     runtime = [d.runtime_bytes for d in artifact.devices if d.runtime_bytes is not None]
     if runtime:
         console.print(f"rank runtime memory (before any model): {fmt_bytes(min(runtime))} .. "

@@ -10,11 +10,20 @@ Sources: point-to-point t = α + S/β (Hockney); ring collectives as in nccl-tes
 reduce-scatter (n−1)/n·S in n−1 steps). A ring runs at the pace of its slowest hop, so the ring
 uses the minimum bandwidth and maximum latency over its hops.
 
+FSDP's all-gather and reduce-scatter are priced on their own measured 2-rank α/β
+(``Links.gather_*`` / ``scatter_*``) where the cluster has them: gloo on CPU ran a reduce-scatter
+as slowly as an all-reduce of the same input, twice the ring formula on the all-reduce's β.
+
 A hop's α/β for collectives come from the cluster's measured 2-rank all-reduces
 (``Links.collective_*``) where it has them: a backend's collective also copies and reduces what
 it moves, which point-to-point transfers do not (gloo on CPU measured several times slower per
 byte than send/recv here). A ring of n ranks is priced from its hops' pair measurements; without
 them the point-to-point matrices price the ring.
+
+A message also costs its sender and its receiver CPU besides the wire (gloo on CPU moves it
+with the ranks' own cores: the copy, the system calls, the backend thread's wake-up). That is
+:func:`message_cpu_time`, from each rank's measured line (RankOverheads.send_cpu / recv_cpu); it
+is compute time of the op that sends or receives, not link time.
 
 The collective times take a byte count or a numpy array of them (one per layer, or one per
 layer range for the stage DP) and answer in kind.
@@ -27,7 +36,7 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 
-from pdv.artifacts import Links
+from pdv.artifacts import Links, MessageCost
 
 __all__ = [
     "Ring",
@@ -40,6 +49,7 @@ __all__ = [
     "all_reduce_linear",
     "all_gather_time",
     "reduce_scatter_time",
+    "message_cpu_time",
 ]
 
 Bytes = TypeVar("Bytes", float, np.ndarray)
@@ -54,6 +64,12 @@ class Ring(NamedTuple):
     n: int
     alpha: float
     beta: float
+    gather_alpha: float = 0.0
+    """α/β of the ring's all-gather where the cluster measured it (β 0: use alpha/beta)"""
+    gather_beta: float = 0.0
+    scatter_alpha: float = 0.0
+    """α/β of the ring's reduce-scatter where measured (β 0: use alpha/beta)"""
+    scatter_beta: float = 0.0
 
 
 def p2p_time(links: Links, src: int, dst: int, nbytes: float) -> float:
@@ -102,9 +118,29 @@ def ring_link(links: Links, ranks: Sequence[int]) -> tuple[float, float]:
     return alpha, beta
 
 
+def _slowest_hop(lat: list[list[float]], bw: list[list[float]],
+                 hops: list[tuple[int, int]]) -> tuple[float, float]:  # fmt: skip
+    return max(lat[s][d] for s, d in hops), min(bw[s][d] for s, d in hops)
+
+
 def ring_of(links: Links, ranks: Sequence[int]) -> Ring:
-    """The ring a process group over these ranks runs, priced on the links."""
-    return Ring(len(ranks), *ring_link(links, ranks))
+    """The ring a process group over these ranks runs, priced on the links.
+
+    Where the cluster measured FSDP's all-gather and reduce-scatter per pair, the ring carries
+    their α/β too (the slowest hop's), and :func:`all_gather_time` /
+    :func:`reduce_scatter_time` price with them.
+    """
+    ring = Ring(len(ranks), *ring_link(links, ranks))
+    hops = ring_hops(ranks)
+    if not hops:
+        return ring
+    if links.gather_latency_s is not None and links.gather_bandwidth_Bps is not None:
+        a, b = _slowest_hop(links.gather_latency_s, links.gather_bandwidth_Bps, hops)
+        ring = ring._replace(gather_alpha=a, gather_beta=b)
+    if links.scatter_latency_s is not None and links.scatter_bandwidth_Bps is not None:
+        a, b = _slowest_hop(links.scatter_latency_s, links.scatter_bandwidth_Bps, hops)
+        ring = ring._replace(scatter_alpha=a, scatter_beta=b)
+    return ring
 
 
 def all_reduce_time(ring: Ring, nbytes: Bytes) -> Bytes:
@@ -123,14 +159,30 @@ def all_reduce_linear(ring: Ring) -> tuple[float, float]:
     return 2 * (n - 1) / n / ring.beta, 2 * (n - 1) * ring.alpha
 
 
-def all_gather_time(ring: Ring, nbytes: Bytes) -> Bytes:
-    """Ring all-gather producing nbytes per rank: (n−1)/n·S/β + (n−1)α (0 for nothing)."""
-    n, alpha, beta = ring.n, ring.alpha, ring.beta
+def _half_ring(n: int, alpha: float, beta: float, nbytes: Bytes) -> Bytes:
     if n <= 1:
         return nbytes * 0.0
     return ((n - 1) / n * nbytes / beta + (n - 1) * alpha) * (nbytes > 0)
 
 
+def all_gather_time(ring: Ring, nbytes: Bytes) -> Bytes:
+    """Ring all-gather producing nbytes per rank: (n−1)/n·S/β + (n−1)α (0 for nothing), on
+    the measured all-gather α/β where the ring has them."""
+    if ring.gather_beta > 0:
+        return _half_ring(ring.n, ring.gather_alpha, ring.gather_beta, nbytes)
+    return _half_ring(ring.n, ring.alpha, ring.beta, nbytes)
+
+
 def reduce_scatter_time(ring: Ring, nbytes: Bytes) -> Bytes:
-    """Ring reduce-scatter of nbytes per rank: same volume and steps as all-gather."""
-    return all_gather_time(ring, nbytes)
+    """Ring reduce-scatter of nbytes per rank: the all-gather's volume and steps, on the
+    measured reduce-scatter α/β where the ring has them."""
+    if ring.scatter_beta > 0:
+        return _half_ring(ring.n, ring.scatter_alpha, ring.scatter_beta, nbytes)
+    return _half_ring(ring.n, ring.alpha, ring.beta, nbytes)
+
+
+def message_cpu_time(cost: MessageCost | None, nbytes: float) -> float:
+    """CPU one rank spends sending (or receiving) one message of nbytes: a + b·S (0 unmeasured)."""
+    if cost is None or nbytes <= 0:
+        return 0.0
+    return cost.a_s + cost.b_s_per_byte * nbytes

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdv.artifacts import ClusterDevice, LayerProfile, ModelProfile, TimeFit
+from pdv.artifacts import ClusterArtifact, ClusterDevice, LayerProfile, ModelProfile, TimeFit
 from pdv.errors import PdvError
 
 __all__ = [
@@ -24,7 +24,9 @@ __all__ = [
     "profile_arrays",
     "profile_for",
     "rank_overhead_bytes",
+    "schedule_overheads",
     "speed_factor",
+    "unpriced_note",
 ]
 
 
@@ -92,6 +94,27 @@ def rank_overhead_bytes(profile: ModelProfile, device: ClusterDevice) -> float:
     if device.runtime_own_bytes is not None:
         return base + max(0.0, float(device.runtime_bytes - device.runtime_own_bytes))
     return max(base, float(device.runtime_bytes))
+
+
+def schedule_overheads(device: ClusterDevice) -> tuple[float, float, float]:
+    """(per micro-batch forward, per micro-batch backward, per step) seconds of the pipeline
+    schedule's own work on the rank, as ``pdv profile cluster`` measured it (zeros where the
+    cluster predates the probe or was declared: then the terms are unpriced, see
+    :func:`unpriced_note`)."""
+    o = device.overheads
+    return (0.0, 0.0, 0.0) if o is None else (o.fwd_s, o.bwd_s, o.step_s)
+
+
+def unpriced_note(cluster: ClusterArtifact) -> str | None:
+    """A note naming the ranks whose schedule and per-message overheads are priced as zero."""
+    missing = [d.rank for d in cluster.devices if d.overheads is None]
+    if not missing:
+        return None
+    which = "every rank" if len(missing) == len(cluster.devices) else f"ranks {missing}"
+    why = ("a declared cluster has no measurement of them"
+           if cluster.provenance.method == "declared"
+           else "the cluster was not profiled with the overhead probe (re-run pdv profile cluster)")
+    return f"pipeline schedule and per-message overheads unpriced (0) on {which}: {why}"
 
 
 def speed_factor(profile: ModelProfile, device: ClusterDevice) -> float:

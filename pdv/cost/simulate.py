@@ -44,6 +44,7 @@ from pdv.artifacts import (
     Schedule,
     StagePrediction,
 )
+from pdv.cost.compute import unpriced_note
 from pdv.cost.schedules import Op, StageLayout, rank_orders, splits_backward
 from pdv.cost.stage import StageCost, stage_cost
 from pdv.cost.validity import check_plan
@@ -123,13 +124,16 @@ def simulate(
             stage_index=i,
             num_stages=n,
             num_micro=plan.num_micro_batches,
+            prev_stage=plan.stages[i - 1] if i > 0 else None,
         )
         for i, st in enumerate(plan.stages)
     ]
     capacity = host_capacity(cluster)
     hosts = [[cluster.devices[r].host for r in ranks] for ranks in layout.group_ranks]
-    return simulate_costs(costs, layout, schedule, plan.num_micro_batches,
-                          Sharing(capacity, hosts) if capacity else None)
+    sim = simulate_costs(costs, layout, schedule, plan.num_micro_batches,
+                         Sharing(capacity, hosts) if capacity else None)
+    unpriced = unpriced_note(cluster)
+    return replace(sim, notes=(*sim.notes, unpriced)) if unpriced else sim
 
 
 def host_capacity(cluster: ClusterArtifact) -> dict[str, float]:

@@ -22,8 +22,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pdv.artifacts import ClusterArtifact, Links, ModelProfile, PlanStage, Schedule
-from pdv.cost.comm import p2p_time, ring_of
-from pdv.cost.compute import profile_for, rank_overhead_bytes, speed_factor
+from pdv.cost.comm import message_cpu_time, p2p_time, ring_of
+from pdv.cost.compute import (
+    profile_arrays,
+    profile_for,
+    rank_overhead_bytes,
+    schedule_overheads,
+    speed_factor,
+)
 from pdv.cost.schedules import in_flight
 from pdv.cost.terms import RankView, RingView, StageGroup, price_layers
 
@@ -32,6 +38,8 @@ __all__ = [
     "stage_cost",
     "stage_group",
     "activation_transfer_time",
+    "boundary_messages",
+    "message_cpu",
 ]
 
 
@@ -75,7 +83,8 @@ def stage_group(
     """Every rank of the stage, each TP group's ring and each TP position's replica ring."""
     devices = [cluster.devices[r] for r in stage.ranks]
     views = tuple(
-        RankView(d.kind, speed_factor(p, d), rank_overhead_bytes(p, d), float(d.memory_bytes))
+        RankView(d.kind, speed_factor(p, d), rank_overhead_bytes(p, d), float(d.memory_bytes),
+                 *schedule_overheads(d))
         for d, p in ((d, profile_for(profiles, d)) for d in devices)
     )
     tp_groups = [stage.ranks[r * stage.tp : (r + 1) * stage.tp] for r in range(stage.dp)]
@@ -102,10 +111,13 @@ def stage_cost(
     stage_index: int,
     num_stages: int,
     num_micro: int,
+    prev_stage: PlanStage | None = None,
 ) -> StageCost:
     """Price one stage: per-micro-batch forward/backward/transfer, per-step sync, peak memory.
 
     The plan must have passed pdv.cost.validity.check_plan (layers, ranks and batch split).
+    The forward and backward include the CPU of the messages they receive and send
+    (:func:`message_cpu`; ``prev_stage`` sends this stage its input).
     """
     group = stage_group(profiles, cluster, stage)
     rmbs = mbs // stage.dp
@@ -115,6 +127,10 @@ def stage_cost(
         per_sample = float(price.output_bytes) / rmbs
         send = activation_transfer_time(cluster.links, stage, next_stage, mbs, per_sample)
         back = activation_transfer_time(cluster.links, next_stage, stage, mbs, per_sample)
+    fwd_cpu = bwd_cpu = 0.0
+    if prev_stage is not None or next_stage is not None:
+        fwd_cpu, bwd_cpu = _stage_message_cpu(profiles, cluster, prev_stage, stage, next_stage,
+                                              mbs, float(price.output_bytes) / rmbs)
     n_in = in_flight(schedule, num_stages - stage_index, num_micro)
     peak = price.peak_bytes(n_in)
 
@@ -122,8 +138,8 @@ def stage_cost(
         return {r: float(v) for r, v in zip(stage.ranks, values, strict=True)}
 
     return StageCost(
-        fwd_s=float(price.fwd_s),
-        bwd_s=float(price.bwd_s),
+        fwd_s=float(price.fwd_s) + fwd_cpu,
+        bwd_s=float(price.bwd_s) + bwd_cpu,
         send_s=send,
         grad_sync_s=float(price.grad_sync_s),
         peak_memory_bytes=per_rank(peak),
@@ -136,6 +152,30 @@ def stage_cost(
     )
 
 
+def boundary_messages(src: PlanStage, dst: PlanStage, mbs: int,
+                      bytes_per_sample: float) -> list[tuple[int, int, float]]:
+    """Every (sender, receiver, bytes) message of one micro-batch's boundary tensor src → dst.
+
+    Replica q of dst needs samples [q·mbs/dp', (q+1)·mbs/dp'); it gets each overlapping slice
+    from the src replica that holds it. TP shard u of a receiving replica receives from TP shard
+    u mod tp of the sending replica (the boundary tensor is replicated over a TP group after its
+    all-reduce).
+    """
+    src_share = mbs / src.dp
+    dst_share = mbs / dst.dp
+    out = []
+    for q in range(dst.dp):
+        lo_q, hi_q = q * dst_share, (q + 1) * dst_share
+        for r in range(src.dp):
+            overlap = min(hi_q, (r + 1) * src_share) - max(lo_q, r * src_share)
+            if overlap <= 0:
+                continue
+            for u in range(dst.tp):
+                out.append((src.ranks[r * src.tp + u % src.tp], dst.ranks[q * dst.tp + u],
+                            overlap * bytes_per_sample))
+    return out
+
+
 def activation_transfer_time(
     links: Links,
     src: PlanStage,
@@ -145,27 +185,58 @@ def activation_transfer_time(
 ) -> float:
     """Seconds to move one micro-batch's boundary tensor from stage src's ranks to dst's.
 
-    Replica q of dst needs samples [q·mbs/dp', (q+1)·mbs/dp'); it gets each overlapping slice
-    from the src replica that holds it. TP shard u of a receiving replica receives from TP shard
-    u mod tp of the sending replica (the boundary tensor is replicated over a TP group after its
-    all-reduce). Each rank sends and receives one message at a time, different ranks in parallel:
-    the time is the largest per-rank sum of α + S/β over its transfers, on the ordered link
-    (row = sender). Used in both directions: pass (next, this) for the gradients coming back.
+    The messages are :func:`boundary_messages`. Each rank sends and receives one message at a
+    time, different ranks in parallel: the time is the largest per-rank sum of α + S/β over its
+    transfers, on the ordered link (row = sender). Used in both directions: pass (next, this)
+    for the gradients coming back.
     """
-    src_share = mbs / src.dp
-    dst_share = mbs / dst.dp
     busy: dict[tuple[str, int], float] = {}
-    for q in range(dst.dp):
-        lo_q, hi_q = q * dst_share, (q + 1) * dst_share
-        for r in range(src.dp):
-            overlap = min(hi_q, (r + 1) * src_share) - max(lo_q, r * src_share)
-            if overlap <= 0:
-                continue
-            nbytes = overlap * bytes_per_sample
-            for u in range(dst.tp):
-                s = src.ranks[r * src.tp + u % src.tp]
-                d = dst.ranks[q * dst.tp + u]
-                t = p2p_time(links, s, d, nbytes)
-                busy[("send", s)] = busy.get(("send", s), 0.0) + t
-                busy[("recv", d)] = busy.get(("recv", d), 0.0) + t
+    for s, d, nbytes in boundary_messages(src, dst, mbs, bytes_per_sample):
+        t = p2p_time(links, s, d, nbytes)
+        busy[("send", s)] = busy.get(("send", s), 0.0) + t
+        busy[("recv", d)] = busy.get(("recv", d), 0.0) + t
     return max(busy.values(), default=0.0)
+
+
+def message_cpu(cluster: ClusterArtifact, src: PlanStage, dst: PlanStage, mbs: int,
+                bytes_per_sample: float) -> dict[int, float]:
+    """Per rank: CPU seconds its side of one micro-batch's boundary messages src → dst costs.
+
+    Each sender pays its measured send line per message, each receiver its receive line
+    (pdv.cost.comm.message_cpu_time); a rank that is unmeasured pays nothing.
+    """
+    cpu: dict[int, float] = {}
+    for s, d, nbytes in boundary_messages(src, dst, mbs, bytes_per_sample):
+        so, do = cluster.devices[s].overheads, cluster.devices[d].overheads
+        cpu[s] = cpu.get(s, 0.0) + message_cpu_time(so.send_cpu if so else None, nbytes)
+        cpu[d] = cpu.get(d, 0.0) + message_cpu_time(do.recv_cpu if do else None, nbytes)
+    return cpu
+
+
+def _stage_message_cpu(profiles: Mapping[str, ModelProfile], cluster: ClusterArtifact,
+                       prev: PlanStage | None, stage: PlanStage, nxt: PlanStage | None,
+                       mbs: int, out_per_sample: float) -> tuple[float, float]:  # fmt: skip
+    """(forward, backward) message CPU of the stage's slowest rank, per micro-batch.
+
+    A forward receives its input from the previous stage and sends its output on; a backward
+    receives the output's gradient and sends its input's gradient back.
+    """
+    fwd: dict[int, float] = dict.fromkeys(stage.ranks, 0.0)
+    bwd: dict[int, float] = dict.fromkeys(stage.ranks, 0.0)
+    mine = set(stage.ranks)
+
+    def add(into: dict[int, float], cpu: dict[int, float]) -> None:
+        for r, t in cpu.items():
+            if r in mine:
+                into[r] += t
+
+    if prev is not None:
+        lo = stage.layers[0]
+        profile = profile_for(profiles, cluster.devices[stage.ranks[0]])
+        in_per_sample = float(profile_arrays(profile, 1, 1).outputs[lo - 1])
+        add(fwd, message_cpu(cluster, prev, stage, mbs, in_per_sample))
+        add(bwd, message_cpu(cluster, stage, prev, mbs, in_per_sample))
+    if nxt is not None:
+        add(fwd, message_cpu(cluster, stage, nxt, mbs, out_per_sample))
+        add(bwd, message_cpu(cluster, nxt, stage, mbs, out_per_sample))
+    return max(fwd.values()), max(bwd.values())

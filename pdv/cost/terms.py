@@ -23,6 +23,11 @@ k) with micro-batch size m runs each replica on m / dp samples. Per layer and mi
   activations one in-flight micro-batch keeps until its backward (with recompute only the
   layer's input, plus its full activations while it is recomputed: the transient).
 
+Per stage and micro-batch, besides its layers: the pipeline schedule's own work on each rank
+(receive buffers, autograd calls, the loss call), and per step zero_grad and the schedule's
+work outside its micro-batches — each rank's measured RankOverheads (:class:`RankView`),
+added in :func:`compose` before the maximum over the ranks.
+
 Per step: the gradient sync on each replica ring — one all-reduce of the stage's plain
 gradients, a reduce-scatter of each FSDP layer's — then the optimizer step over the rank's
 parameter shard (the profile's measured step by shard share, 1/dp of it under FSDP).
@@ -75,6 +80,14 @@ class RankView(NamedTuple):
     """constant bytes besides the model (pdv.cost.compute.rank_overhead_bytes)"""
     capacity_bytes: float
     """bytes the rank may use"""
+    schedule_fwd_s: float = 0.0
+    """per micro-batch forward: the pipeline schedule's own work on the rank, besides the
+    layers (RankOverheads.fwd_s, measured by ``pdv profile cluster``; 0 where unmeasured)"""
+    schedule_bwd_s: float = 0.0
+    """per micro-batch backward: the same (RankOverheads.bwd_s)"""
+    schedule_step_s: float = 0.0
+    """per step: zero_grad and the schedule's work outside its micro-batches
+    (RankOverheads.step_s)"""
 
 
 class RingView(NamedTuple):
@@ -192,7 +205,7 @@ class StagePrice:
     grad_sync_s: np.ndarray
     """per step: the slowest replica ring's all-reduce and reduce-scatters"""
     optimizer_s: np.ndarray
-    """per step, after the sync: the slowest rank's optimizer step"""
+    """per step, after the sync: the slowest rank's optimizer step and per-step schedule work"""
     static_bytes: np.ndarray
     """overhead, parameters, gradients, optimizer state"""
     live_bytes: np.ndarray
@@ -233,19 +246,25 @@ def compose(group: StageGroup, sums: Mapping[str, np.ndarray]) -> StagePrice:
     transient_bytes (the largest) and output_bytes (the last layer's); state_bytes includes the
     rank's overhead. The stage runs at the pace of its slowest rank and slowest ring.
     """
+    def per_rank(field: str, like: np.ndarray) -> np.ndarray:
+        # One value per rank view, broadcast over the layer ranges (the DP's (n, n) cells).
+        v = np.array([getattr(r, field) for r in group.ranks], dtype=float)
+        return v.reshape(v.shape + (1,) * (like.ndim - 1))
+
+    fwd, bwd, opt = sums["fwd_s"], sums["bwd_s"], sums["optimizer_s"]
     sync = np.max(
         [all_reduce_time(rv.ring, sums["dp_grad_bytes"][d]) + sums["reduce_scatter_s"][d]
          for d, rv in enumerate(group.dp_rings)],
         axis=0,
     )  # fmt: skip
     return StagePrice(
-        compute_fwd_s=sums["fwd_s"].max(axis=0),
-        compute_bwd_s=sums["bwd_s"].max(axis=0),
+        compute_fwd_s=(fwd + per_rank("schedule_fwd_s", fwd)).max(axis=0),
+        compute_bwd_s=(bwd + per_rank("schedule_bwd_s", bwd)).max(axis=0),
         tp_fwd_s=sums["tp_fwd_s"].max(axis=0),
         tp_bwd_s=sums["tp_bwd_s"].max(axis=0),
         gather_s=sums["gather_s"].max(axis=0),
         grad_sync_s=sync,
-        optimizer_s=sums["optimizer_s"].max(axis=0),
+        optimizer_s=(opt + per_rank("schedule_step_s", opt)).max(axis=0),
         static_bytes=sums["state_bytes"],
         live_bytes=sums["live_bytes"],
         transient_bytes=sums["transient_bytes"],

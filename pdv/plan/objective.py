@@ -30,7 +30,7 @@ import numpy as np
 
 from pdv.artifacts import LayerChoice
 from pdv.cost.comm import Ring, pairs_time, ring_of
-from pdv.cost.compute import rank_overhead_bytes, speed_factor
+from pdv.cost.compute import rank_overhead_bytes, schedule_overheads, speed_factor
 from pdv.cost.schedules import in_flight
 from pdv.cost.terms import (
     LayerTerms,
@@ -77,15 +77,16 @@ def _pareto(rings: list[Ring]) -> list[Ring]:
 def _group(problem: PlanProblem, ranks: tuple[int, ...], tp: int) -> StageGroup:
     links = problem.net
     dp = len(ranks) // tp
-    worst: dict[str, tuple[float, float, float]] = {}
+    worst: dict[str, tuple[float, ...]] = {}
     for r in ranks:
         device = problem.cluster.devices[r]
         profile = problem.profile_of(r)
-        sf, over, cap = (speed_factor(profile, device), rank_overhead_bytes(profile, device),
-                         problem.capacity(r))
+        # capacity: the smallest; every other field: the largest of the kind's ranks
+        mine = (speed_factor(profile, device), rank_overhead_bytes(profile, device),
+                -problem.capacity(r), *schedule_overheads(device))
         old = worst.get(device.kind)
-        worst[device.kind] = (max(sf, old[0]), max(over, old[1]), min(cap, old[2])) if old \
-            else (sf, over, cap)
+        worst[device.kind] = tuple(map(max, old, mine)) if old else mine
+    worst = {k: (v[0], v[1], -v[2], *v[3:]) for k, v in worst.items()}
     kinds = sorted(worst)
     tp_rings = _pareto([ring_of(links, ranks[r * tp : (r + 1) * tp]) for r in range(dp)])
     dp_rings = sorted({RingView(ring_of(links, ranks[t::tp]),

@@ -21,7 +21,7 @@ from pdv.artifacts import (
     Provenance,
     digest,
 )
-from pdv.cost.compute import speed_factor
+from pdv.cost.compute import speed_factor, unpriced_note
 from pdv.cost.simulate import simulate, to_predicted
 from pdv.errors import PdvError
 from pdv.plan import baselines
@@ -168,6 +168,9 @@ def plan_provenance(profiles: Mapping[str, ModelProfile], cluster: ClusterArtifa
     notes = ["predicted by pdv.cost.simulate on the cluster's links"]
     if "estimated" in methods or "declared" in methods:
         notes.append(f"inputs include {sorted(methods - {'measured'})} artifacts")
+    unpriced = unpriced_note(cluster)
+    if unpriced:
+        notes.append(unpriced)
     return Provenance(method="estimated", inputs=inputs, notes=notes)
 
 

@@ -1,7 +1,8 @@
 """One rank of `pdv profile cluster`: join, probe the device, measure links, rank 0 writes.
 
 Order: join; a first collective, then the memory the rank holds (runtime_bytes); the device
-probe; the point-to-point tournament; the all-reduce tournament (unless turned off).
+probe; the point-to-point tournament; the all-reduce tournament (unless turned off); the
+pipeline bookkeeping and message-CPU probes (pdv.profile.overheads).
 
 Runs under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment). Every
 step is reported to a callback; under the local launcher that callback writes heartbeat files
@@ -28,10 +29,12 @@ from pdv.profile.launch_local import PROGRESS_ENV
 from pdv.profile.network import (
     Progress,
     SweepConfig,
+    gather_on_rank0,
     link_matrices,
     measure_links,
     measurement_block,
 )
+from pdv.profile.overheads import measure_overheads, overheads_block
 
 __all__ = ["LinkFailure", "describe_event", "profile_cluster_rank", "rank_env"]
 
@@ -142,27 +145,36 @@ def profile_cluster_rank(
         if collectives:
             _maybe_stall(rank, "all-reduce")
             coll = measure_collectives(cfg, wire, timedelta(seconds=group_timeout), step)
+        over = gather_on_rank0([measure_overheads(device, wire, step)], rank, world)
         step({"phase": "gathered"})
         if rank != 0:
             return None
-        assert devices is not None and results is not None
+        assert devices is not None and results is not None and over is not None
+        for d, o in zip(devices, over, strict=True):
+            d["overheads"] = o["overheads"]
         lat, bw = link_matrices(world, results)
         measurement = measurement_block(world, cfg, results, backend)
+        measurement["overheads"] = overheads_block(over)
         coll_lat = coll_bw = None
+        fsdp: dict[str, list[list[float]] | None] = {}
         if collectives:
             assert coll is not None
             coll_lat, coll_bw = collective_matrices(world, coll)
+            for op, kind in (("all_gather", "gather"), ("reduce_scatter", "scatter")):
+                lat_m, bw_m = collective_matrices(world, coll, op)
+                fsdp[f"{kind}_latency_s"], fsdp[f"{kind}_bandwidth_Bps"] = lat_m, bw_m
             measurement["collective"] = collective_block(coll)
         artifact = ClusterArtifact(
             provenance=Provenance(
                 method="measured",
                 notes=[f"pdv profile cluster: {world} ranks, {backend}, "
                        f"{len(results)} ordered pairs in tournament rounds"
-                       + (f", all-reduce of {len(coll)} pairs" if coll is not None else "")],
+                       + (f", all-reduce, all-gather and reduce-scatter of {len(coll) // 3} "
+                          "pairs" if coll is not None else "")],
             ),
             devices=[ClusterDevice(**d) for d in devices],
             links=Links(latency_s=lat, bandwidth_Bps=bw, collective_latency_s=coll_lat,
-                        collective_bandwidth_Bps=coll_bw),
+                        collective_bandwidth_Bps=coll_bw, **fsdp),
             measurement=measurement,
         )
         artifacts.write(out, artifact)

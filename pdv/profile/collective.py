@@ -1,4 +1,5 @@
-"""Latency α and bandwidth β of an all-reduce over every unordered pair of ranks.
+"""Latency α and bandwidth β of an all-reduce, an all-gather and a reduce-scatter over every
+unordered pair of ranks.
 
 Why, next to the point-to-point sweep: a backend's all-reduce pays what a send/recv does not
 (gloo on CPU copies into its own buffers, reduces, and moves both directions at once on the
@@ -14,6 +15,11 @@ t = 2α + S/β (nccl-tests' busbw factor 2(n−1)/n = 1): β = 1/slope of the le
 through the medians, α = half the least time any latency-bound size took beyond S/β (the
 line's intercept is kept too, but a line through megabyte messages is no latency). The cost
 model's ring formulas take α and β as they are.
+
+FSDP's collectives are swept the same way (issue 12): a backend need not run them as the ring
+formulas assume (gloo on CPU measured a reduce-scatter as slow as an all-reduce of the same
+input here, twice the ring's price). On n = 2 a ring all-gather producing S bytes, and a
+reduce-scatter of S bytes, take t = α + S/(2β): β = 1/(2·slope), α the least excess as above.
 
 Schedule. The same circle-method tournament as the point-to-point sweep: disjoint pairs of a
 round run concurrently, rounds are separated by a barrier on the whole group.
@@ -47,9 +53,16 @@ _ELEMENT = 4  # float32, the gradients' dtype
 _PASSES = 3  # the repeats of each size are split over this many passes through the sizes
 
 
+OPS = ("all_reduce", "all_gather", "reduce_scatter")
+"""the collectives swept per pair, in order"""
+# t(S) on n = 2 ranks = _STEPS[op]·α + S / (_SHARE[op]·β), S the full tensor's bytes
+_STEPS = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
+_SHARE = {"all_reduce": 1, "all_gather": 2, "reduce_scatter": 2}
+
+
 @dataclass
 class PairCollective:
-    """One unordered pair a < b: the all-reduce sweep and its fit."""
+    """One unordered pair a < b and one collective: the sweep and its fit."""
 
     a: int
     b: int
@@ -62,6 +75,7 @@ class PairCollective:
     bandwidth_Bps: float
     r2: float
     fit: str
+    op: str = "all_reduce"
 
 
 def _sync(device: torch.device) -> None:
@@ -76,32 +90,56 @@ def _agree(values: list[float], group: Any, device: torch.device) -> list[float]
     return [float(x) for x in t.tolist()]
 
 
-def _timed(buf: torch.Tensor, group: Any, count: int) -> list[float]:
-    """`count` all-reduces of `buf` in the pair, each timed on this rank's clock."""
+class _Buffers:
+    """What one collective of a full tensor of `numel` float32 moves, on a 2-rank group."""
+
+    def __init__(self, op: str, numel: int, device: torch.device) -> None:
+        self.op = op
+        if op != "all_reduce":
+            numel += numel % 2  # the pair's halves
+        self.full = torch.ones(numel, dtype=torch.float32, device=device)
+        self.half = torch.ones(numel // 2, dtype=torch.float32, device=device)
+
+    def numel(self) -> int:
+        """Elements of the full tensor (the size the sweep reports)."""
+        return self.full.numel()
+
+    def run(self, group: Any) -> None:
+        """One collective over the pair."""
+        if self.op == "all_reduce":
+            dist.all_reduce(self.full, group=group)
+        elif self.op == "all_gather":
+            dist.all_gather_into_tensor(self.full, self.half, group=group)
+        else:
+            dist.reduce_scatter_tensor(self.half, self.full, group=group)
+
+
+def _timed(buf: _Buffers, group: Any, count: int) -> list[float]:
+    """`count` collectives of `buf` in the pair, each timed on this rank's clock."""
     samples = []
     for _ in range(count):
-        _sync(buf.device)
+        _sync(buf.full.device)
         t0 = time.perf_counter()
-        dist.all_reduce(buf, group=group)
-        _sync(buf.device)
+        buf.run(group)
+        _sync(buf.full.device)
         samples.append(time.perf_counter() - t0)
     return samples
 
 
 def _sizes(
-    cfg: SweepConfig, device: torch.device, group: Any, report: Progress
-) -> list[tuple[torch.Tensor, int]]:
+    cfg: SweepConfig, device: torch.device, group: Any, report: Progress, op: str
+) -> list[tuple[_Buffers, int]]:
     """Warm every size up and pick the sizes: the sweep's, grown ×4 as the p2p sweep grows."""
-    chosen: list[tuple[torch.Tensor, int]] = []  # (buffer, repeats per pass)
+    chosen: list[tuple[_Buffers, int]] = []  # (buffers, repeats per pass)
     pending = list(cfg.sizes)
     while pending:
         numel = max(1, -(-pending.pop(0) // _ELEMENT))
-        buf = torch.ones(numel, dtype=torch.float32, device=device)
+        buf = _Buffers(op, numel, device)
         # At least one warm-up: its time, agreed by the pair, sizes the repeats and the growth.
         (t,) = _agree([min(_timed(buf, group, max(1, cfg.warmup)))], group, device)
         count = max(cfg.iters, min(_MAX_ITERS, int(_BUDGET_S / max(t, 1e-9))))
         chosen.append((buf, -(-count // _PASSES)))
-        size = numel * _ELEMENT
+        size = buf.numel() * _ELEMENT
         report({"size": size, "pass": "warm-up"})
         if not pending and t < cfg.grow_until_s and size * 4 <= cfg.max_size:
             pending.append(size * 4)
@@ -110,7 +148,7 @@ def _sizes(
 
 def _sweep_pair(
     a: int, b: int, rnd: int, cfg: SweepConfig, device: torch.device, group: Any,
-    report: Progress,
+    report: Progress, op: str = "all_reduce",
 ) -> PairCollective:
     """Both ranks of the pair run this together.
 
@@ -119,9 +157,9 @@ def _sweep_pair(
     several sizes rather than in all samples of one, and the medians stay put.
     """
     def step(event: dict[str, Any]) -> None:
-        report({"phase": "all-reduce", "round": rnd, "src": a, "dst": b} | event)
+        report({"phase": op.replace("_", "-"), "round": rnd, "src": a, "dst": b} | event)
 
-    chosen = _sizes(cfg, device, group, step)
+    chosen = _sizes(cfg, device, group, step, op)
     samples: list[list[float]] = [[] for _ in chosen]
     for k in range(_PASSES):
         for i, (buf, count) in enumerate(chosen):
@@ -131,11 +169,12 @@ def _sweep_pair(
                     group, device)
     sizes = [buf.numel() * _ELEMENT for buf, _ in chosen]
     medians, bests = agreed[: len(sizes)], agreed[len(sizes):]
-    c, beta, r2, how = fit_line(sizes, medians)
+    c, slope_bw, r2, how = fit_line(sizes, medians)
+    beta = slope_bw / _SHARE[op]  # t = k·α + S / (share·β)
     return PairCollective(
         a=a, b=b, round=rnd, sizes=sizes, median_s=medians, best_s=bests,
-        fit_intercept_s=c, alpha_s=_alpha(sizes, medians, beta), bandwidth_Bps=beta, r2=r2,
-        fit=how,
+        fit_intercept_s=c, alpha_s=_alpha(sizes, medians, slope_bw) * 2 / _STEPS[op],
+        bandwidth_Bps=beta, r2=r2, fit=how, op=op,
     )
 
 
@@ -155,7 +194,8 @@ def _alpha(sizes: list[int], medians: list[float], beta: float) -> float:
 def measure_collectives(
     cfg: SweepConfig, device: torch.device, timeout: timedelta, report: Progress | None = None
 ) -> list[PairCollective] | None:
-    """Run the all-reduce tournament on every rank; rank 0 gets every pair, the others None."""
+    """Run the collective tournament on every rank; rank 0 gets every pair and collective
+    (:data:`OPS`), the others None."""
     report = report or (lambda event: None)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine: list[PairCollective] = []
@@ -170,23 +210,26 @@ def measure_collectives(
             # same time); the name is a hash of the two ranks, so every pair's is distinct.
             group = dist.new_group([a, b], timeout=timeout, use_local_synchronization=True)
             try:
-                result = _sweep_pair(a, b, rnd, cfg, device, group, report)
+                results = [_sweep_pair(a, b, rnd, cfg, device, group, report, op) for op in OPS]
             finally:
                 dist.destroy_process_group(group)
             if rank == a:
-                mine.append(result)
+                mine += results
         dist.barrier()  # rounds do not overlap: a round's pairs are the only traffic
         report({"phase": "all-reduce-round-done", "round": rnd, "rounds": len(rounds)})
     return gather_on_rank0(mine, rank, world)
 
 
 def collective_matrices(
-    n: int, results: list[PairCollective]
+    n: int, results: list[PairCollective], op: str = "all_reduce"
 ) -> tuple[list[list[float]], list[list[float]]]:
-    """Symmetric N×N all-reduce α and β; the diagonal is 0, as in the point-to-point matrices."""
+    """Symmetric N×N α and β of one collective; the diagonal is 0, as in the point-to-point
+    matrices."""
     lat = [[0.0] * n for _ in range(n)]
     bw = [[0.0] * n for _ in range(n)]
     for r in results:
+        if r.op != op:
+            continue
         for i, j in ((r.a, r.b), (r.b, r.a)):
             lat[i][j], bw[i][j] = r.alpha_s, r.bandwidth_Bps
     missing = [(i, j) for i in range(n) for j in range(i + 1, n) if bw[i][j] <= 0]
@@ -196,13 +239,16 @@ def collective_matrices(
 
 def collective_block(results: list[PairCollective]) -> dict[str, Any]:
     """The `measurement.collective` entry: method, statistic, and every pair's fit."""
-    r2s = [r.r2 for r in results]
+    r2s = [r.r2 for r in results if r.op == "all_reduce"]
     return {
         "method": "2-rank all-reduce (sum, float32) per unordered pair in its own process group "
         "(new_group with use_local_synchronization), swept over the sizes; median time per size "
         "fitted to t = c + S/beta by least squares; ring all-reduce on n=2 is t = 2 alpha + "
         "S/beta, so beta = 1/slope and alpha = half the least t(S) - S/beta over the "
-        "latency-bound sizes (S/beta <= t/2), at least 0 (fit_intercept_s is c)",
+        "latency-bound sizes (S/beta <= t/2), at least 0 (fit_intercept_s is c). The same "
+        "sweep for FSDP's all_gather_into_tensor (S = the gathered bytes) and "
+        "reduce_scatter_tensor (S = the input's bytes): on n=2 t = alpha + S/(2 beta) "
+        "(entries with op; r2_min is the all-reduce's)",
         "statistic": "per size, the slower rank's median over the repeats (at least iters, cheap "
         f"sizes up to {_MAX_ITERS} or about {_BUDGET_S}s), after warm-ups, spread over "
         f"{_PASSES} passes through all sizes; bests are kept too",
@@ -211,13 +257,13 @@ def collective_block(results: list[PairCollective]) -> dict[str, Any]:
         "diagonal": "0 (no all-reduce of a rank with itself)",
         "r2_min": min(r2s) if r2s else None,
         "pairs": [
-            {"a": r.a, "b": r.b, "round": r.round, "sizes": r.sizes,
+            {"a": r.a, "b": r.b, "round": r.round, "op": r.op, "sizes": r.sizes,
              "median_s": [float(f"{t:.6g}") for t in r.median_s],
              "best_s": [float(f"{t:.6g}") for t in r.best_s],
              "fit_intercept_s": r.fit_intercept_s, "alpha_s": r.alpha_s,
              "bandwidth_Bps": r.bandwidth_Bps, "r2": r.r2, "fit": r.fit,
              # bytes / time of the largest size (nccl-tests' algbw), next to the fitted β.
              "algbw_largest_Bps": float(f"{r.sizes[-1] / r.median_s[-1]:.6g}")}
-            for r in sorted(results, key=lambda r: (r.a, r.b))
+            for r in sorted(results, key=lambda r: (r.a, r.b, OPS.index(r.op)))
         ],
     }

@@ -1,0 +1,123 @@
+"""Prediction accuracy over a model zoo on 4 local CPU ranks: `pdv check` per model (P1/P4).
+
+    OMP_NUM_THREADS=1 python benchmarks/prediction_check.py [--out DIR] [--model NAME ...]
+        [--steps 10] [--warmup 4] [--top 3] [--shapes 3]
+
+Everything runs through the real CLI: `pdv profile cluster` (4 ranks) once, `pdv profile model`
+per model, then `pdv check` per model with its default plan set (pdv's top K, each baseline's
+pick, plans of other shapes until the predicted times span 1.5x), each plan run for --steps
+steps. Prints one line per model and the zoo's pooled errors; exits 1 when a target is missed:
+
+- median |error| <= 5% and max |error| <= 15% over all plans of all models;
+- Spearman(predicted, measured) >= 0.8 per model;
+- pdv's pick within 5% of the measured best of its set, per model.
+
+Artifacts stay in --out (profiles reused when present: delete the folder to re-profile); each
+model's full table and report are in OUT/<model>/check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (factory, factory args, global batch, profiled micro-batch sizes). Models and sizes
+# are the sample and conformance models at sizes whose layers take a millisecond or more.
+ZOO: dict[str, tuple[str, dict[str, object], int, str]] = {
+    "gpt_small": ("gpt_small", {}, 16, "1,2,4"),
+    "gpt_tiny": ("gpt_tiny", {}, 16, "1,2,4"),
+    "mlp": ("mlp", {"n_layer": 4, "dim": 512, "in_dim": 256}, 64, "4,8,16"),
+    "convnet": ("convnet", {"n_block": 2, "width": 16, "image_size": 32}, 32, "2,4,8"),
+    "tuples_tied": ("tests/models/carry.py:carry", {"n_block": 4, "d": 256}, 64, "4,8,16"),
+}
+TARGETS = {"median": 0.05, "max": 0.15, "spearman": 0.8, "pick": 0.05}
+
+
+def pdv(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run one pdv command (its failure is the benchmark's failure unless check=False)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "pdv", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    if check and res.returncode != 0:
+        sys.exit(f"pdv {' '.join(args)} failed:\n{res.stderr[-3000:]}")
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("/tmp/pdv-prediction-check"))
+    ap.add_argument("--model", action="append", choices=sorted(ZOO), help="default: all")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--top", type=int, default=3)
+    ap.add_argument("--shapes", type=int, default=3)
+    a = ap.parse_args()
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cluster = out / "cluster.json"
+    if not cluster.exists():
+        pdv("profile", "cluster", "--nproc-per-node", "4", "-o", str(cluster))
+    rows, errors, missed = [], [], []
+    for name in a.model or list(ZOO):
+        spec, kwargs, gb, mbs = ZOO[name]
+        margs = [f"--model-arg={k}={json.dumps(v)}" for k, v in kwargs.items()]
+        profile = out / f"{name}.profile.json"
+        if not profile.exists():
+            pdv("profile", "model", spec, *margs, "--micro-batch-sizes", mbs, "-o", str(profile))
+        folder = out / name
+        pdv("check", str(profile), "--cluster", str(cluster), "--global-batch", str(gb),
+            "--top", str(a.top), "--shapes", str(a.shapes), "--steps", str(a.steps),
+            "--warmup", str(a.warmup), "--out", str(folder), "--max-failures", "99",
+            check=False)  # fmt: skip
+        report = folder / "check.json"
+        if not report.exists():
+            missed.append(f"{name}: pdv check wrote no report")
+            continue
+        doc = json.loads(report.read_text())
+        s = doc["summary"]
+        errors += [r["abs_error"] for r in doc["rows"] if r["abs_error"] is not None]
+        rho, pick = s["spearman"], s["pick"]
+        if rho is None or rho < TARGETS["spearman"]:
+            missed.append(f"{name}: Spearman {rho} < {TARGETS['spearman']}")
+        if pick is None or pick["vs_best"] - 1 > TARGETS["pick"]:
+            missed.append(f"{name}: pick {pick and round(pick['vs_best'], 3)}x the best")
+        if s["failed"]:
+            missed.append(f"{name}: {s['failed']} plans failed to run")
+        rows.append((name, s))
+    print(f"{'model':<14}{'plans':>6}{'span':>7}{'median':>8}{'max':>8}{'signed':>8}"
+          f"{'Spearman':>10}{'pick':>10}")
+    for name, s in rows:
+        p = s["pick"]
+        pick = f"{p['measured_rank']}/{p['of']} {p['vs_best']:.2f}x" if p else "-"
+
+        def pct(v: float | None) -> str:
+            return "-" if v is None else f"{v:.1%}"
+
+        rho = "-" if s["spearman"] is None else f"{s['spearman']:.2f}"
+        span = "-" if s["predicted_span"] is None else f"{s['predicted_span']:.2f}"
+        print(f"{name:<14}{s['ran']:>6}{span:>7}{pct(s['median_abs_error']):>8}"
+              f"{pct(s['max_abs_error']):>8}{pct(s['mean_signed_error']):>8}{rho:>10}{pick:>10}")
+    if errors:
+        med, worst = statistics.median(errors), max(errors)
+        print(f"zoo: {len(errors)} plans, median |error| {med:.1%} (target "
+              f"{TARGETS['median']:.0%}), max {worst:.1%} (target {TARGETS['max']:.0%})")
+        if med > TARGETS["median"]:
+            missed.append(f"zoo median |error| {med:.1%}")
+        if worst > TARGETS["max"]:
+            missed.append(f"zoo max |error| {worst:.1%}")
+    print(f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+          f"artifacts in {out}")
+    for m in missed:
+        print(f"MISSED {m}")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""pdv check: do the predictions rank and price plans as the runs measure them?
+
+A set of plans is priced by the simulator on the given profiles and cluster, each is run for a
+few steps with ``pdv run`` (its own machinery: torchrun, the report), and the predicted step
+times are compared with the measured ones: signed and absolute error per plan, their median and
+maximum, Spearman's rank correlation over the set, and where the planner's pick ranked among the
+measured times. The default set is the planner's top K, each baseline planner's pick, and plans
+of deliberately different shape (every stage equally wide: pure pipeline, pure data parallel and
+what lies between, at each allowed micro-batch size) added until the predicted times span the
+asked ratio, so that a ranking has something to rank.
+
+This module imports no torch: the runs are ``pdv run`` processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pdv import artifacts
+from pdv.artifacts import ClusterArtifact, ModelProfile, Plan, Planner, PlanStage
+from pdv.cost.simulate import simulate, to_predicted
+from pdv.errors import PdvError
+from pdv.plan.baselines import uniform_layouts
+from pdv.plan.groups import device_order
+from pdv.plan.problem import PlanProblem
+from pdv.plan.search import PLANNERS, search
+
+__all__ = [
+    "Candidate",
+    "Tolerances",
+    "spearman",
+    "even_split",
+    "plan_key",
+    "predict",
+    "shape_plans",
+    "default_plans",
+    "run_plan",
+    "summarize",
+    "write_json_atomic",
+]
+
+SCHEMA = "pdv.check/v1"
+
+
+@dataclass
+class Candidate:
+    """One plan of the checked set, the names it goes by, and (once run) its measurement."""
+
+    plan: Plan
+    labels: list[str]
+    measured_s: float | None = None
+    spread_s: float | None = None
+    error: str | None = None
+    load: float | None = None
+    report: str | None = None
+    file: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def predicted_s(self) -> float:
+        """The simulator's step time for this plan."""
+        assert self.plan.predicted is not None
+        return self.plan.predicted.step_time_s
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Limits past which the check fails (None: not checked)."""
+
+    max_median_error: float | None = None
+    max_error: float | None = None
+    min_spearman: float | None = None
+    max_pick_gap: float | None = None
+    """the pick's measured time over the set's measured best, minus 1"""
+    max_failures: int = 0
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's over average ranks); None when undefined."""
+    if len(x) != len(y):
+        raise ValueError("spearman needs two sequences of one length")
+    if len(x) < 2:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return None
+    return float(sxy / (sxx * syy) ** 0.5)
+
+
+def even_split(n_layers: int, pp: int) -> list[tuple[int, int]]:
+    """pp contiguous layer ranges whose sizes differ by at most one."""
+    base, extra = divmod(n_layers, pp)
+    out, lo = [], 0
+    for s in range(pp):
+        hi = lo + base + (1 if s < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def plan_key(plan: Plan) -> str:
+    """What makes two plans the same plan to run."""
+    return repr(([s.model_dump() for s in plan.stages], plan.micro_batch_size, plan.schedule))
+
+
+def predict(plan: Plan, profiles: dict[str, ModelProfile], cluster: ClusterArtifact) -> Plan:
+    """The plan with the simulator's prediction on these profiles and this cluster."""
+    sim = simulate(plan, profiles, cluster)
+    return plan.model_copy(update={"predicted": to_predicted(sim)})
+
+
+def _fits(plan: Plan, cluster: ClusterArtifact) -> bool:
+    assert plan.predicted is not None
+    return all(b <= cluster.devices[int(r)].memory_bytes
+               for r, b in plan.predicted.peak_memory_bytes.items())  # fmt: skip
+
+
+def shape_plans(problem: PlanProblem) -> list[Plan]:
+    """Every equal-width dp × tp × pp layout over all devices, plain (no FSDP, no recompute),
+    layers split evenly, ranks in the measured device order; priced, those that fit."""
+    order = device_order(problem.cluster.links)
+    profile = next(iter(problem.profiles.values()))
+    out = []
+    for mbs, pp, width, tp in uniform_layouts(problem, len(order)):
+        stages = [PlanStage(layers=span, ranks=list(order[s * width:(s + 1) * width]),
+                            dp=width // tp, tp=tp)
+                  for s, span in enumerate(even_split(problem.num_layers, pp))]  # fmt: skip
+        plan = Plan(model=profile.model, stages=stages, micro_batch_size=mbs,
+                    num_micro_batches=problem.global_batch // mbs,
+                    global_batch_size=problem.global_batch, schedule=problem.schedule,
+                    planner=Planner(name="shape"),
+                    devices=list(problem.cluster.devices))  # fmt: skip
+        try:
+            plan = predict(plan, dict(problem.profiles), problem.cluster)
+        except PdvError:
+            continue  # a layout the schedule cannot run (deadlock, too few micro-batches)
+        if _fits(plan, problem.cluster):
+            out.append(plan)
+    return out
+
+
+def _add(pool: list[Candidate], plan: Plan, label: str) -> None:
+    key = plan_key(plan)
+    for c in pool:
+        if plan_key(c.plan) == key:
+            c.labels.append(label)
+            return
+    pool.append(Candidate(plan, [label]))
+
+
+def span_of(pool: Sequence[Candidate]) -> float:
+    """Slowest over fastest predicted step time of the set (1 for one plan)."""
+    times = [c.predicted_s for c in pool]
+    return max(times) / min(times) if times and min(times) > 0 else 1.0
+
+
+def default_plans(problem: PlanProblem, top: int, baselines: bool, shapes: int, span: float,
+                  say: Callable[[str], None] = lambda _m: None) -> list[Candidate]:  # fmt: skip
+    """pdv's top K, each baseline's pick, then other shapes until the set spans `span`.
+
+    Shapes are added slowest first (each widens the span most) while the span is short, and
+    then, up to `shapes` in all, those whose predicted times lie furthest from the set's.
+    """
+    pool: list[Candidate] = []
+    for k, plan in enumerate(search(problem, "pdv", top, say).plans, 1):
+        _add(pool, plan, f"pdv #{k}")
+    if baselines:
+        for name in PLANNERS:
+            if name == "pdv":
+                continue
+            try:
+                _add(pool, search(problem, name, 1, say).plans[0], name)
+            except PdvError as exc:
+                say(f"{name}: no plan ({exc})")
+    others = [p for p in shape_plans(problem)
+              if all(plan_key(p) != plan_key(c.plan) for c in pool)]  # fmt: skip
+    added = 0
+    while others and added < shapes:
+        if span_of(pool) < span:
+            pick = max(others, key=lambda p: (p.predicted.step_time_s if p.predicted else 0))
+        else:
+            def gap(p: Plan) -> float:
+                assert p.predicted is not None
+                return min(abs(p.predicted.step_time_s - c.predicted_s) for c in pool)
+            pick = max(others, key=gap)
+        others.remove(pick)
+        added += 1
+        _add(pool, pick, f"shape {added}")
+    return pool
+
+
+def run_plan(cand: Candidate, folder: Path, index: int, run_args: Sequence[str],
+             steps: int, warmup: int, timeout_s: float) -> None:  # fmt: skip
+    """Run one plan with ``pdv run`` and record its measured step time (or why it failed)."""
+    plan_file = folder / f"plan-{index}.json"
+    report = folder / f"report-{index}.json"
+    artifacts.write(plan_file, cand.plan)
+    cand.file, cand.report = str(plan_file), str(report)
+    before = os.getloadavg()[0]
+    argv = [sys.executable, "-m", "pdv", "run", str(plan_file), "--steps", str(steps),
+            "--warmup", str(warmup), "--report", str(report), *run_args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    try:
+        res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        cand.error = f"pdv run took longer than {timeout_s:.0f} s"
+        return
+    cand.load = max(before, os.getloadavg()[0])
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()
+        cand.error = f"pdv run exit {res.returncode}: {tail[-1] if tail else 'no output'}"
+        return
+    rep = artifacts.load_as(report, "run-report")
+    cand.measured_s = rep.measured.step_time_s
+    cand.spread_s = rep.measured.step_time_spread_s
+
+
+def _row(c: Candidate) -> dict[str, Any]:
+    err = None if c.measured_s is None else (c.predicted_s - c.measured_s) / c.measured_s
+    return {
+        "labels": c.labels,
+        "layout": [f"{s.layers[0]}-{s.layers[1]}:dp{s.dp}tp{s.tp}"
+                   + ("+fsdp" if s.fsdp else "") + ("+rc" if s.recompute else "")
+                   for s in c.plan.stages],
+        "micro_batch_size": c.plan.micro_batch_size,
+        "num_micro_batches": c.plan.num_micro_batches,
+        "schedule": c.plan.schedule,
+        "predicted_s": c.predicted_s,
+        "measured_s": c.measured_s,
+        "measured_spread_s": c.spread_s,
+        "error": err,
+        "abs_error": None if err is None else abs(err),
+        "load": c.load,
+        "plan": c.file,
+        "report": c.report,
+        "failure": c.error,
+    }
+
+
+def summarize(pool: Sequence[Candidate], tol: Tolerances, pick_label: str = "pdv #1",
+              ) -> dict[str, Any]:  # fmt: skip
+    """Rows, the set's statistics, the pick's place, and which tolerances it misses."""
+    rows = [_row(c) for c in pool]
+    ran = [r for r in rows if r["measured_s"] is not None]
+    errs = [r["abs_error"] for r in ran]
+    rho = spearman([r["predicted_s"] for r in ran], [r["measured_s"] for r in ran])
+    pick = next((r for r in ran if pick_label in r["labels"]), None)
+    pick_info = None
+    if pick is not None:
+        best = min(r["measured_s"] for r in ran)
+        faster = sum(r["measured_s"] < pick["measured_s"] for r in ran)
+        pick_info = {"label": pick_label, "measured_rank": faster + 1, "of": len(ran),
+                     "vs_best": pick["measured_s"] / best,
+                     "predicted_rank": 1 + sum(r["predicted_s"] < pick["predicted_s"]
+                                               for r in ran)}  # fmt: skip
+    times = [r["predicted_s"] for r in rows]
+    summary = {
+        "plans": len(rows),
+        "ran": len(ran),
+        "failed": len(rows) - len(ran),
+        "predicted_span": max(times) / min(times) if times and min(times) > 0 else None,
+        "median_abs_error": statistics.median(errs) if errs else None,
+        "max_abs_error": max(errs) if errs else None,
+        "mean_signed_error": statistics.fmean(r["error"] for r in ran) if ran else None,
+        "spearman": rho,
+        "pick": pick_info,
+        "max_load": max((r["load"] for r in ran if r["load"] is not None), default=None),
+        "cpus": os.cpu_count(),
+        "ranks": max((len({r for st in c.plan.stages for r in st.ranks}) for c in pool),
+                     default=0),
+    }
+    misses = []
+
+    def over(name: str, value: float | None, limit: float | None, above: bool = True) -> None:
+        if limit is None:
+            return
+        if value is None:
+            misses.append(f"{name}: not measured (limit {limit:g})")
+        elif (value > limit) if above else (value < limit):
+            misses.append(f"{name} {value:.4g} {'>' if above else '<'} {limit:g}")
+
+    over("median |error|", summary["median_abs_error"], tol.max_median_error)
+    over("max |error|", summary["max_abs_error"], tol.max_error)
+    over("Spearman", rho, tol.min_spearman, above=False)
+    over("pick vs measured best - 1",
+         None if pick_info is None else pick_info["vs_best"] - 1, tol.max_pick_gap)
+    if summary["failed"] > tol.max_failures:
+        misses.append(f"{summary['failed']} plans failed to run (allowed {tol.max_failures})")
+    return {"rows": rows, "summary": summary, "misses": misses, "passed": not misses}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temp file in the same folder, fsync, rename (no half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

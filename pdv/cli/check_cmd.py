@@ -1,0 +1,173 @@
+"""pdv check: run a set of plans, compare predicted with measured, fail past tolerances."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from pdv import artifacts
+from pdv.check import (
+    SCHEMA,
+    Candidate,
+    Tolerances,
+    default_plans,
+    predict,
+    run_plan,
+    summarize,
+    write_json_atomic,
+)
+from pdv.cli.app import app, console, err_console
+from pdv.cli.plan_cmd import _ints, _profiles
+from pdv.cli.render import fmt_time, new_table, print_table
+from pdv.errors import PdvError
+from pdv.plan.problem import PlanProblem
+from pdv.plan.search import check_profiles
+
+__all__ = ["check"]
+
+
+@app.command("check")
+def check(
+    profiles: list[Path] = typer.Argument(..., help="Model profiles, one per device kind."),
+    cluster: Path = typer.Option(..., "--cluster", help="Cluster artifact the runs happen on."),
+    global_batch: int | None = typer.Option(
+        None, "--global-batch", min=1, help="Samples per step (needed unless --plan is given)."),
+    plan: list[Path] = typer.Option(
+        [], "--plan", help="Check these plans (repeatable) instead of the default set; each "
+        "is priced again on the given profiles and cluster; the first is the pick whose place "
+        "is reported."),
+    top: int = typer.Option(3, "--top", min=1, help="Default set: pdv's K best plans."),
+    baselines: bool = typer.Option(
+        True, "--baselines/--no-baselines", help="Default set: each baseline planner's pick."),
+    shapes: int = typer.Option(
+        2, "--shapes", min=0, help="Default set: at most this many plans of other shapes."),
+    span: float = typer.Option(
+        1.5, "--span", min=1.0, help="Default set: add shapes until slowest/fastest predicted "
+        "reaches this (within --shapes)."),
+    micro_batch_sizes: str | None = typer.Option(
+        None, "--micro-batch-sizes", help="Allowed micro-batch sizes for the default set."),
+    fsdp: bool = typer.Option(True, "--fsdp/--no-fsdp", help="Let pdv's search use FSDP."),
+    recompute: bool = typer.Option(
+        True, "--recompute/--no-recompute", help="Let pdv's search recompute activations."),
+    steps: int = typer.Option(10, "--steps", min=1, help="Training steps per plan."),
+    warmup: int = typer.Option(4, "--warmup", min=0, help="Steps left out of each median."),
+    model: str | None = typer.Option(
+        None, "--model", help="Model factory for pdv run (default: the one the plans name)."),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="Factory argument key=value."),
+    run_timeout: float = typer.Option(
+        600.0, "--run-timeout", min=1.0, help="Seconds one plan's run may take."),
+    out: Path = typer.Option(
+        Path("pdv-check"), "--out", help="Folder for the plans and the run reports."),
+    report: Path | None = typer.Option(
+        None, "--report", help="Write the check report JSON here (default: OUT/check.json)."),
+    max_median_error: float | None = typer.Option(
+        None, "--max-median-error", min=0.0, help="Fail when median |error| exceeds this "
+        "(a fraction: 0.05 = 5%)."),
+    max_error: float | None = typer.Option(
+        None, "--max-error", min=0.0, help="Fail when any plan's |error| exceeds this."),
+    min_spearman: float | None = typer.Option(
+        None, "--min-spearman", min=-1.0, max=1.0, help="Fail when Spearman(predicted, "
+        "measured) is below this."),
+    max_pick_gap: float | None = typer.Option(
+        None, "--max-pick-gap", min=0.0, help="Fail when pdv's pick measures more than this "
+        "fraction slower than the set's measured best."),
+    max_failures: int = typer.Option(
+        0, "--max-failures", min=0, help="Fail when more plans than this fail to run."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Run plans for a few steps each; print predicted, measured, error, Spearman, the pick's
+    place; exit 1 past the given tolerances."""
+    profs = _profiles(profiles)
+    clus = artifacts.load_as(cluster, "cluster")
+    check_profiles(profs, clus, None, None)
+    say = (lambda m: err_console.print(f"[dim]{m}[/]")) if not as_json else (lambda _m: None)
+    if plan:
+        pool = []
+        for k, path in enumerate(plan, 1):
+            p = artifacts.load_as(path, "plan")
+            label = "pdv #1" if k == 1 else f"plan {k}"  # the first given plan is the pick
+            pool.append(Candidate(predict(p, profs, clus), [f"{label} ({path.name})"
+                                                            if k > 1 else label]))
+    else:
+        if global_batch is None:
+            raise PdvError("--global-batch is needed to search the default plan set "
+                           "(or pass --plan files)")
+        problem = PlanProblem(profiles=profs, cluster=clus, global_batch=global_batch,
+                              micro_batch_sizes=_ints(micro_batch_sizes, "--micro-batch-sizes"),
+                              allow_fsdp=fsdp, allow_recompute=recompute)  # fmt: skip
+        pool = default_plans(problem, top, baselines, shapes, span, say)
+    run_args = [*(["--model", model] if model else []),
+                *(a for kv in model_arg for a in ("--model-arg", kv))]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    for i, cand in enumerate(pool, 1):
+        say(f"running {i}/{len(pool)}: {', '.join(cand.labels)}")
+        run_plan(cand, out, i, run_args, steps, warmup, run_timeout)
+        if cand.error:
+            say(f"  failed: {cand.error}")
+    tol = Tolerances(max_median_error, max_error, min_spearman, max_pick_gap, max_failures)
+    result = summarize(pool, tol)
+    doc = {
+        "schema": SCHEMA,
+        "inputs": {"profiles": {k: artifacts.digest(p) for k, p in sorted(profs.items())},
+                   "cluster": artifacts.digest(clus)},
+        "steps": steps,
+        "warmup": warmup,
+        "tolerances": {k: v for k, v in vars(tol).items()},
+        **result,
+    }
+    target = report or out / "check.json"
+    write_json_atomic(target, doc)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        _print(doc, target)
+    if not doc["passed"]:
+        raise typer.Exit(1)
+
+
+def _print(doc: dict, target: Path) -> None:
+    t = new_table("predicted against measured (median step after warm-up)",
+                  ("plan", "predicted", "measured", "IQR", "error", "load", "stages", "mbs x M"),
+                  left={"plan", "stages"})  # fmt: skip
+    for r in doc["rows"]:
+        meas = r["measured_s"]
+        t.add_row(
+            ", ".join(r["labels"]),
+            fmt_time(r["predicted_s"]),
+            fmt_time(meas) if meas is not None else "failed",
+            fmt_time(r["measured_spread_s"]) if r["measured_spread_s"] is not None else "-",
+            f"{r['error']:+.1%}" if r["error"] is not None else "-",
+            f"{r['load']:.1f}" if r["load"] is not None else "-",
+            " ".join(r["layout"]),
+            f"{r['micro_batch_size']} x {r['num_micro_batches']}",
+        )
+    print_table(console, t)
+    s = doc["summary"]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
+    rho = "-" if s["spearman"] is None else f"{s['spearman']:.2f}"
+    span = "-" if s["predicted_span"] is None else f"{s['predicted_span']:.2f}x"
+    console.print(f"{s['ran']} of {s['plans']} plans ran; predicted span {span}; median |error| "
+                  f"{pct(s['median_abs_error'])}, max {pct(s['max_abs_error'])}, mean signed "
+                  f"{pct(s['mean_signed_error'])}; Spearman {rho}", highlight=False)
+    p = s["pick"]
+    if p:
+        console.print(f"pdv's pick ranked {p['measured_rank']} of {p['of']} measured "
+                      f"({p['vs_best']:.2f}x the measured best; predicted rank "
+                      f"{p['predicted_rank']})", highlight=False)
+    load, cpus = s["max_load"], s["cpus"]
+    if load is not None and cpus and load > cpus + s["ranks"]:  # the runs' own ranks add theirs
+        console.print(f"[yellow]note:[/] the 1-min load average reached {load:.1f} on {cpus} "
+                      "CPUs around the runs: other work shared the cores, and the measured "
+                      "times hold it (the profiles cannot)", highlight=False)
+    for row in doc["rows"]:
+        if row["failure"]:
+            console.print(f"failed: {', '.join(row['labels'])}: {row['failure']}",
+                          highlight=False)
+    for miss in doc["misses"]:
+        console.print(f"[red]outside tolerance:[/] {miss}", highlight=False)
+    console.print(f"report written to {target}", highlight=False)

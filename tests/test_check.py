@@ -1,0 +1,169 @@
+"""pdv check: its statistics, its plan set, and (e2e) a real check of a small model."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pdv.artifacts import PlanStage
+from pdv.check import (
+    Candidate,
+    Tolerances,
+    default_plans,
+    even_split,
+    plan_key,
+    predict,
+    spearman,
+    summarize,
+    write_json_atomic,
+)
+from pdv.plan.problem import PlanProblem
+from tests.conftest import run_pdv
+from tests.test_cost_builders import make_cluster, make_plan, make_profile
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)), min_size=2,
+                max_size=12, unique_by=(lambda t: t[0], lambda t: t[1])))  # fmt: skip
+def test_spearman_without_ties_is_the_textbook_formula(pairs: list[tuple[int, int]]) -> None:
+    """1 − 6 Σ d² / (n (n² − 1)) over the rank differences d (distinct values)."""
+    x, y = [float(a) for a, _ in pairs], [float(b) for _, b in pairs]
+    rank = {v: i for i, v in enumerate(sorted(x))}
+    rank_y = {v: i for i, v in enumerate(sorted(y))}
+    n = len(x)
+    d2 = sum((rank[a] - rank_y[b]) ** 2 for a, b in zip(x, y, strict=True))
+    assert spearman(x, y) == pytest.approx(1 - 6 * d2 / (n * (n * n - 1)))
+
+
+def test_spearman_ties_and_degenerate_sets() -> None:
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    # ties take their average rank: x ranks (1.5, 1.5, 3), y ranks (1, 2, 3)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)
+    assert spearman([1.0], [2.0]) is None
+    assert spearman([1, 1], [1, 2]) is None
+
+
+@pytest.mark.parametrize("n,pp", [(6, 4), (14, 3), (5, 5), (7, 1)])
+def test_even_split_covers_every_layer_once(n: int, pp: int) -> None:
+    spans = even_split(n, pp)
+    assert spans[0][0] == 0 and spans[-1][1] == n and len(spans) == pp
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    sizes = [hi - lo for lo, hi in spans]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _cand(pred: float, meas: float | None, label: str) -> Candidate:
+    # one stage of 2 layers, 2 micro-batches: step = 2 · 2 · (fwd + bwd) = pred
+    plan = predict(make_plan([PlanStage(layers=(0, 2), ranks=[0])], num_micro=2),
+                   {"cpu": make_profile(n_layers=2, fwd=pred / 8, bwd=pred / 8)},
+                   make_cluster(1))  # fmt: skip
+    return Candidate(plan, [label], measured_s=meas, error=None if meas else "pdv run exit 1")
+
+
+def test_summary_statistics_pick_and_misses() -> None:
+    """Errors, Spearman, the pick's measured rank, failures and each tolerance's verdict."""
+    pool = [_cand(1.0, 1.25, "pdv #1"), _cand(2.0, 1.0, "uniform"), _cand(3.0, 3.0, "shape"),
+            _cand(4.0, None, "hierarchy")]  # fmt: skip
+    preds = [c.predicted_s for c in pool]
+    assert preds == pytest.approx([1.0, 2.0, 3.0, 4.0])
+    got = summarize(pool, Tolerances())
+    s = got["summary"]
+    assert got["passed"] is False  # one failure, none allowed
+    assert s["plans"] == 4 and s["ran"] == 3 and s["failed"] == 1
+    errs = [abs(p - m) / m for p, m in zip(preds[:3], (1.25, 1.0, 3.0), strict=True)]
+    assert s["median_abs_error"] == pytest.approx(statistics.median(errs))
+    assert s["max_abs_error"] == pytest.approx(max(errs))
+    assert s["spearman"] == pytest.approx(spearman(preds[:3], [1.25, 1.0, 3.0]))
+    assert s["pick"]["measured_rank"] == 2 and s["pick"]["vs_best"] == pytest.approx(1.25)
+    assert s["predicted_span"] == pytest.approx(max(preds) / min(preds))
+    loose = summarize(pool, Tolerances(max_median_error=10, max_error=10, min_spearman=-1,
+                                       max_pick_gap=1, max_failures=1))  # fmt: skip
+    assert loose["passed"] and not loose["misses"]
+    tight = summarize(pool, Tolerances(max_pick_gap=0.2, min_spearman=0.99, max_failures=1))
+    assert len(tight["misses"]) == 2 and not tight["passed"]
+
+
+def test_the_default_set_spans_the_asked_ratio_with_distinct_plans() -> None:
+    """pdv's top plans, the baselines' picks and other shapes; no plan twice."""
+    prof = make_profile(n_layers=8, fwd=0.01, bwd=0.02, out=4000, ref_mbs=1)
+    cluster = make_cluster(4, bw=1e8, lat=1e-4)
+    problem = PlanProblem({"cpu": prof}, cluster, 8, micro_batch_sizes=(1, 2, 4), time_limit_s=2)
+    pool = default_plans(problem, top=2, baselines=True, shapes=3, span=1.5)
+    keys = [plan_key(c.plan) for c in pool]
+    assert len(keys) == len(set(keys))
+    labels = [lab for c in pool for lab in c.labels]
+    assert "pdv #1" in labels and "uniform" in labels
+    assert any(lab.startswith("shape") for lab in labels)
+    times = [c.predicted_s for c in pool]
+    assert max(times) / min(times) >= 1.5
+    assert min(times) == pytest.approx(pool[0].predicted_s)  # pdv's pick predicts fastest
+
+
+def test_report_is_written_whole(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "r.json"
+    write_json_atomic(target, {"a": [1, 2]})
+    assert json.loads(target.read_text()) == {"a": [1, 2]}
+    assert [p.name for p in target.parent.iterdir()] == ["r.json"]
+
+
+def test_check_without_a_batch_or_plans_is_one_line_exit_2(tmp_path: Path) -> None:
+    prof, cl = tmp_path / "p.json", tmp_path / "c.json"
+    from pdv import artifacts
+
+    artifacts.write(prof, make_profile(n_layers=2))
+    artifacts.write(cl, make_cluster(2))
+    res = run_pdv("check", str(prof), "--cluster", str(cl))
+    assert res.returncode == 2 and "--global-batch" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
+    """gpt_tiny on 2 ranks: profile, cluster, check; the report agrees with itself.
+
+    Timings are not asserted (speed targets live in benchmarks/): only the report's structure
+    and its arithmetic, and that loose tolerances pass while an impossible one fails.
+    """
+    prof, cl, out = tmp_path / "p.json", tmp_path / "c.json", tmp_path / "check"
+    r = run_pdv("profile", "model", "gpt_tiny", "--micro-batch-sizes", "1,2", "-o", str(prof),
+                timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = run_pdv("profile", "cluster", "--nproc-per-node", "2", "--no-collectives", "-o", str(cl),
+                timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = run_pdv("check", str(prof), "--cluster", str(cl), "--global-batch", "4", "--top", "1",
+                "--no-baselines", "--shapes", "2", "--steps", "3", "--warmup", "1",
+                "--out", str(out), "--max-median-error", "100", "--min-spearman", "-1",
+                "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc == json.loads((out / "check.json").read_text())
+    assert doc["schema"] == "pdv.check/v1" and doc["passed"] and doc["misses"] == []
+    rows, s = doc["rows"], doc["summary"]
+    assert s["ran"] == len(rows) >= 2 and s["failed"] == 0
+    assert rows[0]["labels"][0] == "pdv #1"
+    for row in rows:
+        assert row["measured_s"] > 0 and row["predicted_s"] > 0
+        err = (row["predicted_s"] - row["measured_s"]) / row["measured_s"]
+        assert row["error"] == pytest.approx(err)
+        rep = json.loads(Path(row["report"]).read_text())
+        assert rep["measured"]["step_time_s"] == row["measured_s"]
+        assert len(rep["measured"]["step_times_s"]) == 3
+    assert s["median_abs_error"] == pytest.approx(statistics.median(x["abs_error"] for x in rows))
+    assert 1 <= s["pick"]["measured_rank"] <= len(rows)
+    assert s["max_load"] == max(r["load"] for r in rows) and s["cpus"] >= 1
+    # The same runs against a tolerance nothing meets: exit 1, the miss named.
+    r = run_pdv("check", str(prof), "--cluster", str(cl), "--plan", rows[0]["plan"],
+                "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "again"),
+                "--max-error", "0", timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "outside tolerance" in r.stdout and "max |error|" in r.stdout
+    assert json.loads((tmp_path / "again" / "check.json").read_text())["passed"] is False

@@ -1,0 +1,143 @@
+"""The measured pipeline overheads: schedule work per micro-batch and step, message CPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pdv import artifacts
+from pdv.artifacts import ClusterArtifact, LayerChoice, MessageCost, PlanStage, RankOverheads
+from pdv.cost.comm import Ring, message_cpu_time
+from pdv.cost.simulate import simulate
+from pdv.cost.stage import stage_cost
+from pdv.cost.terms import RankView, RingView, StageGroup, price_layers, price_ranges
+from pdv.plan.objective import stage_prices
+from pdv.plan.problem import PlanProblem, StageSpec
+from tests.test_cost_builders import chain_plan, make_cluster, make_plan, make_profile
+
+OVER = RankOverheads(fwd_s=0.1, bwd_s=0.2, step_s=0.5,
+                     send_cpu=MessageCost(a_s=0.01, b_s_per_byte=1e-4),
+                     recv_cpu=MessageCost(a_s=0.02, b_s_per_byte=2e-4))  # fmt: skip
+
+
+def _with_overheads(cluster: ClusterArtifact, ranks: list[int] | None = None) -> ClusterArtifact:
+    ranks = list(range(len(cluster.devices))) if ranks is None else ranks
+    devices = [d.model_copy(update={"overheads": OVER}) if d.rank in ranks else d
+               for d in cluster.devices]  # fmt: skip
+    return cluster.model_copy(update={"devices": devices})
+
+
+def test_each_rank_pays_its_own_schedule_work_before_the_slowest_is_taken() -> None:
+    """fwd = max over ranks of (layers + that rank's overhead), not max layers + max overhead."""
+    prof = {"a": make_profile("a", n_layers=2, fwd=0.3, bwd=0.1),
+            "b": make_profile("b", n_layers=2, fwd=0.1, bwd=0.1)}  # fmt: skip
+    group = StageGroup(
+        ranks=(RankView("a", 1.0, 0.0, 1e9, 0.0, 0.0, 0.0),
+               RankView("b", 1.0, 0.0, 1e9, 0.5, 0.05, 0.7)),
+        tp_rings=(RingView(Ring(1, 0.0, float("inf")), ("a", "b")),),
+        dp_rings=(RingView(Ring(1, 0.0, float("inf")), ("a",)),),
+        tp=1, dp=1,
+    )  # fmt: skip
+    one = price_layers(prof, group, 1, 0, [LayerChoice()] * 2)
+    assert float(one.compute_fwd_s) == pytest.approx(max(0.6, 0.2 + 0.5))
+    assert float(one.compute_bwd_s) == pytest.approx(max(0.2, 0.2 + 0.05))
+    assert float(one.optimizer_s) == pytest.approx(0.7)
+    table = price_ranges(prof, group, 1, LayerChoice(), np.array([0, 1, 2]))
+    for x, y in ((0, 1), (0, 2), (1, 2)):
+        lo, hi = x, y
+        ref = price_layers(prof, group, 1, lo, [LayerChoice()] * (hi - lo))
+        assert table.fwd_s[x, y] == pytest.approx(float(ref.fwd_s))
+        assert table.optimizer_s[x, y] == pytest.approx(float(ref.optimizer_s))
+
+
+def test_a_middle_stage_pays_the_cpu_of_the_messages_it_receives_and_sends() -> None:
+    """Stage 1 of 3: forward += recv(in) + send(out); backward += recv(grad) + send(grad)."""
+    prof = make_profile(n_layers=3, fwd=1.0, bwd=2.0, out=100)
+    plan = chain_plan(3, num_micro=2, mbs=2)
+    plain, measured = make_cluster(3, bw=1e9), _with_overheads(make_cluster(3, bw=1e9))
+    kw = dict(mbs=2, schedule="1F1B", stage_index=1, num_stages=3, num_micro=2)
+    base = stage_cost({"cpu": prof}, plain, plan.stages[1], plan.stages[2],
+                      prev_stage=plan.stages[0], **kw)  # type: ignore[arg-type]
+    got = stage_cost({"cpu": prof}, measured, plan.stages[1], plan.stages[2],
+                     prev_stage=plan.stages[0], **kw)  # type: ignore[arg-type]
+    msg = 200.0  # 100 B per sample, micro-batch of 2
+    cpu = message_cpu_time(OVER.recv_cpu, msg) + message_cpu_time(OVER.send_cpu, msg)
+    assert got.fwd_s == pytest.approx(base.fwd_s + OVER.fwd_s + cpu)
+    assert got.bwd_s == pytest.approx(base.bwd_s + OVER.bwd_s + cpu)
+    assert got.optimizer_s == pytest.approx(base.optimizer_s + OVER.step_s)
+    assert got.send_s == base.send_s  # the wire is priced as before
+    first = stage_cost({"cpu": prof}, measured, plan.stages[0], plan.stages[1],
+                       **{**kw, "stage_index": 0})  # type: ignore[arg-type]
+    # The first stage receives nothing in its forward: only its send's CPU.
+    assert first.fwd_s == pytest.approx(2 * 1.0 + OVER.fwd_s + message_cpu_time(OVER.send_cpu, msg))
+
+
+def test_one_stage_step_adds_the_overheads_exactly() -> None:
+    """A one-rank pipeline: step = M·(f + b + fwd_s + bwd_s) + step_s (no messages)."""
+    prof = make_profile(n_layers=2, fwd=0.5, bwd=1.0)
+    plan = make_plan([PlanStage(layers=(0, 2), ranks=[0])], num_micro=3)
+    sim = simulate(plan, {"cpu": prof}, _with_overheads(make_cluster(1)))
+    assert sim.step_time_s == pytest.approx(3 * (1.0 + 2.0 + 0.1 + 0.2) + 0.5)
+    assert not any("unpriced" in n for n in sim.notes)
+
+
+def test_a_cluster_without_the_probe_loads_prices_zero_and_says_so() -> None:
+    """Clusters profiled before the probe keep their bytes and are noted as unpriced."""
+    old = make_cluster(2)
+    text = artifacts.dumps(old)
+    assert "overheads" not in json.loads(text)["devices"][0]
+    assert artifacts.parse(json.loads(text)) == old
+    sim = simulate(chain_plan(2), {"cpu": make_profile(n_layers=2)}, old)
+    assert any("unpriced (0) on every rank" in n for n in sim.notes)
+    half = _with_overheads(make_cluster(2), [1])
+    sim = simulate(chain_plan(2), {"cpu": make_profile(n_layers=2)}, half)
+    assert any("unpriced (0) on ranks [0]" in n for n in sim.notes)
+    again = artifacts.parse(json.loads(artifacts.dumps(half)))
+    assert again.devices[1].overheads == OVER
+
+
+def test_the_planner_prices_a_stage_as_the_simulator_does() -> None:
+    """The DP's view (worst rank of each kind) and stage_cost agree on a one-stage plan."""
+    prof = make_profile(n_layers=4, fwd=0.01, bwd=0.02, optimizer_s=0.001)
+    cl = _with_overheads(make_cluster(2), [1])
+    problem = PlanProblem({"cpu": prof}, cl, 4)
+    mine = stage_prices(problem, [StageSpec(0, 4, (0, 1), LayerChoice())], 2)[0]
+    ref = stage_cost({"cpu": prof}, cl, PlanStage(layers=(0, 4), ranks=[0, 1], dp=2), None,
+                     mbs=2, schedule="1F1B", stage_index=0, num_stages=1, num_micro=2)
+    assert mine.fwd_s == pytest.approx(ref.fwd_s)
+    assert mine.bwd_s == pytest.approx(ref.bwd_s)
+    assert mine.sync_s == pytest.approx(ref.grad_sync_s + ref.optimizer_s)
+    assert ref.fwd_s == pytest.approx(0.04 + OVER.fwd_s)
+
+
+def test_fsdp_collectives_are_priced_on_their_own_measured_links() -> None:
+    """all_gather/reduce_scatter use the measured gather/scatter α/β of the ring's slowest hop;
+    without them, the all-reduce's (the pricing before the sweep)."""
+    from pdv.artifacts import Links
+    from pdv.cost.comm import all_gather_time, all_reduce_time, reduce_scatter_time, ring_of
+
+    n = 3
+    p2p = [[0.0 if i == j else 1e9 for j in range(n)] for i in range(n)]
+    lat = [[0.0 if i == j else 1e-5 for j in range(n)] for i in range(n)]
+    coll = [[0.0 if i == j else 4e8 for j in range(n)] for i in range(n)]
+    gather = [[0.0 if i == j else 2e8 for j in range(n)] for i in range(n)]
+    scatter = [[0.0 if i == j else 1e8 for j in range(n)] for i in range(n)]
+    scatter[1][2] = 5e7  # the slowest hop of ring 0→1→2→0
+    g_lat = [[0.0 if i == j else 3e-5 for j in range(n)] for i in range(n)]
+    old = Links(latency_s=lat, bandwidth_Bps=p2p, collective_latency_s=lat,
+                collective_bandwidth_Bps=coll)  # fmt: skip
+    new = old.model_copy(update={"gather_latency_s": g_lat, "gather_bandwidth_Bps": gather,
+                                 "scatter_latency_s": g_lat, "scatter_bandwidth_Bps": scatter})
+    s = 6e6
+    ring = ring_of(new, [2, 0, 1])
+    assert all_gather_time(ring, s) == pytest.approx(2 / 3 * s / 2e8 + 2 * 3e-5)
+    assert reduce_scatter_time(ring, s) == pytest.approx(2 / 3 * s / 5e7 + 2 * 3e-5)
+    assert all_reduce_time(ring, s) == pytest.approx(4 / 3 * s / 4e8 + 4 * 1e-5)  # unchanged
+    before = ring_of(old, [2, 0, 1])
+    assert reduce_scatter_time(before, s) == pytest.approx(2 / 3 * s / 4e8 + 2 * 1e-5)
+    assert all_gather_time(before, s) == reduce_scatter_time(before, s)
+    # Older clusters keep their bytes (the new matrices are left out, not written as null).
+    cl = make_cluster(2)
+    assert "gather_latency_s" not in json.loads(artifacts.dumps(cl))["links"]
