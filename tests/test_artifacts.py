@@ -89,7 +89,7 @@ def test_validate_wrong_schema_version(tmp_path):
 def test_validate_other_kind_where_one_is_expected(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(MINIMAL_CLUSTER))
-    with pytest.raises(PdvError, match="expected a pdv.plan/v1 artifact, got pdv.cluster/v1"):
+    with pytest.raises(PdvError, match="expected a pdv.plan/v2 artifact, got pdv.cluster/v1"):
         artifacts.load_as(path, "plan")
     # and a file of a kind pdv does not know at all
     path.write_text(json.dumps({"schema": "other.thing/v1"}))
