@@ -9,12 +9,12 @@ evaluated by the simulator on the *measured* matrix, whose prediction goes into 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from pdv.artifacts import (
     ClusterArtifact,
-    LayerChoice,
     ModelProfile,
     Plan,
     Planner,
@@ -26,8 +26,9 @@ from pdv.cost.simulate import simulate, to_predicted
 from pdv.errors import PdvError
 from pdv.plan import baselines
 from pdv.plan.groups import device_order, islands
-from pdv.plan.objective import followers, pipeline_objective, stage_price
-from pdv.plan.problem import Candidate, PlanProblem, StageSpec, plan_stage
+from pdv.plan.objective import followers, pipeline_objective
+from pdv.plan.problem import Candidate, PlanProblem, plan_stage
+from pdv.plan.reasons import closest_layout, why_no_plan
 from pdv.plan.sharding import refine_stage
 from pdv.plan.stages import DPResult, rank_key, stage_dp
 
@@ -49,8 +50,9 @@ def pdv_orders(problem: PlanProblem) -> list[tuple[list[int], list[list[int]]]]:
     """Device orders the pdv stage DP runs on (named generators, duplicates dropped).
 
     - ``bandwidth``: islands chained to maximize neighbour bandwidth (pdv.plan.groups);
-    - ``speed-first``: the same, per speed class, fastest class first, so a pipeline can leave
-      slow devices in the unused tail;
+    - ``speed-first``: the same, per class of speed and memory (pdv.plan.groups.classes),
+      fastest class first and the roomiest among equally fast, so a pipeline can leave slow or
+      small devices in the unused tail;
     - ``host``: ranks grouped by host name. Only the *layout* comes from the hosts; it is priced
       on the measured links like the others, so every layout a host-hierarchy planner can pick
       is in pdv's search space too, and pdv is not worse than it where the hosts do match the
@@ -58,11 +60,12 @@ def pdv_orders(problem: PlanProblem) -> list[tuple[list[int], list[list[int]]]]:
       time than the 64-GPU target allows, and the DP there is on sampled caps anyway.
     """
     slowness = [speed_factor(problem.profile_of(d.rank), d) for d in problem.cluster.devices]
+    capacity = [problem.capacity(d.rank) for d in problem.cluster.devices]
     by_bandwidth = islands(problem.cluster.links)
     host_chain, host_parts = baselines.host_order(problem.cluster)
     orders = [
         (device_order(problem.cluster.links), by_bandwidth),
-        (device_order(problem.cluster.links, slowness=slowness), by_bandwidth),
+        (device_order(problem.cluster.links, slowness=slowness, capacity=capacity), by_bandwidth),
     ]
     if len(problem.cluster.devices) <= HOST_ORDER_LIMIT:
         orders.append((host_chain, host_parts))
@@ -91,6 +94,7 @@ PLANNERS: dict[str, Callable[[PlanProblem], DPResult]] = {
     "uniform": baselines.uniform,
     "pipedream": baselines.pipedream,
 }
+BASELINES = ("hierarchy", "uniform", "pipedream")
 _REFINED = {"pdv", "hierarchy"}
 REFINE_TOP = 10
 """candidates refined and simulated on clusters up to REFINE_ALL_LIMIT devices (1 beyond)"""
@@ -180,6 +184,7 @@ def _to_plan(
     provenance: Provenance,
 ) -> Plan:
     profile = next(iter(sorted(problem.profiles.items())))[1]
+    used = {r for spec in cand.stages for r in spec.ranks}
     plan = Plan(
         provenance=provenance,
         model=profile.model,
@@ -194,10 +199,58 @@ def _to_plan(
             optimality_gap=None if gap is None else round(gap, 9),
             candidates=evaluated,
         ),
-        devices=list(problem.cluster.devices),
+        devices=[d.model_copy(update={"details": {}})
+                 for d in problem.cluster.devices if d.rank in used],  # fmt: skip
     )
     sim = simulate(plan, problem.profiles, problem.cluster)
     return plan.model_copy(update={"predicted": to_predicted(sim)})
+
+
+@dataclass(frozen=True)
+class _Simulated:
+    """A generator's candidate as a simulated plan, with what it scored inside the search."""
+
+    plan: Plan
+    step_s: float
+    objective_s: float
+    """J on the measured links (the generator's own, for pdv; recomputed for baselines)"""
+    by_objective: int
+    """its place among its generator's candidates by J (0 = first)"""
+
+
+_GENERATED: weakref.WeakKeyDictionary[PlanProblem, dict[tuple[str, int], tuple]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _generate(problem: PlanProblem, planner: str, few: int, say: Progress) -> tuple:
+    """(simulated candidates, exact, evaluated) of one generator; memoized per problem, so
+    pdv's search and `--compare` run each baseline once."""
+    memo = _GENERATED.setdefault(problem, {})
+    key = (planner, few)
+    if key not in memo:
+        memo[key] = _generate_now(problem, planner, few, say)
+    return memo[key]
+
+
+def _generate_now(problem: PlanProblem, planner: str, few: int, say: Progress) -> tuple:
+    say(f"{planner}: searching stages")
+    result = PLANNERS[planner](problem)
+    out: list[_Simulated] = []
+    for n, cand in enumerate(result.candidates[:few]):
+        status, gap = ("n/a", None)
+        if planner in _REFINED:
+            shown = min(few, len(result.candidates))
+            say(f"{planner}: CP-SAT sharding of candidate {n + 1}/{shown}")
+            cand, status, gap = _refine(problem, cand)
+        if not result.exact:
+            status = f"{status} (caps sampled)" if status != "n/a" else "caps sampled"
+        plan = _to_plan(problem, cand, status, gap, result.evaluated, Provenance())
+        assert plan.predicted is not None
+        j = cand.objective_s if planner == "pdv" else pipeline_objective(
+            problem, cand.stages, cand.micro_batch_size, cand.order or None)
+        out.append(_Simulated(plan, plan.predicted.step_time_s, j, n))
+    return out, result.exact, result.evaluated
 
 
 def search(
@@ -209,74 +262,75 @@ def search(
 ) -> SearchResult:
     """Run one planner; return up to `top` distinct plans ranked by predicted step time.
 
+    pdv's search also simulates the baselines' plans on the same inputs and keeps whichever is
+    predicted fastest, so its plan is never predicted slower than a baseline's; its
+    ``planner.notes`` say where the layout came from and by how much the DP's objective and
+    the simulator disagree on it.
+
     `provenance` (input digests) may be computed once by the caller: hashing a big cluster's
     N×N matrices takes longer than searching it.
     """
     say = progress or (lambda _msg: None)
     if planner not in PLANNERS:
         raise PdvError(f"unknown planner {planner!r}; choose one of: {', '.join(PLANNERS)}")
-    say(f"{planner}: searching stages")
-    result = PLANNERS[planner](problem)
-    if not result.candidates:
-        raise PdvError(_tightest(problem))
-    few = REFINE_TOP if len(problem.cluster.devices) <= REFINE_ALL_LIMIT else 1
-    shortlist = result.candidates[: max(top, few)]
-    provenance = provenance or plan_provenance(problem.profiles, problem.cluster)
-    plans: list[tuple[float, float, int, Plan]] = []
-    for n, cand in enumerate(shortlist):
-        status, gap = ("n/a", None)
-        if planner in _REFINED:
-            say(f"{planner}: CP-SAT sharding of candidate {n + 1}/{len(shortlist)}")
-            cand, status, gap = _refine(problem, cand)
-        if not result.exact:
-            status = f"{status} (caps sampled)" if status != "n/a" else "caps sampled"
-        plan = _to_plan(problem, cand, status, gap, result.evaluated, provenance)
-        assert plan.predicted is not None
-        plans.append((plan.predicted.step_time_s, cand.objective_s, n, plan))
-    plans.sort(key=lambda x: (x[0], x[1], x[2]))
-    distinct: list[Plan] = []
+    few = max(top, REFINE_TOP if len(problem.cluster.devices) <= REFINE_ALL_LIMIT else 1)
+    own, exact, _ = _generate(problem, planner, few, say)
+    pool = [(x, planner) for x in own]
+    if planner == "pdv":
+        for name in BASELINES:
+            try:
+                pool += [(x, name) for x in _generate(problem, name, few, say)[0]]
+            except PdvError:
+                continue  # a baseline that cannot plan here adds nothing
+    if not pool and planner == "pdv":
+        pool = [(x, planner) for x in _fallback(problem)]
+    if not pool:
+        raise PdvError(why_no_plan(problem))
+    order = {name: k for k, name in enumerate(PLANNERS)}
+    pool.sort(key=lambda x: (x[0].step_s, x[0].objective_s, order[x[1]], x[0].by_objective))
+    distinct: list[tuple[_Simulated, str]] = []
     seen: set[str] = set()
-    for *_, plan in plans:
-        key = repr((plan.stages, plan.micro_batch_size))
+    for item in pool:
+        key = repr((item[0].plan.stages, item[0].plan.micro_batch_size))
         if key not in seen:
             seen.add(key)
-            distinct.append(plan)
-    return SearchResult(distinct[:top], planner, result.exact)
+            distinct.append(item)
+    provenance = provenance or plan_provenance(problem.profiles, problem.cluster)
+    plans = [_reported(x, source, planner, own, provenance) for x, source in distinct[:top]]
+    return SearchResult(plans, planner, exact)
 
 
-def _tightest(problem: PlanProblem) -> str:
-    """The one-line reason nothing fits: the least-over layout's worst stage, rank and bytes."""
-    order = device_order(problem.cluster.links)
-    best: tuple[float, str] | None = None
-    for mbs, pp, width, tp in baselines.uniform_layouts(problem, len(order)):
-        M = problem.global_batch // mbs
-        ch = LayerChoice(tp=tp, fsdp=problem.allow_fsdp and width // tp > 1,
-                         recompute=problem.allow_recompute)
-        stages = [
-            StageSpec(lo, hi, tuple(order[s * width : (s + 1) * width]), ch)
-            for s, (lo, hi) in enumerate(baselines._split(problem.num_layers, pp))
-        ]
-        worst: tuple[float, str] | None = None
-        for s, spec in enumerate(stages):
-            nxt = tuple(order[(s + 1) * width :]) if s + 1 < pp else None
-            price = stage_price(problem, spec, mbs, pp - s, M, nxt)
-            for kind, mem in price.memory_bytes.items():
-                over = mem - price.capacity_bytes[kind]
-                rank = min(
-                    (r for r in spec.ranks if problem.cluster.devices[r].kind == kind),
-                    key=lambda r: (problem.capacity(r), r),
-                )
-                msg = (
-                    f"no plan fits in memory: tightest is stage {s} (layers "
-                    f"[{spec.lo}, {spec.hi})) on rank {rank} ({kind}): {over:,.0f} bytes "
-                    f"over its {problem.capacity(rank):,.0f}-byte budget "
-                    f"({over / 2**30:.1f} GiB too much) with pp={pp} "
-                    f"tp={tp} dp={width // tp} fsdp={ch.fsdp} recompute={ch.recompute} "
-                    f"micro-batch {mbs}; add devices, lower --memory-margin, or use a "
-                    f"smaller model or micro-batch"
-                )
-                if worst is None or over > worst[0]:
-                    worst = (over, msg)
-        if worst is not None and (best is None or worst[0] < best[0]):
-            best = worst
-    return best[1] if best else "no plan fits: no layout of the devices is possible"
+def _fallback(problem: PlanProblem) -> list[_Simulated]:
+    """The layout pdv.plan.reasons finds closest to fitting, when it fits: a plan the DP's
+    restricted spaces (layer atoms, equal widths, a few orders) left out."""
+    _, cand = closest_layout(problem)
+    if cand is None:
+        return []
+    plan = _to_plan(problem, cand, "n/a", None, 0, Provenance())
+    assert plan.predicted is not None
+    return [_Simulated(plan, plan.predicted.step_time_s, cand.objective_s, 0)]
+
+
+def _reported(x: _Simulated, source: str, planner: str, own: list[_Simulated],
+              provenance: Provenance) -> Plan:  # fmt: skip
+    """The plan as the planner reports it, with notes on how the search chose it."""
+    notes = [
+        f"search objective J {x.objective_s:.6g} s, simulated step {x.step_s:.6g} s "
+        f"({(x.objective_s - x.step_s) / x.step_s:+.1%} off)"
+    ]
+    best_j = min(own, key=lambda o: (o.objective_s, o.by_objective)) if own else None
+    if source != planner:
+        ours = min((o.step_s for o in own), default=None)
+        notes.append(
+            f"layout of the {source} baseline: predicted {x.step_s:.6g} s against "
+            + (f"{ours:.6g} s for {planner}'s own best" if ours is not None
+               else f"no plan of {planner}'s own")
+        )
+    elif best_j is not None and best_j is not x:
+        notes.append(
+            f"the simulator re-ranked {planner}'s candidates: the first by J "
+            f"({best_j.objective_s:.6g} s) simulates at {best_j.step_s:.6g} s; this one was "
+            f"#{x.by_objective + 1} by J"
+        )
+    planner_block = x.plan.planner.model_copy(update={"name": planner, "notes": notes})
+    return x.plan.model_copy(update={"planner": planner_block, "provenance": provenance})
