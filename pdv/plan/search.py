@@ -12,6 +12,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from pdv.artifacts import (
     ClusterArtifact,
@@ -22,7 +23,10 @@ from pdv.artifacts import (
     digest,
 )
 from pdv.cost.compute import speed_factor
+from pdv.cost.schedules import rank_orders, splits_backward
 from pdv.cost.simulate import simulate, to_predicted
+from pdv.cost.stage import stage_cost
+from pdv.cost.validity import check_plan
 from pdv.errors import PdvError
 from pdv.plan import baselines
 from pdv.plan.groups import device_order, islands
@@ -39,6 +43,7 @@ __all__ = [
     "check_profiles",
     "plan_provenance",
     "pdv_orders",
+    "step_floor",
 ]
 
 Progress = Callable[[str], None]
@@ -182,6 +187,7 @@ def _to_plan(
     gap: float | None,
     evaluated: int,
     provenance: Provenance,
+    simulated: bool = True,
 ) -> Plan:
     profile = next(iter(sorted(problem.profiles.items())))[1]
     used = {r for spec in cand.stages for r in spec.ranks}
@@ -202,8 +208,54 @@ def _to_plan(
         devices=[d.model_copy(update={"details": {}})
                  for d in problem.cluster.devices if d.rank in used],  # fmt: skip
     )
+    if not simulated:
+        return plan
     sim = simulate(plan, problem.profiles, problem.cluster)
     return plan.model_copy(update={"predicted": to_predicted(sim)})
+
+
+def step_floor(plan: Plan, problem: PlanProblem) -> float:
+    """A lower bound on the simulated step time, from the stage costs alone (no event loop).
+
+    What pdv.cost.simulate charges makes each of these a bound: a rank group runs its ops one
+    at a time, each at least its alone duration (shared cores only slow it); a stage's first
+    forward waits for one forward on every stage before it; a stage's gradient sync follows
+    its last backward and its optimizer step follows the sync. With one stage per group and
+    no split backward, a stage's first backward also waits for its micro-batch's forward on
+    every stage and backward on the later ones, the micro-batch of its last backward then runs
+    backward on every earlier stage, and stage 0 syncs and steps after that. Transfers count
+    as free.
+    """
+    n = len(plan.stages)
+    layout = check_plan(plan, problem.num_layers, len(problem.cluster.devices))
+    costs = [
+        stage_cost(problem.profiles, problem.cluster, st, plan.stages[i + 1] if i + 1 < n else None,
+                   mbs=plan.micro_batch_size, schedule=plan.schedule, stage_index=i,
+                   num_stages=n, num_micro=plan.num_micro_batches)
+        for i, st in enumerate(plan.stages)
+    ]  # fmt: skip
+    M = plan.num_micro_batches
+    lead = [sum(c.fwd_s for c in costs[:s]) for s in range(n)]
+    floor = 0.0
+    for stages in layout.stages_of_group:
+        busy = sum(M * (costs[s].fwd_s + costs[s].bwd_s) + costs[s].optimizer_s for s in stages)
+        floor = max(floor, min(lead[s] for s in stages) + busy)
+    if layout.local_stages > 1 or splits_backward(plan.schedule):
+        return floor
+    all_fwd = sum(c.fwd_s for c in costs)
+    tail0 = costs[0].grad_sync_s + costs[0].optimizer_s
+    for s, (c, order) in enumerate(zip(costs, rank_orders(layout, plan.schedule, M),
+                                       strict=True)):  # fmt: skip
+        # The stage's first backward waits for its micro-batch's forward through every stage
+        # and backward through the later ones; before it the stage can only run the forwards
+        # its schedule puts first.
+        warm = next(k for k, op in enumerate(order) if op[0] == "B")
+        first_bwd = max(lead[s] + warm * c.fwd_s,
+                        all_fwd + sum(x.bwd_s for x in costs[s + 1 :]))  # fmt: skip
+        last_bwd = first_bwd + (M - warm) * c.fwd_s + M * c.bwd_s
+        floor = max(floor, last_bwd + c.grad_sync_s + c.optimizer_s,
+                    last_bwd + sum(x.bwd_s for x in costs[:s]) + (tail0 if s else 0.0))
+    return floor
 
 
 @dataclass(frozen=True)
@@ -218,39 +270,73 @@ class _Simulated:
     """its place among its generator's candidates by J (0 = first)"""
 
 
-_GENERATED: weakref.WeakKeyDictionary[PlanProblem, dict[tuple[str, int], tuple]] = (
-    weakref.WeakKeyDictionary()
-)
+_MEMO: weakref.WeakKeyDictionary[PlanProblem, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+"""per problem: each generator's DP result, refined candidates and simulations, so pdv's
+search and `--compare` run each generator and simulate each plan once"""
 
 
-def _generate(problem: PlanProblem, planner: str, few: int, say: Progress) -> tuple:
-    """(simulated candidates, exact, evaluated) of one generator; memoized per problem, so
-    pdv's search and `--compare` run each baseline once."""
-    memo = _GENERATED.setdefault(problem, {})
-    key = (planner, few)
-    if key not in memo:
-        memo[key] = _generate_now(problem, planner, few, say)
-    return memo[key]
+def _memo(problem: PlanProblem) -> dict[tuple, Any]:
+    return _MEMO.setdefault(problem, {})
 
 
-def _generate_now(problem: PlanProblem, planner: str, few: int, say: Progress) -> tuple:
-    say(f"{planner}: searching stages")
-    result = PLANNERS[planner](problem)
-    out: list[_Simulated] = []
-    for n, cand in enumerate(result.candidates[:few]):
-        status, gap = ("n/a", None)
+def _dp(problem: PlanProblem, planner: str, say: Progress) -> DPResult:
+    memo = _memo(problem)
+    if ("dp", planner) not in memo:
+        say(f"{planner}: searching stages")
+        try:
+            memo["dp", planner] = PLANNERS[planner](problem)
+        except PdvError as exc:
+            memo["dp", planner] = exc
+    found = memo["dp", planner]
+    if isinstance(found, PdvError):
+        raise found
+    return cast(DPResult, found)
+
+
+def _evaluate(problem: PlanProblem, planner: str, n: int, shown: int, say: Progress,
+              beat: float | None = None) -> _Simulated | None:  # fmt: skip
+    """Candidate n of a generator, refined and simulated; None when `beat` is given and the
+    plan's step_floor shows it cannot be faster than that."""
+    memo = _memo(problem)
+    if ("sim", planner, n) in memo:
+        return cast(_Simulated, memo["sim", planner, n])
+    result = _dp(problem, planner, say)
+    if ("plan", planner, n) not in memo:
+        cand, status, gap = result.candidates[n], "n/a", None
         if planner in _REFINED:
-            shown = min(few, len(result.candidates))
             say(f"{planner}: CP-SAT sharding of candidate {n + 1}/{shown}")
             cand, status, gap = _refine(problem, cand)
         if not result.exact:
             status = f"{status} (caps sampled)" if status != "n/a" else "caps sampled"
-        plan = _to_plan(problem, cand, status, gap, result.evaluated, Provenance())
-        assert plan.predicted is not None
-        j = cand.objective_s if planner == "pdv" else pipeline_objective(
-            problem, cand.stages, cand.micro_batch_size, cand.order or None)
-        out.append(_Simulated(plan, plan.predicted.step_time_s, j, n))
-    return out, result.exact, result.evaluated
+        plan = _to_plan(problem, cand, status, gap, result.evaluated, Provenance(), False)
+        memo["plan", planner, n] = (cand, plan)
+    cand, plan = memo["plan", planner, n]
+    if beat is not None and step_floor(plan, problem) > beat * (1 + 1e-9):
+        return None
+    sim = simulate(plan, problem.profiles, problem.cluster)
+    plan = plan.model_copy(update={"predicted": to_predicted(sim)})
+    j = cand.objective_s if planner == "pdv" else pipeline_objective(
+        problem, cand.stages, cand.micro_batch_size, cand.order or None)
+    memo["sim", planner, n] = _Simulated(plan, sim.step_time_s, j, n)
+    return cast(_Simulated, memo["sim", planner, n])
+
+
+def _generate(problem: PlanProblem, planner: str, few: int, say: Progress,
+              beat: float | None = None) -> tuple[list[_Simulated], int]:  # fmt: skip
+    """The first `few` candidates of a generator, simulated (those a bound rules out against
+    `beat` left out), and how many were ruled out."""
+    result = _dp(problem, planner, say)
+    shown = min(few, len(result.candidates))
+    out, skipped = [], 0
+    for n in range(shown):
+        x = _evaluate(problem, planner, n, shown, say, beat)
+        if x is None:
+            skipped += 1
+            continue
+        out.append(x)
+        if beat is not None:
+            beat = min(beat, x.step_s)
+    return out, skipped
 
 
 def search(
@@ -274,14 +360,24 @@ def search(
     if planner not in PLANNERS:
         raise PdvError(f"unknown planner {planner!r}; choose one of: {', '.join(PLANNERS)}")
     few = max(top, REFINE_TOP if len(problem.cluster.devices) <= REFINE_ALL_LIMIT else 1)
-    own, exact, _ = _generate(problem, planner, few, say)
+    try:
+        own = _generate(problem, planner, few, say)[0]
+        exact = _dp(problem, planner, say).exact
+    except PdvError:
+        if planner != "pdv":
+            raise
+        own, exact = [], True
     pool = [(x, planner) for x in own]
+    ruled_out = 0
     if planner == "pdv":
         for name in BASELINES:
+            beat = min((x.step_s for x, _ in pool), default=None)
             try:
-                pool += [(x, name) for x in _generate(problem, name, few, say)[0]]
+                found, skipped = _generate(problem, name, few, say, beat)
             except PdvError:
                 continue  # a baseline that cannot plan here adds nothing
+            pool += [(x, name) for x in found]
+            ruled_out += skipped
     if not pool and planner == "pdv":
         pool = [(x, planner) for x in _fallback(problem)]
     if not pool:
@@ -296,7 +392,8 @@ def search(
             seen.add(key)
             distinct.append(item)
     provenance = provenance or plan_provenance(problem.profiles, problem.cluster)
-    plans = [_reported(x, source, planner, own, provenance) for x, source in distinct[:top]]
+    plans = [_reported(x, source, planner, own, provenance, ruled_out)
+             for x, source in distinct[:top]]  # fmt: skip
     return SearchResult(plans, planner, exact)
 
 
@@ -312,7 +409,7 @@ def _fallback(problem: PlanProblem) -> list[_Simulated]:
 
 
 def _reported(x: _Simulated, source: str, planner: str, own: list[_Simulated],
-              provenance: Provenance) -> Plan:  # fmt: skip
+              provenance: Provenance, ruled_out: int = 0) -> Plan:  # fmt: skip
     """The plan as the planner reports it, with notes on how the search chose it."""
     notes = [
         f"search objective J {x.objective_s:.6g} s, simulated step {x.step_s:.6g} s "
@@ -332,5 +429,8 @@ def _reported(x: _Simulated, source: str, planner: str, own: list[_Simulated],
             f"({best_j.objective_s:.6g} s) simulates at {best_j.step_s:.6g} s; this one was "
             f"#{x.by_objective + 1} by J"
         )
+    if ruled_out:
+        notes.append(f"{ruled_out} baseline plan(s) not simulated: a lower bound on their step "
+                     f"time (pdv.plan.search.step_floor) is above a plan already simulated")
     planner_block = x.plan.planner.model_copy(update={"name": planner, "notes": notes})
     return x.plan.model_copy(update={"planner": planner_block, "provenance": provenance})
