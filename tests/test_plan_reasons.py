@@ -1,4 +1,4 @@
-"""No-plan messages: each claim they make is checked against the simulator on a plan that shows it."""
+"""No-plan messages: each claim is checked against the simulator on a plan that shows it."""
 
 from __future__ import annotations
 

@@ -221,8 +221,8 @@ def _layer_advice(problem: PlanProblem, e: Excess) -> str:
     return "; ".join(tips)
 
 
-def why_no_plan(problem: PlanProblem) -> str:
-    """The one-line reason no plan was found (see the module docstring)."""
+def why_no_plan(problem: PlanProblem, planner: str = "pdv") -> str:
+    """The one-line reason `planner` found no plan (see the module docstring)."""
     stuck = layer_fit(problem)
     if stuck is not None:
         layer, e = stuck
@@ -240,6 +240,12 @@ def why_no_plan(problem: PlanProblem) -> str:
     if closest is None:
         return "no plan found: no stage width fits the micro-batch sizes allowed"
     e = closest
+    if e.bytes <= 0:  # memory is not what stops it: the planner's space or the schedule is
+        return (f"no plan found: {planner}'s search has no layout that fits in memory and that "
+                f"the {problem.schedule} schedule can run, though {e.num_stages} stage(s) of "
+                f"{len(e.spec.ranks)} rank(s) fit in memory; "
+                + ("plan with --planner pdv" if planner != "pdv" else
+                   "try another --schedule or other --micro-batch-sizes"))
     return (f"no plan fits in memory: the search found no layout within every rank's budget; "
             f"the closest, {e.num_stages} stage(s) of {len(e.spec.ranks)} rank(s), has its "
             f"tightest stage {_describe(e)}; add devices, allow larger --micro-batch-sizes, "

@@ -328,14 +328,21 @@ def _generate(problem: PlanProblem, planner: str, few: int, say: Progress,
     result = _dp(problem, planner, say)
     shown = min(few, len(result.candidates))
     out, skipped = [], 0
+    invalid: PdvError | None = None
     for n in range(shown):
-        x = _evaluate(problem, planner, n, shown, say, beat)
+        try:
+            x = _evaluate(problem, planner, n, shown, say, beat)
+        except PdvError as exc:  # a layout the schedule cannot run (the simulator says why)
+            invalid = invalid or exc
+            continue
         if x is None:
             skipped += 1
             continue
         out.append(x)
         if beat is not None:
             beat = min(beat, x.step_s)
+    if invalid is not None and not out and not skipped:
+        raise invalid
     return out, skipped
 
 
@@ -381,7 +388,7 @@ def search(
     if not pool and planner == "pdv":
         pool = [(x, planner) for x in _fallback(problem)]
     if not pool:
-        raise PdvError(why_no_plan(problem))
+        raise PdvError(why_no_plan(problem, planner))
     order = {name: k for k, name in enumerate(PLANNERS)}
     pool.sort(key=lambda x: (x[0].step_s, x[0].objective_s, order[x[1]], x[0].by_objective))
     distinct: list[tuple[_Simulated, str]] = []
@@ -403,7 +410,10 @@ def _fallback(problem: PlanProblem) -> list[_Simulated]:
     _, cand = closest_layout(problem)
     if cand is None:
         return []
-    plan = _to_plan(problem, cand, "n/a", None, 0, Provenance())
+    try:
+        plan = _to_plan(problem, cand, "n/a", None, 0, Provenance())
+    except PdvError:  # a layout the schedule cannot run
+        return []
     assert plan.predicted is not None
     return [_Simulated(plan, plan.predicted.step_time_s, cand.objective_s, 0)]
 
