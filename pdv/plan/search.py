@@ -324,6 +324,13 @@ def _evaluate(problem: PlanProblem, planner: str, n: int, shown: int, say: Progr
     return cast(_Simulated, memo["sim", planner, n])
 
 
+def _fits(problem: PlanProblem, plan: Plan) -> bool:
+    """Whether the simulated peak memory of every rank is within its budget."""
+    assert plan.predicted is not None
+    return all(peak <= problem.capacity(int(r)) * (1 + 1e-9)
+               for r, peak in plan.predicted.peak_memory_bytes.items())  # fmt: skip
+
+
 def _generate(
     problem: PlanProblem,
     planner: str,
@@ -334,7 +341,8 @@ def _generate(
 ) -> tuple[list[_Simulated], int]:
     """The first `few` candidates of a generator, simulated, and how many were not: with
     `prune`, a candidate whose step_floor is above `beat` or above the generator's best so far
-    is left out (it cannot be the fastest)."""
+    is left out (it cannot be the fastest). Plans the simulator finds over a rank's memory
+    budget are left out too."""
     result = _dp(problem, planner, say)
     shown = min(few, len(result.candidates))
     out, skipped = [], 0
@@ -347,6 +355,8 @@ def _generate(
             continue
         if x is None:
             skipped += 1
+            continue
+        if not _fits(problem, x.plan):  # the search's memory model is looser for some schedules
             continue
         out.append(x)
         if prune:
@@ -426,6 +436,8 @@ def _fallback(problem: PlanProblem) -> list[_Simulated]:
     except PdvError:  # a layout the schedule cannot run
         return []
     assert plan.predicted is not None
+    if not _fits(problem, plan):
+        return []
     return [_Simulated(plan, plan.predicted.step_time_s, cand.objective_s, 0)]
 
 
