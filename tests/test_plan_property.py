@@ -95,6 +95,7 @@ def test_pdv_plans_whenever_a_baseline_does_and_is_never_slower(seed: int) -> No
         assert all(float(x) > 0 for x in re.findall(r"(-?[\d.]+) GiB over", msg)), msg
         return
     assert plan.predicted is not None
+    assert plan.planner.notes[0].startswith("search objective J")  # J against the simulator
     assert plan.predicted.step_time_s <= best_baseline * (1 + 1e-9)
     assert step_floor(plan, problem) <= plan.predicted.step_time_s * (1 + 1e-9)
     for rank, peak in plan.predicted.peak_memory_bytes.items():
