@@ -483,10 +483,12 @@ def _expand_runs(entries: list[Any]) -> list[Any]:
 class Plan(_Strict):
     """A training plan: stages, micro-batching, schedule, and its prediction.
 
-    Schema v2 keeps the devices the stages use, not every device of the cluster (v1 embedded
-    them all: 382 KB for a 1024-rank cluster); the cluster's digest is in the provenance and
-    `pdv simulate` takes the cluster file. A v1 plan is read as v2, its devices cut to the
-    ranks its stages use.
+    Schema v2 writes the cluster's devices as runs of consecutive alike ranks, without what
+    the probe reported about each (v1 listed every device with its probe details: 382 KB for
+    a 1024-rank cluster); the cluster's digest is in the provenance and `pdv simulate` takes
+    the cluster file for the links. Every rank stays listed: launching, `pdv replan` (devices
+    matched by host and position) and elastic runs count the cluster's ranks from it. A v1
+    plan is read as v2.
     """
 
     schema_: Literal["pdv.plan/v2"] = Field("pdv.plan/v2", alias="schema")
@@ -501,7 +503,7 @@ class Plan(_Strict):
     planner: Planner = Field(default_factory=Planner)
     devices: list[ClusterDevice] | None = Field(
         None,
-        description="the devices the stages use (host, kind, memory of each rank), for "
+        description="the cluster's devices (host, kind, memory, speed of each rank), for "
         "launching and reading; written as runs {ranks: [first, last], host, kind, ...} of "
         "consecutive ranks that are alike",
     )
@@ -514,14 +516,8 @@ class Plan(_Strict):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        if data.get("schema") == "pdv.plan/v1":
-            # v1 listed every device of the cluster: keep the ones the stages use.
+        if data.get("schema") == "pdv.plan/v1":  # the same fields, devices one by one
             data["schema"] = PLAN_SCHEMA
-            used = {r for st in data.get("stages") or [] if isinstance(st, dict)
-                    for r in st.get("ranks") or []}  # fmt: skip
-            if isinstance(data.get("devices"), list):
-                data["devices"] = [d for d in data["devices"]
-                                   if not isinstance(d, dict) or d.get("rank") in used]
         if isinstance(data.get("devices"), list):
             data["devices"] = _expand_runs(data["devices"])
         return data

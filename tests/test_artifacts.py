@@ -166,12 +166,15 @@ def test_plan_devices_are_written_as_runs_and_read_back() -> None:
     assert artifacts.digest(again) == artifacts.digest(plan)
 
 
-def test_v1_plan_is_read_with_the_devices_its_stages_use() -> None:
+def test_v1_plan_is_read_as_v2() -> None:
     devices = [{"rank": r, "host": "h0", "kind": "gpu", "memory_bytes": 1 << 30}
                for r in range(6)]  # fmt: skip
     plan = artifacts.parse(_plan_with_devices("pdv.plan/v1", devices))
-    assert [d.rank for d in plan.devices] == [1, 2, 3]
-    assert json.loads(artifacts.dumps(plan))["schema"] == "pdv.plan/v2"
+    assert [d.rank for d in plan.devices] == list(range(6))
+    data = json.loads(artifacts.dumps(plan))
+    assert data["schema"] == "pdv.plan/v2"
+    assert data["devices"] == [{"ranks": [0, 5], "host": "h0", "kind": "gpu",
+                                "memory_bytes": 1 << 30}]  # fmt: skip
     bad = _plan_with_devices("pdv.plan/v2", [{"ranks": [3, 1], "host": "h0", "kind": "gpu",
                                               "memory_bytes": 1}])  # fmt: skip
     with pytest.raises(PdvError, match=r"ranks \[3, 1\] must be \[first, last\]"):

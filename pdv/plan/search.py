@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from pdv.artifacts import (
     ClusterArtifact,
+    ClusterDevice,
     ModelProfile,
     Plan,
     Planner,
@@ -193,7 +194,6 @@ def _to_plan(
     simulated: bool = True,
 ) -> Plan:
     profile = next(iter(sorted(problem.profiles.items())))[1]
-    used = {r for spec in cand.stages for r in spec.ranks}
     plan = Plan(
         provenance=provenance,
         model=profile.model,
@@ -208,13 +208,21 @@ def _to_plan(
             optimality_gap=None if gap is None else round(gap, 9),
             candidates=evaluated,
         ),
-        devices=[d.model_copy(update={"details": {}})
-                 for d in problem.cluster.devices if d.rank in used],  # fmt: skip
+        devices=_plan_devices(problem),
     )
     if not simulated:
         return plan
     sim = simulate(plan, problem.profiles, problem.cluster)
     return plan.model_copy(update={"predicted": to_predicted(sim)})
+
+
+def _plan_devices(problem: PlanProblem) -> list[ClusterDevice]:
+    """The cluster's devices as a plan lists them: without the probe's details."""
+    memo = _memo(problem)
+    if ("devices",) not in memo:
+        memo["devices",] = [d.model_copy(update={"details": {}})
+                            for d in problem.cluster.devices]  # fmt: skip
+    return cast(list[ClusterDevice], memo["devices",])
 
 
 def step_floor(plan: Plan, problem: PlanProblem) -> float:
