@@ -106,8 +106,16 @@ REFINE_TOP = 10
 """candidates refined and simulated on clusters up to REFINE_ALL_LIMIT devices"""
 REFINE_ALL_LIMIT = 32
 BIG_REFINE_TOP = 4
-"""candidates refined and simulated beyond REFINE_ALL_LIMIT devices: J misranks plans by 10%
-and more there (a 1024-GPU GPT-3 plan third by J simulates 12% faster than the first)"""
+"""pdv's candidates refined and simulated beyond REFINE_ALL_LIMIT devices (a baseline's: 1):
+J misranks plans by 10% and more there (a 1024-GPU GPT-3 plan third by J simulates 12% faster
+than the first)"""
+
+
+def _few(problem: PlanProblem, planner: str, top: int) -> int:
+    """How many of a generator's candidates are refined and simulated."""
+    if len(problem.cluster.devices) <= REFINE_ALL_LIMIT:
+        return max(top, REFINE_TOP)
+    return max(top, BIG_REFINE_TOP if planner == "pdv" else 1)
 
 
 @dataclass(frozen=True)
@@ -394,10 +402,8 @@ def search(
     say = progress or (lambda _msg: None)
     if planner not in PLANNERS:
         raise PdvError(f"unknown planner {planner!r}; choose one of: {', '.join(PLANNERS)}")
-    few = max(top, REFINE_TOP if len(problem.cluster.devices) <= REFINE_ALL_LIMIT
-              else BIG_REFINE_TOP)  # fmt: skip
     try:
-        own = _generate(problem, planner, few, say, prune=top == 1)[0]
+        own = _generate(problem, planner, _few(problem, planner, top), say, prune=top == 1)[0]
         exact = _dp(problem, planner, say).exact
     except PdvError:
         if planner != "pdv":
@@ -409,7 +415,8 @@ def search(
         for name in BASELINES:
             beat = min((x.step_s for x, _ in pool), default=None)
             try:
-                found, skipped = _generate(problem, name, few, say, beat, prune=True)
+                found, skipped = _generate(problem, name, _few(problem, name, 1), say, beat,
+                                           prune=True)  # fmt: skip
             except PdvError:
                 continue  # a baseline that cannot plan here adds nothing
             pool += [(x, name) for x in found]
