@@ -6,7 +6,11 @@
 Each size runs twice: on profiles and a cluster synthesized here, and on the repository's own
 inputs (clusters/two-kinds-128x8.json declared with `pdv cluster declare`, its node count scaled
 for 64 GPUs, and the `--estimate` GPT-3 175B profiles in plans/profiles/, 96 blocks plus the
-embedding and head). Search time is the whole search (DP, CP-SAT, simulating the result);
+embedding and head), and on a noisy matrix shaped like a measured one
+(benchmarks/noisy_cluster.py: NVLink-class and PCIe-class hosts on one fabric, two memory sizes,
+one device kind, every ordered pair ±10% off its class; its first 64 ranks for the 64 size) with
+a GPT-3 175B `pdv profile model --estimate` profile taken on this machine's CPU (or `--profile`).
+Search time is the whole search (DP, CP-SAT, simulating the result);
 hashing the inputs for the plan's provenance is timed apart.
 
 Profiles are synthesized here (provenance "estimated"): per block 24·s·d² + 4·s²·d forward FLOPs
@@ -152,10 +156,10 @@ def measure(nodes: int, global_batch: int) -> dict:
     return _timed(profiles, cluster, global_batch, nodes * 8, "synthesized 96 blocks")
 
 
-def _timed(profiles, cluster, global_batch: int, gpus: int, what: str) -> dict:
-    problem = PlanProblem(
-        profiles, cluster, global_batch, micro_batch_sizes=(1, 2, 4, 8), time_limit_s=2.0
-    )
+def _timed(profiles, cluster, global_batch: int, gpus: int, what: str,
+           mbs: tuple[int, ...] = (1, 2, 4, 8)) -> dict:  # fmt: skip
+    problem = PlanProblem(profiles, cluster, global_batch, micro_batch_sizes=mbs,
+                          time_limit_s=2.0)  # fmt: skip
     started = time.perf_counter()
     provenance = plan_provenance(profiles, cluster)
     digest_s = time.perf_counter() - started
@@ -217,17 +221,51 @@ def measure_declared(nodes: int, global_batch: int) -> dict | None:
     return _timed(profiles, cluster, global_batch, nodes * 8, "declared 128x8 spec, 175B estimates")
 
 
+def estimate_profile(path: Path | None) -> ModelProfile:
+    """GPT-3 175B `--estimate` profile: the given file, or one taken on this CPU now."""
+    import subprocess
+    import tempfile
+
+    from pdv import artifacts
+
+    if path is not None:
+        return artifacts.load_as(path, "model-profile")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "gpt3_175b.json"
+        subprocess.run([sys.executable, "-m", "pdv", "profile", "model", "gpt3_175b", "--estimate",
+                        "-o", str(out)], check=True, capture_output=True, cwd=ROOT)  # fmt: skip
+        return artifacts.load_as(out, "model-profile")
+
+
+def measure_noisy(gpus: int, global_batch: int, profile: ModelProfile) -> dict:
+    """The noisy measured-like matrix (first `gpus` ranks of 128 hosts x 8), CPU estimate."""
+    if str(ROOT) not in sys.path:  # run as a script: the repository root is not on the path
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.noisy_cluster import first_ranks, noisy_cluster
+
+    cluster = noisy_cluster(128, kind=profile.device.kind)
+    if gpus < len(cluster.devices):
+        cluster = first_ranks(cluster, gpus)
+    return _timed({profile.device.kind: profile}, cluster, global_batch, gpus,
+                  "noisy 128x8 matrix, 175B --estimate on this CPU", mbs=())  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only", type=int, choices=(64, 1024), help="one cluster size only")
+    parser.add_argument("--profile", type=Path,
+                        help="GPT-3 175B --estimate profile for the noisy case (default: take "
+                        "one on this CPU)")  # fmt: skip
     args = parser.parse_args()
     targets = {64: 1.0, 1024: 10.0}
+    noisy = estimate_profile(args.profile)
     rows, failed = [], False
     for gpus, target in targets.items():
         if args.only and gpus != args.only:
             continue
-        for row in (measure(gpus // 8, 1536), measure_declared(gpus // 8, 1536)):
+        for row in (measure(gpus // 8, 1536), measure_declared(gpus // 8, 1536),
+                    measure_noisy(gpus, 1536, noisy)):
             if row is None:
                 continue
             row["target_s"] = target

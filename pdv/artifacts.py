@@ -44,6 +44,7 @@ __all__ = [
     "ModelSpec",
     "Plan",
     "PlanStage",
+    "PLAN_SCHEMA",
     "Planner",
     "Predicted",
     "Provenance",
@@ -510,12 +511,60 @@ class Planner(_Strict):
     status: str = Field("n/a", description="solver status, e.g. OPTIMAL or FEASIBLE")
     optimality_gap: float | None = Field(None, description="relative gap reported by the solver")
     candidates: int | None = Field(None, description="candidates evaluated (deterministic)")
+    notes: list[str] = Field(
+        default_factory=list,
+        description="what the search decided and why: which generator's layout won, and by "
+        "how much the search's objective and the simulator disagree on it",
+    )
+
+
+PLAN_SCHEMA = "pdv.plan/v2"
+_DEVICE_RUN_KEYS = ("host", "kind", "memory_bytes", "name", "matmul_flops", "matmul_flops_alone",
+                    "runtime_bytes", "runtime_own_bytes")  # fmt: skip
+
+
+def _device_runs(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Consecutive ranks with the same fields become one entry {"ranks": [first, last], ...};
+    # what the probe reported (`details`) stays in the cluster file.
+    runs: list[dict[str, Any]] = []
+    for d in sorted(devices, key=lambda d: d["rank"]):
+        fields = {k: d[k] for k in _DEVICE_RUN_KEYS if d.get(k) is not None}
+        last = runs[-1] if runs else None
+        if last is not None and last["ranks"][1] + 1 == d["rank"] and \
+                {k: v for k, v in last.items() if k != "ranks"} == fields:  # fmt: skip
+            last["ranks"][1] = d["rank"]
+        else:
+            runs.append({"ranks": [d["rank"], d["rank"]], **fields})
+    return runs
+
+
+def _expand_runs(entries: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for e in entries:
+        if isinstance(e, dict) and "ranks" in e and "rank" not in e:
+            ranks = e["ranks"]
+            if not (isinstance(ranks, list) and len(ranks) == 2 and
+                    all(isinstance(r, int) for r in ranks) and ranks[0] <= ranks[1]):  # fmt: skip
+                raise ValueError(f"devices: ranks {ranks!r} must be [first, last] rank numbers")
+            rest = {k: v for k, v in e.items() if k != "ranks"}
+            out.extend({"rank": r, **rest} for r in range(ranks[0], ranks[1] + 1))
+        else:
+            out.append(e)
+    return out
 
 
 class Plan(_Strict):
-    """A training plan: stages, micro-batching, schedule, and its prediction."""
+    """A training plan: stages, micro-batching, schedule, and its prediction.
 
-    schema_: Literal["pdv.plan/v1"] = Field("pdv.plan/v1", alias="schema")
+    Schema v2 writes the cluster's devices as runs of consecutive alike ranks, without what
+    the probe reported about each (v1 listed every device with its probe details: 382 KB for
+    a 1024-rank cluster); the cluster's digest is in the provenance and `pdv simulate` takes
+    the cluster file for the links. Every rank stays listed: launching, `pdv replan` (devices
+    matched by host and position) and elastic runs count the cluster's ranks from it. A v1
+    plan is read as v2.
+    """
+
+    schema_: Literal["pdv.plan/v2"] = Field("pdv.plan/v2", alias="schema")
     provenance: Provenance = Field(default_factory=Provenance)
     model: ModelSpec | None = Field(None, description="model to build at run time")
     stages: list[PlanStage] = Field(min_length=1)
@@ -526,10 +575,25 @@ class Plan(_Strict):
     predicted: Predicted | None = None
     planner: Planner = Field(default_factory=Planner)
     devices: list[ClusterDevice] | None = Field(
-        None, description="the cluster's devices (host of each rank), for launching"
+        None,
+        description="the cluster's devices (host, kind, memory, speed of each rank), for "
+        "launching and reading; written as runs {ranks: [first, last], host, kind, ...} of "
+        "consecutive ranks that are alike",
     )
 
     model_config = ConfigDict(populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("schema") == "pdv.plan/v1":  # the same fields, devices one by one
+            data["schema"] = PLAN_SCHEMA
+        if isinstance(data.get("devices"), list):
+            data["devices"] = _expand_runs(data["devices"])
+        return data
 
     @field_validator("schedule", mode="before")
     @classmethod
@@ -641,7 +705,9 @@ KINDS: dict[str, type[BaseModel]] = {
     "plan": Plan,
     "run-report": RunReport,
 }
-_VERSIONS = {f"pdv.{k}/v1": k for k in KINDS}
+_VERSIONS = {f"pdv.{k}/v1": k for k in KINDS if k != "plan"} | {PLAN_SCHEMA: "plan"}
+_READ_AS = {"pdv.plan/v1": "plan"}
+"""older schemas still read (upgraded when validated)"""
 
 
 # --------------------------------------------------------------------------- (de)serialization
@@ -654,6 +720,8 @@ def dumps(artifact: BaseModel, compact: bool = False) -> str:
     half the bytes that way. The digest always uses the indented form.
     """
     data = artifact.model_dump(mode="json", by_alias=True)
+    if isinstance(artifact, Plan) and data.get("devices") is not None:
+        data["devices"] = _device_runs(data["devices"])  # the file's form; Plan reads both
     if compact:
         return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
     return json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"
@@ -699,24 +767,26 @@ def schema_of(data: Any) -> str:
         raise PdvError("not a pdv artifact: the top level must be a JSON object")
     schema = data.get("schema")
     if not isinstance(schema, str):
-        raise PdvError('not a pdv artifact: no "schema" field (expected e.g. "pdv.plan/v1")')
+        raise PdvError('not a pdv artifact: no "schema" field (expected e.g. "pdv.plan/v2")')
     return schema
 
 
 def parse(data: Any, source: str = "<input>", expect: str | None = None) -> Any:
     """Validate a parsed JSON object into its artifact type (optionally of one expected kind)."""
     schema = schema_of(data)
-    kind = _VERSIONS.get(schema)
+    kind = _VERSIONS.get(schema) or _READ_AS.get(schema)
     if kind is None:
         base = schema.rsplit("/", 1)[0]
-        known = [s for s in _VERSIONS if s.rsplit("/", 1)[0] == base]
+        known = sorted(s for s in [*_VERSIONS, *_READ_AS] if s.rsplit("/", 1)[0] == base)
         if known:
-            raise PdvError(f"{source}: schema {schema} is not supported; this pdv reads {known[0]}")
+            raise PdvError(f"{source}: schema {schema} is not supported; this pdv reads "
+                           f"{' and '.join(known)}")
         raise PdvError(
             f"{source}: unknown schema {schema!r}; known: {', '.join(sorted(_VERSIONS))}"
         )
     if expect is not None and kind != expect:
-        raise PdvError(f"{source}: expected a pdv.{expect}/v1 artifact, got {schema}")
+        want = next(s for s, k in _VERSIONS.items() if k == expect)
+        raise PdvError(f"{source}: expected a {want} artifact, got {schema}")
     try:
         return KINDS[kind].model_validate(data)
     except ValidationError as exc:

@@ -89,7 +89,7 @@ def test_validate_wrong_schema_version(tmp_path):
 def test_validate_other_kind_where_one_is_expected(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(MINIMAL_CLUSTER))
-    with pytest.raises(PdvError, match="expected a pdv.plan/v1 artifact, got pdv.cluster/v1"):
+    with pytest.raises(PdvError, match="expected a pdv.plan/v2 artifact, got pdv.cluster/v1"):
         artifacts.load_as(path, "plan")
     # and a file of a kind pdv does not know at all
     path.write_text(json.dumps({"schema": "other.thing/v1"}))
@@ -139,3 +139,43 @@ def test_typer_exit_code_reaches_the_shell():
         assert main(["_exit-probe"]) == 3
     finally:
         app.registered_commands.pop()
+
+
+def _plan_with_devices(schema: str, devices: list[dict]) -> dict:
+    return {
+        "schema": schema,
+        "stages": [{"layers": [0, 2], "ranks": [1, 2], "dp": 2}, {"layers": [2, 4], "ranks": [3]}],
+        "micro_batch_size": 2,
+        "num_micro_batches": 2,
+        "global_batch_size": 4,
+        "devices": devices,
+    }
+
+
+def test_plan_devices_are_written_as_runs_and_read_back() -> None:
+    devices = [{"rank": r, "host": "h0" if r < 3 else "h1", "kind": "gpu",
+                "memory_bytes": 1 << 30} for r in (1, 2, 3)]  # fmt: skip
+    plan = artifacts.parse(_plan_with_devices("pdv.plan/v2", devices))
+    data = json.loads(artifacts.dumps(plan))
+    assert data["devices"] == [
+        {"ranks": [1, 2], "host": "h0", "kind": "gpu", "memory_bytes": 1 << 30},
+        {"ranks": [3, 3], "host": "h1", "kind": "gpu", "memory_bytes": 1 << 30},
+    ]
+    again = artifacts.parse(data)
+    assert again == plan and [d.rank for d in again.devices] == [1, 2, 3]
+    assert artifacts.digest(again) == artifacts.digest(plan)
+
+
+def test_v1_plan_is_read_as_v2() -> None:
+    devices = [{"rank": r, "host": "h0", "kind": "gpu", "memory_bytes": 1 << 30}
+               for r in range(6)]  # fmt: skip
+    plan = artifacts.parse(_plan_with_devices("pdv.plan/v1", devices))
+    assert [d.rank for d in plan.devices] == list(range(6))
+    data = json.loads(artifacts.dumps(plan))
+    assert data["schema"] == "pdv.plan/v2"
+    assert data["devices"] == [{"ranks": [0, 5], "host": "h0", "kind": "gpu",
+                                "memory_bytes": 1 << 30}]  # fmt: skip
+    bad = _plan_with_devices("pdv.plan/v2", [{"ranks": [3, 1], "host": "h0", "kind": "gpu",
+                                              "memory_bytes": 1}])  # fmt: skip
+    with pytest.raises(PdvError, match=r"ranks \[3, 1\] must be \[first, last\]"):
+        artifacts.parse(bad)

@@ -101,7 +101,7 @@ def test_infeasible_is_one_line_exit_2(tmp_path: Path) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "no plan fits in memory" in lines[0] and "stage" in lines[0] and "rank" in lines[0]
-    assert "bytes over" in lines[0]
+    assert "fits no stage" in lines[0] and "GiB over" in lines[0]
 
 
 def test_top_and_compare_json(inputs, tmp_path: Path) -> None:

@@ -62,8 +62,8 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path, case: s
         args = ["--model", str(tmp_path / "nope.py") + ":gpt"]
         needle = "no such file"
     elif case == "schema":
-        data["schema"] = "pdv.plan/v2"
-        needle = "pdv.plan/v2 is not supported"
+        data["schema"] = "pdv.plan/v3"
+        needle = "pdv.plan/v3 is not supported"
     elif case == "layers":
         args = ["--model", MODEL]  # 6 layers, the plan covers 4
         needle = "has 6 layers"
@@ -118,7 +118,7 @@ def test_a_plan_that_leaves_ranks_idle_runs_on_the_ranks_it_uses(tmp_path: Path)
 def test_plan_of_another_kind(tmp_path: Path) -> None:
     other = tmp_path / "report.json"
     other.write_text(json.dumps({"schema": "pdv.cluster/v1"}))
-    assert_one_line_error(run_pdv("run", str(other)), "expected a pdv.plan/v1")
+    assert_one_line_error(run_pdv("run", str(other)), "expected a pdv.plan/v2")
 
 
 def test_print_commands_from_the_cli(tmp_path: Path) -> None:

@@ -122,7 +122,9 @@ def plan(
     if off:  # a plan says what its search was not allowed to try
         provenance = provenance.model_copy(
             update={"notes": [*provenance.notes, f"searched with {' '.join(off)}"]})
-    names = list(PLANNERS) if compare else [planner]
+    # With --compare the baselines search first, so each row's search time is its own; pdv's
+    # search then reuses their plans (memoized per problem) rather than searching them again.
+    names = [n for n in PLANNERS if n != planner] + [planner] if compare else [planner]
     results, rows = {}, []
     for name in names:
         started = time.perf_counter()
@@ -136,6 +138,7 @@ def plan(
         seconds = time.perf_counter() - started
         results[name] = res
         rows.append(_row(res.plans[0], seconds))
+    rows.sort(key=lambda r: list(PLANNERS).index(r["planner"]))
     best = results[planner].plans
     if out is not None:
         artifacts.write(out, best[0])

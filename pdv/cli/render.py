@@ -185,6 +185,8 @@ def _plan(a: Plan, console: Console) -> None:
         f"planner {p.name}  status {p.status}  gap {gap}  candidates {p.candidates}",
         highlight=False,
     )
+    for note in p.notes:
+        console.print(f"  {note}", highlight=False)
     cols = ["stage", "layers", "ranks", "devices", "dp", "tp", "fsdp", "recompute"]
     if a.predicted and a.predicted.stages:
         cols += ["compute", "p2p", "collective", "peak mem"]
@@ -194,13 +196,15 @@ def _plan(a: Plan, console: Console) -> None:
         cols,
         left={"layers", "ranks", "devices", "fsdp", "recompute"},
     )
+    by_rank = {d.rank: d for d in a.devices or ()}
     for i, s in enumerate(a.stages):
         devices = "-"
-        if a.devices:
+        listed = [by_rank[r] for r in s.ranks if r in by_rank]
+        if listed:
             kinds: dict[str, int] = {}
-            for r in s.ranks:
-                kinds[a.devices[r].kind] = kinds.get(a.devices[r].kind, 0) + 1
-            hosts = sorted({a.devices[r].host for r in s.ranks})
+            for d in listed:
+                kinds[d.kind] = kinds.get(d.kind, 0) + 1
+            hosts = sorted({d.host for d in listed})
             where = hosts[0] if len(hosts) == 1 else f"{len(hosts)} hosts"
             devices = ", ".join(f"{n}x {k}" for k, n in kinds.items()) + f" on {where}"
         row = [

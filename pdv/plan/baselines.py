@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from statistics import median
+
+import numpy as np
 
 from pdv.artifacts import ClusterArtifact, LayerChoice, Links
 from pdv.cost.schedules import max_stages
@@ -42,45 +43,39 @@ __all__ = [
 Matrix = list[list[float]]
 
 
-def _classes(
-    cluster: ClusterArtifact, lat: Matrix, bw: Matrix
-) -> tuple[list[float], list[float], list[float], list[float]]:
-    n = len(cluster.devices)
-    intra_b: list[float] = []
-    inter_b: list[float] = []
-    intra_a: list[float] = []
-    inter_a: list[float] = []
-    for i in range(n):
-        for j in range(n):
-            if i == j:
-                continue
-            same = cluster.devices[i].host == cluster.devices[j].host
-            (intra_b if same else inter_b).append(bw[i][j])
-            (intra_a if same else inter_a).append(lat[i][j])
-    return intra_b, inter_b, intra_a, inter_a
+def _same_host(cluster: ClusterArtifact) -> tuple[np.ndarray, np.ndarray]:
+    # (pairs on one host, pairs on two hosts), off the diagonal
+    hosts = np.array([d.host for d in cluster.devices])
+    same = hosts[:, None] == hosts[None, :]
+    off = ~np.eye(len(hosts), dtype=bool)
+    return same & off, ~same & off
 
 
-def _matrix(cluster: ClusterArtifact, intra: float, inter: float) -> Matrix:
-    hosts = [d.host for d in cluster.devices]
-    n = len(hosts)
-    return [
-        [0.0 if i == j else intra if hosts[i] == hosts[j] else inter for j in range(n)]
-        for i in range(n)
-    ]
+def _matrix(same: np.ndarray, intra: float, inter: float) -> Matrix:
+    m = np.where(same, intra, inter)
+    np.fill_diagonal(m, 0.0)
+    return m.tolist()
 
 
 def _hierarchy(cluster: ClusterArtifact, lat: Matrix, bw: Matrix) -> tuple[Matrix, Matrix]:
-    intra_b, inter_b, intra_a, inter_a = _classes(cluster, lat, bw)
-    meds_b = [median(x) for x in (intra_b, inter_b) if x]
-    meds_a = [median(x) for x in (intra_a, inter_a) if x]
-    return (_matrix(cluster, min(meds_a), max(meds_a)),
-            _matrix(cluster, max(meds_b), min(meds_b)))
+    intra, inter = _same_host(cluster)
+    if not (intra.any() or inter.any()):  # one device: no link to assume anything about
+        return lat, bw
+    a, b = np.asarray(lat, dtype=float), np.asarray(bw, dtype=float)
+    meds_b = [float(np.median(b[m])) for m in (intra, inter) if m.any()]
+    meds_a = [float(np.median(a[m])) for m in (intra, inter) if m.any()]
+    return (_matrix(intra, min(meds_a), max(meds_a)),
+            _matrix(intra, max(meds_b), min(meds_b)))
 
 
 def _flat(cluster: ClusterArtifact, lat: Matrix, bw: Matrix) -> tuple[Matrix, Matrix]:
-    intra_b, inter_b, intra_a, inter_a = _classes(cluster, lat, bw)
-    a, b = median(intra_a + inter_a), median(intra_b + inter_b)
-    return _matrix(cluster, a, a), _matrix(cluster, b, b)
+    intra, inter = _same_host(cluster)
+    pairs = intra | inter
+    if not pairs.any():
+        return lat, bw
+    a = float(np.median(np.asarray(lat, dtype=float)[pairs]))
+    b = float(np.median(np.asarray(bw, dtype=float)[pairs]))
+    return _matrix(intra, a, a), _matrix(intra, b, b)
 
 
 def _rebuilt(
@@ -95,8 +90,9 @@ def _rebuilt(
     if links.collective_latency_s is not None and links.collective_bandwidth_Bps is not None:
         coll_lat, coll_bw = assume(cluster, links.collective_latency_s,
                                    links.collective_bandwidth_Bps)
-    return Links(latency_s=lat, bandwidth_Bps=bw, collective_latency_s=coll_lat,
-                 collective_bandwidth_Bps=coll_bw)
+    # Built from a validated cluster's own numbers: no need to validate a million floats again.
+    return Links.model_construct(latency_s=lat, bandwidth_Bps=bw, collective_latency_s=coll_lat,
+                                 collective_bandwidth_Bps=coll_bw)
 
 
 def hierarchy_links(cluster: ClusterArtifact) -> Links:
@@ -167,7 +163,7 @@ def uniform(problem: PlanProblem) -> DPResult:
     found: list[Candidate] = []
     evaluated = 0
     for mbs, pp, width, tp in uniform_layouts(problem, n):
-        for recompute in (False, True):
+        for recompute in (False, True) if problem.allow_recompute else (False,):
             ch = LayerChoice(tp=tp, fsdp=False, recompute=recompute)
             stages = tuple(
                 StageSpec(lo, hi, tuple(range(s * width, (s + 1) * width)), ch)

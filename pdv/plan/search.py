@@ -9,12 +9,14 @@ evaluated by the simulator on the *measured* matrix, whose prediction goes into 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from pdv.artifacts import (
     ClusterArtifact,
-    LayerChoice,
+    ClusterDevice,
     ModelProfile,
     Plan,
     Planner,
@@ -22,12 +24,16 @@ from pdv.artifacts import (
     digest,
 )
 from pdv.cost.compute import speed_factor, unpriced_note
+from pdv.cost.schedules import rank_orders, splits_backward
 from pdv.cost.simulate import simulate, to_predicted
+from pdv.cost.stage import stage_cost
+from pdv.cost.validity import check_plan
 from pdv.errors import PdvError
 from pdv.plan import baselines
 from pdv.plan.groups import device_order, islands
-from pdv.plan.objective import followers, pipeline_objective, stage_price
-from pdv.plan.problem import Candidate, PlanProblem, StageSpec, plan_stage
+from pdv.plan.objective import followers, pipeline_objective
+from pdv.plan.problem import Candidate, PlanProblem, plan_stage
+from pdv.plan.reasons import closest_layout, why_no_plan
 from pdv.plan.sharding import refine_stage
 from pdv.plan.stages import DPResult, rank_key, stage_dp
 
@@ -38,6 +44,7 @@ __all__ = [
     "check_profiles",
     "plan_provenance",
     "pdv_orders",
+    "step_floor",
 ]
 
 Progress = Callable[[str], None]
@@ -49,8 +56,9 @@ def pdv_orders(problem: PlanProblem) -> list[tuple[list[int], list[list[int]]]]:
     """Device orders the pdv stage DP runs on (named generators, duplicates dropped).
 
     - ``bandwidth``: islands chained to maximize neighbour bandwidth (pdv.plan.groups);
-    - ``speed-first``: the same, per speed class, fastest class first, so a pipeline can leave
-      slow devices in the unused tail;
+    - ``speed-first``: the same, per class of speed and memory (pdv.plan.groups.classes),
+      fastest class first and the roomiest among equally fast, so a pipeline can leave slow or
+      small devices in the unused tail;
     - ``host``: ranks grouped by host name. Only the *layout* comes from the hosts; it is priced
       on the measured links like the others, so every layout a host-hierarchy planner can pick
       is in pdv's search space too, and pdv is not worse than it where the hosts do match the
@@ -58,11 +66,12 @@ def pdv_orders(problem: PlanProblem) -> list[tuple[list[int], list[list[int]]]]:
       time than the 64-GPU target allows, and the DP there is on sampled caps anyway.
     """
     slowness = [speed_factor(problem.profile_of(d.rank), d) for d in problem.cluster.devices]
+    capacity = [problem.capacity(d.rank) for d in problem.cluster.devices]
     by_bandwidth = islands(problem.cluster.links)
     host_chain, host_parts = baselines.host_order(problem.cluster)
     orders = [
         (device_order(problem.cluster.links), by_bandwidth),
-        (device_order(problem.cluster.links, slowness=slowness), by_bandwidth),
+        (device_order(problem.cluster.links, slowness=slowness, capacity=capacity), by_bandwidth),
     ]
     if len(problem.cluster.devices) <= HOST_ORDER_LIMIT:
         orders.append((host_chain, host_parts))
@@ -91,10 +100,22 @@ PLANNERS: dict[str, Callable[[PlanProblem], DPResult]] = {
     "uniform": baselines.uniform,
     "pipedream": baselines.pipedream,
 }
+BASELINES = ("hierarchy", "uniform", "pipedream")
 _REFINED = {"pdv", "hierarchy"}
 REFINE_TOP = 10
-"""candidates refined and simulated on clusters up to REFINE_ALL_LIMIT devices (1 beyond)"""
+"""candidates refined and simulated on clusters up to REFINE_ALL_LIMIT devices"""
 REFINE_ALL_LIMIT = 32
+BIG_REFINE_TOP = 4
+"""pdv's candidates refined and simulated beyond REFINE_ALL_LIMIT devices (a baseline's: 1):
+J misranks plans by 10% and more there (a 1024-GPU GPT-3 plan third by J simulates 12% faster
+than the first)"""
+
+
+def _few(problem: PlanProblem, planner: str, top: int) -> int:
+    """How many of a generator's candidates are refined and simulated."""
+    if len(problem.cluster.devices) <= REFINE_ALL_LIMIT:
+        return max(top, REFINE_TOP)
+    return max(top, BIG_REFINE_TOP if planner == "pdv" else 1)
 
 
 @dataclass(frozen=True)
@@ -181,6 +202,7 @@ def _to_plan(
     gap: float | None,
     evaluated: int,
     provenance: Provenance,
+    simulated: bool = True,
 ) -> Plan:
     profile = next(iter(sorted(problem.profiles.items())))[1]
     plan = Plan(
@@ -197,10 +219,170 @@ def _to_plan(
             optimality_gap=None if gap is None else round(gap, 9),
             candidates=evaluated,
         ),
-        devices=list(problem.cluster.devices),
+        devices=_plan_devices(problem),
     )
+    if not simulated:
+        return plan
     sim = simulate(plan, problem.profiles, problem.cluster)
     return plan.model_copy(update={"predicted": to_predicted(sim)})
+
+
+def _plan_devices(problem: PlanProblem) -> list[ClusterDevice]:
+    """The cluster's devices as a plan lists them: without the probe's details."""
+    memo = _memo(problem)
+    if ("devices",) not in memo:
+        memo["devices",] = [d.model_copy(update={"details": {}})
+                            for d in problem.cluster.devices]  # fmt: skip
+    return cast(list[ClusterDevice], memo["devices",])
+
+
+def step_floor(plan: Plan, problem: PlanProblem) -> float:
+    """A lower bound on the simulated step time, from the stage costs alone (no event loop).
+
+    What pdv.cost.simulate charges makes each of these a bound: a rank group runs its ops one
+    at a time, each at least its alone duration (shared cores only slow it); a stage's first
+    forward waits for one forward on every stage before it; a stage's gradient sync follows
+    its last backward and its optimizer step follows the sync. With one stage per group and
+    no split backward, a stage's first backward also waits for its micro-batch's forward on
+    every stage and backward on the later ones, the micro-batch of its last backward then runs
+    backward on every earlier stage, and stage 0 syncs and steps after that. Transfers count
+    as free.
+    """
+    n = len(plan.stages)
+    layout = check_plan(plan, problem.num_layers, len(problem.cluster.devices))
+    costs = [
+        stage_cost(problem.profiles, problem.cluster, st, plan.stages[i + 1] if i + 1 < n else None,
+                   mbs=plan.micro_batch_size, schedule=plan.schedule, stage_index=i,
+                   num_stages=n, num_micro=plan.num_micro_batches)
+        for i, st in enumerate(plan.stages)
+    ]  # fmt: skip
+    M = plan.num_micro_batches
+    lead = [sum(c.fwd_s for c in costs[:s]) for s in range(n)]
+    floor = 0.0
+    for stages in layout.stages_of_group:
+        busy = sum(M * (costs[s].fwd_s + costs[s].bwd_s) + costs[s].optimizer_s for s in stages)
+        floor = max(floor, min(lead[s] for s in stages) + busy)
+    if layout.local_stages > 1 or splits_backward(plan.schedule):
+        return floor
+    all_fwd = sum(c.fwd_s for c in costs)
+    tail0 = costs[0].grad_sync_s + costs[0].optimizer_s
+    for s, (c, order) in enumerate(zip(costs, rank_orders(layout, plan.schedule, M),
+                                       strict=True)):  # fmt: skip
+        # The stage's first backward waits for its micro-batch's forward through every stage
+        # and backward through the later ones; before it the stage can only run the forwards
+        # its schedule puts first.
+        warm = next(k for k, op in enumerate(order) if op[0] == "B")
+        first_bwd = max(lead[s] + warm * c.fwd_s,
+                        all_fwd + sum(x.bwd_s for x in costs[s + 1 :]))  # fmt: skip
+        last_bwd = first_bwd + (M - warm) * c.fwd_s + M * c.bwd_s
+        floor = max(floor, last_bwd + c.grad_sync_s + c.optimizer_s,
+                    last_bwd + sum(x.bwd_s for x in costs[:s]) + (tail0 if s else 0.0))
+    return floor
+
+
+@dataclass(frozen=True)
+class _Simulated:
+    """A generator's candidate as a simulated plan, with what it scored inside the search."""
+
+    plan: Plan
+    step_s: float
+    objective_s: float
+    """J on the measured links (the generator's own, for pdv; recomputed for baselines)"""
+    by_objective: int
+    """its place among its generator's candidates by J (0 = first)"""
+
+
+_MEMO: weakref.WeakKeyDictionary[PlanProblem, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+"""per problem: each generator's DP result, refined candidates and simulations, so pdv's
+search and `--compare` run each generator and simulate each plan once"""
+
+
+def _memo(problem: PlanProblem) -> dict[tuple, Any]:
+    return _MEMO.setdefault(problem, {})
+
+
+def _dp(problem: PlanProblem, planner: str, say: Progress) -> DPResult:
+    memo = _memo(problem)
+    if ("dp", planner) not in memo:
+        say(f"{planner}: searching stages")
+        try:
+            memo["dp", planner] = PLANNERS[planner](problem)
+        except PdvError as exc:
+            memo["dp", planner] = exc
+    found = memo["dp", planner]
+    if isinstance(found, PdvError):
+        raise found
+    return cast(DPResult, found)
+
+
+def _evaluate(problem: PlanProblem, planner: str, n: int, shown: int, say: Progress,
+              beat: float | None = None) -> _Simulated | None:  # fmt: skip
+    """Candidate n of a generator, refined and simulated; None when `beat` is given and the
+    plan's step_floor shows it cannot be faster than that."""
+    memo = _memo(problem)
+    if ("sim", planner, n) in memo:
+        return cast(_Simulated, memo["sim", planner, n])
+    result = _dp(problem, planner, say)
+    if ("plan", planner, n) not in memo:
+        cand, status, gap = result.candidates[n], "n/a", None
+        if planner in _REFINED:
+            say(f"{planner}: CP-SAT sharding of candidate {n + 1}/{shown}")
+            cand, status, gap = _refine(problem, cand)
+        if not result.exact:
+            status = f"{status} (caps sampled)" if status != "n/a" else "caps sampled"
+        plan = _to_plan(problem, cand, status, gap, result.evaluated, Provenance(), False)
+        memo["plan", planner, n] = (cand, plan)
+    cand, plan = memo["plan", planner, n]
+    if beat is not None and step_floor(plan, problem) > beat * (1 + 1e-9):
+        return None
+    sim = simulate(plan, problem.profiles, problem.cluster)
+    plan = plan.model_copy(update={"predicted": to_predicted(sim)})
+    j = cand.objective_s if planner == "pdv" else pipeline_objective(
+        problem, cand.stages, cand.micro_batch_size, cand.order or None)
+    memo["sim", planner, n] = _Simulated(plan, sim.step_time_s, j, n)
+    return cast(_Simulated, memo["sim", planner, n])
+
+
+def _fits(problem: PlanProblem, plan: Plan) -> bool:
+    """Whether the simulated peak memory of every rank is within its budget."""
+    assert plan.predicted is not None
+    return all(peak <= problem.capacity(int(r)) * (1 + 1e-9)
+               for r, peak in plan.predicted.peak_memory_bytes.items())  # fmt: skip
+
+
+def _generate(
+    problem: PlanProblem,
+    planner: str,
+    few: int,
+    say: Progress,
+    beat: float | None = None,
+    prune: bool = False,
+) -> tuple[list[_Simulated], int]:
+    """The first `few` candidates of a generator, simulated, and how many were not: with
+    `prune`, a candidate whose step_floor is above `beat` or above the generator's best so far
+    is left out (it cannot be the fastest). Plans the simulator finds over a rank's memory
+    budget are left out too."""
+    result = _dp(problem, planner, say)
+    shown = min(few, len(result.candidates))
+    out, skipped = [], 0
+    invalid: PdvError | None = None
+    for n in range(shown):
+        try:
+            x = _evaluate(problem, planner, n, shown, say, beat if prune else None)
+        except PdvError as exc:  # a layout the schedule cannot run (the simulator says why)
+            invalid = invalid or exc
+            continue
+        if x is None:
+            skipped += 1
+            continue
+        if not _fits(problem, x.plan):  # the search's memory model is looser for some schedules
+            continue
+        out.append(x)
+        if prune:
+            beat = x.step_s if beat is None else min(beat, x.step_s)
+    if invalid is not None and not out and not skipped:
+        raise invalid
+    return out, skipped
 
 
 def search(
@@ -212,74 +394,94 @@ def search(
 ) -> SearchResult:
     """Run one planner; return up to `top` distinct plans ranked by predicted step time.
 
+    pdv's search also simulates the baselines' plans on the same inputs and keeps whichever is
+    predicted fastest, so its plan is never predicted slower than a baseline's; its
+    ``planner.notes`` say where the layout came from and by how much the DP's objective and
+    the simulator disagree on it.
+
     `provenance` (input digests) may be computed once by the caller: hashing a big cluster's
     N×N matrices takes longer than searching it.
     """
     say = progress or (lambda _msg: None)
     if planner not in PLANNERS:
         raise PdvError(f"unknown planner {planner!r}; choose one of: {', '.join(PLANNERS)}")
-    say(f"{planner}: searching stages")
-    result = PLANNERS[planner](problem)
-    if not result.candidates:
-        raise PdvError(_tightest(problem))
-    few = REFINE_TOP if len(problem.cluster.devices) <= REFINE_ALL_LIMIT else 1
-    shortlist = result.candidates[: max(top, few)]
-    provenance = provenance or plan_provenance(problem.profiles, problem.cluster)
-    plans: list[tuple[float, float, int, Plan]] = []
-    for n, cand in enumerate(shortlist):
-        status, gap = ("n/a", None)
-        if planner in _REFINED:
-            say(f"{planner}: CP-SAT sharding of candidate {n + 1}/{len(shortlist)}")
-            cand, status, gap = _refine(problem, cand)
-        if not result.exact:
-            status = f"{status} (caps sampled)" if status != "n/a" else "caps sampled"
-        plan = _to_plan(problem, cand, status, gap, result.evaluated, provenance)
-        assert plan.predicted is not None
-        plans.append((plan.predicted.step_time_s, cand.objective_s, n, plan))
-    plans.sort(key=lambda x: (x[0], x[1], x[2]))
-    distinct: list[Plan] = []
+    try:
+        own = _generate(problem, planner, _few(problem, planner, top), say, prune=top == 1)[0]
+        exact = _dp(problem, planner, say).exact
+    except PdvError:
+        if planner != "pdv":
+            raise
+        own, exact = [], True
+    pool = [(x, planner) for x in own]
+    ruled_out = 0
+    if planner == "pdv":
+        for name in BASELINES:
+            beat = min((x.step_s for x, _ in pool), default=None)
+            try:
+                found, skipped = _generate(problem, name, _few(problem, name, 1), say, beat,
+                                           prune=True)  # fmt: skip
+            except PdvError:
+                continue  # a baseline that cannot plan here adds nothing
+            pool += [(x, name) for x in found]
+            ruled_out += skipped
+    if not pool and planner == "pdv":
+        pool = [(x, planner) for x in _fallback(problem)]
+    if not pool:
+        raise PdvError(why_no_plan(problem, planner))
+    order = {name: k for k, name in enumerate(PLANNERS)}
+    pool.sort(key=lambda x: (x[0].step_s, x[0].objective_s, order[x[1]], x[0].by_objective))
+    distinct: list[tuple[_Simulated, str]] = []
     seen: set[str] = set()
-    for *_, plan in plans:
-        key = repr((plan.stages, plan.micro_batch_size))
+    for item in pool:
+        key = repr((item[0].plan.stages, item[0].plan.micro_batch_size))
         if key not in seen:
             seen.add(key)
-            distinct.append(plan)
-    return SearchResult(distinct[:top], planner, result.exact)
+            distinct.append(item)
+    provenance = provenance or plan_provenance(problem.profiles, problem.cluster)
+    plans = [_reported(x, source, planner, own, provenance, ruled_out)
+             for x, source in distinct[:top]]  # fmt: skip
+    return SearchResult(plans, planner, exact)
 
 
-def _tightest(problem: PlanProblem) -> str:
-    """The one-line reason nothing fits: the least-over layout's worst stage, rank and bytes."""
-    order = device_order(problem.cluster.links)
-    best: tuple[float, str] | None = None
-    for mbs, pp, width, tp in baselines.uniform_layouts(problem, len(order)):
-        M = problem.global_batch // mbs
-        ch = LayerChoice(tp=tp, fsdp=problem.allow_fsdp and width // tp > 1,
-                         recompute=problem.allow_recompute)
-        stages = [
-            StageSpec(lo, hi, tuple(order[s * width : (s + 1) * width]), ch)
-            for s, (lo, hi) in enumerate(baselines._split(problem.num_layers, pp))
-        ]
-        worst: tuple[float, str] | None = None
-        for s, spec in enumerate(stages):
-            nxt = tuple(order[(s + 1) * width :]) if s + 1 < pp else None
-            price = stage_price(problem, spec, mbs, pp - s, M, nxt)
-            for kind, mem in price.memory_bytes.items():
-                over = mem - price.capacity_bytes[kind]
-                rank = min(
-                    (r for r in spec.ranks if problem.cluster.devices[r].kind == kind),
-                    key=lambda r: (problem.capacity(r), r),
-                )
-                msg = (
-                    f"no plan fits in memory: tightest is stage {s} (layers "
-                    f"[{spec.lo}, {spec.hi})) on rank {rank} ({kind}): {over:,.0f} bytes "
-                    f"over its {problem.capacity(rank):,.0f}-byte budget "
-                    f"({over / 2**30:.1f} GiB too much) with pp={pp} "
-                    f"tp={tp} dp={width // tp} fsdp={ch.fsdp} recompute={ch.recompute} "
-                    f"micro-batch {mbs}; add devices, lower --memory-margin, or use a "
-                    f"smaller model or micro-batch"
-                )
-                if worst is None or over > worst[0]:
-                    worst = (over, msg)
-        if worst is not None and (best is None or worst[0] < best[0]):
-            best = worst
-    return best[1] if best else "no plan fits: no layout of the devices is possible"
+def _fallback(problem: PlanProblem) -> list[_Simulated]:
+    """The layout pdv.plan.reasons finds closest to fitting, when it fits: a plan the DP's
+    restricted spaces (layer atoms, equal widths, a few orders) left out."""
+    _, cand = closest_layout(problem)
+    if cand is None:
+        return []
+    try:
+        plan = _to_plan(problem, cand, "n/a", None, 0, Provenance())
+    except PdvError:  # a layout the schedule cannot run
+        return []
+    assert plan.predicted is not None
+    if not _fits(problem, plan):
+        return []
+    return [_Simulated(plan, plan.predicted.step_time_s, cand.objective_s, 0)]
+
+
+def _reported(x: _Simulated, source: str, planner: str, own: list[_Simulated],
+              provenance: Provenance, ruled_out: int = 0) -> Plan:  # fmt: skip
+    """The plan as the planner reports it, with notes on how the search chose it."""
+    notes = [
+        f"search objective J {x.objective_s:.6g} s, simulated step {x.step_s:.6g} s "
+        f"({(x.objective_s - x.step_s) / x.step_s:+.1%} off)"
+    ]
+    best_j = min(own, key=lambda o: (o.objective_s, o.by_objective)) if own else None
+    if source != planner:
+        ours = min((o.step_s for o in own), default=None)
+        notes.append(
+            f"layout of the {source} baseline: predicted {x.step_s:.6g} s against "
+            + (f"{ours:.6g} s for {planner}'s own best" if ours is not None
+               else f"no plan of {planner}'s own")
+        )
+    elif best_j is not None and best_j is not x:
+        notes.append(
+            f"the simulator re-ranked {planner}'s candidates: the first by J "
+            f"({best_j.objective_s:.6g} s) simulates at {best_j.step_s:.6g} s; this one was "
+            f"#{x.by_objective + 1} by J"
+        )
+    if ruled_out:
+        notes.append(f"{ruled_out} baseline plan(s) not simulated: a lower bound on their step "
+                     f"time (pdv.plan.search.step_floor) is above a plan already simulated")
+    planner_block = x.plan.planner.model_copy(update={"name": planner, "notes": notes})
+    return x.plan.model_copy(update={"planner": planner_block, "provenance": provenance})

@@ -22,8 +22,13 @@ Deep models: with more than ``LAYER_ATOMS`` layers, stage boundaries are restric
 the same way before its stage DP); small models keep every boundary.
 
 Big clusters: devices move in units of one island when islands are equal (a node of 8 GPUs is
-one unit) and, beyond ``GENERAL_LIMIT`` units, all stages of one pipeline get the same number of
-units (one DP per size, so the state drops the device position).
+one unit), and the DP above runs when there are at most ``GENERAL_LIMIT`` units. Beyond
+``GENERAL_LIMIT`` devices it also runs with all stages of one width w (one DP per width, so the
+state drops the device position): w is any stage width some choice allows (tp·dp with dp
+dividing a micro-batch size), and a pipeline of K stages takes the first K·w devices of the
+order, K the most stages the order, the layer atoms and the schedule allow. The rest of the
+order is left unused: a model of 98 layers on 1024 devices with replicas limited by the
+micro-batch size cannot use them all, and the order puts the slowest and smallest devices last.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from pdv.plan.objective import (
 )
 from pdv.plan.problem import Candidate, PlanProblem, StageSpec, choices_for
 
-__all__ = ["MAX_CAPS", "GENERAL_LIMIT", "DPResult", "stage_dp", "rank_key"]
+__all__ = ["MAX_CAPS", "GENERAL_LIMIT", "DPResult", "stage_dp", "rank_key", "widths"]
 
 MAX_CAPS = 1024
 BIG_CAPS = 8
@@ -308,13 +313,40 @@ def _slices(n_units: int, equal: int | None) -> list[tuple[int, int]]:
     return [(a, g) for a in range(n_units) for g in range(1, n_units - a + 1)]
 
 
-def _equal_sizes(n_units: int) -> list[int]:
-    sizes, g = [], 1
-    while g <= n_units:
-        if n_units % g == 0:
-            sizes.append(g)
-        g *= 2
-    return sizes
+@dataclass(frozen=True)
+class _Layout:
+    """The device side of one DP run: the order it slices, in units, and which slices."""
+
+    order: list[int]
+    unit: int
+    """devices per unit"""
+    slices: list[tuple[int, int]]
+    """(first unit, units) of every stage the run may form"""
+    equal: int | None
+    """all stages this many units wide, the whole order used (None: any slices)"""
+
+
+def widths(problem: PlanProblem, mbs: int, n: int) -> list[int]:
+    """Stage widths (devices) some choice allows at micro-batch size mbs: tp·dp, dp | mbs."""
+    return sorted({tp * dp for tp in problem.tp_options() for dp in range(1, mbs + 1)
+                   if mbs % dp == 0 and tp * dp <= n})  # fmt: skip
+
+
+def _layouts(
+    problem: PlanProblem, order: list[int], islands: list[list[int]], mbs: int, n_layers: int
+) -> list[_Layout]:
+    """Every slice and choice on few units; one width per stage on many devices."""
+    unit = _unit(problem, order, islands)
+    n_units = len(order) // unit
+    out = []
+    if n_units <= GENERAL_LIMIT:
+        out.append(_Layout(order, unit, _slices(n_units, None), None))
+    if len(order) > GENERAL_LIMIT:
+        most = max_stages(problem.schedule, problem.global_batch // mbs, n_layers)
+        for w in widths(problem, mbs, len(order)):
+            k = min(len(order) // w, most)
+            out.append(_Layout(order[: k * w], w, _slices(k, 1), 1))
+    return out
 
 
 def stage_dp(
@@ -325,31 +357,28 @@ def stage_dp(
     bottleneck_only: bool = False,
 ) -> DPResult:
     """Run the stage DP for every micro-batch size; candidates ranked by the objective J."""
-    unit = _unit(problem, order, islands)
-    n_units = len(order) // unit
     bounds = atom_bounds(problem)
     L = len(bounds) - 1
-    modes: list[int | None] = (
-        [None] if n_units <= GENERAL_LIMIT else list[int | None](_equal_sizes(n_units))
-    )
     found: dict[tuple, Candidate] = {}
     exact = True
     evaluated = 0
     for mbs in problem.mbs_options():
         M = problem.global_batch // mbs
-        for equal in modes:
-            options, n_eval = _options(problem, order, unit, _slices(n_units, equal), mbs, bounds)
+        for lay in _layouts(problem, order, islands, mbs, L):
+            n_units = len(lay.order) // lay.unit
+            options, n_eval = _options(problem, lay.order, lay.unit, lay.slices, mbs, bounds)
             evaluated += n_eval
             if not options:
                 continue
-            run = functools.partial(_solve, options, n_units, L, M, problem.schedule, equal=equal)
+            run = functools.partial(_solve, options, n_units, L, M, problem.schedule,
+                                    equal=lay.equal)  # fmt: skip
             bottleneck = run(np.inf, True)
             if not bottleneck:
                 continue
             u_star = min(s.value for s in bottleneck)
 
-            def make(s: _Solution, M: int = M, mbs: int = mbs) -> Candidate:
-                return _candidate(problem, s, M, mbs, order, unit, bounds, search)
+            def make(s: _Solution, M: int = M, mbs: int = mbs, lay: _Layout = lay) -> Candidate:
+                return _candidate(problem, s, M, mbs, lay.order, lay.unit, bounds, search)
 
             if bottleneck_only:  # PipeDream: the slowest stage sets the throughput
                 pool = [make(s) for s in bottleneck if s.value <= u_star * (1 + 1e-12)]
