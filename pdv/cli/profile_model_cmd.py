@@ -41,7 +41,8 @@ def profile_model_cmd(
     ),
     estimate: bool = typer.Option(
         False, "--estimate", help="Do not run the layers: count FLOPs and bytes on the meta "
-        "device and scale by a measured matmul throughput (marked 'estimated')."
+        "device and price them at this device's measured rates (each GEMM shape timed), or "
+        "at a declared device's (marked 'estimated')."
     ),
     device_flops: float | None = typer.Option(
         None, "--device-flops", help="With --estimate: FLOP/s of a device not at hand, "
@@ -50,6 +51,11 @@ def profile_model_cmd(
     device_bandwidth: float | None = typer.Option(
         None, "--device-bandwidth", help="With --estimate: memory bandwidth (bytes/s) of a "
         "device not at hand."
+    ),
+    device_spec: Path | None = typer.Option(
+        None, "--device-spec", help="With --estimate: a declared device (JSON: datasheet peaks, "
+        "achievable GEMM and memory efficiency, GEMM tiling, a source for each; see devices/). "
+        "GEMMs are priced by shape at those rates."
     ),
     device_kind: str | None = typer.Option(
         None, "--device-kind", help="Record this device kind (to match a cluster's kind)."
@@ -85,6 +91,7 @@ def profile_model_cmd(
         estimate=estimate,
         device_flops=device_flops,
         device_bandwidth=device_bandwidth,
+        device_spec=None if device_spec is None else str(device_spec),
         device_kind=device_kind,
         seed=seed,
     )

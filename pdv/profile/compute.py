@@ -5,6 +5,7 @@ matmul throughput, copy bandwidth, per-op dispatch cost).
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ __all__ = [
     "Clock",
     "device_info",
     "fit_time",
+    "gemm_efficiency",
     "matmul_throughput",
     "median_iqr",
     "memory_bandwidth",
@@ -157,13 +159,61 @@ def _best_rate(op: Callable[[], object], work: float, device: torch.device, seco
     return best
 
 
+REFERENCE_SIDE = {"cpu": 1024, "cuda": 4096}
+"""side of the square matmul that stands for a device's FLOP rate (matmul_throughput)"""
+
+
+def _reference(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], object], float]:
+    n = REFERENCE_SIDE.get(device.type, REFERENCE_SIDE["cpu"])
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return (lambda: torch.mm(a, b)), 2.0 * n**3
+
+
 def matmul_throughput(device: torch.device, dtype: torch.dtype = torch.float32,
                       seconds: float = 0.5, trials: int = 5) -> float:
     """Dense square matmul FLOP/s on this device: the best of `trials` runs over ~`seconds`."""
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return _best_rate(lambda: torch.mm(a, b), 2.0 * n**3, device, seconds, trials)
+    op, work = _reference(device, dtype)
+    return _best_rate(op, work, device, seconds, trials)
+
+
+def gemm_efficiency(device: torch.device, dtype: torch.dtype, batch: int, m: int, n: int,
+                    k: int, seconds: float = 0.2, trials: int = 5) -> float:
+    """This GEMM shape's FLOP/s (batch × M×K @ K×N) over the reference square matmul's.
+
+    Achieved throughput depends on the shape (NVIDIA, "Matrix Multiplication Background User's
+    Guide", DU-09799-001; Anthony et al., "The Case for Co-Designing Model Architectures with
+    Hardware", 2024): a small or oddly sized GEMM reaches a fraction of what a large square one
+    does. The shape and the reference are timed in alternate runs and the best run of each
+    compared, so a neighbour's burst on a shared machine slows both alike. A shape larger than
+    the reference is timed with its largest dimension halved until it is not: a dimension that
+    large has reached the plateau of its efficiency; the small ones, which set it, stay.
+    """
+    ref, ref_work = _reference(device, dtype)
+    dims = [max(1, batch), max(1, m), max(1, n), max(1, k)]
+    while 2.0 * math.prod(dims) > ref_work and max(dims) > 1:
+        i = dims.index(max(dims))
+        dims[i] = (dims[i] + 1) // 2
+    b, mm, nn, kk = dims
+    x = torch.randn(b, mm, kk, device=device, dtype=dtype)
+    y = torch.randn(b, kk, nn, device=device, dtype=dtype)
+    op = (lambda: torch.mm(x[0], y[0])) if b == 1 else (lambda: torch.bmm(x, y))
+    work = 2.0 * b * mm * nn * kk
+    clock = Clock(device)
+    reps = []
+    for fn in (op, ref):
+        fn()
+        start = clock.now()
+        fn()
+        reps.append(max(1, int(seconds / trials / 2 / max(clock.now() - start, 1e-6))))
+    best = [0.0, 0.0]
+    for _ in range(trials):
+        for j, (fn, w) in enumerate(((op, work), (ref, ref_work))):
+            start = clock.now()
+            for _ in range(reps[j]):
+                fn()
+            best[j] = max(best[j], w * reps[j] / max(clock.now() - start, 1e-9))
+    return best[0] / best[1]
 
 
 def memory_bandwidth(device: torch.device, seconds: float = 0.3, trials: int = 5) -> float:

@@ -2,22 +2,29 @@
 
 The model is built on the meta device (no memory), and each layer's forward and backward run on
 meta tensors -- shapes only -- under ``FlopCounterMode`` and an op log. Each launched op is
-priced by the roofline (Williams, Waterman and Patterson, CACM 2009) plus a launch floor:
+priced by the roofline (Williams, Waterman and Patterson, CACM 2009) at the rates the device
+*achieves*, not at its datasheet peak:
 
-    t_op = max(FLOPs / matmul_throughput, bytes_in_out / memory_bandwidth) + op_overhead
+- a GEMM (mm, addmm, bmm, baddbmm, and the fused attention's two) at the rate of its own shape:
+  on the device at hand each distinct shape is timed once (pdv.profile.compute.gemm_throughput);
+  for a device declared by ``--device-spec`` the spec's achievable rate times the shape's tile
+  and wave quantization (pdv.device_spec); a small or ragged GEMM is far from a large one;
+- every other op at the memory bandwidth: measured here by a large copy, or the spec's
+  sustained fraction of the datasheet bandwidth (memory-bound kernels at their own rate);
+- plus a per-op floor: the dispatch cost of a 1-element op measured here. On the device at
+  hand (the CPU) dispatch and work add up; a declared accelerator runs kernels asynchronously,
+  so an op costs the larger of its kernel time and the host's dispatch.
 
-with a dense matmul's throughput and a large copy's bandwidth measured on this device (or given
-as --device-flops / --device-bandwidth for a device not at hand) and the dispatch cost of a
-1-element op measured here. Real kernels reach neither roof, so big layers come out fast and
-tiny ones rough. Attention is priced as one fused kernel (the math form that meta would run
+``--device-flops`` (with ``--device-bandwidth``) is the flat form: every op's FLOPs at one
+declared rate. Attention is priced as one fused kernel (the math form that meta would run
 materializes the T x T matrix, which flash kernels never do). Activation and output bytes come
-from the meta tensors that backward saves. Layers with the same structure and input shape (a GPT's
-blocks) are traced once and reused, so a 96-block GPT-3 costs one block per point.
+from the meta tensors that backward saves. Layers with the same structure and input shape (a
+GPT's blocks) are traced once and reused, so a 96-block GPT-3 costs one block per point.
 
 The optimizer step is traced the same way: the run's optimizer (pdv.optim.make_optimizer) steps
-meta copies of each layer's parameters, and every op it launches is priced by the same roofline --
+meta copies of each layer's parameters, and every op it launches is priced by the same rates --
 elementwise ops count no FLOPs, so the step is its bytes (parameter, gradient and state tensors,
-read and written) over the copy bandwidth, plus the per-op floor.
+read and written) over the bandwidth, plus the per-op floor.
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from pdv.artifacts import Provenance
+from pdv.device_spec import DeviceSpec, Gemm, load_device_spec
 from pdv.errors import PdvError
 from pdv.models import build_model
 from pdv.optim import PROFILE_OPTIMIZERS, make_optimizer
 from pdv.profile.compute import (
     device_info,
+    gemm_efficiency,
     matmul_throughput,
     memory_bandwidth,
     op_overhead,
@@ -67,6 +76,28 @@ _FREE = frozenset({
 })
 
 
+# GEMMs: priced at the rate of their own shape. (op, index of A, index of B) in the args.
+_GEMMS = {
+    torch.ops.aten.mm.default: (0, 1),
+    torch.ops.aten.addmm.default: (1, 2),
+    torch.ops.aten.bmm.default: (0, 1),
+    torch.ops.aten.baddbmm.default: (1, 2),
+}
+
+Op = tuple[float, int, Gemm | None]
+"""one launched op: (FLOPs, bytes in + out, GEMM shape or None)"""
+
+
+def _gemm_shape(func: Any, args: Any) -> Gemm | None:
+    where = _GEMMS.get(func)
+    if where is None:
+        return None
+    a, b = args[where[0]], args[where[1]]
+    if a.dim() == 2:
+        return (1, int(a.shape[0]), int(b.shape[1]), int(a.shape[1]))
+    return (int(a.shape[0]), int(a.shape[1]), int(b.shape[2]), int(a.shape[2]))
+
+
 # Gathers read only the rows they return, not the whole table they index into.
 _GATHER = frozenset({
     torch.ops.aten.embedding.default,
@@ -85,13 +116,13 @@ def _nbytes(value: Any) -> int:
 
 
 class _OpLog(TorchDispatchMode):
-    """Records each launched aten op's FLOPs (read off an enclosing FlopCounterMode) and the
-    bytes of its tensor inputs and outputs -- what the roofline prices."""
+    """Records each launched aten op's FLOPs (read off an enclosing FlopCounterMode), the
+    bytes of its tensor inputs and outputs, and a GEMM's shape -- what the roofline prices."""
 
     def __init__(self, counter: FlopCounterMode) -> None:
         super().__init__()
         self._counter = counter
-        self.ops: list[tuple[float, int]] = []
+        self.ops: list[Op] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -103,7 +134,7 @@ class _OpLog(TorchDispatchMode):
                 moved = 2 * _nbytes(out) + _nbytes(args[1])
             else:
                 moved = _nbytes(args) + _nbytes(kwargs) + _nbytes(out)
-            self.ops.append((flops, moved))
+            self.ops.append((flops, moved, _gemm_shape(func, args)))
         return out
 
 
@@ -127,21 +158,23 @@ class _FusedAttention(torch.autograd.Function):
         out = q.new_empty((*q.shape[:-1], v.shape[-1]))
         flops = 4.0 * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1] * (0.5 if causal else 1)
         ctx.save_for_backward(q, k, v, out)
-        ctx.flops, ctx.phase = flops, phase
+        # Its GEMMs: (batch x heads) x Tq x Tk, D deep (q @ k^T; p @ v has the same volume).
+        gemm = (q.shape[:-2].numel(), q.shape[-2], k.shape[-2], q.shape[-1])
+        ctx.flops, ctx.phase, ctx.gemm = flops, phase, gemm
         if phase.log is not None:
-            phase.log.ops.append((flops, _nbytes((q, k, v, out))))
+            phase.log.ops.append((flops, _nbytes((q, k, v, out)), gemm))
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         q, k, v, out = ctx.saved_tensors
         if ctx.phase.log is not None:
-            ctx.phase.log.ops.append((2.5 * ctx.flops, 2 * _nbytes((q, k, v, out))))
+            ctx.phase.log.ops.append((2.5 * ctx.flops, 2 * _nbytes((q, k, v, out)), ctx.gemm))
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), None, None
 
 
 class _FuseAttention(TorchFunctionMode):
-    """Routes maskless, dropout-free scaled_dot_product_attention to :class:`_FusedAttention`."""
+    """Routes maskless scaled_dot_product_attention to :class:`_FusedAttention`."""
 
     def __init__(self, phase: _Phase) -> None:
         super().__init__()
@@ -150,8 +183,9 @@ class _FuseAttention(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        # Flash kernels drop out inside the kernel: dropout changes nothing priced here.
         if func is F.scaled_dot_product_attention and len(args) == 3 and set(kwargs) <= {
-                "is_causal"} and args[0].device.type == "meta":
+                "is_causal", "dropout_p"} and args[0].device.type == "meta":
             return _FusedAttention.apply(*args, bool(kwargs.get("is_causal", False)),
                                          self._phase)
         return func(*args, **kwargs)
@@ -161,25 +195,81 @@ class _FuseAttention(TorchFunctionMode):
 class _Trace:
     """What one layer's forward and backward launch on meta tensors: (FLOPs, bytes) per op."""
 
-    fwd_ops: tuple[tuple[float, int], ...]
-    bwd_ops: tuple[tuple[float, int], ...]
+    fwd_ops: tuple[Op, ...]
+    bwd_ops: tuple[Op, ...]
     saved_bytes: int
     output_bytes: int
     output_shape: tuple[int, ...]
     output_dtype: torch.dtype
 
 
+class _Pricing:
+    """Seconds of a sequence of ops on the device the profile is for."""
+
+    def seconds(self, ops: tuple[Op, ...]) -> float:
+        """Total time of the ops, one after another."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class _Device:
-    """The throughputs that price an op: t = max(FLOPs / flops, bytes / bandwidth) + per_op."""
+class _Flat(_Pricing):
+    """--device-flops: t = max(FLOPs / flops, bytes / bandwidth) + per_op for every op."""
 
     flops: float
     bandwidth: float
     per_op: float
 
-    def seconds(self, ops: tuple[tuple[float, int], ...]) -> float:
+    def seconds(self, ops: tuple[Op, ...]) -> float:
         """Roofline time of a sequence of ops (Williams et al., 2009), plus a per-op floor."""
-        return sum(max(f / self.flops, b / self.bandwidth) + self.per_op for f, b in ops)
+        return sum(max(f / self.flops, b / self.bandwidth) + self.per_op for f, b, _ in ops)
+
+
+@dataclass(frozen=True)
+class _Declared(_Pricing):
+    """--device-spec: achievable GEMM rate by shape, memory-bound ops at the sustained
+    bandwidth; each kernel at least the host's dispatch cost (launches are asynchronous)."""
+
+    spec: DeviceSpec
+    dtype: str
+    dispatch: float
+
+    def seconds(self, ops: tuple[Op, ...]) -> float:
+        """Each op's kernel time, floored by the dispatch that launches it."""
+        return sum(max(self.spec.op_seconds(self.dtype, f, b, g), self.dispatch)
+                   for f, b, g in ops)
+
+
+class _Measured(_Pricing):
+    """The device at hand: each GEMM shape at the measured matmul rate times its efficiency
+    timed here once; other ops at the measured copy bandwidth plus the per-op dispatch (which
+    the GEMM timings already include)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, flops: float,
+                 bandwidth: float, per_op: float) -> None:
+        self.device, self.dtype = device, dtype
+        self.flops, self.bandwidth, self.per_op = flops, bandwidth, per_op
+        self._rates: dict[Gemm, float] = {}
+
+    def rate(self, gemm: Gemm) -> float:
+        """FLOP/s of this GEMM shape here (timed on first use)."""
+        if gemm not in self._rates:
+            self._rates[gemm] = self.flops * gemm_efficiency(self.device, self.dtype, *gemm)
+        return self._rates[gemm]
+
+    @property
+    def shapes(self) -> int:
+        """Distinct GEMM shapes timed so far."""
+        return len(self._rates)
+
+    def seconds(self, ops: tuple[Op, ...]) -> float:
+        """GEMMs at their shape's timed rate; the rest by the roofline plus the floor."""
+        total = 0.0
+        for f, b, g in ops:
+            if g is not None and f > 0:
+                total += f / self.rate(g)
+            else:
+                total += max(f / self.flops, b / self.bandwidth) + self.per_op
+        return total
 
 
 def _trace(layer: nn.Module, x: torch.Tensor, first: bool, last: bool,
@@ -204,7 +294,7 @@ def _trace(layer: nn.Module, x: torch.Tensor, first: bool, last: bool,
                   tuple(out.shape), out.dtype)
 
 
-def _optimizer_ops(layer: nn.Module, optimizer: str) -> tuple[tuple[float, int], ...]:
+def _optimizer_ops(layer: nn.Module, optimizer: str) -> tuple[Op, ...]:
     """What one steady-state optimizer step over the layer's parameters launches (meta)."""
     params = [nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"))
               for p in trainable(layer)]
@@ -217,7 +307,7 @@ def _optimizer_ops(layer: nn.Module, optimizer: str) -> tuple[tuple[float, int],
     with FlopCounterMode(display=False) as fc, _OpLog(fc) as log:
         opt.step()
     # The step's record_function markers pass through dispatch but launch nothing.
-    return tuple(op for op in log.ops if op != (0.0, 0))
+    return tuple(op for op in log.ops if op[:2] != (0.0, 0))
 
 
 def _signature(layer: nn.Module, x: torch.Tensor, first: bool, last: bool) -> tuple[Any, ...]:
@@ -225,37 +315,90 @@ def _signature(layer: nn.Module, x: torch.Tensor, first: bool, last: bool) -> tu
     return (repr(layer), tuple(x.shape), x.dtype, first, last)
 
 
-def _device(req: ProfileRequest, dtype: torch.dtype) -> tuple[_Device, torch.device, list[str]]:
-    """The roofline's throughputs: measured on this device, or given for one not at hand."""
-    declared = req.device_flops is not None
-    here = torch.device("cpu") if declared else resolve_device(req.device)
-    notes = []
-    if req.device_flops is not None:
-        if req.device_flops <= 0:
-            raise PdvError(f"--device-flops {req.device_flops}: must be > 0 FLOP/s")
-        flops = req.device_flops
-        notes.append(f"FLOP rate {flops:.3g} FLOP/s given by --device-flops")
-    else:
-        flops = matmul_throughput(here, dtype)
-        notes.append(f"FLOP rate {flops:.3g} FLOP/s: a dense {req.dtype} matmul measured on "
-                     f"this {here.type} device for ~0.5 s")
+@dataclass(frozen=True)
+class _Target:
+    """The device the estimate prices: how, where its probes ran, its speed, its notes."""
+
+    pricing: _Pricing
+    here: torch.device
+    """where the per-op probes ran (this host)"""
+    matmul_flops: float | None
+    """the device speed to record; None = the cluster probe of `here`"""
+    declared: bool
+    notes: list[str]
+
+
+def _flat(req: ProfileRequest) -> _Target:
+    """--device-flops (and --device-bandwidth): one rate for all FLOPs."""
+    assert req.device_flops is not None
+    if req.device_flops <= 0:
+        raise PdvError(f"--device-flops {req.device_flops}: must be > 0 FLOP/s")
+    here = torch.device("cpu")
+    notes = [f"FLOP rate {req.device_flops:.3g} FLOP/s given by --device-flops, for every "
+             "GEMM whatever its shape"]
     if req.device_bandwidth is not None:
         if req.device_bandwidth <= 0:
             raise PdvError(f"--device-bandwidth {req.device_bandwidth}: must be > 0 bytes/s")
         bandwidth = req.device_bandwidth
         notes.append(f"memory bandwidth {bandwidth:.3g} B/s given by --device-bandwidth")
-    elif declared:
+    else:
         bandwidth = float("inf")
         notes.append("memory traffic not priced: --device-flops was given without "
                      "--device-bandwidth")
-    else:
-        bandwidth = memory_bandwidth(here)
-        notes.append(f"memory bandwidth {bandwidth:.3g} B/s: a large copy measured on this "
-                     f"{here.type} device")
     per_op = op_overhead(here)
-    notes.append(f"per-op floor {per_op * 1e6:.3g} µs: a 1-element add timed on this "
-                 f"{here.type} device")
-    return _Device(flops, bandwidth, per_op), here, notes
+    notes.append(f"per-op floor {per_op * 1e6:.3g} µs: a 1-element add timed on this host")
+    if bandwidth == float("inf"):
+        notes.append("optimizer step: memory traffic unpriced, so only the per-op floor")
+    return _Target(_Flat(req.device_flops, bandwidth, per_op), here, req.device_flops, True,
+                   notes)
+
+
+def _declared(req: ProfileRequest) -> _Target:
+    """--device-spec: a device not at hand, at the achievable rates its spec cites."""
+    assert req.device_spec is not None
+    if req.device_flops is not None or req.device_bandwidth is not None:
+        raise PdvError("--device-spec declares the device's rates; drop --device-flops and "
+                       "--device-bandwidth")
+    spec = load_device_spec(req.device_spec)
+    spec.peak(req.dtype)  # a PdvError now if the spec has no rate for this dtype
+    here = torch.device("cpu")
+    dispatch = op_overhead(here)
+    notes = [*spec.notes(req.dtype),
+             f"each kernel at least {dispatch * 1e6:.3g} µs, the dispatch of a 1-element op "
+             "timed on this host (launches overlap kernels, so the larger counts)"]
+    return _Target(_Declared(spec, req.dtype, dispatch), here, spec.peak(req.dtype), True,
+                   notes)
+
+
+def _at_hand(req: ProfileRequest, dtype: torch.dtype) -> _Target:
+    """The device at hand: GEMMs timed by shape here, the rest at measured bandwidth."""
+    here = resolve_device(req.device)
+    flops = matmul_throughput(here, dtype)
+    bandwidth = req.device_bandwidth or memory_bandwidth(here)
+    if req.device_bandwidth is not None and req.device_bandwidth <= 0:
+        raise PdvError(f"--device-bandwidth {req.device_bandwidth}: must be > 0 bytes/s")
+    per_op = op_overhead(here)
+    notes = [
+        f"GEMMs: {flops:.3g} FLOP/s, a dense {req.dtype} square matmul measured on this "
+        f"{here.type} device for ~0.5 s, times each distinct shape's efficiency against that "
+        "matmul, timed here in alternate runs (pdv.profile.compute.gemm_efficiency; a shape "
+        "larger than the square one is timed with its largest dimension halved until it is "
+        "not)",
+        f"other FLOPs (convolutions) at {flops:.3g} FLOP/s",
+        f"memory bandwidth {bandwidth:.3g} B/s: "
+        + ("given by --device-bandwidth" if req.device_bandwidth is not None
+           else f"a large copy measured on this {here.type} device"),
+        f"per-op floor {per_op * 1e6:.3g} µs: a 1-element add timed on this {here.type} device",
+    ]
+    return _Target(_Measured(here, dtype, flops, bandwidth, per_op), here, None, False, notes)
+
+
+def _target(req: ProfileRequest, dtype: torch.dtype) -> _Target:
+    if req.device_spec is not None:
+        return _declared(req)
+    if req.device_flops is not None:
+        return _flat(req)
+    return _at_hand(req, dtype)
 
 
 def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> Any:
@@ -268,9 +411,10 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
         raise PdvError(f"model {req.spec!r} is split by tracing, which needs real tensors; "
                        "profile it by measuring (drop --estimate)")
     tps = check_model(req, model)
-    rate, here, device_notes = _device(req, dtype)
+    target = _target(req, dtype)
+    rate, here = target.pricing, target.here
     overhead, overhead_note = (0, "overhead_bytes: not measured (device not at hand)")
-    if req.device_flops is None:
+    if not target.declared:
         overhead, overhead_note = overhead_bytes(here)
     mbss = tuple(sorted(set(req.micro_batch_sizes)))
     meta = torch.device("meta")
@@ -304,7 +448,7 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
                                  param_bytes=param_bytes(layer),
                                  activation_bytes=tr.saved_bytes,
                                  output_bytes=tr.output_bytes,
-                                 flops_fwd=sum(f for f, _ in tr.fwd_ops)))
+                                 flops_fwd=sum(op[0] for op in tr.fwd_ops)))
                 h = torch.empty(tr.output_shape, dtype=tr.output_dtype, device=meta)
                 done += 1
                 if progress:
@@ -324,9 +468,10 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
 
     notes = [
         "estimated on the meta device, nothing run on data: every launched aten op of each "
-        "layer's forward and backward is priced by the roofline, max(FLOPs / FLOP rate, "
-        "bytes in+out / bandwidth), plus a per-op floor; FLOPs from FlopCounterMode",
-        *device_notes,
+        "layer's forward and backward is priced by the roofline, max(FLOPs / achieved FLOP "
+        "rate, bytes in+out / achieved bandwidth), plus a per-op floor; FLOPs from "
+        "FlopCounterMode",
+        *target.notes,
         "scaled_dot_product_attention is priced as one fused (flash-style) kernel each way: "
         "4·B·H·T²·D FLOPs forward (half when causal), 2.5x that backward, q/k/v/out traffic",
         "activation_bytes: distinct non-parameter tensors saved for backward on meta; "
@@ -335,21 +480,27 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
         f"optimizer_s: ESTIMATED, not timed: {optimizer_note(req.optimizer)} traced on meta "
         "copies of each layer's parameters (the steady-state step, after the one that "
         "allocates state); each op priced as bytes in+out / memory bandwidth plus the per-op "
-        "floor (elementwise ops count no FLOPs)"
-        + ("; memory traffic unpriced, so only the per-op floor"
-           if rate.bandwidth == float("inf") else ""),
+        "floor (elementwise ops count no FLOPs)",
         overhead_note,
         f"{len(cache)} layer traces for {total} (layer, point) pairs: layers with the same "
         "structure and input shape reuse one trace",
         "the last layer's fwd/bwd include the loss; spreads are 0 (nothing was timed)",
     ]
+    if isinstance(rate, _Measured):
+        notes.append(f"{rate.shapes} distinct GEMM shapes timed")
     kind = req.device_kind
-    if kind is None and req.device_flops is not None:
+    if kind is None and isinstance(rate, _Declared):
+        kind = rate.spec.kind
+    if kind is None and target.declared:
         kind = req.device
-    # A declared device's speed is the declared rate; a device at hand gets the cluster probe,
-    # like a measured profile, so the planner's speed ratios compare like with like.
-    info = device_info(here, rate.flops if req.device_flops is not None else None, kind)
-    if req.device_flops is not None:
-        info = info.model_copy(update={"name": f"{kind} (declared {rate.flops:.3g} FLOP/s)"})
+    # A declared device's speed is its declared peak (the cluster spec declares the same peak,
+    # so the planner's speed ratio is 1); a device at hand gets the cluster probe, like a
+    # measured profile, so the planner's speed ratios compare like with like.
+    info = device_info(here, target.matmul_flops, kind)
+    if isinstance(rate, _Declared):
+        info = info.model_copy(update={"name": f"{rate.spec.name} (declared spec)"})
+    elif target.declared:
+        info = info.model_copy(update={
+            "name": f"{kind} (declared {target.matmul_flops:.3g} FLOP/s)"})
     return assemble(req, model, info, points, tps, mbss, dtype, overhead,
                     Provenance(method="estimated", notes=notes), None, optimizer_s)

@@ -72,8 +72,10 @@ def profile_model(req: ProfileRequest, progress: Progress | None = None) -> Mode
     check_request(req)
     if req.estimate:
         return estimate_profile(req, progress)
-    if req.device_flops is not None or req.device_bandwidth is not None:
-        raise PdvError("--device-flops/--device-bandwidth only apply with --estimate "
+    if (req.device_flops is not None or req.device_bandwidth is not None
+            or req.device_spec is not None):
+        raise PdvError("--device-spec/--device-flops/--device-bandwidth only apply with "
+                       "--estimate "
                        "(measured times need no scaling)")
     return _measure_profile(req, progress)
 

@@ -63,6 +63,8 @@ class ProfileRequest:
     """--estimate only: scale FLOPs by this throughput instead of measuring this device's."""
     device_bandwidth: float | None = None
     """--estimate only: memory bandwidth (bytes/s) of a device not at hand."""
+    device_spec: str | None = None
+    """--estimate only: a declared device's achievable rates, with sources (pdv.device_spec)."""
     device_kind: str | None = None
     """Override the device kind recorded (to match a cluster's kind for a device not at hand)."""
     seed: int = 0
