@@ -16,7 +16,8 @@ k) with micro-batch size m runs each replica on m / dp samples. Per layer and mi
 - compute: the profile of the rank's device kind at (m/dp, layer tp), times the rank's measured
   speed (pdv.cost.compute.speed_factor); recompute runs the forward again before the backward;
 - TP (Megatron): two all-reduces of the layer output in forward and two in backward
-  (Narayanan et al., 2021, §2.3), on the replica's ring; recompute repeats the forward's;
+  (Narayanan et al., 2021, §2.3), on the replica's ring; recompute repeats the forward's; a
+  layer the model's TP plan leaves whole runs replicated, without collectives;
 - FSDP (each layer its own FSDP2 unit): an all-gather of the layer's parameters in every
   micro-batch's forward and again in its backward, on the replica ring;
 - memory: parameters, gradients and optimizer state (FSDP: the rank's 1/dp of them); the
@@ -171,7 +172,10 @@ def layer_terms(
         rows["output_bytes"].append(a.outputs)
     for rv in group.tp_rings:
         out = _moved(profiles, rv, replica_batch, choice.tp, "outputs")
-        tp = TP_ALL_REDUCES * all_reduce_time(rv.ring, out) * (choice.tp > 1)
+        # Only layers the TP plan splits communicate; one it leaves whole (an embedding, a
+        # head) runs replicated on every shard of the group (its parameter share stays 1).
+        split = _moved(profiles, rv, replica_batch, choice.tp, "shard") < 1
+        tp = TP_ALL_REDUCES * all_reduce_time(rv.ring, out) * (choice.tp > 1) * split
         rows["tp_fwd_s"].append(tp)
         rows["tp_bwd_s"].append(tp + (tp if choice.recompute else 0.0))
     for rv in group.dp_rings:

@@ -58,17 +58,27 @@ class Embed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention over n_head heads (the local heads under TP)."""
+    """Causal multi-head self-attention over n_head heads (the local heads under TP).
 
-    def __init__(self, d_model: int, n_head: int, head_dim: int, bias: bool) -> None:
+    fused: one scaled_dot_product_attention call (flash-style kernels where the device has
+    them); otherwise the T x T scores are materialized, masked, softmaxed, dropped out and
+    multiplied by v as separate ops, as Megatron-LM ran attention before flash kernels.
+    """
+
+    def __init__(self, d_model: int, n_head: int, head_dim: int, bias: bool,
+                 fused: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
         width = n_head * head_dim
         self.head_dim = head_dim
+        self.fused, self.dropout = fused, dropout
         # Separate q, k, v (not one fused qkv) so a column split keeps whole heads of each.
         self.q = nn.Linear(d_model, width, bias=bias)
         self.k = nn.Linear(d_model, width, bias=bias)
         self.v = nn.Linear(d_model, width, bias=bias)
         self.proj = nn.Linear(width, d_model, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"fused={self.fused}, dropout={self.dropout}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -76,7 +86,15 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        p = self.dropout if self.training else 0.0
+        if self.fused:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1))
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            probs = F.dropout(F.softmax(scores.masked_fill(future, float("-inf")), dim=-1), p,
+                              self.training)
+            y = torch.matmul(probs, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -93,19 +111,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(x))."""
+    """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(x)) (dropout on each branch)."""
 
     def __init__(self, d_model: int, n_head: int, head_dim: int, mlp_hidden: int,
-                 bias: bool = True) -> None:
+                 bias: bool = True, fused: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = Attention(d_model, n_head, head_dim, bias)
+        self.attn = Attention(d_model, n_head, head_dim, bias, fused, dropout)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, mlp_hidden, bias)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        p = self.dropout
+        x = x + F.dropout(self.attn(self.ln1(x)), p, self.training)
+        return x + F.dropout(self.mlp(self.ln2(x)), p, self.training)
 
 
 class Head(nn.Module):
@@ -124,7 +144,8 @@ class GPTConfig:
     """The sizes of one GPT; validated once so every factory fails the same way."""
 
     def __init__(self, n_layer: int, n_head: int, d_model: int, seq_len: int, vocab_size: int,
-                 mlp_ratio: int = 4, bias: bool = True) -> None:
+                 mlp_ratio: int = 4, bias: bool = True, fused_attention: bool = True,
+                 dropout: float = 0.0) -> None:
         if min(n_layer, n_head, d_model, seq_len, vocab_size, mlp_ratio) < 1:
             raise PdvError("every GPT size must be >= 1")
         if d_model % n_head:
@@ -134,11 +155,14 @@ class GPTConfig:
         self.head_dim = d_model // n_head
         self.mlp_hidden = mlp_ratio * d_model
         self.bias = bias
+        if not 0.0 <= dropout < 1.0:
+            raise PdvError(f"dropout={dropout}: must be in [0, 1)")
+        self.fused_attention, self.dropout = fused_attention, dropout
 
     def block(self, k: int = 1) -> Block:
         """A block with the local shard shapes of TP degree k (k = 1: the whole block)."""
         return Block(self.d_model, self.n_head // k, self.head_dim, self.mlp_hidden // k,
-                     self.bias)
+                     self.bias, self.fused_attention, self.dropout)
 
 
 def _init(module: nn.Module) -> None:
@@ -151,9 +175,20 @@ def _init(module: nn.Module) -> None:
 
 
 def gpt(n_layer: int = 4, n_head: int = 4, d_model: int = 64, seq_len: int = 32,
-        vocab_size: int = 512, mlp_ratio: int = 4, bias: bool = True) -> ModelDef:
-    """A GPT of the given sizes as a ModelDef (embed, block0..block{n-1}, head)."""
-    cfg = GPTConfig(n_layer, n_head, d_model, seq_len, vocab_size, mlp_ratio, bias)
+        vocab_size: int = 512, mlp_ratio: int = 4, bias: bool = True,
+        shard_head: bool = False, fused_attention: bool = True,
+        dropout: float = 0.0) -> ModelDef:
+    """A GPT of the given sizes as a ModelDef (embed, block0..block{n-1}, head).
+
+    fused_attention=False materializes the attention scores (Megatron-LM's attention before
+    flash kernels); dropout applies to the attention probabilities and both residual branches.
+
+    shard_head: TP also splits the LM head by vocabulary columns (its logits gathered for the
+    loss), as Megatron-LM's vocab-parallel head splits that GEMM; by default the head runs
+    whole on every TP shard.
+    """
+    cfg = GPTConfig(n_layer, n_head, d_model, seq_len, vocab_size, mlp_ratio, bias,
+                    fused_attention, dropout)
     layers: list[tuple[str, nn.Module]] = [("embed", Embed(vocab_size, seq_len, d_model))]
     layers += [(f"block{i}", cfg.block()) for i in range(n_layer)]
     layers.append(("head", Head(d_model, vocab_size)))
@@ -174,6 +209,10 @@ def gpt(n_layer: int = 4, n_head: int = 4, d_model: int = 64, seq_len: int = 32,
     def tp_plan(index: int, layer: nn.Module) -> dict[str, Any]:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+        if shard_head and index == n_layer + 1:
+            from torch.distributed.tensor import Replicate
+
+            return {"lm_head": ColwiseParallel(output_layouts=Replicate())}
         if not is_block(index):
             return {}
         return {
@@ -186,15 +225,17 @@ def gpt(n_layer: int = 4, n_head: int = 4, d_model: int = 64, seq_len: int = 32,
         }
 
     def tp_shard(index: int, layer: nn.Module, k: int) -> nn.Module:
-        if not is_block(index) or k == 1:
+        if k == 1 or not (is_block(index) or (shard_head and index == n_layer + 1)):
             return layer
         if k not in degrees:
-            raise PdvError(f"TP degree {k} does not divide n_head={n_head} and 4d={cfg.mlp_hidden}")
-        shard = cfg.block(k)
+            raise PdvError(f"TP degree {k} does not divide n_head={n_head} and 4d={cfg.mlp_hidden}"
+                           + (f" and vocab_size={vocab_size}" if shard_head else ""))
+        shard = cfg.block(k) if is_block(index) else Head(d_model, vocab_size // k)
         _init(shard)
         return shard
 
-    degrees = tuple(k for k in range(1, 9) if n_head % k == 0 and cfg.mlp_hidden % k == 0)
+    degrees = tuple(k for k in range(1, 9) if n_head % k == 0 and cfg.mlp_hidden % k == 0
+                    and (not shard_head or vocab_size % k == 0))
     return ModelDef(layers=layers, make_batch=make_batch, loss_fn=loss_fn, tp_plan=tp_plan,
                     tp_shard=tp_shard, tp_degrees=degrees)
 
