@@ -9,7 +9,12 @@ flat all-reduce after the schedule (averaged: each replica's loss is a mean over
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +26,51 @@ from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
 from pdv.run.stage import ReplicaGrads
 
-__all__ = ["ChainPipeline"]
+__all__ = ["ChainPipeline", "OP_TRACE_ENV", "OpRecorder"]
+
+OP_TRACE_ENV = "PDV_OP_TRACE"
+"""Diagnostics: a directory; each rank of an equal-width run writes ``ops-rank{R}.json``, the
+compute ops torch executed in the last step, in order, with their start and end times
+(``time.monotonic``, one clock for all ranks of a host). The schedule check compares them with
+the simulator's op order and bubble (tests/test_schedule_order.py, benchmarks/schedule_check.py).
+"""
+
+
+class OpRecorder:
+    """Wraps a PipelineStage's compute calls to log (kind, stage, micro, start, end) per op."""
+
+    def __init__(self, out: Path, rank: int) -> None:
+        self.path = out / f"ops-rank{rank}.json"
+        self.rank = rank
+        self.ops: list[tuple[str, int, int, float, float]] = []
+
+    def watch(self, stage: Any) -> None:
+        """Record this stage's forward, backward (full or input-grad) and weight-grad calls."""
+        fwd, bwd, wgt = (stage.forward_one_chunk, stage.backward_one_chunk,
+                         stage.backward_weight_one_chunk)
+        index = stage.stage_index
+
+        def timed(kind: str, fn: Callable[..., Any], micro: int, *a: Any, **kw: Any) -> Any:
+            t0 = time.monotonic()
+            out = fn(micro, *a, **kw)
+            self.ops.append((kind, index, int(micro), t0, time.monotonic()))
+            return out
+
+        stage.forward_one_chunk = lambda micro, *a, **kw: timed("F", fwd, micro, *a, **kw)
+        stage.backward_one_chunk = lambda micro, *a, **kw: timed(
+            "B" if kw.get("full_backward", True) else "I", bwd, micro, *a, **kw)
+        stage.backward_weight_one_chunk = lambda micro, *a, **kw: timed(
+            "W", wgt, micro, *a, **kw)
+
+    def start_step(self) -> None:
+        """Forget the previous step's ops."""
+        self.ops = []
+
+    def write(self) -> None:
+        """The step's ops as JSON (rewritten every step: the last step's stay)."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rank": self.rank, "ops": self.ops}))
+        tmp.replace(self.path)
 
 
 def _examples(values: tuple[Value, ...], rows: int,
@@ -78,6 +127,11 @@ class ChainPipeline:
             self.schedule = cls(self.stages, n_microbatches=nmb, loss_fn=loss_fn)
         else:
             self.schedule = cls(self.stages[0], n_microbatches=nmb, loss_fn=loss_fn)
+        trace = os.environ.get(OP_TRACE_ENV)
+        self.recorder = OpRecorder(Path(trace), rank) if trace else None
+        for st in self.stages:
+            if self.recorder:
+                self.recorder.watch(st)
         self.first = 0 in self.stage_ids
         self.last = dims.num_stages - 1 in self.stage_ids
         self.replica_sync = [
@@ -92,6 +146,8 @@ class ChainPipeline:
         """Forward and backward of one global batch; the last stage returns micro-batch losses."""
         losses: list[torch.Tensor] = []
         nmb = self.dims.num_micro_batches
+        if self.recorder:
+            self.recorder.start_step()
         for grads in self.replica_sync:
             grads.attach()
         args = ()
@@ -107,4 +163,6 @@ class ChainPipeline:
             self.schedule.step(*args)
         for grads in self.replica_sync:
             grads.reduce()
+        if self.recorder:
+            self.recorder.write()
         return [float(v.detach()) for v in losses]
