@@ -55,3 +55,44 @@ def test_torch_runs_the_simulated_order(tmp_path: Path, groups: int, chunks: int
         assert executed == simulated[g], (g, executed, simulated[g])
         # One compute op at a time on a rank: the simulator's lane model.
         assert all(a[4] <= b[3] for a, b in zip(ran, ran[1:], strict=False))
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_planner_offers_an_interleaved_plan_and_pdv_runs_it(tmp_path: Path) -> None:
+    """profile → plan → run: with as many micro-batches as ranks the plain 1F1B bubble is
+    large, the planner's best plan is interleaved, and `pdv run` executes it in the simulated
+    order."""
+    # (the profile, the cluster probe, a plan and a run of two ranks: about a minute)
+    model = ["--model-arg", "n_layer=12", "--model-arg", "fwd_ms=2", "--model-arg", "bwd_ms=4"]
+    prof, clus = tmp_path / "profile.json", tmp_path / "cluster.json"
+    r = run_pdv("profile", "model", SPEC, *model, "--micro-batch-sizes", "1", "--warmup", "1",
+                "--repeat", "3", "-o", str(prof))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_pdv("profile", "cluster", "--nproc-per-node", "2", "-o", str(clus))
+    assert r.returncode == 0, r.stderr[-2000:]
+    # Waiting is not computing: the ranks do not slow each other down (as in
+    # benchmarks/schedule_check.py), so every rank runs at the profile's speed.
+    speed = artifacts.load_as(prof, "model-profile").device.matmul_flops
+    cluster = artifacts.load_as(clus, "cluster")
+    artifacts.write(clus, cluster.model_copy(update={"devices": [
+        d.model_copy(update={"matmul_flops": speed, "matmul_flops_alone": speed})
+        for d in cluster.devices]}))
+    plan_path = tmp_path / "plan.json"
+    # Micro-batches of one sample: no room for data parallelism, so the ranks pipeline.
+    r = run_pdv("plan", str(prof), "--cluster", str(clus), "--global-batch", "2",
+                "--micro-batch-sizes", "1", "--no-fsdp", "--no-recompute", "--time-limit", "1",
+                "-o", str(plan_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    plan = artifacts.load_as(plan_path, "plan")
+    assert plan.schedule == "Interleaved1F1B", (plan.schedule, len(plan.stages))
+    trace = tmp_path / "ops"
+    trace.mkdir()
+    r = run_pdv("run", str(plan_path), "--steps", "2", "--warmup", "1",
+                "--report", str(tmp_path / "report.json"), env={"PDV_OP_TRACE": str(trace)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    layout = stage_layout([s.ranks for s in plan.stages], plan.schedule)
+    simulated = rank_orders(layout, plan.schedule, plan.num_micro_batches)
+    for g, ranks in enumerate(layout.group_ranks):
+        ran = json.loads((trace / f"ops-rank{ranks[0]}.json").read_text())["ops"]
+        assert [tuple(op[:3]) for op in ran] == simulated[g]

@@ -72,6 +72,11 @@ def plan(
         0.1, "--memory-margin", min=0.0, max=0.9, help="Fraction of device memory kept free."
     ),
     schedule: str = typer.Option("1F1B", "--schedule", help="GPipe or 1F1B."),
+    virtual_stages: str = typer.Option(
+        "2,3,4", "--virtual-stages", help="Model chunks per rank group tried as interleaved "
+        "forms of pdv's 1F1B pipelines (Interleaved1F1B), e.g. 2,3,4; 1 for plain pipelines "
+        "only.",
+    ),
     time_limit: float = typer.Option(
         10.0,
         "--time-limit",
@@ -111,6 +116,7 @@ def plan(
         time_limit_s=time_limit,
         allow_fsdp=fsdp,
         allow_recompute=recompute,
+        virtual_stages=tuple(v for v in _ints(virtual_stages, "--virtual-stages") if v > 1),
     )
 
     def say(msg: str) -> None:

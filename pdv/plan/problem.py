@@ -51,6 +51,8 @@ class Candidate:
     """which generator produced it (pdv, hierarchy, uniform, pipedream)"""
     order: tuple[int, ...] = ()
     """the device order the stages were cut from (transfers are paired along it)"""
+    schedule: Schedule | None = None
+    """the candidate's own schedule (an interleaved form); None = the problem's"""
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: the caches key on the problem object
@@ -72,6 +74,9 @@ class PlanProblem:
     """allowed TP degrees; empty = those every profile measured"""
     allow_fsdp: bool = True
     allow_recompute: bool = True
+    virtual_stages: tuple[int, ...] = (2, 3, 4)
+    """chunks per rank group tried as interleaved forms of 1F1B pipelines (pdv.plan.interleave);
+    empty = plain pipelines only"""
 
     @property
     def num_layers(self) -> int:

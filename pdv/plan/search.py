@@ -1,5 +1,9 @@
 """`pdv plan` as a library call: a problem in, ranked plans out (by the simulator's step time).
 
+pdv's own candidates also compete in their interleaved forms (pdv.plan.interleave: each rank
+group holding v model chunks under Interleaved1F1B, for v in ``problem.virtual_stages``), priced
+by the same simulator; the baselines keep their schedules.
+
 Generators (all return ranked :class:`Candidate` lists): ``pdv`` (groups and order from the
 measured matrix, stage DP, CP-SAT sharding), ``hierarchy``, ``uniform``, ``pipedream``
 (pdv.plan.baselines). The best few candidates of a generator are refined stage by stage with
@@ -25,12 +29,13 @@ from pdv.artifacts import (
 )
 from pdv.cost.compute import speed_factor, unpriced_note
 from pdv.cost.schedules import rank_orders, splits_backward
-from pdv.cost.simulate import simulate, to_predicted
+from pdv.cost.simulate import host_capacity, simulate, to_predicted
 from pdv.cost.stage import stage_cost
 from pdv.cost.validity import check_plan
 from pdv.errors import PdvError
 from pdv.plan import baselines
 from pdv.plan.groups import device_order, islands
+from pdv.plan.interleave import interleaved, recomputing
 from pdv.plan.objective import followers, pipeline_objective
 from pdv.plan.problem import Candidate, PlanProblem, plan_stage
 from pdv.plan.reasons import closest_layout, why_no_plan
@@ -212,7 +217,7 @@ def _to_plan(
         micro_batch_size=cand.micro_batch_size,
         num_micro_batches=cand.num_micro_batches,
         global_batch_size=problem.global_batch,
-        schedule=problem.schedule,
+        schedule=cand.schedule or problem.schedule,
         planner=Planner(
             name=cand.search,
             status=status,
@@ -412,7 +417,8 @@ def search(
         if planner != "pdv":
             raise
         own, exact = [], True
-    pool = [(x, planner) for x in own]
+    forms = _interleaved_forms(problem, own, top) if planner == "pdv" else []
+    pool = [(x, planner) for x in own + forms]
     ruled_out = 0
     if planner == "pdv":
         for name in BASELINES:
@@ -433,7 +439,7 @@ def search(
     distinct: list[tuple[_Simulated, str]] = []
     seen: set[str] = set()
     for item in pool:
-        key = repr((item[0].plan.stages, item[0].plan.micro_batch_size))
+        key = repr((item[0].plan.stages, item[0].plan.micro_batch_size, item[0].plan.schedule))
         if key not in seen:
             seen.add(key)
             distinct.append(item)
@@ -441,6 +447,43 @@ def search(
     plans = [_reported(x, source, planner, own, provenance, ruled_out)
              for x, source in distinct[:top]]  # fmt: skip
     return SearchResult(plans, planner, exact)
+
+
+def _interleaved_forms(problem: PlanProblem, own: list[_Simulated],
+                       top: int) -> list[_Simulated]:
+    """pdv's simulated pipelines in their interleaved forms (pdv.plan.interleave), simulated
+    and kept where they fit in memory; where a form's simulated peak is over a rank's budget,
+    that rank's group recomputes and the layers are cut again. A form whose steady-state work
+    (its objective, a lower bound of its step where ranks do not share cores) is not under the
+    top-`top` step already simulated is not simulated: recomputing would only add work."""
+    out: list[_Simulated] = []
+    memo = _memo(problem)
+    shared = bool(host_capacity(problem.cluster))
+    for x in list(own):
+        cand, _ = memo["plan", "pdv", x.by_objective]
+        info = x.plan.planner
+        times = sorted(o.step_s for o in own + out)
+        bar = times[top - 1] if len(times) >= top and not shared else float("inf")
+        for v in problem.virtual_stages if problem.schedule == "1F1B" else ():
+            base: Candidate | None = cand
+            while base is not None:
+                form = interleaved(problem, base, v)
+                if form is None or form.objective_s >= bar:
+                    break
+                try:
+                    plan = _to_plan(problem, form, info.status, info.optimality_gap,
+                                    info.candidates or 0, Provenance())
+                except PdvError:
+                    break  # e.g. torch's rounds do not divide the micro-batches
+                assert plan.predicted is not None
+                if _fits(problem, plan):
+                    out.append(_Simulated(plan, plan.predicted.step_time_s, form.objective_s,
+                                          x.by_objective))
+                    break
+                over = [int(r) for r, b in plan.predicted.peak_memory_bytes.items()
+                        if float(b) > problem.capacity(int(r))]
+                base = recomputing(base, over) if problem.allow_recompute else None
+    return out
 
 
 def _fallback(problem: PlanProblem) -> list[_Simulated]:
