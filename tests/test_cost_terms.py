@@ -54,3 +54,22 @@ def test_every_range_at_once_prices_as_one_range(choice: LayerChoice) -> None:
             for field in ("fwd_s", "bwd_s", "grad_sync_s", "optimizer_s", "output_bytes"):
                 assert getattr(table, field)[x, y] == pytest.approx(float(getattr(one, field)))
             assert table.peak_bytes(3)[:, x, y] == pytest.approx(one.peak_bytes(3))
+
+
+def test_tp_charges_all_reduces_only_on_layers_the_plan_splits() -> None:
+    """A layer the TP plan leaves whole (its TP sample keeps every parameter: an embedding, an
+    unsplit head) runs replicated on each shard and sends no all-reduce; split layers do."""
+    from pdv.cost.terms import layer_terms
+
+    prof = make_profile("a", n_layers=3, tp_degrees=(1, 2), out=10**6)
+    whole = prof.layers[0].model_copy(update={"samples": [
+        s.model_copy(update={"param_bytes": prof.layers[0].param_bytes})
+        for s in prof.layers[0].samples]})
+    prof = prof.model_copy(update={"layers": [whole, *prof.layers[1:]]})
+    ring = Ring(2, 1e-5, 1e8)
+    group = StageGroup(ranks=(RankView("a", 1.0, 0.0, 1e9),) * 2,
+                       tp_rings=(RingView(ring, ("a",)),), dp_rings=(), tp=2, dp=1)
+    terms = layer_terms({"a": prof}, group, 1, LayerChoice(tp=2))
+    tp = np.asarray(terms.tp_fwd_s).reshape(-1, 3)  # (tp rings, layers)
+    assert (tp[:, 0] == 0.0).all()
+    assert (tp[:, 1:] > 0).all()
