@@ -122,6 +122,8 @@ def test_interleaving_cuts_the_bubble_of_a_balanced_pipeline(
     inter = simulate(_plan(inter_cand, "Interleaved1F1B"), problem.profiles, problem.cluster)
     assert inter.bubble_fraction < plain.bubble_fraction
     assert inter.step_time_s < plain.step_time_s
+    # The form's objective (its steady-state work) is a lower bound of its simulated step.
+    assert inter_cand.objective_s <= inter.step_time_s * (1 + 1e-9)
     # Narayanan et al. (2021, §2.2): the fill and drain shrink by v. Whole layers leave some
     # imbalance in both forms, so at least half the textbook cut is asked for.
     textbook = (groups - 1) / (micro + groups - 1) - (groups - 1) / (v * micro + groups - 1)

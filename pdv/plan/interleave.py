@@ -110,7 +110,11 @@ def torch_places(stages: tuple[StageSpec, ...]) -> bool:
 def interleaved(problem: PlanProblem, cand: Candidate, v: int) -> Candidate | None:
     """The candidate with each of its p rank groups holding v chunks, or None if it cannot be.
 
-    The objective_s of the result is the plain candidate's: the simulator ranks them.
+    The objective_s of the result is its steady-state work: M micro-batches times the slowest
+    group's forward and backward over its chunks (collectives included, transfers not). On
+    ranks that do not share cores, where the simulator runs every op at its priced time, no
+    schedule finishes sooner, so the search skips simulating a form this bound already loses;
+    the simulator ranks the rest.
     """
     stages = cand.stages
     p = len(stages)
@@ -130,7 +134,8 @@ def interleaved(problem: PlanProblem, cand: Candidate, v: int) -> Candidate | No
         StageSpec(cuts[c], cuts[c + 1], stages[c % p].ranks, stages[c % p].choice)
         for c in range(p * v)
     )
-    return Candidate(chunks, cand.micro_batch_size, cand.num_micro_batches, cand.objective_s,
+    steady = cand.num_micro_batches * _loads(costs, cuts)[0]
+    return Candidate(chunks, cand.micro_batch_size, cand.num_micro_batches, steady,
                      search=cand.search, order=cand.order, schedule="Interleaved1F1B")
 
 
