@@ -175,6 +175,54 @@ def predict(case: Case, keep: Path | None = None) -> dict[str, Any]:
             "bubble": sim.bubble_fraction, "source": case.source}
 
 
+def bubbles(case: Case) -> list[dict[str, Any]]:
+    """The case's pipeline plain (1F1B) and interleaved, on the same rank groups and
+    micro-batches: blocks split evenly (the published layout) and cut by pdv's planner
+    (pdv.plan.interleave), with the simulated step and bubble of each."""
+    import dataclasses
+
+    from pdv import artifacts
+    from pdv.artifacts import LayerChoice, PlanStage
+    from pdv.cost.simulate import simulate
+    from pdv.plan.interleave import balanced_cuts, interleaved
+    from pdv.plan.objective import stage_table
+    from pdv.plan.problem import Candidate, PlanProblem, StageSpec, plan_stage
+
+    profile, cluster = _profile(case), _cluster(case)
+    profiles = {profile.device.kind: profile}
+    micro = case.global_batch // case.micro_batch
+    v = max(case.chunks, 3)
+    rows = []
+
+    def row(name: str, stages: list[PlanStage], schedule: str) -> None:
+        plan = artifacts.parse({**plan_for(case), "stages": [st.model_dump() for st in stages],
+                                "schedule": schedule}, "plan", expect="plan")
+        sim = simulate(plan, profiles, cluster)
+        rows.append({"case": case.name, "layout": name, "stages": len(stages),
+                     "step_s": sim.step_time_s, "bubble": sim.bubble_fraction})
+
+    for chunks in (1, v):
+        even = dataclasses.replace(case, chunks=chunks)
+        plan = artifacts.parse(plan_for(even), "plan", expect="plan")
+        row(f"even split, {chunks} chunk(s)/group", list(plan.stages),
+            "Interleaved1F1B" if chunks > 1 else "1F1B")
+    problem = PlanProblem(profiles=profiles, cluster=cluster, global_batch=case.global_batch,
+                          micro_batch_sizes=(case.micro_batch,), tp_degrees=(case.tp,))
+    choice = LayerChoice(tp=case.tp, recompute=case.recompute)
+    groups = [tuple(range(g * case.tp, (g + 1) * case.tp)) for g in range(case.pp)]
+    tables = [stage_table(problem, r, case.micro_batch, choice).time for r in groups]
+    cuts = balanced_cuts(tables, case.pp)
+    assert cuts is not None
+    plain = Candidate(tuple(StageSpec(cuts[g], cuts[g + 1], groups[g], choice)
+                            for g in range(case.pp)), case.micro_batch, micro, 0.0)
+    row("planner's balanced cut, 1 chunk/group", [plan_stage(st) for st in plain.stages], "1F1B")
+    form = interleaved(problem, plain, v)
+    if form is not None:
+        row(f"planner's interleaved form, {v} chunks/group",
+            [plan_stage(st) for st in form.stages], "Interleaved1F1B")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print published, predicted and error per case; non-zero past the tolerances."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -186,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="largest |error| of any exactly expressed case (default 0.25)")
     ap.add_argument("--keep", type=Path, help="write each case's profile, cluster and plan here")
     ap.add_argument("--json", action="store_true", help="print one JSON object per case")
+    ap.add_argument("--bubble", action="store_true",
+                    help="instead: the pipelined cases plain and interleaved, same rank groups "
+                    "and micro-batches (simulated step and bubble)")
     args = ap.parse_args(argv)
     known = {c.name: c for c in CASES}
     unknown = [n for n in args.case if n not in known]
@@ -193,6 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown case(s) {unknown}; known: {', '.join(known)}", file=sys.stderr)
         return 2
     cases = [known[n] for n in args.case] if args.case else CASES
+    if args.bubble:
+        for c in cases:
+            if c.pp < 2 or c.layers % (c.pp * max(c.chunks, 3)):
+                continue
+            for r in bubbles(c):
+                print(json.dumps(r, sort_keys=True) if args.json else
+                      f"{r['case']:<16} {r['layout']:<42} {r['stages']:>4} stages "
+                      f"{r['step_s']:>8.2f}s  bubble {r['bubble']:>6.1%}")
+        return 0
     with tempfile.TemporaryDirectory():
         rows = [predict(c, args.keep) for c in cases]
     if args.json:
