@@ -3,6 +3,8 @@
     python benchmarks/published.py                 # table; exit 1 past the tolerances
     python benchmarks/published.py --json          # one JSON object per case
     python benchmarks/published.py --case 175B-full --keep DIR
+    python benchmarks/published.py --datasheet     # the flat estimate: datasheet peak for all
+    python benchmarks/published.py --bubble        # pipelined cases, plain vs interleaved
 
 Each case is a published per-iteration time of a Megatron-LM run, with the configuration the
 paper gives (model sizes, GPUs, tensor/pipeline/data degrees, interleaving, global and micro
@@ -144,13 +146,20 @@ def _cluster(case: Case) -> Any:
     return declare_cluster(spec, str(CLUSTER), raw)
 
 
+DATASHEET = {"device_flops": 312e12, "device_bandwidth": 2039e9,
+             "device_kind": "nvidia-a100-sxm4-80gb"}
+"""--datasheet: the A100's datasheet peak and bandwidth for every op (the flat estimate)"""
+_FLAT = False
+
+
 def _profile(case: Case) -> Any:
     from pdv.profile.layers import profile_model
     from pdv.profile.request import ProfileRequest
 
+    device: dict[str, Any] = dict(DATASHEET) if _FLAT else {"device_spec": str(DEVICE)}
     req = ProfileRequest(spec="pdv.sample_models.gpt:gpt", kwargs=model_kwargs(case),
                          micro_batch_sizes=(case.micro_batch,), tp_degrees=(case.tp,),
-                         dtype="float16", estimate=True, device_spec=str(DEVICE))
+                         dtype="float16", estimate=True, **device)
     return profile_model(req)
 
 
@@ -237,7 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bubble", action="store_true",
                     help="instead: the pipelined cases plain and interleaved, same rank groups "
                     "and micro-batches (simulated step and bubble)")
+    ap.add_argument("--datasheet", action="store_true",
+                    help="price every op at the datasheet peak and bandwidth instead of the "
+                    "device spec's achievable rates (the estimate before shapes and efficiency)")
     args = ap.parse_args(argv)
+    global _FLAT
+    _FLAT = args.datasheet
     known = {c.name: c for c in CASES}
     unknown = [n for n in args.case if n not in known]
     if unknown:
