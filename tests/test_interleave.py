@@ -82,7 +82,8 @@ def _problem(n_blocks: int, groups: int, micro: int, head: float) -> PlanProblem
     hosts = [f"h{i}" for i in range(groups)]
     bw = [[0.0 if i == j else 1e10 for j in range(groups)] for i in range(groups)]
     return PlanProblem(profiles={"gpu": prof}, cluster=cluster(hosts, bw), global_batch=micro,
-                       micro_batch_sizes=(1,), allow_fsdp=False, allow_recompute=False)
+                       micro_batch_sizes=(1,), allow_fsdp=False, allow_recompute=False,
+                       virtual_stages=(2, 3, 4))
 
 
 def _plan(cand: Candidate, schedule: str) -> Plan:

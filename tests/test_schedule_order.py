@@ -82,7 +82,7 @@ def test_planner_offers_an_interleaved_plan_and_pdv_runs_it(tmp_path: Path) -> N
     # Micro-batches of one sample: no room for data parallelism, so the ranks pipeline.
     r = run_pdv("plan", str(prof), "--cluster", str(clus), "--global-batch", "2",
                 "--micro-batch-sizes", "1", "--no-fsdp", "--no-recompute", "--time-limit", "1",
-                "-o", str(plan_path))
+                "--virtual-stages", "2,3,4", "-o", str(plan_path))
     assert r.returncode == 0, r.stderr[-2000:]
     plan = artifacts.load_as(plan_path, "plan")
     assert plan.schedule == "Interleaved1F1B", (plan.schedule, len(plan.stages))

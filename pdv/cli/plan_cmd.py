@@ -73,9 +73,10 @@ def plan(
     ),
     schedule: str = typer.Option("1F1B", "--schedule", help="GPipe or 1F1B."),
     virtual_stages: str = typer.Option(
-        "2,3,4", "--virtual-stages", help="Model chunks per rank group tried as interleaved "
-        "forms of pdv's 1F1B pipelines (Interleaved1F1B), e.g. 2,3,4; 1 for plain pipelines "
-        "only.",
+        "1", "--virtual-stages", help="Model chunks per rank group tried as interleaved "
+        "forms of pdv's 1F1B pipelines (Interleaved1F1B), e.g. 2,3,4; 1 (the default) for "
+        "plain pipelines only: interleaved plans are still predicted up to 8.5% fast on gloo "
+        "(benchmarks/schedule_check.py).",
     ),
     time_limit: float = typer.Option(
         10.0,
