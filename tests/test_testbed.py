@@ -257,7 +257,9 @@ def test_a_plan_on_idle_ranks_runs_on_their_slots(tmp_path: Path) -> None:
     assert run_pdv("validate", str(copy)).returncode == 0
     ran = json.loads(copy.read_text())
     assert [s["ranks"] for s in ran["stages"]] == [[1], [0]]
-    assert [(d["rank"], d["host"]) for d in ran["devices"]] == [(0, "a"), (1, "b")]
+    # Read as a plan: the file writes devices as runs of alike ranks (pdv.plan/v2).
+    devices = artifacts.load_as(copy, "plan").devices
+    assert devices is not None and [(d.rank, d.host) for d in devices] == [(0, "a"), (1, "b")]
     assert ran["predicted"]["peak_memory_bytes"] == {"0": 111, "1": 222}
     assert run_pdv("validate", str(report)).returncode == 0
     got = json.loads(report.read_text())

@@ -31,10 +31,12 @@ def renumbered(plan: Plan, used: list[int]) -> Plan:
     data = plan.model_dump(mode="json", by_alias=True)
     for stage in data["stages"]:
         stage["ranks"] = [new[r] for r in stage["ranks"]]
-    if data.get("devices") is not None:
-        # launching reads one device per rank the stages use, so the idle ones go
-        by_rank = {d["rank"]: d for d in data["devices"]}
-        data["devices"] = [{**by_rank[r], "rank": new[r]} for r in used if r in by_rank]
+    if plan.devices is not None:
+        # Launching reads one device per rank the stages use, so the idle ones go. Taken from
+        # the typed devices: the plan's JSON writes them as runs of alike ranks.
+        by_rank = {d.rank: d for d in plan.devices}
+        data["devices"] = [by_rank[r].model_copy(update={"rank": new[r]}).model_dump(
+            mode="json", by_alias=True) for r in used if r in by_rank]
     pred = data.get("predicted")
     if pred is not None:
         pred["peak_memory_bytes"] = {
