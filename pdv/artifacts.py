@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -62,6 +63,7 @@ __all__ = [
     "dumps",
     "load",
     "load_as",
+    "load_profiles",
     "parse",
     "schema_of",
     "write",
@@ -814,3 +816,14 @@ def load(path: str | os.PathLike[str], expect: str | None = None) -> Any:
 def load_as(path: str | os.PathLike[str], kind: str) -> Any:
     """Load an artifact that must be of one kind ('model-profile', 'cluster', 'plan', ...)."""
     return load(path, expect=kind)
+
+
+def load_profiles(paths: Sequence[str | os.PathLike[str]]) -> dict[str, ModelProfile]:
+    """Model profiles by device kind; two profiles of one kind are a PdvError."""
+    out: dict[str, ModelProfile] = {}
+    for p in paths:
+        prof = load_as(p, "model-profile")
+        if prof.device.kind in out:
+            raise PdvError(f"two profiles for device kind {prof.device.kind!r} ({p}); one per kind")
+        out[prof.device.kind] = prof
+    return out

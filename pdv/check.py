@@ -29,7 +29,7 @@ from pdv import artifacts
 from pdv.artifacts import ClusterArtifact, ModelProfile, Plan, Planner, PlanStage
 from pdv.cost.simulate import simulate, to_predicted
 from pdv.errors import PdvError
-from pdv.plan.baselines import uniform_layouts
+from pdv.plan.baselines import even_split, uniform_layouts
 from pdv.plan.groups import device_order
 from pdv.plan.problem import PlanProblem
 from pdv.plan.search import PLANNERS, search
@@ -113,17 +113,6 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     if sxx == 0 or syy == 0:
         return None
     return float(sxy / (sxx * syy) ** 0.5)
-
-
-def even_split(n_layers: int, pp: int) -> list[tuple[int, int]]:
-    """pp contiguous layer ranges whose sizes differ by at most one."""
-    base, extra = divmod(n_layers, pp)
-    out, lo = [], 0
-    for s in range(pp):
-        hi = lo + base + (1 if s < extra else 0)
-        out.append((lo, hi))
-        lo = hi
-    return out
 
 
 def plan_key(plan: Plan) -> str:

@@ -19,7 +19,7 @@ from pdv.check import (
     write_json_atomic,
 )
 from pdv.cli.app import app, console, err_console
-from pdv.cli.plan_cmd import _ints, _profiles
+from pdv.cli.plan_cmd import _ints
 from pdv.cli.render import fmt_time, new_table, print_table
 from pdv.errors import PdvError
 from pdv.plan.problem import PlanProblem
@@ -79,7 +79,7 @@ def check(
 ) -> None:
     """Run plans for a few steps each; print predicted, measured, error, Spearman, the pick's
     place; exit 1 past the given tolerances."""
-    profs = _profiles(profiles)
+    profs = artifacts.load_profiles(profiles)
     clus = artifacts.load_as(cluster, "cluster")
     check_profiles(profs, clus, None, None)
     say = (lambda m: err_console.print(f"[dim]{m}[/]")) if not as_json else (lambda _m: None)

@@ -9,22 +9,12 @@ from pathlib import Path
 import typer
 
 from pdv import artifacts
-from pdv.artifacts import ModelProfile, Plan
+from pdv.artifacts import Plan
 from pdv.cli.app import app, console, err_console
 from pdv.cli.render import fmt_bytes, fmt_time, new_table, print_table
 from pdv.errors import PdvError
 from pdv.plan.problem import PlanProblem
 from pdv.plan.search import PLANNERS, check_profiles, plan_provenance, search
-
-
-def _profiles(paths: list[Path]) -> dict[str, ModelProfile]:
-    out: dict[str, ModelProfile] = {}
-    for p in paths:
-        prof = artifacts.load_as(p, "model-profile")
-        if prof.device.kind in out:
-            raise PdvError(f"two profiles for device kind {prof.device.kind!r} ({p}); one per kind")
-        out[prof.device.kind] = prof
-    return out
 
 
 def _ints(text: str | None, flag: str) -> tuple[int, ...]:
@@ -104,7 +94,7 @@ def plan(
         raise PdvError(f"--planner {planner!r}: choose one of {', '.join(PLANNERS)}")
     if top > 1 and top_dir is None:
         raise PdvError("--top K needs --top-dir DIR to write the K plans into")
-    profs = _profiles(profiles)
+    profs = artifacts.load_profiles(profiles)
     clus = artifacts.load_as(cluster, "cluster")
     check_profiles(profs, clus, dtype, optimizer)
     problem = PlanProblem(

@@ -22,13 +22,7 @@ def _profiles(paths: list[Path]) -> dict[str, ModelProfile]:
     if not paths:
         raise PdvError("no model profile: pass --profile PROFILE.json (one per device kind; "
                        "the plan names no profile files, only their digests)")
-    out: dict[str, ModelProfile] = {}
-    for p in paths:
-        prof = artifacts.load_as(p, "model-profile")
-        if prof.device.kind in out:
-            raise PdvError(f"two profiles for device kind {prof.device.kind!r} ({p}); one per kind")
-        out[prof.device.kind] = prof
-    return out
+    return artifacts.load_profiles(paths)
 
 
 def _kept(text: str | None) -> list[int] | None:

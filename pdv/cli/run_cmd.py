@@ -177,13 +177,8 @@ def _run_elastic(plan: artifacts.Plan, opts: RunOptions, profile: list[Path],
 
     if len(host_slots(plan)) > 1:
         raise PdvError("--elastic runs every rank on this host; this plan spans several hosts")
-    profiles: dict[str, artifacts.ModelProfile] = {}
-    for p in profile:
-        prof = artifacts.load_as(p, "model-profile")
-        if prof.device.kind in profiles:
-            raise PdvError(f"two profiles for device kind {prof.device.kind!r} ({p}); one per kind")
-        profiles[prof.device.kind] = prof
-    eopts = ElasticOptions(profiles=profiles, rank_prefix=rank_prefix, max_replans=max_replans)
+    eopts = ElasticOptions(profiles=artifacts.load_profiles(profile), rank_prefix=rank_prefix,
+                           max_replans=max_replans)
 
     def say(msg: str) -> None:
         err_console.print(f"pdv: {msg}", highlight=False)

@@ -21,17 +21,6 @@ _MAX_RANK_ROWS = 32
 _MAX_TIMELINE_ROWS = 32
 
 
-def _profiles(paths: list[Path]) -> dict[str, ModelProfile]:
-    out: dict[str, ModelProfile] = {}
-    for p in paths:
-        prof = artifacts.load_as(p, "model-profile")
-        kind = prof.device.kind
-        if kind in out:
-            raise PdvError(f"two profiles for device kind {kind!r} ({p}); pass one per kind")
-        out[kind] = prof
-    return out
-
-
 def _summary(sim: Simulation, plan: Plan, cluster: ClusterArtifact) -> dict[str, Any]:
     return {
         "schedule": sim.schedule,
@@ -157,7 +146,7 @@ def simulate_command(
         raise PdvError("no model profile: pass --profile PROFILE.json (one per device kind)")
     if cluster_path is None:
         raise PdvError("no cluster: pass --cluster CLUSTER.json")
-    profiles = _profiles(profile)
+    profiles = artifacts.load_profiles(profile)
     cluster = artifacts.load_as(cluster_path, "cluster")
     sim = simulate(plan, profiles, cluster)
     inputs = _inputs(profiles, cluster)

@@ -134,7 +134,8 @@ def pipedream(problem: PlanProblem) -> DPResult:
     return stage_dp(believed, order, [order], search="pipedream", bottleneck_only=True)
 
 
-def _split(n_layers: int, pp: int) -> list[tuple[int, int]]:
+def even_split(n_layers: int, pp: int) -> list[tuple[int, int]]:
+    """pp contiguous layer ranges whose sizes differ by at most one."""
     base, extra = divmod(n_layers, pp)
     out, lo = [], 0
     for s in range(pp):
@@ -167,7 +168,7 @@ def uniform(problem: PlanProblem) -> DPResult:
             ch = LayerChoice(tp=tp, fsdp=False, recompute=recompute)
             stages = tuple(
                 StageSpec(lo, hi, tuple(range(s * width, (s + 1) * width)), ch)
-                for s, (lo, hi) in enumerate(_split(problem.num_layers, pp))
+                for s, (lo, hi) in enumerate(even_split(problem.num_layers, pp))
             )
             evaluated += 1
             j = pipeline_objective(problem, stages, mbs)

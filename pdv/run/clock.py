@@ -23,40 +23,33 @@ from torch import nn
 __all__ = ["ComputeClock"]
 
 
-class _Open(torch.autograd.Function):
+class _Mark(torch.autograd.Function):
+    """Identity forward; its backward tells the clock that backward reached this point."""
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, clock: ComputeClock) -> torch.Tensor:
-        ctx.clock = clock
+    def forward(ctx: Any, x: torch.Tensor, clock: ComputeClock, opens: bool) -> torch.Tensor:
+        ctx.clock, ctx.opens = clock, opens
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        ctx.clock.open_backward()
-        return grad, None
-
-
-class _Close(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, clock: ComputeClock) -> torch.Tensor:
-        ctx.clock = clock
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        ctx.clock.close_backward()
-        return grad, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if ctx.opens:
+            ctx.clock.open_backward()
+        else:
+            ctx.clock.close_backward()
+        return grad, None, None
 
 
 def _marks(value: Any) -> bool:
     return (type(value) is torch.Tensor and value.is_floating_point() and value.requires_grad)
 
 
-def _wrap(value: Any, fn: Any, clock: ComputeClock) -> tuple[Any, bool]:
-    """The value with every plain float tensor that needs a gradient passed through fn."""
+def _wrap(value: Any, opens: bool, clock: ComputeClock) -> tuple[Any, bool]:
+    """The value with every plain float tensor that needs a gradient passed through a mark."""
     if _marks(value):
-        return fn.apply(value, clock), True
+        return _Mark.apply(value, clock, opens), True
     if isinstance(value, tuple):
-        parts = [_wrap(v, fn, clock) for v in value]
+        parts = [_wrap(v, opens, clock) for v in value]
         return tuple(p for p, _ in parts), any(hit for _, hit in parts)
     return value, False
 
@@ -93,16 +86,16 @@ class ComputeClock:
 
     def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         self._fwd_start = self._now()
-        wrapped, self._closed_at_inputs = _wrap(args, _Close, self)
+        wrapped, self._closed_at_inputs = _wrap(args, False, self)
         return wrapped
 
     def _after_first_layer(self, module: nn.Module, args: Any, out: Any) -> Any:
         if self._closed_at_inputs:
             return out
-        return _wrap(out, _Close, self)[0]
+        return _wrap(out, False, self)[0]
 
     def _after_forward(self, module: nn.Module, args: Any, out: Any) -> Any:
-        out = _wrap(out, _Open, self)[0]
+        out = _wrap(out, True, self)[0]
         if self._fwd_start is not None:
             self._add(self._fwd_start)
             self._fwd_start = None
