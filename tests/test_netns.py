@@ -50,6 +50,13 @@ def testbed() -> Any:
         _nothing_left(tb)
 
 
+def _why(log: str) -> str:
+    """The lines of a node's log that say why a rank failed (a tail alone shows torchrun's)."""
+    keys = ("terminate called", "what()", "Error", "error:", "Signal", "exitcode")
+    lines = [ln.strip() for ln in log.splitlines() if any(k in ln for k in keys)]
+    return " | ".join(lines[:12]) or log[-1500:]
+
+
 def _profile(tb: netns.Testbed, nodes: list[tuple[Namespace, str, int]], master: str,
              out: Path, logs: Path) -> dict[str, Any]:
     """Run `pdv profile cluster` as one torchrun per namespace (static rendezvous); load it."""
@@ -71,8 +78,11 @@ def _profile(tb: netns.Testbed, nodes: list[tuple[Namespace, str, int]], master:
         except subprocess.TimeoutExpired:
             rc = None
         if rc != 0:
-            tails = {f.name: f.read_text()[-1500:] for f in sorted(logs.glob("node*.log"))}
-            pytest.fail(f"torchrun node exited with {rc}: {tails}")
+            for q in procs:
+                q.kill()  # a node whose peer failed waits in torchrun's exit barrier
+            pytest.fail(f"torchrun node exited with {rc}: "
+                        + "; ".join(f"{f.name}: {_why(f.read_text())}"
+                                    for f in sorted(logs.glob("node*.log"))))
     return json.loads(out.read_text())
 
 

@@ -148,6 +148,9 @@ def profile_cluster_rank(
         over = gather_on_rank0([measure_overheads(device, wire, step)], rank, world)
         step({"phase": "gathered"})
         if rank != 0:
+            # No rank leaves before rank 0 has written: a rank that tore its group down while
+            # others still held connections to it was seen to abort (SIGABRT) at exit in CI.
+            dist.barrier()
             return None
         assert devices is not None and results is not None and over is not None
         for d, o in zip(devices, over, strict=True):
@@ -179,6 +182,7 @@ def profile_cluster_rank(
         )
         artifacts.write(out, artifact)
         step({"phase": "written"})
+        dist.barrier()
         return artifact
     except PdvError:
         raise
