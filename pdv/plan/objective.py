@@ -227,8 +227,15 @@ def stage_table(
     Index [x, y] of each table is the stage [bounds[x], bounds[y]); bounds default to every
     layer boundary 0..L.
     """
-    group = stage_group(problem, ranks, choice.tp)
     b = np.arange(problem.num_layers + 1) if bounds is None else np.asarray(bounds)
+    return _table(problem, stage_group(problem, ranks, choice.tp), mbs, choice,
+                  tuple(int(x) for x in b))  # fmt: skip
+
+
+@lru_cache(maxsize=4096)  # the DP's device orders and layouts share most of their groups
+def _table(problem: PlanProblem, group: StageGroup, mbs: int, choice: LayerChoice,
+           bounds: tuple[int, ...]) -> StageTable:  # fmt: skip
+    b = np.asarray(bounds)
     terms = terms_of(problem, group, mbs, choice)
     price = price_ranges(problem.profiles, group, mbs // group.dp, choice, b, terms)
     cap = np.array([v.capacity_bytes for v in group.ranks])[:, None, None]
@@ -242,7 +249,10 @@ def stage_table(
     # tables (the DP's dominance test) looks at real stages only.
     time = np.where(valid, price.fwd_s + price.bwd_s, np.inf)
     sync = np.where(valid, price.grad_sync_s + price.optimizer_s, 0.0)
-    return StageTable(time, sync, np.where(valid, kmax, -1.0), price.output_bytes[0])
+    table = StageTable(time, sync, np.where(valid, kmax, -1.0), price.output_bytes[0])
+    for arr in (table.time, table.sync, table.max_in_flight, table.out):
+        arr.flags.writeable = False  # cached and shared: a caller must not change it
+    return table
 
 
 def followers(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from itertools import product
 from typing import cast
 
@@ -90,18 +91,18 @@ class _Model:
 
 def _build(
     problem: PlanProblem,
-    spec: StageSpec,
+    layers: list[int],
+    base: int,
     group: StageGroup,
-    opts: list[LayerChoice],
+    opts: Sequence[LayerChoice],
     mbs: int,
     n_in: int,
 ) -> tuple[_Model, cp_model.LinearExpr, cp_model.LinearExpr]:
-    """The model, the stage's per-micro-batch time and its per-step terms (sync + optimizer)."""
-    layers = list(range(spec.lo, spec.hi))
+    """The model, the stage's per-micro-batch time and its per-step terms (sync + optimizer);
+    option `base` is the hint."""
     terms = [terms_of(problem, group, mbs, ch) for ch in opts]
     m = cp_model.CpModel()
     x = {(i, o): m.new_bool_var(f"x{i}_{o}") for i in layers for o in range(len(opts))}
-    base = opts.index(spec.choice)
     for i in layers:
         m.add_exactly_one(x[i, o] for o in range(len(opts)))
         for o in range(len(opts)):
@@ -178,16 +179,39 @@ def refine_stage(
 ) -> ShardingResult:
     """Choose per-layer sharding for one stage with CP-SAT (never worse than the DP's choice)."""
     group = stage_group(problem, spec.ranks, spec.choice.tp)
-    opts = _layer_options(problem, spec)
+    opts = tuple(_layer_options(problem, spec))
     n_in = in_flight(problem.schedule, stages_to_end, num_micro)
-    model, time, per_step = _build(problem, spec, group, opts, mbs, n_in)
     ref = stage_price(problem, replace(spec, layer_choices=None), mbs, stages_to_end, num_micro,
                       following)  # fmt: skip
     ref_t = ref.fwd_s + ref.bwd_s
-    n = len(model.layers)
-    model.m.add(time <= _ns(ref_t) + n * 4)
-    model.m.add((num_micro - 1) * time + per_step
-                <= _ns((num_micro - 1) * ref_t + ref.sync_s) + num_micro * n * 4 + 8)
+    status, gap, chosen = _solved(problem, group, spec.lo, spec.hi, opts.index(spec.choice), opts,
+                                  mbs, n_in, num_micro, _ns(ref_t),
+                                  _ns((num_micro - 1) * ref_t + ref.sync_s))  # fmt: skip
+    if chosen is None:
+        return ShardingResult(spec, status, gap)
+    # Accept only when the float price agrees that it is no worse (rounding to ns can mislead).
+    new = stage_price(problem, replace(spec, layer_choices=chosen), mbs, stages_to_end,
+                      num_micro, following)  # fmt: skip
+    old_busy = num_micro * ref.time_s + ref.sync_s
+    new_busy = num_micro * new.time_s + new.sync_s
+    if not new.fits or new.time_s > ref.time_s or new_busy >= old_busy:
+        return ShardingResult(spec, status, gap)
+    return ShardingResult(_with_layers(spec, chosen), status, gap)
+
+
+@lru_cache(maxsize=4096)
+def _solved(problem: PlanProblem, group: StageGroup, lo: int, hi: int, base: int,
+            opts: tuple[LayerChoice, ...], mbs: int, n_in: int, num_micro: int, ref_t: int,
+            ref_busy: int) -> tuple[str, float | None, tuple[LayerChoice, ...] | None]:  # fmt: skip
+    """CP-SAT's status, gap and per-layer choice for one stage's model (None: no solution).
+
+    The model depends on the ranks only through their reduced group, so candidates that share
+    a stage up to the ranks it sits on (most do) solve it once; the solver is deterministic.
+    """
+    model, time, per_step = _build(problem, list(range(lo, hi)), base, group, opts, mbs, n_in)
+    n = hi - lo
+    model.m.add(time <= ref_t + n * 4)
+    model.m.add((num_micro - 1) * time + per_step <= ref_busy + num_micro * n * 4 + 8)
     model.m.minimize(num_micro * time + per_step)
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
@@ -199,21 +223,14 @@ def refine_stage(
     code = solver.solve(model.m)
     status = solver.status_name(code)
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return ShardingResult(spec, status, None)
+        return status, None, None
     obj, bound = solver.objective_value, solver.best_objective_bound
     gap = abs(obj - bound) / abs(obj) if obj else 0.0
     chosen = tuple(
         next(opts[o] for o in range(len(opts)) if solver.value(model.x[i, o]))
         for i in model.layers
     )
-    # Accept only when the float price agrees that it is no worse (rounding to ns can mislead).
-    new = stage_price(problem, replace(spec, layer_choices=chosen), mbs, stages_to_end,
-                      num_micro, following)  # fmt: skip
-    old_busy = num_micro * ref.time_s + ref.sync_s
-    new_busy = num_micro * new.time_s + new.sync_s
-    if not new.fits or new.time_s > ref.time_s or new_busy >= old_busy:
-        return ShardingResult(spec, status, gap)
-    return ShardingResult(_with_layers(spec, chosen), status, gap)
+    return status, gap, chosen
 
 
 def _with_layers(spec: StageSpec, chosen: tuple[LayerChoice, ...]) -> StageSpec:

@@ -204,9 +204,7 @@ def _solve_pass(
     by_pos: dict[int, list[_Option]] = {}
     for opt in options:
         by_pos.setdefault(opt.a, []).append(opt)
-    # u = (M−1)·t + sync of every layer range does not depend on k: once per option and pass.
-    bound: dict[int, _Bound] = {}
-    rows = np.arange(L + 1)
+    slices = _stacked(by_pos, num_micro, cap)
     # f[k][a]: values over start layer i; arg[k][a][i] = (option index, end layer j)
     f: dict[tuple[int, int], np.ndarray] = {}
     arg: dict[tuple[int, int], list[tuple[int, int] | None]] = {}
@@ -218,63 +216,88 @@ def _solve_pass(
                 continue
             best = np.full(L + 1, np.inf)
             choice: list[tuple[int, int] | None] = [None] * (L + 1)
-            for idx, opt in enumerate(by_pos.get(a, [])):
-                if equal is not None and opt.g != equal:
+            for sl in slices.get(a, []):
+                if equal is not None and sl.g != equal:
                     continue
-                nxt = f.get((k - 1, a + opt.g))
+                nxt = f.get((k - 1, a + sl.g))
                 if k > 1 and nxt is None:
                     continue
-                b = bound.get(id(opt)) or bound.setdefault(id(opt), _Bound.of(opt, num_micro, cap))
-                vals, ends = _extend(opt, b, k, L, need, bottleneck, nxt, rows)
+                vals, which, ends = sl.extend(k, L, need, bottleneck, nxt)
                 better = vals < best
                 if np.any(better):
                     best = np.where(better, vals, best)
                     for row in np.flatnonzero(better):
-                        choice[int(row)] = (idx, int(ends[row]))
+                        choice[int(row)] = (sl.first + int(which[row]), int(ends[row]))
             f[(k, a)] = best
             arg[(k, a)] = choice
     return _solutions(f, arg, by_pos, kmax_stages, L, num_micro)
 
 
 @dataclass(frozen=True)
-class _Bound:
-    """An option's bottleneck term u = (M−1)·t + sync over every layer range, within the cap?"""
+class _Slice:
+    """The options of one slice (first unit a, g units), stacked, with their bottleneck terms
+    u = (M−1)·t + sync over every layer range under one pass's cap: one numpy call prices
+    every choice of the slice at once."""
 
+    a: int
+    g: int
+    first: int
+    """index of the slice's first option among the options at a"""
+    t_send: np.ndarray
+    """(choices, L+1, L+1)"""
+    t_last: np.ndarray
+    """(choices, L+1): the last stage, layers i to the end"""
+    kmax: np.ndarray
     u: np.ndarray
     within: np.ndarray
     u_last: np.ndarray
-    """u of the last stage (layers to the end), per start layer"""
     within_last: np.ndarray
 
-    @classmethod
-    def of(cls, opt: _Option, num_micro: int, cap: float) -> _Bound:
-        """The option's terms under one pass's cap."""
-        u = (num_micro - 1) * opt.t_send + opt.sync
-        u_last = (num_micro - 1) * opt.t_last[:, -1] + opt.sync[:, -1]
-        return cls(u, u <= cap, u_last, u_last <= cap)
+    def extend(
+        self, k: int, L: int, need: int, bottleneck: bool, nxt: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Best value of starting k stages on this slice, per start layer; which choice; end."""
+        if k == 1:  # the last stage takes every remaining layer
+            ok = (self.kmax[:, :, L] >= need) & self.within_last
+            own = np.maximum(self.u_last, 0) if bottleneck else self.t_last
+            vals = np.where(ok, own, np.inf)
+            which = np.argmin(vals, axis=0)
+            ends = np.full(L + 1, L)
+        else:
+            assert nxt is not None
+            ok = (self.kmax >= need) & self.within
+            own = np.where(ok, self.u if bottleneck else self.t_send, np.inf)
+            total = np.maximum(own, nxt) if bottleneck else own + nxt
+            at = np.argmin(total, axis=2)  # (choices, L+1): the best end per choice and start
+            per = np.take_along_axis(total, at[:, :, None], axis=2)[:, :, 0]
+            which = np.argmin(per, axis=0)
+            ends = at[which, np.arange(L + 1)]
+            vals = per
+        return vals[which, np.arange(L + 1)], which, ends
 
 
-def _extend(
-    opt: _Option,
-    bound: _Bound,
-    k: int,
-    L: int,
-    need: int,
-    bottleneck: bool,
-    nxt: np.ndarray | None,
-    rows: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Values of starting k stages with this option, per start layer, and the end layers."""
-    if k == 1:  # the last stage takes every remaining layer
-        ok = (opt.kmax[:, L] >= need) & bound.within_last
-        own = np.maximum(bound.u_last, 0) if bottleneck else opt.t_last[:, L]
-        return np.where(ok, own, np.inf), np.full(L + 1, L)
-    assert nxt is not None
-    ok = (opt.kmax >= need) & bound.within
-    own = np.where(ok, bound.u if bottleneck else opt.t_send, np.inf)
-    total = np.maximum(own, nxt[None, :]) if bottleneck else own + nxt[None, :]
-    ends = np.argmin(total, axis=1)
-    return total[rows, ends], ends
+def _stacked(by_pos: dict[int, list[_Option]], num_micro: int,
+             cap: float) -> dict[int, list[_Slice]]:  # fmt: skip
+    """The options at each position, stacked per slice width in their order."""
+    out: dict[int, list[_Slice]] = {}
+    for a, opts in by_pos.items():
+        first = 0
+        while first < len(opts):
+            g = opts[first].g
+            n = first
+            while n < len(opts) and opts[n].g == g:
+                n += 1
+            group = opts[first:n]
+            t_send = np.stack([o.t_send for o in group])
+            sync = np.stack([o.sync for o in group])
+            t_last = np.stack([o.t_last[:, -1] for o in group])
+            u = (num_micro - 1) * t_send + sync
+            u_last = (num_micro - 1) * t_last + sync[:, :, -1]
+            out.setdefault(a, []).append(_Slice(
+                a, g, first, t_send, t_last, np.stack([o.kmax for o in group]),
+                u, u <= cap, u_last, u_last <= cap))  # fmt: skip
+            first = n
+    return out
 
 
 def _solutions(
