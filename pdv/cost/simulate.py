@@ -104,9 +104,16 @@ class Simulation:
 
 
 def simulate(
-    plan: Plan, profiles: Mapping[str, ModelProfile], cluster: ClusterArtifact
+    plan: Plan,
+    profiles: Mapping[str, ModelProfile],
+    cluster: ClusterArtifact,
+    trace: bool = True,
 ) -> Simulation:
-    """Simulate one training step of the plan on the cluster, priced by the profiles."""
+    """Simulate one training step of the plan on the cluster, priced by the profiles.
+
+    With ``trace=False`` the simulation keeps no events (the search needs only the step time,
+    bubble and memory; a step of thousands of micro-batches has hundreds of thousands).
+    """
     if not profiles:
         raise PdvError("no model profile given; pass one per device kind (--profile)")
     counts = {kind: len(p.layers) for kind, p in profiles.items()}
@@ -133,7 +140,7 @@ def simulate(
     capacity = host_capacity(cluster)
     hosts = [[cluster.devices[r].host for r in ranks] for ranks in layout.group_ranks]
     sim = simulate_costs(costs, layout, schedule, plan.num_micro_batches,
-                         Sharing(capacity, hosts) if capacity else None)
+                         Sharing(capacity, hosts) if capacity else None, trace)
     unpriced = unpriced_note(cluster)
     return replace(sim, notes=(*sim.notes, unpriced)) if unpriced else sim
 
@@ -195,8 +202,9 @@ class _Run:
     """Mutable state of one simulation (local to simulate_costs; never escapes)."""
 
     def __init__(self, costs: Sequence[StageCost], layout: StageLayout, split: bool,
-                 num_micro: int) -> None:  # fmt: skip
+                 num_micro: int, trace: bool = True) -> None:  # fmt: skip
         self.costs = costs
+        self.durations = [_durations(c, split) for c in costs]
         self.layout = layout
         self.split = split
         self.num_micro = num_micro
@@ -211,6 +219,24 @@ class _Run:
         self.coll_free = [0.0] * layout.num_groups
         self.backwards_left = [num_micro] * len(costs)
         self.events: list[Event] = []
+        self.trace = trace
+        # What _finish needs from the events, kept as they are recorded (in the same order,
+        # so the sums are the same to the last bit with or without the trace).
+        self.step_end = float("-inf")
+        self.span = float("-inf")
+        self.busy = 0.0
+
+    def record(self, name: str, lane: str, g: int, s: int, m: int | None, start: float,
+               end: float) -> None:  # fmt: skip
+        """One interval of the step: tallied, and kept as an Event when tracing."""
+        if end > self.step_end:
+            self.step_end = end
+        if lane == "compute" and name != "opt":
+            if end > self.span:
+                self.span = end
+            self.busy += end - start
+        if self.trace:
+            self.events.append(Event(name, lane, g, s, m, start, end))
 
     def ready(self, op: Op) -> float | None:
         """When op's inputs are all there, or None while a dependency has not run."""
@@ -232,7 +258,7 @@ class _Run:
 
     def duration(self, op: Op) -> float:
         """Seconds the op takes at its group's alone speed."""
-        return _durations(self.costs[op[1]], self.split)[op[0]]
+        return self.durations[op[1]][op[0]]
 
     def run(self, g: int, op: Op, start: float) -> None:
         """Run op alone from start (the engine without shared cores)."""
@@ -245,9 +271,9 @@ class _Run:
         self.done[op] = end
         if kind == "O":
             if end > start:  # stages without a measured optimizer step leave no event
-                self.events.append(Event("opt", "compute", g, s, None, start, end))
+                self.record("opt", "compute", g, s, None, start, end)
         else:
-            self.events.append(Event(kind, "compute", g, s, m, start, end))
+            self.record(kind, "compute", g, s, m, start, end)
         if kind == "F" and s + 1 < len(self.costs):
             self._send(g, s, m, end, self.costs[s].send_s, "send-act", self.act_arrival, s + 1)
         if kind == self.back and s > 0:
@@ -267,7 +293,7 @@ class _Run:
         start = max(t0, self.coll_free[g])
         self.coll_free[g] = start + dur
         self.synced[s] = start + dur
-        self.events.append(Event("sync", "collective", g, s, None, start, start + dur))
+        self.record("sync", "collective", g, s, None, start, start + dur)
 
     def _send(self, g: int, s: int, m: int, t0: float, dur: float, name: str,
               arrival: dict[tuple[int, int], float], to: int) -> None:  # fmt: skip
@@ -277,7 +303,7 @@ class _Run:
         start = max(t0, self.send_free[g])
         self.send_free[g] = start + dur
         arrival[(to, m)] = start + dur
-        self.events.append(Event(name, "p2p", g, s, m, start, start + dur))
+        self.record(name, "p2p", g, s, m, start, start + dur)
 
 
 def simulate_costs(
@@ -286,14 +312,15 @@ def simulate_costs(
     schedule: Schedule,
     num_micro: int,
     sharing: Sharing | None = None,
+    trace: bool = True,
 ) -> Simulation:
-    """Run the event-driven simulation on priced stages."""
+    """Run the event-driven simulation on priced stages (events kept when `trace`)."""
     split = splits_backward(schedule)
     orders = rank_orders(layout, schedule, num_micro)
     # Each group ends its step with the optimizer step of each of its stages.
     steps = [order + [("O", s, -1) for s in layout.stages_of_group[g]]
              for g, order in enumerate(orders)]
-    state = _Run(costs, layout, split, num_micro)
+    state = _Run(costs, layout, split, num_micro, trace)
     if sharing is None:
         _run_alone(state, steps, layout, schedule, num_micro)
     else:
@@ -386,11 +413,9 @@ def _run_shared(state: _Run, steps: list[list[Op]], sharing: Sharing, schedule: 
 
 def _finish(state: _Run, orders: list[list[Op]], schedule: str) -> Simulation:
     costs, layout = state.costs, state.layout
-    step_end = max(e.end_s for e in state.events)
+    step_end = state.step_end
     # The bubble is the schedule's: fwd/bwd ops only, before the optimizer steps.
-    schedule_ops = [e for e in state.events if e.lane == "compute" and e.name != "opt"]
-    span = max(e.end_s for e in schedule_ops)
-    busy = sum(e.end_s - e.start_s for e in schedule_ops)
+    span, busy = state.span, state.busy
     bubble = 1.0 - busy / (layout.num_groups * span) if span > 0 else 0.0
     peak = _peak_memory(costs, layout, orders, state.split)
     num_micro = state.num_micro
@@ -430,22 +455,38 @@ def _peak_memory(
         # One vector over the group's ranks per stage; the sum runs in the same order as a
         # per-rank sum would, so the bytes are the same to the last bit, ranks x faster.
         act = {t: np.array([float(costs[t].activation_bytes[r]) for r in ranks]) for t in stages}
-        live = dict.fromkeys(stages, 0)
-        most = np.zeros(len(ranks))
-        for kind, s, _m in order:
-            if kind == "F":
-                live[s] += 1
-                held = np.zeros(len(ranks))
-                for t in stages:
-                    held = held + live[t] * act[t]
-                np.maximum(most, held, out=most)
-            elif kind == freed_by:
-                live[s] -= 1
+        if len(stages) == 1:
+            # One stage: the held bytes grow with its live count alone, so the peak is at the
+            # most live micro-batches (0 + n·act, as the general walk would sum it).
+            n = most_live = 0
+            for kind, _s, _m in order:
+                n += (kind == "F") - (kind == freed_by)
+                most_live = max(most_live, n)
+            most = np.zeros(len(ranks)) + most_live * act[stages[0]]
+        else:
+            most = _most_held(order, stages, act, freed_by, len(ranks))
         for i, r in enumerate(ranks):
             static = sum(costs[t].static_bytes[r] for t in stages)
             transient = max(costs[t].transient_bytes[r] for t in stages)
             peak[r] = static + float(most[i]) + transient
     return dict(sorted(peak.items()))
+
+
+def _most_held(order: list[Op], stages: Sequence[int], act: dict[int, np.ndarray],
+               freed_by: str, n_ranks: int) -> np.ndarray:  # fmt: skip
+    """Per rank, the most activation bytes a group of several stages holds along its order."""
+    live = dict.fromkeys(stages, 0)
+    most = np.zeros(n_ranks)
+    for kind, s, _m in order:
+        if kind == "F":
+            live[s] += 1
+            held = np.zeros(n_ranks)
+            for t in stages:
+                held = held + live[t] * act[t]
+            np.maximum(most, held, out=most)
+        elif kind == freed_by:
+            live[s] -= 1
+    return most
 
 
 def to_predicted(sim: Simulation) -> Predicted:

@@ -228,7 +228,7 @@ def _to_plan(
     )
     if not simulated:
         return plan
-    sim = simulate(plan, problem.profiles, problem.cluster)
+    sim = simulate(plan, problem.profiles, problem.cluster, trace=False)
     return plan.model_copy(update={"predicted": to_predicted(sim)})
 
 
@@ -340,7 +340,13 @@ def _evaluate(problem: PlanProblem, planner: str, n: int, shown: int, say: Progr
     cand, plan = memo["plan", planner, n]
     if beat is not None and step_floor(plan, problem) > beat * (1 + 1e-9):
         return None
-    sim = simulate(plan, problem.profiles, problem.cluster)
+    # Generators often reach the same layout (a baseline's is pdv's on a regular cluster):
+    # a layout is simulated once.
+    layout = ("layout", repr(plan.stages), plan.micro_batch_size, plan.num_micro_batches,
+              plan.schedule)  # fmt: skip
+    if layout not in memo:
+        memo[layout] = simulate(plan, problem.profiles, problem.cluster, trace=False)
+    sim = memo[layout]
     plan = plan.model_copy(update={"predicted": to_predicted(sim)})
     j = cand.objective_s if planner == "pdv" else pipeline_objective(
         problem, cand.stages, cand.micro_batch_size, cand.order or None)

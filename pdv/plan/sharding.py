@@ -28,6 +28,7 @@ from functools import lru_cache
 from itertools import product
 from typing import cast
 
+import numpy as np
 from ortools.sat.python import cp_model
 
 from pdv.artifacts import LayerChoice
@@ -68,18 +69,26 @@ def _ns(x: float) -> int:
 
 @dataclass
 class _Model:
-    """The CP-SAT model of one stage: x[i, o] picks option o for layer i."""
+    """The CP-SAT model of one stage: x[c, o] layers of class c take option o.
+
+    A class is a run of layers whose terms are equal under every option (a transformer's
+    blocks): they are interchangeable, so the model counts how many take each option instead
+    of choosing per layer, which removes the symmetry that made CP-SAT prove the same optimum
+    once per permutation. z[c, o] is set when any layer of class c takes option o.
+    """
 
     m: cp_model.CpModel
     x: dict[tuple[int, int], cp_model.IntVar]
+    z: dict[tuple[int, int], cp_model.IntVar]
     terms: list[LayerTerms]
     """per option: every layer's terms"""
-    layers: list[int]
+    classes: list[list[int]]
+    """layers of each class, in order; the first stands for the class"""
 
     def lin(self, name: str, row: int, scale: Callable[[float], int]) -> cp_model.LinearExpr:
-        """Σ over layers and options of the field's scaled coefficient (one row) · x."""
-        return cast(cp_model.LinearExpr, sum(scale(getattr(t, name)[row, i]) * self.x[i, o]
-                                             for i in self.layers
+        """Σ over classes and options of the field's scaled coefficient (one row) · x."""
+        return cast(cp_model.LinearExpr, sum(scale(getattr(t, name)[row, c[0]]) * self.x[k, o]
+                                             for k, c in enumerate(self.classes)
                                              for o, t in enumerate(self.terms)))  # fmt: skip
 
     def at_least(self, bounds: Sequence[tuple[cp_model.IntVar, str]]) -> None:
@@ -87,6 +96,33 @@ class _Model:
         for row in range(getattr(self.terms[0], bounds[0][1]).shape[0]):
             for var, name in bounds:
                 self.m.add(var >= self.lin(name, row, _ns))
+
+    def chosen(self, value: Callable[[cp_model.IntVar], int],
+               opts: Sequence[LayerChoice]) -> tuple[LayerChoice, ...]:  # fmt: skip
+        """Per layer (in order), the option of a solution: a class's layers take its options
+        in option order."""
+        pick: dict[int, LayerChoice] = {}
+        for k, members in enumerate(self.classes):
+            it = iter(members)
+            for o, ch in enumerate(opts):
+                for _ in range(value(self.x[k, o])):
+                    pick[next(it)] = ch
+        return tuple(pick[i] for i in sorted(pick))
+
+
+def _classes(terms: list[LayerTerms], layers: list[int]) -> list[list[int]]:
+    """Layers grouped by equal terms under every option (first appearance order)."""
+    out: dict[bytes, list[int]] = {}
+    for i in layers:
+        key = b"".join(np.ascontiguousarray(getattr(t, f)[:, i]).tobytes()
+                       for t in terms for f in _USED)  # fmt: skip
+        out.setdefault(key, []).append(i)
+    return list(out.values())
+
+
+_USED = ("fwd_s", "bwd_s", "tp_fwd_s", "tp_bwd_s", "transient_bytes", "state_bytes", "live_bytes",
+         "optimizer_s", "gather_s", "dp_grad_bytes", "reduce_scatter_s")
+"""the LayerTerms fields the model reads"""
 
 
 def _build(
@@ -102,12 +138,17 @@ def _build(
     option `base` is the hint."""
     terms = [terms_of(problem, group, mbs, ch) for ch in opts]
     m = cp_model.CpModel()
-    x = {(i, o): m.new_bool_var(f"x{i}_{o}") for i in layers for o in range(len(opts))}
-    for i in layers:
-        m.add_exactly_one(x[i, o] for o in range(len(opts)))
+    classes = _classes(terms, layers)
+    x, z = {}, {}
+    for k, members in enumerate(classes):
+        n = len(members)
         for o in range(len(opts)):
-            m.add_hint(x[i, o], int(o == base))  # ortools < 9.12 takes no bool hints
-    model = _Model(m, x, terms, layers)
+            x[k, o] = m.new_int_var(0, n, f"x{k}_{o}")
+            z[k, o] = m.new_bool_var(f"z{k}_{o}")
+            m.add(x[k, o] <= n * z[k, o])
+            m.add_hint(x[k, o], n if o == base else 0)
+        m.add(sum(x[k, o] for o in range(len(opts))) == n)
+    model = _Model(m, x, z, terms, classes)
     views = range(len(group.ranks))
     big = (
         sum(max(_ns(t.fwd_s[v, i] + t.bwd_s[v, i]) for t in terms for i in layers) for v in views)
@@ -123,9 +164,9 @@ def _build(
     for v, view in enumerate(group.ranks):
         top = max(int(t.transient_bytes[v, i]) for t in terms for i in layers)
         peak_t = m.new_int_var(0, top + 1, "tr")
-        for i in layers:
+        for k, members in enumerate(classes):
             for o, t in enumerate(terms):
-                m.add(peak_t >= int(t.transient_bytes[v, i])).only_enforce_if(x[i, o])
+                m.add(peak_t >= int(t.transient_bytes[v, members[0]])).only_enforce_if(z[k, o])
         m.add(
             int(view.overhead_bytes)
             + model.lin("state_bytes", v, int)
@@ -155,14 +196,15 @@ def _sync_var(model: _Model, group: StageGroup) -> cp_model.IntVar:
         return sync
     for d, rv in enumerate(group.dp_rings):
         used = m.new_bool_var("use_dp")
-        for i in model.layers:
+        for k, members in enumerate(model.classes):
             for o, t in enumerate(model.terms):
-                if t.dp_grad_bytes[d, i] > 0:
-                    m.add_implication(model.x[i, o], used)
+                if t.dp_grad_bytes[d, members[0]] > 0:
+                    m.add_implication(model.z[k, o], used)
         per_byte, per_call = all_reduce_linear(rv.ring)
         expr = sum(
-            (_ns(per_byte * t.dp_grad_bytes[d, i]) + _ns(t.reduce_scatter_s[d, i])) * model.x[i, o]
-            for i in model.layers
+            (_ns(per_byte * t.dp_grad_bytes[d, c[0]]) + _ns(t.reduce_scatter_s[d, c[0]]))
+            * model.x[k, o]
+            for k, c in enumerate(model.classes)
             for o, t in enumerate(model.terms)
         )
         m.add(sync >= expr + _ns(per_call) * used)
@@ -226,11 +268,7 @@ def _solved(problem: PlanProblem, group: StageGroup, lo: int, hi: int, base: int
         return status, None, None
     obj, bound = solver.objective_value, solver.best_objective_bound
     gap = abs(obj - bound) / abs(obj) if obj else 0.0
-    chosen = tuple(
-        next(opts[o] for o in range(len(opts)) if solver.value(model.x[i, o]))
-        for i in model.layers
-    )
-    return status, gap, chosen
+    return status, gap, model.chosen(solver.value, opts)
 
 
 def _with_layers(spec: StageSpec, chosen: tuple[LayerChoice, ...]) -> StageSpec:
