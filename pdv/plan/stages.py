@@ -129,8 +129,13 @@ def _options(
             ]
             evaluated += len(tables)
             cache[key] = _undominated(tables)
-        for ch, tab in cache[key]:
-            send = pairs_time(problem.net, send_pairs(ranks, following), tab.out)
+        kept = cache[key]
+        if not kept:
+            continue
+        # Every choice's transfer at once: pairs_time works element by element.
+        sends = pairs_time(problem.net, send_pairs(ranks, following),
+                           np.stack([tab.out for _, tab in kept]))  # fmt: skip
+        for (ch, tab), send in zip(kept, sends, strict=True):
             out.append(
                 _Option(a, g, ch, tab.time + send[None, :], tab.time, tab.sync, tab.max_in_flight)
             )
@@ -188,7 +193,7 @@ def _solve(*args, **kwargs) -> list[_Solution]:
 
 
 def _solve_pass(
-    options: list[_Option],
+    prepared: _Prepared,
     n_units: int,
     n_layers: int,
     num_micro: int,
@@ -201,10 +206,9 @@ def _solve_pass(
     """One DP pass: min Σ t under the cap (or min max u when bottleneck); best per stage count."""
     L = n_layers
     kmax_stages = max_stages(schedule, num_micro, min(n_units, L))
-    by_pos: dict[int, list[_Option]] = {}
-    for opt in options:
-        by_pos.setdefault(opt.a, []).append(opt)
-    slices = _stacked(by_pos, num_micro, cap)
+    by_pos, slices = prepared.by_pos, prepared.slices
+    # Which layer ranges keep u = (M−1)·t + sync under this pass's cap, per slice.
+    within = {id(sl): (sl.u <= cap, sl.u_last <= cap) for sls in slices.values() for sl in sls}
     # f[k][a]: values over start layer i; arg[k][a][i] = (option index, end layer j)
     f: dict[tuple[int, int], np.ndarray] = {}
     arg: dict[tuple[int, int], list[tuple[int, int] | None]] = {}
@@ -222,7 +226,7 @@ def _solve_pass(
                 nxt = f.get((k - 1, a + sl.g))
                 if k > 1 and nxt is None:
                     continue
-                vals, which, ends = sl.extend(k, L, need, bottleneck, nxt)
+                vals, which, ends = sl.extend(k, L, need, bottleneck, nxt, *within[id(sl)])
                 better = vals < best
                 if np.any(better):
                     best = np.where(better, vals, best)
@@ -233,11 +237,15 @@ def _solve_pass(
     return _solutions(f, arg, by_pos, kmax_stages, L, num_micro)
 
 
+_ROWS = [np.arange(n + 1) for n in range(LAYER_ATOMS + 1)]
+"""start-layer indices 0..L, made once"""
+
+
 @dataclass(frozen=True)
 class _Slice:
     """The options of one slice (first unit a, g units), stacked, with their bottleneck terms
-    u = (M−1)·t + sync over every layer range under one pass's cap: one numpy call prices
-    every choice of the slice at once."""
+    u = (M−1)·t + sync over every layer range: one numpy call prices every choice of the
+    slice at once."""
 
     a: int
     g: int
@@ -249,55 +257,64 @@ class _Slice:
     """(choices, L+1): the last stage, layers i to the end"""
     kmax: np.ndarray
     u: np.ndarray
-    within: np.ndarray
     u_last: np.ndarray
-    within_last: np.ndarray
 
     def extend(
-        self, k: int, L: int, need: int, bottleneck: bool, nxt: np.ndarray | None
+        self, k: int, L: int, need: int, bottleneck: bool, nxt: np.ndarray | None,
+        within: np.ndarray, within_last: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Best value of starting k stages on this slice, per start layer; which choice; end."""
+        """Best value of starting k stages on this slice, per start layer; which choice; end.
+
+        `within` (`within_last` for the last stage) marks the layer ranges under the cap."""
         if k == 1:  # the last stage takes every remaining layer
-            ok = (self.kmax[:, :, L] >= need) & self.within_last
+            ok = (self.kmax[:, :, L] >= need) & within_last
             own = np.maximum(self.u_last, 0) if bottleneck else self.t_last
             vals = np.where(ok, own, np.inf)
             which = np.argmin(vals, axis=0)
             ends = np.full(L + 1, L)
         else:
             assert nxt is not None
-            ok = (self.kmax >= need) & self.within
+            ok = (self.kmax >= need) & within
             own = np.where(ok, self.u if bottleneck else self.t_send, np.inf)
             total = np.maximum(own, nxt) if bottleneck else own + nxt
             at = np.argmin(total, axis=2)  # (choices, L+1): the best end per choice and start
-            per = np.take_along_axis(total, at[:, :, None], axis=2)[:, :, 0]
-            which = np.argmin(per, axis=0)
-            ends = at[which, np.arange(L + 1)]
-            vals = per
-        return vals[which, np.arange(L + 1)], which, ends
+            vals = total.min(axis=2)
+            which = np.argmin(vals, axis=0)
+            ends = at[which, _ROWS[L]]
+        return vals[which, _ROWS[L]], which, ends
 
 
-def _stacked(by_pos: dict[int, list[_Option]], num_micro: int,
-             cap: float) -> dict[int, list[_Slice]]:  # fmt: skip
-    """The options at each position, stacked per slice width in their order."""
-    out: dict[int, list[_Slice]] = {}
-    for a, opts in by_pos.items():
-        first = 0
-        while first < len(opts):
-            g = opts[first].g
-            n = first
-            while n < len(opts) and opts[n].g == g:
-                n += 1
-            group = opts[first:n]
-            t_send = np.stack([o.t_send for o in group])
-            sync = np.stack([o.sync for o in group])
-            t_last = np.stack([o.t_last[:, -1] for o in group])
-            u = (num_micro - 1) * t_send + sync
-            u_last = (num_micro - 1) * t_last + sync[:, :, -1]
-            out.setdefault(a, []).append(_Slice(
-                a, g, first, t_send, t_last, np.stack([o.kmax for o in group]),
-                u, u <= cap, u_last, u_last <= cap))  # fmt: skip
-            first = n
-    return out
+@dataclass(frozen=True)
+class _Prepared:
+    """A DP layout's options by position and stacked per slice, built once for all its passes."""
+
+    by_pos: dict[int, list[_Option]]
+    slices: dict[int, list[_Slice]]
+
+    @classmethod
+    def of(cls, options: list[_Option], num_micro: int) -> _Prepared:
+        """Group the options by position, and stack each slice's choices (in their order)."""
+        by_pos: dict[int, list[_Option]] = {}
+        for opt in options:
+            by_pos.setdefault(opt.a, []).append(opt)
+        slices: dict[int, list[_Slice]] = {}
+        with np.errstate(invalid="ignore", over="ignore"):
+            for a, opts in by_pos.items():
+                first = 0
+                while first < len(opts):
+                    n = first
+                    while n < len(opts) and opts[n].g == opts[first].g:
+                        n += 1
+                    group = opts[first:n]
+                    t_send = np.stack([o.t_send for o in group])
+                    sync = np.stack([o.sync for o in group])
+                    t_last = np.stack([o.t_last[:, -1] for o in group])
+                    slices.setdefault(a, []).append(_Slice(
+                        a, opts[first].g, first, t_send, t_last, np.stack([o.kmax for o in group]),
+                        (num_micro - 1) * t_send + sync,
+                        (num_micro - 1) * t_last + sync[:, :, -1]))  # fmt: skip
+                    first = n
+        return cls(by_pos, slices)
 
 
 def _solutions(
@@ -393,8 +410,8 @@ def stage_dp(
             evaluated += n_eval
             if not options:
                 continue
-            run = functools.partial(_solve, options, n_units, L, M, problem.schedule,
-                                    equal=lay.equal)  # fmt: skip
+            run = functools.partial(_solve, _Prepared.of(options, M), n_units, L, M,
+                                    problem.schedule, equal=lay.equal)  # fmt: skip
             bottleneck = run(np.inf, True)
             if not bottleneck:
                 continue
