@@ -2,7 +2,9 @@
 
 Times come from the profile's per-layer fit t = a + b·micro_batch at the TP degree's local shard
 shapes. Where a profile has no fit (a hand-written or single-point profile), the reference
-measurement is scaled linearly in micro-batch size, and that is the only extrapolation done here.
+measurement is scaled linearly in micro-batch size. Below the smallest profiled size the fit is
+an extrapolation: pdv plan searches no stage whose replicas run fewer samples than that
+(pdv.plan.problem.PlanProblem.replica_batch_ok), and simulating a plan that has one says so.
 A device that the cluster measured slower or faster than the device the profile was taken on is
 priced by the ratio of their measured matmul throughputs (both numbers are measurements).
 """

@@ -141,8 +141,20 @@ def simulate(
     hosts = [[cluster.devices[r].host for r in ranks] for ranks in layout.group_ranks]
     sim = simulate_costs(costs, layout, schedule, plan.num_micro_batches,
                          Sharing(capacity, hosts) if capacity else None, trace)
-    unpriced = unpriced_note(cluster)
-    return replace(sim, notes=(*sim.notes, unpriced)) if unpriced else sim
+    notes = [n for n in (unpriced_note(cluster), _extrapolated_note(plan, profiles)) if n]
+    return replace(sim, notes=(*sim.notes, *notes)) if notes else sim
+
+
+def _extrapolated_note(plan: Plan, profiles: Mapping[str, ModelProfile]) -> str | None:
+    """A note naming the stages whose replicas run fewer samples than any profiled size."""
+    smallest = max(min(p.micro_batch_sizes) for p in profiles.values())
+    low = [i for i, st in enumerate(plan.stages) if plan.micro_batch_size // st.dp < smallest]
+    if not low:
+        return None
+    return (f"stage(s) {low} run {min(plan.micro_batch_size // plan.stages[i].dp for i in low)}"
+            f" sample(s) per replica, below the smallest profiled micro-batch ({smallest}): "
+            "their times extrapolate the profile's fit (profile with --micro-batch-sizes "
+            "including it; pdv plan does not search such stages)")
 
 
 def host_capacity(cluster: ClusterArtifact) -> dict[str, float]:

@@ -154,7 +154,7 @@ def uniform_layouts(problem: PlanProblem, n: int) -> Iterator[tuple[int, int, in
                 continue
             width = n // pp
             for tp in problem.tp_options():
-                if width % tp == 0 and mbs % (width // tp) == 0:
+                if width % tp == 0 and problem.replica_batch_ok(mbs, width // tp):
                     yield mbs, pp, width, tp
 
 

@@ -110,6 +110,16 @@ class PlanProblem:
             )
         return ok
 
+    def smallest_batch(self) -> int:
+        """The smallest micro-batch size every profile measured."""
+        return max(min(p.micro_batch_sizes) for p in self.profiles.values())
+
+    def replica_batch_ok(self, mbs: int, dp: int) -> bool:
+        """Whether a replica's share of a micro-batch (mbs/dp samples) is priced from the
+        profiles' measurements: not below their smallest size, where a time would extrapolate
+        their fit past what was measured (its intercept is least certain there)."""
+        return mbs % dp == 0 and mbs // dp >= self.smallest_batch()
+
     def tp_options(self) -> list[int]:
         """TP degrees every profile can price."""
         common = set.intersection(*(set(p.tp_degrees) for p in self.profiles.values()))
@@ -124,9 +134,10 @@ class PlanProblem:
 
 
 def choices_for(problem: PlanProblem, size: int, mbs: int) -> Iterator[LayerChoice]:
-    """Stage choices on `size` ranks at micro-batch size mbs (dp must divide mbs)."""
+    """Stage choices on `size` ranks at micro-batch size mbs (dp must divide mbs, and each
+    replica's share must be a profiled size or larger: PlanProblem.replica_batch_ok)."""
     for tp in problem.tp_options():
-        if size % tp or mbs % (size // tp):
+        if size % tp or not problem.replica_batch_ok(mbs, size // tp):
             continue
         for fsdp in (False, True) if size // tp > 1 and problem.allow_fsdp else (False,):
             for recompute in (False, True) if problem.allow_recompute else (False,):

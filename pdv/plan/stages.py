@@ -369,7 +369,7 @@ class _Layout:
 def widths(problem: PlanProblem, mbs: int, n: int) -> list[int]:
     """Stage widths (devices) some choice allows at micro-batch size mbs: tp·dp, dp | mbs."""
     return sorted({tp * dp for tp in problem.tp_options() for dp in range(1, mbs + 1)
-                   if mbs % dp == 0 and tp * dp <= n})  # fmt: skip
+                   if problem.replica_batch_ok(mbs, dp) and tp * dp <= n})  # fmt: skip
 
 
 def _layouts(
