@@ -12,12 +12,10 @@ Two probes, run by every rank of ``pdv profile cluster`` after the link sweeps:
   sharing cores is the simulator's business.
 - **Message CPU** (CPU ranks). In gloo on CPU a message is moved by the ranks' own cores: the
   sender writes it, the receiver's backend thread reads it, with the system calls and thread
-  wake-ups around them. Ranks pair up (the tournament's first round, one pair at a time, so
-  that a rank waiting for a peer that has no core does not count its spinning as message
-  CPU); each side sends messages of the sweep's sizes and the other receives them, each size
-  three times, and the least process CPU time each side spent per message is fitted by least
-  squares to a + b·S. A CUDA rank's compute is its GPU, which host CPU does not slow, so no
-  message CPU is recorded there.
+  wake-ups around them. Ranks pair up (the tournament's first round, disjoint pairs at once);
+  each side sends messages of the sweep's sizes and the other receives them, and the process
+  CPU time each side spent per message is fitted by least squares to a + b·S. A CUDA rank's
+  compute is its GPU, which host CPU does not slow, so no message CPU is recorded there.
 
 The cost model adds the bookkeeping to every forward, backward and step, and the message CPU to
 the compute of the ops that send and receive it (pdv.cost.terms, pdv.cost.stage).
@@ -45,7 +43,6 @@ _MICRO = 8
 _STEPS = 12
 _WARMUP = 3
 _MESSAGES = 24
-_REPEATS = 3
 
 
 class _Scale(nn.Module):
@@ -139,37 +136,28 @@ def _message_cpu(rank: int, world: int) -> dict[str, Any] | None:
     peer = next((b if a == rank else a for a, b in pairs if rank in (a, b)), None)
     sent: list[float] = []
     received: list[float] = []
-    # Pairs take turns, and each size is timed _REPEATS times and the least kept: a rank whose
-    # peer is not running spins in gloo's wait, and that CPU is the wait's, not the message's
-    # (with every pair at once, 4 ranks on 2 cores measured up to 2 ms for a 1-byte message).
-    for pair in pairs:
-        if rank in pair:
-            assert peer is not None
-            for size in MESSAGE_SIZES:
-                buf = torch.zeros(size, dtype=torch.uint8)
-                for sender in (0, 1):
-                    sending = (rank < peer) == (sender == 0)
-                    takes = [_messages(buf, peer, sending) for _ in range(_REPEATS)]
-                    (sent if sending else received).append(min(takes))
-        dist.barrier()
+    for size in MESSAGE_SIZES:
+        buf = torch.zeros(size, dtype=torch.uint8)
+        for sender in (0, 1):
+            if peer is None:
+                continue
+            me_first = rank < peer
+            sending = me_first == (sender == 0)
+            for n in range(2 + _MESSAGES):
+                if n == 2:  # after two warm-up messages
+                    c0 = time.process_time()
+                if sending:
+                    dist.send(buf, peer)
+                else:
+                    dist.recv(buf, peer)
+            per = (time.process_time() - c0) / _MESSAGES
+            (sent if sending else received).append(per)
     dist.barrier()  # a rank with a bye waits here for the pairs
     if peer is None:
         return None
     sizes = list(MESSAGE_SIZES)
     return {"peer": peer, "sizes": sizes, "send_cpu_s": sent, "recv_cpu_s": received,
             "send_cpu": _line(sizes, sent), "recv_cpu": _line(sizes, received)}
-
-
-def _messages(buf: torch.Tensor, peer: int, sending: bool) -> float:
-    """Process CPU seconds per message over _MESSAGES messages, after two warm-up ones."""
-    for n in range(2 + _MESSAGES):
-        if n == 2:
-            c0 = time.process_time()
-        if sending:
-            dist.send(buf, peer)
-        else:
-            dist.recv(buf, peer)
-    return (time.process_time() - c0) / _MESSAGES
 
 
 def measure_overheads(device: torch.device, wire: torch.device,
@@ -212,9 +200,8 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         f"warm-up + {_STEPS} timed, medians), ranks of a host in turns; per micro-batch = "
         f"the difference / {_MICRO - 1}, split forward/backward by the time each method took; "
         "per step = the rest (zero_grad included). Message CPU (CPU ranks): the tournament's "
-        f"first round pairs, one pair at a time, send each other {_MESSAGES} messages per "
-        f"size after 2 warm-ups, {_REPEATS} times; the least process CPU time per message on "
-        "each side, least squares a + b*S",
+        f"first round pairs send each other {_MESSAGES} messages per size after 2 warm-ups, "
+        "process CPU time per message on each side, least squares a + b*S",
         "sizes_bytes": list(MESSAGE_SIZES),
         "ranks": [{"rank": r["rank"], **({"messages": r["messages"]} if r["messages"] else {})}
                   for r in per_rank],
