@@ -27,6 +27,7 @@ __all__ = [
     "profile_for",
     "rank_overhead_bytes",
     "schedule_overheads",
+    "smallest_batch",
     "speed_factor",
     "unpriced_note",
 ]
@@ -105,6 +106,11 @@ def schedule_overheads(device: ClusterDevice) -> tuple[float, float, float]:
     :func:`unpriced_note`)."""
     o = device.overheads
     return (0.0, 0.0, 0.0) if o is None else (o.fwd_s, o.bwd_s, o.step_s)
+
+
+def smallest_batch(profiles: Mapping[str, ModelProfile]) -> int:
+    """The smallest micro-batch size every profile measured: below it a time extrapolates."""
+    return max(min(p.micro_batch_sizes) for p in profiles.values())
 
 
 def unpriced_note(cluster: ClusterArtifact) -> str | None:

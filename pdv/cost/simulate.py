@@ -46,7 +46,7 @@ from pdv.artifacts import (
     Schedule,
     StagePrediction,
 )
-from pdv.cost.compute import unpriced_note
+from pdv.cost.compute import smallest_batch, unpriced_note
 from pdv.cost.schedules import Op, StageLayout, rank_orders, splits_backward
 from pdv.cost.stage import StageCost, stage_cost
 from pdv.cost.validity import check_plan
@@ -147,14 +147,15 @@ def simulate(
 
 def _extrapolated_note(plan: Plan, profiles: Mapping[str, ModelProfile]) -> str | None:
     """A note naming the stages whose replicas run fewer samples than any profiled size."""
-    smallest = max(min(p.micro_batch_sizes) for p in profiles.values())
-    low = [i for i, st in enumerate(plan.stages) if plan.micro_batch_size // st.dp < smallest]
+    smallest = smallest_batch(profiles)
+    shares = {i: plan.micro_batch_size // st.dp for i, st in enumerate(plan.stages)}
+    low = [i for i, n in shares.items() if n < smallest]
     if not low:
         return None
-    return (f"stage(s) {low} run {min(plan.micro_batch_size // plan.stages[i].dp for i in low)}"
-            f" sample(s) per replica, below the smallest profiled micro-batch ({smallest}): "
-            "their times extrapolate the profile's fit (profile with --micro-batch-sizes "
-            "including it; pdv plan does not search such stages)")
+    return (f"stage(s) {low} run {min(shares[i] for i in low)} sample(s) per replica, below "
+            f"the smallest profiled micro-batch ({smallest}): their times extrapolate the "
+            "profile's fit (profile with --micro-batch-sizes including it; pdv plan does not "
+            "search such stages)")
 
 
 def host_capacity(cluster: ClusterArtifact) -> dict[str, float]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from pdv.artifacts import ClusterArtifact, LayerChoice, Links, ModelProfile, PlanStage, Schedule
-from pdv.cost.compute import profile_for
+from pdv.cost.compute import profile_for, smallest_batch
 from pdv.errors import PdvError
 
 __all__ = ["PlanProblem", "Candidate", "StageSpec", "choices_for", "plan_stage"]
@@ -112,7 +112,7 @@ class PlanProblem:
 
     def smallest_batch(self) -> int:
         """The smallest micro-batch size every profile measured."""
-        return max(min(p.micro_batch_sizes) for p in self.profiles.values())
+        return smallest_batch(self.profiles)
 
     def replica_batch_ok(self, mbs: int, dp: int) -> bool:
         """Whether a replica's share of a micro-batch (mbs/dp samples) is priced from the

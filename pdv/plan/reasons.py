@@ -224,8 +224,8 @@ def _layer_advice(problem: PlanProblem, e: Excess) -> str:
 def why_no_plan(problem: PlanProblem, planner: str = "pdv") -> str:
     """The one-line reason `planner` found no plan (see the module docstring)."""
     n = len(problem.cluster.devices)
-    smallest = problem.smallest_batch()
     if not any(widths(problem, mbs, n) for mbs in problem.mbs_options()):
+        smallest = problem.smallest_batch()
         return (f"no plan found: every allowed micro-batch size {problem.mbs_options()} is below "
                 f"the smallest size the profiles measured ({smallest}), and a time there would "
                 f"extrapolate their fit; allow --micro-batch-sizes of {smallest} or more, or "

@@ -34,6 +34,7 @@ micro-batch size cannot use them all, and the order puts the slowest and smalles
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -301,19 +302,16 @@ class _Prepared:
         with np.errstate(invalid="ignore", over="ignore"):
             for a, opts in by_pos.items():
                 first = 0
-                while first < len(opts):
-                    n = first
-                    while n < len(opts) and opts[n].g == opts[first].g:
-                        n += 1
-                    group = opts[first:n]
+                for g, run in itertools.groupby(opts, key=lambda o: o.g):
+                    group = list(run)
                     t_send = np.stack([o.t_send for o in group])
                     sync = np.stack([o.sync for o in group])
                     t_last = np.stack([o.t_last[:, -1] for o in group])
                     slices.setdefault(a, []).append(_Slice(
-                        a, opts[first].g, first, t_send, t_last, np.stack([o.kmax for o in group]),
+                        a, g, first, t_send, t_last, np.stack([o.kmax for o in group]),
                         (num_micro - 1) * t_send + sync,
                         (num_micro - 1) * t_last + sync[:, :, -1]))  # fmt: skip
-                    first = n
+                    first += len(group)
         return cls(by_pos, slices)
 
 
