@@ -410,6 +410,26 @@ def test_orders_are_torchs_orders() -> None:
     assert checked > 300
 
 
+def test_warmup_counts_match_the_orders() -> None:
+    """warmup_forwards (the step floor's shortcut) counts the ops before each group's first
+    backward in the order rank_orders builds, for every schedule."""
+    from pdv.cost.schedules import rank_orders, stage_layout, warmup_forwards
+
+    checked = 0
+    for p in (1, 2, 3, 5):
+        for v, name in [(1, "GPipe"), (1, "1F1B"), (2, "Interleaved1F1B"), (3, "LoopedBFS"),
+                        (2, "InterleavedZeroBubble")]:  # fmt: skip
+            layout = stage_layout([[i % p] for i in range(p * v)], name)
+            for m in range(1, 12):
+                if v > 1 and m % max(1, m // p):
+                    continue
+                orders = rank_orders(layout, name, m)
+                first = [next(k for k, op in enumerate(o) if op[0] in "BI") for o in orders]
+                assert warmup_forwards(layout, name, m) == first, (name, p, m)
+                checked += 1
+    assert checked > 150
+
+
 @pytest.mark.parametrize(
     ("schedule", "groups", "num_micro", "match"),
     [

@@ -29,6 +29,7 @@ __all__ = [
     "max_stages",
     "stage_layout",
     "rank_orders",
+    "warmup_forwards",
     "check_rounds",
     "splits_backward",
 ]
@@ -271,3 +272,17 @@ def rank_orders(layout: StageLayout, schedule: Schedule, num_micro: int) -> list
         return [_zbv(g, p, m) for g in range(p)]
     zero_bubble = schedule == "InterleavedZeroBubble"
     return [_interleaved(g, p, v, m, zero_bubble, schedule) for g in range(p)]
+
+
+def warmup_forwards(layout: StageLayout, schedule: Schedule, num_micro: int) -> list[int]:
+    """Per rank group, how many ops its order runs before its first backward.
+
+    The search's step floor needs only this count; building the whole order of a step with
+    thousands of micro-batches costs more than the rest of the bound."""
+    p, m = layout.num_groups, num_micro
+    if schedule == "GPipe":
+        return [m] * p
+    if schedule == "1F1B":
+        return [min(m, p - layout.stages_of_group[g][0]) for g in range(p)]
+    return [next(k for k, op in enumerate(order) if op[0] in ("B", "I"))
+            for order in rank_orders(layout, schedule, num_micro)]  # fmt: skip

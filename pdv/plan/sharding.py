@@ -67,6 +67,14 @@ def _ns(x: float) -> int:
     return int(round(x * NS))
 
 
+class _CpModel(cp_model.CpModel):
+    """CpModel without its camelCase aliases: ortools adds one per method to every new model
+    (about 2 ms each), and a search builds dozens of small models."""
+
+    def _add_pre_pep8_methods(self) -> None:
+        pass
+
+
 @dataclass
 class _Model:
     """The CP-SAT model of one stage: x[c, o] layers of class c take option o.
@@ -137,7 +145,7 @@ def _build(
     """The model, the stage's per-micro-batch time and its per-step terms (sync + optimizer);
     option `base` is the hint."""
     terms = [terms_of(problem, group, mbs, ch) for ch in opts]
-    m = cp_model.CpModel()
+    m = _CpModel()
     classes = _classes(terms, layers)
     x, z = {}, {}
     for k, members in enumerate(classes):
