@@ -13,6 +13,7 @@ evaluated by the simulator on the *measured* matrix, whose prediction goes into 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -28,12 +29,12 @@ from pdv.artifacts import (
     digest,
 )
 from pdv.cost.compute import speed_factor, unpriced_note
-from pdv.cost.schedules import rank_orders, splits_backward
+from pdv.cost.schedules import splits_backward, warmup_forwards
 from pdv.cost.simulate import host_capacity, simulate, to_predicted
 from pdv.cost.stage import stage_cost
 from pdv.cost.validity import check_plan
 from pdv.errors import PdvError
-from pdv.plan import baselines
+from pdv.plan import ahead, baselines
 from pdv.plan.groups import device_order, islands
 from pdv.plan.interleave import interleaved, recomputing
 from pdv.plan.objective import followers, pipeline_objective
@@ -271,12 +272,11 @@ def step_floor(plan: Plan, problem: PlanProblem) -> float:
         return floor
     all_fwd = sum(c.fwd_s for c in costs)
     tail0 = costs[0].grad_sync_s + costs[0].optimizer_s
-    for s, (c, order) in enumerate(zip(costs, rank_orders(layout, plan.schedule, M),
-                                       strict=True)):  # fmt: skip
+    for s, (c, warm) in enumerate(zip(costs, warmup_forwards(layout, plan.schedule, M),
+                                      strict=True)):  # fmt: skip
         # The stage's first backward waits for its micro-batch's forward through every stage
         # and backward through the later ones; before it the stage can only run the forwards
         # its schedule puts first.
-        warm = next(k for k, op in enumerate(order) if op[0] == "B")
         first_bwd = max(lead[s] + warm * c.fwd_s,
                         all_fwd + sum(x.bwd_s for x in costs[s + 1 :]))  # fmt: skip
         last_bwd = first_bwd + (M - warm) * c.fwd_s + M * c.bwd_s
@@ -308,6 +308,13 @@ def _memo(problem: PlanProblem) -> dict[tuple, Any]:
 
 def _dp(problem: PlanProblem, planner: str, say: Progress) -> DPResult:
     memo = _memo(problem)
+    ahead = memo.get(("ahead",))
+    if ("dp", planner) not in memo and ahead is not None and planner in ahead.names:
+        say(f"{planner}: searched in a second process")
+        entries = ahead.result(planner)
+        if isinstance(entries, dict):
+            for key, value in entries.items():
+                memo.setdefault(key, value)
     if ("dp", planner) not in memo:
         say(f"{planner}: searching stages")
         try:
@@ -320,15 +327,12 @@ def _dp(problem: PlanProblem, planner: str, say: Progress) -> DPResult:
     return cast(DPResult, found)
 
 
-def _evaluate(problem: PlanProblem, planner: str, n: int, shown: int, say: Progress,
-              beat: float | None = None) -> _Simulated | None:  # fmt: skip
-    """Candidate n of a generator, refined and simulated; None when `beat` is given and the
-    plan's step_floor shows it cannot be faster than that."""
+def _planned(problem: PlanProblem, planner: str, n: int, shown: int,
+             say: Progress) -> tuple[Candidate, Plan]:  # fmt: skip
+    """Candidate n of a generator, refined (pdv, hierarchy) and as a plan, not yet simulated."""
     memo = _memo(problem)
-    if ("sim", planner, n) in memo:
-        return cast(_Simulated, memo["sim", planner, n])
-    result = _dp(problem, planner, say)
     if ("plan", planner, n) not in memo:
+        result = _dp(problem, planner, say)
         cand, status, gap = result.candidates[n], "n/a", None
         if planner in _REFINED:
             say(f"{planner}: CP-SAT sharding of candidate {n + 1}/{shown}")
@@ -337,7 +341,17 @@ def _evaluate(problem: PlanProblem, planner: str, n: int, shown: int, say: Progr
             status = f"{status} (caps sampled)" if status != "n/a" else "caps sampled"
         plan = _to_plan(problem, cand, status, gap, result.evaluated, Provenance(), False)
         memo["plan", planner, n] = (cand, plan)
-    cand, plan = memo["plan", planner, n]
+    return cast(tuple[Candidate, Plan], memo["plan", planner, n])
+
+
+def _evaluate(problem: PlanProblem, planner: str, n: int, shown: int, say: Progress,
+              beat: float | None = None) -> _Simulated | None:  # fmt: skip
+    """Candidate n of a generator, refined and simulated; None when `beat` is given and the
+    plan's step_floor shows it cannot be faster than that."""
+    memo = _memo(problem)
+    if ("sim", planner, n) in memo:
+        return cast(_Simulated, memo["sim", planner, n])
+    cand, plan = _planned(problem, planner, n, shown, say)
     if beat is not None and step_floor(plan, problem) > beat * (1 + 1e-9):
         return None
     # Generators often reach the same layout (a baseline's is pdv's on a regular cluster):
@@ -416,6 +430,43 @@ def search(
     say = progress or (lambda _msg: None)
     if planner not in PLANNERS:
         raise PdvError(f"unknown planner {planner!r}; choose one of: {', '.join(PLANNERS)}")
+    memo = _memo(problem)
+    started = None
+    if planner == "pdv" and not any(("dp", name) in memo for name in BASELINES):
+        started = ahead.start(problem, BASELINES, functools.partial(_baseline_ahead, problem))
+        if started is not None:
+            memo["ahead",] = started
+    try:
+        return _search(problem, planner, top, say, provenance)
+    finally:
+        if started is not None:
+            started.close()
+            memo.pop(("ahead",), None)
+
+
+def _baseline_ahead(problem: PlanProblem, name: str) -> dict[tuple, Any]:
+    """In the forked child (pdv.plan.ahead): a baseline's DP and its first candidates as
+    (refined) plans; the memo entries that made. Not simulated: the parent simulates only
+    those its step_floor cannot rule out, so speculative simulating there would be mostly
+    wasted, and the parent decides as it would have (the plan it writes does not depend on
+    whether this ran)."""
+    memo = _memo(problem)
+    before = set(memo)
+
+    def quiet(_msg: str) -> None:
+        return None
+
+    try:
+        shown = min(_few(problem, name, 1), len(_dp(problem, name, quiet).candidates))
+        for n in range(shown):
+            _planned(problem, name, n, shown, quiet)
+    except PdvError:
+        pass  # kept as the ("dp", name) entry, or raised again where the parent plans it
+    return {k: v for k, v in memo.items() if k not in before and k[0] in ("dp", "plan")}
+
+
+def _search(problem: PlanProblem, planner: str, top: int, say: Progress,
+            provenance: Provenance | None) -> SearchResult:  # fmt: skip
     try:
         own = _generate(problem, planner, _few(problem, planner, top), say, prune=top == 1)[0]
         exact = _dp(problem, planner, say).exact
