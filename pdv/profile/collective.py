@@ -50,6 +50,10 @@ __all__ = ["PairCollective", "collective_block", "collective_matrices", "measure
 # spent on them (up to _MAX_ITERS), expensive ones at least `iters` times.
 _BUDGET_S, _MAX_ITERS = 0.02, 64
 _ELEMENT = 4  # float32, the gradients' dtype
+_TRIES, _REPEAT_BELOW_R2 = 2, 0.9
+"""an all-reduce sweep whose size fit explains less than this is run once more and the better
+fit kept: on shared cores a burst of load can bend one sweep (r² 0.74 seen with 4 ranks on 2
+cores), and the all-reduce's β prices every gradient sync"""
 _PASSES = 3  # the repeats of each size are split over this many passes through the sizes
 
 
@@ -160,16 +164,25 @@ def _sweep_pair(
         report({"phase": op.replace("_", "-"), "round": rnd, "src": a, "dst": b} | event)
 
     chosen = _sizes(cfg, device, group, step, op)
-    samples: list[list[float]] = [[] for _ in chosen]
-    for k in range(_PASSES):
-        for i, (buf, count) in enumerate(chosen):
-            samples[i] += _timed(buf, group, count)
-            step({"size": buf.numel() * _ELEMENT, "pass": k})
-    agreed = _agree([statistics.median(x) for x in samples] + [min(x) for x in samples],
-                    group, device)
     sizes = [buf.numel() * _ELEMENT for buf, _ in chosen]
-    medians, bests = agreed[: len(sizes)], agreed[len(sizes):]
-    c, slope_bw, r2, how = fit_line(sizes, medians)
+    fitted = None
+    # Both ranks hold the same agreed medians, so they agree on the fit and on a repeat.
+    for _attempt in range(_TRIES):
+        samples: list[list[float]] = [[] for _ in chosen]
+        for k in range(_PASSES):
+            for i, (buf, count) in enumerate(chosen):
+                samples[i] += _timed(buf, group, count)
+                step({"size": buf.numel() * _ELEMENT, "pass": k})
+        agreed = _agree([statistics.median(x) for x in samples] + [min(x) for x in samples],
+                        group, device)
+        medians, bests = agreed[: len(sizes)], agreed[len(sizes):]
+        line = fit_line(sizes, medians)
+        if fitted is None or line[2] > fitted[2][2]:
+            fitted = (medians, bests, line)
+        if op != "all_reduce" or fitted[2][2] >= _REPEAT_BELOW_R2:
+            break
+    assert fitted is not None
+    medians, bests, (c, slope_bw, r2, how) = fitted
     beta = slope_bw / _SHARE[op]  # t = k·α + S / (share·β)
     return PairCollective(
         a=a, b=b, round=rnd, sizes=sizes, median_s=medians, best_s=bests,
