@@ -64,6 +64,10 @@ class Candidate:
     report: str | None = None
     file: str | None = None
     notes: list[str] = field(default_factory=list)
+    runs_s: list[float] = field(default_factory=list)
+    """each round's median step (measured_s is their median)"""
+    spreads_s: list[float] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)
 
     @property
     def predicted_s(self) -> float:
@@ -207,12 +211,18 @@ def default_plans(problem: PlanProblem, top: int, baselines: bool, shapes: int, 
 
 
 def run_plan(cand: Candidate, folder: Path, index: int, run_args: Sequence[str],
-             steps: int, warmup: int, timeout_s: float) -> None:  # fmt: skip
-    """Run one plan with ``pdv run`` and record its measured step time (or why it failed)."""
+             steps: int, warmup: int, timeout_s: float, round_: int = 1) -> None:  # fmt: skip
+    """Run one plan with ``pdv run`` and record its measured step time (or why it failed).
+
+    Called once per round (`round_` from 1): the plan's measured step is the median of its
+    rounds' medians, and a plan that fails any round is a failure."""
     plan_file = folder / f"plan-{index}.json"
-    report = folder / f"report-{index}.json"
-    artifacts.write(plan_file, cand.plan)
-    cand.file, cand.report = str(plan_file), str(report)
+    report = folder / (f"report-{index}.json" if round_ == 1
+                       else f"report-{index}-round{round_}.json")  # fmt: skip
+    if round_ == 1:
+        artifacts.write(plan_file, cand.plan)
+        cand.file, cand.report = str(plan_file), str(report)
+    cand.reports.append(str(report))
     before = os.getloadavg()[0]
     argv = [sys.executable, "-m", "pdv", "run", str(plan_file), "--steps", str(steps),
             "--warmup", str(warmup), "--report", str(report), *run_args]  # fmt: skip
@@ -222,14 +232,17 @@ def run_plan(cand: Candidate, folder: Path, index: int, run_args: Sequence[str],
     except subprocess.TimeoutExpired:
         cand.error = f"pdv run took longer than {timeout_s:.0f} s"
         return
-    cand.load = max(before, os.getloadavg()[0])
+    cand.load = max(before, os.getloadavg()[0], cand.load or 0.0)
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()
         cand.error = f"pdv run exit {res.returncode}: {tail[-1] if tail else 'no output'}"
+        cand.measured_s = cand.spread_s = None
         return
     rep = artifacts.load_as(report, "run-report")
-    cand.measured_s = rep.measured.step_time_s
-    cand.spread_s = rep.measured.step_time_spread_s
+    cand.runs_s.append(rep.measured.step_time_s)
+    cand.spreads_s.append(rep.measured.step_time_spread_s)
+    cand.measured_s = statistics.median(cand.runs_s)
+    cand.spread_s = statistics.median(cand.spreads_s)
 
 
 def _row(c: Candidate) -> dict[str, Any]:
@@ -245,11 +258,13 @@ def _row(c: Candidate) -> dict[str, Any]:
         "predicted_s": c.predicted_s,
         "measured_s": c.measured_s,
         "measured_spread_s": c.spread_s,
+        "measured_runs_s": c.runs_s,
         "error": err,
         "abs_error": None if err is None else abs(err),
         "load": c.load,
         "plan": c.file,
         "report": c.report,
+        "reports": c.reports,
         "failure": c.error,
     }
 

@@ -160,10 +160,18 @@ def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
     assert s["median_abs_error"] == pytest.approx(statistics.median(x["abs_error"] for x in rows))
     assert 1 <= s["pick"]["measured_rank"] <= len(rows)
     assert s["max_load"] == max(r["load"] for r in rows) and s["cpus"] >= 1
-    # The same runs against a tolerance nothing meets: exit 1, the miss named.
+    assert all(row["measured_runs_s"] == [row["measured_s"]] for row in rows)
+    # The first plan again, two rounds, against a tolerance nothing meets: exit 1, the miss
+    # named; its step is the median of both rounds' runs, each with its own report.
     r = run_pdv("check", str(prof), "--cluster", str(cl), "--plan", rows[0]["plan"],
                 "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "again"),
-                "--max-error", "0", timeout=300)
+                "--max-error", "0", "--repeat", "2", timeout=300)
     assert r.returncode == 1, r.stderr
     assert "outside tolerance" in r.stdout and "max |error|" in r.stdout
-    assert json.loads((tmp_path / "again" / "check.json").read_text())["passed"] is False
+    again = json.loads((tmp_path / "again" / "check.json").read_text())
+    assert again["passed"] is False and again["repeat"] == 2
+    (row,) = again["rows"]
+    reports = [json.loads(Path(p).read_text()) for p in row["reports"]]
+    assert len(set(row["reports"])) == 2 and row["report"] == row["reports"][0]
+    assert row["measured_runs_s"] == [rep["measured"]["step_time_s"] for rep in reports]
+    assert row["measured_s"] == pytest.approx(statistics.median(row["measured_runs_s"]))

@@ -53,6 +53,10 @@ def check(
         True, "--recompute/--no-recompute", help="Let pdv's search recompute activations."),
     steps: int = typer.Option(10, "--steps", min=1, help="Training steps per plan."),
     warmup: int = typer.Option(4, "--warmup", min=0, help="Steps left out of each median."),
+    repeat: int = typer.Option(
+        1, "--repeat", min=1, help="Run the whole set this many times, plan after plan each "
+        "round (so a drift in the machine's load reaches every plan alike); a plan's measured "
+        "step is the median of its rounds."),
     model: str | None = typer.Option(
         None, "--model", help="Model factory for pdv run (default: the one the plans name)."),
     model_arg: list[str] = typer.Option([], "--model-arg", help="Factory argument key=value."),
@@ -101,11 +105,15 @@ def check(
     run_args = [*(["--model", model] if model else []),
                 *(a for kv in model_arg for a in ("--model-arg", kv))]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    for i, cand in enumerate(pool, 1):
-        say(f"running {i}/{len(pool)}: {', '.join(cand.labels)}")
-        run_plan(cand, out, i, run_args, steps, warmup, run_timeout)
-        if cand.error:
-            say(f"  failed: {cand.error}")
+    for round_ in range(1, repeat + 1):
+        for i, cand in enumerate(pool, 1):
+            if cand.error:
+                continue
+            each = f" (round {round_}/{repeat})" if repeat > 1 else ""
+            say(f"running {i}/{len(pool)}{each}: {', '.join(cand.labels)}")
+            run_plan(cand, out, i, run_args, steps, warmup, run_timeout, round_)
+            if cand.error:
+                say(f"  failed: {cand.error}")
     tol = Tolerances(max_median_error, max_error, min_spearman, max_pick_gap, max_failures)
     result = summarize(pool, tol)
     doc = {
@@ -114,6 +122,7 @@ def check(
                    "cluster": artifacts.digest(clus)},
         "steps": steps,
         "warmup": warmup,
+        "repeat": repeat,
         "tolerances": {k: v for k, v in vars(tol).items()},
         **result,
     }
