@@ -230,19 +230,24 @@ def run_plan(cand: Candidate, folder: Path, index: int, run_args: Sequence[str],
     try:
         res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        cand.error = f"pdv run took longer than {timeout_s:.0f} s"
+        _failed(cand, f"pdv run took longer than {timeout_s:.0f} s")
         return
     cand.load = max(before, os.getloadavg()[0], cand.load or 0.0)
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()
-        cand.error = f"pdv run exit {res.returncode}: {tail[-1] if tail else 'no output'}"
-        cand.measured_s = cand.spread_s = None
+        _failed(cand, f"pdv run exit {res.returncode}: {tail[-1] if tail else 'no output'}")
         return
     rep = artifacts.load_as(report, "run-report")
     cand.runs_s.append(rep.measured.step_time_s)
     cand.spreads_s.append(rep.measured.step_time_spread_s)
     cand.measured_s = statistics.median(cand.runs_s)
     cand.spread_s = statistics.median(cand.spreads_s)
+
+
+def _failed(cand: Candidate, why: str) -> None:
+    # A failed round fails the plan: earlier rounds' steps are not reported as its measurement.
+    cand.error = why
+    cand.measured_s = cand.spread_s = None
 
 
 def _row(c: Candidate) -> dict[str, Any]:
