@@ -49,7 +49,7 @@ def _usable_cores() -> int:
 
 @dataclass
 class Ahead:
-    """A forked child computing some generators' DPs, which it writes one by one as each ends
+    """A forked child computing `work(name)` for each of `names`, sent one by one as each ends
     (so the first can be used while the child works on the next)."""
 
     pid: int

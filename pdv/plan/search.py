@@ -308,10 +308,10 @@ def _memo(problem: PlanProblem) -> dict[tuple, Any]:
 
 def _dp(problem: PlanProblem, planner: str, say: Progress) -> DPResult:
     memo = _memo(problem)
-    ahead = memo.get(("ahead",))
-    if ("dp", planner) not in memo and ahead is not None and planner in ahead.names:
+    child = memo.get(("ahead",))
+    if ("dp", planner) not in memo and child is not None and planner in child.names:
         say(f"{planner}: searched in a second process")
-        entries = ahead.result(planner)
+        entries = child.result(planner)
         if isinstance(entries, dict):
             for key, value in entries.items():
                 memo.setdefault(key, value)
