@@ -41,8 +41,7 @@ def _plan(path: Path, groups: int, chunks: int, schedule: str, micro: int, layer
 def test_torch_runs_the_simulated_order(tmp_path: Path, groups: int, chunks: int,
                                         schedule: str, micro: int) -> None:
     plan_path = _plan(tmp_path / "plan.json", groups, chunks, schedule, micro, 12)
-    trace = tmp_path / "ops"
-    trace.mkdir()
+    trace = tmp_path / "trace" / "ops"  # not there yet: the recorder makes it
     r = run_pdv("run", str(plan_path), "--steps", "2", "--warmup", "1",
                 "--report", str(tmp_path / "report.json"), env={"PDV_OP_TRACE": str(trace)})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -55,6 +54,25 @@ def test_torch_runs_the_simulated_order(tmp_path: Path, groups: int, chunks: int
         assert executed == simulated[g], (g, executed, simulated[g])
         # One compute op at a time on a rank: the simulator's lane model.
         assert all(a[4] <= b[3] for a, b in zip(ran, ran[1:], strict=False))
+    for rank in range(groups):
+        doc = json.loads((trace / f"ops-rank{rank}.json").read_text())
+        # The step's marks, in loop order and on the ops' clock: the ops lie between the
+        # step's start and the schedule's end.
+        marks = doc["marks"]
+        assert list(marks) == ["loop_top", "step_start", "schedule_end", "sync_end",
+                               "optimizer_end"]
+        times = list(marks.values())
+        assert times == sorted(times)
+        assert list(doc["cpu_marks"]) == list(marks)
+        assert list(doc["cpu_marks"].values()) == sorted(doc["cpu_marks"].values())
+        ops = doc["ops"]
+        assert marks["step_start"] <= ops[0][3] and ops[-1][4] <= marks["schedule_end"]
+        # The layers sleep, so an op's CPU time is a small part of its wall time: the CPU
+        # column is what separates waiting (a sleep here; on a shared host, a rank with no
+        # core) from computing.
+        cpu = doc["op_cpu_s"]
+        assert len(cpu) == len(ops) and min(cpu) >= 0
+        assert sum(cpu) < 0.5 * sum(t1 - t0 for *_, t0, t1 in ops)
 
 
 @pytest.mark.e2e

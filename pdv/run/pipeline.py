@@ -31,8 +31,11 @@ __all__ = ["ChainPipeline", "OP_TRACE_ENV", "OpRecorder"]
 OP_TRACE_ENV = "PDV_OP_TRACE"
 """Diagnostics: a directory; each rank of an equal-width run writes ``ops-rank{R}.json``, the
 compute ops torch executed in the last step, in order, with their start and end times
-(``time.monotonic``, one clock for all ranks of a host). The schedule check compares them with
-the simulator's op order and bubble (tests/test_schedule_order.py, benchmarks/schedule_check.py).
+(``time.monotonic``, one clock for all ranks of a host) and the process CPU time each took, and
+the step's marks (loop top, step start, schedule end, replica sync end, optimizer end) in both
+clocks: where a step's time went besides its ops, and whether a rank waited for a core. The
+schedule check compares them with the simulator's op order and bubble
+(tests/test_schedule_order.py, benchmarks/schedule_check.py).
 """
 
 
@@ -43,6 +46,11 @@ class OpRecorder:
         self.path = out / f"ops-rank{rank}.json"
         self.rank = rank
         self.ops: list[tuple[str, int, int, float, float]] = []
+        # Where the step's time outside the ops went: when step() began, when the schedule
+        # returned, when the replicas' gradient sync ended.
+        self.marks: dict[str, float] = {}
+        self.cpu_marks: dict[str, float] = {}  # the process's CPU seconds (all its threads)
+        self.op_cpu: list[float] = []  # per op: the process's CPU seconds while it ran
 
     def watch(self, stage: Any) -> None:
         """Record this stage's forward, backward (full or input-grad) and weight-grad calls."""
@@ -51,9 +59,10 @@ class OpRecorder:
         index = stage.stage_index
 
         def timed(kind: str, fn: Callable[..., Any], micro: int, *a: Any, **kw: Any) -> Any:
-            t0 = time.monotonic()
+            t0, c0 = time.monotonic(), time.process_time()
             out = fn(micro, *a, **kw)
             self.ops.append((kind, index, int(micro), t0, time.monotonic()))
+            self.op_cpu.append(time.process_time() - c0)
             return out
 
         stage.forward_one_chunk = lambda micro, *a, **kw: timed("F", fwd, micro, *a, **kw)
@@ -63,13 +72,28 @@ class OpRecorder:
             "W", wgt, micro, *a, **kw)
 
     def start_step(self) -> None:
-        """Forget the previous step's ops."""
-        self.ops = []
+        """Forget the previous step's ops (and its marks, unless the loop began this step's)."""
+        self.ops, self.op_cpu = [], []
+        if "loop_top" not in self.marks:
+            self.marks, self.cpu_marks = {}, {}
+        self.mark("step_start")
+
+    def begin_step(self) -> None:
+        """The training loop's top: the previous step's marks go, this one's start."""
+        self.marks, self.cpu_marks = {}, {}
+        self.mark("loop_top")
+
+    def mark(self, name: str) -> None:
+        """Note when the step reached `name` (its time, on the ops' clock)."""
+        self.marks[name] = time.monotonic()
+        self.cpu_marks[name] = time.process_time()
 
     def write(self) -> None:
         """The step's ops as JSON (rewritten every step: the last step's stay)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": self.rank, "ops": self.ops}))
+        tmp.write_text(json.dumps({"rank": self.rank, "ops": self.ops, "op_cpu_s": self.op_cpu,
+                                   "marks": self.marks, "cpu_marks": self.cpu_marks}))
         tmp.replace(self.path)
 
 
@@ -161,8 +185,11 @@ class ChainPipeline:
             self.schedule.step(*args, target=target, losses=losses)
         else:
             self.schedule.step(*args)
+        if self.recorder:
+            self.recorder.mark("schedule_end")
         for grads in self.replica_sync:
             grads.reduce()
         if self.recorder:
+            self.recorder.mark("sync_end")
             self.recorder.write()
         return [float(v.detach()) for v in losses]

@@ -167,7 +167,10 @@ def train(args: argparse.Namespace) -> bool:
     times: list[float] = []
     stopped = False
     memory.start()
+    recorder = getattr(executor, "recorder", None)  # PDV_OP_TRACE (ChainPipeline only)
     for step in range(start, args.steps):
+        if recorder is not None:
+            recorder.begin_step()
         x, y = source.global_batch(step)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -181,6 +184,9 @@ def train(args: argparse.Namespace) -> bool:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
+        if recorder is not None:
+            recorder.mark("optimizer_end")
+            recorder.write()
         times.append(t1 - t0)
         losses.append(sum(micro_losses) / len(micro_losses) if micro_losses else 0.0)
         stopped = bool(watch.after_step(step, t1 - t_opt)) and slow.stop
