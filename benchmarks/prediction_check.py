@@ -1,12 +1,13 @@
-"""Prediction accuracy over a model zoo on 4 local CPU ranks: `pdv check` per model (P1/P4).
+"""Prediction accuracy over a model zoo on local CPU ranks: `pdv check` per model (P1/P4).
 
     OMP_NUM_THREADS=1 python benchmarks/prediction_check.py [--out DIR] [--model NAME ...]
-        [--steps 10] [--warmup 4] [--top 3] [--shapes 3] [--repeat 1]
+        [--steps 10] [--warmup 4] [--top 3] [--shapes 3] [--repeat 1] [--nproc 4]
 
-Everything runs through the real CLI: `pdv profile cluster` (4 ranks) once, `pdv profile model`
-per model, then `pdv check` per model with its default plan set (pdv's top K, each baseline's
-pick, plans of other shapes until the predicted times span 1.5x), each plan run for --steps
-steps. Prints one line per model and the zoo's pooled errors; exits 1 when a target is missed:
+Everything runs through the real CLI: `pdv profile cluster` (--nproc ranks) once,
+`pdv profile model` per model, then `pdv check` per model with its default plan set (pdv's
+top K, each baseline's pick, plans of other shapes until the predicted times span 1.5x), each
+plan run for --steps steps. Prints one line per model and the zoo's pooled errors; exits 1
+when a target is missed:
 
 - median |error| <= 5% and max |error| <= 15% over all plans of all models;
 - Spearman(predicted, measured) >= 0.8 per model;
@@ -59,6 +60,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds over each model's plan set (pdv check --repeat); on a shared "
                     "machine one round cannot judge a 5%% target")  # fmt: skip
+    ap.add_argument("--nproc", type=int, default=4,
+                    help="local ranks of the cluster; 4 on this 2-core machine puts two ranks "
+                    "on each core, as many as cores gives each rank its own")  # fmt: skip
     ap.add_argument("--top", type=int, default=3)
     ap.add_argument("--shapes", type=int, default=3)
     a = ap.parse_args()
@@ -66,7 +70,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cluster = out / "cluster.json"
     if not cluster.exists():
-        pdv("profile", "cluster", "--nproc-per-node", "4", "-o", str(cluster))
+        pdv("profile", "cluster", "--nproc-per-node", str(a.nproc), "-o", str(cluster))
+    ranks = len(json.loads(cluster.read_text())["devices"])
+    if ranks != a.nproc:
+        sys.exit(f"{cluster} has {ranks} ranks, not --nproc {a.nproc}: use another --out")
     rows, errors, missed = [], [], []
     for name in a.model or list(ZOO):
         spec, kwargs, gb, mbs = ZOO[name]
