@@ -23,6 +23,7 @@ import torch.distributed as dist
 from pdv import artifacts
 from pdv.artifacts import ClusterArtifact, ClusterDevice, Links, Provenance
 from pdv.errors import PdvError
+from pdv.profile.allocator import keep_freed_memory
 from pdv.profile.collective import collective_block, collective_matrices, measure_collectives
 from pdv.profile.hardware import matmul_flops, probe_device, runtime_memory
 from pdv.profile.launch_local import PROGRESS_ENV
@@ -135,6 +136,8 @@ def profile_cluster_rank(
         if device.type == "cpu":
             mine["runtime_own_bytes"] = runtime_info["runtime_rss_bytes"]
         mine["details"] |= runtime_info
+        if device.type == "cpu":  # as the model profile and the run's ranks do (after the RSS)
+            keep_freed_memory()
         mine["matmul_flops_alone"] = _probe_alone(device, wire, local)
         step({"phase": "probed"})
         devices: list[dict[str, Any]] | None = [{} for _ in range(world)] if rank == 0 else None

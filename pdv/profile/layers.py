@@ -38,6 +38,7 @@ from pdv.artifacts import (
 from pdv.boundaries import probe
 from pdv.errors import PdvError
 from pdv.models import build_model
+from pdv.profile.allocator import keep_freed_memory
 from pdv.profile.compute import (
     Clock,
     device_info,
@@ -275,6 +276,9 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     # read right after it (before any model tensor exists) is the runtime's constant cost.
     info = device_info(device, kind=req.device_kind)
     overhead, overhead_note = overhead_bytes(device)
+    # After the runtime's own bytes are read (so the probe's freed buffers are not counted as
+    # runtime), before anything is timed: a run's ranks allocate the same way.
+    malloc_note = keep_freed_memory() if device.type == "cpu" else None
     model = build_model(req.spec, req.kwargs, req.seed, split_at=req.split_at,
                         blocks=req.blocks)
     tps = check_model(req, model)
@@ -371,6 +375,8 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     ]
     if threads is not None:
         notes.append(f"CPU threads: {threads} (torch.get_num_threads())")
+    if malloc_note:
+        notes.append(malloc_note)
     if len(tps) > 1:
         if tp_runtime is not None and tp_runtime.ready:
             notes.append(

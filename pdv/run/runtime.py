@@ -27,6 +27,7 @@ from pdv.artifacts import ModelSpec, Plan, digest, load_as, write
 from pdv.boundaries import Value, probe_for_stages
 from pdv.errors import PdvError
 from pdv.models import build_model, parse_model_args
+from pdv.profile.allocator import keep_freed_memory
 from pdv.run.checkpoint import Checkpointer, state_shapes
 from pdv.run.data import BatchSource
 from pdv.run.dims import ParallelDims, build_meshes
@@ -242,6 +243,9 @@ def _finish(plan: Plan, dims: ParallelDims, args: argparse.Namespace, rank: int,
     if resumed:
         notes.append(f"resumed after step {resumed}: losses and step times of steps "
                      f"0..{resumed - 1} come from the checkpoint; the median is of this run's")
+    malloc_note = keep_freed_memory() if device.type == "cpu" else None
+    if malloc_note:
+        notes.append(malloc_note)
     if device.type == "cuda":
         notes.append(f"rank 0 max_memory_allocated {torch.cuda.max_memory_allocated()} bytes")
     warmup = resumed + min(args.warmup, max(len(run_times) - 1, 0))
@@ -276,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry under torchrun; a PdvError is one line on stderr and exit code 2."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if not use_cuda:  # allocate as the model profile timed the layers (pdv.profile.allocator)
+        keep_freed_memory()
     _init_process_group("nccl" if use_cuda else "gloo")
     try:
         if train(args):
