@@ -46,8 +46,8 @@ class OpRecorder:
         self.path = out / f"ops-rank{rank}.json"
         self.rank = rank
         self.ops: list[tuple[str, int, int, float, float]] = []
-        # Where the step's time outside the ops went: when step() began, when the schedule
-        # returned, when the replicas' gradient sync ended.
+        # Where the step's time outside the ops went: the loop's top, step() called, the
+        # schedule returned, the replicas' gradient sync ended, the optimizer stepped.
         self.marks: dict[str, float] = {}
         self.cpu_marks: dict[str, float] = {}  # the process's CPU seconds (all its threads)
         self.op_cpu: list[float] = []  # per op: the process's CPU seconds while it ran
@@ -71,15 +71,9 @@ class OpRecorder:
         stage.backward_weight_one_chunk = lambda micro, *a, **kw: timed(
             "W", wgt, micro, *a, **kw)
 
-    def start_step(self) -> None:
-        """Forget the previous step's ops (and its marks, unless the loop began this step's)."""
-        self.ops, self.op_cpu = [], []
-        if "loop_top" not in self.marks:
-            self.marks, self.cpu_marks = {}, {}
-        self.mark("step_start")
-
     def begin_step(self) -> None:
-        """The training loop's top: the previous step's marks go, this one's start."""
+        """The training loop's top: the previous step's ops and marks go."""
+        self.ops, self.op_cpu = [], []
         self.marks, self.cpu_marks = {}, {}
         self.mark("loop_top")
 
@@ -89,7 +83,7 @@ class OpRecorder:
         self.cpu_marks[name] = time.process_time()
 
     def write(self) -> None:
-        """The step's ops as JSON (rewritten every step: the last step's stay)."""
+        """The step's ops as JSON (the training loop rewrites it every step: the last stays)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"rank": self.rank, "ops": self.ops, "op_cpu_s": self.op_cpu,
@@ -171,7 +165,7 @@ class ChainPipeline:
         losses: list[torch.Tensor] = []
         nmb = self.dims.num_micro_batches
         if self.recorder:
-            self.recorder.start_step()
+            self.recorder.mark("step_start")
         for grads in self.replica_sync:
             grads.attach()
         args = ()
@@ -191,5 +185,4 @@ class ChainPipeline:
             grads.reduce()
         if self.recorder:
             self.recorder.mark("sync_end")
-            self.recorder.write()
         return [float(v.detach()) for v in losses]

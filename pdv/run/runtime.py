@@ -168,7 +168,8 @@ def train(args: argparse.Namespace) -> bool:
     times: list[float] = []
     stopped = False
     memory.start()
-    recorder = getattr(executor, "recorder", None)  # PDV_OP_TRACE (ChainPipeline only)
+    # PDV_OP_TRACE (ChainPipeline only): the loop opens each step's record and writes it.
+    recorder = getattr(executor, "recorder", None)
     for step in range(start, args.steps):
         if recorder is not None:
             recorder.begin_step()
