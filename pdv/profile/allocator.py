@@ -5,10 +5,10 @@ trims the heap's free top; the next allocation of that size then faults its page
 one backward can cost twice another of the same shape depending on what was freed just before
 (identical mlp blocks of 4 MB gradients profiled 3.2-7.1 ms backward in one profile, the
 whole model 18.6 and 24.8 ms in two profiles minutes apart). Telling malloc to keep what it
-frees (``mallopt`` M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 1 GiB) put every block at
-3.3-3.6 ms at micro-batch 4, in each of three profiles. PyTorch's caching allocator does the
-same on CUDA; CPU tuning guides for PyTorch recommend a caching malloc (jemalloc, tcmalloc)
-for the same reason.
+frees (``mallopt`` M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 1 GiB) put blocks 0-2 at
+3.3-3.6 ms and block 3 at 2.8-3.0 ms at micro-batch 4, in each of three profiles. PyTorch's
+caching allocator does the same on CUDA; CPU tuning guides for PyTorch recommend a caching
+malloc (jemalloc, tcmalloc) for the same reason.
 
 The profile is only a prediction of the run if both allocate alike, so the model profiler, the
 cluster probes and every run rank call :func:`keep_freed_memory` before they time anything.
