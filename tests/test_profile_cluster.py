@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -170,6 +171,13 @@ def _check_overheads(data: dict) -> None:
             assert len(m["send_cpu_s"]) == len(m["recv_cpu_s"]) == len(block["sizes_bytes"])
             assert o["send_cpu"] == m["send_cpu"] and o["recv_cpu"] == m["recv_cpu"]
             assert o["send_cpu"]["a_s"] + o["recv_cpu"]["a_s"] > 0
+            # Each size's number is the median of rounds spread in time, all of them kept.
+            for key in ("send_cpu", "recv_cpu"):
+                rounds = m[f"{key}_rounds_s"]
+                assert len(rounds) == len(block["sizes_bytes"])
+                assert all(len(r) == len(rounds[0]) >= 3 for r in rounds)
+                assert m[f"{key}_s"] == [statistics.median(r) for r in rounds]
+            assert m["spread"] >= 0
     assert paired == 4
 
 
