@@ -574,6 +574,12 @@ class Plan(_Strict):
     num_micro_batches: int = Field(ge=1)
     global_batch_size: int = Field(ge=1)
     schedule: Schedule = Field("1F1B", description="GPipe | 1F1B | Interleaved1F1B | ...")
+    dtype: str = Field(
+        "float32",
+        description="parameter and activation dtype: the one the plan's profiles were taken in "
+        "(what its prediction prices) and the one pdv run trains in; float32 when absent (a "
+        "float32 plan's file leaves it out, as files did before it was recorded)",
+    )
     predicted: Predicted | None = None
     planner: Planner = Field(default_factory=Planner)
     devices: list[ClusterDevice] | None = Field(
@@ -689,6 +695,11 @@ class RunReport(_Strict):
     measured: RunMeasured
     predicted: Predicted | None
     loss: list[float]
+    dtype: str = Field(
+        "float32",
+        description="parameter and activation dtype the run trained in (its plan's); float32 "
+        "when absent, as every run before it was recorded",
+    )
     slow_ranks: list[SlowRank] = Field(
         default_factory=list, description="ranks flagged slow (pdv.run.slow), in step order"
     )
@@ -724,6 +735,10 @@ def dumps(artifact: BaseModel, compact: bool = False) -> str:
     data = artifact.model_dump(mode="json", by_alias=True)
     if isinstance(artifact, Plan) and data.get("devices") is not None:
         data["devices"] = _device_runs(data["devices"])  # the file's form; Plan reads both
+    if isinstance(artifact, Plan | RunReport) and data.get("dtype") == "float32":
+        # Left out, as before the field existed: a float32 plan keeps its bytes and digest
+        # (checkpoints and reports name plans by digest), and older pdv still reads it.
+        del data["dtype"]
     if compact:
         return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
     return json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"

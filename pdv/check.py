@@ -149,7 +149,7 @@ def shape_plans(problem: PlanProblem) -> list[Plan]:
         plan = Plan(model=profile.model, stages=stages, micro_batch_size=mbs,
                     num_micro_batches=problem.global_batch // mbs,
                     global_batch_size=problem.global_batch, schedule=problem.schedule,
-                    planner=Planner(name="shape"),
+                    dtype=profile.dtype, planner=Planner(name="shape"),
                     devices=list(problem.cluster.devices))  # fmt: skip
         try:
             plan = predict(plan, dict(problem.profiles), problem.cluster)

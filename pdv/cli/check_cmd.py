@@ -23,7 +23,7 @@ from pdv.cli.plan_cmd import _ints
 from pdv.cli.render import fmt_time, new_table, print_table
 from pdv.errors import PdvError
 from pdv.plan.problem import PlanProblem
-from pdv.plan.search import check_profiles
+from pdv.plan.search import check_plan_dtype, check_profiles
 
 __all__ = ["check"]
 
@@ -91,6 +91,7 @@ def check(
         pool = []
         for k, path in enumerate(plan, 1):
             p = artifacts.load_as(path, "plan")
+            check_plan_dtype(p, profs)
             label = "pdv #1" if k == 1 else f"plan {k}"  # the first given plan is the pick
             pool.append(Candidate(predict(p, profs, clus), [f"{label} ({path.name})"
                                                             if k > 1 else label]))

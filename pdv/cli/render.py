@@ -192,7 +192,7 @@ def _plan(a: Plan, console: Console) -> None:
         cols += ["compute", "p2p", "collective", "peak mem"]
     t = new_table(
         f"plan ({a.planner.name}, {a.schedule}, mbs {a.micro_batch_size} x "
-        f"{a.num_micro_batches} = {a.global_batch_size})",
+        f"{a.num_micro_batches} = {a.global_batch_size}, {a.dtype})",
         cols,
         left={"layers", "ranks", "devices", "fsdp", "recompute"},
     )

@@ -172,13 +172,15 @@ def _check_elastic(opts: RunOptions, printing: bool, max_restarts: int,
 
 def _run_elastic(plan: artifacts.Plan, opts: RunOptions, profile: list[Path],
                  rank_prefix: str | None, max_replans: int, report: Path | None) -> None:
+    from pdv.plan.search import check_plan_dtype
     from pdv.run.elastic import ElasticOptions, run_elastic
     from pdv.run.launch import host_slots
 
     if len(host_slots(plan)) > 1:
         raise PdvError("--elastic runs every rank on this host; this plan spans several hosts")
-    eopts = ElasticOptions(profiles=artifacts.load_profiles(profile), rank_prefix=rank_prefix,
-                           max_replans=max_replans)
+    profiles = artifacts.load_profiles(profile)
+    check_plan_dtype(plan, profiles)  # before any rank starts: a replan would refuse later
+    eopts = ElasticOptions(profiles=profiles, rank_prefix=rank_prefix, max_replans=max_replans)
 
     def say(msg: str) -> None:
         err_console.print(f"pdv: {msg}", highlight=False)

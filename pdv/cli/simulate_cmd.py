@@ -16,6 +16,7 @@ from pdv.cli.render import fmt_bytes, fmt_time, new_table, print_table
 from pdv.cost.simulate import Simulation, simulate, to_predicted
 from pdv.cost.trace import chrome_trace, ranks_label, text_timeline
 from pdv.errors import PdvError
+from pdv.plan.search import check_plan_dtype
 
 _MAX_RANK_ROWS = 32
 _MAX_TIMELINE_ROWS = 32
@@ -148,6 +149,7 @@ def simulate_command(
         raise PdvError("no cluster: pass --cluster CLUSTER.json")
     profiles = artifacts.load_profiles(profile)
     cluster = artifacts.load_as(cluster_path, "cluster")
+    check_plan_dtype(plan, profiles)
     sim = simulate(plan, profiles, cluster)
     inputs = _inputs(profiles, cluster)
     differ = sorted(k for k, v in plan.provenance.inputs.items() if inputs.get(k, v) != v)

@@ -41,7 +41,7 @@ from pdv.cost.comm import p2p_time
 from pdv.cost.simulate import simulate, to_predicted
 from pdv.errors import PdvError
 from pdv.plan.problem import PlanProblem
-from pdv.plan.search import check_profiles, plan_provenance, search
+from pdv.plan.search import check_plan_dtype, check_profiles, plan_provenance, search
 from pdv.sample_models import sample_spec
 
 __all__ = [
@@ -283,6 +283,7 @@ def replan(plan: Plan, profiles: Mapping[str, ModelProfile], cluster: ClusterArt
            ) -> ReplanResult:
     """Plan the old plan's training on the new cluster and price the switch."""
     check_profiles(profiles, cluster, None, None)
+    check_plan_dtype(plan, profiles)  # the new plan trains in the profiles' dtype
     profile = next(iter(sorted(profiles.items())))[1]
     if plan.model is not None and (_spec(plan.model.spec), plan.model.kwargs) != (
             _spec(profile.model.spec), profile.model.kwargs):

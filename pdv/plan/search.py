@@ -47,6 +47,7 @@ __all__ = [
     "PLANNERS",
     "SearchResult",
     "search",
+    "check_plan_dtype",
     "check_profiles",
     "plan_provenance",
     "pdv_orders",
@@ -153,6 +154,10 @@ def check_profiles(
     specs = {p.model.spec for p in profiles.values()}
     if len(specs) > 1:
         raise PdvError(f"profiles are of different models: {sorted(specs)}")
+    dtypes = {k: p.dtype for k, p in profiles.items()}
+    if len(set(dtypes.values())) > 1:
+        raise PdvError(f"profiles disagree on the dtype: {dict(sorted(dtypes.items()))}; a plan "
+                       "trains in one: re-profile every kind with the same --dtype")
     for kind, p in sorted(profiles.items()):
         if dtype is not None and p.dtype != dtype:
             raise PdvError(
@@ -163,6 +168,17 @@ def check_profiles(
             raise PdvError(
                 f"--optimizer {optimizer} but the {kind} profile counts {p.optimizer} state; "
                 f"re-profile with --optimizer {optimizer} or plan with --optimizer {p.optimizer}"
+            )
+
+
+def check_plan_dtype(plan: Plan, profiles: Mapping[str, ModelProfile]) -> None:
+    """The profiles were taken in the dtype the plan trains in: they price what runs."""
+    for kind, p in sorted(profiles.items()):
+        if p.dtype != plan.dtype:
+            raise PdvError(
+                f"the plan trains in {plan.dtype} but the {kind} profile was taken in "
+                f"{p.dtype}; pass profiles taken with --dtype {plan.dtype}, or plan again from "
+                "these (a plan that records no dtype trains in float32)"
             )
 
 
@@ -219,6 +235,7 @@ def _to_plan(
         num_micro_batches=cand.num_micro_batches,
         global_batch_size=problem.global_batch,
         schedule=cand.schedule or problem.schedule,
+        dtype=profile.dtype,  # the profiles' one (check_profiles refuses two)
         planner=Planner(
             name=cand.search,
             status=status,
