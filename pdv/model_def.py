@@ -76,6 +76,7 @@ class ModelDef:
     tp_degrees: Sequence[int] = field(default_factory=lambda: (1,))
     """TP degrees the model supports (divisors of its head count and hidden sizes)."""
     dtype: torch.dtype = torch.float32
+    """The layers' dtype, and make_batch's floating tensors' (pdv.models.cast_model sets it)."""
     prepare: Callable[[Sequence[int]], None] | None = None
     """Micro-batch sizes -> None: readies layers specialised to shapes (a traced split) for
     every size that will run; called before any layer is parallelized."""

@@ -26,7 +26,8 @@ from pdv.errors import PdvError
 from pdv.model_def import Chain, ModelDef
 from pdv.sample_models import SAMPLES, sample_spec
 
-__all__ = ["Chain", "ModelDef", "load_factory", "build_model", "parse_model_args"]
+__all__ = ["Chain", "ModelDef", "load_factory", "build_model", "cast_batch", "cast_model",
+           "parse_model_args"]
 
 
 def parse_model_args(pairs: Sequence[str]) -> dict[str, Any]:
@@ -120,4 +121,36 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, seed: int = 0, 
         if not isinstance(layer, nn.Module):
             raise PdvError(f"model {spec!r}: layer {name!r} is a {type(layer).__name__}, "
                            "not an nn.Module")
+    return model
+
+
+def cast_batch(batch: tuple[torch.Tensor, torch.Tensor],
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) with the floating ones in `dtype`; token ids and labels stay integers."""
+    x, y = batch
+    return (x.to(dtype) if x.is_floating_point() else x,
+            y.to(dtype) if y.is_floating_point() else y)
+
+
+def cast_model(model: ModelDef, dtype: torch.dtype) -> ModelDef:
+    """The model in `dtype`, as `pdv profile model --dtype` timed it: every layer's floating
+    parameters and buffers cast in place (a tied parameter stays one), and make_batch's
+    floating inputs and targets cast too, so the boundary probe and the run's batches see
+    what the layers take. float32 leaves the model as built: nothing copied or wrapped."""
+    if dtype == torch.float32:
+        return model
+    if model.prepare is not None:
+        # Graphs traced at build time hold float32 constants (an arange of the input's dtype).
+        raise PdvError(f"a model split by tracing (--split-at/--blocks) runs in float32 only, "
+                       f"not {str(dtype).removeprefix('torch.')}: its graphs were traced in "
+                       "float32; plan it from a float32 profile")
+    for _, layer in model.layers:
+        layer.to(dtype)
+    make_batch = model.make_batch
+
+    def cast(rows: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return cast_batch(make_batch(rows, gen), dtype)
+
+    model.make_batch = cast
+    model.dtype = dtype  # what a data hook's batches are cast to (pdv.run.data)
     return model

@@ -4,7 +4,8 @@ Every rank draws the same global batch for a step (a generator seeded by (seed, 
 only its rows, so the data never depend on the plan: a single-process run sees the same samples.
 A data hook is named like a model factory (``pkg.mod:fn`` or ``path/file.py:fn``) and is called
 as ``fn(step=..., batch_size=..., seed=...)``; it returns ``(inputs, targets)`` of the whole
-global batch.
+global batch. Under a plan in another dtype than float32 its floating tensors are cast to it,
+as the model's own batches are (pdv.models.cast_model).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from pdv.errors import PdvError
-from pdv.models import ModelDef, load_factory
+from pdv.models import ModelDef, cast_batch, load_factory
 
 __all__ = ["BatchSource", "step_seed", "micro_batch_rows"]
 
@@ -50,6 +51,8 @@ class BatchSource:
                     f"data hook {self.hook}: {name} must be a tensor with "
                     f"{self.global_batch_size} rows (the global batch), got {got}"
                 )
+        if self.model.dtype != torch.float32:  # the plan's dtype (pdv.models.cast_model)
+            return cast_batch((x, y), self.model.dtype)
         return x, y
 
 

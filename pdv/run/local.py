@@ -16,13 +16,13 @@ import sys
 from pdv.artifacts import ModelSpec, Plan
 from pdv.boundaries import probe_for_stages
 from pdv.errors import PdvError
-from pdv.models import build_model, load_factory
+from pdv.models import build_model, cast_model, load_factory
 from pdv.run.checkpoint import state_shapes
 from pdv.run.dims import ParallelDims, checkpoint_blocker
 from pdv.run.launch import HostSlot, RunOptions, host_slots, slurm_node, torchrun_argv
 from pdv.run.reference import OPTIMIZERS
 from pdv.run.resume import check_resume, read_meta, resume_source
-from pdv.run.runtime import resolve_model
+from pdv.run.runtime import plan_dtype, resolve_model
 from pdv.run.stage import check_tp_support
 
 __all__ = ["check_plan", "local_command", "free_port"]
@@ -32,7 +32,8 @@ def check_plan(plan: Plan, opts: RunOptions) -> ParallelDims:
     """Every check that needs no process group; a PdvError names the fix."""
     spec, kwargs, split_at, blocks = resolve_model(plan, opts.model, list(opts.model_args),
                                                    list(opts.split_at), list(opts.blocks))
-    model = build_model(spec, kwargs, opts.seed, split_at=split_at, blocks=blocks)
+    model = cast_model(build_model(spec, kwargs, opts.seed, split_at=split_at, blocks=blocks),
+                       plan_dtype(plan))  # the boundary probe in the dtype the ranks run
     dims = ParallelDims.from_plan(plan, len(model.layers))
     check_tp_support(model, list(plan.stages), spec)
     probe_for_stages(model, [s.layers for s in dims.stages])

@@ -92,4 +92,5 @@ def make_report(plan: Plan, step_times: list[float], warmup: int, peaks: list[in
         ),
         predicted=plan.predicted,
         loss=losses,
+        dtype=plan.dtype,
     )

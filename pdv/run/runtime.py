@@ -26,8 +26,9 @@ import torch.distributed.tensor.parallel  # noqa: F401
 from pdv.artifacts import ModelSpec, Plan, digest, load_as, write
 from pdv.boundaries import Value, probe_for_stages
 from pdv.errors import PdvError
-from pdv.models import build_model, parse_model_args
+from pdv.models import build_model, cast_model, parse_model_args
 from pdv.profile.allocator import keep_freed_memory
+from pdv.profile.compute import DTYPES
 from pdv.run.checkpoint import Checkpointer, state_shapes
 from pdv.run.data import BatchSource
 from pdv.run.dims import ParallelDims, build_meshes
@@ -39,7 +40,7 @@ from pdv.run.tied import TiedGrads
 from pdv.run.watch import SlowOptions, StepWatch
 from pdv.run.workers import EXIT_REPLAN
 
-__all__ = ["main", "resolve_model", "parse_args"]
+__all__ = ["main", "resolve_model", "parse_args", "plan_dtype"]
 
 CRASH_ENV = "PDV_TEST_CRASH_AT_STEP"
 """Test hook: "STEP:RANK:MARKER" makes RANK exit after STEP once (MARKER file remembers)."""
@@ -88,6 +89,14 @@ def resolve_model(plan: Plan, model: str | None, model_args: list[str],
             list(blocks or []) if cut or not own else list(own.blocks))
 
 
+def plan_dtype(plan: Plan) -> torch.dtype:
+    """The dtype the plan trains in: the one its profiles were taken in (float32 when the plan
+    records none)."""
+    if plan.dtype not in DTYPES:
+        raise PdvError(f"the plan's dtype {plan.dtype!r}: pdv trains in {', '.join(DTYPES)}")
+    return DTYPES[plan.dtype]
+
+
 def _device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
@@ -120,6 +129,7 @@ def train(args: argparse.Namespace) -> bool:
     meshes = build_meshes(dims, device.type, rank)
     memory = PeakMemory(device.type)
     model = build_model(spec, kwargs, args.seed, split_at=split_at, blocks=blocks)
+    model = cast_model(model, plan_dtype(plan))  # what the profile timed and the plan priced
     dims = ParallelDims.from_plan(plan, len(model.layers))
     check_tp_support(model, list(plan.stages), spec)
     boundaries = probe_for_stages(model, [s.layers for s in dims.stages])
@@ -235,7 +245,8 @@ def _finish(plan: Plan, dims: ParallelDims, args: argparse.Namespace, rank: int,
         return
     resumed = len(prior[0])
     notes = [
-        f"device {device.type}, backend {dist.get_backend()}, world {world}",
+        f"device {device.type}, backend {dist.get_backend()}, world {world}, "
+        f"dtype {plan.dtype}",
         f"schedule {plan.schedule}, {dims.num_micro_batches} micro-batches of "
         f"{dims.pipeline_micro_batch}, executor {type(executor).__name__}",
         f"steps {args.steps}, warm-up {args.warmup}, seed {args.seed}, optimizer "
