@@ -192,3 +192,22 @@ def test_a_bfloat16_profile_plans_and_runs_in_bfloat16(tmp_path: Path) -> None:
     moments = {v.properties.dtype for k, v in meta.items() if k.endswith(("exp_avg", "exp_avg_sq"))}
     assert moments == {torch.bfloat16}
 
+
+@pytest.mark.e2e
+def test_a_float16_gpt_runs_and_a_diverged_loss_is_one_line(tmp_path: Path) -> None:
+    # Token ids stay integers through the cast; float16 under sgd trains. Under adamw its eps
+    # (1e-8) is 0 in float16 and the second step's loss is nan: an error naming the step,
+    # not a report that cannot hold it.
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(_plan_data(dtype="float16")))
+    report = tmp_path / "r.json"
+    res = run_pdv("run", str(plan), "--steps", "2", "--warmup", "1", "--optimizer", "sgd",
+                  "--report", str(report), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["dtype"] == "float16" and all(math.isfinite(v) for v in data["loss"])
+    res = run_pdv("run", str(plan), "--steps", "2", "--warmup", "1", timeout=300)
+    assert res.returncode == 1, res.stderr[-3000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("pdv: error: rank")]
+    assert len(errors) == 1 and "the loss of step 1 is nan (training in float16)" in errors[0]
+    assert "--optimizer sgd" in errors[0]

@@ -11,6 +11,7 @@ step times, peak memory and losses and writes the run report.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -243,6 +244,7 @@ def _finish(plan: Plan, dims: ParallelDims, args: argparse.Namespace, rank: int,
     dist.all_reduce(peak_t)
     if rank != 0 or not args.report:
         return
+    _check_finite(prior[0] + run_losses, plan.dtype, args.optimizer)
     resumed = len(prior[0])
     notes = [
         f"device {device.type}, backend {dist.get_backend()}, world {world}, "
@@ -266,6 +268,20 @@ def _finish(plan: Plan, dims: ParallelDims, args: argparse.Namespace, rank: int,
     measured = report.measured.model_copy(update={"compute_s": watch.median_compute() or None})
     write(args.report, report.model_copy(
         update={"measured": measured, "slow_ranks": watch.slow_ranks()}))
+
+
+def _check_finite(losses: list[float], dtype: str, optimizer: str) -> None:
+    """A report holds finite losses only: a step that diverged is an error naming it."""
+    bad = [(k, v) for k, v in enumerate(losses) if not math.isfinite(v)]
+    if not bad:
+        return
+    step, value = bad[0]
+    hint = ""
+    if dtype == "float16" and optimizer == "adamw":
+        hint = ("; float16 parameters under adamw underflow (its eps 1e-8 is 0 in float16, "
+                "and nothing scales the loss): plan from a bfloat16 profile, or run with "
+                "--optimizer sgd")
+    raise PdvError(f"the loss of step {step} is {value} (training in {dtype}){hint}")
 
 
 def _init_process_group(backend: str) -> None:
