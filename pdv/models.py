@@ -27,7 +27,7 @@ from pdv.model_def import Chain, ModelDef
 from pdv.sample_models import SAMPLES, sample_spec
 
 __all__ = ["Chain", "ModelDef", "load_factory", "build_model", "cast_batch", "cast_model",
-           "parse_model_args"]
+           "check_dtype", "parse_model_args"]
 
 
 def parse_model_args(pairs: Sequence[str]) -> dict[str, Any]:
@@ -132,6 +132,15 @@ def cast_batch(batch: tuple[torch.Tensor, torch.Tensor],
             y.to(dtype) if y.is_floating_point() else y)
 
 
+def check_dtype(model: ModelDef, dtype: torch.dtype) -> None:
+    """Refuse a dtype the model cannot run in (profile and run alike)."""
+    if dtype != torch.float32 and model.prepare is not None:
+        # Graphs traced at build time hold float32 constants (an arange of the input's dtype).
+        raise PdvError(f"a model split by tracing (--split-at/--blocks) runs in float32 only, "
+                       f"not {str(dtype).removeprefix('torch.')}: its graphs were traced in "
+                       "float32; profile and plan it in float32")
+
+
 def cast_model(model: ModelDef, dtype: torch.dtype) -> ModelDef:
     """The model in `dtype`, as `pdv profile model --dtype` timed it: every layer's floating
     parameters and buffers cast in place (a tied parameter stays one), and make_batch's
@@ -139,11 +148,7 @@ def cast_model(model: ModelDef, dtype: torch.dtype) -> ModelDef:
     what the layers take. float32 leaves the model as built: nothing copied or wrapped."""
     if dtype == torch.float32:
         return model
-    if model.prepare is not None:
-        # Graphs traced at build time hold float32 constants (an arange of the input's dtype).
-        raise PdvError(f"a model split by tracing (--split-at/--blocks) runs in float32 only, "
-                       f"not {str(dtype).removeprefix('torch.')}: its graphs were traced in "
-                       "float32; plan it from a float32 profile")
+    check_dtype(model, dtype)
     for _, layer in model.layers:
         layer.to(dtype)
     make_batch = model.make_batch

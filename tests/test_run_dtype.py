@@ -159,6 +159,14 @@ def test_a_traced_split_is_refused_in_another_dtype() -> None:
         cast_model(model, torch.bfloat16)
 
 
+def test_the_profiler_refuses_a_traced_split_in_another_dtype(tmp_path: Path) -> None:
+    # The same refusal before any layer is timed, as one line, not a traceback from the graph.
+    res = run_pdv("profile", "model", "tests/models/split_net.py:net", "--blocks", "layers",
+                  "--dtype", "bfloat16", "-o", str(tmp_path / "p.json"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "float32 only, not bfloat16" in res.stderr and not (tmp_path / "p.json").exists()
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -23,7 +23,7 @@ from pdv.artifacts import (
     WholeModelTiming,
 )
 from pdv.errors import PdvError
-from pdv.models import ModelDef
+from pdv.models import ModelDef, check_dtype
 from pdv.profile.compute import fit_time, median_iqr, resolve_dtype
 from pdv.profile.memory import OPTIMIZERS, grad_bytes, optimizer_state_bytes, param_bytes
 
@@ -121,6 +121,7 @@ def check_request(req: ProfileRequest) -> None:
 
 def check_model(req: ProfileRequest, model: ModelDef) -> tuple[int, ...]:
     """Validate the request against the model; returns the TP degrees to profile (1 first)."""
+    check_dtype(model, resolve_dtype(req.dtype))
     tps = tuple(sorted(set(req.tp_degrees) | {1}))
     wanted = [k for k in tps if k > 1]
     if wanted and (model.tp_plan is None or model.tp_shard is None):
