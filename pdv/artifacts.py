@@ -169,6 +169,13 @@ class LayerProfile(_Strict):
     output_bytes: int = Field(
         ge=0, description="bytes sent to the next stage per micro-batch, at the reference point"
     )
+    output_tensors: int = Field(
+        1, ge=1, description="tensors the layer hands on: one message each to the next stage"
+    )
+    output_grad_tensors: int = Field(
+        1, ge=0, description="of those, the ones a gradient flows back through: one message "
+        "each back from the next stage",
+    )
     flops_fwd: float | None = Field(
         None, description="forward FLOPs per sample, where counted (FlopCounterMode)"
     )

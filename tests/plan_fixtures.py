@@ -155,4 +155,16 @@ def random_instance(rng: random.Random):
                       for i in range(n_dev)]
     runtime = [rng.choice([0, 256 << 20]) for _ in range(n_dev)] if rng.random() < 0.5 else None
     cl = cluster(hosts, bw, kinds, memory, flops, collective=collective, runtime_bytes=runtime)
-    return profiles, cl, rng.choice([4, 8, 16])
+    batch = rng.choice([4, 8, 16])
+    # Sometimes boundaries of several tensors, not all carrying a gradient back: one message
+    # each, priced alike by the planner's tables, its objective and the simulator.
+    if rng.random() < 0.5:
+        counts = [rng.choice([(1, 1), (2, 1), (3, 1), (3, 3), (2, 0)]) for _ in range(n_layers)]
+        profiles = {
+            k: p.model_copy(update={"layers": [
+                layer.model_copy(update={"output_tensors": t, "output_grad_tensors": g})
+                for layer, (t, g) in zip(p.layers, counts, strict=True)
+            ]})
+            for k, p in profiles.items()
+        }
+    return profiles, cl, batch

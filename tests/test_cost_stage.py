@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from pdv.artifacts import PlanStage
 from pdv.cost.comm import all_gather_time, all_reduce_time, reduce_scatter_time, ring_of
-from pdv.cost.stage import StageCost, activation_transfer_time, stage_cost
+from pdv.cost.stage import StageCost, activation_transfer_time, boundary_messages, stage_cost
 from pdv.cost.validity import check_plan
 from pdv.errors import PdvError
 from tests.test_cost_builders import make_cluster, make_plan, make_profile
@@ -197,3 +197,39 @@ def test_asymmetric_links_row_is_sender() -> None:
     c = _cost(cluster, PlanStage(layers=(0, 2), ranks=[0]), PlanStage(layers=(2, 4), ranks=[1]))
     assert c.send_s == pytest.approx(100 / 1e3)
     assert c.grad_send_s == pytest.approx(100 / 1e9)
+
+
+def _tuple_profiles(ahead: int, back: int) -> dict:
+    """PROFILE with layer 1 handing on `ahead` tensors, `back` of them carrying gradients."""
+    layers = list(PROFILE.layers)
+    layers[1] = layers[1].model_copy(update={"output_tensors": ahead,
+                                             "output_grad_tensors": back})
+    return {"cpu": PROFILE.model_copy(update={"layers": layers})}
+
+
+@pytest.mark.parametrize(("ahead", "back"), [(1, 1), (3, 1), (2, 2), (3, 0)])
+def test_a_boundary_of_several_tensors_is_one_message_each(ahead: int, back: int) -> None:
+    """Torch's stages send each tensor of a boundary on its own: n·α + S/β per direction, and
+    nothing back when no gradient flows through the boundary."""
+    lat, bw = 1e-4, 1e6
+    cluster = make_cluster(3, bw=bw, lat=lat)
+    stage, nxt = PlanStage(layers=(0, 2), ranks=[0]), PlanStage(layers=(2, 4), ranks=[1])
+    c = stage_cost(_tuple_profiles(ahead, back), cluster, stage, nxt, mbs=2, schedule="1F1B",
+                   stage_index=0, num_stages=2, num_micro=4)
+    assert c.send_s == pytest.approx(ahead * lat + 2 * 100 / bw)
+    assert c.grad_send_s == pytest.approx(back * lat + 2 * 100 / bw if back else 0.0)
+    # Boundaries elsewhere keep one message each: the next stage's own sends are unchanged.
+    later = stage_cost(_tuple_profiles(ahead, back), cluster, PlanStage(layers=(2, 3), ranks=[1]),
+                       PlanStage(layers=(3, 4), ranks=[2]), mbs=2, schedule="1F1B",
+                       stage_index=1, num_stages=3, num_micro=4)
+    assert later.send_s == pytest.approx(lat + 2 * 100 / bw)
+
+
+def test_boundary_messages_split_the_bytes_among_the_tensors() -> None:
+    a, b = PlanStage(layers=(0, 2), ranks=[0]), PlanStage(layers=(2, 4), ranks=[1, 2], dp=2)
+    one = boundary_messages(a, b, 4, 100.0)
+    three = boundary_messages(a, b, 4, 100.0, tensors=3)
+    assert len(three) == 3 * len(one) == 6
+    assert sum(n for *_, n in three) == pytest.approx(sum(n for *_, n in one))
+    assert {(s, d) for s, d, _ in three} == {(s, d) for s, d, _ in one}
+    assert boundary_messages(a, b, 4, 100.0, tensors=0) == []

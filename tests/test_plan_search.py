@@ -220,8 +220,14 @@ def test_planner_and_simulator_price_any_stage_alike(seed: int) -> None:
         assert peak == pytest.approx(max(of_kind), rel=1e-9)
 
 
-def test_planner_send_agrees_with_stage_cost_for_single_rank_stages() -> None:
+@pytest.mark.parametrize(("ahead", "back"), [(1, 1), (3, 1), (2, 0)])
+def test_planner_send_agrees_with_stage_cost_for_single_rank_stages(ahead: int,
+                                                                     back: int) -> None:
     prof = profile()
+    layers = list(prof.layers)
+    layers[1] = layers[1].model_copy(update={"output_tensors": ahead,
+                                             "output_grad_tensors": back})
+    prof = prof.model_copy(update={"layers": layers})
     cl = two_by_two(1e9, 1e10)
     problem = PlanProblem({"gpu": prof}, cl, 8)
     stages = [StageSpec(0, 2, (1,), ch()), StageSpec(2, 4, (2,), ch())]
@@ -238,6 +244,9 @@ def test_planner_send_agrees_with_stage_cost_for_single_rank_stages() -> None:
         num_micro=4,
     )
     assert mine.send_s == pytest.approx(ref.send_s + ref.grad_send_s)
+    lat, bw = cl.links.latency_s[1][2], cl.links.bandwidth_Bps[1][2]
+    nbytes = 2 * prof.layers[1].output_bytes
+    assert ref.send_s == pytest.approx(ahead * lat + nbytes / bw)
     assert mine.memory_bytes["gpu"] == pytest.approx(ref.peak_memory_bytes[1])
 
 

@@ -115,6 +115,19 @@ def test_tp_degrees_profiled_at_shard_shapes() -> None:
     assert by[(2, 2)].fwd_s > 0 and by[(2, 2)].bwd_s > 0
 
 
+def test_a_layer_handing_on_a_tuple_records_its_messages() -> None:
+    # carry's layers hand on (hidden, positions, table): three messages forward, and only the
+    # hidden state's gradient comes back (int64 positions; a table built from aranges).
+    p = profile_model(ProfileRequest(spec="tests/models/carry.py:carry",
+                                     kwargs={"n_block": 2, "d": 16}, micro_batch_sizes=(2,),
+                                     warmup=1, repeat=2))
+    got = [(x.name, x.output_tensors, x.output_grad_tensors) for x in p.layers]
+    assert got == [("embed", 3, 1), ("block0", 3, 1), ("block1", 3, 1), ("head", 1, 1)]
+    one = profile_model(ProfileRequest(spec=f"{GPT}:gpt_tiny", micro_batch_sizes=(1,),
+                                       warmup=1, repeat=2))
+    assert {(x.output_tensors, x.output_grad_tensors) for x in one.layers} == {(1, 1)}
+
+
 def test_estimate_gpt3_175b_is_fast_and_marked(tmp_path: Path) -> None:
     out = tmp_path / "gpt3.json"
     start = time.perf_counter()

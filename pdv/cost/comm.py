@@ -79,20 +79,22 @@ def p2p_time(links: Links, src: int, dst: int, nbytes: float) -> float:
     return links.latency_s[src][dst] + nbytes / links.bandwidth_Bps[src][dst]
 
 
-def pairs_time(links: Links, pairs: Sequence[tuple[int, int]], nbytes: np.ndarray) -> np.ndarray:
+def pairs_time(links: Links, pairs: Sequence[tuple[int, int]], nbytes: np.ndarray,
+               ahead: np.ndarray | float = 1.0, back: np.ndarray | float = 1.0) -> np.ndarray:
     """Activations over every (sender, receiver) pair at once and their gradients back.
 
-    Each direction is paced by its worst pair (α + S/β on the ordered link); one entry per
-    element of nbytes.
+    Each direction is paced by its worst pair: n·α + S/β on the ordered link for a boundary of
+    n tensors (`ahead` forward, `back` carrying gradients; one message each, broadcast against
+    nbytes); one entry per element of nbytes.
     """
     fwd = np.zeros_like(nbytes)
     bwd = np.zeros_like(nbytes)
     for s, d in pairs:
         a1, b1 = links.latency_s[s][d], links.bandwidth_Bps[s][d]
         a2, b2 = links.latency_s[d][s], links.bandwidth_Bps[d][s]
-        fwd = np.maximum(fwd, a1 + nbytes / b1)
-        bwd = np.maximum(bwd, a2 + nbytes / b2)
-    return np.where(nbytes > 0, fwd + bwd, 0.0)
+        fwd = np.maximum(fwd, ahead * a1 + nbytes / b1)
+        bwd = np.maximum(bwd, back * a2 + nbytes / b2)
+    return np.where(nbytes > 0, fwd + np.where(np.asarray(back) > 0, bwd, 0.0), 0.0)
 
 
 def ring_hops(ranks: Sequence[int]) -> list[tuple[int, int]]:

@@ -39,6 +39,7 @@ __all__ = [
     "stage_group",
     "activation_transfer_time",
     "boundary_messages",
+    "boundary_tensors",
     "message_cpu",
 ]
 
@@ -125,8 +126,10 @@ def stage_cost(
     send = back = 0.0
     if next_stage is not None:
         per_sample = float(price.output_bytes) / rmbs
-        send = activation_transfer_time(cluster.links, stage, next_stage, mbs, per_sample)
-        back = activation_transfer_time(cluster.links, next_stage, stage, mbs, per_sample)
+        ahead, behind = boundary_tensors(profiles, stage.layers[1] - 1)
+        send = activation_transfer_time(cluster.links, stage, next_stage, mbs, per_sample, ahead)
+        back = activation_transfer_time(cluster.links, next_stage, stage, mbs, per_sample,
+                                        behind)
     fwd_cpu = bwd_cpu = 0.0
     if prev_stage is not None or next_stage is not None:
         fwd_cpu, bwd_cpu = _stage_message_cpu(profiles, cluster, prev_stage, stage, next_stage,
@@ -152,15 +155,19 @@ def stage_cost(
     )
 
 
-def boundary_messages(src: PlanStage, dst: PlanStage, mbs: int,
-                      bytes_per_sample: float) -> list[tuple[int, int, float]]:
-    """Every (sender, receiver, bytes) message of one micro-batch's boundary tensor src → dst.
+def boundary_messages(src: PlanStage, dst: PlanStage, mbs: int, bytes_per_sample: float,
+                      tensors: int = 1) -> list[tuple[int, int, float]]:
+    """Every (sender, receiver, bytes) message of one micro-batch's boundary src → dst.
 
     Replica q of dst needs samples [q·mbs/dp', (q+1)·mbs/dp'); it gets each overlapping slice
     from the src replica that holds it. TP shard u of a receiving replica receives from TP shard
     u mod tp of the sending replica (the boundary tensor is replicated over a TP group after its
-    all-reduce).
+    all-reduce). A boundary of `tensors` tensors is that many messages per slice (the
+    executors send each tensor on its own), the bytes shared among them: every cost of a
+    message is a + b·S, so the sum is exact for any split.
     """
+    if tensors < 1:
+        return []
     src_share = mbs / src.dp
     dst_share = mbs / dst.dp
     out = []
@@ -171,9 +178,16 @@ def boundary_messages(src: PlanStage, dst: PlanStage, mbs: int,
             if overlap <= 0:
                 continue
             for u in range(dst.tp):
-                out.append((src.ranks[r * src.tp + u % src.tp], dst.ranks[q * dst.tp + u],
-                            overlap * bytes_per_sample))
+                out += [(src.ranks[r * src.tp + u % src.tp], dst.ranks[q * dst.tp + u],
+                         overlap * bytes_per_sample / tensors)] * tensors
     return out
+
+
+def boundary_tensors(profiles: Mapping[str, ModelProfile], last_layer: int) -> tuple[int, int]:
+    """(forward, backward) messages per slice at the boundary after `last_layer`: the tensors
+    it hands on, and those a gradient flows back through (any profile: one model)."""
+    layer = next(iter(profiles.values())).layers[last_layer]
+    return layer.output_tensors, layer.output_grad_tensors
 
 
 def activation_transfer_time(
@@ -182,8 +196,9 @@ def activation_transfer_time(
     dst: PlanStage,
     mbs: int,
     bytes_per_sample: float,
+    tensors: int = 1,
 ) -> float:
-    """Seconds to move one micro-batch's boundary tensor from stage src's ranks to dst's.
+    """Seconds to move one micro-batch's boundary from stage src's ranks to dst's.
 
     The messages are :func:`boundary_messages`. Each rank sends and receives one message at a
     time, different ranks in parallel: the time is the largest per-rank sum of α + S/β over its
@@ -191,7 +206,7 @@ def activation_transfer_time(
     for the gradients coming back.
     """
     busy: dict[tuple[str, int], float] = {}
-    for s, d, nbytes in boundary_messages(src, dst, mbs, bytes_per_sample):
+    for s, d, nbytes in boundary_messages(src, dst, mbs, bytes_per_sample, tensors):
         t = p2p_time(links, s, d, nbytes)
         busy[("send", s)] = busy.get(("send", s), 0.0) + t
         busy[("recv", d)] = busy.get(("recv", d), 0.0) + t
@@ -199,14 +214,14 @@ def activation_transfer_time(
 
 
 def message_cpu(cluster: ClusterArtifact, src: PlanStage, dst: PlanStage, mbs: int,
-                bytes_per_sample: float) -> dict[int, float]:
+                bytes_per_sample: float, tensors: int = 1) -> dict[int, float]:
     """Per rank: CPU seconds its side of one micro-batch's boundary messages src → dst costs.
 
     Each sender pays its measured send line per message, each receiver its receive line
     (pdv.cost.comm.message_cpu_time); a rank that is unmeasured pays nothing.
     """
     cpu: dict[int, float] = {}
-    for s, d, nbytes in boundary_messages(src, dst, mbs, bytes_per_sample):
+    for s, d, nbytes in boundary_messages(src, dst, mbs, bytes_per_sample, tensors):
         so, do = cluster.devices[s].overheads, cluster.devices[d].overheads
         cpu[s] = cpu.get(s, 0.0) + message_cpu_time(so.send_cpu if so else None, nbytes)
         cpu[d] = cpu.get(d, 0.0) + message_cpu_time(do.recv_cpu if do else None, nbytes)
@@ -234,9 +249,11 @@ def _stage_message_cpu(profiles: Mapping[str, ModelProfile], cluster: ClusterArt
         lo = stage.layers[0]
         profile = profile_for(profiles, cluster.devices[stage.ranks[0]])
         in_per_sample = float(profile_arrays(profile, 1, 1).outputs[lo - 1])
-        add(fwd, message_cpu(cluster, prev, stage, mbs, in_per_sample))
-        add(bwd, message_cpu(cluster, stage, prev, mbs, in_per_sample))
+        ahead, back = boundary_tensors(profiles, lo - 1)
+        add(fwd, message_cpu(cluster, prev, stage, mbs, in_per_sample, ahead))
+        add(bwd, message_cpu(cluster, stage, prev, mbs, in_per_sample, back))
     if nxt is not None:
-        add(fwd, message_cpu(cluster, stage, nxt, mbs, out_per_sample))
-        add(bwd, message_cpu(cluster, nxt, stage, mbs, out_per_sample))
+        ahead, back = boundary_tensors(profiles, stage.layers[1] - 1)
+        add(fwd, message_cpu(cluster, stage, nxt, mbs, out_per_sample, ahead))
+        add(bwd, message_cpu(cluster, nxt, stage, mbs, out_per_sample, back))
     return max(fwd.values()), max(bwd.values())

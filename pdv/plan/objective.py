@@ -32,6 +32,7 @@ from pdv.artifacts import LayerChoice
 from pdv.cost.comm import Ring, pairs_time, ring_of
 from pdv.cost.compute import rank_overhead_bytes, schedule_overheads, speed_factor
 from pdv.cost.schedules import in_flight
+from pdv.cost.stage import boundary_tensors
 from pdv.cost.terms import (
     LayerTerms,
     RankView,
@@ -197,7 +198,9 @@ def _stage_price(problem: PlanProblem, spec: StageSpec, mbs: int, stages_to_end:
     send = 0.0
     if following and price.output_bytes > 0:
         nbytes = np.array([float(price.output_bytes)])
-        send = float(pairs_time(problem.net, send_pairs(spec.ranks, following), nbytes)[0])
+        ahead, back = boundary_tensors(problem.profiles, spec.hi - 1)
+        send = float(pairs_time(problem.net, send_pairs(spec.ranks, following), nbytes,
+                                ahead, back)[0])
     return PlannedStage(price, send, in_flight(problem.schedule, stages_to_end, num_micro), group)
 
 

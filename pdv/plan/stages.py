@@ -43,6 +43,7 @@ import numpy as np
 from pdv.artifacts import LayerChoice, Schedule
 from pdv.cost.comm import pairs_time
 from pdv.cost.schedules import in_flight, max_stages
+from pdv.cost.stage import boundary_tensors
 from pdv.plan.objective import (
     StageTable,
     pipeline_objective,
@@ -117,6 +118,10 @@ def _options(
     out: list[_Option] = []
     evaluated = 0
     cache: dict[tuple, list[tuple[LayerChoice, StageTable]]] = {}
+    # Messages per slice at each boundary (a boundary of several tensors sends each on its own).
+    counts = [boundary_tensors(problem.profiles, int(h) - 1) if h > 0 else (1, 1) for h in bounds]
+    tensors = (np.array([c[0] for c in counts], dtype=float),
+               np.array([c[1] for c in counts], dtype=float))
     for a, g in slices:
         ranks = tuple(order[a * unit : (a + g) * unit])
         following = tuple(order[(a + g) * unit :])
@@ -135,7 +140,7 @@ def _options(
             continue
         # Every choice's transfer at once: pairs_time works element by element.
         sends = pairs_time(problem.net, send_pairs(ranks, following),
-                           np.stack([tab.out for _, tab in kept]))  # fmt: skip
+                           np.stack([tab.out for _, tab in kept]), *tensors)  # fmt: skip
         for (ch, tab), send in zip(kept, sends, strict=True):
             out.append(
                 _Option(a, g, ch, tab.time + send[None, :], tab.time, tab.sync, tab.max_in_flight)

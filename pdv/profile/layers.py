@@ -283,7 +283,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
                         blocks=req.blocks)
     tps = check_model(req, model)
     # Every layer boundary is a possible stage boundary: check now what each hands on.
-    probe(model)
+    boundaries = probe(model)
     mbss = tuple(sorted(set(req.micro_batch_sizes)))
     ref = mbss[0]
     base = [layer.to(device=device, dtype=dtype) for _, layer in model.layers]
@@ -390,7 +390,8 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
                 f"device ({tp_runtime.why if tp_runtime else 'no TP runtime'}); DTensor "
                 "dispatch and TP collectives are not included")
     return assemble(req, model, info, points, tps, mbss, dtype, overhead,
-                    Provenance(method="measured", notes=notes), whole_timing, optimizer_s)
+                    Provenance(method="measured", notes=notes), whole_timing, optimizer_s,
+                    boundaries)
 
 
 class _TPRuntime:

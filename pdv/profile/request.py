@@ -22,6 +22,7 @@ from pdv.artifacts import (
     Provenance,
     WholeModelTiming,
 )
+from pdv.boundaries import Boundary
 from pdv.errors import PdvError
 from pdv.models import ModelDef, check_dtype
 from pdv.profile.compute import fit_time, median_iqr, resolve_dtype
@@ -138,9 +139,12 @@ def assemble(req: ProfileRequest, model: ModelDef, device: Any,
              points: dict[tuple[int, int], list[Point]], tps: tuple[int, ...],
              mbss: tuple[int, ...], dtype: torch.dtype, overhead: int,
              provenance: Provenance, whole: WholeModelTiming | None,
-             optimizer_s: Sequence[float] | None = None) -> ModelProfile:
-    """Turn per-point measurements into the model-profile artifact (fits, reference numbers)."""
+             optimizer_s: Sequence[float] | None = None,
+             boundaries: Sequence[Boundary] | None = None) -> ModelProfile:
+    """Turn per-point measurements into the model-profile artifact (fits, reference numbers);
+    `boundaries` (the shape probe's) give the tensors each layer hands on, else one each."""
     assert optimizer_s is None or len(optimizer_s) == len(model.layers)
+    assert boundaries is None or len(boundaries) == len(model.layers)
     ref = mbss[0]
     layers = []
     for i, (name, layer) in enumerate(model.layers):
@@ -150,11 +154,14 @@ def assemble(req: ProfileRequest, model: ModelDef, device: Any,
         bwd_fit = {str(tp): fit_time(mbss, [by[(tp, m)].bwd_s for m in mbss]) for tp in tps}
         top = by[(1, ref)]
         flops = points[(1, ref)][i].flops_fwd
+        values = boundaries[i].values if boundaries is not None else None
         layers.append(LayerProfile(
             name=name, fwd_s=top.fwd_s, bwd_s=top.bwd_s,
             param_bytes=param_bytes(layer), grad_bytes=grad_bytes(layer),
             optimizer_bytes=optimizer_state_bytes(layer, req.optimizer),
             activation_bytes=top.activation_bytes, output_bytes=top.output_bytes,
+            output_tensors=len(values) if values else 1,
+            output_grad_tensors=sum(v.requires_grad for v in values) if values else 1,
             flops_fwd=None if flops is None else flops / ref,
             optimizer_s=None if optimizer_s is None else optimizer_s[i],
             samples=samples, fwd_fit=fwd_fit, bwd_fit=bwd_fit,
