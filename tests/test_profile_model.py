@@ -126,6 +126,9 @@ def test_a_layer_handing_on_a_tuple_records_its_messages() -> None:
     one = profile_model(ProfileRequest(spec=f"{GPT}:gpt_tiny", micro_batch_sizes=(1,),
                                        warmup=1, repeat=2))
     assert {(x.output_tensors, x.output_grad_tensors) for x in one.layers} == {(1, 1)}
+    # One tensor per boundary writes what profiles wrote before the counts: same bytes, digest.
+    assert "output_tensors" not in artifacts.dumps(one)
+    assert artifacts.dumps(p).count('"output_tensors": 3') == 3
 
 
 def test_estimate_gpt3_175b_is_fast_and_marked(tmp_path: Path) -> None:
