@@ -233,3 +233,20 @@ def test_elastic_run_flags_a_rank_slowed_by_its_cpu_quota_and_replans(tmp_path: 
     speed = [d["matmul_flops_alone"] for d in measured["devices"]]
     assert speed[1] < 0.5 * speed[0]
     assert all(not g.exists() for g in groups)
+
+
+@pytest.mark.e2e
+def test_a_rank_dying_after_the_remeasure_is_written_does_not_fail_the_replan(
+        tmp_path: Path) -> None:
+    """Gloo's teardown was seen to SIGABRT a rank after rank 0 had written the survivors'
+    cluster (CI): the measurement is complete then, and the replan goes on with it."""
+    from pdv.run.elastic import ElasticOptions, _remeasure
+
+    # Device 2's rank measures with the others, then aborts as it leaves.
+    prefix = "sh -c '\"$@\"; rc=$?; [ {device} = 2 ] && kill -ABRT $$; exit $rc' sh"
+    said: list[str] = []
+    cluster, pool = _remeasure([0, 1, 2], ElasticOptions(profiles={}, rank_prefix=prefix),
+                               tmp_path, said.append)
+    assert pool == [0, 1, 2] and len(cluster.devices) == 3
+    assert any("failed after the measurement was written" in s and "SIGABRT" in s
+               for s in said), said
