@@ -124,6 +124,7 @@ def profile_cluster_rank(
             f"rank {rank}: could not join the {world}-rank group within {timeout_s:g}s "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
+    done = False
     try:
         step({"phase": "joined"})
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -154,6 +155,7 @@ def profile_cluster_rank(
             # No rank leaves before rank 0 has written: a rank that tore its group down while
             # others still held connections to it was seen to abort (SIGABRT) at exit in CI.
             dist.barrier()
+            done = True
             return None
         assert devices is not None and results is not None and over is not None
         for d, o in zip(devices, over, strict=True):
@@ -186,6 +188,7 @@ def profile_cluster_rank(
         artifacts.write(out, artifact)
         step({"phase": "written"})
         dist.barrier()
+        done = True
         return artifact
     except PdvError:
         raise
@@ -201,7 +204,11 @@ def profile_cluster_rank(
             peer,
         ) from None
     finally:
-        if dist.is_initialized():
+        # After a complete measurement the group is left up: gloo's teardown, all ranks at
+        # once after the last barrier, still SIGABRTed a rank now and then in CI ('terminate
+        # called without an active exception'), failing a measurement already written. The
+        # rank's process ends without tearing down (pdv.cli: os._exit after the summary).
+        if not done and dist.is_initialized():
             dist.destroy_process_group()
 
 
