@@ -16,7 +16,14 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pdv.profile.collective import PairCollective, _alpha, collective_matrices
+from pdv.profile.collective import (
+    _BURST,
+    _SWEEPS,
+    PairCollective,
+    _alpha,
+    collective_matrices,
+    superlinearity,
+)
 from pdv.profile.network import fit_line, tournament_rounds
 from tests.conftest import run_pdv
 
@@ -74,6 +81,32 @@ def test_collective_alpha_is_bounded_by_the_cleanest_small_size(
     bound = [k for k, s in enumerate(sizes) if s / bw <= times[k] / 2]
     if any(noise[k] == 0 for k in bound):
         assert got == pytest.approx(alpha, rel=1e-9)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    alpha=st.floats(0.0, 1e-2),
+    bw=st.floats(1e6, 1e11),
+    sizes=st.lists(st.integers(1, 1 << 26), min_size=2, max_size=8, unique=True),
+    slower=st.lists(st.floats(1.0, 1.9), min_size=8, max_size=8),
+)
+def test_a_line_never_reads_as_a_burst(
+        alpha: float, bw: float, sizes: list[int], slower: list[float]) -> None:
+    """t = c + S/β grows no faster than S, so a sweep on it (even one in which a smaller size
+    waited up to 1.9x, which only lowers the ratio to it) is never taken again for a burst."""
+    sizes = sorted(sizes)
+    clean = [alpha + s / bw for s in sizes]
+    assert superlinearity(sizes, clean) <= 1 + 1e-9
+    assert superlinearity(sizes, [t * f for t, f in zip(clean, slower, strict=False)]) < _BURST
+
+
+def test_a_burst_on_the_largest_size_reads_as_one() -> None:
+    # The all-gather sweep seen here: 4 MiB's every pass landed in a burst.
+    sizes = [4096, 16384, 65536, 262144, 1 << 20, 4 << 20]
+    medians = [0.26e-3, 0.19e-3, 0.27e-3, 0.43e-3, 0.65e-3, 13.24e-3]
+    assert superlinearity(sizes, medians) > _BURST
+    assert superlinearity(sizes[:-1], medians[:-1]) < _BURST
+    assert fit_line(sizes, medians)[2] > 0.9  # the all-reduce's r² test alone misses it
 
 
 def test_collective_matrices_are_symmetric_with_a_zero_diagonal() -> None:
@@ -217,6 +250,9 @@ def _check_collectives(data: dict) -> None:
             assert links[f"{'collective' if op == 'all_reduce' else op.split('_')[-1]}"
                          "_latency_s"][p["a"]][p["b"]] == p["alpha_s"] >= 0
     for p in block["pairs"]:
+        assert 1 <= p["sweeps"] <= _SWEEPS
+        if p["sweeps"] < _SWEEPS:  # sweeps stop at the first without a burst
+            assert superlinearity(p["sizes"], p["median_s"]) <= _BURST
         if p["op"] != "all_reduce":
             # FSDP's collectives: measured, growing with size (fit quality not asserted: on 2
             # shared cores a reduce-scatter's medians are noisier than the all-reduce's)

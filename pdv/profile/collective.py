@@ -44,17 +44,28 @@ from pdv.profile.network import (
     tournament_rounds,
 )
 
-__all__ = ["PairCollective", "collective_block", "collective_matrices", "measure_collectives"]
+__all__ = [
+    "PairCollective", "collective_block", "collective_matrices", "measure_collectives",
+    "superlinearity",
+]
 
 # As in the point-to-point sweep: cheap sizes are repeated until about this much time is
 # spent on them (up to _MAX_ITERS), expensive ones at least `iters` times.
 _BUDGET_S, _MAX_ITERS = 0.02, 64
 _ELEMENT = 4  # float32, the gradients' dtype
 _REPEAT_BELOW_R2 = 0.9
-"""an all-reduce sweep whose size fit explains less than this is run once more and the better
-fit kept: on shared cores a burst of load can bend one sweep (r² 0.74 seen with 4 ranks on 2
-cores), and the all-reduce's β prices every gradient sync"""
+"""an all-reduce sweep whose size fit explains less than this is taken again (up to _SWEEPS)
+and the better fit kept: on shared cores a burst of load can bend one sweep (r² 0.74 seen
+with 4 ranks on 2 cores), and the all-reduce's β prices every gradient sync"""
 _PASSES = 3  # the repeats of each size are split over this many passes through the sizes
+_BURST = 2.0
+"""a sweep is taken again when a size took more than this many times what the next smaller
+size's time allows under t = c + S/β (which grows no faster than S): a burst of load that
+covers one size's every pass (seen here: an all-gather's 1 MiB median 0.65 ms and its 4 MiB
+13.2 ms, where 4 MiB runs in 1.2–2.8 ms) would otherwise set β alone, being the sweep's
+largest and so the least-squares line's heaviest point"""
+_SWEEPS = 3  # at most, per pair and collective
+_SWEEP_GAP_S = 0.5  # between sweeps: such bursts last about a second here
 
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter")
@@ -80,6 +91,7 @@ class PairCollective:
     r2: float
     fit: str
     op: str = "all_reduce"
+    sweeps: int = 1
 
 
 def _sync(device: torch.device) -> None:
@@ -177,20 +189,35 @@ def _sweep_pair(
         medians = agreed[: len(sizes)]
         return medians, agreed[len(sizes):], fit_line(sizes, medians)
 
-    def r2_of(swept: tuple) -> float:
-        return float(swept[2][2])
+    def flaws(swept: tuple) -> tuple[bool, float, float]:
+        """What makes a sweep worse, in order: a burst, the all-reduce's unexplained share."""
+        bend = superlinearity(sizes, swept[0])
+        unexplained = 1.0 - float(swept[2][2]) if op == "all_reduce" else 0.0
+        return bend > _BURST, unexplained, bend
+
+    def ok(swept: tuple) -> bool:
+        bent, unexplained, _ = flaws(swept)
+        return not bent and unexplained <= 1.0 - _REPEAT_BELOW_R2
 
     # Both ranks hold the same agreed medians, so they agree on the fit and on a repeat.
-    swept = sweep()
-    if op == "all_reduce" and r2_of(swept) < _REPEAT_BELOW_R2:
-        swept = max(swept, sweep(), key=r2_of)
+    swept, sweeps = sweep(), 1
+    while not ok(swept) and sweeps < _SWEEPS:
+        time.sleep(_SWEEP_GAP_S)
+        swept, sweeps = min(swept, sweep(), key=flaws), sweeps + 1
     medians, bests, (c, slope_bw, r2, how) = swept
     beta = slope_bw / _SHARE[op]  # t = k·α + S / (share·β)
     return PairCollective(
         a=a, b=b, round=rnd, sizes=sizes, median_s=medians, best_s=bests,
         fit_intercept_s=c, alpha_s=_alpha(sizes, medians, slope_bw) * 2 / _STEPS[op],
-        bandwidth_Bps=beta, r2=r2, fit=how, op=op,
+        bandwidth_Bps=beta, r2=r2, fit=how, op=op, sweeps=sweeps,
     )
+
+
+def superlinearity(sizes: list[int], times: list[float]) -> float:
+    """The largest t(S')/t(S) ÷ S'/S over consecutive sizes S < S': at most 1 when t = c + S/β."""
+    steps = zip(sizes, sizes[1:], times, times[1:], strict=False)
+    return max(((t2 / t1) / (s2 / s1) for s1, s2, t1, t2 in steps if t1 > 0 and s2 > s1),
+               default=0.0)
 
 
 def _alpha(sizes: list[int], medians: list[float], beta: float) -> float:
@@ -263,7 +290,11 @@ def collective_block(results: list[PairCollective]) -> dict[str, Any]:
         "latency-bound sizes (S/beta <= t/2), at least 0 (fit_intercept_s is c). The same "
         "sweep for FSDP's all_gather_into_tensor (S = the gathered bytes) and "
         "reduce_scatter_tensor (S = the input's bytes): on n=2 t = alpha + S/(2 beta) "
-        "(entries with op; r2_min is the all-reduce's)",
+        "(entries with op; r2_min is the all-reduce's). A sweep in which a size took more than "
+        f"{_BURST}x what the next smaller size's time allows under that line (a burst of "
+        "load), or an all-reduce sweep with r2 below "
+        f"{_REPEAT_BELOW_R2}, is taken again after {_SWEEP_GAP_S}s, up to {_SWEEPS} sweeps; "
+        "the least bent one is kept (sweeps says how many ran)",
         "statistic": "per size, the slower rank's median over the repeats (at least iters, cheap "
         f"sizes up to {_MAX_ITERS} or about {_BUDGET_S}s), after warm-ups, spread over "
         f"{_PASSES} passes through all sizes; bests are kept too",
@@ -276,7 +307,7 @@ def collective_block(results: list[PairCollective]) -> dict[str, Any]:
              "median_s": [float(f"{t:.6g}") for t in r.median_s],
              "best_s": [float(f"{t:.6g}") for t in r.best_s],
              "fit_intercept_s": r.fit_intercept_s, "alpha_s": r.alpha_s,
-             "bandwidth_Bps": r.bandwidth_Bps, "r2": r.r2, "fit": r.fit,
+             "bandwidth_Bps": r.bandwidth_Bps, "r2": r.r2, "fit": r.fit, "sweeps": r.sweeps,
              # bytes / time of the largest size (nccl-tests' algbw), next to the fitted β.
              "algbw_largest_Bps": float(f"{r.sizes[-1] / r.median_s[-1]:.6g}")}
             for r in sorted(results, key=lambda r: (r.a, r.b, OPS.index(r.op)))
