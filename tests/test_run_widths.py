@@ -101,3 +101,40 @@ def test_fsdp_with_different_widths_matches(tmp_path: Path) -> None:
                   "--report", str(report))
     assert res.returncode == 0, res.stderr[-3000:]
     assert_close(json.loads(report.read_text())["loss"], want)
+
+
+def _gathers_per_step(tmp_path: Path, stages: list[dict], nmb: int) -> dict[int, list[int]]:
+    """All-gathers each rank issued in each training step of a real run (tests/instrument)."""
+    out = tmp_path / f"gathers-{nmb}"
+    out.mkdir()
+    plan = write_plan(tmp_path / f"plan-{nmb}.json", stages, nmb=nmb, mbs=4)
+    res = run_pdv("run", str(plan), "--steps", "3", "--warmup", "1", "--model", MODEL,
+                  "--model-arg", "n_layer=2", "--report", str(tmp_path / f"r-{nmb}.json"),
+                  env={"PDV_TEST_GATHERS": str(out),
+                       "PYTHONPATH": str(Path(__file__).parent / "instrument")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {int(f.stem[4:]): json.loads(f.read_text()) for f in out.glob("rank*.json")}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("widths", ["uniform", "different"])
+def test_fsdp_gathers_m_plus_one_times_per_step(tmp_path: Path, widths: str) -> None:
+    """What pdv.cost.terms prices: an FSDP stage all-gathers its layers M + 1 times a step
+    (a forward after a backward finds them unsharded), under torch's PipelineStage
+    (uniform widths) and pdv's own executor (different widths) alike; 2M would be 3x at
+    M = 3 what M = 1 gathers, M + 1 is 2x."""
+    if widths == "uniform":
+        stages = [{"layers": [0, 4], "ranks": [0, 1], "dp": 2, "fsdp": True}]
+    else:
+        stages = [{"layers": [0, 2], "ranks": [0]},
+                  {"layers": [2, 4], "ranks": [1, 2], "dp": 2, "fsdp": True}]
+    one, three = (_gathers_per_step(tmp_path, stages, m) for m in (1, 3))
+    fsdp_ranks = stages[-1]["ranks"]
+    for rank in fsdp_ranks:
+        assert len(one[rank]) == len(three[rank]) == 3
+        assert len(set(one[rank])) == 1 and len(set(three[rank])) == 1, (one, three)
+        per_pass = one[rank][0] / 2
+        assert per_pass >= 1 and three[rank][0] == 4 * per_pass, (one, three)
+    for rank in set(one) - set(fsdp_ranks):
+        assert set(one[rank]) == {0}

@@ -18,11 +18,18 @@ k) with micro-batch size m runs each replica on m / dp samples. Per layer and mi
 - TP (Megatron): two all-reduces of the layer output in forward and two in backward
   (Narayanan et al., 2021, §2.3), on the replica's ring; recompute repeats the forward's; a
   layer the model's TP plan leaves whole runs replicated, without collectives;
-- FSDP (each layer its own FSDP2 unit): an all-gather of the layer's parameters in every
-  micro-batch's forward and again in its backward, on the replica ring;
-- memory: parameters, gradients and optimizer state (FSDP: the rank's 1/dp of them); the
-  activations one in-flight micro-batch keeps until its backward (with recompute only the
-  layer's input, plus its full activations while it is recomputed: the transient).
+- FSDP (each layer its own FSDP2 unit), as torch.distributed.pipelining runs it (and
+  ``pdv run``'s own executor alike): a forward reshards the layer after itself, a backward
+  leaves it unsharded and its gradient unsharded and unsynced until the step's last backward.
+  So an op all-gathers the layer when the stage's previous op was a forward or there was
+  none — under GPipe and 1F1B, M + 1 all-gathers per step of M micro-batches (counted in the
+  runs: 2, 3 and 5 per layer at M = 1, 2, 4), not 2M. They are priced in every backward and
+  once per step; the gradients' reduce-scatter once per step;
+- memory: parameters, gradients and optimizer state (FSDP: the rank's 1/dp of the parameters
+  and optimizer state, plus the whole layer's parameters and gradients, unsharded from a
+  backward until the step's reduce-scatter); the activations one in-flight micro-batch keeps
+  until its backward (with recompute only the layer's input, plus its full activations while
+  it is recomputed: the transient).
 
 Per stage and micro-batch, besides its layers: the pipeline schedule's own work on each rank
 (receive buffers, autograd calls, the loss call), and per step zero_grad and the schedule's
@@ -137,7 +144,7 @@ class LayerTerms:
     tp_fwd_s: np.ndarray
     tp_bwd_s: np.ndarray
     gather_s: np.ndarray
-    """FSDP all-gather, in every micro-batch's forward and again in its backward"""
+    """FSDP all-gather of the layer: in every micro-batch's backward and once more per step"""
     reduce_scatter_s: np.ndarray
     """per step: FSDP reduce-scatter of the layer's gradients"""
     dp_grad_bytes: np.ndarray
@@ -161,8 +168,10 @@ def layer_terms(
         fwd = a.fwd * view.speed
         state = a.params + a.grads + a.optimizer_bytes
         step = a.optimizer_s * view.speed
-        if fsdp:  # ZeRO-3 / FSDP2: state and step sharded over the replicas
-            state, step = state / group.dp, step / group.dp
+        if fsdp:  # FSDP2: parameters, optimizer state and step sharded over the replicas,
+            # and the unsharded parameters and gradients held between backwards (the docstring)
+            state = (a.params + a.optimizer_bytes) / group.dp + a.params + a.grads
+            step = step / group.dp
         rows["fwd_s"].append(fwd)
         rows["bwd_s"].append(a.bwd * view.speed + (fwd if choice.recompute else 0.0))
         rows["optimizer_s"].append(step)
@@ -206,8 +215,11 @@ class StagePrice:
     tp_fwd_s: np.ndarray
     tp_bwd_s: np.ndarray
     gather_s: np.ndarray
+    """one all-gather of the stage's FSDP layers (slowest ring): in each backward, and once
+    per step within grad_sync_s"""
     grad_sync_s: np.ndarray
-    """per step: the slowest replica ring's all-reduce and reduce-scatters"""
+    """per step: the slowest replica ring's all-reduce and reduce-scatters, and the step's one
+    all-gather beyond the backwards' (the first forward's)"""
     optimizer_s: np.ndarray
     """per step, after the sync: the slowest rank's optimizer step and per-step schedule work"""
     static_bytes: np.ndarray
@@ -220,12 +232,12 @@ class StagePrice:
 
     @property
     def collective_fwd_s(self) -> np.ndarray:
-        """The collectives inside one forward: TP all-reduces and FSDP all-gathers."""
-        return self.tp_fwd_s + self.gather_s
+        """The collectives inside one forward: TP all-reduces."""
+        return self.tp_fwd_s
 
     @property
     def collective_bwd_s(self) -> np.ndarray:
-        """The collectives inside one backward."""
+        """The collectives inside one backward: TP all-reduces and FSDP all-gathers."""
         return self.tp_bwd_s + self.gather_s
 
     @property
@@ -256,17 +268,18 @@ def compose(group: StageGroup, sums: Mapping[str, np.ndarray]) -> StagePrice:
         return v.reshape(v.shape + (1,) * (like.ndim - 1))
 
     fwd, bwd, opt = sums["fwd_s"], sums["bwd_s"], sums["optimizer_s"]
+    gather = sums["gather_s"].max(axis=0)
     sync = np.max(
         [all_reduce_time(rv.ring, sums["dp_grad_bytes"][d]) + sums["reduce_scatter_s"][d]
          for d, rv in enumerate(group.dp_rings)],
         axis=0,
-    )  # fmt: skip
+    ) + gather  # fmt: skip
     return StagePrice(
         compute_fwd_s=(fwd + per_rank("schedule_fwd_s", fwd)).max(axis=0),
         compute_bwd_s=(bwd + per_rank("schedule_bwd_s", bwd)).max(axis=0),
         tp_fwd_s=sums["tp_fwd_s"].max(axis=0),
         tp_bwd_s=sums["tp_bwd_s"].max(axis=0),
-        gather_s=sums["gather_s"].max(axis=0),
+        gather_s=gather,
         grad_sync_s=sync,
         optimizer_s=(opt + per_rank("schedule_step_s", opt)).max(axis=0),
         static_bytes=sums["state_bytes"],

@@ -187,12 +187,13 @@ def _build(
     top = sum(max(_ns(t.optimizer_s[v, i]) for v in views) for t in terms for i in layers)
     opt = m.new_int_var(0, top + 1, "opt")
     model.at_least([(opt, "optimizer_s")])
-    # FSDP layers' all-gathers, in every micro-batch's forward and again in its backward.
+    # FSDP layers' all-gathers: in every micro-batch's backward and once more per step
+    # (pdv.cost.terms: a forward after a backward finds the layers still unsharded).
     top = sum(max(_ns(t.gather_s[d, i]) for d in range(len(group.dp_rings)))
               for t in terms for i in layers)  # fmt: skip
     gather = m.new_int_var(0, top + 1, "gather")
     model.at_least([(gather, "gather_s")])
-    return model, fwd + bwd + tpf + tpb + 2 * gather, sync + opt
+    return model, fwd + bwd + tpf + tpb + gather, sync + opt + gather
 
 
 def _sync_var(model: _Model, group: StageGroup) -> cp_model.IntVar:
