@@ -162,7 +162,11 @@ def _fsdp_reduce_grads(root: Any) -> None:
     _fsdp_flags(root, True)
     state = fully_shard.state(root)
     for unit in state._state_ctx.all_states:
-        for group in unit._fsdp_param_groups:
+        groups = getattr(unit, "_fsdp_param_groups", None)
+        if groups is None:  # older torch kept at most one group per unit
+            one = getattr(unit, "_fsdp_param_group", None)
+            groups = [one] if one is not None else []
+        for group in groups:
             group.post_backward()
     state._root_post_backward_final_callback()
 
