@@ -23,6 +23,7 @@ from pdv.profile.collective import (
     _alpha,
     collective_matrices,
     superlinearity,
+    sweep_flaws,
 )
 from pdv.profile.network import fit_line, tournament_rounds
 from tests.conftest import run_pdv
@@ -107,6 +108,21 @@ def test_a_burst_on_the_largest_size_reads_as_one() -> None:
     assert superlinearity(sizes, medians) > _BURST
     assert superlinearity(sizes[:-1], medians[:-1]) < _BURST
     assert fit_line(sizes, medians)[2] > 0.9  # the all-reduce's r² test alone misses it
+
+
+def test_the_kept_sweep_fails_fewest_checks_then_fits_best() -> None:
+    """An all-reduce sweep bent by a burst but fitted at r² 0.95 beats a straight one at 0.44
+    (each fails one check, r² decides: it prices every gradient sync); a clean one beats both.
+    For FSDP's collectives only the bend counts."""
+    sizes = [4096, 65536, 1 << 20, 4 << 20]
+    straight, bent = [1e-4, 2e-4, 1e-3, 4e-3], [1e-4, 2e-4, 1e-3, 9e-3]
+    clean = sweep_flaws("all_reduce", sizes, straight, 0.99)
+    low_r2 = sweep_flaws("all_reduce", sizes, straight, 0.44)
+    burst = sweep_flaws("all_reduce", sizes, bent, 0.95)
+    assert clean[0] == 0 and low_r2[0] == burst[0] == 1
+    assert sorted([low_r2, burst, clean]) == [clean, burst, low_r2]
+    assert sweep_flaws("all_gather", sizes, straight, 0.1)[0] == 0
+    assert sweep_flaws("all_gather", sizes, bent, 0.99)[0] == 1
 
 
 def test_collective_matrices_are_symmetric_with_a_zero_diagonal() -> None:

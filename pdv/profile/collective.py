@@ -46,7 +46,7 @@ from pdv.profile.network import (
 
 __all__ = [
     "PairCollective", "collective_block", "collective_matrices", "measure_collectives",
-    "superlinearity",
+    "superlinearity", "sweep_flaws",
 ]
 
 # As in the point-to-point sweep: cheap sizes are repeated until about this much time is
@@ -189,15 +189,11 @@ def _sweep_pair(
         medians = agreed[: len(sizes)]
         return medians, agreed[len(sizes):], fit_line(sizes, medians)
 
-    def flaws(swept: tuple) -> tuple[bool, float, float]:
-        """What makes a sweep worse, in order: a burst, the all-reduce's unexplained share."""
-        bend = superlinearity(sizes, swept[0])
-        unexplained = 1.0 - float(swept[2][2]) if op == "all_reduce" else 0.0
-        return bend > _BURST, unexplained, bend
+    def flaws(swept: tuple) -> tuple[int, float, float]:
+        return sweep_flaws(op, sizes, swept[0], float(swept[2][2]))
 
     def ok(swept: tuple) -> bool:
-        bent, unexplained, _ = flaws(swept)
-        return not bent and unexplained <= 1.0 - _REPEAT_BELOW_R2
+        return flaws(swept)[0] == 0
 
     # Both ranks hold the same agreed medians, so they agree on the fit and on a repeat.
     swept, sweeps = sweep(), 1
@@ -211,6 +207,17 @@ def _sweep_pair(
         fit_intercept_s=c, alpha_s=_alpha(sizes, medians, slope_bw) * 2 / _STEPS[op],
         bandwidth_Bps=beta, r2=r2, fit=how, op=op, sweeps=sweeps,
     )
+
+
+def sweep_flaws(op: str, sizes: list[int], medians: list[float], r2: float
+                ) -> tuple[int, float, float]:  # fmt: skip
+    """What makes a sweep worse, smallest first: how many checks it fails (a burst; an
+    all-reduce's r² below _REPEAT_BELOW_R2), then the all-reduce's unexplained share, then
+    how bent it is."""
+    bend = superlinearity(sizes, medians)
+    unexplained = 1.0 - r2 if op == "all_reduce" else 0.0
+    failed = int(bend > _BURST) + int(unexplained > 1.0 - _REPEAT_BELOW_R2)
+    return failed, unexplained, bend
 
 
 def superlinearity(sizes: list[int], times: list[float]) -> float:
