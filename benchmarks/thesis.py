@@ -57,10 +57,10 @@ TOPOLOGIES = ROOT / "benchmarks" / "testbed" / "topologies"
 # quota) within 4% (394 ms predicted, 408 ms measured; 334 ms before), but FSDP replicas
 # inside a pipeline (pp2 x dp2+FSDP) still measured 2.5x their prediction (140 / 345 ms).
 # Since FSDP is priced as torch's pipelining runs it (M + 1 all-gathers a step, unsharded
-# parameters and gradients held; docs/design-notes.md), the same shape on 4 local ranks
-# measured 28% and 27% above its prediction at M = 2 and 4, where the plans without FSDP
-# measured 13% and 15% above theirs: FSDP2's own per-layer work (hooks, copy-in/out) is still
-# unpriced, and on small layers it is most of that gap. The flag stays until it is priced.
+# parameters and gradients held; docs/design-notes.md), the same shape on 4 local ranks was
+# predicted 28% and 27% below its measured step at M = 2 and 4, where the plans without FSDP
+# were 13% and 15% below theirs: FSDP2's own per-layer work (hooks, copy-in/out) is still
+# unpriced, likely part of that gap (not verified). The flag stays until it is priced.
 PLAN_FLAGS = ("--no-fsdp",)
 PLANNERS = ("pdv", "hierarchy", "uniform", "pipedream")
 MODEL = "gpt_tiny"

@@ -301,7 +301,8 @@ def collective_block(results: list[PairCollective]) -> dict[str, Any]:
         f"{_BURST}x what the next smaller size's time allows under that line (a burst of "
         "load), or an all-reduce sweep with r2 below "
         f"{_REPEAT_BELOW_R2}, is taken again after {_SWEEP_GAP_S}s, up to {_SWEEPS} sweeps; "
-        "the least bent one is kept (sweeps says how many ran)",
+        "the one failing the fewest of these checks is kept, then the best all-reduce r2, then "
+        "the least bent (sweeps says how many ran)",
         "statistic": "per size, the slower rank's median over the repeats (at least iters, cheap "
         f"sizes up to {_MAX_ITERS} or about {_BUDGET_S}s), after warm-ups, spread over "
         f"{_PASSES} passes through all sizes; bests are kept too",
