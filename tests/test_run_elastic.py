@@ -24,18 +24,20 @@ PROFILE = ROOT / "profiles" / "gpt_tiny.cpu.json"
 GBS, NMB = 8, 4
 
 
-def _plan(path: Path, stages: list[dict], mbs: int = 2, model: dict | None = None) -> Path:
+def _plan(path: Path, stages: list[dict], mbs: int = 2, model: dict | None = None,
+          gbs: int = GBS) -> Path:
     path.write_text(json.dumps({
         "schema": "pdv.plan/v1", "stages": stages, "micro_batch_size": mbs,
-        "num_micro_batches": GBS // mbs, "global_batch_size": GBS, "schedule": "1F1B",
+        "num_micro_batches": gbs // mbs, "global_batch_size": gbs, "schedule": "1F1B",
         "model": model or {"spec": "gpt_tiny"},
     }))
     return path
 
 
-def _close(got: list[float], steps: int, rel: float = 1e-4) -> None:
-    want = reference_losses("gpt_tiny", {}, steps=steps, global_batch_size=GBS,
-                            num_micro_batches=NMB)
+def _close(got: list[float], steps: int, rel: float = 1e-4, gbs: int = GBS,
+           nmb: int = NMB) -> None:
+    want = reference_losses("gpt_tiny", {}, steps=steps, global_batch_size=gbs,
+                            num_micro_batches=nmb)
     assert len(got) == steps
     for step, (g, w) in enumerate(zip(got, want, strict=True)):
         assert abs(g - w) <= rel * abs(w), f"step {step}: {g} vs one process {w}"
@@ -185,8 +187,11 @@ def test_elastic_run_flags_a_rank_slowed_by_its_cpu_quota_and_replans(tmp_path: 
         "hosts": [{"name": "node0", "devices": {"cpu": 2}}]}))
     cluster, plan = tmp_path / "cluster.json", tmp_path / "plan.json"
     assert run_pdv("cluster", "declare", str(spec), "-o", str(cluster)).returncode == 0
+    # Micro-batches of 8: a stage's forward (about 2 ms) and backward outlast the quota's
+    # 1 ms budget below. With micro-batches of 2 each span fit in one period's budget, the
+    # throttling fell in the rank's waits, and its compute did not stretch (CI saw no flag).
     pp2 = _plan(tmp_path / "pp2.json", [{"layers": [0, 3], "ranks": [0]},
-                                        {"layers": [3, 6], "ranks": [1]}])
+                                        {"layers": [3, 6], "ranks": [1]}], mbs=8, gbs=16)
     res = run_pdv("simulate", str(pp2), "-p", str(PROFILE), "-c", str(cluster), "-o", str(plan))
     assert res.returncode == 0, res.stderr
     # Each device's ranks run in its own group, high CPU weight (served first on a busy
@@ -198,7 +203,7 @@ def test_elastic_run_flags_a_rank_slowed_by_its_cpu_quota_and_replans(tmp_path: 
         for g in groups:
             g.mkdir()
             (g / "cpu.shares").write_text("32768")
-            (g / "cpu.cfs_period_us").write_text("10000")
+            (g / "cpu.cfs_period_us").write_text("8000")
         enter = f"echo $$ > {CGROUP_CPU}/pdv-{os.getpid()}-elastic-d{{device}}/cgroup.procs"
         proc = _start(["run", str(plan), "--steps", "60", "--warmup", "1", "--checkpoint-dir",
                        str(ckpt), "--checkpoint-every", "30", "--elastic", "-p", str(PROFILE),
@@ -212,7 +217,7 @@ def test_elastic_run_flags_a_rank_slowed_by_its_cpu_quota_and_replans(tmp_path: 
             return False
 
         _wait_for("step 5", at_step_5, proc)
-        (groups[1] / "cpu.cfs_quota_us").write_text("2500")  # a quarter of a core
+        (groups[1] / "cpu.cfs_quota_us").write_text("1000")  # an eighth of a core
         _, err = proc.communicate(timeout=300)
     finally:
         if proc is not None and proc.poll() is None:
@@ -221,7 +226,7 @@ def test_elastic_run_flags_a_rank_slowed_by_its_cpu_quota_and_replans(tmp_path: 
             _remove_group(g)
     assert proc.returncode == 0, err[-3000:]
     data = json.loads(report.read_text())
-    _close(data["loss"], 60)
+    _close(data["loss"], 60, gbs=16, nmb=2)
     slow = data["slow_ranks"][0]
     assert slow["rank"] == 1 and slow["stages"] == [1] and "(device 1)" in slow["reason"]
     assert slow["measured_compute_s"] > 2 * slow["predicted_compute_s"] * slow["normal_ratio"]
