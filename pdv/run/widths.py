@@ -61,6 +61,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from pdv.boundaries import Boundary, Value
 from pdv.errors import PdvError
+from pdv.fsdp_step import before_backward, end_step
 from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
 from pdv.run.stage import ReplicaGrads
@@ -145,32 +146,6 @@ def _unique_rows(routes: list[Route]) -> list[Route]:
     return list(seen.values())
 
 
-def _fsdp_flags(root: Any, on: bool) -> None:
-    # Off for every backward, as torch's PipelineStage runs FSDP (and pdv.cost.terms prices
-    # it): a backward leaves the parameters and gradients unsharded and unsynced.
-    root.set_is_last_backward(on)
-    root.set_reshard_after_backward(on)
-    root.set_requires_gradient_sync(on)
-
-
-def _fsdp_reduce_grads(root: Any) -> None:
-    """After the step's backwards: each FSDP unit's reduce-scatter and reshard, as torch's
-    PipelineStage does it (setting the flags on before the last backward instead gathered one
-    unit once more per step than the M + 1 times the cost model prices)."""
-    from torch.distributed.fsdp import fully_shard
-
-    _fsdp_flags(root, True)
-    state = fully_shard.state(root)
-    for unit in state._state_ctx.all_states:
-        groups = getattr(unit, "_fsdp_param_groups", None)
-        if groups is None:  # older torch kept at most one group per unit
-            one = getattr(unit, "_fsdp_param_group", None)
-            groups = [one] if one is not None else []
-        for group in groups:
-            group.post_backward()
-    state._root_post_backward_final_callback()
-
-
 class WidthPipeline:
     """This rank's stage under the split/merge executor (see the module docstring)."""
 
@@ -252,7 +227,7 @@ class WidthPipeline:
             else:
                 inputs, out = saved.pop(m)
                 if self.fsdp:
-                    _fsdp_flags(self.fsdp[0], False)
+                    before_backward(self.fsdp[0])
                 if self.last:
                     out.backward()
                 else:
@@ -266,7 +241,7 @@ class WidthPipeline:
         for work in pending:
             work.wait()
         if self.fsdp:
-            _fsdp_reduce_grads(self.fsdp[0])
+            end_step(self.fsdp[0])
         self._sum_replica_grads()
         return losses
 
