@@ -40,6 +40,7 @@ __all__ = [
     "LayerProfile",
     "LayerSample",
     "Links",
+    "FsdpUnitCost",
     "MessageCost",
     "ModelProfile",
     "ModelSpec",
@@ -260,6 +261,14 @@ class MessageCost(_Strict):
     b_s_per_byte: float = Field(ge=0, description="per byte, seconds")
 
 
+class FsdpUnitCost(_Strict):
+    """FSDP2's own work per unit and op besides the collective: a_s + b_s_per_byte * S, S the
+    unit's unsharded parameter bytes."""
+
+    a_s: float = Field(ge=0, description="per unit and op, seconds")
+    b_s_per_byte: float = Field(ge=0, description="per byte of the unit, seconds")
+
+
 class RankOverheads(_Strict):
     """What a rank pays in a pipeline besides its layers and the wire, measured on the rank.
 
@@ -278,6 +287,13 @@ class RankOverheads(_Strict):
         None, description="process CPU per message sent (CPU ranks: it competes with compute)")
     recv_cpu: MessageCost | None = Field(
         None, description="process CPU per message received")
+    fsdp_gather: FsdpUnitCost | None = Field(
+        None, description="per FSDP unit and gathering op (every backward, and one more per "
+        "step): hooks, copies in and out of the all-gather, resharding, beyond what the "
+        "pair's all-gather α/β price")
+    fsdp_reduce_scatter: FsdpUnitCost | None = Field(
+        None, description="per FSDP unit and step: the gradients' reduce-scatter side, beyond "
+        "what the pair's reduce-scatter α/β price")
 
 
 class ClusterDevice(_Strict):

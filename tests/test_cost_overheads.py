@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from pdv import artifacts
-from pdv.artifacts import ClusterArtifact, LayerChoice, MessageCost, PlanStage, RankOverheads
+from pdv.artifacts import (
+    ClusterArtifact,
+    FsdpUnitCost,
+    LayerChoice,
+    MessageCost,
+    PlanStage,
+    RankOverheads,
+)
 from pdv.cost.comm import Ring, message_cpu_time
 from pdv.cost.simulate import simulate
 from pdv.cost.stage import stage_cost
@@ -141,3 +148,77 @@ def test_fsdp_collectives_are_priced_on_their_own_measured_links() -> None:
     # Older clusters keep their bytes (the new matrices are left out, not written as null).
     cl = make_cluster(2)
     assert "gather_latency_s" not in json.loads(artifacts.dumps(cl))["links"]
+
+
+FSDP_OWN = OVER.model_copy(update={
+    "fsdp_gather": FsdpUnitCost(a_s=0.003, b_s_per_byte=2e-6),
+    "fsdp_reduce_scatter": FsdpUnitCost(a_s=0.005, b_s_per_byte=1e-6)})
+
+
+def _fsdp_cluster(n: int, ranks: list[int]) -> ClusterArtifact:
+    cl = make_cluster(n)
+    devices = [d.model_copy(update={"overheads": FSDP_OWN if d.rank in ranks else OVER})
+               for d in cl.devices]
+    return cl.model_copy(update={"devices": devices})
+
+
+@pytest.mark.parametrize("num_micro,n_layers", [(1, 2), (3, 2), (4, 5)])
+def test_fsdp_own_work_is_paid_per_unit_in_each_backward_and_once_more_per_step(
+        num_micro: int, n_layers: int) -> None:
+    """step grows by (M + 1)·n·gather-op + n·reduce-scatter, and only where FSDP runs."""
+    prof = make_profile(n_layers=n_layers, fwd=0.01, bwd=0.02, params=4000)
+    gather = 0.003 + 2e-6 * 4000
+    scatter = 0.005 + 1e-6 * 4000  # grads: as many bytes as parameters
+    fsdp = make_plan([PlanStage(layers=(0, n_layers), ranks=[0, 1], dp=2, fsdp=True)],
+                     mbs=2, num_micro=num_micro)
+    plain = _with_overheads(make_cluster(2))
+    own = _fsdp_cluster(2, [0, 1])
+    before = simulate(fsdp, {"cpu": prof}, plain).step_time_s
+    after = simulate(fsdp, {"cpu": prof}, own).step_time_s
+    assert after - before == pytest.approx((num_micro + 1) * n_layers * gather
+                                           + n_layers * scatter)
+    # No FSDP, or FSDP over one replica (nothing sharded): nothing to pay.
+    ddp = fsdp.model_copy(update={"stages": [fsdp.stages[0].model_copy(update={"fsdp": False})]})
+    assert simulate(ddp, {"cpu": prof}, own).step_time_s == pytest.approx(
+        simulate(ddp, {"cpu": prof}, plain).step_time_s)
+    alone = make_plan([PlanStage(layers=(0, n_layers), ranks=[0], fsdp=True)], mbs=2,
+                      num_micro=num_micro)
+    assert simulate(alone, {"cpu": prof}, own).step_time_s == pytest.approx(
+        simulate(alone, {"cpu": prof}, plain).step_time_s)
+
+
+def test_a_layer_without_parameters_is_no_fsdp_unit() -> None:
+    prof = make_profile(n_layers=3, params=0)
+    fsdp = make_plan([PlanStage(layers=(0, 3), ranks=[0, 1], dp=2, fsdp=True)], mbs=2)
+    assert simulate(fsdp, {"cpu": prof}, _fsdp_cluster(2, [0, 1])).step_time_s == pytest.approx(
+        simulate(fsdp, {"cpu": prof}, _with_overheads(make_cluster(2))).step_time_s)
+
+
+def test_the_planner_prices_fsdp_own_work_as_the_simulator_does() -> None:
+    """One rank of the kind measured more own work: the DP's worst-of-kind view pays it."""
+    prof = make_profile(n_layers=4, fwd=0.01, bwd=0.02, optimizer_s=0.001, params=3000)
+    cl = _fsdp_cluster(2, [1])
+    problem = PlanProblem({"cpu": prof}, cl, 4)
+    choice = LayerChoice(fsdp=True)
+    mine = stage_prices(problem, [StageSpec(0, 4, (0, 1), choice)], 2)[0]
+    ref = stage_cost({"cpu": prof}, cl, PlanStage(layers=(0, 4), ranks=[0, 1], dp=2, fsdp=True),
+                     None, mbs=2, schedule="1F1B", stage_index=0, num_stages=1, num_micro=2)
+    assert mine.fwd_s == pytest.approx(ref.fwd_s)
+    assert mine.bwd_s == pytest.approx(ref.bwd_s)
+    assert mine.sync_s == pytest.approx(ref.grad_sync_s + ref.optimizer_s)
+    plain = stage_cost({"cpu": prof}, _with_overheads(make_cluster(2)),
+                       PlanStage(layers=(0, 4), ranks=[0, 1], dp=2, fsdp=True), None, mbs=2,
+                       schedule="1F1B", stage_index=0, num_stages=1, num_micro=2)
+    assert ref.bwd_s - plain.bwd_s == pytest.approx(4 * (0.003 + 2e-6 * 3000))
+
+
+def test_an_fsdp_plan_on_a_cluster_without_the_fsdp_probe_says_so() -> None:
+    prof = make_profile(n_layers=2)
+    fsdp = make_plan([PlanStage(layers=(0, 2), ranks=[0, 1], dp=2, fsdp=True)], mbs=2)
+    notes = simulate(fsdp, {"cpu": prof}, _fsdp_cluster(2, [1])).notes
+    assert any("FSDP's own work" in n and "ranks [0]" in n for n in notes)
+    assert not any("FSDP's own work" in n
+                   for n in simulate(fsdp, {"cpu": prof}, _fsdp_cluster(2, [0, 1])).notes)
+    ddp = make_plan([PlanStage(layers=(0, 2), ranks=[0, 1], dp=2)], mbs=2)
+    assert not any("FSDP's own work" in n
+                   for n in simulate(ddp, {"cpu": prof}, _with_overheads(make_cluster(2))).notes)

@@ -16,17 +16,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdv.artifacts import ClusterArtifact, ClusterDevice, LayerProfile, ModelProfile, TimeFit
+from pdv.artifacts import (
+    ClusterArtifact,
+    ClusterDevice,
+    LayerProfile,
+    ModelProfile,
+    Plan,
+    TimeFit,
+)
 from pdv.errors import PdvError
 
 __all__ = [
     "LayerCost",
+    "fsdp_unpriced_note",
     "ProfileArrays",
     "layer_cost",
     "profile_arrays",
     "profile_for",
     "rank_overhead_bytes",
-    "schedule_overheads",
+    "rank_overheads",
     "smallest_batch",
     "speed_factor",
     "unpriced_note",
@@ -99,13 +107,19 @@ def rank_overhead_bytes(profile: ModelProfile, device: ClusterDevice) -> float:
     return max(base, float(device.runtime_bytes))
 
 
-def schedule_overheads(device: ClusterDevice) -> tuple[float, float, float]:
-    """(per micro-batch forward, per micro-batch backward, per step) seconds of the pipeline
-    schedule's own work on the rank, as ``pdv profile cluster`` measured it (zeros where the
-    cluster predates the probe or was declared: then the terms are unpriced, see
-    :func:`unpriced_note`)."""
+def rank_overheads(device: ClusterDevice) -> tuple[float, ...]:
+    """The rank's measured overheads in RankView's order: per micro-batch forward and backward
+    and per step of the pipeline schedule's own work, then FSDP's own work per unit (a, b of
+    each gathering op; a, b of the step's reduce-scatter), as ``pdv profile cluster`` measured
+    them (zeros where the cluster predates a probe or was declared: then the terms are
+    unpriced, see :func:`unpriced_note`)."""
     o = device.overheads
-    return (0.0, 0.0, 0.0) if o is None else (o.fwd_s, o.bwd_s, o.step_s)
+    if o is None:
+        return (0.0,) * 7
+    g, r = o.fsdp_gather, o.fsdp_reduce_scatter
+    return (o.fwd_s, o.bwd_s, o.step_s,
+            g.a_s if g else 0.0, g.b_s_per_byte if g else 0.0,
+            r.a_s if r else 0.0, r.b_s_per_byte if r else 0.0)
 
 
 def smallest_batch(profiles: Mapping[str, ModelProfile]) -> int:
@@ -123,6 +137,17 @@ def unpriced_note(cluster: ClusterArtifact) -> str | None:
            if cluster.provenance.method == "declared"
            else "the cluster was not profiled with the overhead probe (re-run pdv profile cluster)")
     return f"pipeline schedule and per-message overheads unpriced (0) on {which}: {why}"
+
+
+def fsdp_unpriced_note(plan: Plan, cluster: ClusterArtifact) -> str | None:
+    """A note naming the FSDP stages' ranks whose FSDP own work is priced as zero."""
+    ranks = sorted({r for st in plan.stages if st.fsdp and st.dp > 1 for r in st.ranks
+                    if (o := cluster.devices[r].overheads) is None or o.fsdp_gather is None})
+    if not ranks:
+        return None
+    return (f"FSDP's own work per unit (hooks, copies, resharding) unpriced (0) on ranks "
+            f"{ranks}: the cluster has no FSDP probe (pdv profile cluster with --collectives "
+            "measures it)")
 
 
 def speed_factor(profile: ModelProfile, device: ClusterDevice) -> float:

@@ -27,7 +27,7 @@ from pdv.cost.compute import (
     profile_arrays,
     profile_for,
     rank_overhead_bytes,
-    schedule_overheads,
+    rank_overheads,
     speed_factor,
 )
 from pdv.cost.schedules import in_flight
@@ -85,7 +85,7 @@ def stage_group(
     devices = [cluster.devices[r] for r in stage.ranks]
     views = tuple(
         RankView(d.kind, speed_factor(p, d), rank_overhead_bytes(p, d), float(d.memory_bytes),
-                 *schedule_overheads(d))
+                 *rank_overheads(d))
         for d, p in ((d, profile_for(profiles, d)) for d in devices)
     )
     tp_groups = [stage.ranks[r * stage.tp : (r + 1) * stage.tp] for r in range(stage.dp)]

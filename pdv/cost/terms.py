@@ -24,7 +24,10 @@ k) with micro-batch size m runs each replica on m / dp samples. Per layer and mi
   So an op all-gathers the layer when the stage's previous op was a forward or there was
   none — under GPipe and 1F1B, M + 1 all-gathers per step of M micro-batches (counted in the
   runs: 2, 3 and 5 per layer at M = 1, 2, 4), not 2M. They are priced in every backward and
-  once per step; the gradients' reduce-scatter once per step;
+  once per step; the gradients' reduce-scatter once per step. FSDP2's own work per unit
+  besides the collectives (hooks, copies into and out of the collectives' buffers,
+  resharding), as each rank measured it (:class:`RankView`), goes with them: into the
+  rank's backward, and per step into its optimizer term;
 - memory: parameters, gradients and optimizer state (FSDP: the rank's 1/dp of the parameters
   and optimizer state, plus the whole layer's parameters and gradients, unsharded from a
   backward until the step's reduce-scatter); the activations one in-flight micro-batch keeps
@@ -96,6 +99,16 @@ class RankView(NamedTuple):
     schedule_step_s: float = 0.0
     """per step: zero_grad and the schedule's work outside its micro-batches
     (RankOverheads.step_s)"""
+    fsdp_gather_a_s: float = 0.0
+    """FSDP's own work per unit and gathering op besides the all-gather: a + b·(unit bytes)
+    (RankOverheads.fsdp_gather; 0 where unmeasured)"""
+    fsdp_gather_b_s: float = 0.0
+    """seconds per byte of the unit"""
+    fsdp_scatter_a_s: float = 0.0
+    """FSDP's own work per unit and step besides the reduce-scatter: a + b·(unit bytes)
+    (RankOverheads.fsdp_reduce_scatter)"""
+    fsdp_scatter_b_s: float = 0.0
+    """seconds per byte of the unit"""
 
 
 class RingView(NamedTuple):
@@ -168,12 +181,19 @@ def layer_terms(
         fwd = a.fwd * view.speed
         state = a.params + a.grads + a.optimizer_bytes
         step = a.optimizer_s * view.speed
+        own: np.ndarray | float = 0.0
         if fsdp:  # FSDP2: parameters, optimizer state and step sharded over the replicas,
             # and the unsharded parameters and gradients held between backwards (the docstring)
             state = (a.params + a.optimizer_bytes) / group.dp + a.params + a.grads
-            step = step / group.dp
+            # FSDP2's own work per unit (hooks, copies, resharding): in each backward (the op
+            # that gathers), and per step one more gathering op and the reduce-scatter's side.
+            # A layer without parameters is no unit of its own.
+            unit = a.params > 0
+            own = (view.fsdp_gather_a_s + view.fsdp_gather_b_s * a.params) * unit
+            step = step / group.dp + own + (view.fsdp_scatter_a_s
+                                            + view.fsdp_scatter_b_s * a.grads) * unit
         rows["fwd_s"].append(fwd)
-        rows["bwd_s"].append(a.bwd * view.speed + (fwd if choice.recompute else 0.0))
+        rows["bwd_s"].append(a.bwd * view.speed + (fwd if choice.recompute else 0.0) + own)
         rows["optimizer_s"].append(step)
         rows["state_bytes"].append(state)
         rows["live_bytes"].append(a.outputs if choice.recompute else a.activations)

@@ -30,7 +30,7 @@ import numpy as np
 
 from pdv.artifacts import LayerChoice
 from pdv.cost.comm import Ring, pairs_time, ring_of
-from pdv.cost.compute import rank_overhead_bytes, schedule_overheads, speed_factor
+from pdv.cost.compute import rank_overhead_bytes, rank_overheads, speed_factor
 from pdv.cost.schedules import in_flight
 from pdv.cost.stage import boundary_tensors
 from pdv.cost.terms import (
@@ -84,7 +84,7 @@ def _group(problem: PlanProblem, ranks: tuple[int, ...], tp: int) -> StageGroup:
         profile = problem.profile_of(r)
         # capacity: the smallest; every other field: the largest of the kind's ranks
         mine = (speed_factor(profile, device), rank_overhead_bytes(profile, device),
-                -problem.capacity(r), *schedule_overheads(device))
+                -problem.capacity(r), *rank_overheads(device))
         old = worst.get(device.kind)
         worst[device.kind] = tuple(map(max, old, mine)) if old else mine
     worst = {k: (v[0], v[1], -v[2], *v[3:]) for k, v in worst.items()}

@@ -12,6 +12,7 @@ step is reported to a callback; under the local launcher that callback writes he
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from pdv import artifacts
 from pdv.artifacts import ClusterArtifact, ClusterDevice, Links, Provenance
+from pdv.cost.comm import ring_of
 from pdv.errors import PdvError
 from pdv.profile.allocator import keep_freed_memory
 from pdv.profile.collective import collective_block, collective_matrices, measure_collectives
@@ -35,7 +37,7 @@ from pdv.profile.network import (
     measure_links,
     measurement_block,
 )
-from pdv.profile.overheads import measure_overheads, overheads_block
+from pdv.profile.overheads import fsdp_own_work, measure_overheads, overheads_block
 
 __all__ = ["LinkFailure", "describe_event", "profile_cluster_rank", "rank_env"]
 
@@ -149,7 +151,8 @@ def profile_cluster_rank(
         if collectives:
             _maybe_stall(rank, "all-reduce")
             coll = measure_collectives(cfg, wire, timedelta(seconds=group_timeout), step)
-        over = gather_on_rank0([measure_overheads(device, wire, step)], rank, world)
+        over = gather_on_rank0([measure_overheads(device, wire, step, fsdp=collectives)], rank,
+                               world)
         step({"phase": "gathered"})
         if rank != 0:
             # No rank leaves before rank 0 has written: a rank that tore its group down while
@@ -172,6 +175,9 @@ def profile_cluster_rank(
                 lat_m, bw_m = collective_matrices(world, coll, op)
                 fsdp[f"{kind}_latency_s"], fsdp[f"{kind}_bandwidth_Bps"] = lat_m, bw_m
             measurement["collective"] = collective_block(coll)
+        links = Links(latency_s=lat, bandwidth_Bps=bw, collective_latency_s=coll_lat,
+                      collective_bandwidth_Bps=coll_bw, **fsdp)
+        _fsdp_own_work(devices, over, links)
         artifact = ClusterArtifact(
             provenance=Provenance(
                 method="measured",
@@ -181,8 +187,7 @@ def profile_cluster_rank(
                           "pairs" if coll is not None else "")],
             ),
             devices=[ClusterDevice(**d) for d in devices],
-            links=Links(latency_s=lat, bandwidth_Bps=bw, collective_latency_s=coll_lat,
-                        collective_bandwidth_Bps=coll_bw, **fsdp),
+            links=links,
             measurement=measurement,
         )
         artifacts.write(out, artifact)
@@ -210,6 +215,32 @@ def profile_cluster_rank(
         # rank's process ends without tearing down (pdv.cli: os._exit after the summary).
         if not done and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _fsdp_own_work(devices: list[dict[str, Any]], over: list[dict[str, Any]],
+                   links: Links) -> None:
+    """Each rank's FSDP own work (pdv.profile.overheads) into its overheads, in place.
+
+    A pair's ranks get their own probe's lines, less the pair's collective as the sweep prices
+    it. A rank with a bye (odd worlds) gets the median of its device kind's measured ranks.
+    """
+    lines: dict[int, dict[str, dict[str, float]]] = {}
+    for o in over:
+        probe = o.get("fsdp")
+        if probe:
+            lines[o["rank"]] = fsdp_own_work(probe, ring_of(links, probe["pair"]))
+    if not lines:
+        return
+    for d, o in zip(devices, over, strict=True):
+        mine = lines.get(o["rank"])
+        if mine is None:
+            alike = [lines[r] for r in lines if devices[r]["kind"] == d["kind"]]
+            if not alike:
+                continue
+            mine = {op: {k: statistics.median(x[op][k] for x in alike) for k in alike[0][op]}
+                    for op in alike[0]}
+        d["overheads"]["fsdp_gather"] = mine["gather"]
+        d["overheads"]["fsdp_reduce_scatter"] = mine["reduce_scatter"]
 
 
 def _probe_alone(device: torch.device, wire: torch.device, local_ranks: int) -> float:

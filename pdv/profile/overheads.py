@@ -1,6 +1,6 @@
 """What a rank pays in a pipeline besides its layers and the wire: measured on the real backend.
 
-Two probes, run by every rank of ``pdv profile cluster`` after the link sweeps:
+Three probes, run by every rank of ``pdv profile cluster`` after the link sweeps:
 
 - **Bookkeeping.** torch.distributed.pipelining on a one-rank stage (a process group of the rank
   alone) whose layer is one parameter times a tiny tensor, so what is timed is the schedule's own
@@ -20,26 +20,44 @@ Two probes, run by every rank of ``pdv profile cluster`` after the link sweeps:
   bursts lasting seconds, 3-4 times the usual (a single round read 40 µs or 3.5 ms for the same
   1-byte message). Every round is kept in the record, with the spread. A CUDA rank's compute is
   its GPU, which host CPU does not slow, so no message CPU is recorded there.
+- **FSDP's own work** (with the collective sweep). FSDP2 does work per unit besides its
+  collectives: the hooks around each forward and backward, copying parameters into the
+  all-gather's buffer and out of it, resharding, the gradients' copy into the reduce-scatter.
+  On small layers it is many times the collective itself (about 1 ms per unit and gathering op
+  on this project's 2-core machine, where the 2-rank all-gather's α is 0.1-0.2 ms). The
+  tournament's first-round pairs each run a stack of ``_FSDP_UNITS`` bias-free Linear layers,
+  each its own ``fully_shard`` unit on the pair, stepped as torch's pipelining steps FSDP
+  (pdv.fsdp_step), with M of ``_FSDP_MICRO`` micro-batches, and the same stack unsharded; the
+  FSDP step's excess per unit is (M + 1) gathering ops and one reduce-scatter, so two M give
+  each op's time per unit size. Pairs whose hosts overlap take turns, so the numbers are a
+  pair's own (sharing cores is the simulator's business). The cluster subtracts what the
+  sweep's α/β already price for the pair (:func:`fsdp_own_work`).
 
-The cost model adds the bookkeeping to every forward, backward and step, and the message CPU to
-the compute of the ops that send and receive it (pdv.cost.terms, pdv.cost.stage).
+The cost model adds the bookkeeping to every forward, backward and step, the message CPU to
+the compute of the ops that send and receive it, and FSDP's own work to each FSDP layer's
+backward and step (pdv.cost.terms, pdv.cost.stage).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from pdv.cost.comm import Ring, all_gather_time, reduce_scatter_time
+from pdv.fsdp_step import before_backward, end_step
+from pdv.profile.hardware import host_name
 from pdv.profile.network import Progress, tournament_rounds
 
-__all__ = ["MESSAGE_SIZES", "measure_overheads", "overheads_block"]
+__all__ = ["FSDP_UNIT_BYTES", "MESSAGE_SIZES", "fsdp_own_work", "measure_overheads",
+           "overheads_block"]
 
 MESSAGE_SIZES = (1, 16 * 1024, 256 * 1024, 1024 * 1024)
 """message sizes of the message-CPU probe, bytes"""
@@ -49,6 +67,12 @@ _WARMUP = 3
 _MESSAGES = 24
 _ROUNDS = 6
 _ROUND_GAP_S = 0.5
+FSDP_UNIT_BYTES = (1024, 1024 * 1024)
+"""parameter bytes of one unit of the FSDP probe (float32 H×H), before rounding H"""
+_FSDP_UNITS = 4
+_FSDP_MICRO = (1, 3)
+_FSDP_ROUNDS = 3
+_FSDP_STEPS = 8
 
 
 class _Scale(nn.Module):
@@ -183,9 +207,134 @@ def _spread(per_size_rounds: list[list[float]]) -> float:
     return worst
 
 
+def _fsdp_stack(width: int, device: torch.device, mesh: Any) -> nn.Module:
+    """`_FSDP_UNITS` bias-free Linear layers, each its own FSDP2 unit when a mesh is given."""
+    torch.manual_seed(0)
+    stack = nn.Sequential(*[nn.Linear(width, width, bias=False)
+                            for _ in range(_FSDP_UNITS)]).to(device)
+    if mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in stack:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(stack, mesh=mesh)
+    return stack
+
+
+def _fsdp_pair(pair: tuple[int, int], group: Any, device: torch.device) -> dict[str, Any]:
+    """Both ranks of a pair: FSDP's excess per unit and step over the unsharded stack."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh = DeviceMesh.from_group(group, device.type)
+    widths = [max(1, round(math.sqrt(b / 4))) for b in FSDP_UNIT_BYTES]
+    stacks = {(w, sharded): _fsdp_stack(w, device, mesh if sharded else None)
+              for w in widths for sharded in (False, True)}
+    inputs = {w: torch.randn(2, w, device=device) for w in widths}
+
+    def step(w: int, micro: int, sharded: bool) -> float:
+        stack = stacks[(w, sharded)]
+        dist.barrier(group=group)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        stack.zero_grad()
+        for _ in range(micro):
+            if sharded:
+                before_backward(stack)
+            stack(inputs[w]).sum().backward()
+        if sharded:
+            end_step(stack)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    times: dict[tuple[int, int, bool], list[float]] = {}
+    for k in range(_FSDP_ROUNDS):  # rounds, so that a burst of load spreads over every case
+        for w in widths:
+            for micro in _FSDP_MICRO:
+                for sharded in (False, True):
+                    for n in range(_FSDP_STEPS + (2 if k == 0 else 0)):
+                        t = step(w, micro, sharded)
+                        if k or n >= 2:  # after two warm-up steps
+                            times.setdefault((w, micro, sharded), []).append(t)
+    lo, hi = _FSDP_MICRO
+    gather, scatter = [], []
+    for w in widths:
+        excess = {m: (statistics.median(times[(w, m, True)])
+                      - statistics.median(times[(w, m, False)])) / _FSDP_UNITS
+                  for m in _FSDP_MICRO}
+        per_op = (excess[hi] - excess[lo]) / (hi - lo)
+        gather.append(per_op)
+        scatter.append(excess[lo] - (lo + 1) * per_op)
+    return {"pair": list(pair), "unit_bytes": [w * w * 4 for w in widths],
+            "gather_op_s": gather, "reduce_scatter_s": scatter,
+            "step_medians_s": {f"{w}x{m}{'-fsdp' if f else ''}": statistics.median(v)
+                               for (w, m, f), v in times.items()}}
+
+
+def _turns(pairs: Sequence[tuple[int, int]], hosts: Sequence[str]) -> list[list[int]]:
+    """Pairs (by index) in turns: no two pairs of a turn touch the same host."""
+    turns: list[tuple[set[str], list[int]]] = []
+    for i, (a, b) in enumerate(pairs):
+        mine = {hosts[a], hosts[b]}
+        for used, members in turns:
+            if not used & mine:
+                used |= mine
+                members.append(i)
+                break
+        else:
+            turns.append((set(mine), [i]))
+    return [members for _, members in turns]
+
+
+def _fsdp_probe(rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
+    """Every rank: its first-round pair's FSDP probe, pairs on overlapping hosts in turns."""
+    rounds = tournament_rounds(world)
+    pairs = rounds[0] if rounds else []
+    hosts: list[str] = [""] * world
+    dist.all_gather_object(hosts, host_name())
+    # Every rank creates every pair's group, so the groups take fresh names. A group of the
+    # same ranks made with use_local_synchronization (the collective sweep's, destroyed since)
+    # has a name hashed from its ranks, and a second one found the first one's stale addresses
+    # in the store ("Connection refused" in 1 of 4 runs).
+    groups = [dist.new_group(list(p)) for p in pairs]
+    out = None
+    for turn in _turns(pairs, hosts):
+        dist.barrier()
+        for i in turn:
+            if rank in pairs[i]:
+                out = _fsdp_pair(pairs[i], groups[i], device)
+    dist.barrier()
+    for g in groups:
+        if g != dist.GroupMember.NON_GROUP_MEMBER:
+            dist.destroy_process_group(g)
+    return out
+
+
+def fsdp_own_work(probe: dict[str, Any], ring: Ring) -> dict[str, dict[str, float]]:
+    """FSDP's own work per unit as lines in the unit's bytes: the probe's line per gathering op
+    and per reduce-scatter, less the line the cost model prices the pair's collective on
+    (through the same sizes), coefficient by coefficient, each kept ≥ 0.
+
+    Coefficient by coefficient: where the sweep's β is lower than the probe's runs saw, a
+    difference per size would clamp the large size to 0 and halve the constant.
+    """
+    sizes = [int(b) for b in probe["unit_bytes"]]
+    out = {}
+    for op, measured, priced in (("gather", "gather_op_s", all_gather_time),
+                                 ("reduce_scatter", "reduce_scatter_s", reduce_scatter_time)):
+        raw = _line(sizes, [float(t) for t in probe[measured]])
+        wire = _line(sizes, [priced(ring, b) for b in sizes])
+        out[op] = {"a_s": max(0.0, raw["a_s"] - wire["a_s"]),
+                   "b_s_per_byte": max(0.0, raw["b_s_per_byte"] - wire["b_s_per_byte"])}
+    return out
+
+
 def measure_overheads(device: torch.device, wire: torch.device,
-                      report: Progress | None = None) -> dict[str, Any]:  # fmt: skip
-    """Every rank: its bookkeeping (taking turns with its host's ranks) and message CPU.
+                      report: Progress | None = None,
+                      fsdp: bool = False) -> dict[str, Any]:
+    """Every rank: its bookkeeping (taking turns with its host's ranks), message CPU and, with
+    `fsdp`, FSDP's own work (see the module docstring).
 
     `device` is what the rank computes on (the stage's), `wire` where the backend's messages
     live (NCCL: the GPU; gloo: host memory).
@@ -212,7 +361,11 @@ def measure_overheads(device: torch.device, wire: torch.device,
     if messages is not None:
         out["send_cpu"] = messages["send_cpu"]
         out["recv_cpu"] = messages["recv_cpu"]
-    return {"rank": rank, "overheads": out, "messages": messages}
+    probe = None
+    if fsdp and world > 1:
+        report({"phase": "fsdp"})
+        probe = _fsdp_probe(rank, world, device)
+    return {"rank": rank, "overheads": out, "messages": messages, "fsdp": probe}
 
 
 def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -226,8 +379,16 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         f"first round pairs send each other {_MESSAGES} messages per size after 2 warm-ups, "
         f"in {_ROUNDS} rounds {_ROUND_GAP_S} s apart; process CPU time per message on each "
         "side, the median of the rounds per size, least squares a + b*S; spread = the largest "
-        "IQR/median of a size's rounds",
+        "IQR/median of a size's rounds. FSDP's own work (with the collective sweep): the "
+        f"first round's pairs, pairs on overlapping hosts in turns, step a stack of "
+        f"{_FSDP_UNITS} bias-free Linear layers (each a fully_shard unit on the pair, stepped "
+        f"as torch's pipelining steps FSDP) and the same stack unsharded, at M of "
+        f"{list(_FSDP_MICRO)} micro-batches, units of about {list(FSDP_UNIT_BYTES)} bytes, "
+        f"{_FSDP_ROUNDS} rounds of {_FSDP_STEPS} steps (medians); excess per unit = (M + 1) "
+        "gathering ops + one reduce-scatter, solved from the two M; less the sweep's pricing "
+        "of the pair's collective, a + b*S per unit",
         "sizes_bytes": list(MESSAGE_SIZES),
-        "ranks": [{"rank": r["rank"], **({"messages": r["messages"]} if r["messages"] else {})}
+        "ranks": [{"rank": r["rank"], **({"messages": r["messages"]} if r["messages"] else {}),
+                   **({"fsdp": r["fsdp"]} if r.get("fsdp") else {})}
                   for r in per_rank],
     }
