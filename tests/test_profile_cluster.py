@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from pdv.profile.collective import (
     _BURST,
+    _FSDP_REACH,
     _SWEEPS,
     PairCollective,
     _alpha,
@@ -281,6 +282,10 @@ def _check_collectives(data: dict) -> None:
             # FSDP's collectives: measured, growing with size (fit quality not asserted: on 2
             # shared cores a reduce-scatter's medians are noisier than the all-reduce's)
             assert p["median_s"][-1] > p["median_s"][0]
+            # ... swept at least as far as the pair's all-reduce grew, up to _FSDP_REACH
+            reduce = next(q for q in block["pairs"]
+                          if q["op"] == "all_reduce" and (q["a"], q["b"]) == (p["a"], p["b"]))
+            assert max(p["sizes"]) >= min(max(reduce["sizes"]), _FSDP_REACH)
             continue
         # Fitted well, or swept as often as the probe allows (noise on 2 shared cores can
         # outlast 3 sweeps: a kept r2 of 0.76 was seen).

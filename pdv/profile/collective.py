@@ -16,7 +16,8 @@ through the medians, α = half the least time any latency-bound size took beyond
 line's intercept is kept too, but a line through megabyte messages is no latency). The cost
 model's ring formulas take α and β as they are.
 
-FSDP's collectives are swept the same way (issue 12): a backend need not run them as the ring
+FSDP's collectives are swept the same way (issue 12), at least as far in size as the pair's
+all-reduce grew (FSDP units are megabytes): a backend need not run them as the ring
 formulas assume (gloo on CPU measured a reduce-scatter as slow as an all-reduce of the same
 input here, twice the ring's price). On n = 2 a ring all-gather producing S bytes, and a
 reduce-scatter of S bytes, take t = α + S/(2β): β = 1/(2·slope), α the least excess as above.
@@ -69,6 +70,12 @@ _SWEEP_GAP_S = 0.5  # between sweeps: such bursts last about a second here
 
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter")
+_FSDP_REACH = 16 * 1024 * 1024
+"""FSDP's sweeps grow at least this far (as far as the all-reduce did, if less). Not to 64 MiB:
+there gloo's reduce-scatter took 213-221 ms against 14.5 ms at 16 MiB in the same sweeps, and β
+fell to 153 MB/s (likely, not proven: a full-size temporary larger than a worker thread's 64 MiB
+malloc heap is mapped afresh and faulted in per call, which a run meets only with units that
+large)"""
 """the collectives swept per pair, in order"""
 # t(S) on n = 2 ranks = _STEPS[op]·α + S / (_SHARE[op]·β), S the full tensor's bytes
 _STEPS = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
@@ -143,9 +150,11 @@ def _timed(buf: _Buffers, group: Any, count: int) -> list[float]:
 
 
 def _sizes(
-    cfg: SweepConfig, device: torch.device, group: Any, report: Progress, op: str
+    cfg: SweepConfig, device: torch.device, group: Any, report: Progress, op: str,
+    reach: int = 0,
 ) -> list[tuple[_Buffers, int]]:
-    """Warm every size up and pick the sizes: the sweep's, grown ×4 as the p2p sweep grows."""
+    """Warm every size up and pick the sizes: the sweep's, grown ×4 as the p2p sweep grows,
+    and at least up to `reach` bytes."""
     chosen: list[tuple[_Buffers, int]] = []  # (buffers, repeats per pass)
     pending = list(cfg.sizes)
     while pending:
@@ -157,16 +166,16 @@ def _sizes(
         chosen.append((buf, -(-count // _PASSES)))
         size = buf.numel() * _ELEMENT
         report({"size": size, "pass": "warm-up"})
-        if not pending and t < cfg.grow_until_s and size * 4 <= cfg.max_size:
+        if not pending and (t < cfg.grow_until_s or size < reach) and size * 4 <= cfg.max_size:
             pending.append(size * 4)
     return chosen
 
 
 def _sweep_pair(
     a: int, b: int, rnd: int, cfg: SweepConfig, device: torch.device, group: Any,
-    report: Progress, op: str = "all_reduce",
+    report: Progress, op: str = "all_reduce", reach: int = 0,
 ) -> PairCollective:
-    """Both ranks of the pair run this together.
+    """Both ranks of the pair run this together; its sizes reach at least `reach` bytes.
 
     The repeats of every size are spread over _PASSES passes through all sizes, so a burst
     of load from outside (other processes on the host's cores) lands in a few samples of
@@ -175,7 +184,7 @@ def _sweep_pair(
     def step(event: dict[str, Any]) -> None:
         report({"phase": op.replace("_", "-"), "round": rnd, "src": a, "dst": b} | event)
 
-    chosen = _sizes(cfg, device, group, step, op)
+    chosen = _sizes(cfg, device, group, step, op, reach)
     sizes = [buf.numel() * _ELEMENT for buf, _ in chosen]
 
     def sweep() -> tuple[list[float], list[float], tuple[float, float, float, str]]:
@@ -259,7 +268,14 @@ def measure_collectives(
             # same time); the name is a hash of the two ranks, so every pair's is distinct.
             group = dist.new_group([a, b], timeout=timeout, use_local_synchronization=True)
             try:
-                results = [_sweep_pair(a, b, rnd, cfg, device, group, report, op) for op in OPS]
+                # FSDP's collectives are swept as far as the all-reduce grew, up to
+                # _FSDP_REACH: a sweep that stopped at 4 MiB, where one slow stretch (12.7 ms,
+                # 1.5 ms alone) had stopped its growth, read gather β 165 MB/s, and gpt_small's
+                # 27 MB units gather at 1.1-1.5 GB/s (predicted FSDP steps +47% to +73%).
+                results = [_sweep_pair(a, b, rnd, cfg, device, group, report, OPS[0])]
+                reach = min(max(results[0].sizes), _FSDP_REACH)
+                results += [_sweep_pair(a, b, rnd, cfg, device, group, report, op, reach)
+                            for op in OPS[1:]]
             finally:
                 dist.destroy_process_group(group)
             if rank == a:
@@ -296,7 +312,9 @@ def collective_block(results: list[PairCollective]) -> dict[str, Any]:
         "S/beta, so beta = 1/slope and alpha = half the least t(S) - S/beta over the "
         "latency-bound sizes (S/beta <= t/2), at least 0 (fit_intercept_s is c). The same "
         "sweep for FSDP's all_gather_into_tensor (S = the gathered bytes) and "
-        "reduce_scatter_tensor (S = the input's bytes): on n=2 t = alpha + S/(2 beta) "
+        "reduce_scatter_tensor (S = the input's bytes), grown at least to the pair's largest "
+        f"all-reduce size or {_FSDP_REACH >> 20} MiB, the smaller: on n=2 "
+        "t = alpha + S/(2 beta) "
         "(entries with op; r2_min is the all-reduce's). A sweep in which a size took more than "
         f"{_BURST}x what the next smaller size's time allows under that line (a burst of "
         "load), or an all-reduce sweep with r2 below "
