@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from pdv.cost.comm import Ring, all_gather_time, reduce_scatter_time
 from pdv.profile.network import tournament_rounds
-from pdv.profile.overheads import _turns, fsdp_own_work
+from pdv.profile.overheads import _FSDP_LARGE, _FSDP_WIRE_S, _turns, fsdp_own_work, fsdp_pairs
 
 
 @settings(max_examples=200, deadline=None)
@@ -74,3 +74,28 @@ def test_a_sweep_slower_than_the_probe_leaves_no_negative_work() -> None:
     own = fsdp_own_work(_probe(fast, (6e-4, 0.0), (0.0, 0.0)), ring)
     assert own["gather"] == {"a_s": pytest.approx(6e-4), "b_s_per_byte": 0.0}
     assert own["reduce_scatter"] == {"a_s": 0.0, "b_s_per_byte": 0.0}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 9).flatmap(lambda n: st.lists(
+    st.lists(st.floats(1e5, 1e11), min_size=n, max_size=n), min_size=n, max_size=n)))
+def test_ranks_pair_up_over_their_fastest_links_first(bw: list[list[float]]) -> None:
+    n = len(bw)
+    pairs = fsdp_pairs(bw)
+    ranks = [r for a, b, _ in pairs for r in (a, b)]
+    assert len(ranks) == len(set(ranks)) == n - n % 2  # disjoint, all but one of an odd world
+    speed = {(a, b): min(bw[a][b], bw[b][a]) for a in range(n) for b in range(a + 1, n)}
+    taken: set[int] = set()
+    for a, b, large in pairs:
+        # no link between two ranks still free was faster when this pair was taken
+        free = [v for (x, y), v in speed.items() if not {x, y} & taken]
+        assert speed[(a, b)] == max(free)
+        taken |= {a, b}
+        lo, hi = _FSDP_LARGE
+        assert large == int(min(hi, max(lo, speed[(a, b)] * _FSDP_WIRE_S)))
+
+
+def test_pairs_follow_the_measured_links_not_the_rank_order() -> None:
+    """Ranks 0 and 1 (a host's first two, say) have the slowest link: 0 pairs with 2."""
+    bw = [[0, 1e6, 5e9, 1e8], [1e6, 0, 1e8, 4e9], [5e9, 1e8, 0, 1e6], [1e8, 4e9, 1e6, 0]]
+    assert [(a, b) for a, b, _ in fsdp_pairs(bw)] == [(0, 2), (1, 3)]

@@ -2,7 +2,8 @@
 
 Order: join; a first collective, then the memory the rank holds (runtime_bytes); the device
 probe; the point-to-point tournament; the all-reduce tournament (unless turned off); the
-pipeline bookkeeping and message-CPU probes (pdv.profile.overheads).
+pipeline bookkeeping and message-CPU probes, and with the all-reduce tournament the FSDP
+own-work probe (pdv.profile.overheads).
 
 Runs under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment). Every
 step is reported to a callback; under the local launcher that callback writes heartbeat files
@@ -37,7 +38,12 @@ from pdv.profile.network import (
     measure_links,
     measurement_block,
 )
-from pdv.profile.overheads import fsdp_own_work, measure_overheads, overheads_block
+from pdv.profile.overheads import (
+    fsdp_own_work,
+    fsdp_pairs,
+    measure_overheads,
+    overheads_block,
+)
 
 __all__ = ["LinkFailure", "describe_event", "profile_cluster_rank", "rank_env"]
 
@@ -151,7 +157,14 @@ def profile_cluster_rank(
         if collectives:
             _maybe_stall(rank, "all-reduce")
             coll = measure_collectives(cfg, wire, timedelta(seconds=group_timeout), step)
-        over = gather_on_rank0([measure_overheads(device, wire, step, fsdp=collectives)], rank,
+        pairs: list[Any] = [None]
+        if collectives and world > 1:
+            # Rank 0 holds the links; every rank needs the same pairs for the FSDP probe.
+            if rank == 0:
+                assert results is not None
+                pairs[0] = fsdp_pairs(link_matrices(world, results)[1])
+            dist.broadcast_object_list(pairs, src=0)
+        over = gather_on_rank0([measure_overheads(device, wire, step, fsdp=pairs[0])], rank,
                                world)
         step({"phase": "gathered"})
         if rank != 0:
@@ -279,4 +292,6 @@ def describe_event(event: dict[str, Any]) -> str:
     if phase == "all-reduce-start":
         return (f"all-reduce round {event['round'] + 1}, "
                 f"starting ranks {event['src']}+{event['dst']}")
+    if phase == "fsdp":
+        return "the FSDP own-work probe"
     return str(phase)

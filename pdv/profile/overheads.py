@@ -24,14 +24,16 @@ Three probes, run by every rank of ``pdv profile cluster`` after the link sweeps
   collectives: the hooks around each forward and backward, copying parameters into the
   all-gather's buffer and out of it, resharding, the gradients' copy into the reduce-scatter.
   On small layers it is many times the collective itself (about 1 ms per unit and gathering op
-  on this project's 2-core machine, where the 2-rank all-gather's α is 0.1-0.2 ms). The
-  tournament's first-round pairs each run a stack of ``_FSDP_UNITS`` bias-free Linear layers,
-  each its own ``fully_shard`` unit on the pair, stepped as torch's pipelining steps FSDP
-  (pdv.fsdp_step), with M of ``_FSDP_MICRO`` micro-batches, and the same stack unsharded; the
-  FSDP step's excess per unit is (M + 1) gathering ops and one reduce-scatter, so two M give
-  each op's time per unit size. Pairs whose hosts overlap take turns, so the numbers are a
-  pair's own (sharing cores is the simulator's business). The cluster subtracts what the
-  sweep's α/β already price for the pair (:func:`fsdp_own_work`).
+  on this project's 2-core machine, where the 2-rank all-gather's α is 0.1-0.2 ms). It is the
+  rank's own work, so the ranks pair up over their fastest measured links (:func:`fsdp_pairs`;
+  a pair over a 50 Mbit/s link took minutes), and each pair runs a stack of ``_FSDP_UNITS``
+  bias-free Linear layers, each its own ``fully_shard`` unit on the pair, stepped as torch's
+  pipelining steps FSDP (pdv.fsdp_step), with M of ``_FSDP_MICRO`` micro-batches, and the same
+  stack unsharded; the FSDP step's excess per unit is (M + 1) gathering ops and one
+  reduce-scatter, so two M give each op's time per unit size. Units are 1 KiB and what the
+  pair's link moves in ``_FSDP_WIRE_S`` (16 KiB to 1 MiB). Pairs whose hosts overlap take
+  turns, so the numbers are a pair's own (sharing cores is the simulator's business). The
+  cluster subtracts what the sweep's α/β already price for the pair (:func:`fsdp_own_work`).
 
 The cost model adds the bookkeeping to every forward, backward and step, the message CPU to
 the compute of the ops that send and receive it, and FSDP's own work to each FSDP layer's
@@ -56,7 +58,7 @@ from pdv.fsdp_step import before_backward, end_step
 from pdv.profile.hardware import host_name
 from pdv.profile.network import Progress, tournament_rounds
 
-__all__ = ["FSDP_UNIT_BYTES", "MESSAGE_SIZES", "fsdp_own_work", "measure_overheads",
+__all__ = ["MESSAGE_SIZES", "fsdp_own_work", "fsdp_pairs", "measure_overheads",
            "overheads_block"]
 
 MESSAGE_SIZES = (1, 16 * 1024, 256 * 1024, 1024 * 1024)
@@ -67,8 +69,9 @@ _WARMUP = 3
 _MESSAGES = 24
 _ROUNDS = 6
 _ROUND_GAP_S = 0.5
-FSDP_UNIT_BYTES = (1024, 1024 * 1024)
-"""parameter bytes of one unit of the FSDP probe (float32 H×H), before rounding H"""
+_FSDP_SMALL, _FSDP_LARGE = 1024, (16 * 1024, 1024 * 1024)
+"""parameter bytes of the FSDP probe's small unit, and the range of its large one"""
+_FSDP_WIRE_S = 0.002
 _FSDP_UNITS = 4
 _FSDP_MICRO = (1, 3)
 _FSDP_ROUNDS = 3
@@ -221,12 +224,29 @@ def _fsdp_stack(width: int, device: torch.device, mesh: Any) -> nn.Module:
     return stack
 
 
-def _fsdp_pair(pair: tuple[int, int], group: Any, device: torch.device) -> dict[str, Any]:
+def fsdp_pairs(bandwidth_Bps: Sequence[Sequence[float]]) -> list[tuple[int, int, int]]:
+    """Disjoint pairs over the fastest links first (a link's speed: the slower direction), each
+    with its large unit's bytes: what the link moves in _FSDP_WIRE_S, within _FSDP_LARGE."""
+    n = len(bandwidth_Bps)
+    speed = {(a, b): min(bandwidth_Bps[a][b], bandwidth_Bps[b][a])
+             for a in range(n) for b in range(a + 1, n)}
+    free = set(range(n))
+    out = []
+    for (a, b), bw in sorted(speed.items(), key=lambda kv: (-kv[1], kv[0])):
+        if a in free and b in free:
+            free -= {a, b}
+            lo, hi = _FSDP_LARGE
+            out.append((a, b, int(min(hi, max(lo, bw * _FSDP_WIRE_S)))))
+    return out
+
+
+def _fsdp_pair(pair: tuple[int, int], large: int, group: Any,
+               device: torch.device) -> dict[str, Any]:
     """Both ranks of a pair: FSDP's excess per unit and step over the unsharded stack."""
     from torch.distributed.device_mesh import DeviceMesh
 
     mesh = DeviceMesh.from_group(group, device.type)
-    widths = [max(1, round(math.sqrt(b / 4))) for b in FSDP_UNIT_BYTES]
+    widths = [max(1, round(math.sqrt(b / 4))) for b in (_FSDP_SMALL, large)]
     stacks = {(w, sharded): _fsdp_stack(w, device, mesh if sharded else None)
               for w in widths for sharded in (False, True)}
     inputs = {w: torch.randn(2, w, device=device) for w in widths}
@@ -287,10 +307,11 @@ def _turns(pairs: Sequence[tuple[int, int]], hosts: Sequence[str]) -> list[list[
     return [members for _, members in turns]
 
 
-def _fsdp_probe(rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
-    """Every rank: its first-round pair's FSDP probe, pairs on overlapping hosts in turns."""
-    rounds = tournament_rounds(world)
-    pairs = rounds[0] if rounds else []
+def _fsdp_probe(rank: int, world: int, device: torch.device,
+                sized: list[tuple[int, int, int]]) -> dict[str, Any] | None:
+    """Every rank: its pair's FSDP probe (`sized`: every rank's same :func:`fsdp_pairs`),
+    pairs on overlapping hosts in turns."""
+    pairs = [(a, b) for a, b, _ in sized]
     hosts: list[str] = [""] * world
     dist.all_gather_object(hosts, host_name())
     # Every rank creates every pair's group, so the groups take fresh names. A group of the
@@ -303,7 +324,7 @@ def _fsdp_probe(rank: int, world: int, device: torch.device) -> dict[str, Any] |
         dist.barrier()
         for i in turn:
             if rank in pairs[i]:
-                out = _fsdp_pair(pairs[i], groups[i], device)
+                out = _fsdp_pair(pairs[i], sized[i][2], groups[i], device)
     dist.barrier()
     for g in groups:
         if g != dist.GroupMember.NON_GROUP_MEMBER:
@@ -332,9 +353,10 @@ def fsdp_own_work(probe: dict[str, Any], ring: Ring) -> dict[str, dict[str, floa
 
 def measure_overheads(device: torch.device, wire: torch.device,
                       report: Progress | None = None,
-                      fsdp: bool = False) -> dict[str, Any]:
-    """Every rank: its bookkeeping (taking turns with its host's ranks), message CPU and, with
-    `fsdp`, FSDP's own work (see the module docstring).
+                      fsdp: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
+    """Every rank: its bookkeeping (taking turns with its host's ranks), message CPU and, given
+    `fsdp` (:func:`fsdp_pairs`, the same on every rank), FSDP's own work (see the module
+    docstring).
 
     `device` is what the rank computes on (the stage's), `wire` where the backend's messages
     live (NCCL: the GPU; gloo: host memory).
@@ -362,9 +384,9 @@ def measure_overheads(device: torch.device, wire: torch.device,
         out["send_cpu"] = messages["send_cpu"]
         out["recv_cpu"] = messages["recv_cpu"]
     probe = None
-    if fsdp and world > 1:
+    if fsdp:
         report({"phase": "fsdp"})
-        probe = _fsdp_probe(rank, world, device)
+        probe = _fsdp_probe(rank, world, device, fsdp)
     return {"rank": rank, "overheads": out, "messages": messages, "fsdp": probe}
 
 
@@ -379,11 +401,13 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         f"first round pairs send each other {_MESSAGES} messages per size after 2 warm-ups, "
         f"in {_ROUNDS} rounds {_ROUND_GAP_S} s apart; process CPU time per message on each "
         "side, the median of the rounds per size, least squares a + b*S; spread = the largest "
-        "IQR/median of a size's rounds. FSDP's own work (with the collective sweep): the "
-        f"first round's pairs, pairs on overlapping hosts in turns, step a stack of "
+        "IQR/median of a size's rounds. FSDP's own work (with the collective sweep): ranks "
+        "paired over their fastest links first, pairs on overlapping hosts in turns, step a "
+        "stack of "
         f"{_FSDP_UNITS} bias-free Linear layers (each a fully_shard unit on the pair, stepped "
         f"as torch's pipelining steps FSDP) and the same stack unsharded, at M of "
-        f"{list(_FSDP_MICRO)} micro-batches, units of about {list(FSDP_UNIT_BYTES)} bytes, "
+        f"{list(_FSDP_MICRO)} micro-batches, units of about {_FSDP_SMALL} bytes and what the "
+        f"pair's link moves in {_FSDP_WIRE_S} s (within {list(_FSDP_LARGE)} bytes), "
         f"{_FSDP_ROUNDS} rounds of {_FSDP_STEPS} steps (medians); excess per unit = (M + 1) "
         "gathering ops + one reduce-scatter, solved from the two M; less the sweep's pricing "
         "of the pair's collective, a + b*S per unit",
