@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 
 from pdv.cost.comm import Ring, all_gather_time, reduce_scatter_time
 from pdv.profile.network import tournament_rounds
-from pdv.profile.overheads import _FSDP_LARGE, _FSDP_WIRE_S, _turns, fsdp_own_work, fsdp_pairs
+from pdv.profile.overheads import (
+    _FSDP_LARGE,
+    _FSDP_WIRE_S,
+    FSDP_PROBE_BYTES,
+    _turns,
+    fsdp_own_work,
+    fsdp_pairs,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -77,14 +84,21 @@ def test_a_sweep_slower_than_the_probe_leaves_no_negative_work() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 9).flatmap(lambda n: st.lists(
-    st.lists(st.floats(1e5, 1e11), min_size=n, max_size=n), min_size=n, max_size=n)))
-def test_ranks_pair_up_over_their_fastest_links_first(bw: list[list[float]]) -> None:
+@given(st.integers(1, 9).flatmap(lambda n: st.tuples(
+    st.lists(st.lists(st.floats(1e5, 1e11), min_size=n, max_size=n), min_size=n, max_size=n),
+    st.lists(st.sampled_from([0.0, FSDP_PROBE_BYTES - 1.0, FSDP_PROBE_BYTES, 1e12]),
+             min_size=n, max_size=n))))
+def test_ranks_with_room_pair_up_over_their_fastest_links_first(
+        case: tuple[list[list[float]], list[float]]) -> None:
+    bw, room = case
     n = len(bw)
-    pairs = fsdp_pairs(bw)
+    pairs = fsdp_pairs(bw, room)
+    able = [r for r in range(n) if room[r] >= FSDP_PROBE_BYTES]
     ranks = [r for a, b, _ in pairs for r in (a, b)]
-    assert len(ranks) == len(set(ranks)) == n - n % 2  # disjoint, all but one of an odd world
-    speed = {(a, b): min(bw[a][b], bw[b][a]) for a in range(n) for b in range(a + 1, n)}
+    # disjoint, only ranks with room, all of them but one of an odd count
+    assert len(ranks) == len(set(ranks)) == len(able) - len(able) % 2
+    assert set(ranks) <= set(able)
+    speed = {(a, b): min(bw[a][b], bw[b][a]) for a in able for b in able if a < b}
     taken: set[int] = set()
     for a, b, large in pairs:
         # no link between two ranks still free was faster when this pair was taken
@@ -93,6 +107,7 @@ def test_ranks_pair_up_over_their_fastest_links_first(bw: list[list[float]]) -> 
         taken |= {a, b}
         lo, hi = _FSDP_LARGE
         assert large == int(min(hi, max(lo, speed[(a, b)] * _FSDP_WIRE_S)))
+    assert fsdp_pairs(bw) == fsdp_pairs(bw, [float("inf")] * n)
 
 
 def test_pairs_follow_the_measured_links_not_the_rank_order() -> None:

@@ -161,8 +161,9 @@ def profile_cluster_rank(
         if collectives and world > 1:
             # Rank 0 holds the links; every rank needs the same pairs for the FSDP probe.
             if rank == 0:
-                assert results is not None
-                pairs[0] = fsdp_pairs(link_matrices(world, results)[1])
+                assert results is not None and devices is not None
+                room = [d["memory_bytes"] - (d.get("runtime_bytes") or 0) for d in devices]
+                pairs[0] = fsdp_pairs(link_matrices(world, results)[1], room)
             dist.broadcast_object_list(pairs, src=0)
         over = gather_on_rank0([measure_overheads(device, wire, step, fsdp=pairs[0])], rank,
                                world)
@@ -235,7 +236,8 @@ def _fsdp_own_work(devices: list[dict[str, Any]], over: list[dict[str, Any]],
     """Each rank's FSDP own work (pdv.profile.overheads) into its overheads, in place.
 
     A pair's ranks get their own probe's lines, less the pair's collective as the sweep prices
-    it. A rank with a bye (odd worlds) gets the median of its device kind's measured ranks.
+    it. A rank in no pair (an odd one out, or one without the memory headroom to probe) gets
+    the median of its device kind's measured ranks.
     """
     lines: dict[int, dict[str, dict[str, float]]] = {}
     for o in over:

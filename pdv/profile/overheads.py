@@ -58,8 +58,8 @@ from pdv.fsdp_step import before_backward, end_step
 from pdv.profile.hardware import host_name
 from pdv.profile.network import Progress, tournament_rounds
 
-__all__ = ["MESSAGE_SIZES", "fsdp_own_work", "fsdp_pairs", "measure_overheads",
-           "overheads_block"]
+__all__ = ["FSDP_PROBE_BYTES", "MESSAGE_SIZES", "fsdp_own_work", "fsdp_pairs",
+           "measure_overheads", "overheads_block"]
 
 MESSAGE_SIZES = (1, 16 * 1024, 256 * 1024, 1024 * 1024)
 """message sizes of the message-CPU probe, bytes"""
@@ -72,6 +72,8 @@ _ROUND_GAP_S = 0.5
 _FSDP_SMALL, _FSDP_LARGE = 1024, (16 * 1024, 1024 * 1024)
 """parameter bytes of the FSDP probe's small unit, and the range of its large one"""
 _FSDP_WIRE_S = 0.002
+FSDP_PROBE_BYTES = 320 * 1024 * 1024
+"""headroom a rank needs to take part in the FSDP probe (about twice what it was seen to use)"""
 _FSDP_UNITS = 4
 _FSDP_MICRO = (1, 3)
 _FSDP_ROUNDS = 3
@@ -224,12 +226,20 @@ def _fsdp_stack(width: int, device: torch.device, mesh: Any) -> nn.Module:
     return stack
 
 
-def fsdp_pairs(bandwidth_Bps: Sequence[Sequence[float]]) -> list[tuple[int, int, int]]:
+def fsdp_pairs(bandwidth_Bps: Sequence[Sequence[float]],
+               headroom_bytes: Sequence[float] | None = None) -> list[tuple[int, int, int]]:
     """Disjoint pairs over the fastest links first (a link's speed: the slower direction), each
-    with its large unit's bytes: what the link moves in _FSDP_WIRE_S, within _FSDP_LARGE."""
+    with its large unit's bytes: what the link moves in _FSDP_WIRE_S, within _FSDP_LARGE.
+
+    A rank with less than FSDP_PROBE_BYTES of headroom (memory it may use beyond what it held
+    before any model) takes no part: the probe's FSDP machinery grew a rank by about 160 MiB,
+    and a rank capped at 470 MiB was OOM-killed in it.
+    """
     n = len(bandwidth_Bps)
+    room = headroom_bytes if headroom_bytes is not None else [float("inf")] * n
     speed = {(a, b): min(bandwidth_Bps[a][b], bandwidth_Bps[b][a])
-             for a in range(n) for b in range(a + 1, n)}
+             for a in range(n) for b in range(a + 1, n)
+             if min(room[a], room[b]) >= FSDP_PROBE_BYTES}
     free = set(range(n))
     out = []
     for (a, b), bw in sorted(speed.items(), key=lambda kv: (-kv[1], kv[0])):
