@@ -21,7 +21,8 @@ ratio to pdv, peak memory against cap) and exits 1 when an acceptance check fail
   (the two-host `inverted` scenario keeps its stricter 0.7x);
 - normal: pdv's <= 1.02x the hierarchy plan's (the hierarchy is right there);
 - memory-tight: no pdv plan OOM-killed.
-Plans are searched with --no-fsdp (see PLAN_FLAGS). Needs root (namespaces, tc, cgroups v1).
+Plans are searched with FSDP allowed (--no-fsdp searches without it, as this benchmark did
+before FSDP was priced as it runs). Needs root (namespaces, tc, cgroups v1).
 """
 
 from __future__ import annotations
@@ -48,20 +49,14 @@ from benchmarks.testbed.cluster import EmulatedCluster, RankRun, unavailable_rea
 __all__ = ["PLANNERS", "Row", "Scenario", "check", "main", "markdown", "run_scenario"]
 
 TOPOLOGIES = ROOT / "benchmarks" / "testbed" / "topologies"
-# FSDP2 over gloo on these quota-limited CPU ranks measured about 2x its prediction (a gpt_tiny
-# dp2+FSDP plan: 188 ms predicted, 381 ms measured): each FSDP layer's collectives are sync
-# points, and a partner throttled by its CPU quota stalls them, which no measured input prices
-# yet. Every planner searches without it here, so the comparison stays one of networks.
-# Since issue 12 the cluster profile measures FSDP's all-gather and reduce-scatter over the
-# backend, which priced a one-stage dp4+FSDP gpt_tiny plan on 4 local ranks (2 cores, no
-# quota) within 4% (394 ms predicted, 408 ms measured; 334 ms before), but FSDP replicas
-# inside a pipeline (pp2 x dp2+FSDP) still measured 2.5x their prediction (140 / 345 ms).
-# Since FSDP is priced as torch's pipelining runs it (M + 1 all-gathers a step, unsharded
-# parameters and gradients held; docs/design-notes.md), the same shape on 4 local ranks was
-# predicted 28% and 27% below its measured step at M = 2 and 4, where the plans without FSDP
-# were 13% and 15% below theirs: FSDP2's own per-layer work (hooks, copy-in/out) is still
-# unpriced, likely part of that gap (not verified). The flag stays until it is priced.
-PLAN_FLAGS = ("--no-fsdp",)
+# Every planner searched with --no-fsdp here while FSDP was under-priced: FSDP2 over gloo on
+# these quota-limited ranks measured about 2x its prediction (a gpt_tiny dp2+FSDP plan: 188 ms
+# predicted, 381 ms measured), and pp2 x dp2+FSDP 2.5x (140 / 345 ms). FSDP's collectives are
+# now measured over the backend, priced as torch's pipelining runs them (M + 1 all-gathers a
+# step, unsharded parameters and gradients held), and FSDP2's own per-unit work comes from a
+# probe (docs/design-notes.md). On 4 local ranks pp2 x dp2+FSDP is predicted 21-25% below its
+# measured step where the same plans without FSDP are 13-18% below, so FSDP is searched.
+PLAN_FLAGS: tuple[str, ...] = ()
 PLANNERS = ("pdv", "hierarchy", "uniform", "pipedream")
 MODEL = "gpt_tiny"
 # Wide activations and a short model: a step moves megabytes, so the links decide the ranking.
@@ -208,9 +203,9 @@ def profile_model(out: Path, model: str, model_args: tuple[str, ...],
 def run_scenario(scenario: Scenario, model_profile: Path, out: Path, global_batch: int,
                  steps: int, planners: tuple[str, ...] = PLANNERS,
                  topology_file: Path | None = None, log: Callable[[str], None] = _say,
-                 repeat: int = 1) -> list[Row]:
-    """Bring the scenario up, profile the cluster, plan with each planner and run each plan
-    `repeat` times (the row holds the median run)."""
+                 repeat: int = 1, plan_flags: tuple[str, ...] = PLAN_FLAGS) -> list[Row]:
+    """Bring the scenario up, profile the cluster, plan with each planner (`pdv plan` with
+    `plan_flags`) and run each plan `repeat` times (the row holds the median run)."""
     topo = topology.load(topology_file or scenario.path)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
@@ -224,7 +219,7 @@ def run_scenario(scenario: Scenario, model_profile: Path, out: Path, global_batc
             plan = out / f"plan.{planner}.json"
             done = _pdv("plan", str(model_profile), "--cluster", str(cluster), "--global-batch",
                         str(global_batch), "--planner", planner, "--time-limit", "5", "-o",
-                        str(plan), *PLAN_FLAGS)
+                        str(plan), *plan_flags)
             if done.returncode != 0:
                 reason = (done.stderr.strip().splitlines() or ["?"])[-1]
                 rows.append(Row(scenario.name, planner, "-", None, None, [], [], [], False,
@@ -366,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-arg", action="append", default=None)
     p.add_argument("--out", type=Path, default=None, help="Keep artifacts and logs here.")
     p.add_argument("--table", type=Path, default=None, help="Also write the table here.")
+    p.add_argument("--no-fsdp", action="store_true",
+                   help="Plan without FSDP (every planner), as this benchmark did before FSDP "
+                        "was priced as it runs.")
     args = p.parse_args(argv)
     try:
         scenarios = _scenarios(args.scenario, args.topology)
@@ -383,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     for scenario in scenarios:
         got = run_scenario(scenario, prof, out / _folder(scenario.name), args.global_batch,
-                           args.steps, repeat=args.repeat)
+                           args.steps, repeat=args.repeat,
+                           plan_flags=PLAN_FLAGS + (("--no-fsdp",) if args.no_fsdp else ()))
         rows += got
         failures += check(scenario, got)
     table = markdown(rows)
