@@ -153,6 +153,7 @@ def profile_cluster_rank(
         dist.gather_object(mine, devices, dst=0)
         _maybe_stall(rank, "round")
         results = measure_links(cfg, wire, step)
+        matrices = link_matrices(world, results) if results is not None else None  # rank 0
         coll = None
         if collectives:
             _maybe_stall(rank, "all-reduce")
@@ -161,9 +162,9 @@ def profile_cluster_rank(
         if collectives and world > 1:
             # Rank 0 holds the links; every rank needs the same pairs for the FSDP probe.
             if rank == 0:
-                assert results is not None and devices is not None
+                assert matrices is not None and devices is not None
                 room = [d["memory_bytes"] - (d.get("runtime_bytes") or 0) for d in devices]
-                pairs[0] = fsdp_pairs(link_matrices(world, results)[1], room)
+                pairs[0] = fsdp_pairs(matrices[1], room)
             dist.broadcast_object_list(pairs, src=0)
         over = gather_on_rank0([measure_overheads(device, wire, step, fsdp=pairs[0])], rank,
                                world)
@@ -175,9 +176,10 @@ def profile_cluster_rank(
             done = True
             return None
         assert devices is not None and results is not None and over is not None
+        assert matrices is not None
         for d, o in zip(devices, over, strict=True):
             d["overheads"] = o["overheads"]
-        lat, bw = link_matrices(world, results)
+        lat, bw = matrices
         measurement = measurement_block(world, cfg, results, backend)
         measurement["overheads"] = overheads_block(over)
         coll_lat = coll_bw = None

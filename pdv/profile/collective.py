@@ -70,13 +70,13 @@ _SWEEP_GAP_S = 0.5  # between sweeps: such bursts last about a second here
 
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter")
+"""the collectives swept per pair, in order"""
 _FSDP_REACH = 16 * 1024 * 1024
 """FSDP's sweeps grow at least this far (as far as the all-reduce did, if less). Not to 64 MiB:
 there gloo's reduce-scatter took 213-221 ms against 14.5 ms at 16 MiB in the same sweeps, and β
 fell to 153 MB/s (likely, not proven: a full-size temporary larger than a worker thread's 64 MiB
 malloc heap is mapped afresh and faulted in per call, which a run meets only with units that
 large)"""
-"""the collectives swept per pair, in order"""
 # t(S) on n = 2 ranks = _STEPS[op]·α + S / (_SHARE[op]·β), S the full tensor's bytes
 _STEPS = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
 _SHARE = {"all_reduce": 1, "all_gather": 2, "reduce_scatter": 2}
@@ -270,8 +270,9 @@ def measure_collectives(
             try:
                 # FSDP's collectives are swept as far as the all-reduce grew, up to
                 # _FSDP_REACH: a sweep that stopped at 4 MiB, where one slow stretch (12.7 ms,
-                # 1.5 ms alone) had stopped its growth, read gather β 165 MB/s, and gpt_small's
-                # 27 MB units gather at 1.1-1.5 GB/s (predicted FSDP steps +47% to +73%).
+                # 1.5 ms in a plain loop) had stopped its growth, read gather β 165 MB/s where
+                # 4-32 MiB all-gathers ran at 1.1-1.5 GB/s in a plain loop (gpt_small's FSDP
+                # steps were predicted +47% to +73%).
                 results = [_sweep_pair(a, b, rnd, cfg, device, group, report, OPS[0])]
                 reach = min(max(results[0].sizes), _FSDP_REACH)
                 results += [_sweep_pair(a, b, rnd, cfg, device, group, report, op, reach)
