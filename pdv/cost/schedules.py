@@ -15,9 +15,9 @@ simulator waits on dependencies instead).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from pdv.artifacts import SCHEDULES, Schedule
 from pdv.errors import PdvError
@@ -171,7 +171,10 @@ def _rounds(m: int, p: int, schedule: str) -> int:
     return m // rounds
 
 
-def _interleaved(rank: int, p: int, v: int, m: int, zero_bubble: bool, name: str) -> list[Op]:
+# A search prices a form's memory from its orders and then simulates it: the same orders twice.
+@lru_cache(maxsize=256)
+def _interleaved(rank: int, p: int, v: int, m: int, zero_bubble: bool,
+                 name: str) -> tuple[Op, ...]:
     # ScheduleInterleaved1F1B / ScheduleInterleavedZeroBubble (torch's _get_warmup_ops and
     # _get_1f1b_rank_ops): forwards walk the local stages round by round, backwards walk them in
     # reverse; zero bubble warms up with one op fewer per hop and defers each W by `rank` steps.
@@ -179,39 +182,31 @@ def _interleaved(rank: int, p: int, v: int, m: int, zero_bubble: bool, name: str
     factor = 1 if zero_bubble else 2
     warm = min((v - 1) * per_round + factor * (p - 1 - rank), m * v)
     total = m * v
+    lap = per_round * v
 
-    def fwd_stage(step: int) -> int:
-        return ((step // per_round) % v) * p + rank
+    # The n-th forward (backward) of the step goes to local stage (n // per_round) % v (walked
+    # in reverse for backwards), as its ((n // lap) · per_round + n % per_round)-th micro-batch.
+    def fwd(n: int) -> Op:
+        return ("F", ((n // per_round) % v) * p + rank, (n // lap) * per_round + n % per_round)
 
-    def bwd_stage(step: int) -> int:
-        return (v - 1 - ((step - warm) // per_round) % v) * p + rank
-
-    counters: dict[tuple[str, int], int] = defaultdict(int)
-
-    def take(kind: str, stage: int) -> Op:
-        i = counters[(kind, stage)]
-        counters[(kind, stage)] = i + 1
-        return (kind, stage, i)
+    def bwd(kind: str, n: int) -> Op:
+        return (kind, (v - 1 - (n // per_round) % v) * p + rank,
+                (n // lap) * per_round + n % per_round)
 
     back = "I" if zero_bubble else "B"
-    ops: list[Op] = []
-    backward_steps: list[int] = []
+    ops: list[Op] = [fwd(n) for n in range(warm)]
     weights_done = 0
-    for step in range(total + warm):  # warm-up, steady 1F1B, then `warm` cool-down steps
-        if step < warm:
-            ops.append(take("F", fwd_stage(step)))
-            continue
+    for step in range(warm, total + warm):  # steady 1F1B, then `warm` cool-down steps
         if step < total:
-            ops.append(take("F", fwd_stage(step)))
-        ops.append(take(back, bwd_stage(step)))
-        backward_steps.append(step)
+            ops.append(fwd(step))
+        ops.append(bwd(back, step - warm))
         if zero_bubble and step - warm >= rank:
-            ops.append(take("W", bwd_stage(backward_steps[weights_done])))
+            ops.append(bwd("W", weights_done))
             weights_done += 1
-    while zero_bubble and weights_done < len(backward_steps):
-        ops.append(take("W", bwd_stage(backward_steps[weights_done])))
+    while zero_bubble and weights_done < total:
+        ops.append(bwd("W", weights_done))
         weights_done += 1
-    return ops
+    return tuple(ops)
 
 
 def _looped_bfs(rank: int, p: int, v: int, m: int) -> list[Op]:
@@ -271,7 +266,7 @@ def rank_orders(layout: StageLayout, schedule: Schedule, num_micro: int) -> list
     if schedule == "ZBVZeroBubble":
         return [_zbv(g, p, m) for g in range(p)]
     zero_bubble = schedule == "InterleavedZeroBubble"
-    return [_interleaved(g, p, v, m, zero_bubble, schedule) for g in range(p)]
+    return [list(_interleaved(g, p, v, m, zero_bubble, schedule)) for g in range(p)]
 
 
 def warmup_forwards(layout: StageLayout, schedule: Schedule, num_micro: int) -> list[int]:
