@@ -13,7 +13,7 @@ from pdv.artifacts import Plan
 from pdv.cli.app import app, console, err_console
 from pdv.cli.render import fmt_bytes, fmt_time, new_table, print_table
 from pdv.errors import PdvError
-from pdv.plan.problem import PlanProblem
+from pdv.plan.problem import DEFAULT_VIRTUAL_STAGES, PlanProblem
 from pdv.plan.search import PLANNERS, check_profiles, plan_provenance, search
 
 
@@ -63,10 +63,9 @@ def plan(
     ),
     schedule: str = typer.Option("1F1B", "--schedule", help="GPipe or 1F1B."),
     virtual_stages: str = typer.Option(
-        "1", "--virtual-stages", help="Model chunks per rank group tried as interleaved "
-        "forms of pdv's 1F1B pipelines (Interleaved1F1B), e.g. 2,3,4; 1 (the default) for "
-        "plain pipelines only: interleaved plans are still predicted up to 8.5% fast on gloo "
-        "(benchmarks/schedule_check.py).",
+        ",".join(str(v) for v in (1, *DEFAULT_VIRTUAL_STAGES)), "--virtual-stages",
+        help="Model chunks per rank group tried as interleaved forms of pdv's 1F1B pipelines "
+        "(Interleaved1F1B); 1 alone for plain pipelines only.",
     ),
     time_limit: float = typer.Option(
         10.0,

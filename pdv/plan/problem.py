@@ -15,7 +15,13 @@ from pdv.artifacts import ClusterArtifact, LayerChoice, Links, ModelProfile, Pla
 from pdv.cost.compute import profile_for, smallest_batch
 from pdv.errors import PdvError
 
-__all__ = ["PlanProblem", "Candidate", "StageSpec", "choices_for", "plan_stage"]
+__all__ = ["DEFAULT_VIRTUAL_STAGES", "PlanProblem", "Candidate", "StageSpec", "choices_for",
+           "plan_stage"]
+
+DEFAULT_VIRTUAL_STAGES = (2, 3, 4)
+"""model chunks per rank group tried as interleaved forms of pdv's 1F1B pipelines. On by
+default since the simulator's interleaved pricing passed benchmarks/schedule_check.py (2026-12-05:
+largest |error| 1.0% over 7 plans, 4 of them interleaved; docs/design-notes.md)"""
 
 
 @dataclass(frozen=True)
@@ -74,10 +80,9 @@ class PlanProblem:
     """allowed TP degrees; empty = those every profile measured"""
     allow_fsdp: bool = True
     allow_recompute: bool = True
-    virtual_stages: tuple[int, ...] = ()
+    virtual_stages: tuple[int, ...] = DEFAULT_VIRTUAL_STAGES
     """chunks per rank group tried as interleaved forms of 1F1B pipelines (pdv.plan.interleave);
-    empty = plain pipelines only, the default until the interleaved pricing passes
-    benchmarks/schedule_check.py (it predicted 8-pipe-stage interleaved plans 8.5% fast on gloo)"""
+    empty = plain pipelines only"""
 
     @property
     def num_layers(self) -> int:

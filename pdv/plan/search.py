@@ -29,8 +29,8 @@ from pdv.artifacts import (
     digest,
 )
 from pdv.cost.compute import speed_factor, unpriced_note
-from pdv.cost.schedules import splits_backward, warmup_forwards
-from pdv.cost.simulate import host_capacity, simulate, to_predicted
+from pdv.cost.schedules import rank_orders, splits_backward, warmup_forwards
+from pdv.cost.simulate import host_capacity, peak_memory, simulate, to_predicted
 from pdv.cost.stage import stage_cost
 from pdv.cost.validity import check_plan
 from pdv.errors import PdvError
@@ -268,8 +268,10 @@ def step_floor(plan: Plan, problem: PlanProblem) -> float:
     its last backward and its optimizer step follows the sync. With one stage per group and
     no split backward, a stage's first backward also waits for its micro-batch's forward on
     every stage and backward on the later ones, the micro-batch of its last backward then runs
-    backward on every earlier stage, and stage 0 syncs and steps after that. Transfers count
-    as free.
+    backward on every earlier stage, and stage 0 syncs and steps after that. With several
+    stages per group (interleaved) and no split backward, the micro-batch of a group's last op
+    (a backward) still runs backward on every earlier stage while the group steps. Transfers
+    count as free.
     """
     n = len(plan.stages)
     layout = check_plan(plan, problem.num_layers, len(problem.cluster.devices))
@@ -285,10 +287,24 @@ def step_floor(plan: Plan, problem: PlanProblem) -> float:
     for stages in layout.stages_of_group:
         busy = sum(M * (costs[s].fwd_s + costs[s].bwd_s) + costs[s].optimizer_s for s in stages)
         floor = max(floor, min(lead[s] for s in stages) + busy)
-    if layout.local_stages > 1 or splits_backward(plan.schedule):
+    if splits_backward(plan.schedule):
+        return floor
+    tail0 = costs[0].grad_sync_s + costs[0].optimizer_s
+    if layout.local_stages > 1:
+        # The ramp down that interleaving shortens but cannot remove: without it an interleaved
+        # form's floor is its steady-state work alone, and the search simulates forms that
+        # cannot win (each 0.1-0.4 s at thousands of micro-batches).
+        for order, stages in zip(rank_orders(layout, plan.schedule, M),
+                                 layout.stages_of_group, strict=True):
+            kind, last, _ = order[-1]
+            if kind != "B":
+                continue
+            work = sum(M * (costs[s].fwd_s + costs[s].bwd_s) for s in stages)
+            after = sum(c.bwd_s for c in costs[:last]) + (tail0 if last else 0.0)
+            steps = sum(costs[s].optimizer_s for s in stages)
+            floor = max(floor, min(lead[s] for s in stages) + work + max(after, steps))
         return floor
     all_fwd = sum(c.fwd_s for c in costs)
-    tail0 = costs[0].grad_sync_s + costs[0].optimizer_s
     for s, (c, warm) in enumerate(zip(costs, warmup_forwards(layout, plan.schedule, M),
                                       strict=True)):  # fmt: skip
         # The stage's first backward waits for its micro-batch's forward through every stage
@@ -530,33 +546,47 @@ def _interleaved_forms(problem: PlanProblem, own: list[_Simulated],
     that rank's group recomputes and the layers are cut again. A form whose steady-state work
     (its objective, a lower bound of its step where ranks do not share cores) is not under the
     top-`top` step already simulated is not simulated: recomputing would only add work."""
-    out: list[_Simulated] = []
     memo = _memo(problem)
     shared = bool(host_capacity(problem.cluster))
+
+    def bar(done: list[_Simulated]) -> float:
+        times = sorted(o.step_s for o in done)
+        return times[top - 1] if len(times) >= top and not shared else float("inf")
+
+    # Every form is first cut and checked against memory on its op order alone; the forms that
+    # fit are then simulated in the order of their step_floor, while one could still enter the
+    # top `top` (a simulation of thousands of micro-batches takes 0.1-0.4 s).
+    fitting: list[tuple[float, int, Candidate, Plan, _Simulated]] = []
     for x in list(own):
         cand, _ = memo["plan", "pdv", x.by_objective]
         info = x.plan.planner
-        times = sorted(o.step_s for o in own + out)
-        bar = times[top - 1] if len(times) >= top and not shared else float("inf")
         for v in problem.virtual_stages if problem.schedule == "1F1B" else ():
             base: Candidate | None = cand
             while base is not None:
                 form = interleaved(problem, base, v)
-                if form is None or form.objective_s >= bar:
+                if form is None or form.objective_s >= bar(own):
                     break
                 try:
                     plan = _to_plan(problem, form, info.status, info.optimality_gap,
-                                    info.candidates or 0, Provenance())
+                                    info.candidates or 0, Provenance(), simulated=False)
+                    # The simulator's own peak, as its plan would carry it (whole bytes).
+                    peak = {r: int(b) for r, b in
+                            peak_memory(plan, problem.profiles, problem.cluster).items()}
                 except PdvError:
                     break  # e.g. torch's rounds do not divide the micro-batches
-                assert plan.predicted is not None
-                if _fits(problem, plan):
-                    out.append(_Simulated(plan, plan.predicted.step_time_s, form.objective_s,
-                                          x.by_objective))
+                over = [r for r, b in peak.items() if float(b) > problem.capacity(r)]
+                if not over:
+                    fitting.append((step_floor(plan, problem), len(fitting), form, plan, x))
                     break
-                over = [int(r) for r, b in plan.predicted.peak_memory_bytes.items()
-                        if float(b) > problem.capacity(int(r))]
                 base = recomputing(base, over) if problem.allow_recompute else None
+    out: list[_Simulated] = []
+    for floor, _, form, plan, x in sorted(fitting, key=lambda f: f[:2]):
+        if floor > bar(own + out) * (1 + 1e-9):
+            break  # and so is every later floor
+        sim = simulate(plan, problem.profiles, problem.cluster, trace=False)
+        plan = plan.model_copy(update={"predicted": to_predicted(sim)})
+        assert _fits(problem, plan)
+        out.append(_Simulated(plan, sim.step_time_s, form.objective_s, x.by_objective))
     return out
 
 
