@@ -13,6 +13,7 @@ from pdv.artifacts import (
     FsdpUnitCost,
     LayerChoice,
     MessageCost,
+    Plan,
     PlanStage,
     RankOverheads,
 )
@@ -222,3 +223,22 @@ def test_an_fsdp_plan_on_a_cluster_without_the_fsdp_probe_says_so() -> None:
     ddp = make_plan([PlanStage(layers=(0, 2), ranks=[0, 1], dp=2)], mbs=2)
     assert not any("FSDP's own work" in n
                    for n in simulate(ddp, {"cpu": prof}, _with_overheads(make_cluster(2))).notes)
+
+
+def test_an_fsdp_stage_on_cpu_ranks_warns_of_the_resident_heap() -> None:
+    prof = make_profile(n_layers=2)
+    fsdp = make_plan([PlanStage(layers=(0, 2), ranks=[0, 1], dp=2, fsdp=True)], mbs=2)
+    cpu = _fsdp_cluster(2, [0, 1])
+
+    def heap(plan: Plan, cluster: ClusterArtifact) -> list[str]:
+        return [n for n in simulate(plan, {d.kind: prof for d in cluster.devices}, cluster).notes
+                if "resident" in n]
+
+    assert len(heap(fsdp, cpu)) == 1 and "ranks [0, 1]" in heap(fsdp, cpu)[0]
+    ddp = make_plan([PlanStage(layers=(0, 2), ranks=[0, 1], dp=2)], mbs=2)
+    assert heap(ddp, cpu) == []
+    alone = make_plan([PlanStage(layers=(0, 2), ranks=[0], fsdp=True)], mbs=2)
+    assert heap(alone, cpu) == []
+    gpu = cpu.model_copy(update={"devices": [d.model_copy(update={"kind": "h100"})
+                                             for d in cpu.devices]})
+    assert heap(fsdp, gpu) == []

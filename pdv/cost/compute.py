@@ -28,6 +28,7 @@ from pdv.errors import PdvError
 
 __all__ = [
     "LayerCost",
+    "fsdp_heap_note",
     "fsdp_unpriced_note",
     "ProfileArrays",
     "layer_cost",
@@ -148,6 +149,18 @@ def fsdp_unpriced_note(plan: Plan, cluster: ClusterArtifact) -> str | None:
     return (f"FSDP's own work per unit (hooks, copies, resharding) unpriced (0) on ranks "
             f"{ranks}: the cluster has no FSDP probe (pdv profile cluster with --collectives "
             "measures it)")
+
+
+def fsdp_heap_note(plan: Plan, cluster: ClusterArtifact) -> str | None:
+    """A note naming the CPU ranks of FSDP stages, whose resident memory is above its price."""
+    ranks = sorted({r for st in plan.stages if st.fsdp and st.dp > 1 for r in st.ranks
+                    if cluster.devices[r].kind == "cpu"})
+    if not ranks:
+        return None
+    return (f"FSDP on CPU ranks {ranks}: peak memory is priced as the tensors held; glibc's heap "
+            "keeps the space FSDP's gather and reduce-scatter buffers freed resident, measured at "
+            "6-10x the units' parameter bytes beyond it (docs/design-notes.md, \"FSDP's "
+            "resident heap on CPU\"); leave that headroom or plan without FSDP")
 
 
 def speed_factor(profile: ModelProfile, device: ClusterDevice) -> float:

@@ -46,7 +46,12 @@ from pdv.artifacts import (
     Schedule,
     StagePrediction,
 )
-from pdv.cost.compute import fsdp_unpriced_note, smallest_batch, unpriced_note
+from pdv.cost.compute import (
+    fsdp_heap_note,
+    fsdp_unpriced_note,
+    smallest_batch,
+    unpriced_note,
+)
 from pdv.cost.schedules import Op, StageLayout, rank_orders, splits_backward
 from pdv.cost.stage import StageCost, stage_cost
 from pdv.cost.validity import check_plan
@@ -122,7 +127,7 @@ def simulate(
     sim = simulate_costs(costs, layout, schedule, plan.num_micro_batches,
                          Sharing(capacity, hosts) if capacity else None, trace)
     notes = [n for n in (unpriced_note(cluster), fsdp_unpriced_note(plan, cluster),
-                         _extrapolated_note(plan, profiles)) if n]
+                         fsdp_heap_note(plan, cluster), _extrapolated_note(plan, profiles)) if n]
     return replace(sim, notes=(*sim.notes, *notes)) if notes else sim
 
 
