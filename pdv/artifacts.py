@@ -39,6 +39,7 @@ __all__ = [
     "LayerChoice",
     "LayerProfile",
     "LayerSample",
+    "HostRing",
     "Links",
     "FsdpUnitCost",
     "MessageCost",
@@ -336,6 +337,15 @@ class ClusterDevice(_Strict):
         return _drop_none(handler(self), ("overheads",))
 
 
+class HostRing(_Strict):
+    """An all-reduce over every rank of one host, measured as one group."""
+
+    ranks: list[int] = Field(min_length=3, description="the host's ranks, ascending")
+    alpha_s: float = Field(ge=0, description="α per ring step: the group's all-reduce of S "
+                           "bytes took 2(n−1)α + 2(n−1)/n·S/β")
+    bandwidth_Bps: float = Field(gt=0, description="β of that ring, bytes per second")
+
+
 class Links(_Strict):
     """Point-to-point α/β between every ordered pair; row = sender, column = receiver."""
 
@@ -361,12 +371,17 @@ class Links(_Strict):
         "input of S bytes on 2 ranks took α + S/(2β); absent: rings use the all-reduce's")
     scatter_bandwidth_Bps: list[list[float]] | None = Field(
         None, description="β of a reduce-scatter over the pair, bytes per second")
+    host_rings: list[HostRing] | None = Field(
+        None, description="all-reduces over each host's whole set of ranks (hosts with 3 or "
+        "more): where ranks outnumber cores, a ring step waits for the scheduler, which no pair "
+        "measures; a ring with 3 or more ranks on such a host is priced no faster than it")
 
     @model_serializer(mode="wrap")
     def _omit_unmeasured(self, handler: Any) -> Any:
         # Links measured before the FSDP sweep (and every plan that copies them) keep their bytes.
         return _drop_none(handler(self), ("gather_latency_s", "gather_bandwidth_Bps",
-                                          "scatter_latency_s", "scatter_bandwidth_Bps"))
+                                          "scatter_latency_s", "scatter_bandwidth_Bps",
+                                          "host_rings"))
 
 
 class ClusterArtifact(_Strict):
@@ -402,6 +417,10 @@ class ClusterArtifact(_Strict):
                 continue
             if len(m) != n or any(len(row) != n for row in m):
                 raise ValueError(f"links.{name} must be a {n}x{n} matrix (one row per device)")
+        for ring in self.links.host_rings or ():
+            if ring.ranks != sorted(set(ring.ranks)) or ring.ranks[-1] >= n:
+                raise ValueError(f"links.host_rings: ranks {ring.ranks} must be distinct, "
+                                 f"ascending ranks below {n}")
         for i in range(n):
             for j in range(n):
                 if i == j:

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pdv.artifacts import ClusterArtifact, HostRing
 from pdv.cost.comm import (
     Ring,
     all_gather_time,
@@ -130,3 +131,30 @@ def test_rings_use_measured_collectives_where_the_cluster_has_them() -> None:
     assert all_reduce_time(ring_of(links, [0, 2]), 1e6) == pytest.approx(1e6 / 4e7 + 2 * 1e-4)
     # Point-to-point transfers keep the point-to-point matrices.
     assert p2p_time(links, 1, 0, 1e6) == pytest.approx(1e-5 + 0.01)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_ring_with_three_ranks_on_a_measured_host_is_no_faster_than_its_ring(
+        seed: int) -> None:
+    """Host rings bound every ring with 3 or more of their ranks, and only those; the pairs'
+    α/β still bound it where they are slower."""
+    rng = np.random.default_rng(seed)
+    n = 8
+    bw = rng.uniform(1e8, 1e10, (n, n))
+    lat = rng.uniform(1e-6, 1e-3, (n, n))
+    base = make_cluster(n, bw=bw.tolist(), lat=lat.tolist())
+    host = HostRing(ranks=[0, 1, 2, 3], alpha_s=float(rng.uniform(1e-5, 2e-3)),
+                    bandwidth_Bps=float(rng.uniform(1e8, 1e10)))
+    links = base.links.model_copy(update={"host_rings": [host]})
+    ClusterArtifact.model_validate(base.model_copy(update={"links": links}).model_dump())
+    for _ in range(20):
+        ranks = sorted(rng.choice(n, size=int(rng.integers(2, n + 1)), replace=False).tolist())
+        plain, bound = ring_of(base.links, ranks), ring_of(links, ranks)
+        if len(set(ranks) & {0, 1, 2, 3}) >= 3:
+            assert bound.alpha == max(plain.alpha, host.alpha_s)
+            assert bound.beta == min(plain.beta, host.bandwidth_Bps)
+        else:
+            assert bound == plain
+    bad = links.model_copy(update={"host_rings": [host.model_copy(update={"ranks": [3, 9, 1]})]})
+    with pytest.raises(ValueError, match="host_rings"):
+        ClusterArtifact.model_validate(base.model_copy(update={"links": bad}).model_dump())

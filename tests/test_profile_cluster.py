@@ -265,6 +265,15 @@ def _check_collectives(data: dict) -> None:
         # per byte it cannot beat a one-way send (measured 2-4x slower here; kept loose).
         assert bw[i][j] < max(p2p[i][j], p2p[j][i]), (i, j, bw[i][j], p2p[i][j], p2p[j][i])
     links = data["links"]
+    # Every host with 3 or more ranks all-reduced as one group, and only those.
+    hosts: dict[str, list[int]] = {}
+    for d in data["devices"]:
+        hosts.setdefault(d["host"], []).append(d["rank"])
+    rings = {tuple(r["ranks"]): r for r in links.get("host_rings", [])}
+    assert set(rings) == {tuple(r) for r in hosts.values() if len(r) >= 3}
+    for ring in rings.values():
+        assert 0 <= ring["alpha_s"] < 0.1 and math.isfinite(ring["bandwidth_Bps"])
+        assert ring["bandwidth_Bps"] > 1e6
     matrices = {"all_reduce": bw, "all_gather": links["gather_bandwidth_Bps"],
                 "reduce_scatter": links["scatter_bandwidth_Bps"]}
     for op, m in matrices.items():

@@ -130,12 +130,22 @@ def ring_of(links: Links, ranks: Sequence[int]) -> Ring:
 
     Where the cluster measured FSDP's all-gather and reduce-scatter per pair, the ring carries
     their α/β too (the slowest hop's), and :func:`all_gather_time` /
-    :func:`reduce_scatter_time` price with them.
+    :func:`reduce_scatter_time` price with them. Where it measured a host's ranks all-reducing
+    as one group (``Links.host_rings``), a ring with three or more of them is no faster.
     """
     ring = Ring(len(ranks), *ring_link(links, ranks))
     hops = ring_hops(ranks)
     if not hops:
         return ring
+    # Three or more of the ring's ranks on a host measured as a whole: each ring step there
+    # waits on that host's scheduler as the measured group's did (4 CPU ranks on 2 cores: 5-7
+    # ms for a 4 KiB-1 MiB all-reduce that pairs' α/β priced at 1.5-3.1 ms). The whole host is
+    # the only group measured, so a ring of fewer of its ranks is priced as the whole.
+    mine = set(ranks)
+    for host in links.host_rings or ():
+        if len(mine.intersection(host.ranks)) >= 3:
+            ring = ring._replace(alpha=max(ring.alpha, host.alpha_s),
+                                 beta=min(ring.beta, host.bandwidth_Bps))
     if links.gather_latency_s is not None and links.gather_bandwidth_Bps is not None:
         a, b = _slowest_hop(links.gather_latency_s, links.gather_bandwidth_Bps, hops)
         ring = ring._replace(gather_alpha=a, gather_beta=b)

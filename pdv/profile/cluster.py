@@ -1,9 +1,9 @@
 """One rank of `pdv profile cluster`: join, probe the device, measure links, rank 0 writes.
 
 Order: join; a first collective, then the memory the rank holds (runtime_bytes); the device
-probe; the point-to-point tournament; the all-reduce tournament (unless turned off); the
-pipeline bookkeeping and message-CPU probes, and with the all-reduce tournament the FSDP
-own-work probe (pdv.profile.overheads).
+probe; the point-to-point tournament; the all-reduce tournament and each host's ring (unless
+turned off); the pipeline bookkeeping and message-CPU probes, and with the all-reduce
+tournament the FSDP own-work probe (pdv.profile.overheads).
 
 Runs under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment). Every
 step is reported to a callback; under the local launcher that callback writes heartbeat files
@@ -27,7 +27,12 @@ from pdv.artifacts import ClusterArtifact, ClusterDevice, Links, Provenance
 from pdv.cost.comm import ring_of
 from pdv.errors import PdvError
 from pdv.profile.allocator import keep_freed_memory
-from pdv.profile.collective import collective_block, collective_matrices, measure_collectives
+from pdv.profile.collective import (
+    collective_block,
+    collective_matrices,
+    measure_collectives,
+    measure_host_rings,
+)
 from pdv.profile.hardware import matmul_flops, probe_device, runtime_memory
 from pdv.profile.launch_local import PROGRESS_ENV
 from pdv.profile.network import (
@@ -154,10 +159,11 @@ def profile_cluster_rank(
         _maybe_stall(rank, "round")
         results = measure_links(cfg, wire, step)
         matrices = link_matrices(world, results) if results is not None else None  # rank 0
-        coll = None
+        coll = host_rings = None
         if collectives:
             _maybe_stall(rank, "all-reduce")
             coll = measure_collectives(cfg, wire, timedelta(seconds=group_timeout), step)
+            host_rings = measure_host_rings(cfg, wire, timedelta(seconds=group_timeout), step)
         pairs: list[Any] = [None]
         if collectives and world > 1:
             # Rank 0 holds the links; every rank needs the same pairs for the FSDP probe.
@@ -191,8 +197,13 @@ def profile_cluster_rank(
                 lat_m, bw_m = collective_matrices(world, coll, op)
                 fsdp[f"{kind}_latency_s"], fsdp[f"{kind}_bandwidth_Bps"] = lat_m, bw_m
             measurement["collective"] = collective_block(coll)
+            if host_rings:
+                measurement["collective"]["host_rings"] = (
+                    "all-reduce over each host's whole set of ranks (hosts with 3 or more, side "
+                    "by side), swept as a pair's; the fitted line read as a ring of n: "
+                    "t = 2(n-1) alpha + 2(n-1)/n S/beta")
         links = Links(latency_s=lat, bandwidth_Bps=bw, collective_latency_s=coll_lat,
-                      collective_bandwidth_Bps=coll_bw, **fsdp)
+                      collective_bandwidth_Bps=coll_bw, host_rings=host_rings or None, **fsdp)
         _fsdp_own_work(devices, over, links)
         artifact = ClusterArtifact(
             provenance=Provenance(

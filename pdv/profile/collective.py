@@ -37,6 +37,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pdv.artifacts import HostRing
+from pdv.profile.hardware import host_name
 from pdv.profile.network import (
     Progress,
     SweepConfig,
@@ -47,7 +49,7 @@ from pdv.profile.network import (
 
 __all__ = [
     "PairCollective", "collective_block", "collective_matrices", "measure_collectives",
-    "superlinearity", "sweep_flaws",
+    "measure_host_rings", "superlinearity", "sweep_flaws",
 ]
 
 # As in the point-to-point sweep: cheap sizes are repeated until about this much time is
@@ -284,6 +286,45 @@ def measure_collectives(
         dist.barrier()  # rounds do not overlap: a round's pairs are the only traffic
         report({"phase": "all-reduce-round-done", "round": rnd, "rounds": len(rounds)})
     return gather_on_rank0(mine, rank, world)
+
+
+def measure_host_rings(
+    cfg: SweepConfig, device: torch.device, timeout: timedelta, report: Progress | None = None
+) -> list[HostRing] | None:
+    """Every rank: each host with 3 or more ranks all-reduces over all of them at once (hosts
+    side by side); rank 0 gets every host's ring, the others None.
+
+    The pairs' sweep cannot see what a ring of more ranks than the host has cores pays: each
+    of its 2(n−1) steps waits until both ends are scheduled (4 CPU ranks on 2 cores: a 4 KiB
+    all-reduce took 7.4 ms, a pair's α/β priced 1.5 ms). The same sweep as a pair's, fitted to
+    the ring's t = 2(n−1)α + 2(n−1)/n·S/β.
+    """
+    report = report or (lambda event: None)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    hosts: list[str] = [""] * world
+    dist.all_gather_object(hosts, host_name())
+    groups = {h: [r for r in range(world) if hosts[r] == h] for h in dict.fromkeys(hosts)}
+    mine: list[HostRing] = []
+    # Every rank makes every host's group, in the same order, so each gets a fresh name.
+    made = {h: dist.new_group(ranks, timeout=timeout) for h, ranks in groups.items()
+            if len(ranks) >= 3}
+    for h, group in made.items():
+        ranks = groups[h]
+        if rank not in ranks:
+            continue
+        report({"phase": "host-ring-start", "host": h, "ranks": len(ranks)})
+        swept = _sweep_pair(ranks[0], ranks[-1], -1, cfg, device, group, report, OPS[0])
+        n = len(ranks)
+        # _sweep_pair fits n = 2 (t = 2α + S/β): the same line read as a ring of n.
+        if rank == ranks[0]:
+            mine.append(HostRing(ranks=ranks, alpha_s=swept.alpha_s * 2 / (2 * (n - 1)),
+                                 bandwidth_Bps=2 * (n - 1) / n * swept.bandwidth_Bps))
+    dist.barrier()
+    for group in made.values():
+        if group != dist.GroupMember.NON_GROUP_MEMBER:
+            dist.destroy_process_group(group)
+    rings = gather_on_rank0(mine, rank, world)
+    return None if rings is None else sorted(rings, key=lambda r: r.ranks)
 
 
 def collective_matrices(
