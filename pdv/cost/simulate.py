@@ -532,7 +532,7 @@ def _most_held(order: list[Op], stages: Sequence[int], act: dict[int, np.ndarray
     held = np.zeros((len(live), n_ranks))
     for t in stages:
         held = held + live[:, column[t], None] * act[t]
-    return np.maximum(np.zeros(n_ranks), held.max(axis=0, initial=0.0))
+    return held.max(axis=0, initial=0.0)
 
 
 def to_predicted(sim: Simulation) -> Predicted:

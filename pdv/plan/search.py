@@ -541,11 +541,12 @@ def _search(problem: PlanProblem, planner: str, top: int, say: Progress,
 
 def _interleaved_forms(problem: PlanProblem, own: list[_Simulated],
                        top: int) -> list[_Simulated]:
-    """pdv's simulated pipelines in their interleaved forms (pdv.plan.interleave), simulated
-    and kept where they fit in memory; where a form's simulated peak is over a rank's budget,
-    that rank's group recomputes and the layers are cut again. A form whose steady-state work
-    (its objective, a lower bound of its step where ranks do not share cores) is not under the
-    top-`top` step already simulated is not simulated: recomputing would only add work."""
+    """pdv's simulated pipelines in their interleaved forms (pdv.plan.interleave), kept where
+    they fit in memory; where a form's peak (from its op order) is over a rank's budget, that
+    rank's group recomputes and the layers are cut again. A form whose steady-state work (its
+    objective, a lower bound of its step where ranks do not share cores) is not under the
+    top-`top` step of pdv's plain pipelines is not cut again: recomputing would only add work.
+    The forms that fit are simulated in step_floor order while one could still enter the top."""
     memo = _memo(problem)
     shared = bool(host_capacity(problem.cluster))
 
@@ -553,9 +554,7 @@ def _interleaved_forms(problem: PlanProblem, own: list[_Simulated],
         times = sorted(o.step_s for o in done)
         return times[top - 1] if len(times) >= top and not shared else float("inf")
 
-    # Every form is first cut and checked against memory on its op order alone; the forms that
-    # fit are then simulated in the order of their step_floor, while one could still enter the
-    # top `top` (a simulation of thousands of micro-batches takes 0.1-0.4 s).
+    # A simulation of thousands of micro-batches takes 0.1-0.4 s; an op order, milliseconds.
     fitting: list[tuple[float, int, Candidate, Plan, _Simulated]] = []
     for x in list(own):
         cand, _ = memo["plan", "pdv", x.by_objective]

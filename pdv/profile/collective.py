@@ -317,7 +317,7 @@ def measure_host_rings(
         n = len(ranks)
         # _sweep_pair fits n = 2 (t = 2α + S/β): the same line read as a ring of n.
         if rank == ranks[0]:
-            mine.append(HostRing(ranks=ranks, alpha_s=swept.alpha_s * 2 / (2 * (n - 1)),
+            mine.append(HostRing(ranks=ranks, alpha_s=swept.alpha_s / (n - 1),
                                  bandwidth_Bps=2 * (n - 1) / n * swept.bandwidth_Bps))
     dist.barrier()
     for group in made.values():
