@@ -245,15 +245,21 @@ class _Run:
                  num_micro: int, trace: bool = True) -> None:  # fmt: skip
         self.costs = costs
         self.durations = [_durations(c, split) for c in costs]
+        self.send_s = [c.send_s for c in costs]
+        self.grad_send_s = [c.grad_send_s for c in costs]
         self.layout = layout
         self.split = split
         self.num_micro = num_micro
         self.back = "I" if split else "B"
         self.last_bwd = "W" if split else "B"
-        self.done: dict[Op, float] = {}
-        self.act_arrival: dict[tuple[int, int], float] = {}
-        self.grad_arrival: dict[tuple[int, int], float] = {}
-        self.synced: dict[int, float] = {}
+        # Per stage, per micro-batch (None until it happens): lists, not dicts keyed by op,
+        # because the search simulates steps of 10^5 ops and these are read once per op.
+        n = len(costs)
+        self.fwd_end: list[list[float | None]] = [[None] * num_micro for _ in range(n)]
+        self.input_grad_end: list[list[float | None]] = [[None] * num_micro for _ in range(n)]
+        self.act_arrival: list[list[float | None]] = [[None] * num_micro for _ in range(n)]
+        self.grad_arrival: list[list[float | None]] = [[None] * num_micro for _ in range(n)]
+        self.synced: list[float | None] = [None] * n
         self.free = [0.0] * layout.num_groups
         self.send_free = [0.0] * layout.num_groups
         self.coll_free = [0.0] * layout.num_groups
@@ -281,19 +287,18 @@ class _Run:
     def ready(self, op: Op) -> float | None:
         """When op's inputs are all there, or None while a dependency has not run."""
         kind, s, m = op
-        last = len(self.costs) - 1
-        if kind == "O":
-            return self.synced.get(s)
         if kind == "F":
-            return 0.0 if s == 0 else self.act_arrival.get((s, m))
+            return 0.0 if s == 0 else self.act_arrival[s][m]
+        if kind == "O":
+            return self.synced[s]
         if kind == "W":
-            return self.done.get(("I", s, m))
-        own = self.done.get(("F", s, m))
+            return self.input_grad_end[s][m]
+        own = self.fwd_end[s][m]
         if own is None:
             return None
-        if s == last:
+        if s == len(self.costs) - 1:
             return own
-        grad = self.grad_arrival.get((s, m))
+        grad = self.grad_arrival[s][m]
         return None if grad is None else max(own, grad)
 
     def duration(self, op: Op) -> float:
@@ -304,16 +309,20 @@ class _Run:
         """Record op on group g over [start, end) and start what its end releases."""
         kind, s, m = op
         self.free[g] = end
-        self.done[op] = end
         if kind == "O":
             if end > start:  # stages without a measured optimizer step leave no event
                 self.record("opt", "compute", g, s, None, start, end)
-        else:
-            self.record(kind, "compute", g, s, m, start, end)
-        if kind == "F" and s + 1 < len(self.costs):
-            self._send(g, s, m, end, self.costs[s].send_s, "send-act", self.act_arrival, s + 1)
+            return
+        self.record(kind, "compute", g, s, m, start, end)
+        if kind == "F":
+            self.fwd_end[s][m] = end
+            if s + 1 < len(self.costs):
+                self._send(g, s, m, end, self.send_s[s], "send-act", self.act_arrival, s + 1)
+            return
+        if kind == "I":
+            self.input_grad_end[s][m] = end
         if kind == self.back and s > 0:
-            t = self.costs[s - 1].grad_send_s
+            t = self.grad_send_s[s - 1]
             self._send(g, s, m, end, t, "send-grad", self.grad_arrival, s - 1)
         if kind == self.last_bwd:
             self.backwards_left[s] -= 1
@@ -332,13 +341,13 @@ class _Run:
         self.record("sync", "collective", g, s, None, start, start + dur)
 
     def _send(self, g: int, s: int, m: int, t0: float, dur: float, name: str,
-              arrival: dict[tuple[int, int], float], to: int) -> None:  # fmt: skip
+              arrival: list[list[float | None]], to: int) -> None:  # fmt: skip
         if dur <= 0:
-            arrival[(to, m)] = t0
+            arrival[to][m] = t0
             return
         start = max(t0, self.send_free[g])
         self.send_free[g] = start + dur
-        arrival[(to, m)] = start + dur
+        arrival[to][m] = start + dur
         self.record(name, "p2p", g, s, m, start, start + dur)
 
 
@@ -390,6 +399,9 @@ def _run_alone(state: _Run, steps: list[list[Op]], layout: StageLayout, schedule
     # step) and the search simulates several plans.
     ready, complete, free = state.ready, state.complete, state.free
     durations, group_of = state.durations, layout.group_of_stage
+    # The groups an op of stage s may unblock: those holding its pipeline neighbours.
+    woken = [tuple(group_of[t] for t in (s - 1, s + 1) if 0 <= t < n_stages)
+             for s in range(n_stages)]  # fmt: skip
     while todo:
         g = todo.pop()
         queued[g] = False
@@ -404,12 +416,10 @@ def _run_alone(state: _Run, steps: list[list[Op]], layout: StageLayout, schedule
             complete(g, op, start, start + durations[op[1]][op[0]])
             i += 1
             remaining -= 1
-            for t in (op[1] - 1, op[1] + 1):
-                if 0 <= t < n_stages:
-                    h = group_of[t]
-                    if h != g and not queued[h]:
-                        queued[h] = True
-                        todo.append(h)
+            for h in woken[op[1]]:
+                if h != g and not queued[h]:
+                    queued[h] = True
+                    todo.append(h)
         pos[g] = i
     if remaining:
         raise _deadlock(schedule, num_micro, layout, steps, pos)
