@@ -23,6 +23,7 @@ from pdv.profile.collective import (
     PairCollective,
     _alpha,
     collective_matrices,
+    ring_from_pair_line,
     superlinearity,
     sweep_flaws,
 )
@@ -83,6 +84,25 @@ def test_collective_alpha_is_bounded_by_the_cleanest_small_size(
     bound = [k for k, s in enumerate(sizes) if s / bw <= times[k] / 2]
     if any(noise[k] == 0 for k in bound):
         assert got == pytest.approx(alpha, rel=1e-9)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    n=st.integers(3, 16),
+    alpha=st.floats(1e-6, 1e-3),
+    bw=st.floats(1e7, 1e11),
+)
+def test_a_host_ring_sweep_read_as_a_pair_gives_back_the_rings_alpha_and_beta(
+        n: int, alpha: float, bw: float) -> None:
+    """A host's all-reduce is swept and fitted as a pair's; reading that fit as a ring of n
+    must return the ring's own α per step and β, whatever n."""
+    sizes = [4096, 16384, 65536, 1 << 20, 4 << 20, 16 << 20]
+    times = [2 * (n - 1) * alpha + 2 * (n - 1) / n * s / bw for s in sizes]
+    _c, slope_beta, _r2, how = fit_line(sizes, times)
+    assume(how == "least squares")
+    ring = ring_from_pair_line(list(range(n)), _alpha(sizes, times, slope_beta), slope_beta)
+    assert ring.bandwidth_Bps == pytest.approx(bw, rel=1e-6)
+    assert ring.alpha_s == pytest.approx(alpha, rel=1e-4, abs=1e-12)
 
 
 @settings(max_examples=50, deadline=None)
@@ -271,9 +291,21 @@ def _check_collectives(data: dict) -> None:
         hosts.setdefault(d["host"], []).append(d["rank"])
     rings = {tuple(r["ranks"]): r for r in links.get("host_rings", [])}
     assert set(rings) == {tuple(r) for r in hosts.values() if len(r) >= 3}
-    for ring in rings.values():
+    swept = {tuple(r["ranks"]): r for r in block.get("host_rings", {}).get("rings", [])}
+    assert set(swept) == set(rings)
+    for ranks, ring in rings.items():
         assert 0 <= ring["alpha_s"] < 0.1 and math.isfinite(ring["bandwidth_Bps"])
         assert ring["bandwidth_Bps"] > 1e6
+        # The file keeps the sweep the ring came from: its medians give the ring back.
+        rec = swept[ranks]
+        assert rec["host"] == data["devices"][ranks[0]]["host"]
+        assert len(rec["sizes"]) == len(rec["median_s"]) >= 2
+        assert all(b <= m for b, m in zip(rec["best_s"], rec["median_s"], strict=True))
+        slope_beta = fit_line(rec["sizes"], rec["median_s"])[1]
+        again = ring_from_pair_line(list(ranks), _alpha(rec["sizes"], rec["median_s"],
+                                                        slope_beta), slope_beta)
+        assert again.bandwidth_Bps == pytest.approx(ring["bandwidth_Bps"], rel=1e-3)
+        assert again.alpha_s == pytest.approx(ring["alpha_s"], rel=1e-3, abs=1e-9)
     matrices = {"all_reduce": bw, "all_gather": links["gather_bandwidth_Bps"],
                 "reduce_scatter": links["scatter_bandwidth_Bps"]}
     for op, m in matrices.items():

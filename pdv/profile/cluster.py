@@ -30,6 +30,7 @@ from pdv.profile.allocator import keep_freed_memory
 from pdv.profile.collective import (
     collective_block,
     collective_matrices,
+    host_ring_block,
     measure_collectives,
     measure_host_rings,
 )
@@ -198,12 +199,10 @@ def profile_cluster_rank(
                 fsdp[f"{kind}_latency_s"], fsdp[f"{kind}_bandwidth_Bps"] = lat_m, bw_m
             measurement["collective"] = collective_block(coll)
             if host_rings:
-                measurement["collective"]["host_rings"] = (
-                    "all-reduce over each host's whole set of ranks (hosts with 3 or more, side "
-                    "by side), swept as a pair's; the fitted line read as a ring of n: "
-                    "t = 2(n-1) alpha + 2(n-1)/n S/beta")
+                measurement["collective"]["host_rings"] = host_ring_block(host_rings)
         links = Links(latency_s=lat, bandwidth_Bps=bw, collective_latency_s=coll_lat,
-                      collective_bandwidth_Bps=coll_bw, host_rings=host_rings or None, **fsdp)
+                      collective_bandwidth_Bps=coll_bw,
+                      host_rings=[s.ring for s in host_rings or ()] or None, **fsdp)
         _fsdp_own_work(devices, over, links)
         artifact = ClusterArtifact(
             provenance=Provenance(

@@ -48,8 +48,9 @@ from pdv.profile.network import (
 )
 
 __all__ = [
-    "PairCollective", "collective_block", "collective_matrices", "measure_collectives",
-    "measure_host_rings", "superlinearity", "sweep_flaws",
+    "HostRingSweep", "PairCollective", "collective_block", "collective_matrices",
+    "host_ring_block", "measure_collectives", "measure_host_rings", "ring_from_pair_line",
+    "superlinearity", "sweep_flaws",
 ]
 
 # As in the point-to-point sweep: cheap sizes are repeated until about this much time is
@@ -288,11 +289,33 @@ def measure_collectives(
     return gather_on_rank0(mine, rank, world)
 
 
+def ring_from_pair_line(ranks: list[int], pair_alpha_s: float, pair_beta_Bps: float) -> HostRing:
+    """A host's ring from its sweep's fit as a pair reads it (t = 2α' + S/β'): the same line
+    read as a ring of n, t = 2(n−1)α + 2(n−1)/n·S/β."""
+    n = len(ranks)
+    return HostRing(ranks=ranks, alpha_s=pair_alpha_s / (n - 1),
+                    bandwidth_Bps=2 * (n - 1) / n * pair_beta_Bps)
+
+
+@dataclass
+class HostRingSweep:
+    """One host's all-reduce over all its ranks: the sweep (as a pair's) and its ring."""
+
+    host: str
+    ranks: list[int]
+    sweep: PairCollective
+
+    @property
+    def ring(self) -> HostRing:
+        """The ring the sweep's fit gives (what Links.host_rings keeps)."""
+        return ring_from_pair_line(self.ranks, self.sweep.alpha_s, self.sweep.bandwidth_Bps)
+
+
 def measure_host_rings(
     cfg: SweepConfig, device: torch.device, timeout: timedelta, report: Progress | None = None
-) -> list[HostRing] | None:
+) -> list[HostRingSweep] | None:
     """Every rank: each host with 3 or more ranks all-reduces over all of them at once (hosts
-    side by side); rank 0 gets every host's ring, the others None.
+    side by side); rank 0 gets every host's sweep, the others None.
 
     The pairs' sweep cannot see what a ring of more ranks than the host has cores pays: each
     of its 2(n−1) steps waits until both ends are scheduled (4 CPU ranks on 2 cores: a 4 KiB
@@ -304,7 +327,7 @@ def measure_host_rings(
     hosts: list[str] = [""] * world
     dist.all_gather_object(hosts, host_name())
     groups = {h: [r for r in range(world) if hosts[r] == h] for h in dict.fromkeys(hosts)}
-    mine: list[HostRing] = []
+    mine: list[HostRingSweep] = []
     # Every rank makes every host's group, in the same order, so each gets a fresh name.
     made = {h: dist.new_group(ranks, timeout=timeout) for h, ranks in groups.items()
             if len(ranks) >= 3}
@@ -314,17 +337,37 @@ def measure_host_rings(
             continue
         report({"phase": "host-ring-start", "host": h, "ranks": len(ranks)})
         swept = _sweep_pair(ranks[0], ranks[-1], -1, cfg, device, group, report, OPS[0])
-        n = len(ranks)
-        # _sweep_pair fits n = 2 (t = 2α + S/β): the same line read as a ring of n.
         if rank == ranks[0]:
-            mine.append(HostRing(ranks=ranks, alpha_s=swept.alpha_s / (n - 1),
-                                 bandwidth_Bps=2 * (n - 1) / n * swept.bandwidth_Bps))
+            mine.append(HostRingSweep(h, ranks, swept))
     dist.barrier()
     for group in made.values():
         if group != dist.GroupMember.NON_GROUP_MEMBER:
             dist.destroy_process_group(group)
     rings = gather_on_rank0(mine, rank, world)
     return None if rings is None else sorted(rings, key=lambda r: r.ranks)
+
+
+def host_ring_block(sweeps: list[HostRingSweep]) -> dict[str, Any]:
+    """The `measurement.collective.host_rings` entry: method, and each host's sweep and fit,
+    so that a ring's α/β can be checked against the medians it came from."""
+    return {
+        "method": "all-reduce over each host's whole set of ranks (hosts with 3 or more, side "
+        "by side), swept as a pair's (same sizes, passes, repeats and burst checks); the "
+        "median per size fitted to t = c + S/slope_beta, read as a pair (alpha_pair = half "
+        "the least t - S/slope_beta over the latency-bound sizes), then as a ring of n: "
+        "alpha = alpha_pair/(n-1) per ring step, beta = 2(n-1)/n slope_beta",
+        "statistic": "per size, the slowest rank's median (and best) over the repeats",
+        "rings": [
+            {"host": s.host, "ranks": s.ranks, "sizes": s.sweep.sizes,
+             "median_s": [float(f"{t:.6g}") for t in s.sweep.median_s],
+             "best_s": [float(f"{t:.6g}") for t in s.sweep.best_s],
+             "fit_intercept_s": s.sweep.fit_intercept_s, "slope_beta_Bps": s.sweep.bandwidth_Bps,
+             "alpha_pair_s": s.sweep.alpha_s, "r2": s.sweep.r2, "fit": s.sweep.fit,
+             "sweeps": s.sweep.sweeps, "alpha_s": s.ring.alpha_s,
+             "bandwidth_Bps": s.ring.bandwidth_Bps}
+            for s in sweeps
+        ],
+    }
 
 
 def collective_matrices(
