@@ -216,6 +216,8 @@ def test_four_local_ranks_give_a_valid_4x4_matrix(tmp_path: Path) -> None:
         # (the sum of shares, ~2 here) is what the cost model's host bound divides by.
         assert sum(d["matmul_flops"] / d["matmul_flops_alone"] for d in data["devices"]) < 3.5
     _check_collectives(data)
+    # The summary names each host ring it measured (4 ranks on one host here).
+    assert "all-reduce over its 4 ranks as one ring" in " ".join(out.stdout.split())
     _check_overheads(data)
     for d in data["devices"]:
         # A rank holds torch, its libraries and gloo before any model: far above 100 MiB.

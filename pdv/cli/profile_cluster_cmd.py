@@ -177,6 +177,11 @@ def _summary(artifact: Any, out: Path, as_json: bool) -> None:
                     console.print(f"{len(pairs)} pairs' {what} (FSDP): bandwidth "
                                   f"{fmt_rate(min(vals))} .. {fmt_rate(max(vals))}",
                                   highlight=False)
+        for ring in links.host_rings or ():
+            host = artifact.devices[ring.ranks[0]].host
+            console.print(f"host {host}: all-reduce over its {len(ring.ranks)} ranks as one ring: "
+                          f"bandwidth {fmt_rate(ring.bandwidth_Bps)}, latency "
+                          f"{fmt_time(ring.alpha_s)} per ring step", highlight=False)
     runtime = [d.runtime_bytes for d in artifact.devices if d.runtime_bytes is not None]
     if runtime:
         console.print(f"rank runtime memory (before any model): {fmt_bytes(min(runtime))} .. "
