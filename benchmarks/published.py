@@ -39,6 +39,16 @@ Sources (the iteration times, in seconds, and the configurations):
   (its Appendix A); Calculon's validation set (github.com/calculon-ai/calculon,
   calculon/megatron/validation.py and validation/*.json) records the same times and configs.
 
+- The Megatron-LM README of 2021-12-25 (commit a7f882fe57, section "GPT-3 Example") with
+  examples/pretrain_gpt3_175B.sh of the same commit: GPT-3 175B (96 layers, hidden 12288, 96
+  heads) on 1024 A100 GPUs, tensor 8 x pipeline 16 (so data parallel 8), micro-batch 1, global
+  batch 1536, fp16, uniform activation checkpointing (full recomputation), no interleaving:
+  "each iteration takes around 32 seconds resulting in 138 teraFLOPs per GPU". 31.9 s is what
+  138 teraFLOP/s gives through the FLOP count of Narayanan et al. 2021 (SC21, eq. 3), which
+  the README's figure uses. The only case with data parallelism: its replicas' gradient
+  all-reduce runs over InfiniBand between nodes. That run predates the others by a year of
+  Megatron-LM's kernels; the case keeps it as published.
+
 pdv expresses full recomputation exactly (recompute every layer). It has neither selective
 recomputation nor sequence parallelism, so the selective cases are priced *without*
 recomputation (selective recomputation re-runs only the attention core, about 2.7% of the
@@ -65,6 +75,8 @@ DEVICE = ROOT / "devices" / "nvidia-a100-sxm4-80gb.json"
 CLUSTER = ROOT / "clusters" / "dgx-a100-superpod.json"
 GPUS_PER_HOST = 8
 SOURCE = "Korthikanti et al. 2022 (arXiv:2205.05198), Tables 3 and 5"
+README_175B = ("Megatron-LM README and examples/pretrain_gpt3_175B.sh, commit a7f882fe57 "
+               "(2021-12-25): about 32 s per iteration, 138 teraFLOP/s per GPU")
 
 
 @dataclass(frozen=True)
@@ -88,11 +100,13 @@ class Case:
     seq_len: int = 2048
     vocab: int = 51200
     source: str = SOURCE
+    dp: int = 1
+    """data-parallel replicas of the whole pipeline"""
 
     @property
     def gpus(self) -> int:
-        """GPUs of the run (data parallel size 1)."""
-        return self.tp * self.pp
+        """GPUs of the run."""
+        return self.tp * self.pp * self.dp
 
 
 CASES = [
@@ -104,6 +118,8 @@ CASES = [
     Case("175B-selective", 96, 12288, 96, 8, 8, 3, 64, 1, False, 13.75, False),
     Case("530B-selective", 105, 20480, 128, 8, 35, 3, 280, 1, False, 37.83, False),
     Case("1T-selective", 128, 25600, 160, 8, 64, 1, 512, 1, False, 71.49, False),
+    Case("175B-dp8", 96, 12288, 96, 8, 16, 1, 1536, 1, True, 31.9, True, source=README_175B,
+         dp=8),
 ]
 
 
@@ -126,14 +142,17 @@ def plan_for(case: Case) -> dict[str, Any]:
     n = case.layers + 2
     cuts = [0] + [1 + per * i for i in range(1, stages_n)] + [n]
     stages = []
+    width = case.dp * case.tp  # Megatron's rank order: TP fastest, then DP, then PP
     for i in range(stages_n):
         rank = i % case.pp
         stages.append({"layers": [cuts[i], cuts[i + 1]],
-                       "ranks": list(range(rank * case.tp, (rank + 1) * case.tp)),
-                       "dp": 1, "tp": case.tp, "recompute": case.recompute})
+                       "ranks": list(range(rank * width, (rank + 1) * width)),
+                       "dp": case.dp, "tp": case.tp, "recompute": case.recompute})
     schedule = "Interleaved1F1B" if case.chunks > 1 else "1F1B"
-    return {"schema": "pdv.plan/v1", "stages": stages, "micro_batch_size": case.micro_batch,
-            "num_micro_batches": case.global_batch // case.micro_batch,
+    # A plan's micro-batch spans the replicas (each runs micro_batch samples of it).
+    return {"schema": "pdv.plan/v1", "stages": stages,
+            "micro_batch_size": case.micro_batch * case.dp,
+            "num_micro_batches": case.global_batch // (case.micro_batch * case.dp),
             "global_batch_size": case.global_batch, "schedule": schedule}
 
 
@@ -281,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['case']:<16} {r['gpus']:>5} {layout:>12} "
                   f"{r['global_batch']:>5}/{r['micro_batch']:<3} {r['published_s']:>9.2f}s "
                   f"{r['predicted_s']:>9.2f}s {r['error']:>+7.1%}  {note}")
-        print(f"source: {SOURCE}")
+        for source in dict.fromkeys(r["source"] for r in rows):
+            names = ", ".join(r["case"] for r in rows if r["source"] == source)
+            print(f"source of {names}: {source}")
     errors = [abs(r["error"]) for r in rows]
     median = statistics.median(errors)
     worst_exact = max((abs(r["error"]) for r in rows if r["exact"]), default=0.0)

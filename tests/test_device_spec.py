@@ -146,3 +146,27 @@ def test_published_benchmark_prints_and_checks_a_case() -> None:
     assert row["published_s"] == 1.42 and row["gpus"] == 8
     assert math.isfinite(row["predicted_s"]) and row["predicted_s"] > 0
     assert row["error"] == pytest.approx((row["predicted_s"] - 1.42) / 1.42)
+
+
+def test_a_published_case_with_data_parallelism_is_planned_as_megatron_ranks_it() -> None:
+    """The data-parallel case: TP groups inside a host, replicas of a stage on other hosts (their
+    gradient ring crosses InfiniBand), and a plan micro-batch that spans the replicas."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import published
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    case = next(c for c in published.CASES if c.dp > 1)
+    plan = published.plan_for(case)
+    assert plan["micro_batch_size"] == case.micro_batch * case.dp
+    assert plan["micro_batch_size"] * plan["num_micro_batches"] == case.global_batch
+    seen: list[int] = []
+    for stage in plan["stages"]:
+        ranks = stage["ranks"]
+        assert stage["dp"] == case.dp and len(ranks) == case.dp * case.tp
+        seen += ranks
+        tp_groups = [ranks[r * case.tp:(r + 1) * case.tp] for r in range(case.dp)]
+        # each TP group on one host of GPUS_PER_HOST, each replica on its own host
+        hosts = [{g // published.GPUS_PER_HOST for g in group} for group in tp_groups]
+        assert all(len(h) == 1 for h in hosts) and len({min(h) for h in hosts}) == case.dp
+    assert sorted(seen) == list(range(case.gpus))
