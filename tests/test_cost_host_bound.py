@@ -77,7 +77,9 @@ def test_processor_sharing_by_hand():
     assert shared.step_time_s == pytest.approx(10.0)
     b0 = next(e for e in shared.events if (e.name, e.stage, e.micro) == ("B", 0, 0))
     assert (b0.start_s, b0.end_s) == pytest.approx((1 + 1 / 0.75 + 3, 8.0))
-    assert any("processor sharing" in n for n in shared.notes)
+    # ... and says what sharing cores costs that it does not price
+    assert any("processor sharing" in n and "Not priced" in n for n in shared.notes)
+    assert not any("processor sharing" in n for n in alone.notes)
 
 
 def test_sharing_with_room_for_everyone_changes_nothing():

@@ -228,7 +228,10 @@ class Sharing:
         """What the simulation assumed, for Simulation.notes."""
         held = ", ".join(f"{h} {c:.2f}" for h, c in sorted(self.capacity.items()))
         return (f"ranks share their host's cores (processor sharing); measured capacity in "
-                f"ranks at full speed: {held}")
+                f"ranks at full speed: {held}. Not priced there: the CPU the backend's own "
+                "threads and the pipeline's message handling take off the ops (gloo on CPU; "
+                "docs/design-notes.md, \"Where a 4-rank pipeline's CPU goes\"), which makes "
+                "such steps run longer than predicted")
 
 
 def _durations(cost: StageCost, split: bool) -> dict[str, float]:
