@@ -151,11 +151,8 @@ def test_published_benchmark_prints_and_checks_a_case() -> None:
 def test_a_published_case_with_data_parallelism_is_planned_as_megatron_ranks_it() -> None:
     """The data-parallel case: TP groups inside a host, replicas of a stage on other hosts (their
     gradient ring crosses InfiniBand), and a plan micro-batch that spans the replicas."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import published
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from benchmarks import published
+
     case = next(c for c in published.CASES if c.dp > 1)
     plan = published.plan_for(case)
     assert plan["micro_batch_size"] == case.micro_batch * case.dp
