@@ -684,6 +684,13 @@ class RunMeasured(_Strict):
         description="global rank (string) -> median seconds per step the rank computed: its "
         "stages' forward and backward spans and its optimizer step (pdv.run.clock)",
     )
+    cpu_s: dict[str, float] | None = Field(
+        None,
+        description="global rank (string) -> median process CPU seconds per step, all the "
+        "rank's threads (its ops, the backend's own threads, Python around them); on CPU ranks "
+        "what it spends beyond compute_s is CPU off the ops, which ranks sharing cores pay "
+        "for in time",
+    )
 
 
 class SlowRank(_Strict):

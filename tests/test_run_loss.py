@@ -51,6 +51,13 @@ def run_losses(tmp_path: Path, plan: Path, *extra: str) -> list[float]:
     ranks = {r for stage in json.loads(plan.read_text())["stages"] for r in stage["ranks"]}
     assert len(data["measured"]["peak_memory_bytes"]) == len(ranks)
     assert all(v > 0 for v in data["measured"]["peak_memory_bytes"].values())
+    # Every rank's process CPU per step: it ran its ops, so it is above zero, and a step's
+    # worth of a few threads at most.
+    cpu, compute = data["measured"]["cpu_s"], data["measured"]["compute_s"]
+    assert set(cpu) == set(compute) == {str(r) for r in ranks}
+    step = data["measured"]["step_time_s"]
+    assert all(0 < cpu[r] < 8 * step for r in cpu), (cpu, step)
+    assert "process CPU" in res.stdout
     return data["loss"]
 
 

@@ -14,7 +14,7 @@ import typer
 
 from pdv import artifacts
 from pdv.cli.app import app, console, err_console
-from pdv.cli.render import fmt_bytes, render
+from pdv.cli.render import fmt_bytes, fmt_time, render
 from pdv.errors import PdvError
 from pdv.run.idle import leaves_ranks_idle, renumbered, report_in_plan_ranks, used_ranks
 from pdv.run.launch import RunOptions
@@ -152,6 +152,10 @@ def _show(result: artifacts.RunReport, report: Path | None) -> None:
     for r in sorted(peaks, key=int):
         pred = f"  predicted {fmt_bytes(predicted[r])}" if r in predicted else ""
         console.print(f"rank {r} peak memory {fmt_bytes(peaks[r])}{pred}", highlight=False)
+    cpu, compute = result.measured.cpu_s or {}, result.measured.compute_s or {}
+    for r in sorted(cpu, key=int):
+        ops = f" (compute {fmt_time(compute[r])})" if r in compute else ""
+        console.print(f"rank {r} process CPU {fmt_time(cpu[r])} per step{ops}", highlight=False)
     if report:
         console.print(f"report written to {report}", highlight=False)
 

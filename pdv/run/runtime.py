@@ -265,7 +265,8 @@ def _finish(plan: Plan, dims: ParallelDims, args: argparse.Namespace, rank: int,
     warmup = resumed + min(args.warmup, max(len(run_times) - 1, 0))
     report = make_report(plan, prior[1] + run_times, warmup, peak_t.tolist(), memory.method,
                          prior[0] + run_losses, notes)
-    measured = report.measured.model_copy(update={"compute_s": watch.median_compute() or None})
+    measured = report.measured.model_copy(update={"compute_s": watch.median_compute() or None,
+                                                  "cpu_s": watch.median_cpu() or None})
     write(args.report, report.model_copy(
         update={"measured": measured, "slow_ranks": watch.slow_ranks()}))
 

@@ -2,7 +2,9 @@
 
 After each step every rank adds its compute (pdv.run.clock, plus its optimizer step) to a
 world-sized vector that one all-reduce shares, so all ranks hold every rank's compute and feed
-the same detector (pdv.run.slow): they flag the same rank at the same step. The heartbeat
+the same detector (pdv.run.slow): they flag the same rank at the same step. The same vector
+carries each rank's process CPU time in the step (all its threads: the ops, the backend's own
+threads, Python around them), so a report shows the CPU a rank spends off its ops. The heartbeat
 (``PDV_PROGRESS_DIR``, pdv.profile.launch_local's format) tells an elastic launcher how far each
 rank got when one of them vanished.
 """
@@ -10,6 +12,7 @@ rank got when one of them vanished.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +47,8 @@ class StepWatch:
         self.clock = ComputeClock(modules, cuda=device.type == "cuda")
         self.comm = device if device.type == "cuda" else torch.device("cpu")  # nccl: on GPU
         self.compute: list[list[float]] = []  # per timed step: every rank's compute
+        self.cpu: list[list[float]] = []  # per timed step: every rank's process CPU
+        self.cpu_at = 0.0
         self.beat = heartbeat_from_env(rank)
         self.steps_seen = 0
         stages = plan.predicted.stages if plan.predicted else []
@@ -59,11 +64,13 @@ class StepWatch:
     def before_step(self) -> None:
         """Start the step's compute count afresh."""
         self.clock.take()
+        self.cpu_at = time.process_time()
 
     def after_step(self, step: int, optimizer_s: float) -> list[SlowFlag]:
         """Share this step's compute; return the ranks flagged slow at this step."""
-        mine = torch.zeros(self.world, dtype=torch.float64)
+        mine = torch.zeros(2 * self.world, dtype=torch.float64)
         mine[self.rank] = self.clock.take() + optimizer_s
+        mine[self.world + self.rank] = time.process_time() - self.cpu_at
         mine = mine.to(self.comm)
         dist.all_reduce(mine)
         if self.beat:
@@ -71,7 +78,9 @@ class StepWatch:
         self.steps_seen += 1
         if self.steps_seen <= self.warmup:
             return []
-        self.compute.append(mine.tolist())
+        both = mine.tolist()
+        self.compute.append(both[: self.world])
+        self.cpu.append(both[self.world :])
         if self.detector is None:
             return []
         new = self.detector.observe(step, self.compute[-1])
@@ -83,6 +92,12 @@ class StepWatch:
         if not self.compute:
             return {}
         return {str(r): statistics.median(c[r] for c in self.compute) for r in range(self.world)}
+
+    def median_cpu(self) -> dict[str, float]:
+        """Each rank's median process CPU per timed step."""
+        if not self.cpu:
+            return {}
+        return {str(r): statistics.median(c[r] for c in self.cpu) for r in range(self.world)}
 
     def slow_ranks(self) -> list[SlowRank]:
         """The flags, for the run report."""
