@@ -89,15 +89,16 @@ class StepWatch:
 
     def median_compute(self) -> dict[str, float]:
         """Each rank's median compute per timed step."""
-        if not self.compute:
-            return {}
-        return {str(r): statistics.median(c[r] for c in self.compute) for r in range(self.world)}
+        return self._medians(self.compute)
 
     def median_cpu(self) -> dict[str, float]:
         """Each rank's median process CPU per timed step."""
-        if not self.cpu:
+        return self._medians(self.cpu)
+
+    def _medians(self, steps: list[list[float]]) -> dict[str, float]:
+        if not steps:
             return {}
-        return {str(r): statistics.median(c[r] for c in self.cpu) for r in range(self.world)}
+        return {str(r): statistics.median(c[r] for c in steps) for r in range(self.world)}
 
     def slow_ranks(self) -> list[SlowRank]:
         """The flags, for the run report."""
