@@ -64,8 +64,10 @@ def profile_cluster(
     as_json: bool = typer.Option(False, "--json", help="Print the artifact as JSON when done."),
 ) -> None:
     """Measure every rank's device and the α/β of every ordered pair of ranks."""
+    from pdv.profile.loops import loop_policy
     from pdv.profile.network import DEFAULT_SIZES, SweepConfig
 
+    loop_policy()  # a bad PDV_GLOO_LOOPS is one line here, not an error on every rank
     cfg = SweepConfig(sizes=_sizes(sizes) or DEFAULT_SIZES, iters=iters, warmup=warmup,
                       max_size=parse_bytes(max_size, "--max-size"))
     if nproc_per_node is None:

@@ -83,8 +83,10 @@ def run(
     slurm: bool = typer.Option(False, "--slurm", help="Print an sbatch script and exit."),
 ) -> None:
     """Run a plan under torchrun and report measured against predicted."""
+    from pdv.profile.loops import loop_policy
     from pdv.run import launch
 
+    loop_policy()  # a bad PDV_GLOO_LOOPS is one line here, not an error on every rank
     the_plan = artifacts.load_as(plan, "plan")
     opts = launch.RunOptions(
         plan=str(plan), steps=steps, model=model, model_args=tuple(model_arg),

@@ -36,6 +36,7 @@ from pdv.profile.collective import (
 )
 from pdv.profile.hardware import matmul_flops, probe_device, runtime_memory
 from pdv.profile.launch_local import PROGRESS_ENV
+from pdv.profile.loops import settle_gloo_loops
 from pdv.profile.network import (
     Progress,
     SweepConfig,
@@ -153,6 +154,7 @@ def profile_cluster_rank(
         mine["details"] |= runtime_info
         if device.type == "cpu":  # as the model profile and the run's ranks do (after the RSS)
             keep_freed_memory()
+        loops_note = settle_gloo_loops()
         mine["matmul_flops_alone"] = _probe_alone(device, wire, local)
         step({"phase": "probed"})
         devices: list[dict[str, Any]] | None = [{} for _ in range(world)] if rank == 0 else None
@@ -210,7 +212,8 @@ def profile_cluster_rank(
                 notes=[f"pdv profile cluster: {world} ranks, {backend}, "
                        f"{len(results)} ordered pairs in tournament rounds"
                        + (f", all-reduce, all-gather and reduce-scatter of {len(coll) // 3} "
-                          "pairs" if coll is not None else "")],
+                          "pairs" if coll is not None else "")]
+                + ([loops_note] if loops_note else []),
             ),
             devices=[ClusterDevice(**d) for d in devices],
             links=links,

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from pdv.artifacts import HostRing
 from pdv.profile.hardware import host_name
+from pdv.profile.loops import settle_gloo_loops
 from pdv.profile.network import (
     Progress,
     SweepConfig,
@@ -270,6 +271,7 @@ def measure_collectives(
             # Only the pair makes its group (the other pairs of the round make theirs at the
             # same time); the name is a hash of the two ranks, so every pair's is distinct.
             group = dist.new_group([a, b], timeout=timeout, use_local_synchronization=True)
+            settle_gloo_loops()  # the new group's loop threads, as the run's will be
             try:
                 # FSDP's collectives are swept as far as the all-reduce grew, up to
                 # _FSDP_REACH: a sweep that stopped at 4 MiB, where one slow stretch (12.7 ms,
@@ -331,6 +333,7 @@ def measure_host_rings(
     # Every rank makes every host's group, in the same order, so each gets a fresh name.
     made = {h: dist.new_group(ranks, timeout=timeout) for h, ranks in groups.items()
             if len(ranks) >= 3}
+    settle_gloo_loops()
     for h, group in made.items():
         ranks = groups[h]
         if rank not in ranks:

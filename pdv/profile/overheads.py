@@ -56,6 +56,7 @@ from torch import nn
 from pdv.cost.comm import Ring, all_gather_time, reduce_scatter_time
 from pdv.fsdp_step import before_backward, end_step
 from pdv.profile.hardware import host_name
+from pdv.profile.loops import settle_gloo_loops
 from pdv.profile.network import Progress, tournament_rounds
 
 __all__ = ["FSDP_PROBE_BYTES", "MESSAGE_SIZES", "fsdp_own_work", "fsdp_pairs",
@@ -108,6 +109,7 @@ def _bookkeeping(device: torch.device) -> dict[str, float]:
     from torch.distributed.pipelining.schedules import Schedule1F1B
 
     group = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+    settle_gloo_loops()
     rows, width = 2, 8
     example = torch.zeros(rows, width, device=device)
 
@@ -329,6 +331,7 @@ def _fsdp_probe(rank: int, world: int, device: torch.device,
     # has a name hashed from its ranks, and a second one found the first one's stale addresses
     # in the store ("Connection refused" in 1 of 4 runs).
     groups = [dist.new_group(list(p)) for p in pairs]
+    settle_gloo_loops()
     out = None
     for turn in _turns(pairs, hosts):
         dist.barrier()

@@ -30,6 +30,7 @@ from pdv.errors import PdvError
 from pdv.models import build_model, cast_model, parse_model_args
 from pdv.profile.allocator import keep_freed_memory
 from pdv.profile.compute import DTYPES
+from pdv.profile.loops import settle_gloo_loops
 from pdv.run.checkpoint import Checkpointer, state_shapes
 from pdv.run.data import BatchSource
 from pdv.run.dims import ParallelDims, build_meshes
@@ -178,6 +179,7 @@ def train(args: argparse.Namespace) -> bool:
     losses: list[float] = []  # this run's steps (this rank's part of each loss)
     times: list[float] = []
     stopped = False
+    settle_gloo_loops()  # every group of the run exists by now
     memory.start()
     # PDV_OP_TRACE (ChainPipeline only): the loop opens each step's record and writes it.
     recorder = getattr(executor, "recorder", None)
@@ -260,6 +262,9 @@ def _finish(plan: Plan, dims: ParallelDims, args: argparse.Namespace, rank: int,
     malloc_note = keep_freed_memory() if device.type == "cpu" else None
     if malloc_note:
         notes.append(malloc_note)
+    loops_note = settle_gloo_loops()
+    if loops_note:
+        notes.append(loops_note)
     if device.type == "cuda":
         notes.append(f"rank 0 max_memory_allocated {torch.cuda.max_memory_allocated()} bytes")
     warmup = resumed + min(args.warmup, max(len(run_times) - 1, 0))
