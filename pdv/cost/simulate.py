@@ -522,7 +522,12 @@ def _peak_memory(
         else:
             most = _most_held(order, stages, act, freed_by, len(ranks))
         for i, r in enumerate(ranks):
+            # Each stage's static bytes include the rank's own overhead (its runtime), which
+            # a rank holding several stages (interleaved) has once, not once per stage.
             static = sum(costs[t].static_bytes[r] for t in stages)
+            if len(stages) > 1:
+                over = [costs[t].overhead_bytes.get(r, 0.0) for t in stages]
+                static += max(over) - sum(over)
             transient = max(costs[t].transient_bytes[r] for t in stages)
             peak[r] = static + float(most[i]) + transient
     return dict(sorted(peak.items()))

@@ -63,6 +63,9 @@ class StageCost:
     slower or faster than this → next); None means the same as send_s"""
     static_bytes: dict[int, float] = field(default_factory=dict)
     """per rank: overhead + params + grads + optimizer state (independent of in-flight count)"""
+    overhead_bytes: dict[int, float] = field(default_factory=dict)
+    """per rank: the rank's own constant bytes inside static_bytes (rank_overhead_bytes), which
+    a rank holding several stages pays once"""
     activation_bytes: dict[int, float] = field(default_factory=dict)
     """per rank: bytes one in-flight micro-batch keeps until its backward"""
     transient_bytes: dict[int, float] = field(default_factory=dict)
@@ -148,6 +151,7 @@ def stage_cost(
         peak_memory_bytes=per_rank(peak),
         send_back_s=back,
         static_bytes=per_rank(price.static_bytes),
+        overhead_bytes=per_rank([v.overhead_bytes for v in group.ranks]),
         activation_bytes=per_rank(price.live_bytes),
         transient_bytes=per_rank(price.transient_bytes),
         tp_comm_s=float(price.collective_fwd_s + price.collective_bwd_s),
