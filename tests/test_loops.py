@@ -46,8 +46,8 @@ def _probe(policy: str | None) -> dict[str, object]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("value, want", [(None, "batch"), ("batch", "batch"),
-                                         (" Normal ", "normal"), ("", "batch")])
+@pytest.mark.parametrize("value, want", [(None, "normal"), ("batch", "batch"),
+                                         (" Batch ", "batch"), ("", "normal")])
 def test_the_policy_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch,
                                                value: str | None, want: str) -> None:
     if value is None:
@@ -65,7 +65,7 @@ def test_an_unknown_policy_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
 def test_every_loop_thread_of_every_group_becomes_batch_and_nothing_else_does() -> None:
-    got = _probe(None)
+    got = _probe("batch")
     before, after = got["before"], got["after"]
     assert isinstance(before, list) and isinstance(after, list)
     assert len(after) >= 2  # the default group's device and the new group's
@@ -76,8 +76,9 @@ def test_every_loop_thread_of_every_group_becomes_batch_and_nothing_else_does() 
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
-def test_normal_leaves_the_loop_threads_as_torch_starts_them() -> None:
-    got = _probe("normal")
+@pytest.mark.parametrize("policy", [None, "normal"])
+def test_by_default_the_loop_threads_stay_as_torch_starts_them(policy: str | None) -> None:
+    got = _probe(policy)
     assert got["after"] == got["before"]
     assert set(got["after"]) == {os.SCHED_OTHER}  # type: ignore[arg-type]
     assert "normal" in str(got["note"])

@@ -18,10 +18,18 @@ with the loop threads so (``PDV_GLOO_LOOPS=batch``) against as torch leaves them
 against 40.5/41.9 ms; convnet pp2 x dp2 13.1 against 19.5 ms; mlp interleaved on 2 ranks
 57.3-63.3 against 65.8-66.6 ms. Losses are the same bit for bit: only when threads run changes.
 
+Why it is not the default. The cluster probes read much lower under it (one 2-rank file's send
+CPU per message 291 -> 39 µs; a 4-rank host ring's α 648 -> 154 µs): what they had measured
+was largely this spin. The runs did not speed up as much, so every prediction fell below its
+run. The model zoo (benchmarks/prediction_check.py), fresh files each: on 2 ranks median
+|error| 5.5% -> 21.7%, on 4 ranks 22.3% -> 33.2%, nearly every plan predicted low. Until a probe
+prices what a run still pays beyond the spin, the default leaves the threads as torch starts
+them, and ``PDV_GLOO_LOOPS=batch`` is for runs that want the speed more than the prediction.
+
 The cluster probes and every run rank call :func:`settle_gloo_loops` once their groups exist,
-so a profile measures the backend as the run will use it. No privilege is needed: a thread may
-always lower itself to ``SCHED_BATCH``. ``PDV_GLOO_LOOPS=normal`` leaves the threads alone (to
-measure the difference); NCCL ranks have no such threads.
+so a profile measures the backend as the run will use it when both see the same
+``PDV_GLOO_LOOPS``; the cluster file's and the run report's notes say which. No privilege is
+needed: a thread may always lower itself to ``SCHED_BATCH``. NCCL ranks have no such threads.
 """
 
 from __future__ import annotations
@@ -37,14 +45,14 @@ LOOP_THREAD = "gloo_tcp_loop"
 """the name gloo gives each TCP device's event-loop thread"""
 
 POLICY_ENV = "PDV_GLOO_LOOPS"
-"""batch (the default) or normal"""
+"""normal (the default: as torch starts them) or batch"""
 
 _TASKS = Path("/proc/self/task")
 
 
 def loop_policy() -> str:
-    """The policy asked for in PDV_GLOO_LOOPS: 'batch' (default) or 'normal'."""
-    value = os.environ.get(POLICY_ENV, "batch").strip().lower() or "batch"
+    """The policy asked for in PDV_GLOO_LOOPS: 'normal' (default) or 'batch'."""
+    value = os.environ.get(POLICY_ENV, "normal").strip().lower() or "normal"
     if value not in ("batch", "normal"):
         raise PdvError(f"{POLICY_ENV}={value!r}: use 'batch' or 'normal'")
     return value
@@ -67,14 +75,14 @@ def loop_threads() -> list[int]:
 
 
 def settle_gloo_loops() -> str | None:
-    """Put this process's gloo loop threads in SCHED_BATCH (unless PDV_GLOO_LOOPS=normal); a
-    note of what was done, or None where there are no such threads."""
+    """Put this process's gloo loop threads in SCHED_BATCH when PDV_GLOO_LOOPS=batch; a note of
+    the policy they run under, or None where there are no such threads."""
     tids = loop_threads()
     if not tids or not hasattr(os, "SCHED_BATCH"):
         return None
     policy = loop_policy()
     if policy == "normal":
-        return f"gloo event-loop threads left as torch starts them ({POLICY_ENV}=normal)"
+        return f"gloo event-loop threads as torch starts them ({POLICY_ENV}=normal)"
     for tid in tids:
         try:
             if os.sched_getscheduler(tid) != os.SCHED_BATCH:
