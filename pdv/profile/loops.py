@@ -19,7 +19,7 @@ against 40.5/41.9 ms; convnet pp2 x dp2 13.1 against 19.5 ms; mlp interleaved on
 57.3-63.3 against 65.8-66.6 ms. Losses are the same bit for bit: only when threads run changes.
 
 Why it is not the default. The cluster probes read much lower under it (one 2-rank file's send
-CPU per message 291 -> 39 µs; a 4-rank host ring's α 648 -> 154 µs): what they had measured
+CPU per message 291 -> 39 µs; a 4-rank host ring's α 653 -> 154 µs): what they had measured
 was largely this spin. The runs did not speed up as much, so every prediction fell below its
 run. The model zoo (benchmarks/prediction_check.py), fresh files each: on 2 ranks median
 |error| 5.5% -> 21.7%, on 4 ranks 22.3% -> 33.2%, nearly every plan predicted low. Until a probe
