@@ -17,7 +17,9 @@ priced by the roofline (Williams, Waterman and Patterson, CACM 2009) at the rate
 
 ``--device-flops`` (with ``--device-bandwidth``) is the flat form: every op's FLOPs at one
 declared rate. Attention is priced as one fused kernel (the math form that meta would run
-materializes the T x T matrix, which flash kernels never do). Activation and output bytes come
+materializes the T x T matrix, which flash kernels never do); for a declared accelerator, so
+is dropout (meta decomposes it into three passes and a mask in the input's dtype; a GPU runs
+one kernel writing a bool mask). Activation and output bytes come
 from the meta tensors that backward saves. Layers with the same structure and input shape (a
 GPT's blocks) are traced once and reused, so a 96-block GPT-3 costs one block per point.
 
@@ -68,8 +70,11 @@ __all__ = ["estimate_profile"]
 
 
 # Ops that launch no work over memory: views, detach, allocation without a fill.
+# _unsafe_view is a reshape that autograd does not track as a view (a bmm's or a
+# clone's result reshaped): metadata only, though its schema does not say is_view.
 _FREE = frozenset({
     torch.ops.aten.detach.default,
+    torch.ops.aten._unsafe_view.default,
     torch.ops.aten.empty.memory_format,
     torch.ops.aten.empty_strided.default,
     torch.ops.aten.empty_like.default,
@@ -174,11 +179,13 @@ class _FusedAttention(torch.autograd.Function):
 
 
 class _FuseAttention(TorchFunctionMode):
-    """Routes maskless scaled_dot_product_attention to :class:`_FusedAttention`."""
+    """Routes maskless scaled_dot_product_attention to :class:`_FusedAttention` and, for an
+    accelerator, dropout to the one kernel it runs there."""
 
-    def __init__(self, phase: _Phase) -> None:
+    def __init__(self, phase: _Phase, fused_dropout: bool = False) -> None:
         super().__init__()
         self._phase = phase
+        self._fused_dropout = fused_dropout
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
@@ -188,7 +195,22 @@ class _FuseAttention(TorchFunctionMode):
                 "is_causal", "dropout_p"} and args[0].device.type == "meta":
             return _FusedAttention.apply(*args, bool(kwargs.get("is_causal", False)),
                                          self._phase)
+        if self._fused_dropout and func is F.dropout:
+            x, p, training = _dropout_args(args, kwargs)
+            if training and 0.0 < p < 1.0 and x.device.type == "meta":
+                # On meta (as on CPU) dropout decomposes into bernoulli_, div_ and mul: three
+                # passes over the input and a mask in its dtype. A GPU runs native_dropout,
+                # one pass writing the output and a bool mask (and one kernel backward).
+                return torch.native_dropout(x, p, True)[0]
         return func(*args, **kwargs)
+
+
+def _dropout_args(args: Any, kwargs: Any) -> tuple[torch.Tensor, float, bool]:
+    """F.dropout's (input, p, training) however they were passed."""
+    names = ("input", "p", "training")
+    given = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items()
+                                                   if k in names}
+    return given["input"], float(given.get("p", 0.5)), bool(given.get("training", True))
 
 
 @dataclass(frozen=True)
@@ -273,12 +295,15 @@ class _Measured(_Pricing):
 
 
 def _trace(layer: nn.Module, x: torch.Tensor, first: bool, last: bool,
-           loss_fn: Callable[..., Any], targets: torch.Tensor) -> _Trace:
-    """Run the layer's forward (and the loss if last) and backward on meta tensors."""
+           loss_fn: Callable[..., Any], targets: torch.Tensor,
+           fused_dropout: bool = False) -> _Trace:
+    """Run the layer's forward (and the loss if last) and backward on meta tensors;
+    `fused_dropout` prices dropout as an accelerator's single kernel."""
     x = x.detach().requires_grad_(not first and x.is_floating_point())
     saved = SavedTensors(exclude=list(layer.parameters()))
     phase = _Phase()
-    with saved.active(), _FuseAttention(phase), FlopCounterMode(display=False) as fc, \
+    with saved.active(), _FuseAttention(phase, fused_dropout), \
+            FlopCounterMode(display=False) as fc, \
             _OpLog(fc) as fwd:
         phase.log = fwd
         out = layer(x)
@@ -443,7 +468,7 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
                 tr = cache.get(key)
                 if tr is None:
                     tr = cache[key] = _trace(layer, h, i == 0, i == n - 1, model.loss_fn,
-                                             targets)
+                                             targets, isinstance(rate, _Declared))
                 pts.append(Point(fwd=[rate.seconds(tr.fwd_ops)], bwd=[rate.seconds(tr.bwd_ops)],
                                  param_bytes=param_bytes(layer),
                                  activation_bytes=tr.saved_bytes,
@@ -474,6 +499,9 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
         *target.notes,
         "scaled_dot_product_attention is priced as one fused (flash-style) kernel each way: "
         "4·B·H·T²·D FLOPs forward (half when causal), 2.5x that backward, q/k/v/out traffic",
+        *(["dropout is priced as the device's one kernel each way (native_dropout: input in, "
+           "output and a bool mask out), not the three-op form the meta device decomposes it "
+           "into"] if isinstance(rate, _Declared) else []),
         "activation_bytes: distinct non-parameter tensors saved for backward on meta; "
         "output_bytes from the output's shape",
         f"optimizer_bytes: {req.optimizer} at {OPTIMIZERS[req.optimizer]} bytes per parameter",

@@ -1,0 +1,102 @@
+"""What the --estimate op log charges: the kernels a device would launch, not meta's forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdv.profile.estimate import _trace
+from pdv.profile.layers import profile_model
+from pdv.profile.request import ProfileRequest
+from tests.conftest import ROOT
+
+A100 = ROOT / "devices" / "nvidia-a100-sxm4-80gb.json"
+
+
+class _MatmulThenReshape(nn.Module):
+    def __init__(self, d: int, e: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.empty(d, e))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, T, D) @ (D, E): torch runs one mm on a (B*T, D) view and reshapes its output
+        # with _unsafe_view, which is metadata only.
+        return torch.matmul(x, self.w)
+
+
+class _Dropout(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, self.training)
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return out.float().mean()
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 32, 48), (3, 7, 16, 5), (1, 128, 8, 8)])
+def test_reshaping_a_matmul_output_moves_no_memory(shape: tuple[int, int, int, int]) -> None:
+    b, t, d, e = shape
+    layer = _MatmulThenReshape(d, e).to("meta")
+    x = torch.empty(b, t, d, device="meta")
+    tr = _trace(layer, x, False, False, _loss, torch.empty(0, device="meta"))
+    assert len(tr.fwd_ops) == 1, "only the mm is priced"
+    flops, moved, gemm = tr.fwd_ops[0]
+    assert gemm is not None and flops == 2 * b * t * d * e
+    assert moved == 4 * (b * t * d + d * e + b * t * e)
+
+
+@pytest.mark.parametrize("shape,dtype", [((4, 256, 96), torch.float16),
+                                         ((2, 3, 50, 50), torch.float32),
+                                         ((1000,), torch.bfloat16)])
+def test_dropout_on_an_accelerator_is_one_kernel_each_way(shape: tuple[int, ...],
+                                                          dtype: torch.dtype) -> None:
+    n = torch.Size(shape).numel()
+    item = torch.empty(0, dtype=dtype).element_size()
+    x = torch.empty(shape, device="meta", dtype=dtype)
+    layer = _Dropout(0.1).train()
+    fused = _trace(layer, x, False, False, _loss, torch.empty(0, device="meta"), True)
+    # native_dropout: the input in, the output and a bool mask out.
+    assert [op[1] for op in fused.fwd_ops] == [2 * n * item + n]
+    # Its backward: the gradient and the mask in, the input's gradient out (one kernel).
+    assert len(fused.bwd_ops) == 1 and fused.bwd_ops[0][1] == 2 * n * item + n
+    # The mask is what backward keeps: one byte per element, as Korthikanti et al. count it.
+    assert fused.saved_bytes == n
+    # On the device at hand (and on meta) dropout is three passes, the mask in the input's
+    # dtype: the estimate of a CPU keeps them.
+    plain = _trace(layer, x, False, False, _loss, torch.empty(0, device="meta"), False)
+    assert len(plain.fwd_ops) == 3
+    assert sum(op[1] for op in plain.fwd_ops) > 2 * sum(op[1] for op in fused.fwd_ops)
+    # Not training, or p = 0: dropout is the identity, nothing launched either way.
+    for idle in (_Dropout(0.1).eval(), _Dropout(0.0).train()):
+        assert _trace(idle, x, False, False, _loss, torch.empty(0, device="meta"),
+                      True).fwd_ops == ()
+
+
+def test_a_declared_gpu_prices_the_gpt_block_dropout_fused() -> None:
+    """Megatron's GPT forms on the declared A100: dropout on the T x T probabilities priced as
+    one kernel each way, and the note says so."""
+    def block(dropout: float) -> tuple[float, list[str]]:
+        p = profile_model(ProfileRequest(
+            spec="pdv.sample_models.gpt:gpt",
+            kwargs=dict(n_layer=1, n_head=16, d_model=1024, seq_len=1024, vocab_size=512,
+                        fused_attention=False, dropout=dropout),
+            micro_batch_sizes=(1,), estimate=True, dtype="float16", device_spec=str(A100)))
+        return p.layers[1].fwd_s, p.provenance.notes
+
+    with_dropout, notes = block(0.1)
+    without, _ = block(0.0)
+    assert any("native_dropout" in n for n in notes)
+    # Three dropouts: one on H·T·T probabilities, two on T·D branches; fused, each moves
+    # 5 bytes per fp16 element: what they add is that traffic at the spec's bandwidth.
+    from pdv.device_spec import load_device_spec
+
+    spec = load_device_spec(A100)
+    elements = 16 * 1024 * 1024 + 2 * 1024 * 1024
+    expected = 5 * elements / (spec.memory_bandwidth * spec.memory_efficiency)
+    assert with_dropout - without == pytest.approx(expected, rel=0.05)
