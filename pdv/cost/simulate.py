@@ -7,9 +7,15 @@ Model (each choice is what the simulator charges; the sources are next to the fo
   An op starts when its group is free and its inputs are there: a forward needs the previous
   stage's forward of that micro-batch plus the activation transfer; a backward needs its own
   forward and the next stage's backward plus the gradient transfer.
-- Transfers run on the sending group's send lane, one message at a time, in the order they were
-  produced, and overlap compute (torch's isend/irecv). Their time is StageCost.send_s /
-  grad_send_s on the actual ordered links.
+- A transfer starts when both ends have posted it: its sender has produced it, and its receiver
+  has reached the op that consumes it (gloo and NCCL point-to-point are rendezvous: a send
+  completes only once the matching receive is posted, measured on gloo in
+  docs/design-notes.md; torch's schedules post each receive just before the op that needs it,
+  after the rank's previous op). So a transfer overlaps its sender's later compute, never its
+  receiver's earlier compute. Its time is StageCost.send_s / grad_send_s on the actual ordered
+  links; transfers do not queue behind each other. A send's completion does not hold its
+  sender (in 1F1B's steady state the sender waits for a gradient that the same exchange
+  brings anyway).
 - After a stage's last backward its gradient sync (StageCost.grad_sync_s) runs on the group's
   collective lane; it does not overlap the backward (conservative: DDP and FSDP overlap part of
   it). Then the optimizer step (StageCost.optimizer_s, measured per layer by the profiler) runs
@@ -234,6 +240,11 @@ class Sharing:
                 "such steps run longer than predicted")
 
 
+def _arrival(sent: float | None, posted: float, dur: float) -> float | None:
+    """When a transfer lands: it starts once sent and posted (rendezvous), None if unsent."""
+    return None if sent is None else max(sent, posted) + dur
+
+
 def _durations(cost: StageCost, split: bool) -> dict[str, float]:
     if split:
         return {"F": cost.fwd_s, "I": cost.bwd_s / 2, "W": cost.bwd_s / 2,
@@ -251,6 +262,7 @@ class _Run:
         self.send_s = [c.send_s for c in costs]
         self.grad_send_s = [c.grad_send_s for c in costs]
         self.layout = layout
+        self.group_of_stage = layout.group_of_stage
         self.split = split
         self.num_micro = num_micro
         self.back = "I" if split else "B"
@@ -260,11 +272,12 @@ class _Run:
         n = len(costs)
         self.fwd_end: list[list[float | None]] = [[None] * num_micro for _ in range(n)]
         self.input_grad_end: list[list[float | None]] = [[None] * num_micro for _ in range(n)]
-        self.act_arrival: list[list[float | None]] = [[None] * num_micro for _ in range(n)]
-        self.grad_arrival: list[list[float | None]] = [[None] * num_micro for _ in range(n)]
+        # When the sender produced each stage's incoming activation / gradient (the transfer
+        # itself waits for the receiver to post, see _arrival).
+        self.act_sent: list[list[float | None]] = [[None] * num_micro for _ in range(n)]
+        self.grad_sent: list[list[float | None]] = [[None] * num_micro for _ in range(n)]
         self.synced: list[float | None] = [None] * n
         self.free = [0.0] * layout.num_groups
-        self.send_free = [0.0] * layout.num_groups
         self.coll_free = [0.0] * layout.num_groups
         self.backwards_left = [num_micro] * len(costs)
         self.events: list[Event] = []
@@ -290,8 +303,11 @@ class _Run:
     def ready(self, op: Op) -> float | None:
         """When op's inputs are all there, or None while a dependency has not run."""
         kind, s, m = op
+        # Asked only of a group's next op, so free[g] is when the group posted the op's
+        # receive: the end of its previous op.
+        posted = self.free[self.group_of_stage[s]]
         if kind == "F":
-            return 0.0 if s == 0 else self.act_arrival[s][m]
+            return 0.0 if s == 0 else _arrival(self.act_sent[s][m], posted, self.send_s[s - 1])
         if kind == "O":
             return self.synced[s]
         if kind == "W":
@@ -301,7 +317,7 @@ class _Run:
             return None
         if s == len(self.costs) - 1:
             return own
-        grad = self.grad_arrival[s][m]
+        grad = _arrival(self.grad_sent[s][m], posted, self.grad_send_s[s])
         return None if grad is None else max(own, grad)
 
     def duration(self, op: Op) -> float:
@@ -311,22 +327,24 @@ class _Run:
     def complete(self, g: int, op: Op, start: float, end: float) -> None:
         """Record op on group g over [start, end) and start what its end releases."""
         kind, s, m = op
+        posted = self.free[g]
         self.free[g] = end
         if kind == "O":
             if end > start:  # stages without a measured optimizer step leave no event
                 self.record("opt", "compute", g, s, None, start, end)
             return
+        if self.trace:
+            self._record_transfer(op, posted)
         self.record(kind, "compute", g, s, m, start, end)
         if kind == "F":
             self.fwd_end[s][m] = end
             if s + 1 < len(self.costs):
-                self._send(g, s, m, end, self.send_s[s], "send-act", self.act_arrival, s + 1)
+                self.act_sent[s + 1][m] = end
             return
         if kind == "I":
             self.input_grad_end[s][m] = end
         if kind == self.back and s > 0:
-            t = self.grad_send_s[s - 1]
-            self._send(g, s, m, end, t, "send-grad", self.grad_arrival, s - 1)
+            self.grad_sent[s - 1][m] = end
         if kind == self.last_bwd:
             self.backwards_left[s] -= 1
             if self.backwards_left[s] == 0:
@@ -343,15 +361,20 @@ class _Run:
         self.synced[s] = start + dur
         self.record("sync", "collective", g, s, None, start, start + dur)
 
-    def _send(self, g: int, s: int, m: int, t0: float, dur: float, name: str,
-              arrival: list[list[float | None]], to: int) -> None:  # fmt: skip
-        if dur <= 0:
-            arrival[to][m] = t0
+    def _record_transfer(self, op: Op, posted: float) -> None:
+        # The transfer an op received, on its sender's p2p lane, from when both ends posted.
+        kind, s, m = op
+        group_of = self.group_of_stage
+        if kind == "F" and s > 0:
+            sent, dur, name, frm = self.act_sent[s][m], self.send_s[s - 1], "send-act", s - 1
+        elif kind == self.back and s < len(self.costs) - 1:
+            sent, dur, name, frm = self.grad_sent[s][m], self.grad_send_s[s], "send-grad", s + 1
+        else:
             return
-        start = max(t0, self.send_free[g])
-        self.send_free[g] = start + dur
-        arrival[to][m] = start + dur
-        self.record(name, "p2p", g, s, m, start, start + dur)
+        if sent is None or dur <= 0:
+            return
+        start = max(sent, posted)
+        self.record(name, "p2p", group_of[frm], frm, m, start, start + dur)
 
 
 def simulate_costs(
