@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdv.device_spec import load_device_spec
 from pdv.profile.estimate import _trace
 from pdv.profile.layers import profile_model
 from pdv.profile.request import ProfileRequest
@@ -94,8 +95,6 @@ def test_a_declared_gpu_prices_the_gpt_block_dropout_fused() -> None:
     assert any("native_dropout" in n for n in notes)
     # Three dropouts: one on H·T·T probabilities, two on T·D branches; fused, each moves
     # 5 bytes per fp16 element: what they add is that traffic at the spec's bandwidth.
-    from pdv.device_spec import load_device_spec
-
     spec = load_device_spec(A100)
     elements = 16 * 1024 * 1024 + 2 * 1024 * 1024
     expected = 5 * elements / (spec.memory_bandwidth * spec.memory_efficiency)

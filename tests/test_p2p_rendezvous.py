@@ -4,20 +4,15 @@ receive is posted (pdv.cost.simulate: a transfer starts when its receiver posts 
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
 import torch
 
+from pdv.run.local import free_port
+
 LATE_S = 0.3
 """how long after the send the receiver posts its receive"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _worker(rank: int, port: int, sizes: list[int], out: dict) -> None:
@@ -50,7 +45,7 @@ def test_a_gloo_send_waits_for_its_receive_to_be_posted(sizes: list[int]) -> Non
 
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), sizes, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), sizes, out), nprocs=2, join=True)
         waited = list(out[0])
     assert len(waited) == len(sizes)
     # However small the message, the sender's wait spans the receiver's delay.

@@ -363,6 +363,8 @@ class _Run:
 
     def _record_transfer(self, op: Op, posted: float) -> None:
         # The transfer an op received, on its sender's p2p lane, from when both ends posted.
+        # The same choice of message as ready(), which stays inline: the search runs it
+        # for every op of every simulated step; this runs only when tracing.
         kind, s, m = op
         group_of = self.group_of_stage
         if kind == "F" and s > 0:

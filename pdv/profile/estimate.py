@@ -178,7 +178,7 @@ class _FusedAttention(torch.autograd.Function):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), None, None
 
 
-class _FuseAttention(TorchFunctionMode):
+class _DeviceKernels(TorchFunctionMode):
     """Routes maskless scaled_dot_product_attention to :class:`_FusedAttention` and, for an
     accelerator, dropout to the one kernel it runs there."""
 
@@ -302,7 +302,7 @@ def _trace(layer: nn.Module, x: torch.Tensor, first: bool, last: bool,
     x = x.detach().requires_grad_(not first and x.is_floating_point())
     saved = SavedTensors(exclude=list(layer.parameters()))
     phase = _Phase()
-    with saved.active(), _FuseAttention(phase, fused_dropout), \
+    with saved.active(), _DeviceKernels(phase, fused_dropout), \
             FlopCounterMode(display=False) as fc, \
             _OpLog(fc) as fwd:
         phase.log = fwd
