@@ -11,6 +11,7 @@ the measured number instead (see :func:`cuda_saved_bytes`).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "cuda_saved_bytes",
     "grad_bytes",
     "optimizer_state_bytes",
+    "cpu_runtime_bytes",
     "overhead_bytes",
     "param_bytes",
     "tensor_bytes",
@@ -155,10 +157,63 @@ def overhead_bytes(device: torch.device) -> tuple[int, str]:
             "overhead_bytes: device memory in use (cudaMemGetInfo) minus the caching allocator's "
             "reserved pool, after a warm-up matmul: CUDA context, libraries and workspaces"
         )
-    import psutil
+    try:
+        return cpu_runtime_bytes()
+    except PdvError as exc:
+        import psutil
 
-    rss = psutil.Process(os.getpid()).memory_info().rss
-    return int(rss), (
-        "overhead_bytes: resident set size of this process (psutil) after importing torch and "
-        "warming up, before the model's tensors were made: the runtime every CPU rank pays"
+        rss = psutil.Process(os.getpid()).memory_info().rss
+        return int(rss), (
+            "overhead_bytes: resident set size of this process (psutil) after importing torch "
+            f"and warming up, before the model's tensors were made ({exc}); a run rank imports "
+            "other modules and holds more"
+        )
+
+
+RUNTIME_PROBE_MODEL = ("mlp", {"n_layer": 1, "dim": 1, "expansion": 1, "in_dim": 1})
+"""the model of the empty pipeline whose run measures a CPU rank's runtime: 8 parameters"""
+
+
+def cpu_runtime_bytes(steps: int = 3, timeout_s: float = 180.0) -> tuple[int, str]:
+    """What a ``pdv run`` rank on CPU holds besides its model, measured by running one.
+
+    The profiling process is not a run rank: it imports the CLI's modules and whatever the
+    model's factory pulls in (a GPT factory that loads sympy read 365 MiB, a convnet 297 MiB,
+    on the same machine), and it has no process group, pipeline schedule or optimizer. So a
+    one-rank ``python -m pdv.run.runtime`` trains a pipeline of an 8-parameter model for a
+    few steps and reports its peak resident set, as every run reports its ranks' (VmHWM).
+    """
+    import subprocess
+    import tempfile
+
+    from pdv import artifacts
+    from pdv.artifacts import ModelSpec, Plan, PlanStage
+    from pdv.run.local import free_port
+
+    spec, kwargs = RUNTIME_PROBE_MODEL
+    plan = Plan(model=ModelSpec(spec=spec, kwargs=kwargs), stages=[PlanStage(layers=(0, 3),
+                ranks=[0])], micro_batch_size=1, num_micro_batches=1, global_batch_size=1)
+    with tempfile.TemporaryDirectory(prefix="pdv-runtime-") as tmp:
+        plan_file, report = os.path.join(tmp, "plan.json"), os.path.join(tmp, "report.json")
+        artifacts.write(plan_file, plan)
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+        argv = [sys.executable, "-m", "pdv.run.runtime", plan_file, "--steps", str(steps),
+                "--warmup", "1", "--device", "cpu", "--report", report]
+        try:
+            res = subprocess.run(argv, env=env, capture_output=True, text=True,
+                                 timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise PdvError(f"the empty-pipeline run took over {timeout_s:.0f} s") from None
+        if res.returncode != 0 or not os.path.exists(report):
+            tail = (res.stderr or res.stdout).strip().splitlines()
+            raise PdvError(f"the empty-pipeline run failed with exit {res.returncode}: "
+                           f"{tail[-1] if tail else 'no output'}")
+        measured = artifacts.load_as(report, "run-report").measured
+    return int(measured.peak_memory_bytes["0"]), (
+        "overhead_bytes: peak resident set of a one-rank pdv run (python -m pdv.run.runtime, "
+        f"gloo) training a pipeline of an 8-parameter {spec} for {steps} steps: what every CPU "
+        "rank holds besides its model (torch and the run's modules, the process group, the "
+        "schedule, the optimizer, glibc's heap)"
     )
