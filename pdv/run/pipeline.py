@@ -9,6 +9,7 @@ flat all-reduce after the schedule (averaged: each replica's loss is a mean over
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -145,6 +146,12 @@ class ChainPipeline:
             self.schedule = cls(self.stages, n_microbatches=nmb, loss_fn=loss_fn)
         else:
             self.schedule = cls(self.stages[0], n_microbatches=nmb, loss_fn=loss_fn)
+        # torch's last stage keeps every micro-batch's output (the loss's input: a GPT's logits)
+        # until the next step, to merge them for the caller; pdv reads only the losses, and the
+        # cost model counts no such outputs. torch < 2.8 has no way to skip it.
+        self.step_kwargs = ({"return_outputs": False}
+                            if "return_outputs" in inspect.signature(self.schedule.step).parameters
+                            else {})
         trace = os.environ.get(OP_TRACE_ENV)
         self.recorder = OpRecorder(Path(trace), rank) if trace else None
         for st in self.stages:
@@ -176,9 +183,9 @@ class ChainPipeline:
             end = self.dims.num_stages - 1
             replica, _ = self.dims.position(self.rank, end)
             target = micro_batch_rows(y, nmb, self.dims.stages[end].dp, replica).to(self.device)
-            self.schedule.step(*args, target=target, losses=losses)
+            self.schedule.step(*args, target=target, losses=losses, **self.step_kwargs)
         else:
-            self.schedule.step(*args)
+            self.schedule.step(*args, **self.step_kwargs)
         if self.recorder:
             self.recorder.mark("schedule_end")
         for grads in self.replica_sync:
