@@ -148,7 +148,7 @@ class ChainPipeline:
             self.schedule = cls(self.stages[0], n_microbatches=nmb, loss_fn=loss_fn)
         # torch's last stage keeps every micro-batch's output (the loss's input: a GPT's logits)
         # until the next step, to merge them for the caller; pdv reads only the losses, and the
-        # cost model counts no such outputs. torch < 2.8 has no way to skip it.
+        # cost model counts no such outputs. torch before pytorch#165822 (late 2025) keeps them.
         self.step_kwargs = ({"return_outputs": False}
                             if "return_outputs" in inspect.signature(self.schedule.step).parameters
                             else {})
