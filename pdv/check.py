@@ -43,6 +43,7 @@ __all__ = [
     "predict",
     "shape_plans",
     "default_plans",
+    "memory_error",
     "run_plan",
     "summarize",
     "write_json_atomic",
@@ -68,6 +69,9 @@ class Candidate:
     """each round's median step (measured_s is their median)"""
     spreads_s: list[float] = field(default_factory=list)
     reports: list[str] = field(default_factory=list)
+    memory_errors: list[float] = field(default_factory=list)
+    """each round's peak-memory error: the rank whose |predicted - measured| / measured is
+    largest, signed"""
 
     @property
     def predicted_s(self) -> float:
@@ -86,6 +90,8 @@ class Tolerances:
     max_pick_gap: float | None = None
     """the pick's measured time over the set's measured best, minus 1"""
     max_failures: int = 0
+    max_memory_error: float | None = None
+    """any plan's peak-memory |error| (its worst rank)"""
 
 
 def _ranks(values: Sequence[float]) -> list[float]:
@@ -242,6 +248,15 @@ def run_plan(cand: Candidate, folder: Path, index: int, run_args: Sequence[str],
     cand.spreads_s.append(rep.measured.step_time_spread_s)
     cand.measured_s = statistics.median(cand.runs_s)
     cand.spread_s = statistics.median(cand.spreads_s)
+    assert cand.plan.predicted is not None
+    cand.memory_errors.append(memory_error(cand.plan.predicted.peak_memory_bytes,
+                                           rep.measured.peak_memory_bytes))
+
+
+def memory_error(predicted: dict[str, int], measured: dict[str, int]) -> float:
+    """The signed peak-memory error of the rank it is largest for, over the ranks measured."""
+    errs = [(predicted[r] - m) / m for r, m in measured.items() if r in predicted and m > 0]
+    return max(errs, key=abs) if errs else 0.0
 
 
 def _failed(cand: Candidate, why: str) -> None:
@@ -252,6 +267,7 @@ def _failed(cand: Candidate, why: str) -> None:
 
 def _row(c: Candidate) -> dict[str, Any]:
     err = None if c.measured_s is None else (c.predicted_s - c.measured_s) / c.measured_s
+    mem = statistics.median(c.memory_errors) if c.memory_errors and c.measured_s else None
     return {
         "labels": c.labels,
         "layout": [f"{s.layers[0]}-{s.layers[1]}:dp{s.dp}tp{s.tp}"
@@ -266,6 +282,7 @@ def _row(c: Candidate) -> dict[str, Any]:
         "measured_runs_s": c.runs_s,
         "error": err,
         "abs_error": None if err is None else abs(err),
+        "memory_error": mem,
         "load": c.load,
         "plan": c.file,
         "report": c.report,
@@ -280,6 +297,7 @@ def summarize(pool: Sequence[Candidate], tol: Tolerances, pick_label: str = "pdv
     rows = [_row(c) for c in pool]
     ran = [r for r in rows if r["measured_s"] is not None]
     errs = [r["abs_error"] for r in ran]
+    mems = [abs(r["memory_error"]) for r in ran if r["memory_error"] is not None]
     rho = spearman([r["predicted_s"] for r in ran], [r["measured_s"] for r in ran])
     pick = next((r for r in ran if pick_label in r["labels"]), None)
     pick_info = None
@@ -300,6 +318,8 @@ def summarize(pool: Sequence[Candidate], tol: Tolerances, pick_label: str = "pdv
         "max_abs_error": max(errs) if errs else None,
         "mean_signed_error": statistics.fmean(r["error"] for r in ran) if ran else None,
         "spearman": rho,
+        "memory_median_abs_error": statistics.median(mems) if mems else None,
+        "memory_max_abs_error": max(mems) if mems else None,
         "pick": pick_info,
         "max_load": max((r["load"] for r in ran if r["load"] is not None), default=None),
         "cpus": os.cpu_count(),
@@ -321,6 +341,7 @@ def summarize(pool: Sequence[Candidate], tol: Tolerances, pick_label: str = "pdv
     over("Spearman", rho, tol.min_spearman, above=False)
     over("pick vs measured best - 1",
          None if pick_info is None else pick_info["vs_best"] - 1, tol.max_pick_gap)
+    over("max peak-memory |error|", summary["memory_max_abs_error"], tol.max_memory_error)
     if summary["failed"] > tol.max_failures:
         misses.append(f"{summary['failed']} plans failed to run (allowed {tol.max_failures})")
     return {"rows": rows, "summary": summary, "misses": misses, "passed": not misses}

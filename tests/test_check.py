@@ -17,6 +17,7 @@ from pdv.check import (
     Tolerances,
     default_plans,
     even_split,
+    memory_error,
     plan_key,
     predict,
     spearman,
@@ -90,6 +91,23 @@ def test_summary_statistics_pick_and_misses() -> None:
     assert len(tight["misses"]) == 2 and not tight["passed"]
 
 
+def test_memory_error_is_the_worst_rank_signed_and_checked() -> None:
+    """A plan's peak-memory error is its worst rank's, with its sign; the summary and the
+    tolerance read it."""
+    assert memory_error({"0": 90, "1": 130}, {"0": 100, "1": 100}) == pytest.approx(0.3)
+    assert memory_error({"0": 60, "1": 130}, {"0": 100, "1": 100}) == pytest.approx(-0.4)
+    assert memory_error({"0": 100}, {"0": 100, "5": 10}) == 0.0  # rank 5 was not predicted
+    a, b = _cand(1.0, 1.0, "pdv #1"), _cand(2.0, 2.0, "shape")
+    a.memory_errors, b.memory_errors = [-0.10, -0.30, -0.20], [0.05]
+    got = summarize([a, b], Tolerances(max_memory_error=0.15))
+    assert [r["memory_error"] for r in got["rows"]] == pytest.approx([-0.20, 0.05])
+    s = got["summary"]
+    assert s["memory_median_abs_error"] == pytest.approx(0.125)
+    assert s["memory_max_abs_error"] == pytest.approx(0.20)
+    assert got["misses"] == ["max peak-memory |error| 0.2 > 0.15"]
+    assert summarize([a, b], Tolerances(max_memory_error=0.25))["passed"]
+
+
 def test_the_default_set_spans_the_asked_ratio_with_distinct_plans() -> None:
     """pdv's top plans, the baselines' picks and other shapes; no plan twice."""
     prof = make_profile(n_layers=8, fwd=0.01, bwd=0.02, out=4000, ref_mbs=1)
@@ -156,6 +174,10 @@ def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
         assert row["error"] == pytest.approx(err)
         rep = json.loads(Path(row["report"]).read_text())
         assert rep["measured"]["step_time_s"] == row["measured_s"]
+        plan = json.loads(Path(row["plan"]).read_text())
+        mem = memory_error(plan["predicted"]["peak_memory_bytes"],
+                           rep["measured"]["peak_memory_bytes"])
+        assert row["memory_error"] == pytest.approx(mem) and mem != 0.0
         assert len(rep["measured"]["step_times_s"]) == 3
     assert s["median_abs_error"] == pytest.approx(statistics.median(x["abs_error"] for x in rows))
     assert 1 <= s["pick"]["measured_rank"] <= len(rows)

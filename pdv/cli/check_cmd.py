@@ -79,6 +79,9 @@ def check(
         "fraction slower than the set's measured best."),
     max_failures: int = typer.Option(
         0, "--max-failures", min=0, help="Fail when more plans than this fail to run."),
+    max_memory_error: float | None = typer.Option(
+        None, "--max-memory-error", min=0.0, help="Fail when any plan's predicted peak memory "
+        "is off by more than this fraction on any rank."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Run plans for a few steps each; print predicted, measured, error, Spearman, the pick's
@@ -115,7 +118,8 @@ def check(
             run_plan(cand, out, i, run_args, steps, warmup, run_timeout, round_)
             if cand.error:
                 say(f"  failed: {cand.error}")
-    tol = Tolerances(max_median_error, max_error, min_spearman, max_pick_gap, max_failures)
+    tol = Tolerances(max_median_error, max_error, min_spearman, max_pick_gap, max_failures,
+                     max_memory_error)
     result = summarize(pool, tol)
     doc = {
         "schema": SCHEMA,
@@ -139,7 +143,8 @@ def check(
 
 def _print(doc: dict, target: Path) -> None:
     t = new_table("predicted against measured (median step after warm-up)",
-                  ("plan", "predicted", "measured", "IQR", "error", "load", "stages", "mbs x M"),
+                  ("plan", "predicted", "measured", "IQR", "error", "memory", "load", "stages",
+                   "mbs x M"),
                   left={"plan", "stages"})  # fmt: skip
     for r in doc["rows"]:
         meas = r["measured_s"]
@@ -149,6 +154,7 @@ def _print(doc: dict, target: Path) -> None:
             fmt_time(meas) if meas is not None else "failed",
             fmt_time(r["measured_spread_s"]) if r["measured_spread_s"] is not None else "-",
             f"{r['error']:+.1%}" if r["error"] is not None else "-",
+            f"{r['memory_error']:+.1%}" if r["memory_error"] is not None else "-",
             f"{r['load']:.1f}" if r["load"] is not None else "-",
             " ".join(r["layout"]),
             f"{r['micro_batch_size']} x {r['num_micro_batches']}",
@@ -163,7 +169,9 @@ def _print(doc: dict, target: Path) -> None:
     span = "-" if s["predicted_span"] is None else f"{s['predicted_span']:.2f}x"
     console.print(f"{s['ran']} of {s['plans']} plans ran; predicted span {span}; median |error| "
                   f"{pct(s['median_abs_error'])}, max {pct(s['max_abs_error'])}, mean signed "
-                  f"{pct(s['mean_signed_error'])}; Spearman {rho}", highlight=False)
+                  f"{pct(s['mean_signed_error'])}; Spearman {rho}; peak memory median |error| "
+                  f"{pct(s['memory_median_abs_error'])}, max {pct(s['memory_max_abs_error'])}",
+                  highlight=False)
     p = s["pick"]
     if p:
         console.print(f"pdv's pick ranked {p['measured_rank']} of {p['of']} measured "
