@@ -196,9 +196,11 @@ def cpu_runtime_bytes(steps: int = 3, timeout_s: float = 180.0) -> tuple[int, st
     with tempfile.TemporaryDirectory(prefix="pdv-runtime-") as tmp:
         plan_file, report = os.path.join(tmp, "plan.json"), os.path.join(tmp, "report.json")
         artifacts.write(plan_file, plan)
-        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+        # A world of its own, whatever launcher this process runs under.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+        env |= {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                "OMP_NUM_THREADS": "1"}
         argv = [sys.executable, "-m", "pdv.run.runtime", plan_file, "--steps", str(steps),
                 "--warmup", "1", "--device", "cpu", "--report", report]
         try:
