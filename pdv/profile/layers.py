@@ -6,10 +6,12 @@ shapes the model's ``tp_shard`` gives) and each micro-batch size:
 1. the micro-batch is pushed through the layers once without grad, so each layer is fed the
    real activations of the layers before it;
 2. one untimed forward per layer counts its saved activations, output bytes and FLOPs;
-3. then ``warmup + repeat`` rounds; a round times every layer's forward in order (the last
-   layer includes the loss, as the last pipeline stage computes it), then every layer's
-   backward in reverse order, each from a fixed upstream gradient on that layer's output --
-   and, at the reference point, the whole model's forward+backward.
+3. then ``warmup + repeat`` rounds (at least one warm-up); a round times every layer's forward
+   in order (the last layer includes the loss, as the last pipeline stage computes it), then
+   every layer's backward in reverse order, each from a fixed upstream gradient on that
+   layer's output -- and, at the reference point, the whole model's forward+backward. Gradients
+   are kept from round to round, so a backward adds into the ones the warm-up left, as every
+   micro-batch of a step but its first does;
    Interleaving rounds spreads any noise from the rest of the machine evenly over the layers and
    the whole model, so their medians can be compared;
 4. last, one optimizer step per layer (pdv.profile.optimizer): the run's optimizer over the
@@ -111,7 +113,6 @@ def _backward(out: Any, grads: Sequence[torch.Tensor | None] | None) -> bool:
 
 
 def _clear_grads(layer: nn.Module) -> None:
-    # Training zeroes grads with set_to_none: each backward allocates them afresh.
     for p in layer.parameters():
         p.grad = None
 
@@ -167,7 +168,6 @@ def _time_layers(layers: Sequence[nn.Module], acts: Sequence[Values],
     for i, layer in enumerate(layers):
         xs = _leaves(acts[i] if i == 0 else _hand_on(outs[i - 1], acts[i]), i > 0)
         ins.append(xs)
-        _clear_grads(layer)
         t0 = clock.now()
         outs.append(_forward(layer, xs, i == n - 1, loss_fn, targets))
         fwd[i] = clock.now() - t0
@@ -203,8 +203,6 @@ def _grads_back(successor_inputs: Values,
 
 def _time_whole(layers: Sequence[nn.Module], x: torch.Tensor, loss_fn: Callable[..., Any],
                 targets: torch.Tensor, clock: Clock) -> tuple[float, float]:
-    for layer in layers:
-        _clear_grads(layer)
     t0 = clock.now()
     h: Any = x
     for layer in layers:
@@ -294,8 +292,10 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
         batches[m] = (_to_device(x, device, dtype), y.to(device))
 
     # The optimizer rounds come last; its first step is always a warm-up (it allocates state).
-    opt_rounds = max(1, req.warmup) + req.repeat
-    total = len(tps) * len(mbss) * (req.warmup + req.repeat) + opt_rounds
+    # At least one warm-up: it leaves the gradients each timed backward adds into.
+    warmup = max(1, req.warmup)
+    opt_rounds = warmup + req.repeat
+    total = len(tps) * len(mbss) * (warmup + req.repeat) + opt_rounds
     done = 0
 
     def ticker(what: str) -> Callable[[], None]:
@@ -328,7 +328,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
                     timed = tp_runtime.parallelize(base, model.tp_plan, tp)
             for m in mbss:
                 pts, w = _measure_point(layers, model.loss_fn, *batches[m], device,
-                                        req.warmup, req.repeat, whole=(tp == 1 and m == ref),
+                                        warmup, req.repeat, whole=(tp == 1 and m == ref),
                                         tick=ticker(f"TP {tp}, micro-batch {m}"), timed=timed)
                 points[(tp, m)] = pts
                 whole = whole or w
@@ -351,10 +351,13 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
                                     fwd_bwd_spread_s=wfb_iqr)
     threads = torch.get_num_threads() if device.type == "cpu" else None
     notes = [
-        f"per layer: {req.warmup} warm-up + {req.repeat} timed rounds; median and IQR; rounds "
+        f"per layer: {warmup} warm-up + {req.repeat} timed rounds; median and IQR; rounds "
         "interleave all layers and the whole model so machine noise hits each alike",
         "each layer is fed the real activations of the layers before it; backward is timed "
         "from a fixed upstream gradient and includes the input gradient (not for layer 0)",
+        "backward adds into the gradients the warm-up left, as each micro-batch of a step but "
+        "the first does (a step zeroes them with set_to_none); an mlp block of 8 MiB of "
+        "weights measured 25-30% slower so than allocating them afresh",
         "the last layer's fwd/bwd include the loss, as the last pipeline stage computes it",
         "activation_bytes: distinct non-parameter storages saved for backward "
         + ("(caching-allocator delta across the forward, adjusted for input/output)"
