@@ -1,10 +1,11 @@
-"""Shared fixtures: the repository root and a way to run the real pdv command."""
+"""Shared fixtures: the repository root, a way to run the real pdv command, a world of one."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def root() -> Path:
     """The repository root (sample models are named relative to it)."""
     return ROOT
+
+
+@pytest.fixture
+def world_of_one(tmp_path: Path) -> Iterator[None]:
+    """A gloo process group of this process alone, destroyed after the test."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def run_pdv(

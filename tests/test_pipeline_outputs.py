@@ -4,12 +4,9 @@ cost model prices no such outputs (torch's schedules keep them for a merge unles
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.pipelining.schedules import Schedule1F1B
 
 from pdv.artifacts import ModelSpec, Plan, PlanStage
@@ -18,16 +15,6 @@ from pdv.models import build_model
 from pdv.run.dims import ParallelDims, build_meshes
 from pdv.run.pipeline import ChainPipeline
 from pdv.run.stage import build_stage_module
-
-
-@pytest.fixture
-def world_of_one(tmp_path: Path) -> Iterator[None]:
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif("return_outputs" not in inspect.signature(Schedule1F1B.step).parameters,

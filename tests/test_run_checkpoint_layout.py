@@ -4,26 +4,13 @@ split of a model and loads under another, tied weights included."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pdv.run.checkpoint import Checkpointer
 from pdv.run.resume import CheckpointMeta
-
-
-@pytest.fixture
-def world_of_one(tmp_path: Path) -> Iterator[None]:
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _layers(seed: int) -> tuple[nn.Embedding, nn.Linear, nn.Linear]:
