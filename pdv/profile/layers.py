@@ -357,7 +357,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
         "from a fixed upstream gradient and includes the input gradient (not for layer 0)",
         "backward adds into the gradients the warm-up left, as each micro-batch of a step but "
         "the first does (a step zeroes them with set_to_none); an mlp block of 8 MiB of "
-        "weights measured 25-30% slower so than allocating them afresh",
+        "weights took 25-30% longer adding than writing them afresh",
         "the last layer's fwd/bwd include the loss, as the last pipeline stage computes it",
         "activation_bytes: distinct non-parameter storages saved for backward "
         + ("(caching-allocator delta across the forward, adjusted for input/output)"

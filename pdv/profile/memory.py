@@ -188,6 +188,7 @@ def cpu_runtime_bytes(steps: int = 3, timeout_s: float = 180.0) -> tuple[int, st
 
     from pdv import artifacts
     from pdv.artifacts import ModelSpec, Plan, PlanStage
+    from pdv.run.launch import RunOptions, runtime_argv
     from pdv.run.local import free_port
 
     spec, kwargs = RUNTIME_PROBE_MODEL
@@ -201,8 +202,8 @@ def cpu_runtime_bytes(steps: int = 3, timeout_s: float = 180.0) -> tuple[int, st
         env |= {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                 "OMP_NUM_THREADS": "1"}
-        argv = [sys.executable, "-m", "pdv.run.runtime", plan_file, "--steps", str(steps),
-                "--warmup", "1", "--device", "cpu", "--report", report]
+        argv = [sys.executable, *runtime_argv(RunOptions(plan=plan_file, steps=steps, warmup=1,
+                                                         device="cpu", report=report))]
         try:
             res = subprocess.run(argv, env=env, capture_output=True, text=True,
                                  timeout=timeout_s)
