@@ -275,8 +275,8 @@ class RankOverheads(_Strict):
 
     ``pdv profile cluster`` times torch.distributed.pipelining on a one-rank stage with a
     one-parameter layer, the rank probing alone (the bookkeeping: recv buffers, autograd
-    calls, output checks, loss call), and the CPU each p2p message costs its sender and its
-    receiver on the real backend.
+    calls, output checks, loss call), the CPU each p2p message costs its sender and its
+    receiver on the real backend, and a collective's excess right after compute.
     """
 
     fwd_s: float = Field(ge=0, description="per stage and micro-batch: forward_one_chunk and "
@@ -288,6 +288,10 @@ class RankOverheads(_Strict):
         None, description="process CPU per message sent (CPU ranks: it competes with compute)")
     recv_cpu: MessageCost | None = Field(
         None, description="process CPU per message received")
+    sync_after_compute_s: float | None = Field(
+        None, ge=0, description="per step of a stage with replicas: what the gradient sync's "
+        "first collective pays beyond the back-to-back sweeps, coming to it from compute (the "
+        "backend's threads waking, a partner finishing its equal work later); CPU ranks")
     fsdp_gather: FsdpUnitCost | None = Field(
         None, description="per FSDP unit and gathering op (every backward, and one more per "
         "step): hooks, copies in and out of the all-gather, resharding, beyond what the "

@@ -120,6 +120,34 @@ def test_the_planner_prices_a_stage_as_the_simulator_does() -> None:
     assert ref.fwd_s == pytest.approx(0.04 + OVER.fwd_s)
 
 
+def test_a_stage_with_replicas_pays_the_sync_after_compute_once_per_step() -> None:
+    """grad sync += the slowest rank's measured excess when dp > 1; nothing when dp = 1; the
+    planner's price, CP-SAT's and the simulator's agree."""
+    prof = make_profile(n_layers=4, fwd=0.01, bwd=0.02, optimizer_s=0.001)
+    late = OVER.model_copy(update={"sync_after_compute_s": 0.003})
+    base = make_cluster(2)
+    devices = [d.model_copy(update={"overheads": late if d.rank == 1 else OVER})
+               for d in base.devices]  # fmt: skip
+    cl = base.model_copy(update={"devices": devices})
+    kw = dict(mbs=2, schedule="1F1B", stage_index=0, num_stages=1, num_micro=2)
+    dp2 = PlanStage(layers=(0, 4), ranks=[0, 1], dp=2)
+    with_excess = stage_cost({"cpu": prof}, cl, dp2, None, **kw)  # type: ignore[arg-type]
+    without = stage_cost({"cpu": prof}, _with_overheads(base), dp2, None,
+                         **kw)  # type: ignore[arg-type]
+    assert with_excess.grad_sync_s == pytest.approx(without.grad_sync_s + 0.003)
+    assert with_excess.fwd_s == without.fwd_s and with_excess.optimizer_s == without.optimizer_s
+    one = PlanStage(layers=(0, 4), ranks=[1], dp=1)
+    assert stage_cost({"cpu": prof}, cl, one, None,
+                      **kw).grad_sync_s == 0.0  # type: ignore[arg-type]
+    problem = PlanProblem({"cpu": prof}, cl, 4)
+    mine = stage_prices(problem, [StageSpec(0, 4, (0, 1), LayerChoice())], 2)[0]
+    assert mine.sync_s == pytest.approx(with_excess.grad_sync_s + with_excess.optimizer_s)
+    plan = make_plan([dp2], num_micro=2, mbs=2)
+    step = simulate(plan, {"cpu": prof}, cl).step_time_s
+    assert step == pytest.approx(simulate(plan, {"cpu": prof}, _with_overheads(base)).step_time_s
+                                 + 0.003)
+
+
 def test_fsdp_collectives_are_priced_on_their_own_measured_links() -> None:
     """all_gather/reduce_scatter use the measured gather/scatter α/β of the ring's slowest hop;
     without them, the all-reduce's (the pricing before the sweep)."""

@@ -16,6 +16,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from pdv import artifacts
+from pdv.cost.comm import all_reduce_time, ring_of
 from pdv.profile.collective import (
     _BURST,
     _FSDP_REACH,
@@ -231,6 +233,7 @@ def test_four_local_ranks_give_a_valid_4x4_matrix(tmp_path: Path) -> None:
 def _check_overheads(data: dict) -> None:
     """Every rank's pipeline bookkeeping and message CPU, with the raw numbers behind them."""
     block = data["measurement"]["overheads"]
+    links = artifacts.parse(data).links
     assert "Schedule1F1B" in block["method"] and block["sizes_bytes"]
     paired = 0
     for d, raw in zip(data["devices"], block["ranks"], strict=True):
@@ -251,6 +254,16 @@ def _check_overheads(data: dict) -> None:
                 assert all(len(r) == len(rounds[0]) >= 3 for r in rounds)
                 assert m[f"{key}_s"] == [statistics.median(r) for r in rounds]
             assert m["spread"] >= 0
+            # The sync after compute: the same pairs, every round kept; the excess is the first
+            # all-reduce's mean less the sweep's price on the pair (never negative).
+            sy = raw["sync_after_compute"]
+            assert d["rank"] in sy["pair"] and m["peer"] in sy["pair"]
+            assert sy["burst_matmuls"] >= 1
+            assert len(sy["first_rounds_s"]) == len(sy["second_rounds_s"]) >= 10
+            assert sy["first_s"] == pytest.approx(statistics.mean(sy["first_rounds_s"]))
+            ring = ring_of(links, sy["pair"])
+            assert o["sync_after_compute_s"] == pytest.approx(
+                max(0.0, sy["first_s"] - all_reduce_time(ring, sy["bytes"])))
         if "collective" in data["measurement"]:  # FSDP's own work, with the collective sweep
             f = raw["fsdp"]
             assert d["rank"] in f["pair"] and len(f["unit_bytes"]) == 2
@@ -507,3 +520,24 @@ def test_in_a_memory_cgroup_runtime_bytes_is_the_groups_charge(tmp_path: Path) -
     # Most of it is the processes' own (anonymous) memory; the page cache is reported beside it.
     stat = details["runtime_cgroup_stat_bytes"]
     assert stat["total_rss"] > device["runtime_bytes"] / 2 and "total_cache" in stat
+
+
+def test_the_sync_excess_is_the_first_all_reduce_beyond_the_sweeps_price() -> None:
+    """Each paired rank: its median first all-reduce after compute less the pair's priced
+    all-reduce of the same bytes (never below 0); a rank with a bye: its kind's median."""
+    from pdv.artifacts import Links
+    from pdv.profile.cluster import _sync_after_compute
+
+    n = 3
+    lat = [[0.0 if i == j else 1e-4 for j in range(n)] for i in range(n)]
+    bw = [[0.0 if i == j else 1e9 for j in range(n)] for i in range(n)]
+    links = Links(latency_s=lat, bandwidth_Bps=bw)
+    priced = all_reduce_time(ring_of(links, [0, 1]), 4096)
+    devices = [{"rank": r, "kind": "cpu", "overheads": {}} for r in range(n)]
+    over = [{"rank": 0, "sync": {"pair": [0, 1], "bytes": 4096, "first_s": priced + 0.002}},
+            {"rank": 1, "sync": {"pair": [0, 1], "bytes": 4096, "first_s": priced / 2}},
+            {"rank": 2, "sync": None}]
+    _sync_after_compute(devices, over, links)
+    got = [d["overheads"]["sync_after_compute_s"] for d in devices]
+    assert got[0] == pytest.approx(0.002) and got[1] == 0.0
+    assert got[2] == pytest.approx(statistics.median([0.002, 0.0]))

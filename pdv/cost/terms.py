@@ -40,8 +40,10 @@ work outside its micro-batches — each rank's measured RankOverheads (:class:`R
 added in :func:`compose` before the maximum over the ranks.
 
 Per step: the gradient sync on each replica ring — one all-reduce of the stage's plain
-gradients, a reduce-scatter of each FSDP layer's — then the optimizer step over the rank's
-parameter shard (the profile's measured step by shard share, 1/dp of it under FSDP).
+gradients, a reduce-scatter of each FSDP layer's, and what its first collective pays coming
+from the last backward rather than from another collective (each rank's measured
+RankOverheads.sync_after_compute_s, the slowest rank's) — then the optimizer step over the
+rank's parameter shard (the profile's measured step by shard share, 1/dp of it under FSDP).
 
 A stage runs at the pace of its slowest rank and its slowest ring: each time is the largest
 over the ranks (or rings) of its sum over the layers. A new per-layer term is one field of
@@ -109,6 +111,9 @@ class RankView(NamedTuple):
     (RankOverheads.fsdp_reduce_scatter)"""
     fsdp_scatter_b_s: float = 0.0
     """seconds per byte of the unit"""
+    sync_after_compute_s: float = 0.0
+    """per step of a stage with replicas: the gradient sync's excess coming from compute
+    (RankOverheads.sync_after_compute_s; 0 where unmeasured)"""
 
 
 class RingView(NamedTuple):
@@ -294,6 +299,8 @@ def compose(group: StageGroup, sums: Mapping[str, np.ndarray]) -> StagePrice:
          for d, rv in enumerate(group.dp_rings)],
         axis=0,
     ) + gather  # fmt: skip
+    if group.dp > 1:  # the sync comes from the last backward: its first collective pays more
+        sync = sync + max(r.sync_after_compute_s for r in group.ranks)
     return StagePrice(
         compute_fwd_s=(fwd + per_rank("schedule_fwd_s", fwd)).max(axis=0),
         compute_bwd_s=(bwd + per_rank("schedule_bwd_s", bwd)).max(axis=0),

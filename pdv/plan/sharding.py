@@ -197,12 +197,14 @@ def _build(
 
 
 def _sync_var(model: _Model, group: StageGroup) -> cp_model.IntVar:
-    """Per-step sync ≥ each replica ring's DP all-reduce + its FSDP layers' reduce-scatters."""
+    """Per-step sync ≥ each replica ring's DP all-reduce + its FSDP layers' reduce-scatters,
+    plus the sync's measured excess after compute (as pdv.cost.terms.compose prices it)."""
     m = model.m
     sync = m.new_int_var(0, 1 << 60, "sync")
     if group.dp < 2:
         m.add(sync == 0)
         return sync
+    after = _ns(max(r.sync_after_compute_s for r in group.ranks))
     for d, rv in enumerate(group.dp_rings):
         used = m.new_bool_var("use_dp")
         for k, members in enumerate(model.classes):
@@ -216,7 +218,7 @@ def _sync_var(model: _Model, group: StageGroup) -> cp_model.IntVar:
             for k, c in enumerate(model.classes)
             for o, t in enumerate(model.terms)
         )
-        m.add(sync >= expr + _ns(per_call) * used)
+        m.add(sync >= expr + _ns(per_call) * used + after)
     return sync
 
 

@@ -50,6 +50,7 @@ from pdv.profile.overheads import (
     fsdp_pairs,
     measure_overheads,
     overheads_block,
+    sync_excess,
 )
 
 __all__ = ["LinkFailure", "describe_event", "profile_cluster_rank", "rank_env"]
@@ -206,6 +207,7 @@ def profile_cluster_rank(
                       collective_bandwidth_Bps=coll_bw,
                       host_rings=[s.ring for s in host_rings or ()] or None, **fsdp)
         _fsdp_own_work(devices, over, links)
+        _sync_after_compute(devices, over, links)
         artifact = ClusterArtifact(
             provenance=Provenance(
                 method="measured",
@@ -271,6 +273,23 @@ def _fsdp_own_work(devices: list[dict[str, Any]], over: list[dict[str, Any]],
                     for op in alike[0]}
         d["overheads"]["fsdp_gather"] = mine["gather"]
         d["overheads"]["fsdp_reduce_scatter"] = mine["reduce_scatter"]
+
+
+def _sync_after_compute(devices: list[dict[str, Any]], over: list[dict[str, Any]],
+                        links: Links) -> None:
+    """Each rank's gradient-sync excess after compute (pdv.profile.overheads) into its
+    overheads, in place: its own probe less the sweep's price on its pair; a rank in no pair
+    gets the median of its device kind's."""
+    mine = {o["rank"]: sync_excess(o["sync"], ring_of(links, o["sync"]["pair"]))
+            for o in over if o.get("sync")}
+    for d in devices:
+        value = mine.get(d["rank"])
+        if value is None:
+            alike = [v for r, v in mine.items() if devices[r]["kind"] == d["kind"]]
+            if not alike:
+                continue
+            value = statistics.median(alike)
+        d["overheads"]["sync_after_compute_s"] = value
 
 
 def _probe_alone(device: torch.device, wire: torch.device, local_ranks: int) -> float:

@@ -20,6 +20,20 @@ Three probes, run by every rank of ``pdv profile cluster`` after the link sweeps
   bursts lasting seconds, 3-4 times the usual (a single round read 40 µs or 3.5 ms for the same
   1-byte message). Every round is kept in the record, with the spread. A CUDA rank's compute is
   its GPU, which host CPU does not slow, so no message CPU is recorded there.
+- **A sync after compute** (CPU ranks). A step's gradient all-reduce follows its last backward:
+  the ranks come to it from milliseconds of compute, not from the collective before it, as
+  in the sweeps, whose α is the least time a small size took. On this project's 2-core
+  machine a 4 KiB all-reduce in a step-like loop (both ranks of a pair compute a 5 ms matmul
+  burst, then all-reduce twice) took about 0.3 ms in half the rounds and 2-6 ms in the
+  others, first and second alike: a loop thread waiting out a scheduler slice
+  (pdv.profile.loops), and a partner that finished its equal burst later. The sweep priced it
+  at 0.45 ms. The tournament's first round pairs up (disjoint pairs at once, so the host's
+  cores are as busy as in a step); each pair, in its own process group, computes a burst of
+  about ``_BURST_S`` and all-reduces ``_SYNC_BYTES`` twice, over ``_SYNC_PASSES`` passes
+  apart in time. The cluster takes the rank's excess as its mean first all-reduce less what
+  the sweep prices for it on the pair (:func:`sync_excess`). The mean, because the times are
+  bimodal and a median flips between the modes from one profile to the next. The second
+  all-reduce is kept in the record.
 - **FSDP's own work** (with the collective sweep). FSDP2 does work per unit besides its
   collectives: the hooks around each forward and backward, copying parameters into the
   all-gather's buffer and out of it, resharding, the gradients' copy into the reduce-scatter.
@@ -36,8 +50,9 @@ Three probes, run by every rank of ``pdv profile cluster`` after the link sweeps
   cluster subtracts what the sweep's α/β already price for the pair (:func:`fsdp_own_work`).
 
 The cost model adds the bookkeeping to every forward, backward and step, the message CPU to
-the compute of the ops that send and receive it, and FSDP's own work to each FSDP layer's
-backward and step (pdv.cost.terms, pdv.cost.stage).
+the compute of the ops that send and receive it, the sync's excess to each step's gradient sync
+of a stage with replicas, and FSDP's own work to each FSDP layer's backward and step
+(pdv.cost.terms, pdv.cost.stage).
 """
 
 from __future__ import annotations
@@ -53,14 +68,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pdv.cost.comm import Ring, all_gather_time, reduce_scatter_time
+from pdv.cost.comm import Ring, all_gather_time, all_reduce_time, reduce_scatter_time
 from pdv.fsdp_step import before_backward, end_step
 from pdv.profile.hardware import host_name
 from pdv.profile.loops import settle_gloo_loops
 from pdv.profile.network import Progress, tournament_rounds
 
 __all__ = ["FSDP_PROBE_BYTES", "MESSAGE_SIZES", "fsdp_own_work", "fsdp_pairs",
-           "measure_overheads", "overheads_block"]
+           "measure_overheads", "overheads_block", "sync_excess"]
 
 MESSAGE_SIZES = (1, 16 * 1024, 256 * 1024, 1024 * 1024)
 """message sizes of the message-CPU probe, bytes"""
@@ -70,6 +85,10 @@ _WARMUP = 3
 _MESSAGES = 24
 _ROUNDS = 6
 _ROUND_GAP_S = 0.5
+_BURST_S = 0.005
+"""compute before each timed sync: a backward's length on the small models pdv runs on CPU"""
+_SYNC_BYTES = 4096
+_SYNC_WARMUP, _SYNC_ROUNDS, _SYNC_PASSES = 4, 48, 3
 _FSDP_SMALL, _FSDP_LARGE = 1024, (16 * 1024, 1024 * 1024)
 """parameter bytes of the FSDP probe's small unit, and the range of its large one"""
 _FSDP_WIRE_S = 0.002
@@ -202,6 +221,66 @@ def _message_cpu(rank: int, world: int) -> dict[str, Any] | None:
             "send_cpu_rounds_s": sent, "recv_cpu_rounds_s": received,
             "spread": _spread(sent + received),
             "send_cpu": _line(sizes, send), "recv_cpu": _line(sizes, recv)}
+
+
+def _sync_after_compute(rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
+    """This rank's first all-reduce after a compute burst, against the one right after it."""
+    rounds = tournament_rounds(world)
+    pairs = rounds[0] if rounds else []
+    # Every rank makes every pair's group, so each takes a fresh name (see _fsdp_probe).
+    groups = [dist.new_group(list(p)) for p in pairs]
+    settle_gloo_loops()
+    mine = next((i for i, p in enumerate(pairs) if rank in p), None)
+    first: list[float] = []
+    second: list[float] = []
+    burst = 0
+    if mine is not None:
+        group = groups[mine]
+        a = torch.randn(256, 256, device=device)
+        b = torch.randn(256, 256, device=device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        per = (time.perf_counter() - t0) / 10
+        # Both ranks burst equally (the larger count): a partner's lateness is the rest.
+        agreed = torch.tensor([max(1, round(_BURST_S / max(per, 1e-9)))])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+        burst = int(agreed.item())
+        buf = torch.zeros(_SYNC_BYTES // 4)
+        for k in range(_SYNC_PASSES):
+            if k:
+                time.sleep(_ROUND_GAP_S)
+            for n in range(_SYNC_WARMUP + _SYNC_ROUNDS // _SYNC_PASSES):
+                dist.barrier(group=group)
+                for _ in range(burst):
+                    a @ b
+                t1 = time.perf_counter()
+                dist.all_reduce(buf, group=group)
+                t2 = time.perf_counter()
+                dist.all_reduce(buf, group=group)
+                t3 = time.perf_counter()
+                if n >= _SYNC_WARMUP:
+                    first.append(t2 - t1)
+                    second.append(t3 - t2)
+    dist.barrier()  # a rank with a bye waits here for the pairs
+    for g in groups:
+        if g != dist.GroupMember.NON_GROUP_MEMBER:
+            dist.destroy_process_group(g)
+    if mine is None:
+        return None
+    # The mean, not the median: the times are bimodal (about 0.3 ms, or 2-6 ms when a loop
+    # thread waits out a scheduler slice), and a median flips between the modes from one
+    # profile to the next (0.5 and 2.6 ms seen); a step pays the mix.
+    return {"pair": list(pairs[mine]), "burst_matmuls": burst, "bytes": _SYNC_BYTES,
+            "first_s": statistics.mean(first), "second_s": statistics.mean(second),
+            "first_median_s": statistics.median(first),
+            "first_rounds_s": first, "second_rounds_s": second}
+
+
+def sync_excess(record: dict[str, Any], ring: Ring) -> float:
+    """What a rank's first all-reduce after compute took beyond the sweep's price for it on the
+    pair's ring (at least 0)."""
+    return max(0.0, float(record["first_s"]) - all_reduce_time(ring, float(record["bytes"])))
 
 
 def _spread(per_size_rounds: list[list[float]]) -> float:
@@ -392,6 +471,7 @@ def measure_overheads(device: torch.device, wire: torch.device,
     cpu = torch.tensor([int(device.type == "cpu" == wire.type)], device=wire)
     dist.all_reduce(cpu, op=dist.ReduceOp.MIN)
     messages = _message_cpu(rank, world) if int(cpu.item()) else None
+    sync = _sync_after_compute(rank, world, device) if int(cpu.item()) else None
     out: dict[str, Any] = dict(book)
     if messages is not None:
         out["send_cpu"] = messages["send_cpu"]
@@ -400,7 +480,7 @@ def measure_overheads(device: torch.device, wire: torch.device,
     if fsdp:
         report({"phase": "fsdp"})
         probe = _fsdp_probe(rank, world, device, fsdp)
-    return {"rank": rank, "overheads": out, "messages": messages, "fsdp": probe}
+    return {"rank": rank, "overheads": out, "messages": messages, "sync": sync, "fsdp": probe}
 
 
 def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -414,9 +494,14 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         f"first round pairs send each other {_MESSAGES} messages per size after 2 warm-ups, "
         f"in {_ROUNDS} rounds {_ROUND_GAP_S} s apart; process CPU time per message on each "
         "side, the median of the rounds per size, least squares a + b*S; spread = the largest "
-        "IQR/median of a size's rounds. FSDP's own work (with the collective sweep): ranks "
-        "paired over their fastest links first, pairs on overlapping hosts in turns, step a "
-        "stack of "
+        "IQR/median of a size's rounds. Sync after compute (CPU ranks): the same pairs, each in "
+        f"its own process group, compute about {_BURST_S} s of 256x256 matmuls (the pair's "
+        f"larger count) then all-reduce {_SYNC_BYTES} bytes twice, {_SYNC_ROUNDS} rounds after "
+        f"{_SYNC_WARMUP} warm-ups per pass, {_SYNC_PASSES} passes {_ROUND_GAP_S} s apart; "
+        "excess = mean first less the sweep's price of the same all-reduce on the pair, at "
+        "least 0 (a rank in no pair: its kind's median). FSDP's own work (with the "
+        "collective sweep): ranks paired over their fastest links first, pairs on "
+        "overlapping hosts in turns, step a stack of "
         f"{_FSDP_UNITS} bias-free Linear layers (each a fully_shard unit on the pair, stepped "
         f"as torch's pipelining steps FSDP) and the same stack unsharded, at M of "
         f"{list(_FSDP_MICRO)} micro-batches, units of about {_FSDP_SMALL} bytes and what the "
@@ -426,6 +511,7 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "of the pair's collective, a + b*S per unit",
         "sizes_bytes": list(MESSAGE_SIZES),
         "ranks": [{"rank": r["rank"], **({"messages": r["messages"]} if r["messages"] else {}),
+                   **({"sync_after_compute": r["sync"]} if r.get("sync") else {}),
                    **({"fsdp": r["fsdp"]} if r.get("fsdp") else {})}
                   for r in per_rank],
     }
