@@ -375,6 +375,10 @@ class Links(_Strict):
         "input of S bytes on 2 ranks took α + S/(2β); absent: rings use the all-reduce's")
     scatter_bandwidth_Bps: list[list[float]] | None = Field(
         None, description="β of a reduce-scatter over the pair, bytes per second")
+    exchange_latency_s: list[list[float]] | None = Field(
+        None, description="what a pipeline message pays beyond α + S/β when its ends come to "
+        "it from compute, as a step's do (measured on CPU ranks: gloo's loop threads waking "
+        "and waiting out scheduler slices); added to each message's α; absent: nothing")
     host_rings: list[HostRing] | None = Field(
         None, description="all-reduces over each host's whole set of ranks (hosts with 3 or "
         "more): where ranks outnumber cores, a ring step waits for the scheduler, which no pair "
@@ -385,7 +389,7 @@ class Links(_Strict):
         # Links measured before the FSDP sweep (and every plan that copies them) keep their bytes.
         return _drop_none(handler(self), ("gather_latency_s", "gather_bandwidth_Bps",
                                           "scatter_latency_s", "scatter_bandwidth_Bps",
-                                          "host_rings"))
+                                          "exchange_latency_s", "host_rings"))
 
 
 class ClusterArtifact(_Strict):
@@ -416,6 +420,7 @@ class ClusterArtifact(_Strict):
             ("gather_bandwidth_Bps", self.links.gather_bandwidth_Bps),
             ("scatter_latency_s", self.links.scatter_latency_s),
             ("scatter_bandwidth_Bps", self.links.scatter_bandwidth_Bps),
+            ("exchange_latency_s", self.links.exchange_latency_s),
         ):
             if m is None:
                 continue

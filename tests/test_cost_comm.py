@@ -158,3 +158,45 @@ def test_a_ring_with_three_ranks_on_a_measured_host_is_no_faster_than_its_ring(
     bad = links.model_copy(update={"host_rings": [host.model_copy(update={"ranks": [3, 9, 1]})]})
     with pytest.raises(ValueError, match="host_rings"):
         ClusterArtifact.model_validate(base.model_copy(update={"links": bad}).model_dump())
+
+
+def test_a_message_pays_the_measured_exchange_excess_once_per_tensor() -> None:
+    """p2p_time and pairs_time add Links.exchange_latency_s to each message's α, and nothing
+    where it is absent; the rings' collectives do not see it."""
+    from pdv.artifacts import Links
+    from pdv.cost.comm import p2p_time, pairs_time, ring_of
+
+    lat = [[0.0, 1e-4], [2e-4, 0.0]]
+    bw = [[0.0, 1e9], [5e8, 0.0]]
+    plain = Links(latency_s=lat, bandwidth_Bps=bw)
+    extra = plain.model_copy(update={"exchange_latency_s": [[0.0, 3e-3], [5e-3, 0.0]]})
+    s = 1e6
+    assert p2p_time(extra, 0, 1, s) == pytest.approx(p2p_time(plain, 0, 1, s) + 3e-3)
+    assert p2p_time(extra, 1, 0, s) == pytest.approx(p2p_time(plain, 1, 0, s) + 5e-3)
+    assert p2p_time(extra, 0, 1, 0.0) == 0.0
+    nbytes = np.array([s, 2 * s])
+    base = pairs_time(plain, [(0, 1)], nbytes, 2.0, 3.0)
+    got = pairs_time(extra, [(0, 1)], nbytes, 2.0, 3.0)
+    assert got == pytest.approx(base + 2 * 3e-3 + 3 * 5e-3)
+    assert ring_of(extra, [0, 1]) == ring_of(plain, [0, 1])
+
+
+def test_an_exchange_matrix_of_the_wrong_shape_is_rejected_and_an_absent_one_omitted() -> None:
+    """Links.exchange_latency_s is checked like every link matrix; a file without it (every
+    cluster measured before the probe) keeps its bytes."""
+    import json
+
+    from pydantic import ValidationError
+
+    from pdv import artifacts
+    from tests.test_cost_builders import make_cluster
+
+    cl = make_cluster(2)
+    assert "exchange_latency_s" not in json.loads(artifacts.dumps(cl))["links"]
+    data = json.loads(artifacts.dumps(cl))
+    data["links"]["exchange_latency_s"] = [[0.0]]
+    with pytest.raises(ValidationError, match="exchange_latency_s must be a 2x2"):
+        ClusterArtifact.model_validate(data)
+    data["links"]["exchange_latency_s"] = [[0.0, 1e-3], [2e-3, 0.0]]
+    again = artifacts.parse(data)
+    assert again.links.exchange_latency_s == [[0.0, 1e-3], [2e-3, 0.0]]

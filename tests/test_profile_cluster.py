@@ -256,7 +256,7 @@ def _check_overheads(data: dict) -> None:
             assert m["spread"] >= 0
             # The sync after compute: the same pairs, every round kept; the excess is the first
             # all-reduce's mean less the sweep's price on the pair (never negative).
-            sy = raw["sync_after_compute"]
+            sy = raw["after_compute"]
             assert d["rank"] in sy["pair"] and m["peer"] in sy["pair"]
             assert sy["burst_matmuls"] >= 1
             assert len(sy["first_rounds_s"]) == len(sy["second_rounds_s"]) >= 10
@@ -264,6 +264,17 @@ def _check_overheads(data: dict) -> None:
             ring = ring_of(links, sy["pair"])
             assert o["sync_after_compute_s"] == pytest.approx(
                 max(0.0, sy["first_s"] - all_reduce_time(ring, sy["bytes"])))
+            # The exchange after compute (one host: the sender's clock reads on the receiver):
+            # a message to this rank pays its mean landing beyond its link's α + S/β.
+            ex = sy["exchange"]
+            assert ex["from"] == m["peer"] and len(ex["landed_rounds_s"]) >= 10
+            assert all(t >= 0 for t in ex["landed_rounds_s"])
+            priced = (links.latency_s[ex["from"]][d["rank"]]
+                      + ex["bytes"] / links.bandwidth_Bps[ex["from"]][d["rank"]])
+            want = max(0.0, statistics.mean(ex["landed_rounds_s"]) - priced)
+            assert all(links.exchange_latency_s[i][d["rank"]] == pytest.approx(want)
+                       for i in range(len(data["devices"])) if i != d["rank"])
+            assert links.exchange_latency_s[d["rank"]][d["rank"]] == 0.0
         if "collective" in data["measurement"]:  # FSDP's own work, with the collective sweep
             f = raw["fsdp"]
             assert d["rank"] in f["pair"] and len(f["unit_bytes"]) == 2
@@ -541,3 +552,30 @@ def test_the_sync_excess_is_the_first_all_reduce_beyond_the_sweeps_price() -> No
     got = [d["overheads"]["sync_after_compute_s"] for d in devices]
     assert got[0] == pytest.approx(0.002) and got[1] == 0.0
     assert got[2] == pytest.approx(statistics.median([0.002, 0.0]))
+
+
+def test_a_message_pays_its_receivers_exchange_excess_and_a_rank_unmeasured_its_kinds() -> None:
+    """Links.exchange_latency_s[i][j]: rank j's mean landing beyond the link's α + S/β; a
+    rank without a same-host pair takes the median of its device kind's; 0 on the diagonal."""
+    from pdv.artifacts import Links
+    from pdv.profile.cluster import _with_exchange
+
+    n = 4
+    lat = [[0.0 if i == j else 1e-4 for j in range(n)] for i in range(n)]
+    bw = [[0.0 if i == j else 1e9 for j in range(n)] for i in range(n)]
+    links = Links(latency_s=lat, bandwidth_Bps=bw)
+    wire = 1e-4 + 32768 / 1e9
+    devices = [{"rank": r, "kind": "cpu" if r < 3 else "gpu", "overheads": {}} for r in range(n)]
+
+    def probe(src: int, landed: float) -> dict:
+        return {"pair": [0, 1], "exchange": {"from": src, "bytes": 32768, "landed_s": landed}}
+
+    over = [{"rank": 0, "sync": probe(1, wire + 0.003)}, {"rank": 1, "sync": probe(0, wire / 2)},
+            {"rank": 2, "sync": {"pair": [2, 3]}}, {"rank": 3, "sync": None}]
+    got = _with_exchange(devices, over, links).exchange_latency_s
+    assert got is not None
+    per = [0.003, 0.0, statistics.median([0.003, 0.0]), 0.0]  # rank 3: no gpu rank measured
+    for i in range(n):
+        for j in range(n):
+            assert got[i][j] == pytest.approx(0.0 if i == j else per[j])
+    assert _with_exchange(devices, [{"rank": 0, "sync": None}], links) is links

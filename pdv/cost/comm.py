@@ -73,10 +73,16 @@ class Ring(NamedTuple):
 
 
 def p2p_time(links: Links, src: int, dst: int, nbytes: float) -> float:
-    """Time to send nbytes from rank src to rank dst: α + S/β on that ordered link."""
+    """Time to send nbytes from rank src to rank dst: α + S/β on that ordered link, plus the
+    measured excess a message pays after compute (Links.exchange_latency_s) where there is one."""
     if src == dst or nbytes <= 0:
         return 0.0
-    return links.latency_s[src][dst] + nbytes / links.bandwidth_Bps[src][dst]
+    return _alpha(links, src, dst) + nbytes / links.bandwidth_Bps[src][dst]
+
+
+def _alpha(links: Links, src: int, dst: int) -> float:
+    extra = links.exchange_latency_s
+    return links.latency_s[src][dst] + (extra[src][dst] if extra is not None else 0.0)
 
 
 def pairs_time(links: Links, pairs: Sequence[tuple[int, int]], nbytes: np.ndarray,
@@ -85,13 +91,14 @@ def pairs_time(links: Links, pairs: Sequence[tuple[int, int]], nbytes: np.ndarra
 
     Each direction is paced by its worst pair: n·α + S/β on the ordered link for a boundary of
     n tensors (`ahead` forward, `back` carrying gradients; one message each, broadcast against
-    nbytes); one entry per element of nbytes.
+    nbytes), α with the exchange excess as :func:`p2p_time` has it; one entry per element of
+    nbytes.
     """
     fwd = np.zeros_like(nbytes)
     bwd = np.zeros_like(nbytes)
     for s, d in pairs:
-        a1, b1 = links.latency_s[s][d], links.bandwidth_Bps[s][d]
-        a2, b2 = links.latency_s[d][s], links.bandwidth_Bps[d][s]
+        a1, b1 = _alpha(links, s, d), links.bandwidth_Bps[s][d]
+        a2, b2 = _alpha(links, d, s), links.bandwidth_Bps[d][s]
         fwd = np.maximum(fwd, ahead * a1 + nbytes / b1)
         bwd = np.maximum(bwd, back * a2 + nbytes / b2)
     return np.where(nbytes > 0, fwd + np.where(np.asarray(back) > 0, bwd, 0.0), 0.0)

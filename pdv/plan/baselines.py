@@ -91,8 +91,10 @@ def _rebuilt(
         coll_lat, coll_bw = assume(cluster, links.collective_latency_s,
                                    links.collective_bandwidth_Bps)
     # Built from a validated cluster's own numbers: no need to validate a million floats again.
+    # The exchange excess is the ranks' CPU side, not the network: kept as measured.
     return Links.model_construct(latency_s=lat, bandwidth_Bps=bw, collective_latency_s=coll_lat,
-                                 collective_bandwidth_Bps=coll_bw)
+                                 collective_bandwidth_Bps=coll_bw,
+                                 exchange_latency_s=links.exchange_latency_s)
 
 
 def hierarchy_links(cluster: ClusterArtifact) -> Links:

@@ -46,6 +46,7 @@ from pdv.profile.network import (
     measurement_block,
 )
 from pdv.profile.overheads import (
+    exchange_excess,
     fsdp_own_work,
     fsdp_pairs,
     measure_overheads,
@@ -208,6 +209,7 @@ def profile_cluster_rank(
                       host_rings=[s.ring for s in host_rings or ()] or None, **fsdp)
         _fsdp_own_work(devices, over, links)
         _sync_after_compute(devices, over, links)
+        links = _with_exchange(devices, over, links)
         artifact = ClusterArtifact(
             provenance=Provenance(
                 method="measured",
@@ -290,6 +292,27 @@ def _sync_after_compute(devices: list[dict[str, Any]], over: list[dict[str, Any]
                 continue
             value = statistics.median(alike)
         d["overheads"]["sync_after_compute_s"] = value
+
+
+def _with_exchange(devices: list[dict[str, Any]], over: list[dict[str, Any]],
+                   links: Links) -> Links:
+    """The links with each message's measured excess after compute (pdv.profile.overheads):
+    a message to rank j pays j's; a rank not measured (a bye, a peer on another host) gets its
+    device kind's median."""
+    mine = {o["rank"]: exchange_excess(o["sync"], links, o["rank"])
+            for o in over if o.get("sync") and o["sync"].get("exchange")}
+    if not mine:
+        return links
+    per: list[float] = []
+    for d in devices:
+        value = mine.get(d["rank"])
+        if value is None:
+            alike = [v for r, v in mine.items() if devices[r]["kind"] == d["kind"]]
+            value = statistics.median(alike) if alike else 0.0
+        per.append(value)
+    n = len(devices)
+    matrix = [[0.0 if i == j else per[j] for j in range(n)] for i in range(n)]
+    return links.model_copy(update={"exchange_latency_s": matrix})
 
 
 def _probe_alone(device: torch.device, wire: torch.device, local_ranks: int) -> float:

@@ -68,6 +68,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pdv.artifacts import Links
 from pdv.cost.comm import Ring, all_gather_time, all_reduce_time, reduce_scatter_time
 from pdv.fsdp_step import before_backward, end_step
 from pdv.profile.hardware import host_name
@@ -75,7 +76,7 @@ from pdv.profile.loops import settle_gloo_loops
 from pdv.profile.network import Progress, tournament_rounds
 
 __all__ = ["FSDP_PROBE_BYTES", "MESSAGE_SIZES", "fsdp_own_work", "fsdp_pairs",
-           "measure_overheads", "overheads_block", "sync_excess"]
+           "exchange_excess", "measure_overheads", "overheads_block", "sync_excess"]
 
 MESSAGE_SIZES = (1, 16 * 1024, 256 * 1024, 1024 * 1024)
 """message sizes of the message-CPU probe, bytes"""
@@ -88,6 +89,9 @@ _ROUND_GAP_S = 0.5
 _BURST_S = 0.005
 """compute before each timed sync: a backward's length on the small models pdv runs on CPU"""
 _SYNC_BYTES = 4096
+_OP_S = 0.002
+"""compute before each timed exchange: one forward or backward of those models"""
+_EXCHANGE_BYTES = 32 * 1024
 _SYNC_WARMUP, _SYNC_ROUNDS, _SYNC_PASSES = 4, 48, 3
 _FSDP_SMALL, _FSDP_LARGE = 1024, (16 * 1024, 1024 * 1024)
 """parameter bytes of the FSDP probe's small unit, and the range of its large one"""
@@ -223,58 +227,112 @@ def _message_cpu(rank: int, world: int) -> dict[str, Any] | None:
             "send_cpu": _line(sizes, send), "recv_cpu": _line(sizes, recv)}
 
 
-def _sync_after_compute(rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
-    """This rank's first all-reduce after a compute burst, against the one right after it."""
+def _after_compute(rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
+    """This rank's gradient sync and pipeline exchange as a step meets them: after compute."""
     rounds = tournament_rounds(world)
     pairs = rounds[0] if rounds else []
+    hosts: list[str] = [""] * world
+    dist.all_gather_object(hosts, host_name())
     # Every rank makes every pair's group, so each takes a fresh name (see _fsdp_probe).
     groups = [dist.new_group(list(p)) for p in pairs]
     settle_gloo_loops()
     mine = next((i for i, p in enumerate(pairs) if rank in p), None)
-    first: list[float] = []
-    second: list[float] = []
-    burst = 0
+    out = None
     if mine is not None:
-        group = groups[mine]
-        a = torch.randn(256, 256, device=device)
-        b = torch.randn(256, 256, device=device)
-        t0 = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        per = (time.perf_counter() - t0) / 10
-        # Both ranks burst equally (the larger count): a partner's lateness is the rest.
-        agreed = torch.tensor([max(1, round(_BURST_S / max(per, 1e-9)))])
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
-        burst = int(agreed.item())
-        buf = torch.zeros(_SYNC_BYTES // 4)
-        for k in range(_SYNC_PASSES):
-            if k:
-                time.sleep(_ROUND_GAP_S)
-            for n in range(_SYNC_WARMUP + _SYNC_ROUNDS // _SYNC_PASSES):
-                dist.barrier(group=group)
-                for _ in range(burst):
-                    a @ b
-                t1 = time.perf_counter()
-                dist.all_reduce(buf, group=group)
-                t2 = time.perf_counter()
-                dist.all_reduce(buf, group=group)
-                t3 = time.perf_counter()
-                if n >= _SYNC_WARMUP:
-                    first.append(t2 - t1)
-                    second.append(t3 - t2)
+        peer = pairs[mine][1] if pairs[mine][0] == rank else pairs[mine][0]
+        out = {"pair": list(pairs[mine]),
+               **_sync_rounds(groups[mine], device)}
+        # A message's landing is read against its sender's clock: only on one host.
+        if hosts[peer] == hosts[rank]:
+            out["exchange"] = _exchange_rounds(groups[mine], peer, device, out["burst_matmuls"])
     dist.barrier()  # a rank with a bye waits here for the pairs
     for g in groups:
         if g != dist.GroupMember.NON_GROUP_MEMBER:
             dist.destroy_process_group(g)
-    if mine is None:
-        return None
+    return out
+
+
+def _burst(device: torch.device) -> tuple[Callable[[int], None], float]:
+    a = torch.randn(256, 256, device=device)
+    b = torch.randn(256, 256, device=device)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            a @ b
+
+    t0 = time.perf_counter()
+    run(10)
+    return run, (time.perf_counter() - t0) / 10
+
+
+def _sync_rounds(group: Any, device: torch.device) -> dict[str, Any]:
+    """The pair's first all-reduce after a compute burst, and the one right after it."""
+    run, per = _burst(device)
+    # Both ranks burst equally (the larger count): a partner's lateness is the rest.
+    agreed = torch.tensor([max(1, round(_BURST_S / max(per, 1e-9)))])
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+    burst = int(agreed.item())
+    buf = torch.zeros(_SYNC_BYTES // 4)
+    first: list[float] = []
+    second: list[float] = []
+    for k in range(_SYNC_PASSES):
+        if k:
+            time.sleep(_ROUND_GAP_S)
+        for n in range(_SYNC_WARMUP + _SYNC_ROUNDS // _SYNC_PASSES):
+            dist.barrier(group=group)
+            run(burst)
+            t1 = time.perf_counter()
+            dist.all_reduce(buf, group=group)
+            t2 = time.perf_counter()
+            dist.all_reduce(buf, group=group)
+            t3 = time.perf_counter()
+            if n >= _SYNC_WARMUP:
+                first.append(t2 - t1)
+                second.append(t3 - t2)
     # The mean, not the median: the times are bimodal (about 0.3 ms, or 2-6 ms when a loop
     # thread waits out a scheduler slice), and a median flips between the modes from one
     # profile to the next (0.5 and 2.6 ms seen); a step pays the mix.
-    return {"pair": list(pairs[mine]), "burst_matmuls": burst, "bytes": _SYNC_BYTES,
+    return {"burst_matmuls": burst, "bytes": _SYNC_BYTES,
             "first_s": statistics.mean(first), "second_s": statistics.mean(second),
             "first_median_s": statistics.median(first),
             "first_rounds_s": first, "second_rounds_s": second}
+
+
+def _exchange_rounds(group: Any, peer: int, device: torch.device, burst: int) -> dict[str, Any]:
+    """Each round: an op's worth of compute, then both post a receive and a send of
+    ``_EXCHANGE_BYTES``, as a 1F1B steady state does; the time from when both ends had posted
+    (the sender's clock, carried in the message) to the receive's completion."""
+    run, _ = _burst(device)
+    op = max(1, round(burst * _OP_S / _BURST_S))
+    send = torch.zeros(_EXCHANGE_BYTES // 8, dtype=torch.float64)
+    recv = torch.zeros_like(send)
+    landed: list[float] = []
+    for k in range(_SYNC_PASSES):
+        if k:
+            time.sleep(_ROUND_GAP_S)
+        for n in range(_SYNC_WARMUP + _SYNC_ROUNDS // _SYNC_PASSES):
+            dist.barrier(group=group)
+            run(op)
+            posted = time.perf_counter()
+            send[0] = posted
+            got = dist.irecv(recv, peer, group=group)
+            sent = dist.isend(send, peer, group=group)
+            got.wait()
+            done = time.perf_counter()
+            sent.wait()
+            if n >= _SYNC_WARMUP:
+                landed.append(done - max(posted, float(recv[0])))
+    return {"bytes": _EXCHANGE_BYTES, "op_matmuls": op, "from": peer,
+            "landed_s": statistics.mean(landed), "landed_median_s": statistics.median(landed),
+            "landed_rounds_s": landed}
+
+
+def exchange_excess(record: dict[str, Any], links: Links, rank: int) -> float:
+    """What a message to this rank took, after compute, beyond its link's α + S/β (≥ 0)."""
+    ex = record["exchange"]
+    priced = (links.latency_s[ex["from"]][rank]
+              + float(ex["bytes"]) / links.bandwidth_Bps[ex["from"]][rank])
+    return max(0.0, float(ex["landed_s"]) - priced)
 
 
 def sync_excess(record: dict[str, Any], ring: Ring) -> float:
@@ -471,7 +529,7 @@ def measure_overheads(device: torch.device, wire: torch.device,
     cpu = torch.tensor([int(device.type == "cpu" == wire.type)], device=wire)
     dist.all_reduce(cpu, op=dist.ReduceOp.MIN)
     messages = _message_cpu(rank, world) if int(cpu.item()) else None
-    sync = _sync_after_compute(rank, world, device) if int(cpu.item()) else None
+    sync = _after_compute(rank, world, device) if int(cpu.item()) else None
     out: dict[str, Any] = dict(book)
     if messages is not None:
         out["send_cpu"] = messages["send_cpu"]
@@ -511,7 +569,7 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "of the pair's collective, a + b*S per unit",
         "sizes_bytes": list(MESSAGE_SIZES),
         "ranks": [{"rank": r["rank"], **({"messages": r["messages"]} if r["messages"] else {}),
-                   **({"sync_after_compute": r["sync"]} if r.get("sync") else {}),
+                   **({"after_compute": r["sync"]} if r.get("sync") else {}),
                    **({"fsdp": r["fsdp"]} if r.get("fsdp") else {})}
                   for r in per_rank],
     }
