@@ -378,7 +378,8 @@ class Links(_Strict):
     exchange_latency_s: list[list[float]] | None = Field(
         None, description="what a pipeline message pays beyond α + S/β when its ends come to "
         "it from compute, as a step's do (measured on CPU ranks: gloo's loop threads waking "
-        "and waiting out scheduler slices); added to each message's α; absent: nothing")
+        "and waiting out scheduler slices); paid once per exchange (a boundary's messages "
+        "between two ranks), besides their α + S/β; absent: nothing")
     host_rings: list[HostRing] | None = Field(
         None, description="all-reduces over each host's whole set of ranks (hosts with 3 or "
         "more): where ranks outnumber cores, a ring step waits for the scheduler, which no pair "

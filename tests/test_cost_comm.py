@@ -160,24 +160,24 @@ def test_a_ring_with_three_ranks_on_a_measured_host_is_no_faster_than_its_ring(
         ClusterArtifact.model_validate(base.model_copy(update={"links": bad}).model_dump())
 
 
-def test_a_message_pays_the_measured_exchange_excess_once_per_tensor() -> None:
-    """p2p_time and pairs_time add Links.exchange_latency_s to each message's α, and nothing
-    where it is absent; the rings' collectives do not see it."""
+def test_an_exchange_pays_the_measured_excess_once_whatever_its_tensors() -> None:
+    """pairs_time adds Links.exchange_latency_s once per direction of a boundary however many
+    tensors it carries (α stays per tensor); p2p_time and the rings do not see it."""
     from pdv.artifacts import Links
-    from pdv.cost.comm import p2p_time, pairs_time, ring_of
+    from pdv.cost.comm import exchange_time, p2p_time, pairs_time, ring_of
 
     lat = [[0.0, 1e-4], [2e-4, 0.0]]
     bw = [[0.0, 1e9], [5e8, 0.0]]
     plain = Links(latency_s=lat, bandwidth_Bps=bw)
     extra = plain.model_copy(update={"exchange_latency_s": [[0.0, 3e-3], [5e-3, 0.0]]})
-    s = 1e6
-    assert p2p_time(extra, 0, 1, s) == pytest.approx(p2p_time(plain, 0, 1, s) + 3e-3)
-    assert p2p_time(extra, 1, 0, s) == pytest.approx(p2p_time(plain, 1, 0, s) + 5e-3)
-    assert p2p_time(extra, 0, 1, 0.0) == 0.0
-    nbytes = np.array([s, 2 * s])
-    base = pairs_time(plain, [(0, 1)], nbytes, 2.0, 3.0)
-    got = pairs_time(extra, [(0, 1)], nbytes, 2.0, 3.0)
-    assert got == pytest.approx(base + 2 * 3e-3 + 3 * 5e-3)
+    assert exchange_time(extra, 0, 1) == 3e-3 and exchange_time(extra, 1, 0) == 5e-3
+    assert exchange_time(plain, 0, 1) == 0.0 and exchange_time(extra, 1, 1) == 0.0
+    assert p2p_time(extra, 0, 1, 1e6) == p2p_time(plain, 0, 1, 1e6)
+    nbytes = np.array([1e6, 2e6])
+    for ahead, back in ((1.0, 1.0), (2.0, 3.0)):
+        base = pairs_time(plain, [(0, 1)], nbytes, ahead, back)
+        got = pairs_time(extra, [(0, 1)], nbytes, ahead, back)
+        assert got == pytest.approx(base + 3e-3 + 5e-3)
     assert ring_of(extra, [0, 1]) == ring_of(plain, [0, 1])
 
 

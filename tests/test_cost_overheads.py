@@ -270,3 +270,45 @@ def test_an_fsdp_stage_on_cpu_ranks_warns_of_the_resident_heap() -> None:
     gpu = cpu.model_copy(update={"devices": [d.model_copy(update={"kind": "h100"})
                                              for d in cpu.devices]})
     assert heap(fsdp, gpu) == []
+
+
+def test_a_pipeline_message_pays_its_measured_exchange_excess_on_the_critical_path() -> None:
+    """Two stages, one micro-batch: the activation and the gradient each lie on the step's
+    critical path, so the step grows by the two receivers' excesses exactly; the planner's
+    transfer price grows by the same."""
+    prof = make_profile(n_layers=2, fwd=0.01, bwd=0.02, out=1000)
+    plan = chain_plan(2, num_micro=1, schedule="GPipe")
+    plain = make_cluster(2, bw=1e8, lat=1e-4)
+    links = plain.links.model_copy(update={"exchange_latency_s": [[0.0, 0.003], [0.005, 0.0]]})
+    slow = plain.model_copy(update={"links": links})
+    base = simulate(plan, {"cpu": prof}, plain).step_time_s
+    got = simulate(plan, {"cpu": prof}, slow).step_time_s
+    assert got == pytest.approx(base + 0.003 + 0.005)
+    kw = dict(mbs=1, schedule="GPipe", stage_index=0, num_stages=2, num_micro=1)
+    a = stage_cost({"cpu": prof}, plain, plan.stages[0], plan.stages[1], **kw)  # type: ignore[arg-type]
+    b = stage_cost({"cpu": prof}, slow, plan.stages[0], plan.stages[1], **kw)  # type: ignore[arg-type]
+    assert b.send_s == pytest.approx(a.send_s + 0.003)
+    assert b.grad_send_s == pytest.approx(a.grad_send_s + 0.005)
+    for cl, cost in ((plain, a), (slow, b)):
+        mine = stage_prices(PlanProblem({"cpu": prof}, cl, 1),
+                            [StageSpec(0, 1, (0,), LayerChoice()),
+                             StageSpec(1, 2, (1,), LayerChoice())], 1)[0]
+        assert mine.send_s == pytest.approx(cost.send_s + cost.grad_send_s)
+
+
+def test_a_boundary_of_several_tensors_or_slices_pays_one_excess_per_rank_pair() -> None:
+    """activation_transfer_time: α + S/β per message, the exchange excess once per (sender,
+    receiver) pair; a dp2 → dp1 boundary's receiver meets two senders, so it pays two."""
+    from pdv.cost.stage import activation_transfer_time
+
+    plain = make_cluster(3, bw=1e8, lat=1e-4).links
+    ex = [[0.0 if i == j else 0.002 for j in range(3)] for i in range(3)]
+    slow = plain.model_copy(update={"exchange_latency_s": ex})
+    one, two = PlanStage(layers=(0, 1), ranks=[0]), PlanStage(layers=(1, 2), ranks=[1])
+    for tensors in (1, 3):
+        a = activation_transfer_time(plain, one, two, 4, 1000.0, tensors)
+        assert activation_transfer_time(slow, one, two, 4, 1000.0, tensors) == pytest.approx(
+            a + 0.002)
+    dp2 = PlanStage(layers=(0, 1), ranks=[0, 2], dp=2)
+    a = activation_transfer_time(plain, dp2, two, 4, 1000.0, 3)
+    assert activation_transfer_time(slow, dp2, two, 4, 1000.0, 3) == pytest.approx(a + 0.004)

@@ -221,6 +221,8 @@ def test_four_local_ranks_give_a_valid_4x4_matrix(tmp_path: Path) -> None:
     _check_collectives(data)
     # The summary names each host ring it measured (4 ranks on one host here).
     assert "all-reduce over its 4 ranks as one ring" in " ".join(out.stdout.split())
+    assert "after compute, beyond the sweeps' prices: gradient sync +" in " ".join(
+        out.stdout.split())
     _check_overheads(data)
     for d in data["devices"]:
         # A rank holds torch, its libraries and gloo before any model: far above 100 MiB.

@@ -184,11 +184,29 @@ def _summary(artifact: Any, out: Path, as_json: bool) -> None:
             console.print(f"host {host}: all-reduce over its {len(ring.ranks)} ranks as one ring: "
                           f"bandwidth {fmt_rate(ring.bandwidth_Bps)}, latency "
                           f"{fmt_time(ring.alpha_s)} per ring step", highlight=False)
+    _after_compute_summary(artifact)
     runtime = [d.runtime_bytes for d in artifact.devices if d.runtime_bytes is not None]
     if runtime:
         console.print(f"rank runtime memory (before any model): {fmt_bytes(min(runtime))} .. "
                       f"{fmt_bytes(max(runtime))}", highlight=False)
     console.print(f"wrote {out}", highlight=False)
+
+
+def _after_compute_summary(artifact: Any) -> None:
+    """One line on what a sync and a message pay after compute, where they were probed."""
+    n = len(artifact.devices)
+    sync = [d.overheads.sync_after_compute_s for d in artifact.devices
+            if d.overheads is not None and d.overheads.sync_after_compute_s is not None]
+    ex = artifact.links.exchange_latency_s
+    parts = []
+    if sync:
+        parts.append(f"gradient sync +{fmt_time(min(sync))} .. +{fmt_time(max(sync))} per step")
+    if ex is not None and n > 1:
+        vals = [ex[i][j] for i in range(n) for j in range(n) if i != j]
+        parts.append(f"pipeline message +{fmt_time(min(vals))} .. +{fmt_time(max(vals))}")
+    if parts:
+        console.print("after compute, beyond the sweeps' prices: " + "; ".join(parts),
+                      highlight=False)
 
 
 @cluster_app.command("declare")

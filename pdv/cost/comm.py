@@ -47,6 +47,7 @@ __all__ = [
     "ring_of",
     "all_reduce_time",
     "all_reduce_linear",
+    "exchange_time",
     "all_gather_time",
     "reduce_scatter_time",
     "message_cpu_time",
@@ -73,16 +74,20 @@ class Ring(NamedTuple):
 
 
 def p2p_time(links: Links, src: int, dst: int, nbytes: float) -> float:
-    """Time to send nbytes from rank src to rank dst: α + S/β on that ordered link, plus the
-    measured excess a message pays after compute (Links.exchange_latency_s) where there is one."""
+    """Time to send nbytes from rank src to rank dst: α + S/β on that ordered link."""
     if src == dst or nbytes <= 0:
         return 0.0
-    return _alpha(links, src, dst) + nbytes / links.bandwidth_Bps[src][dst]
+    return links.latency_s[src][dst] + nbytes / links.bandwidth_Bps[src][dst]
 
 
-def _alpha(links: Links, src: int, dst: int) -> float:
+def exchange_time(links: Links, src: int, dst: int) -> float:
+    """What one exchange src → dst pays after compute beyond its messages' α + S/β
+    (Links.exchange_latency_s; 0 where unmeasured). Once per boundary, not per tensor: the
+    executors post a boundary's tensors together, and the wait is for the ranks' threads to
+    run, which the tensors share (tuples_tied's 3-tensor boundaries priced per tensor read
+    +20-30% against -6 to -15% without the term)."""
     extra = links.exchange_latency_s
-    return links.latency_s[src][dst] + (extra[src][dst] if extra is not None else 0.0)
+    return extra[src][dst] if extra is not None and src != dst else 0.0
 
 
 def pairs_time(links: Links, pairs: Sequence[tuple[int, int]], nbytes: np.ndarray,
@@ -91,16 +96,15 @@ def pairs_time(links: Links, pairs: Sequence[tuple[int, int]], nbytes: np.ndarra
 
     Each direction is paced by its worst pair: n·α + S/β on the ordered link for a boundary of
     n tensors (`ahead` forward, `back` carrying gradients; one message each, broadcast against
-    nbytes), α with the exchange excess as :func:`p2p_time` has it; one entry per element of
-    nbytes.
+    nbytes), plus each direction's :func:`exchange_time` once; one entry per element of nbytes.
     """
     fwd = np.zeros_like(nbytes)
     bwd = np.zeros_like(nbytes)
     for s, d in pairs:
-        a1, b1 = _alpha(links, s, d), links.bandwidth_Bps[s][d]
-        a2, b2 = _alpha(links, d, s), links.bandwidth_Bps[d][s]
-        fwd = np.maximum(fwd, ahead * a1 + nbytes / b1)
-        bwd = np.maximum(bwd, back * a2 + nbytes / b2)
+        a1, b1 = links.latency_s[s][d], links.bandwidth_Bps[s][d]
+        a2, b2 = links.latency_s[d][s], links.bandwidth_Bps[d][s]
+        fwd = np.maximum(fwd, ahead * a1 + exchange_time(links, s, d) + nbytes / b1)
+        bwd = np.maximum(bwd, back * a2 + exchange_time(links, d, s) + nbytes / b2)
     return np.where(nbytes > 0, fwd + np.where(np.asarray(back) > 0, bwd, 0.0), 0.0)
 
 

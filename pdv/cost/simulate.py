@@ -13,13 +13,15 @@ Model (each choice is what the simulator charges; the sources are next to the fo
   docs/design-notes.md; torch's schedules post each receive just before the op that needs it,
   after the rank's previous op). So a transfer overlaps its sender's later compute, never its
   receiver's earlier compute. Its time is StageCost.send_s / grad_send_s on the actual ordered
-  links; transfers do not queue behind each other. A send's completion does not hold its
-  sender (in 1F1B's steady state the sender waits for a gradient that the same exchange
-  brings anyway).
-- After a stage's last backward its gradient sync (StageCost.grad_sync_s) runs on the group's
-  collective lane; it does not overlap the backward (conservative: DDP and FSDP overlap part of
-  it). Then the optimizer step (StageCost.optimizer_s, measured per layer by the profiler) runs
-  on the compute lane, as ``pdv run`` calls it after the schedule and the sync.
+  links (α + S/β, α with what a message measured after compute adds:
+  Links.exchange_latency_s, pdv.profile.overheads); transfers do not queue behind each other.
+  A send's completion does not hold its sender (in 1F1B's steady state the sender waits for a
+  gradient that the same exchange brings anyway).
+- After a stage's last backward its gradient sync (StageCost.grad_sync_s, with the excess its
+  first collective measured after compute) runs on the group's collective lane; it does not
+  overlap the backward (conservative: DDP and FSDP overlap part of it). Then the optimizer
+  step (StageCost.optimizer_s, measured per layer by the profiler) runs on the compute lane,
+  as ``pdv run`` calls it after the schedule and the sync.
 - Ranks that share a host's cores (CPU ranks; measured by ``pdv profile cluster`` as each
   rank's matmul rate with all the host's ranks probing at once over its rate alone) are
   processor-shared: while n of a host's ranks compute, each op there progresses at

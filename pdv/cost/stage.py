@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pdv.artifacts import ClusterArtifact, Links, ModelProfile, PlanStage, Schedule
-from pdv.cost.comm import message_cpu_time, p2p_time, ring_of
+from pdv.cost.comm import exchange_time, message_cpu_time, p2p_time, ring_of
 from pdv.cost.compute import (
     profile_arrays,
     profile_for,
@@ -206,14 +206,22 @@ def activation_transfer_time(
 
     The messages are :func:`boundary_messages`. Each rank sends and receives one message at a
     time, different ranks in parallel: the time is the largest per-rank sum of α + S/β over its
-    transfers, on the ordered link (row = sender). Used in both directions: pass (next, this)
+    transfers, on the ordered link (row = sender), plus one exchange excess per rank it
+    exchanges with (pdv.cost.comm.exchange_time). Used in both directions: pass (next, this)
     for the gradients coming back.
     """
     busy: dict[tuple[str, int], float] = {}
-    for s, d, nbytes in boundary_messages(src, dst, mbs, bytes_per_sample, tensors):
-        t = p2p_time(links, s, d, nbytes)
+
+    def add(s: int, d: int, t: float) -> None:
         busy[("send", s)] = busy.get(("send", s), 0.0) + t
         busy[("recv", d)] = busy.get(("recv", d), 0.0) + t
+
+    messages = boundary_messages(src, dst, mbs, bytes_per_sample, tensors)
+    for s, d, nbytes in messages:
+        add(s, d, p2p_time(links, s, d, nbytes))
+    # A boundary's tensors between two ranks are posted together: one exchange excess.
+    for s, d in dict.fromkeys((s, d) for s, d, _ in messages):
+        add(s, d, exchange_time(links, s, d))
     return max(busy.values(), default=0.0)
 
 

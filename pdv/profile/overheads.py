@@ -1,6 +1,6 @@
 """What a rank pays in a pipeline besides its layers and the wire: measured on the real backend.
 
-Three probes, run by every rank of ``pdv profile cluster`` after the link sweeps:
+Four probes, run by every rank of ``pdv profile cluster`` after the link sweeps:
 
 - **Bookkeeping.** torch.distributed.pipelining on a one-rank stage (a process group of the rank
   alone) whose layer is one parameter times a tiny tensor, so what is timed is the schedule's own
@@ -20,20 +20,26 @@ Three probes, run by every rank of ``pdv profile cluster`` after the link sweeps
   bursts lasting seconds, 3-4 times the usual (a single round read 40 µs or 3.5 ms for the same
   1-byte message). Every round is kept in the record, with the spread. A CUDA rank's compute is
   its GPU, which host CPU does not slow, so no message CPU is recorded there.
-- **A sync after compute** (CPU ranks). A step's gradient all-reduce follows its last backward:
-  the ranks come to it from milliseconds of compute, not from the collective before it, as
-  in the sweeps, whose α is the least time a small size took. On this project's 2-core
-  machine a 4 KiB all-reduce in a step-like loop (both ranks of a pair compute a 5 ms matmul
-  burst, then all-reduce twice) took about 0.3 ms in half the rounds and 2-6 ms in the
-  others, first and second alike: a loop thread waiting out a scheduler slice
-  (pdv.profile.loops), and a partner that finished its equal burst later. The sweep priced it
-  at 0.45 ms. The tournament's first round pairs up (disjoint pairs at once, so the host's
-  cores are as busy as in a step); each pair, in its own process group, computes a burst of
-  about ``_BURST_S`` and all-reduces ``_SYNC_BYTES`` twice, over ``_SYNC_PASSES`` passes
-  apart in time. The cluster takes the rank's excess as its mean first all-reduce less what
-  the sweep prices for it on the pair (:func:`sync_excess`). The mean, because the times are
-  bimodal and a median flips between the modes from one profile to the next. The second
-  all-reduce is kept in the record.
+- **A sync and a message after compute** (CPU ranks). A step's gradient all-reduce follows its
+  last backward, and a pipeline message follows the op that made it: the ranks come to them
+  from milliseconds of compute, not from the collective or message before, as in the sweeps,
+  whose α is the least time a small size took. On this project's 2-core machine a 4 KiB
+  all-reduce in a step-like loop (both ranks of a pair compute a 5 ms matmul burst, then
+  all-reduce twice) took about 0.3 ms in half the rounds and 2-6 ms in the others, first and
+  second alike: a loop thread waiting out a scheduler slice (pdv.profile.loops), and a partner
+  that finished its equal burst later. The sweep priced it at 0.45 ms. A 32 KiB exchange after
+  a 2 ms op landed 0.12-0.29 ms after both ends had posted in most rounds and 1.3-2.3 ms in a
+  few, where the p2p sweep prices 61 µs. The tournament's first round pairs up (disjoint pairs
+  at once, so the host's cores are as busy as in a step); each pair, in its own process group,
+  computes a burst of about ``_BURST_S`` and all-reduces ``_SYNC_BYTES`` twice, then computes
+  about ``_OP_S`` and exchanges ``_EXCHANGE_BYTES`` (both post a receive and a send, as 1F1B's
+  steady state does; the sender's clock rides in the message, so only a pair on one host
+  times it), each over ``_SYNC_PASSES`` passes apart in time. The cluster takes a rank's sync
+  excess as its mean first all-reduce less what the sweep prices for it on the pair
+  (:func:`sync_excess`), and a message's to the rank as its mean landing less the link's
+  α + S/β (:func:`exchange_excess`). The mean, because the times are bimodal and a median
+  flips between the modes from one profile to the next. The second all-reduce is kept in the
+  record.
 - **FSDP's own work** (with the collective sweep). FSDP2 does work per unit besides its
   collectives: the hooks around each forward and backward, copying parameters into the
   all-gather's buffer and out of it, resharding, the gradients' copy into the reduce-scatter.
@@ -51,8 +57,9 @@ Three probes, run by every rank of ``pdv profile cluster`` after the link sweeps
 
 The cost model adds the bookkeeping to every forward, backward and step, the message CPU to
 the compute of the ops that send and receive it, the sync's excess to each step's gradient sync
-of a stage with replicas, and FSDP's own work to each FSDP layer's backward and step
-(pdv.cost.terms, pdv.cost.stage).
+of a stage with replicas, the message's excess to each pipeline exchange, once per boundary
+and pair of ranks (Links.exchange_latency_s, pdv.cost.comm.exchange_time), and FSDP's own
+work to each FSDP layer's backward and step (pdv.cost.terms, pdv.cost.stage).
 """
 
 from __future__ import annotations
@@ -557,7 +564,12 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         f"larger count) then all-reduce {_SYNC_BYTES} bytes twice, {_SYNC_ROUNDS} rounds after "
         f"{_SYNC_WARMUP} warm-ups per pass, {_SYNC_PASSES} passes {_ROUND_GAP_S} s apart; "
         "excess = mean first less the sweep's price of the same all-reduce on the pair, at "
-        "least 0 (a rank in no pair: its kind's median). FSDP's own work (with the "
+        "least 0 (a rank in no pair: its kind's median). Message after compute (the same "
+        f"pairs on one host): compute about {_OP_S} s, then both post a receive and a send of "
+        f"{_EXCHANGE_BYTES} bytes, the sender's clock in the message; the time from both ends "
+        "posted to the receive's end, the same rounds and passes; excess = mean less the "
+        "link's alpha + S/beta, at least 0, per receiving rank (unmeasured: its kind's "
+        "median) into links.exchange_latency_s. FSDP's own work (with the "
         "collective sweep): ranks paired over their fastest links first, pairs on "
         "overlapping hosts in turns, step a stack of "
         f"{_FSDP_UNITS} bias-free Linear layers (each a fully_shard unit on the pair, stepped "
