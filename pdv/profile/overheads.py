@@ -272,6 +272,17 @@ def _burst(device: torch.device) -> tuple[Callable[[int], None], float]:
     return run, (time.perf_counter() - t0) / 10
 
 
+def _pair_rounds(group: Any, one: Callable[[bool], None]) -> None:
+    """A pair's rounds: ``_SYNC_PASSES`` passes ``_ROUND_GAP_S`` apart, each of warm-ups then
+    timed rounds, every round after a barrier of the pair; one(timed) runs a round."""
+    for k in range(_SYNC_PASSES):
+        if k:
+            time.sleep(_ROUND_GAP_S)
+        for n in range(_SYNC_WARMUP + _SYNC_ROUNDS // _SYNC_PASSES):
+            dist.barrier(group=group)
+            one(n >= _SYNC_WARMUP)
+
+
 def _sync_rounds(group: Any, device: torch.device) -> dict[str, Any]:
     """The pair's first all-reduce after a compute burst, and the one right after it."""
     run, per = _burst(device)
@@ -282,20 +293,19 @@ def _sync_rounds(group: Any, device: torch.device) -> dict[str, Any]:
     buf = torch.zeros(_SYNC_BYTES // 4)
     first: list[float] = []
     second: list[float] = []
-    for k in range(_SYNC_PASSES):
-        if k:
-            time.sleep(_ROUND_GAP_S)
-        for n in range(_SYNC_WARMUP + _SYNC_ROUNDS // _SYNC_PASSES):
-            dist.barrier(group=group)
-            run(burst)
-            t1 = time.perf_counter()
-            dist.all_reduce(buf, group=group)
-            t2 = time.perf_counter()
-            dist.all_reduce(buf, group=group)
-            t3 = time.perf_counter()
-            if n >= _SYNC_WARMUP:
-                first.append(t2 - t1)
-                second.append(t3 - t2)
+
+    def one(timed: bool) -> None:
+        run(burst)
+        t1 = time.perf_counter()
+        dist.all_reduce(buf, group=group)
+        t2 = time.perf_counter()
+        dist.all_reduce(buf, group=group)
+        t3 = time.perf_counter()
+        if timed:
+            first.append(t2 - t1)
+            second.append(t3 - t2)
+
+    _pair_rounds(group, one)
     # The mean, not the median: the times are bimodal (about 0.3 ms, or 2-6 ms when a loop
     # thread waits out a scheduler slice), and a median flips between the modes from one
     # profile to the next (0.5 and 2.6 ms seen); a step pays the mix.
@@ -314,21 +324,20 @@ def _exchange_rounds(group: Any, peer: int, device: torch.device, burst: int) ->
     send = torch.zeros(_EXCHANGE_BYTES // 8, dtype=torch.float64)
     recv = torch.zeros_like(send)
     landed: list[float] = []
-    for k in range(_SYNC_PASSES):
-        if k:
-            time.sleep(_ROUND_GAP_S)
-        for n in range(_SYNC_WARMUP + _SYNC_ROUNDS // _SYNC_PASSES):
-            dist.barrier(group=group)
-            run(op)
-            posted = time.perf_counter()
-            send[0] = posted
-            got = dist.irecv(recv, peer, group=group)
-            sent = dist.isend(send, peer, group=group)
-            got.wait()
-            done = time.perf_counter()
-            sent.wait()
-            if n >= _SYNC_WARMUP:
-                landed.append(done - max(posted, float(recv[0])))
+
+    def one(timed: bool) -> None:
+        run(op)
+        posted = time.perf_counter()
+        send[0] = posted
+        got = dist.irecv(recv, peer, group=group)
+        sent = dist.isend(send, peer, group=group)
+        got.wait()
+        done = time.perf_counter()
+        sent.wait()
+        if timed:
+            landed.append(done - max(posted, float(recv[0])))
+
+    _pair_rounds(group, one)
     return {"bytes": _EXCHANGE_BYTES, "op_matmuls": op, "from": peer,
             "landed_s": statistics.mean(landed), "landed_median_s": statistics.median(landed),
             "landed_rounds_s": landed}
