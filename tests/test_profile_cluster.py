@@ -547,9 +547,10 @@ def test_the_sync_excess_is_the_first_all_reduce_beyond_the_sweeps_price() -> No
     links = Links(latency_s=lat, bandwidth_Bps=bw)
     priced = all_reduce_time(ring_of(links, [0, 1]), 4096)
     devices = [{"rank": r, "kind": "cpu", "overheads": {}} for r in range(n)]
-    over = [{"rank": 0, "sync": {"pair": [0, 1], "bytes": 4096, "first_s": priced + 0.002}},
-            {"rank": 1, "sync": {"pair": [0, 1], "bytes": 4096, "first_s": priced / 2}},
-            {"rank": 2, "sync": None}]
+    over = [{"rank": 0, "after_compute": {"pair": [0, 1], "bytes": 4096,
+                                          "first_s": priced + 0.002}},
+            {"rank": 1, "after_compute": {"pair": [0, 1], "bytes": 4096, "first_s": priced / 2}},
+            {"rank": 2, "after_compute": None}]
     _sync_after_compute(devices, over, links)
     got = [d["overheads"]["sync_after_compute_s"] for d in devices]
     assert got[0] == pytest.approx(0.002) and got[1] == 0.0
@@ -572,12 +573,13 @@ def test_a_message_pays_its_receivers_exchange_excess_and_a_rank_unmeasured_its_
     def probe(src: int, landed: float) -> dict:
         return {"pair": [0, 1], "exchange": {"from": src, "bytes": 32768, "landed_s": landed}}
 
-    over = [{"rank": 0, "sync": probe(1, wire + 0.003)}, {"rank": 1, "sync": probe(0, wire / 2)},
-            {"rank": 2, "sync": {"pair": [2, 3]}}, {"rank": 3, "sync": None}]
+    over = [{"rank": 0, "after_compute": probe(1, wire + 0.003)},
+            {"rank": 1, "after_compute": probe(0, wire / 2)},
+            {"rank": 2, "after_compute": {"pair": [2, 3]}}, {"rank": 3, "after_compute": None}]
     got = _with_exchange(devices, over, links).exchange_latency_s
     assert got is not None
     per = [0.003, 0.0, statistics.median([0.003, 0.0]), 0.0]  # rank 3: no gpu rank measured
     for i in range(n):
         for j in range(n):
             assert got[i][j] == pytest.approx(0.0 if i == j else per[j])
-    assert _with_exchange(devices, [{"rank": 0, "sync": None}], links) is links
+    assert _with_exchange(devices, [{"rank": 0, "after_compute": None}], links) is links

@@ -13,8 +13,8 @@ Model (each choice is what the simulator charges; the sources are next to the fo
   docs/design-notes.md; torch's schedules post each receive just before the op that needs it,
   after the rank's previous op). So a transfer overlaps its sender's later compute, never its
   receiver's earlier compute. Its time is StageCost.send_s / grad_send_s on the actual ordered
-  links (α + S/β, α with what a message measured after compute adds:
-  Links.exchange_latency_s, pdv.profile.overheads); transfers do not queue behind each other.
+  links (α + S/β per message, and once per exchange between two ranks what one measured
+  after compute adds: Links.exchange_latency_s); transfers do not queue behind each other.
   A send's completion does not hold its sender (in 1F1B's steady state the sender waits for a
   gradient that the same exchange brings anyway).
 - After a stage's last backward its gradient sync (StageCost.grad_sync_s, with the excess its

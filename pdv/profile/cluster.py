@@ -282,8 +282,8 @@ def _sync_after_compute(devices: list[dict[str, Any]], over: list[dict[str, Any]
     """Each rank's gradient-sync excess after compute (pdv.profile.overheads) into its
     overheads, in place: its own probe less the sweep's price on its pair; a rank in no pair
     gets the median of its device kind's."""
-    mine = {o["rank"]: sync_excess(o["sync"], ring_of(links, o["sync"]["pair"]))
-            for o in over if o.get("sync")}
+    mine = {o["rank"]: sync_excess(o["after_compute"], ring_of(links, o["after_compute"]["pair"]))
+            for o in over if o.get("after_compute")}
     for d in devices:
         value = mine.get(d["rank"])
         if value is None:
@@ -299,8 +299,8 @@ def _with_exchange(devices: list[dict[str, Any]], over: list[dict[str, Any]],
     """The links with each message's measured excess after compute (pdv.profile.overheads):
     a message to rank j pays j's; a rank not measured (a bye, a peer on another host) gets its
     device kind's median."""
-    mine = {o["rank"]: exchange_excess(o["sync"], links, o["rank"])
-            for o in over if o.get("sync") and o["sync"].get("exchange")}
+    mine = {o["rank"]: exchange_excess(o["after_compute"], links, o["rank"])
+            for o in over if o.get("after_compute") and o["after_compute"].get("exchange")}
     if not mine:
         return links
     per: list[float] = []

@@ -545,7 +545,7 @@ def measure_overheads(device: torch.device, wire: torch.device,
     cpu = torch.tensor([int(device.type == "cpu" == wire.type)], device=wire)
     dist.all_reduce(cpu, op=dist.ReduceOp.MIN)
     messages = _message_cpu(rank, world) if int(cpu.item()) else None
-    sync = _after_compute(rank, world, device) if int(cpu.item()) else None
+    after = _after_compute(rank, world, device) if int(cpu.item()) else None
     out: dict[str, Any] = dict(book)
     if messages is not None:
         out["send_cpu"] = messages["send_cpu"]
@@ -554,7 +554,8 @@ def measure_overheads(device: torch.device, wire: torch.device,
     if fsdp:
         report({"phase": "fsdp"})
         probe = _fsdp_probe(rank, world, device, fsdp)
-    return {"rank": rank, "overheads": out, "messages": messages, "sync": sync, "fsdp": probe}
+    return {"rank": rank, "overheads": out, "messages": messages, "after_compute": after,
+            "fsdp": probe}
 
 
 def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -590,7 +591,7 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "of the pair's collective, a + b*S per unit",
         "sizes_bytes": list(MESSAGE_SIZES),
         "ranks": [{"rank": r["rank"], **({"messages": r["messages"]} if r["messages"] else {}),
-                   **({"after_compute": r["sync"]} if r.get("sync") else {}),
+                   **({"after_compute": r["after_compute"]} if r.get("after_compute") else {}),
                    **({"fsdp": r["fsdp"]} if r.get("fsdp") else {})}
                   for r in per_rank],
     }
