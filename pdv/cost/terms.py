@@ -73,6 +73,7 @@ __all__ = [
     "StagePrice",
     "layer_terms",
     "price_layers",
+    "sync_after_compute",
     "price_ranges",
     "compose",
 ]
@@ -298,9 +299,7 @@ def compose(group: StageGroup, sums: Mapping[str, np.ndarray]) -> StagePrice:
         [all_reduce_time(rv.ring, sums["dp_grad_bytes"][d]) + sums["reduce_scatter_s"][d]
          for d, rv in enumerate(group.dp_rings)],
         axis=0,
-    ) + gather  # fmt: skip
-    if group.dp > 1:  # the sync comes from the last backward: its first collective pays more
-        sync = sync + max(r.sync_after_compute_s for r in group.ranks)
+    ) + gather + sync_after_compute(group)  # fmt: skip
     return StagePrice(
         compute_fwd_s=(fwd + per_rank("schedule_fwd_s", fwd)).max(axis=0),
         compute_bwd_s=(bwd + per_rank("schedule_bwd_s", bwd)).max(axis=0),
@@ -334,6 +333,12 @@ def _overheads(group: StageGroup) -> np.ndarray:
     out = np.array([v.overhead_bytes for v in group.ranks], dtype=float)
     out.flags.writeable = False  # shared by every caller
     return out
+
+
+def sync_after_compute(group: StageGroup) -> float:
+    """Per step: what a stage's gradient sync pays coming from its last backward rather than
+    from another collective (its slowest rank's measured excess; 0 without replicas)."""
+    return max(r.sync_after_compute_s for r in group.ranks) if group.dp > 1 else 0.0
 
 
 def price_layers(

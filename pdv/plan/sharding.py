@@ -34,7 +34,7 @@ from ortools.sat.python import cp_model
 from pdv.artifacts import LayerChoice
 from pdv.cost.comm import all_reduce_linear
 from pdv.cost.schedules import in_flight
-from pdv.cost.terms import LayerTerms, StageGroup
+from pdv.cost.terms import LayerTerms, StageGroup, sync_after_compute
 from pdv.plan.objective import stage_group, stage_price, terms_of
 from pdv.plan.problem import PlanProblem, StageSpec
 
@@ -204,7 +204,7 @@ def _sync_var(model: _Model, group: StageGroup) -> cp_model.IntVar:
     if group.dp < 2:
         m.add(sync == 0)
         return sync
-    after = _ns(max(r.sync_after_compute_s for r in group.ranks))
+    after = _ns(sync_after_compute(group))
     for d, rv in enumerate(group.dp_rings):
         used = m.new_bool_var("use_dp")
         for k, members in enumerate(model.classes):

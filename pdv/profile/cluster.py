@@ -284,14 +284,9 @@ def _sync_after_compute(devices: list[dict[str, Any]], over: list[dict[str, Any]
     gets the median of its device kind's."""
     mine = {o["rank"]: sync_excess(o["after_compute"], ring_of(links, o["after_compute"]["pair"]))
             for o in over if o.get("after_compute")}
-    for d in devices:
-        value = mine.get(d["rank"])
-        if value is None:
-            alike = [v for r, v in mine.items() if devices[r]["kind"] == d["kind"]]
-            if not alike:
-                continue
-            value = statistics.median(alike)
-        d["overheads"]["sync_after_compute_s"] = value
+    for d, value in zip(devices, _own_or_kind_median(devices, mine), strict=True):
+        if value is not None:
+            d["overheads"]["sync_after_compute_s"] = value
 
 
 def _with_exchange(devices: list[dict[str, Any]], over: list[dict[str, Any]],
@@ -303,16 +298,20 @@ def _with_exchange(devices: list[dict[str, Any]], over: list[dict[str, Any]],
             for o in over if o.get("after_compute") and o["after_compute"].get("exchange")}
     if not mine:
         return links
-    per: list[float] = []
-    for d in devices:
-        value = mine.get(d["rank"])
-        if value is None:
-            alike = [v for r, v in mine.items() if devices[r]["kind"] == d["kind"]]
-            value = statistics.median(alike) if alike else 0.0
-        per.append(value)
+    per = [v or 0.0 for v in _own_or_kind_median(devices, mine)]
     n = len(devices)
     matrix = [[0.0 if i == j else per[j] for j in range(n)] for i in range(n)]
     return links.model_copy(update={"exchange_latency_s": matrix})
+
+
+def _own_or_kind_median(devices: list[dict[str, Any]],
+                        mine: dict[int, float]) -> list[float | None]:
+    """Per rank: its own value, else the median of its device kind's ranks' (None: none)."""
+    out: list[float | None] = []
+    for d in devices:
+        alike = [v for r, v in mine.items() if devices[r]["kind"] == d["kind"]]
+        out.append(mine.get(d["rank"], statistics.median(alike) if alike else None))
+    return out
 
 
 def _probe_alone(device: torch.device, wire: torch.device, local_ranks: int) -> float:

@@ -76,7 +76,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pdv.artifacts import Links
-from pdv.cost.comm import Ring, all_gather_time, all_reduce_time, reduce_scatter_time
+from pdv.cost.comm import Ring, all_gather_time, all_reduce_time, p2p_time, reduce_scatter_time
 from pdv.fsdp_step import before_backward, end_step
 from pdv.profile.hardware import host_name
 from pdv.profile.loops import settle_gloo_loops
@@ -247,11 +247,11 @@ def _after_compute(rank: int, world: int, device: torch.device) -> dict[str, Any
     out = None
     if mine is not None:
         peer = pairs[mine][1] if pairs[mine][0] == rank else pairs[mine][0]
-        out = {"pair": list(pairs[mine]),
-               **_sync_rounds(groups[mine], device)}
+        run, per = _burst(device)
+        out = {"pair": list(pairs[mine]), **_sync_rounds(groups[mine], run, per)}
         # A message's landing is read against its sender's clock: only on one host.
         if hosts[peer] == hosts[rank]:
-            out["exchange"] = _exchange_rounds(groups[mine], peer, device, out["burst_matmuls"])
+            out["exchange"] = _exchange_rounds(groups[mine], peer, run, out["burst_matmuls"])
     dist.barrier()  # a rank with a bye waits here for the pairs
     for g in groups:
         if g != dist.GroupMember.NON_GROUP_MEMBER:
@@ -260,6 +260,7 @@ def _after_compute(rank: int, world: int, device: torch.device) -> dict[str, Any
 
 
 def _burst(device: torch.device) -> tuple[Callable[[int], None], float]:
+    """A compute burst of n 256×256 matmuls, and the seconds one took here."""
     a = torch.randn(256, 256, device=device)
     b = torch.randn(256, 256, device=device)
 
@@ -283,9 +284,8 @@ def _pair_rounds(group: Any, one: Callable[[bool], None]) -> None:
             one(n >= _SYNC_WARMUP)
 
 
-def _sync_rounds(group: Any, device: torch.device) -> dict[str, Any]:
+def _sync_rounds(group: Any, run: Callable[[int], None], per: float) -> dict[str, Any]:
     """The pair's first all-reduce after a compute burst, and the one right after it."""
-    run, per = _burst(device)
     # Both ranks burst equally (the larger count): a partner's lateness is the rest.
     agreed = torch.tensor([max(1, round(_BURST_S / max(per, 1e-9)))])
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
@@ -315,11 +315,11 @@ def _sync_rounds(group: Any, device: torch.device) -> dict[str, Any]:
             "first_rounds_s": first, "second_rounds_s": second}
 
 
-def _exchange_rounds(group: Any, peer: int, device: torch.device, burst: int) -> dict[str, Any]:
+def _exchange_rounds(group: Any, peer: int, run: Callable[[int], None],
+                     burst: int) -> dict[str, Any]:
     """Each round: an op's worth of compute, then both post a receive and a send of
     ``_EXCHANGE_BYTES``, as a 1F1B steady state does; the time from when both ends had posted
     (the sender's clock, carried in the message) to the receive's completion."""
-    run, _ = _burst(device)
     op = max(1, round(burst * _OP_S / _BURST_S))
     send = torch.zeros(_EXCHANGE_BYTES // 8, dtype=torch.float64)
     recv = torch.zeros_like(send)
@@ -346,8 +346,7 @@ def _exchange_rounds(group: Any, peer: int, device: torch.device, burst: int) ->
 def exchange_excess(record: dict[str, Any], links: Links, rank: int) -> float:
     """What a message to this rank took, after compute, beyond its link's α + S/β (≥ 0)."""
     ex = record["exchange"]
-    priced = (links.latency_s[ex["from"]][rank]
-              + float(ex["bytes"]) / links.bandwidth_Bps[ex["from"]][rank])
+    priced = p2p_time(links, ex["from"], rank, float(ex["bytes"]))
     return max(0.0, float(ex["landed_s"]) - priced)
 
 
@@ -571,8 +570,9 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "side, the median of the rounds per size, least squares a + b*S; spread = the largest "
         "IQR/median of a size's rounds. Sync after compute (CPU ranks): the same pairs, each in "
         f"its own process group, compute about {_BURST_S} s of 256x256 matmuls (the pair's "
-        f"larger count) then all-reduce {_SYNC_BYTES} bytes twice, {_SYNC_ROUNDS} rounds after "
-        f"{_SYNC_WARMUP} warm-ups per pass, {_SYNC_PASSES} passes {_ROUND_GAP_S} s apart; "
+        f"larger count) then all-reduce {_SYNC_BYTES} bytes twice, "
+        f"{_SYNC_ROUNDS // _SYNC_PASSES} timed rounds after {_SYNC_WARMUP} warm-ups per pass, "
+        f"{_SYNC_PASSES} passes {_ROUND_GAP_S} s apart; "
         "excess = mean first less the sweep's price of the same all-reduce on the pair, at "
         "least 0 (a rank in no pair: its kind's median). Message after compute (the same "
         f"pairs on one host): compute about {_OP_S} s, then both post a receive and a send of "
