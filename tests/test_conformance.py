@@ -173,7 +173,7 @@ def test_profile_layers_add_up_to_the_whole_model(model: str) -> None:
     import torch
 
     from pdv.models import build_model
-    from pdv.profile.layers import _measure_point
+    from pdv.profile.layers import _measure_points
 
     torch.set_num_threads(1)
     source = MODELS[model]
@@ -182,8 +182,11 @@ def test_profile_layers_add_up_to_the_whole_model(model: str) -> None:
     layers = [layer for _, layer in built.layers]
     x, y = built.make_batch(source.profile_mbs, torch.Generator().manual_seed(0))
     for _ in range(3):
-        points, whole = _measure_point(layers, built.loss_fn, x, y, torch.device("cpu"),
-                                       warmup=3, repeat=9, whole=True, tick=lambda: None)
+        mbs = source.profile_mbs
+        by_size, whole = _measure_points(layers, built.loss_fn, {mbs: (x, y)},
+                                         torch.device("cpu"), warmup=3, repeat=9, whole_at=mbs,
+                                         ticks={mbs: lambda: None}, between=lambda: None)
+        points = by_size[mbs]
         ratios = [sum(p.fwd[r] + p.bwd[r] for p in points) / (wf + wb)
                   for r, (wf, wb) in enumerate(whole)]
         ratio = statistics.median(ratios)

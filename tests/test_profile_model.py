@@ -94,9 +94,10 @@ def test_tp_degrees_profiled_at_shard_shapes() -> None:
     p = profile_model(ProfileRequest(spec=f"{GPT}:gpt_tiny", micro_batch_sizes=(1, 2),
                                      tp_degrees=(2,), warmup=1, repeat=3),
                       progress=lambda what, done, total: calls.append((what, done, total)))
-    # Progress: one report per round (2 TP x 2 mbs x 4 rounds, then 4 optimizer-step rounds)
-    # plus one per point, monotonic.
-    assert calls[-1][1] == calls[-1][2] == 20
+    # Progress: one report per round (2 TP x 2 mbs x 6 rounds: a warm-up, 3 timed over 3
+    # visits, an untimed round opening each later visit; then 4 optimizer-step rounds) plus
+    # one per point, monotonic.
+    assert calls[-1][1] == calls[-1][2] == 2 * 2 * 6 + 4
     assert calls[-1][0].startswith("optimizer step")
     assert [c[1] for c in calls] == sorted(c[1] for c in calls)
     assert p.tp_degrees == [1, 2]
@@ -317,7 +318,7 @@ def test_backward_is_timed_adding_into_kept_gradients() -> None:
     # In a step every micro-batch's backward but the first adds into the gradients the first
     # left (zero_grad sets them to None once per step); for a layer with megabytes of weights
     # that costs 25-30% more than writing them afresh. The profile times that case.
-    from pdv.profile.layers import _measure_point
+    from pdv.profile.layers import _measure_points, rounds_per_size
 
     torch.manual_seed(0)
     layers = [torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)]
@@ -326,11 +327,23 @@ def test_backward_is_timed_adding_into_kept_gradients() -> None:
         for p in layer.parameters():
             # A parameter's hook runs before its gradient is added in: p.grad is still the old.
             p.register_hook(lambda g, p=p: seen.append(p.grad is not None) or g)
-    x, y = torch.randn(2, 8), torch.randn(2, 4)
-    points, _ = _measure_point(layers, torch.nn.functional.mse_loss, x, y, torch.device("cpu"),
-                               warmup=1, repeat=3, whole=False, tick=lambda: None)
-    assert all(len(p.bwd) == 3 for p in points)
-    per_round = len(seen) // 4
-    assert per_round == 4 and seen[:per_round] == [False] * per_round  # the warm-up allocates
-    assert all(seen[per_round:])  # every timed backward adds into kept gradients
+    batches = {m: (torch.randn(m, 8), torch.randn(m, 4)) for m in (2, 3)}
+    order: list[int] = []
+    probes: list[int] = []
+    points, whole = _measure_points(
+        layers, torch.nn.functional.mse_loss, batches, torch.device("cpu"), warmup=1, repeat=3,
+        whole_at=3, ticks={m: (lambda m=m: order.append(m)) for m in batches},
+        between=lambda: probes.append(len(order)))
+    assert all(len(p.bwd) == 3 for m in batches for p in points[m])
+    assert len(whole) == 3  # the whole model at its one size, timed rounds only
+    # Three visits take the sizes in turn, each size a warm-up (later: one untimed round) and
+    # a timed round per visit: a spell of noise reaches every size alike.
+    assert order == [2, 2, 3, 3] * 3
+    assert probes == [4, 8, 12]  # after each visit to every size
+    assert [rounds_per_size(1, 3, 2), rounds_per_size(2, 10, 1)] == [6, 12]
+    assert len(order) == 2 * rounds_per_size(1, 3, 2)
+    per_round = 4  # parameters; the whole model's backward adds 4 more at size 3
+    assert len(seen) == per_round * (len(order) + 3 * 2)
+    assert seen[:per_round] == [False] * per_round  # the warm-up's first pass allocates
+    assert all(seen[per_round:])  # every later backward adds into kept gradients
     assert all(p.grad is None for layer in layers for p in layer.parameters())  # left clean

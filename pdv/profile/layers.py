@@ -6,14 +6,16 @@ shapes the model's ``tp_shard`` gives) and each micro-batch size:
 1. the micro-batch is pushed through the layers once without grad, so each layer is fed the
    real activations of the layers before it;
 2. one untimed forward per layer counts its saved activations, output bytes and FLOPs;
-3. then ``warmup + repeat`` rounds (at least one warm-up); a round times every layer's forward
-   in order (the last layer includes the loss, as the last pipeline stage computes it), then
+3. then ``warmup + repeat`` rounds (at least one warm-up), the timed ones split over three
+   visits that take every micro-batch size in turn, each visit after the first starting with
+   one untimed round; a round times every layer's forward in order (the last layer includes the
+   loss, as the last pipeline stage computes it), then
    every layer's backward in reverse order, each from a fixed upstream gradient on that
    layer's output -- and, at the reference point, the whole model's forward+backward. Gradients
    are kept from round to round, so a backward adds into the ones the warm-up left, as every
    micro-batch of a step but its first does;
-   Interleaving rounds spreads any noise from the rest of the machine evenly over the layers and
-   the whole model, so their medians can be compared;
+   Interleaving rounds spreads any noise from the rest of the machine evenly over the layers,
+   the micro-batch sizes and the whole model, so their medians can be compared;
 4. last, one optimizer step per layer (pdv.profile.optimizer): the run's optimizer over the
    layer's parameters, rounds over every layer in order after a warm-up step that allocates state.
 
@@ -214,48 +216,83 @@ def _time_whole(layers: Sequence[nn.Module], x: torch.Tensor, loss_fn: Callable[
     return t1 - t0, t2 - t1
 
 
-def _measure_point(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
-                   inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
-                   warmup: int, repeat: int, whole: bool,
-                   tick: Callable[[], None],
-                   timed: Sequence[nn.Module] | None = None,
-                   ) -> tuple[list[Point], list[tuple[float, float]]]:
-    """Every layer at one micro-batch size and TP degree; optionally the whole model too.
+def _measure_points(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
+                    batches: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                    device: torch.device, warmup: int, repeat: int, whole_at: int | None,
+                    ticks: dict[int, Callable[[], None]], between: Callable[[], None],
+                    timed: Sequence[nn.Module] | None = None,
+                    ) -> tuple[dict[int, list[Point]], list[tuple[float, float]]]:
+    """Every layer at each micro-batch size of one TP degree; the whole model at `whole_at`.
 
+    The timed rounds of each size are split over VISITS visits, the sizes taken in turn on each,
+    so a spell of machine noise (a shared VM's ran for tens of seconds, 1.5x) reaches every
+    size alike instead of all rounds of one: timed one size after another, one size of convnet
+    read 52% slow against the others' 7-14%. `between` runs after each visit to every size.
     `timed` (same shapes in and out) replaces `layers` in the timing rounds: TP layers are
     timed as the run executes them (DTensor) and counted in memory as plain shards.
     """
     n = len(layers)
     timed = layers if timed is None else timed
     clock = Clock(device)
-    acts: list[Values] = [(inputs,)]
-    with torch.no_grad():
-        for layer in layers[:-1]:
-            acts.append(_as_values(layer(*acts[-1])))
-    # A fixed upstream gradient per layer output stands in for what the next stage sends back.
-    gen = torch.Generator(device=device).manual_seed(1)
-    grads = [tuple(torch.randn(a.shape, generator=gen, device=device, dtype=a.dtype)
-                   if a.is_floating_point() else None for a in values) for values in acts[1:]]
-    points = []
-    for i, layer in enumerate(layers):
-        act, out, flops = _layer_memory(layer, acts[i], i == 0, i == n - 1, loss_fn, targets,
-                                         device)
-        points.append(Point([], [], param_bytes(layer), act, out, flops))
+    setup = {}
+    for m, (inputs, targets) in batches.items():
+        acts: list[Values] = [(inputs,)]
+        with torch.no_grad():
+            for layer in layers[:-1]:
+                acts.append(_as_values(layer(*acts[-1])))
+        # A fixed upstream gradient per layer output stands in for what the next stage sends
+        # back.
+        gen = torch.Generator(device=device).manual_seed(1)
+        grads = [tuple(torch.randn(a.shape, generator=gen, device=device, dtype=a.dtype)
+                       if a.is_floating_point() else None for a in values)
+                 for values in acts[1:]]  # fmt: skip
+        points = []
+        for i, layer in enumerate(layers):
+            act, out, flops = _layer_memory(layer, acts[i], i == 0, i == n - 1, loss_fn,
+                                             targets, device)  # fmt: skip
+            points.append(Point([], [], param_bytes(layer), act, out, flops))
+        setup[m] = (acts, grads, points)
     whole_times: list[tuple[float, float]] = []
-    for r in range(warmup + repeat):
-        fwd, bwd = _time_layers(timed, acts, grads, loss_fn, targets, clock)
-        if r >= warmup:
-            for i in range(n):
-                points[i].fwd.append(fwd[i])
-                points[i].bwd.append(bwd[i])
-        if whole:
-            tw = _time_whole(layers, inputs, loss_fn, targets, clock)
-            if r >= warmup:
-                whole_times.append(tw)
-        tick()
+    for v, timed_rounds in enumerate(_visits(repeat, len(batches))):
+        for m, (inputs, targets) in batches.items():
+            acts, grads, points = setup[m]
+            # Every visit to a size starts untimed, so its first timed round meets the caches
+            # its own previous round left, as a stage running one size does (after another
+            # size's larger backward, tuples_tied's layers at micro-batch 4 summed 1.29-1.36x
+            # its whole-model time against 1.16 timed size after size).
+            untimed = warmup if v == 0 else 1
+            for r in range(untimed + timed_rounds):
+                fwd, bwd = _time_layers(timed, acts, grads, loss_fn, targets, clock)
+                if r >= untimed:
+                    for i in range(n):
+                        points[i].fwd.append(fwd[i])
+                        points[i].bwd.append(bwd[i])
+                if m == whole_at:
+                    tw = _time_whole(layers, inputs, loss_fn, targets, clock)
+                    if r >= untimed:
+                        whole_times.append(tw)
+                ticks[m]()
+        between()
     for layer in (*layers, *timed):
         _clear_grads(layer)
-    return points, whole_times
+    return {m: points for m, (_, _, points) in setup.items()}, whole_times
+
+
+VISITS = 3
+"""times the profiler comes back to each micro-batch size, its timed rounds split among them"""
+
+
+def _visits(repeat: int, sizes: int) -> list[int]:
+    """Timed rounds per visit: `repeat` split as evenly as it goes over at most VISITS (one
+    visit when there is one size: nothing to take turns with)."""
+    k = max(1, min(VISITS if sizes > 1 else 1, repeat))
+    return [repeat // k + (i < repeat % k) for i in range(k)]
+
+
+def rounds_per_size(warmup: int, repeat: int, sizes: int) -> int:
+    """Rounds a micro-batch size takes in all: the warm-up, one untimed round on each later
+    visit, and the timed ones."""
+    return warmup + len(_visits(repeat, sizes)) - 1 + repeat
 
 
 def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -295,7 +332,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     # At least one warm-up: it leaves the gradients each timed backward adds into.
     warmup = max(1, req.warmup)
     opt_rounds = warmup + req.repeat
-    total = len(tps) * len(mbss) * (warmup + req.repeat) + opt_rounds
+    total = len(tps) * len(mbss) * rounds_per_size(warmup, req.repeat, len(mbss)) + opt_rounds
     done = 0
 
     def ticker(what: str) -> Callable[[], None]:
@@ -326,15 +363,17 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
                               for i, layer in enumerate(base)]
                 if tp_runtime is not None and tp_runtime.ready:
                     timed = tp_runtime.parallelize(base, model.tp_plan, tp)
+            ticks = {m: ticker(f"TP {tp}, micro-batch {m}") for m in mbss}
+            # The machine's speed drifts (±10% over minutes on a shared VM): probing between
+            # the rounds makes the profile's rate the one its layer times were taken at.
+            pts, w = _measure_points(layers, model.loss_fn, {m: batches[m] for m in mbss},
+                                     device, warmup, req.repeat, ref if tp == 1 else None,
+                                     ticks,
+                                     lambda: probes.append(matmul_flops_probe(device)),
+                                     timed=timed)  # fmt: skip
             for m in mbss:
-                pts, w = _measure_point(layers, model.loss_fn, *batches[m], device,
-                                        warmup, req.repeat, whole=(tp == 1 and m == ref),
-                                        tick=ticker(f"TP {tp}, micro-batch {m}"), timed=timed)
-                points[(tp, m)] = pts
-                whole = whole or w
-                # The machine's speed drifts (±10% over minutes on a shared VM): probing between
-                # the points makes the profile's rate the one its layer times were taken at.
-                probes.append(matmul_flops_probe(device))
+                points[(tp, m)] = pts[m]
+            whole = whole or w
     finally:
         if tp_runtime is not None:
             tp_runtime.close()
@@ -351,8 +390,11 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
                                     fwd_bwd_spread_s=wfb_iqr)
     threads = torch.get_num_threads() if device.type == "cpu" else None
     notes = [
-        f"per layer: {warmup} warm-up + {req.repeat} timed rounds; median and IQR; rounds "
-        "interleave all layers and the whole model so machine noise hits each alike",
+        f"per layer: {warmup} warm-up + {req.repeat} timed rounds; median and IQR; the timed "
+        f"rounds in {len(_visits(req.repeat, len(mbss)))} visits that take the micro-batch "
+        "sizes in turn "
+        "(each later visit after one untimed round), and each round times all layers and the "
+        "whole model, so machine noise hits each alike",
         "each layer is fed the real activations of the layers before it; backward is timed "
         "from a fixed upstream gradient and includes the input gradient (not for layer 0)",
         "backward adds into the gradients the warm-up left, as each micro-batch of a step but "
