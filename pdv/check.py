@@ -15,6 +15,7 @@ This module imports no torch: the runs are ``pdv run`` processes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -33,10 +34,12 @@ from pdv.plan.baselines import even_split, uniform_layouts
 from pdv.plan.groups import device_order
 from pdv.plan.problem import PlanProblem
 from pdv.plan.search import PLANNERS, search
+from pdv.run.slow import rank_predictions
 
 __all__ = [
     "Candidate",
     "Tolerances",
+    "compute_drift",
     "spearman",
     "even_split",
     "plan_key",
@@ -45,6 +48,8 @@ __all__ = [
     "default_plans",
     "memory_error",
     "run_plan",
+    "round_stderr",
+    "steps_for",
     "summarize",
     "write_json_atomic",
 ]
@@ -69,6 +74,10 @@ class Candidate:
     """each round's median step (measured_s is their median)"""
     spreads_s: list[float] = field(default_factory=list)
     reports: list[str] = field(default_factory=list)
+    compute_drifts: list[float] = field(default_factory=list)
+    """each round's compute drift (compute_drift): the ranks' own compute against the profile's"""
+    steps: int | None = None
+    """steps each run of this plan took (--steps, or more by --min-seconds)"""
     memory_errors: list[float] = field(default_factory=list)
     """each round's peak-memory error: the rank whose |predicted - measured| / measured is
     largest, signed"""
@@ -216,6 +225,28 @@ def default_plans(problem: PlanProblem, top: int, baselines: bool, shapes: int, 
     return pool
 
 
+STEP_CAP = 1000
+"""most steps --min-seconds may ask of one run (a plan predicted far too fast would otherwise
+run for ages)"""
+
+
+def steps_for(predicted_s: float, steps: int, warmup: int, min_seconds: float) -> int:
+    """Steps for one run: `steps`, or more when the steps after warm-up, at the predicted step
+    time, would measure for less than `min_seconds` (never more than STEP_CAP unless asked)."""
+    if min_seconds <= 0 or predicted_s <= 0:
+        return steps
+    wanted = warmup + math.ceil(min_seconds / predicted_s)
+    return max(steps, min(wanted, STEP_CAP))
+
+
+def round_stderr(runs_s: Sequence[float]) -> float | None:
+    """The standard error of a plan's rounds (stdev / sqrt(n)) over their median: how far the
+    measured step itself may be off; None for fewer than two rounds."""
+    if len(runs_s) < 2:
+        return None
+    return statistics.stdev(runs_s) / math.sqrt(len(runs_s)) / statistics.median(runs_s)
+
+
 def run_plan(cand: Candidate, folder: Path, index: int, run_args: Sequence[str],
              steps: int, warmup: int, timeout_s: float, round_: int = 1) -> None:  # fmt: skip
     """Run one plan with ``pdv run`` and record its measured step time (or why it failed).
@@ -229,6 +260,7 @@ def run_plan(cand: Candidate, folder: Path, index: int, run_args: Sequence[str],
         artifacts.write(plan_file, cand.plan)
         cand.file, cand.report = str(plan_file), str(report)
     cand.reports.append(str(report))
+    cand.steps = steps
     before = os.getloadavg()[0]
     argv = [sys.executable, "-m", "pdv", "run", str(plan_file), "--steps", str(steps),
             "--warmup", str(warmup), "--report", str(report), *run_args]  # fmt: skip
@@ -251,6 +283,23 @@ def run_plan(cand: Candidate, folder: Path, index: int, run_args: Sequence[str],
     assert cand.plan.predicted is not None
     cand.memory_errors.append(memory_error(cand.plan.predicted.peak_memory_bytes,
                                            rep.measured.peak_memory_bytes))
+    drift = compute_drift(cand.plan, rep.measured.compute_s)
+    if drift is not None:
+        cand.compute_drifts.append(drift)
+
+
+def compute_drift(plan: Plan, measured: dict[str, float] | None) -> float | None:
+    """The ranks' measured compute per step over the plan's predicted (its stages' compute_s,
+    summed per rank), less 1, the median over ranks: how far the run's ops ran from their
+    profile, apart from everything between them. None when the run did not time its compute."""
+    if not measured or plan.predicted is None:
+        return None
+    world = 1 + max(r for s in plan.stages for r in s.ranks)
+    predicted = rank_predictions([s.compute_s for s in plan.predicted.stages],
+                                 [s.ranks for s in plan.stages], world)  # fmt: skip
+    ratios = [m / predicted[int(r)] - 1 for r, m in measured.items()
+              if int(r) < world and predicted[int(r)] > 0]  # fmt: skip
+    return statistics.median(ratios) if ratios else None
 
 
 def memory_error(predicted: dict[str, int], measured: dict[str, int]) -> float:
@@ -268,6 +317,7 @@ def _failed(cand: Candidate, why: str) -> None:
 def _row(c: Candidate) -> dict[str, Any]:
     err = None if c.measured_s is None else (c.predicted_s - c.measured_s) / c.measured_s
     mem = statistics.median(c.memory_errors) if c.memory_errors and c.measured_s else None
+    drift = statistics.median(c.compute_drifts) if c.compute_drifts and c.measured_s else None
     return {
         "labels": c.labels,
         "layout": [f"{s.layers[0]}-{s.layers[1]}:dp{s.dp}tp{s.tp}"
@@ -280,9 +330,12 @@ def _row(c: Candidate) -> dict[str, Any]:
         "measured_s": c.measured_s,
         "measured_spread_s": c.spread_s,
         "measured_runs_s": c.runs_s,
+        "measured_stderr": round_stderr(c.runs_s),
+        "steps": c.steps,
         "error": err,
         "abs_error": None if err is None else abs(err),
         "memory_error": mem,
+        "compute_drift": drift,
         "load": c.load,
         "plan": c.file,
         "report": c.report,
@@ -298,6 +351,8 @@ def summarize(pool: Sequence[Candidate], tol: Tolerances, pick_label: str = "pdv
     ran = [r for r in rows if r["measured_s"] is not None]
     errs = [r["abs_error"] for r in ran]
     mems = [abs(r["memory_error"]) for r in ran if r["memory_error"] is not None]
+    noise = [r["measured_stderr"] for r in ran if r["measured_stderr"] is not None]
+    drifts = [r["compute_drift"] for r in ran if r["compute_drift"] is not None]
     rho = spearman([r["predicted_s"] for r in ran], [r["measured_s"] for r in ran])
     pick = next((r for r in ran if pick_label in r["labels"]), None)
     pick_info = None
@@ -318,6 +373,10 @@ def summarize(pool: Sequence[Candidate], tol: Tolerances, pick_label: str = "pdv
         "max_abs_error": max(errs) if errs else None,
         "mean_signed_error": statistics.fmean(r["error"] for r in ran) if ran else None,
         "spearman": rho,
+        "compute_drift_median": statistics.median(drifts) if drifts else None,
+        "compute_drift_range": [min(drifts), max(drifts)] if drifts else None,
+        "measured_stderr_median": statistics.median(noise) if noise else None,
+        "measured_stderr_max": max(noise) if noise else None,
         "memory_median_abs_error": statistics.median(mems) if mems else None,
         "memory_max_abs_error": max(mems) if mems else None,
         "pick": pick_info,

@@ -11,16 +11,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pdv import artifacts
 from pdv.artifacts import PlanStage
 from pdv.check import (
+    STEP_CAP,
     Candidate,
     Tolerances,
+    compute_drift,
     default_plans,
     even_split,
     memory_error,
     plan_key,
     predict,
+    round_stderr,
     spearman,
+    steps_for,
     summarize,
     write_json_atomic,
 )
@@ -91,6 +96,64 @@ def test_summary_statistics_pick_and_misses() -> None:
     assert len(tight["misses"]) == 2 and not tight["passed"]
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.floats(1e-5, 20.0), st.integers(1, 50), st.integers(0, 10),
+       st.one_of(st.just(0.0), st.floats(1e-3, 5.0)))
+def test_a_run_measures_at_least_min_seconds_and_no_step_more(
+        predicted: float, steps: int, warmup: int, min_seconds: float) -> None:  # fmt: skip
+    """More steps only where --steps would measure for less than --min-seconds; then the fewest
+    that reach it, unless the cap stops them."""
+    n = steps_for(predicted, steps, warmup, min_seconds)
+    lo, hi = min_seconds * (1 - 1e-9), min_seconds * (1 + 1e-9)  # float division's rounding
+    assert n >= steps
+    if n > steps:
+        assert n == STEP_CAP or (n - warmup) * predicted >= lo
+        assert n == STEP_CAP or (n - 1 - warmup) * predicted < hi
+    elif min_seconds > 0 and (steps - warmup) * predicted < lo:
+        assert steps >= STEP_CAP  # short of the time only where the cap forbids more
+    assert steps_for(predicted, steps, warmup, 0.0) == steps
+
+
+def test_the_rounds_noise_is_their_standard_error_over_the_measured_step() -> None:
+    """Each plan's rounds give its measurement's standard error; the summary takes the set's
+    median and max; one round gives none."""
+    assert round_stderr([0.02]) is None
+    runs = [0.020, 0.024, 0.018, 0.030]
+    want = statistics.stdev(runs) / 2 / statistics.median(runs)
+    assert round_stderr(runs) == pytest.approx(want)
+    a, b, c = _cand(1.0, 1.0, "pdv #1"), _cand(2.0, 2.0, "shape"), _cand(3.0, 3.0, "uniform")
+    a.runs_s, b.runs_s, c.runs_s = runs, [2.0, 2.0], [3.0]
+    got = summarize([a, b, c], Tolerances())
+    assert [r["measured_stderr"] for r in got["rows"]] == pytest.approx([want, 0.0, None])
+    assert got["summary"]["measured_stderr_median"] == pytest.approx(want / 2)
+    assert got["summary"]["measured_stderr_max"] == pytest.approx(want)
+    assert summarize([c], Tolerances())["summary"]["measured_stderr_median"] is None
+
+
+def test_compute_drift_is_the_median_ranks_measured_over_predicted_compute() -> None:
+    """Each rank's predicted compute is its stages' (a rank holding two virtual stages pays
+    both); the drift is the median rank's measured / predicted - 1; the summary reads it."""
+    stages = [PlanStage(layers=(i, i + 1), ranks=[i % 3]) for i in range(6)]
+    plan = predict(make_plan(stages, num_micro=6, schedule="Interleaved1F1B"),
+                   {"cpu": make_profile(n_layers=6, fwd=[0.01, 0.02, 0.03, 0.04, 0.05, 0.06],
+                                        bwd=[0.02, 0.04, 0.06, 0.08, 0.10, 0.12])},
+                   make_cluster(3))  # fmt: skip
+    assert plan.predicted is not None
+    per_stage = [st_.compute_s for st_ in plan.predicted.stages]
+    want = [per_stage[r] + per_stage[r + 3] for r in range(3)]
+    assert want[2] > want[1] > want[0] > 0
+    measured = {"0": want[0] * 1.5, "1": want[1] * 0.9, "2": want[2] * 1.2}
+    assert compute_drift(plan, measured) == pytest.approx(0.2)
+    assert compute_drift(plan, {"1": want[1] * 0.9}) == pytest.approx(-0.1)
+    assert compute_drift(plan, None) is None and compute_drift(plan, {}) is None
+    a, b = _cand(1.0, 1.0, "pdv #1"), _cand(2.0, 2.0, "shape")
+    a.compute_drifts, b.compute_drifts = [0.1, 0.3, 0.2], [-0.05]
+    s = summarize([a, b], Tolerances())
+    assert [r["compute_drift"] for r in s["rows"]] == pytest.approx([0.2, -0.05])
+    assert s["summary"]["compute_drift_median"] == pytest.approx(0.075)
+    assert s["summary"]["compute_drift_range"] == pytest.approx([-0.05, 0.2])
+
+
 def test_memory_error_is_the_worst_rank_signed_and_checked() -> None:
     """A plan's peak-memory error is its worst rank's, with its sign; the summary and the
     tolerance read it."""
@@ -133,8 +196,6 @@ def test_report_is_written_whole(tmp_path: Path) -> None:
 
 def test_check_without_a_batch_or_plans_is_one_line_exit_2(tmp_path: Path) -> None:
     prof, cl = tmp_path / "p.json", tmp_path / "c.json"
-    from pdv import artifacts
-
     artifacts.write(prof, make_profile(n_layers=2))
     artifacts.write(cl, make_cluster(2))
     res = run_pdv("check", str(prof), "--cluster", str(cl))
@@ -178,7 +239,12 @@ def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
         mem = memory_error(plan["predicted"]["peak_memory_bytes"],
                            rep["measured"]["peak_memory_bytes"])
         assert row["memory_error"] == pytest.approx(mem) and mem != 0.0
-        assert len(rep["measured"]["step_times_s"]) == 3
+        drift = compute_drift(artifacts.load_as(Path(row["plan"]), "plan"),
+                              rep["measured"]["compute_s"])
+        assert drift is not None and row["compute_drift"] == pytest.approx(drift)
+        # gpt_tiny's steps are milliseconds: --min-seconds (1 s by default) asks for more
+        assert row["steps"] == steps_for(row["predicted_s"], 3, 1, 1.0) > 3
+        assert len(rep["measured"]["step_times_s"]) == row["steps"]
     assert s["median_abs_error"] == pytest.approx(statistics.median(x["abs_error"] for x in rows))
     assert 1 <= s["pick"]["measured_rank"] <= len(rows)
     assert s["max_load"] == max(r["load"] for r in rows) and s["cpus"] >= 1
@@ -197,3 +263,6 @@ def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
     assert len(set(row["reports"])) == 2 and row["report"] == row["reports"][0]
     assert row["measured_runs_s"] == [rep["measured"]["step_time_s"] for rep in reports]
     assert row["measured_s"] == pytest.approx(statistics.median(row["measured_runs_s"]))
+    assert row["measured_stderr"] == pytest.approx(round_stderr(row["measured_runs_s"]))
+    assert again["summary"]["measured_stderr_max"] == row["measured_stderr"]
+    assert "the measurement's own noise" in r.stdout

@@ -15,6 +15,7 @@ from pdv.check import (
     default_plans,
     predict,
     run_plan,
+    steps_for,
     summarize,
     write_json_atomic,
 )
@@ -53,6 +54,10 @@ def check(
         True, "--recompute/--no-recompute", help="Let pdv's search recompute activations."),
     steps: int = typer.Option(10, "--steps", min=1, help="Training steps per plan."),
     warmup: int = typer.Option(4, "--warmup", min=0, help="Steps left out of each median."),
+    min_seconds: float = typer.Option(
+        1.0, "--min-seconds", min=0.0, help="Run a plan for more than --steps when its "
+        "steps after warm-up, at its predicted step time, would measure for less than this "
+        "(a median of a few short steps is mostly noise); 0: exactly --steps."),
     repeat: int = typer.Option(
         1, "--repeat", min=1, help="Run the whole set this many times, plan after plan each "
         "round (so a drift in the machine's load reaches every plan alike); a plan's measured "
@@ -115,7 +120,8 @@ def check(
                 continue
             each = f" (round {round_}/{repeat})" if repeat > 1 else ""
             say(f"running {i}/{len(pool)}{each}: {', '.join(cand.labels)}")
-            run_plan(cand, out, i, run_args, steps, warmup, run_timeout, round_)
+            n = steps_for(cand.predicted_s, steps, warmup, min_seconds)
+            run_plan(cand, out, i, run_args, n, warmup, run_timeout, round_)
             if cand.error:
                 say(f"  failed: {cand.error}")
     tol = Tolerances(max_median_error, max_error, min_spearman, max_pick_gap, max_failures,
@@ -127,6 +133,7 @@ def check(
                    "cluster": artifacts.digest(clus)},
         "steps": steps,
         "warmup": warmup,
+        "min_seconds": min_seconds,
         "repeat": repeat,
         "tolerances": {k: v for k, v in vars(tol).items()},
         **result,
@@ -143,8 +150,8 @@ def check(
 
 def _print(doc: dict, target: Path) -> None:
     t = new_table("predicted against measured (median step after warm-up)",
-                  ("plan", "predicted", "measured", "IQR", "error", "memory", "load", "stages",
-                   "mbs x M"),
+                  ("plan", "predicted", "measured", "IQR", "± rounds", "error", "compute",
+                   "memory", "load", "stages", "mbs x M", "steps"),
                   left={"plan", "stages"})  # fmt: skip
     for r in doc["rows"]:
         meas = r["measured_s"]
@@ -153,11 +160,14 @@ def _print(doc: dict, target: Path) -> None:
             fmt_time(r["predicted_s"]),
             fmt_time(meas) if meas is not None else "failed",
             fmt_time(r["measured_spread_s"]) if r["measured_spread_s"] is not None else "-",
+            f"{r['measured_stderr']:.1%}" if r["measured_stderr"] is not None else "-",
             f"{r['error']:+.1%}" if r["error"] is not None else "-",
+            f"{r['compute_drift']:+.1%}" if r["compute_drift"] is not None else "-",
             f"{r['memory_error']:+.1%}" if r["memory_error"] is not None else "-",
             f"{r['load']:.1f}" if r["load"] is not None else "-",
             " ".join(r["layout"]),
             f"{r['micro_batch_size']} x {r['num_micro_batches']}",
+            str(r["steps"]) if r["steps"] is not None else "-",
         )
     print_table(console, t)
     s = doc["summary"]
@@ -172,6 +182,17 @@ def _print(doc: dict, target: Path) -> None:
                   f"{pct(s['mean_signed_error'])}; Spearman {rho}; peak memory median |error| "
                   f"{pct(s['memory_median_abs_error'])}, max {pct(s['memory_max_abs_error'])}",
                   highlight=False)
+    if s["compute_drift_median"] is not None:
+        lo, hi = s["compute_drift_range"]
+        console.print(f"the ranks' own compute ran {s['compute_drift_median']:+.1%} against "
+                      f"its profile at the median plan ({lo:+.1%} .. {hi:+.1%}; the compute "
+                      "column): an error that follows it is the ops' speed in the run, not the "
+                      "pricing of what lies between them", highlight=False)
+    if s["measured_stderr_median"] is not None:
+        console.print(f"the measurement's own noise: its rounds' standard error is "
+                      f"{pct(s['measured_stderr_median'])} of the measured step at the median "
+                      f"plan, {pct(s['measured_stderr_max'])} at most; errors of that size say "
+                      "as much about the runs as about the prediction", highlight=False)
     p = s["pick"]
     if p:
         console.print(f"pdv's pick ranked {p['measured_rank']} of {p['of']} measured "
