@@ -40,6 +40,7 @@ __all__ = [
     "Candidate",
     "Tolerances",
     "compute_drift",
+    "ops_compute",
     "spearman",
     "even_split",
     "plan_key",
@@ -74,6 +75,8 @@ class Candidate:
     """each round's median step (measured_s is their median)"""
     spreads_s: list[float] = field(default_factory=list)
     reports: list[str] = field(default_factory=list)
+    ops_compute_s: list[float] = field(default_factory=list)
+    """each stage's predicted compute from its layers alone (ops_compute); empty: not priced"""
     compute_drifts: list[float] = field(default_factory=list)
     """each round's compute drift (compute_drift): the ranks' own compute against the profile's"""
     steps: int | None = None
@@ -283,20 +286,33 @@ def run_plan(cand: Candidate, folder: Path, index: int, run_args: Sequence[str],
     assert cand.plan.predicted is not None
     cand.memory_errors.append(memory_error(cand.plan.predicted.peak_memory_bytes,
                                            rep.measured.peak_memory_bytes))
-    drift = compute_drift(cand.plan, rep.measured.compute_s)
+    drift = compute_drift(cand.plan, cand.ops_compute_s, rep.measured.compute_s)
     if drift is not None:
         cand.compute_drifts.append(drift)
 
 
-def compute_drift(plan: Plan, measured: dict[str, float] | None) -> float | None:
-    """The ranks' measured compute per step over the plan's predicted (its stages' compute_s,
-    summed per rank), less 1, the median over ranks: how far the run's ops ran from their
-    profile, apart from everything between them. None when the run did not time its compute."""
-    if not measured or plan.predicted is None:
+def ops_compute(plan: Plan, profiles: dict[str, ModelProfile],
+                cluster: ClusterArtifact) -> list[float]:
+    """Each stage's predicted compute per step from its layers alone: the simulator's
+    ``compute_s`` with the cluster's schedule bookkeeping (RankOverheads fwd_s, bwd_s, step_s)
+    taken out, as a run's compute clock leaves it out (it times the stage modules' spans)."""
+    bare = [d if d.overheads is None else d.model_copy(update={
+        "overheads": d.overheads.model_copy(update={"fwd_s": 0.0, "bwd_s": 0.0, "step_s": 0.0})})
+        for d in cluster.devices]  # fmt: skip
+    sim = simulate(plan, profiles, cluster.model_copy(update={"devices": bare}), trace=False)
+    return [st.compute_s for st in sim.stages]
+
+
+def compute_drift(plan: Plan, stage_compute_s: Sequence[float],
+                  measured: dict[str, float] | None) -> float | None:
+    """The ranks' measured compute per step over their stages' predicted (`stage_compute_s`,
+    summed per rank: ops_compute), less 1, the median over ranks: how far the run's ops ran
+    from their profile, apart from everything between them. None when the run did not time
+    its compute."""
+    if not measured or not stage_compute_s:
         return None
     world = 1 + max(r for s in plan.stages for r in s.ranks)
-    predicted = rank_predictions([s.compute_s for s in plan.predicted.stages],
-                                 [s.ranks for s in plan.stages], world)  # fmt: skip
+    predicted = rank_predictions(list(stage_compute_s), [s.ranks for s in plan.stages], world)
     ratios = [m / predicted[int(r)] - 1 for r, m in measured.items()
               if int(r) < world and predicted[int(r)] > 0]  # fmt: skip
     return statistics.median(ratios) if ratios else None

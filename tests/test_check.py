@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdv import artifacts
-from pdv.artifacts import PlanStage
+from pdv.artifacts import PlanStage, RankOverheads
 from pdv.check import (
     STEP_CAP,
     Candidate,
@@ -21,6 +21,7 @@ from pdv.check import (
     default_plans,
     even_split,
     memory_error,
+    ops_compute,
     plan_key,
     predict,
     round_stderr,
@@ -29,6 +30,7 @@ from pdv.check import (
     summarize,
     write_json_atomic,
 )
+from pdv.cost.simulate import simulate
 from pdv.plan.problem import PlanProblem
 from tests.conftest import run_pdv
 from tests.test_cost_builders import make_cluster, make_plan, make_profile
@@ -131,21 +133,32 @@ def test_the_rounds_noise_is_their_standard_error_over_the_measured_step() -> No
 
 
 def test_compute_drift_is_the_median_ranks_measured_over_predicted_compute() -> None:
-    """Each rank's predicted compute is its stages' (a rank holding two virtual stages pays
-    both); the drift is the median rank's measured / predicted - 1; the summary reads it."""
+    """Each rank's predicted compute is its stages' from their layers alone (a rank holding
+    two virtual stages pays both; the schedule's measured bookkeeping, which a run's compute
+    clock does not time, left out); the drift is the median rank's measured / predicted - 1;
+    the summary reads it."""
     stages = [PlanStage(layers=(i, i + 1), ranks=[i % 3]) for i in range(6)]
-    plan = predict(make_plan(stages, num_micro=6, schedule="Interleaved1F1B"),
-                   {"cpu": make_profile(n_layers=6, fwd=[0.01, 0.02, 0.03, 0.04, 0.05, 0.06],
-                                        bwd=[0.02, 0.04, 0.06, 0.08, 0.10, 0.12])},
-                   make_cluster(3))  # fmt: skip
+    profiles = {"cpu": make_profile(n_layers=6, fwd=[0.01, 0.02, 0.03, 0.04, 0.05, 0.06],
+                                    bwd=[0.02, 0.04, 0.06, 0.08, 0.10, 0.12])}  # fmt: skip
+    bare = make_cluster(3)
+    over = RankOverheads(fwd_s=0.003, bwd_s=0.005, step_s=0.007)
+    cluster = bare.model_copy(update={"devices": [d.model_copy(update={"overheads": over})
+                                                  for d in bare.devices]})  # fmt: skip
+    plan = predict(make_plan(stages, num_micro=6, schedule="Interleaved1F1B"), profiles, cluster)
     assert plan.predicted is not None
-    per_stage = [st_.compute_s for st_ in plan.predicted.stages]
+    per_stage = ops_compute(plan, profiles, cluster)
+    assert per_stage == pytest.approx([s.compute_s for s in simulate(plan, profiles,
+                                                                      bare).stages])
+    # The plan's own compute_s holds the bookkeeping: 6 micro-batches' fwd and bwd, one step.
+    assert [s.compute_s for s in plan.predicted.stages] == pytest.approx(
+        [c + 6 * (0.003 + 0.005) + 0.007 for c in per_stage])
     want = [per_stage[r] + per_stage[r + 3] for r in range(3)]
     assert want[2] > want[1] > want[0] > 0
     measured = {"0": want[0] * 1.5, "1": want[1] * 0.9, "2": want[2] * 1.2}
-    assert compute_drift(plan, measured) == pytest.approx(0.2)
-    assert compute_drift(plan, {"1": want[1] * 0.9}) == pytest.approx(-0.1)
-    assert compute_drift(plan, None) is None and compute_drift(plan, {}) is None
+    assert compute_drift(plan, per_stage, measured) == pytest.approx(0.2)
+    assert compute_drift(plan, per_stage, {"1": want[1] * 0.9}) == pytest.approx(-0.1)
+    assert compute_drift(plan, per_stage, None) is None
+    assert compute_drift(plan, per_stage, {}) is None and compute_drift(plan, [], measured) is None
     a, b = _cand(1.0, 1.0, "pdv #1"), _cand(2.0, 2.0, "shape")
     a.compute_drifts, b.compute_drifts = [0.1, 0.3, 0.2], [-0.05]
     s = summarize([a, b], Tolerances())
@@ -227,6 +240,7 @@ def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
     assert doc == json.loads((out / "check.json").read_text())
     assert doc["schema"] == "pdv.check/v1" and doc["passed"] and doc["misses"] == []
     rows, s = doc["rows"], doc["summary"]
+    profile, cluster = artifacts.load_as(prof, "model-profile"), artifacts.load_as(cl, "cluster")
     assert s["ran"] == len(rows) >= 2 and s["failed"] == 0
     assert rows[0]["labels"][0] == "pdv #1"
     for row in rows:
@@ -239,7 +253,8 @@ def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
         mem = memory_error(plan["predicted"]["peak_memory_bytes"],
                            rep["measured"]["peak_memory_bytes"])
         assert row["memory_error"] == pytest.approx(mem) and mem != 0.0
-        drift = compute_drift(artifacts.load_as(Path(row["plan"]), "plan"),
+        ran = artifacts.load_as(Path(row["plan"]), "plan")
+        drift = compute_drift(ran, ops_compute(ran, {"cpu": profile}, cluster),
                               rep["measured"]["compute_s"])
         assert drift is not None and row["compute_drift"] == pytest.approx(drift)
         # gpt_tiny's steps are milliseconds: --min-seconds (1 s by default) asks for more

@@ -13,6 +13,7 @@ from pdv.check import (
     Candidate,
     Tolerances,
     default_plans,
+    ops_compute,
     predict,
     run_plan,
     steps_for,
@@ -111,6 +112,8 @@ def check(
                               micro_batch_sizes=_ints(micro_batch_sizes, "--micro-batch-sizes"),
                               allow_fsdp=fsdp, allow_recompute=recompute)  # fmt: skip
         pool = default_plans(problem, top, baselines, shapes, span, say)
+    for cand in pool:
+        cand.ops_compute_s = ops_compute(cand.plan, profs, clus)
     run_args = [*(["--model", model] if model else []),
                 *(a for kv in model_arg for a in ("--model-arg", kv))]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
