@@ -23,16 +23,16 @@ from pathlib import Path
 
 from pdv import artifacts
 from pdv.artifacts import ClusterArtifact
-from pdv.check import predict, spearman
+from pdv.check import predict, spearman, without_schedule_work
 
 
 def _variant(cluster: ClusterArtifact, schedule: bool, messages: bool,
              fsdp: bool) -> ClusterArtifact:  # fmt: skip
+    if not schedule:
+        cluster = without_schedule_work(cluster)
     devices = []
     for d in cluster.devices:
         o = d.overheads
-        if o is not None and not schedule:
-            o = o.model_copy(update={"fwd_s": 0.0, "bwd_s": 0.0, "step_s": 0.0})
         if o is not None and not messages:
             o = o.model_copy(update={"send_cpu": None, "recv_cpu": None})
         devices.append(d.model_copy(update={"overheads": o}))

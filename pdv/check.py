@@ -52,6 +52,7 @@ __all__ = [
     "round_stderr",
     "steps_for",
     "summarize",
+    "without_schedule_work",
     "write_json_atomic",
 ]
 
@@ -296,11 +297,17 @@ def ops_compute(plan: Plan, profiles: dict[str, ModelProfile],
     """Each stage's predicted compute per step from its layers alone: the simulator's
     ``compute_s`` with the cluster's schedule bookkeeping (RankOverheads fwd_s, bwd_s, step_s)
     taken out, as a run's compute clock leaves it out (it times the stage modules' spans)."""
+    sim = simulate(plan, profiles, without_schedule_work(cluster), trace=False)
+    return [st.compute_s for st in sim.stages]
+
+
+def without_schedule_work(cluster: ClusterArtifact) -> ClusterArtifact:
+    """The cluster with its ranks' measured schedule bookkeeping (RankOverheads fwd_s, bwd_s,
+    step_s) set to nothing, every other measurement kept."""
     bare = [d if d.overheads is None else d.model_copy(update={
         "overheads": d.overheads.model_copy(update={"fwd_s": 0.0, "bwd_s": 0.0, "step_s": 0.0})})
         for d in cluster.devices]  # fmt: skip
-    sim = simulate(plan, profiles, cluster.model_copy(update={"devices": bare}), trace=False)
-    return [st.compute_s for st in sim.stages]
+    return cluster.model_copy(update={"devices": bare})
 
 
 def compute_drift(plan: Plan, stage_compute_s: Sequence[float],

@@ -366,7 +366,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
             ticks = {m: ticker(f"TP {tp}, micro-batch {m}") for m in mbss}
             # The machine's speed drifts (±10% over minutes on a shared VM): probing between
             # the rounds makes the profile's rate the one its layer times were taken at.
-            pts, w = _measure_points(layers, model.loss_fn, {m: batches[m] for m in mbss},
+            pts, w = _measure_points(layers, model.loss_fn, batches,
                                      device, warmup, req.repeat, ref if tp == 1 else None,
                                      ticks,
                                      lambda: probes.append(matmul_flops_probe(device)),
