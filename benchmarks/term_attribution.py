@@ -23,25 +23,21 @@ from pathlib import Path
 
 from pdv import artifacts
 from pdv.artifacts import ClusterArtifact
-from pdv.check import predict, spearman, without_schedule_work
+from pdv.check import predict, spearman, without_message_cpu, without_schedule_work
 
 
 def _variant(cluster: ClusterArtifact, schedule: bool, messages: bool,
              fsdp: bool) -> ClusterArtifact:  # fmt: skip
     if not schedule:
         cluster = without_schedule_work(cluster)
-    devices = []
-    for d in cluster.devices:
-        o = d.overheads
-        if o is not None and not messages:
-            o = o.model_copy(update={"send_cpu": None, "recv_cpu": None})
-        devices.append(d.model_copy(update={"overheads": o}))
+    if not messages:
+        cluster = without_message_cpu(cluster)
     links = cluster.links
     if not fsdp:
         links = links.model_copy(update={k: None for k in (
             "gather_latency_s", "gather_bandwidth_Bps", "scatter_latency_s",
             "scatter_bandwidth_Bps")})  # fmt: skip
-    return cluster.model_copy(update={"devices": devices, "links": links})
+    return cluster.model_copy(update={"links": links})
 
 
 def main() -> int:

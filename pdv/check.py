@@ -28,7 +28,7 @@ from typing import Any
 
 from pdv import artifacts
 from pdv.artifacts import ClusterArtifact, ModelProfile, Plan, Planner, PlanStage
-from pdv.cost.simulate import simulate, to_predicted
+from pdv.cost.simulate import simulate, stage_costs, to_predicted
 from pdv.errors import PdvError
 from pdv.plan.baselines import even_split, uniform_layouts
 from pdv.plan.groups import device_order
@@ -52,6 +52,7 @@ __all__ = [
     "round_stderr",
     "steps_for",
     "summarize",
+    "without_message_cpu",
     "without_schedule_work",
     "write_json_atomic",
 ]
@@ -294,20 +295,33 @@ def run_plan(cand: Candidate, folder: Path, index: int, run_args: Sequence[str],
 
 def ops_compute(plan: Plan, profiles: dict[str, ModelProfile],
                 cluster: ClusterArtifact) -> list[float]:
-    """Each stage's predicted compute per step from its layers alone: the simulator's
-    ``compute_s`` with the cluster's schedule bookkeeping (RankOverheads fwd_s, bwd_s, step_s)
-    taken out, as a run's compute clock leaves it out (it times the stage modules' spans)."""
-    sim = simulate(plan, profiles, without_schedule_work(cluster), trace=False)
-    return [st.compute_s for st in sim.stages]
+    """Each stage's predicted compute per step from its layers alone, priced as a run's compute
+    clock times it (the stage modules' forward and backward spans, TP collectives inside them):
+    every micro-batch's forward and backward without what the clock does not time, i.e. the
+    schedule's bookkeeping (RankOverheads fwd_s, bwd_s, step_s), the boundary messages' CPU
+    (send_cpu, recv_cpu, which stage pricing adds to a stage's forward and backward) and the
+    optimizer step."""
+    bare = without_message_cpu(without_schedule_work(cluster))
+    return [plan.num_micro_batches * (c.fwd_s + c.bwd_s)
+            for c in stage_costs(plan, profiles, bare)]
+
+
+def _overheads_without(cluster: ClusterArtifact, update: dict[str, Any]) -> ClusterArtifact:
+    bare = [d if d.overheads is None else d.model_copy(update={
+        "overheads": d.overheads.model_copy(update=update)}) for d in cluster.devices]
+    return cluster.model_copy(update={"devices": bare})
 
 
 def without_schedule_work(cluster: ClusterArtifact) -> ClusterArtifact:
     """The cluster with its ranks' measured schedule bookkeeping (RankOverheads fwd_s, bwd_s,
     step_s) set to nothing, every other measurement kept."""
-    bare = [d if d.overheads is None else d.model_copy(update={
-        "overheads": d.overheads.model_copy(update={"fwd_s": 0.0, "bwd_s": 0.0, "step_s": 0.0})})
-        for d in cluster.devices]  # fmt: skip
-    return cluster.model_copy(update={"devices": bare})
+    return _overheads_without(cluster, {"fwd_s": 0.0, "bwd_s": 0.0, "step_s": 0.0})
+
+
+def without_message_cpu(cluster: ClusterArtifact) -> ClusterArtifact:
+    """The cluster with its ranks' measured per-message send and receive CPU (RankOverheads
+    send_cpu, recv_cpu) unmeasured, every other measurement kept."""
+    return _overheads_without(cluster, {"send_cpu": None, "recv_cpu": None})
 
 
 def compute_drift(plan: Plan, stage_compute_s: Sequence[float],

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdv import artifacts
-from pdv.artifacts import PlanStage, RankOverheads
+from pdv.artifacts import ClusterArtifact, MessageCost, PlanStage, RankOverheads
 from pdv.check import (
     STEP_CAP,
     Candidate,
@@ -134,24 +134,41 @@ def test_the_rounds_noise_is_their_standard_error_over_the_measured_step() -> No
 
 def test_compute_drift_is_the_median_ranks_measured_over_predicted_compute() -> None:
     """Each rank's predicted compute is its stages' from their layers alone (a rank holding
-    two virtual stages pays both; the schedule's measured bookkeeping, which a run's compute
-    clock does not time, left out); the drift is the median rank's measured / predicted - 1;
-    the summary reads it."""
+    two virtual stages pays both; the schedule's measured bookkeeping, the boundary messages'
+    CPU and the optimizer step, which a run's compute clock does not time, left out); the
+    drift is the median rank's measured / predicted - 1; the summary reads it."""
     stages = [PlanStage(layers=(i, i + 1), ranks=[i % 3]) for i in range(6)]
     profiles = {"cpu": make_profile(n_layers=6, fwd=[0.01, 0.02, 0.03, 0.04, 0.05, 0.06],
-                                    bwd=[0.02, 0.04, 0.06, 0.08, 0.10, 0.12])}  # fmt: skip
+                                    bwd=[0.02, 0.04, 0.06, 0.08, 0.10, 0.12],
+                                    optimizer_s=0.004)}  # fmt: skip
     bare = make_cluster(3)
-    over = RankOverheads(fwd_s=0.003, bwd_s=0.005, step_s=0.007)
-    cluster = bare.model_copy(update={"devices": [d.model_copy(update={"overheads": over})
-                                                  for d in bare.devices]})  # fmt: skip
+    messages = RankOverheads(fwd_s=0.0, bwd_s=0.0, step_s=0.0,
+                             send_cpu=MessageCost(a_s=0.002, b_s_per_byte=1e-9),
+                             recv_cpu=MessageCost(a_s=0.001, b_s_per_byte=2e-9))
+    over = messages.model_copy(update={"fwd_s": 0.003, "bwd_s": 0.005, "step_s": 0.007})
+
+    def with_overheads(o: RankOverheads) -> ClusterArtifact:
+        return bare.model_copy(update={"devices": [d.model_copy(update={"overheads": o})
+                                                   for d in bare.devices]})  # fmt: skip
+
+    cluster = with_overheads(over)
     plan = predict(make_plan(stages, num_micro=6, schedule="Interleaved1F1B"), profiles, cluster)
     assert plan.predicted is not None
     per_stage = ops_compute(plan, profiles, cluster)
-    assert per_stage == pytest.approx([s.compute_s for s in simulate(plan, profiles,
-                                                                      bare).stages])
-    # The plan's own compute_s holds the bookkeeping: 6 micro-batches' fwd and bwd, one step.
+    # One layer a stage, at micro-batch 1: 6 forwards and backwards; the clock does not time
+    # the optimizer step, which the simulator's compute_s holds (0.004 s a layer).
+    fwd, bwd = [0.01 * (i + 1) for i in range(6)], [0.02 * (i + 1) for i in range(6)]
+    assert per_stage == pytest.approx([6 * (f + b) for f, b in zip(fwd, bwd, strict=True)])
+    assert [s.compute_s for s in simulate(plan, profiles, bare).stages] == pytest.approx(
+        [c + 0.004 for c in per_stage])
+    # Every stage has a neighbour, so its price holds its messages' CPU, which the clock does
+    # not time; and the schedule's bookkeeping: 6 micro-batches' fwd and bwd, one step.
+    with_messages = [s.compute_s for s in simulate(plan, profiles,
+                                                   with_overheads(messages)).stages]
+    assert all(m > c + 0.004 + 6 * 0.0029
+               for m, c in zip(with_messages, per_stage, strict=True))
     assert [s.compute_s for s in plan.predicted.stages] == pytest.approx(
-        [c + 6 * (0.003 + 0.005) + 0.007 for c in per_stage])
+        [c + 6 * (0.003 + 0.005) + 0.007 for c in with_messages])
     want = [per_stage[r] + per_stage[r + 3] for r in range(3)]
     assert want[2] > want[1] > want[0] > 0
     measured = {"0": want[0] * 1.5, "1": want[1] * 0.9, "2": want[2] * 1.2}

@@ -65,6 +65,13 @@ def test_torch_runs_the_simulated_order(tmp_path: Path, groups: int, chunks: int
         assert times == sorted(times)
         assert list(doc["cpu_marks"]) == list(marks)
         assert list(doc["cpu_marks"].values()) == sorted(doc["cpu_marks"].values())
+        # Every step's marks, the warm-up's too, one step after the other; the last is the
+        # step whose ops the file holds.
+        steps = doc["step_marks"]
+        assert len(steps) == 2 and steps[-1] == marks
+        assert all(list(m) == list(marks) for m in steps)
+        flat = [t for m in steps for t in m.values()]
+        assert flat == sorted(flat)
         ops = doc["ops"]
         assert marks["step_start"] <= ops[0][3] and ops[-1][4] <= marks["schedule_end"]
         # The layers sleep, so an op's CPU time is a small part of its wall time: the CPU

@@ -70,6 +70,7 @@ __all__ = [
     "Simulation",
     "simulate",
     "simulate_costs",
+    "stage_costs",
     "peak_memory",
     "host_capacity",
     "to_predicted",
@@ -150,6 +151,13 @@ def peak_memory(plan: Plan, profiles: Mapping[str, ModelProfile],
     layout, costs = _priced(plan, profiles, cluster)
     orders = rank_orders(layout, plan.schedule, plan.num_micro_batches)
     return _peak_memory(costs, layout, orders, splits_backward(plan.schedule))
+
+
+def stage_costs(plan: Plan, profiles: Mapping[str, ModelProfile],
+                cluster: ClusterArtifact) -> list[StageCost]:
+    """Each stage's priced cost (per micro-batch forward and backward, sync, optimizer), as
+    :func:`simulate` schedules them."""
+    return _priced(plan, profiles, cluster)[1]
 
 
 def _priced(plan: Plan, profiles: Mapping[str, ModelProfile],

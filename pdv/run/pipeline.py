@@ -34,9 +34,10 @@ OP_TRACE_ENV = "PDV_OP_TRACE"
 compute ops torch executed in the last step, in order, with their start and end times
 (``time.monotonic``, one clock for all ranks of a host) and the process CPU time each took, and
 the step's marks (loop top, step start, schedule end, replica sync end, optimizer end) in both
-clocks: where a step's time went besides its ops, and whether a rank waited for a core. The
-schedule check compares them with the simulator's op order and bubble
-(tests/test_schedule_order.py, benchmarks/schedule_check.py).
+clocks: where a step's time went besides its ops, and whether a rank waited for a core; and
+every step's marks on the ops' clock (``step_marks``, warm-up steps included), so a phase's
+spread over steps and across ranks can be read. The schedule check compares them with the
+simulator's op order and bubble (tests/test_schedule_order.py, benchmarks/schedule_check.py).
 """
 
 
@@ -52,6 +53,7 @@ class OpRecorder:
         self.marks: dict[str, float] = {}
         self.cpu_marks: dict[str, float] = {}  # the process's CPU seconds (all its threads)
         self.op_cpu: list[float] = []  # per op: the process's CPU seconds while it ran
+        self.step_marks: list[dict[str, float]] = []  # every finished step's marks, in order
 
     def watch(self, stage: Any) -> None:
         """Record this stage's forward, backward (full or input-grad) and weight-grad calls."""
@@ -73,7 +75,9 @@ class OpRecorder:
             "W", wgt, micro, *a, **kw)
 
     def begin_step(self) -> None:
-        """The training loop's top: the previous step's ops and marks go."""
+        """The training loop's top: the previous step's ops go, its marks join the history."""
+        if self.marks:
+            self.step_marks.append(self.marks)
         self.ops, self.op_cpu = [], []
         self.marks, self.cpu_marks = {}, {}
         self.mark("loop_top")
@@ -88,7 +92,8 @@ class OpRecorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"rank": self.rank, "ops": self.ops, "op_cpu_s": self.op_cpu,
-                                   "marks": self.marks, "cpu_marks": self.cpu_marks}))
+                                   "marks": self.marks, "cpu_marks": self.cpu_marks,
+                                   "step_marks": [*self.step_marks, self.marks]}))
         tmp.replace(self.path)
 
 
