@@ -295,14 +295,14 @@ def run_plan(cand: Candidate, folder: Path, index: int, run_args: Sequence[str],
 
 def ops_compute(plan: Plan, profiles: dict[str, ModelProfile],
                 cluster: ClusterArtifact) -> list[float]:
-    """Each stage's predicted compute per step from its layers alone, priced as a run's compute
-    clock times it (the stage modules' forward and backward spans, TP collectives inside them):
-    every micro-batch's forward and backward without what the clock does not time, i.e. the
-    schedule's bookkeeping (RankOverheads fwd_s, bwd_s, step_s), the boundary messages' CPU
-    (send_cpu, recv_cpu, which stage pricing adds to a stage's forward and backward) and the
-    optimizer step."""
+    """Each stage's predicted compute per step from its layers alone, priced as a run's ranks
+    time it (the stage modules' forward and backward spans, TP collectives inside them, plus
+    the optimizer step: pdv.run.watch): every micro-batch's forward and backward and the step's
+    optimizer, without the schedule's bookkeeping (RankOverheads fwd_s, bwd_s, step_s) or the
+    boundary messages' CPU (send_cpu, recv_cpu, which stage pricing adds to a stage's forward
+    and backward), which run outside those spans."""
     bare = without_message_cpu(without_schedule_work(cluster))
-    return [plan.num_micro_batches * (c.fwd_s + c.bwd_s)
+    return [plan.num_micro_batches * (c.fwd_s + c.bwd_s) + c.optimizer_s
             for c in stage_costs(plan, profiles, bare)]
 
 

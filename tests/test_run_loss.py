@@ -58,6 +58,8 @@ def run_losses(tmp_path: Path, plan: Path, *extra: str,
     assert set(cpu) == set(compute) == {str(r) for r in ranks}
     step = data["measured"]["step_time_s"]
     assert all(0 < cpu[r] < 8 * step for r in cpu), (cpu, step)
+    # Its compute (the stage modules' spans) lies within its step.
+    assert all(0 < compute[r] < step for r in compute), (compute, step)
     assert "process CPU" in res.stdout
     # The report says which policy gloo's loop threads ran under (pdv.profile.loops).
     policy = "SCHED_BATCH" if (env or {}).get("PDV_GLOO_LOOPS") == "batch" else "as torch"

@@ -190,7 +190,8 @@ def _print(doc: dict, target: Path) -> None:
         console.print(f"the ranks' own compute ran {s['compute_drift_median']:+.1%} against "
                       f"its profile at the median plan ({lo:+.1%} .. {hi:+.1%}; the compute "
                       "column): an error that follows it is the ops' speed in the run, not the "
-                      "pricing of what lies between them", highlight=False)
+                      "pricing of what lies between them (on CPU ranks the backend's message "
+                      "work on the ops' cores reads as compute too)", highlight=False)
     if s["measured_stderr_median"] is not None:
         console.print(f"the measurement's own noise: its rounds' standard error is "
                       f"{pct(s['measured_stderr_median'])} of the measured step at the median "

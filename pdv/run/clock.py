@@ -3,13 +3,15 @@
 A rank's step time says little about which rank is slow: in a pipeline every rank waits for the
 slowest, so all step times stretch together. Its compute does not: forward time is the span of
 each stage module's call (forward hooks; FSDP's all-gather runs in its own earlier hook and is
-left out), backward time the span from the moment a gradient reaches the stage's outputs to the
-moment it leaves through its inputs (two identity autograd functions mark them). In the first
-stage, whose inputs carry no gradient (token ids), backward ends where the gradient leaves the
-stage's first layer, so that layer's backward (an embedding's: a scatter-add) is left out.
-Recompute runs inside the backward span and counts there; TP collectives and FSDP's
-reduce-scatter run inside the spans and count as compute too. On CUDA the spans are CUDA events
-on the current stream (kernels run after the host queued them), read once per step.
+left out), backward time the span from the moment a gradient reaches the stage's outputs (an
+identity autograd function marks them) to the end of that backward pass (a callback the
+autograd engine runs when the pass is done). So a backward counts all the stage's work: its
+input gradients, and its parameters' gradients accumulated, the first layer's too where the
+stage's inputs carry no gradient (token ids, images: an embedding's scatter-add, a stem
+convolution's weight gradient). Recompute runs inside the backward span and counts there; TP
+collectives and FSDP's reduce-scatter run inside the spans and count as compute too. On CUDA the
+spans are CUDA events on the current stream (kernels run after the host queued them), read once
+per step.
 """
 
 from __future__ import annotations
@@ -19,39 +21,36 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import Variable
 
 __all__ = ["ComputeClock"]
 
 
 class _Mark(torch.autograd.Function):
-    """Identity forward; its backward tells the clock that backward reached this point."""
+    """Identity forward; its backward tells the clock that a gradient reached the stage."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, clock: ComputeClock, opens: bool) -> torch.Tensor:
-        ctx.clock, ctx.opens = clock, opens
+    def forward(ctx: Any, x: torch.Tensor, clock: ComputeClock) -> torch.Tensor:
+        ctx.clock = clock
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        if ctx.opens:
-            ctx.clock.open_backward()
-        else:
-            ctx.clock.close_backward()
-        return grad, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.clock.open_backward()
+        return grad, None
 
 
 def _marks(value: Any) -> bool:
     return (type(value) is torch.Tensor and value.is_floating_point() and value.requires_grad)
 
 
-def _wrap(value: Any, opens: bool, clock: ComputeClock) -> tuple[Any, bool]:
+def _wrap(value: Any, clock: ComputeClock) -> Any:
     """The value with every plain float tensor that needs a gradient passed through a mark."""
     if _marks(value):
-        return _Mark.apply(value, clock, opens), True
+        return _Mark.apply(value, clock)
     if isinstance(value, tuple):
-        parts = [_wrap(v, opens, clock) for v in value]
-        return tuple(p for p, _ in parts), any(hit for _, hit in parts)
-    return value, False
+        return tuple(_wrap(v, clock) for v in value)
+    return value
 
 
 class ComputeClock:
@@ -63,13 +62,9 @@ class ComputeClock:
         self._spans: list[tuple[Any, Any]] = []  # CUDA: (start, end) events of this step
         self._fwd_start: Any = None
         self._bwd_start: Any = None
-        self._closed_at_inputs = False
         for module in modules.values():
             module.register_forward_pre_hook(self._before_forward)
             module.register_forward_hook(self._after_forward)
-            first = next(iter(module.children()), None)
-            if first is not None:
-                first.register_forward_hook(self._after_first_layer)
 
     def _now(self) -> Any:
         if not self._cuda:
@@ -84,30 +79,25 @@ class ComputeClock:
         else:
             self.busy_s += time.perf_counter() - start
 
-    def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._fwd_start = self._now()
-        wrapped, self._closed_at_inputs = _wrap(args, False, self)
-        return wrapped
-
-    def _after_first_layer(self, module: nn.Module, args: Any, out: Any) -> Any:
-        if self._closed_at_inputs:
-            return out
-        return _wrap(out, False, self)[0]
 
     def _after_forward(self, module: nn.Module, args: Any, out: Any) -> Any:
-        out = _wrap(out, True, self)[0]
+        out = _wrap(out, self)
         if self._fwd_start is not None:
             self._add(self._fwd_start)
             self._fwd_start = None
         return out
 
     def open_backward(self) -> None:
-        """A gradient reached a stage's outputs (the first of them opens the span)."""
+        """A gradient reached a stage's outputs: the first of them opens the span, which the
+        end of this backward pass closes."""
         if self._bwd_start is None:
             self._bwd_start = self._now()
+            Variable._execution_engine.queue_callback(self.close_backward)
 
     def close_backward(self) -> None:
-        """A gradient left the stage's inputs (the first of them closes the span)."""
+        """The backward pass that opened the span is done."""
         if self._bwd_start is not None:
             self._add(self._bwd_start)
             self._bwd_start = None
