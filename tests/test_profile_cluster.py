@@ -214,6 +214,10 @@ def test_four_local_ranks_give_a_valid_4x4_matrix(tmp_path: Path) -> None:
         assert d["kind"] == "cpu" and d["memory_bytes"] > 0 and d["matmul_flops"] > 1e8
         assert "memory_source" in d["details"]
         assert d["matmul_flops_alone"] > 1e8  # each rank is also timed alone
+        # All ranks at once in three windows (start, after the links, after the collectives):
+        # a spell sets one window, the rank keeps the best.
+        windows = d["details"]["matmul_flops_together_windows"]
+        assert len(windows) == 3 and d["matmul_flops"] == max(windows)
     if len(os.sched_getaffinity(0)) <= 2:
         # 4 ranks on 2 cores cannot all keep their alone speed: the host's measured capacity
         # (the sum of shares, ~2 here) is what the cost model's host bound divides by.
@@ -382,6 +386,8 @@ def test_no_collectives_leaves_the_collective_matrices_out(tmp_path: Path) -> No
     assert data["links"].get("collective_latency_s") is None
     assert "collective" not in data["measurement"]
     assert all(d["runtime_bytes"] > 100 * 2**20 for d in data["devices"])
+    # Without the collectives, all ranks at once in two windows (start, after the links).
+    assert all(len(d["details"]["matmul_flops_together_windows"]) == 2 for d in data["devices"])
 
 
 def _pdv_processes_with(marker: str) -> list[psutil.Process]:
