@@ -313,8 +313,8 @@ class ClusterDevice(_Strict):
     matmul_flops_alone: float | None = Field(
         None,
         description="matmul FLOP/s with this rank probing alone (matmul_flops: all ranks at "
-        "once, the best of windows spread over the cluster probe); where they differ, the "
-        "host's ranks share its cores",
+        "once); each is the best of windows spread over the cluster probe; where they differ, "
+        "the host's ranks share its cores",
     )
     runtime_bytes: int | None = Field(
         None, ge=0,

@@ -218,6 +218,9 @@ def test_four_local_ranks_give_a_valid_4x4_matrix(tmp_path: Path) -> None:
         # a spell sets one window, the rank keeps the best.
         windows = d["details"]["matmul_flops_together_windows"]
         assert len(windows) == 3 and d["matmul_flops"] == max(windows)
+        # Alone too: the rank's speed is its best turn of three, not its first.
+        alone = d["details"]["matmul_flops_alone_windows"]
+        assert len(alone) == 3 and d["matmul_flops_alone"] == max(alone) > 0
     if len(os.sched_getaffinity(0)) <= 2:
         # 4 ranks on 2 cores cannot all keep their alone speed: the host's measured capacity
         # (the sum of shares, ~2 here) is what the cost model's host bound divides by.
@@ -388,6 +391,7 @@ def test_no_collectives_leaves_the_collective_matrices_out(tmp_path: Path) -> No
     assert all(d["runtime_bytes"] > 100 * 2**20 for d in data["devices"])
     # Without the collectives, all ranks at once in two windows (start, after the links).
     assert all(len(d["details"]["matmul_flops_together_windows"]) == 2 for d in data["devices"])
+    assert all(len(d["details"]["matmul_flops_alone_windows"]) == 2 for d in data["devices"])
 
 
 def _pdv_processes_with(marker: str) -> list[psutil.Process]:
