@@ -263,16 +263,22 @@ def _check_overheads(data: dict) -> None:
                 assert all(len(r) == len(rounds[0]) >= 3 for r in rounds)
                 assert m[f"{key}_s"] == [statistics.median(r) for r in rounds]
             assert m["spread"] >= 0
-            # The sync after compute: the same pairs, every round kept; the excess is the first
-            # all-reduce's mean less the sweep's price on the pair (never negative).
+            # The sync after compute: the same pairs, every round kept; the excess is the mean
+            # of each round's later end of the pair's first all-reduce less the sweep's price
+            # on the pair (never negative), so both ranks of a pair carry the same excess.
             sy = raw["after_compute"]
             assert d["rank"] in sy["pair"] and m["peer"] in sy["pair"]
             assert sy["burst_matmuls"] >= 1
             assert len(sy["first_rounds_s"]) == len(sy["second_rounds_s"]) >= 10
             assert sy["first_s"] == pytest.approx(statistics.mean(sy["first_rounds_s"]))
             ring = ring_of(links, sy["pair"])
+            other = next(r for r in sy["pair"] if r != d["rank"])
+            theirs = block["ranks"][other]["after_compute"]
+            later = [max(a, b) for a, b in zip(sy["first_rounds_s"], theirs["first_rounds_s"],
+                                              strict=True)]
+            assert statistics.mean(later) >= sy["first_s"] - 1e-12
             assert o["sync_after_compute_s"] == pytest.approx(
-                max(0.0, sy["first_s"] - all_reduce_time(ring, sy["bytes"])))
+                max(0.0, statistics.mean(later) - all_reduce_time(ring, sy["bytes"])))
             # The exchange after compute (one host: the sender's clock reads on the receiver):
             # a message to this rank pays its mean landing beyond its link's α + S/β.
             ex = sy["exchange"]
@@ -546,7 +552,7 @@ def test_in_a_memory_cgroup_runtime_bytes_is_the_groups_charge(tmp_path: Path) -
 
 
 def test_the_sync_excess_is_the_first_all_reduce_beyond_the_sweeps_price() -> None:
-    """Each paired rank: its median first all-reduce after compute less the pair's priced
+    """Each paired rank: its mean first all-reduce after compute less the pair's priced
     all-reduce of the same bytes (never below 0); a rank with a bye: its kind's median."""
     from pdv.artifacts import Links
     from pdv.profile.cluster import _sync_after_compute
@@ -565,6 +571,29 @@ def test_the_sync_excess_is_the_first_all_reduce_beyond_the_sweeps_price() -> No
     got = [d["overheads"]["sync_after_compute_s"] for d in devices]
     assert got[0] == pytest.approx(0.002) and got[1] == 0.0
     assert got[2] == pytest.approx(statistics.median([0.002, 0.0]))
+
+
+def test_a_pairs_sync_excess_is_each_rounds_later_end() -> None:
+    """With both ranks' rounds, the pair's excess is the mean over rounds of the later of its
+    two first all-reduces: a rank fast where its partner is slow does not average the step's
+    end away. Both ranks of the pair carry it."""
+    from pdv.artifacts import Links
+    from pdv.profile.cluster import _sync_after_compute
+
+    lat = [[0.0, 1e-4], [1e-4, 0.0]]
+    bw = [[0.0, 1e9], [1e9, 0.0]]
+    links = Links(latency_s=lat, bandwidth_Bps=bw)
+    priced = all_reduce_time(ring_of(links, [0, 1]), 4096)
+    a = [priced + x for x in (0.001, 0.0, 0.004, 0.0)]
+    b = [priced + x for x in (0.0, 0.003, 0.0, 0.001)]
+    devices = [{"rank": r, "kind": "cpu", "overheads": {}} for r in range(2)]
+    over = [{"rank": r, "after_compute": {"pair": [0, 1], "bytes": 4096,
+                                          "first_s": statistics.mean(x), "first_rounds_s": x}}
+            for r, x in enumerate((a, b))]
+    _sync_after_compute(devices, over, links)
+    got = [d["overheads"]["sync_after_compute_s"] for d in devices]
+    # Own means would be 1.25 ms and 1.0 ms; each round's later end is 2.25 ms past the price.
+    assert got == [pytest.approx(0.00225), pytest.approx(0.00225)]
 
 
 def test_a_message_pays_its_receivers_exchange_excess_and_a_rank_unmeasured_its_kinds() -> None:

@@ -293,10 +293,16 @@ def _fsdp_own_work(devices: list[dict[str, Any]], over: list[dict[str, Any]],
 def _sync_after_compute(devices: list[dict[str, Any]], over: list[dict[str, Any]],
                         links: Links) -> None:
     """Each rank's gradient-sync excess after compute (pdv.profile.overheads) into its
-    overheads, in place: its own probe less the sweep's price on its pair; a rank in no pair
-    gets the median of its device kind's."""
-    mine = {o["rank"]: sync_excess(o["after_compute"], ring_of(links, o["after_compute"]["pair"]))
-            for o in over if o.get("after_compute")}
+    overheads, in place: its pair's probe (each round's later end) less the sweep's price on
+    the pair; a rank in no pair gets the median of its device kind's."""
+    records = {o["rank"]: o["after_compute"] for o in over if o.get("after_compute")}
+
+    def partner(rec: dict[str, Any], rank: int) -> dict[str, Any] | None:
+        other = next((r for r in rec["pair"] if r != rank), None)
+        return records.get(other) if other is not None else None
+
+    mine = {r: sync_excess(rec, ring_of(links, rec["pair"]), partner(rec, r))
+            for r, rec in records.items()}
     for d, value in zip(devices, _own_or_kind_median(devices, mine), strict=True):
         if value is not None:
             d["overheads"]["sync_after_compute_s"] = value

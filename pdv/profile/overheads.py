@@ -35,11 +35,11 @@ Four probes, run by every rank of ``pdv profile cluster`` after the link sweeps:
   about ``_OP_S`` and exchanges ``_EXCHANGE_BYTES`` (both post a receive and a send, as 1F1B's
   steady state does; the sender's clock rides in the message, so only a pair on one host
   times it), each over ``_SYNC_PASSES`` passes apart in time. The cluster takes a rank's sync
-  excess as its mean first all-reduce less what the sweep prices for it on the pair
-  (:func:`sync_excess`), and a message's to the rank as its mean landing less the link's
-  α + S/β (:func:`exchange_excess`). The mean, because the times are bimodal and a median
-  flips between the modes from one profile to the next. The second all-reduce is kept in the
-  record.
+  excess as the mean over rounds of the pair's later first all-reduce (a step ends with its
+  last rank) less what the sweep prices for it on the pair (:func:`sync_excess`), and a
+  message's to the rank as its mean landing less the link's α + S/β (:func:`exchange_excess`).
+  The mean, because the times are bimodal and a median flips between the modes from one
+  profile to the next. The second all-reduce is kept in the record.
 - **FSDP's own work** (with the collective sweep). FSDP2 does work per unit besides its
   collectives: the hooks around each forward and backward, copying parameters into the
   all-gather's buffer and out of it, resharding, the gradients' copy into the reduce-scatter.
@@ -350,10 +350,23 @@ def exchange_excess(record: dict[str, Any], links: Links, rank: int) -> float:
     return max(0.0, float(ex["landed_s"]) - priced)
 
 
-def sync_excess(record: dict[str, Any], ring: Ring) -> float:
-    """What a rank's first all-reduce after compute took beyond the sweep's price for it on the
-    pair's ring (at least 0)."""
-    return max(0.0, float(record["first_s"]) - all_reduce_time(ring, float(record["bytes"])))
+def sync_excess(record: dict[str, Any], ring: Ring,
+                partner: dict[str, Any] | None = None) -> float:
+    """What the pair's first all-reduce after compute took, round by round the later of its two
+    ranks, beyond the sweep's price for it on the pair's ring (at least 0).
+
+    A step ends when its last rank does, and an all-reduce does not end on both ranks at once:
+    one rank's loop thread may wait out a scheduler slice after the other's has finished (a
+    dp2 run here ended its sync up to 2 ms apart on its two ranks, in most steps by 0.1 ms).
+    The mean of each round's later end read 0.1-0.5 ms above the larger of the two ranks' own
+    means in eight cluster files of this project's 2-vCPU machine. Without the partner's
+    rounds (an older record), the rank's own mean.
+    """
+    took = float(record["first_s"])
+    mine, theirs = record.get("first_rounds_s"), (partner or {}).get("first_rounds_s")
+    if mine and theirs and len(mine) == len(theirs):
+        took = statistics.mean(max(a, b) for a, b in zip(mine, theirs, strict=True))
+    return max(0.0, took - all_reduce_time(ring, float(record["bytes"])))
 
 
 def _spread(per_size_rounds: list[list[float]]) -> float:
@@ -573,8 +586,10 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         f"larger count) then all-reduce {_SYNC_BYTES} bytes twice, "
         f"{_SYNC_ROUNDS // _SYNC_PASSES} timed rounds after {_SYNC_WARMUP} warm-ups per pass, "
         f"{_SYNC_PASSES} passes {_ROUND_GAP_S} s apart; "
-        "excess = mean first less the sweep's price of the same all-reduce on the pair, at "
-        "least 0 (a rank in no pair: its kind's median). Message after compute (the same "
+        "excess = the mean over rounds of the later of the pair's two first all-reduces, "
+        "less the sweep's price of the same all-reduce on the pair, at least 0, the same for "
+        "both ranks of a pair (a rank in no pair: its kind's median). Message after compute "
+        "(the same "
         f"pairs on one host): compute about {_OP_S} s, then both post a receive and a send of "
         f"{_EXCHANGE_BYTES} bytes, the sender's clock in the message; the time from both ends "
         "posted to the receive's end, the same rounds and passes; excess = mean less the "
