@@ -64,6 +64,7 @@ work to each FSDP layer's backward and step (pdv.cost.terms, pdv.cost.stage).
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import statistics
@@ -160,7 +161,10 @@ def _bookkeeping(device: torch.device) -> dict[str, float]:
         # Instance attributes: the schedule calls the stage's methods through them.
         stage.forward_one_chunk = _timed(stage.forward_one_chunk, fwd)  # type: ignore[method-assign]
         stage.backward_one_chunk = _timed(stage.backward_one_chunk, bwd)  # type: ignore[method-assign]
-        schedule = Schedule1F1B(stage, n_microbatches=micro, loss_fn=loss_fn)
+        # As pdv run builds its schedules (pdv.run.pipeline): the loss divided, no gradient pass.
+        scaled = ({"scale_grads": False}
+                  if "scale_grads" in inspect.signature(Schedule1F1B).parameters else {})
+        schedule = Schedule1F1B(stage, n_microbatches=micro, loss_fn=loss_fn, **scaled)
         x = torch.randn(rows * micro, width, device=device)
         y = torch.randn(rows * micro, width, device=device)
         samples = []
