@@ -64,7 +64,6 @@ work to each FSDP layer's backward and step (pdv.cost.terms, pdv.cost.stage).
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import statistics
@@ -139,6 +138,8 @@ def _bookkeeping(device: torch.device) -> dict[str, float]:
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import Schedule1F1B
 
+    from pdv.run.pipeline import loss_divided
+
     group = dist.new_group([dist.get_rank()], use_local_synchronization=True)
     settle_gloo_loops()
     rows, width = 2, 8
@@ -161,10 +162,8 @@ def _bookkeeping(device: torch.device) -> dict[str, float]:
         # Instance attributes: the schedule calls the stage's methods through them.
         stage.forward_one_chunk = _timed(stage.forward_one_chunk, fwd)  # type: ignore[method-assign]
         stage.backward_one_chunk = _timed(stage.backward_one_chunk, bwd)  # type: ignore[method-assign]
-        # As pdv run builds its schedules (pdv.run.pipeline): the loss divided, no gradient pass.
-        scaled = ({"scale_grads": False}
-                  if "scale_grads" in inspect.signature(Schedule1F1B).parameters else {})
-        schedule = Schedule1F1B(stage, n_microbatches=micro, loss_fn=loss_fn, **scaled)
+        divided, kwargs, _ = loss_divided(Schedule1F1B, loss_fn, micro)  # as pdv run does
+        schedule = Schedule1F1B(stage, n_microbatches=micro, loss_fn=divided, **kwargs)
         x = torch.randn(rows * micro, width, device=device)
         y = torch.randn(rows * micro, width, device=device)
         samples = []

@@ -27,7 +27,7 @@ from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
 from pdv.run.stage import ReplicaGrads
 
-__all__ = ["ChainPipeline", "OP_TRACE_ENV", "OpRecorder"]
+__all__ = ["ChainPipeline", "OP_TRACE_ENV", "OpRecorder", "loss_divided"]
 
 OP_TRACE_ENV = "PDV_OP_TRACE"
 """Diagnostics: a directory; each rank of an equal-width run writes ``ops-rank{R}.json``, the
@@ -97,12 +97,28 @@ class OpRecorder:
         tmp.replace(self.path)
 
 
-def _divided(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-             by: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    def scaled(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return loss_fn(out, target) / by
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    return scaled
+
+def loss_divided(schedule_cls: type, loss_fn: LossFn,
+                 num_micro: int) -> tuple[LossFn, dict[str, Any], int]:
+    """(loss function, schedule keywords, loss scale) for a schedule that divides each
+    micro-batch's loss by the micro-batch count rather than every gradient after the step.
+
+    torch's schedules divide every gradient after the step's last backward (scale_grads): one
+    more pass over each stage's gradients, per parameter, that no layer's profile times (mlp's
+    33 MiB: 1.2-1.5 ms a step here, traced). Dividing the loss gives the same gradients, as the
+    single-process reference accumulates them (pdv.run.reference), at no cost; multiply the
+    reported losses by the scale. A torch without the flag keeps its own behaviour (scale 1).
+    The run and the cluster's bookkeeping probe both build their schedules with it.
+    """
+    if "scale_grads" not in inspect.signature(schedule_cls).parameters:
+        return loss_fn, {}, 1
+
+    def divided(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return loss_fn(out, target) / num_micro
+
+    return divided, {"scale_grads": False}, num_micro
 
 
 def _examples(values: tuple[Value, ...], rows: int,
@@ -155,18 +171,7 @@ class ChainPipeline:
         except ValueError as exc:
             raise PdvError(f"plan schedule: {exc}") from None
         nmb = dims.num_micro_batches
-        # torch's schedules divide every gradient by the micro-batch count after the step's
-        # last backward (scale_grads): one more pass over each stage's gradients, per parameter,
-        # that no layer's profile times (mlp's 33 MiB: 1.2-1.5 ms a step here, traced). Dividing
-        # each micro-batch's loss instead gives the same gradients, as the single-process
-        # reference accumulates them (pdv.run.reference), at no cost; step() scales the
-        # reported losses back. A torch without the flag keeps its own behaviour.
-        self.loss_scale = 1
-        kwargs: dict[str, Any] = {}
-        if "scale_grads" in inspect.signature(cls).parameters:
-            kwargs["scale_grads"] = False
-            self.loss_scale = nmb
-            loss_fn = _divided(loss_fn, nmb)
+        loss_fn, kwargs, self.loss_scale = loss_divided(cls, loss_fn, nmb)
         if dims.multi_stage:
             self.schedule = cls(self.stages, n_microbatches=nmb, loss_fn=loss_fn, **kwargs)
         else:
