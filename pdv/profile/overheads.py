@@ -34,12 +34,14 @@ Four probes, run by every rank of ``pdv profile cluster`` after the link sweeps:
   computes a burst of about ``_BURST_S`` and all-reduces ``_SYNC_BYTES`` twice, then computes
   about ``_OP_S`` and exchanges ``_EXCHANGE_BYTES`` (both post a receive and a send, as 1F1B's
   steady state does; the sender's clock rides in the message, so only a pair on one host
-  times it), each over ``_SYNC_PASSES`` passes apart in time. The cluster takes a rank's sync
-  excess as the mean over rounds of the pair's later first all-reduce (a step ends with its
-  last rank) less what the sweep prices for it on the pair (:func:`sync_excess`), and a
-  message's to the rank as its mean landing less the link's α + S/β (:func:`exchange_excess`).
-  The mean, because the times are bimodal and a median flips between the modes from one
-  profile to the next. The second all-reduce is kept in the record.
+  times it), in passes spread over the cluster probe (:class:`AfterCompute`: at its compute
+  windows after the link sweep and the collectives, and once here). The
+  cluster takes a rank's sync excess as the mean over rounds of the pair's later first
+  all-reduce (a step ends with its last rank) less what the sweep prices for it on the pair
+  (:func:`sync_excess`), and a message's to the rank as its mean landing less the link's
+  α + S/β (:func:`exchange_excess`). The mean, because the times are bimodal and a median
+  flips between the modes from one profile to the next. The second all-reduce is kept in the
+  record.
 - **FSDP's own work** (with the collective sweep). FSDP2 does work per unit besides its
   collectives: the hooks around each forward and backward, copying parameters into the
   all-gather's buffer and out of it, resharding, the gradients' copy into the reduce-scatter.
@@ -82,8 +84,8 @@ from pdv.profile.hardware import host_name
 from pdv.profile.loops import settle_gloo_loops
 from pdv.profile.network import Progress, tournament_rounds
 
-__all__ = ["FSDP_PROBE_BYTES", "MESSAGE_SIZES", "fsdp_own_work", "fsdp_pairs",
-           "exchange_excess", "measure_overheads", "overheads_block", "sync_excess"]
+__all__ = ["FSDP_PROBE_BYTES", "MESSAGE_SIZES", "AfterCompute", "all_cpu", "fsdp_own_work",
+           "fsdp_pairs", "exchange_excess", "measure_overheads", "overheads_block", "sync_excess"]
 
 MESSAGE_SIZES = (1, 16 * 1024, 256 * 1024, 1024 * 1024)
 """message sizes of the message-CPU probe, bytes"""
@@ -99,7 +101,8 @@ _SYNC_BYTES = 4096
 _OP_S = 0.002
 """compute before each timed exchange: one forward or backward of those models"""
 _EXCHANGE_BYTES = 32 * 1024
-_SYNC_WARMUP, _SYNC_ROUNDS, _SYNC_PASSES = 4, 48, 3
+_SYNC_WARMUP, _SYNC_ROUNDS = 4, 24
+"""warm-ups and timed rounds per pass of the after-compute probe (AfterCompute.take_pass)"""
 _FSDP_SMALL, _FSDP_LARGE = 1024, (16 * 1024, 1024 * 1024)
 """parameter bytes of the FSDP probe's small unit, and the range of its large one"""
 _FSDP_WIRE_S = 0.002
@@ -237,29 +240,126 @@ def _message_cpu(rank: int, world: int) -> dict[str, Any] | None:
             "send_cpu": _line(sizes, send), "recv_cpu": _line(sizes, recv)}
 
 
-def _after_compute(rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
-    """This rank's gradient sync and pipeline exchange as a step meets them: after compute."""
-    rounds = tournament_rounds(world)
-    pairs = rounds[0] if rounds else []
-    hosts: list[str] = [""] * world
-    dist.all_gather_object(hosts, host_name())
-    # Every rank makes every pair's group, so each takes a fresh name (see _fsdp_probe).
-    groups = [dist.new_group(list(p)) for p in pairs]
-    settle_gloo_loops()
-    mine = next((i for i, p in enumerate(pairs) if rank in p), None)
-    out = None
-    if mine is not None:
-        peer = pairs[mine][1] if pairs[mine][0] == rank else pairs[mine][0]
-        run, per = _burst(device)
-        out = {"pair": list(pairs[mine]), **_sync_rounds(groups[mine], run, per)}
+class AfterCompute:
+    """The sync-and-message-after-compute probe, taken in passes at points spread over the
+    cluster probe (see the module docstring); every rank makes one and calls each method at
+    the same point, a rank with a bye too.
+
+    Passes ride the probe's compute windows instead of sleeping half a second between them
+    at its end, as they did: the slow landings come in spells of seconds. Between profiles of
+    this project's 2-vCPU machine the spread barely moved (exchange excess: standard deviation
+    0.12 ms over 8 files, 0.21 ms over 13 the old way; sync excess 0.47 and 0.36 ms), since
+    the spells outlast the probe; the sleeps' 2 s of the probe's 23 are saved.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        rounds = tournament_rounds(world)
+        pairs = rounds[0] if rounds else []
+        hosts: list[str] = [""] * world
+        dist.all_gather_object(hosts, host_name())
+        # Every rank makes every pair's group, so each takes a fresh name (see _fsdp_probe).
+        self.groups = [dist.new_group(list(p)) for p in pairs]
+        settle_gloo_loops()
+        mine = next((i for i, p in enumerate(pairs) if rank in p), None)
+        self.pair: list[int] | None = None
+        self.passes = 0
+        self.first: list[float] = []
+        self.second: list[float] = []
+        self.landed: list[float] = []
+        if mine is None:
+            return
+        self.pair = list(pairs[mine])
+        self.group = self.groups[mine]
+        self.peer = self.pair[1] if self.pair[0] == rank else self.pair[0]
         # A message's landing is read against its sender's clock: only on one host.
-        if hosts[peer] == hosts[rank]:
-            out["exchange"] = _exchange_rounds(groups[mine], peer, run, out["burst_matmuls"])
-    dist.barrier()  # a rank with a bye waits here for the pairs
-    for g in groups:
-        if g != dist.GroupMember.NON_GROUP_MEMBER:
-            dist.destroy_process_group(g)
-    return out
+        self.same_host = hosts[self.peer] == hosts[rank]
+        self.run, per = _burst(device)
+        # Both ranks burst equally (the larger count): a partner's lateness is the rest.
+        agreed = torch.tensor([max(1, round(_BURST_S / max(per, 1e-9)))])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
+        self.burst = int(agreed.item())
+        self.op = max(1, round(self.burst * _OP_S / _BURST_S))
+        self.buf = torch.zeros(_SYNC_BYTES // 4)
+        self.send = torch.zeros(_EXCHANGE_BYTES // 8, dtype=torch.float64)
+        self.recv = torch.zeros_like(self.send)
+
+    def take_pass(self) -> None:
+        """One pass: warm-ups then ``_SYNC_ROUNDS`` timed rounds of the sync, then of the
+        exchange, every round after a barrier of the pair; ends with a barrier of all ranks."""
+        if self.pair is not None:
+            self.passes += 1
+            self._rounds(self._sync_round)
+            if self.same_host:
+                self._rounds(self._exchange_round)
+        dist.barrier()  # a rank with a bye waits here for the pairs
+
+    def _rounds(self, one: Callable[[bool], None]) -> None:
+        for n in range(_SYNC_WARMUP + _SYNC_ROUNDS):
+            dist.barrier(group=self.group)
+            one(n >= _SYNC_WARMUP)
+
+    def _sync_round(self, timed: bool) -> None:
+        """The pair's first all-reduce after a compute burst, and the one right after it."""
+        self.run(self.burst)
+        t1 = time.perf_counter()
+        dist.all_reduce(self.buf, group=self.group)
+        t2 = time.perf_counter()
+        dist.all_reduce(self.buf, group=self.group)
+        t3 = time.perf_counter()
+        if timed:
+            self.first.append(t2 - t1)
+            self.second.append(t3 - t2)
+
+    def _exchange_round(self, timed: bool) -> None:
+        """An op's worth of compute, then both post a receive and a send, as a 1F1B steady
+        state does; the time from when both ends had posted (the sender's clock, carried in
+        the message) to the receive's completion."""
+        self.run(self.op)
+        posted = time.perf_counter()
+        self.send[0] = posted
+        got = dist.irecv(self.recv, self.peer, group=self.group)
+        sent = dist.isend(self.send, self.peer, group=self.group)
+        got.wait()
+        done = time.perf_counter()
+        sent.wait()
+        if timed:
+            self.landed.append(done - max(posted, float(self.recv[0])))
+
+    def record(self) -> dict[str, Any] | None:
+        """This rank's record (None: a bye, or no pass taken), and the pair groups torn down."""
+        for g in self.groups:
+            if g != dist.GroupMember.NON_GROUP_MEMBER:
+                dist.destroy_process_group(g)
+        self.groups = []
+        if self.pair is None or not self.first:
+            return None
+        # The mean, not the median: the times are bimodal (about 0.3 ms, or 2-6 ms when a
+        # loop thread waits out a scheduler slice), and a median flips between the modes from
+        # one profile to the next (0.5 and 2.6 ms seen); a step pays the mix.
+        out: dict[str, Any] = {
+            "pair": self.pair, "passes": self.passes, "rounds_per_pass": _SYNC_ROUNDS,
+            "burst_matmuls": self.burst, "bytes": _SYNC_BYTES,
+            "first_s": statistics.mean(self.first), "second_s": statistics.mean(self.second),
+            "first_median_s": statistics.median(self.first),
+            "first_rounds_s": self.first, "second_rounds_s": self.second}
+        if self.landed:
+            out["exchange"] = {
+                "bytes": _EXCHANGE_BYTES, "op_matmuls": self.op, "from": self.peer,
+                "landed_s": statistics.mean(self.landed),
+                "landed_median_s": statistics.median(self.landed),
+                "landed_rounds_s": self.landed}
+        return out
+
+
+def all_cpu(device: torch.device, wire: torch.device) -> bool:
+    """Whether every rank computes on CPU and moves messages in host memory (a collective).
+
+    The message-CPU and after-compute probes pair ranks up: every rank takes part or none.
+    """
+    cpu = torch.tensor([int(device.type == "cpu" == wire.type)], device=wire)
+    dist.all_reduce(cpu, op=dist.ReduceOp.MIN)
+    return bool(cpu.item())
 
 
 def _burst(device: torch.device) -> tuple[Callable[[int], None], float]:
@@ -274,76 +374,6 @@ def _burst(device: torch.device) -> tuple[Callable[[int], None], float]:
     t0 = time.perf_counter()
     run(10)
     return run, (time.perf_counter() - t0) / 10
-
-
-def _pair_rounds(group: Any, one: Callable[[bool], None]) -> None:
-    """A pair's rounds: ``_SYNC_PASSES`` passes ``_ROUND_GAP_S`` apart, each of warm-ups then
-    timed rounds, every round after a barrier of the pair; one(timed) runs a round."""
-    for k in range(_SYNC_PASSES):
-        if k:
-            time.sleep(_ROUND_GAP_S)
-        for n in range(_SYNC_WARMUP + _SYNC_ROUNDS // _SYNC_PASSES):
-            dist.barrier(group=group)
-            one(n >= _SYNC_WARMUP)
-
-
-def _sync_rounds(group: Any, run: Callable[[int], None], per: float) -> dict[str, Any]:
-    """The pair's first all-reduce after a compute burst, and the one right after it."""
-    # Both ranks burst equally (the larger count): a partner's lateness is the rest.
-    agreed = torch.tensor([max(1, round(_BURST_S / max(per, 1e-9)))])
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
-    burst = int(agreed.item())
-    buf = torch.zeros(_SYNC_BYTES // 4)
-    first: list[float] = []
-    second: list[float] = []
-
-    def one(timed: bool) -> None:
-        run(burst)
-        t1 = time.perf_counter()
-        dist.all_reduce(buf, group=group)
-        t2 = time.perf_counter()
-        dist.all_reduce(buf, group=group)
-        t3 = time.perf_counter()
-        if timed:
-            first.append(t2 - t1)
-            second.append(t3 - t2)
-
-    _pair_rounds(group, one)
-    # The mean, not the median: the times are bimodal (about 0.3 ms, or 2-6 ms when a loop
-    # thread waits out a scheduler slice), and a median flips between the modes from one
-    # profile to the next (0.5 and 2.6 ms seen); a step pays the mix.
-    return {"burst_matmuls": burst, "bytes": _SYNC_BYTES,
-            "first_s": statistics.mean(first), "second_s": statistics.mean(second),
-            "first_median_s": statistics.median(first),
-            "first_rounds_s": first, "second_rounds_s": second}
-
-
-def _exchange_rounds(group: Any, peer: int, run: Callable[[int], None],
-                     burst: int) -> dict[str, Any]:
-    """Each round: an op's worth of compute, then both post a receive and a send of
-    ``_EXCHANGE_BYTES``, as a 1F1B steady state does; the time from when both ends had posted
-    (the sender's clock, carried in the message) to the receive's completion."""
-    op = max(1, round(burst * _OP_S / _BURST_S))
-    send = torch.zeros(_EXCHANGE_BYTES // 8, dtype=torch.float64)
-    recv = torch.zeros_like(send)
-    landed: list[float] = []
-
-    def one(timed: bool) -> None:
-        run(op)
-        posted = time.perf_counter()
-        send[0] = posted
-        got = dist.irecv(recv, peer, group=group)
-        sent = dist.isend(send, peer, group=group)
-        got.wait()
-        done = time.perf_counter()
-        sent.wait()
-        if timed:
-            landed.append(done - max(posted, float(recv[0])))
-
-    _pair_rounds(group, one)
-    return {"bytes": _EXCHANGE_BYTES, "op_matmuls": op, "from": peer,
-            "landed_s": statistics.mean(landed), "landed_median_s": statistics.median(landed),
-            "landed_rounds_s": landed}
 
 
 def exchange_excess(record: dict[str, Any], links: Links, rank: int) -> float:
@@ -535,10 +565,11 @@ def fsdp_own_work(probe: dict[str, Any], ring: Ring) -> dict[str, dict[str, floa
 
 def measure_overheads(device: torch.device, wire: torch.device,
                       report: Progress | None = None,
-                      fsdp: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
-    """Every rank: its bookkeeping (taking turns with its host's ranks), message CPU and, given
-    `fsdp` (:func:`fsdp_pairs`, the same on every rank), FSDP's own work (see the module
-    docstring).
+                      fsdp: list[tuple[int, int, int]] | None = None,
+                      after: AfterCompute | None = None) -> dict[str, Any]:
+    """Every rank: its bookkeeping (taking turns with its host's ranks), message CPU, given
+    `after` its last pass and record, and given `fsdp` (:func:`fsdp_pairs`, the same on every
+    rank), FSDP's own work (see the module docstring).
 
     `device` is what the rank computes on (the stage's), `wire` where the backend's messages
     live (NCCL: the GPU; gloo: host memory).
@@ -556,12 +587,11 @@ def measure_overheads(device: torch.device, wire: torch.device,
             book = _bookkeeping(device)
     dist.barrier()
     report({"phase": "message-cpu"})
-    # Every rank takes part in the pairs or none does (the sweep pairs ranks up): only when all
-    # ranks compute on CPU and move messages in host memory.
-    cpu = torch.tensor([int(device.type == "cpu" == wire.type)], device=wire)
-    dist.all_reduce(cpu, op=dist.ReduceOp.MIN)
-    messages = _message_cpu(rank, world) if int(cpu.item()) else None
-    after = _after_compute(rank, world, device) if int(cpu.item()) else None
+    messages = _message_cpu(rank, world) if all_cpu(device, wire) else None
+    record = None
+    if after is not None:
+        after.take_pass()
+        record = after.record()
     out: dict[str, Any] = dict(book)
     if messages is not None:
         out["send_cpu"] = messages["send_cpu"]
@@ -570,7 +600,7 @@ def measure_overheads(device: torch.device, wire: torch.device,
     if fsdp:
         report({"phase": "fsdp"})
         probe = _fsdp_probe(rank, world, device, fsdp)
-    return {"rank": rank, "overheads": out, "messages": messages, "after_compute": after,
+    return {"rank": rank, "overheads": out, "messages": messages, "after_compute": record,
             "fsdp": probe}
 
 
@@ -588,8 +618,9 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "IQR/median of a size's rounds. Sync after compute (CPU ranks): the same pairs, each in "
         f"its own process group, compute about {_BURST_S} s of 256x256 matmuls (the pair's "
         f"larger count) then all-reduce {_SYNC_BYTES} bytes twice, "
-        f"{_SYNC_ROUNDS // _SYNC_PASSES} timed rounds after {_SYNC_WARMUP} warm-ups per pass, "
-        f"{_SYNC_PASSES} passes {_ROUND_GAP_S} s apart; "
+        f"{_SYNC_ROUNDS} timed rounds after {_SYNC_WARMUP} warm-ups per pass, a pass at "
+        "the cluster probe's compute windows after the link sweep and after the collectives "
+        "and one here (record: passes); "
         "excess = the mean over rounds of the later of the pair's two first all-reduces, "
         "less the sweep's price of the same all-reduce on the pair, at least 0, the same for "
         "both ranks of a pair (a rank in no pair: its kind's median). Message after compute "
