@@ -276,6 +276,14 @@ def _check_overheads(data: dict) -> None:
             assert (len(sy["first_rounds_s"]) == len(sy["second_rounds_s"])
                     == passes * sy["rounds_per_pass"])
             assert sy["first_s"] == pytest.approx(statistics.mean(sy["first_rounds_s"]))
+            # The same sync after a burst ten times as long, each round's compute kept: it
+            # computed for longer (recorded for a sync priced by the compute before it).
+            long = sy["long"]
+            assert len(long["first_rounds_s"]) == len(long["burst_rounds_s"]) == (
+                passes * long["rounds_per_pass"])
+            assert long["burst_matmuls"] == 10 * sy["burst_matmuls"]
+            assert (statistics.median(long["burst_rounds_s"])
+                    > 4 * statistics.median(sy["burst_rounds_s"]))
             ring = ring_of(links, sy["pair"])
             other = next(r for r in sy["pair"] if r != d["rank"])
             theirs = block["ranks"][other]["after_compute"]

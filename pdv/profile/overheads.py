@@ -103,6 +103,9 @@ _OP_S = 0.002
 _EXCHANGE_BYTES = 32 * 1024
 _SYNC_WARMUP, _SYNC_ROUNDS = 4, 24
 """warm-ups and timed rounds per pass of the after-compute probe (AfterCompute.take_pass)"""
+_LONG_BURST_S, _LONG_WARMUP, _LONG_ROUNDS = 0.05, 1, 8
+"""the sync's rounds after a longer burst, per pass: recorded, not priced (AfterCompute)"""
+"""warm-ups and timed rounds per pass of the after-compute probe (AfterCompute.take_pass)"""
 _FSDP_SMALL, _FSDP_LARGE = 1024, (16 * 1024, 1024 * 1024)
 """parameter bytes of the FSDP probe's small unit, and the range of its large one"""
 _FSDP_WIRE_S = 0.002
@@ -250,6 +253,11 @@ class AfterCompute:
     this project's 2-vCPU machine the spread barely moved (exchange excess: standard deviation
     0.12 ms over 8 files, 0.21 ms over 13 the old way; sync excess 0.47 and 0.36 ms), since
     the spells outlast the probe; the sleeps' 2 s of the probe's 23 are saved.
+
+    Each pass also times the sync after a burst ten times as long (``_LONG_BURST_S``), with
+    each round's compute: the later end grew with the compute before it in a scratch loop
+    here (1.9-2.6 ms after 5 ms, 3.4-3.8 ms after 100 ms), which one burst length cannot
+    say. It is recorded (``long``) for the cost model to come, not priced yet.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -267,6 +275,9 @@ class AfterCompute:
         self.first: list[float] = []
         self.second: list[float] = []
         self.landed: list[float] = []
+        self.computed: list[float] = []  # each timed sync round's burst, seconds
+        self.long_first: list[float] = []
+        self.long_computed: list[float] = []
         if mine is None:
             return
         self.pair = list(pairs[mine])
@@ -279,6 +290,7 @@ class AfterCompute:
         agreed = torch.tensor([max(1, round(_BURST_S / max(per, 1e-9)))])
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
         self.burst = int(agreed.item())
+        self.long_burst = max(1, round(self.burst * _LONG_BURST_S / _BURST_S))
         self.op = max(1, round(self.burst * _OP_S / _BURST_S))
         self.buf = torch.zeros(_SYNC_BYTES // 4)
         self.send = torch.zeros(_EXCHANGE_BYTES // 8, dtype=torch.float64)
@@ -290,17 +302,20 @@ class AfterCompute:
         if self.pair is not None:
             self.passes += 1
             self._rounds(self._sync_round)
+            self._rounds(self._long_round, _LONG_WARMUP, _LONG_ROUNDS)
             if self.same_host:
                 self._rounds(self._exchange_round)
         dist.barrier()  # a rank with a bye waits here for the pairs
 
-    def _rounds(self, one: Callable[[bool], None]) -> None:
-        for n in range(_SYNC_WARMUP + _SYNC_ROUNDS):
+    def _rounds(self, one: Callable[[bool], None], warmup: int = _SYNC_WARMUP,
+                timed: int = _SYNC_ROUNDS) -> None:
+        for n in range(warmup + timed):
             dist.barrier(group=self.group)
-            one(n >= _SYNC_WARMUP)
+            one(n >= warmup)
 
     def _sync_round(self, timed: bool) -> None:
         """The pair's first all-reduce after a compute burst, and the one right after it."""
+        t0 = time.perf_counter()
         self.run(self.burst)
         t1 = time.perf_counter()
         dist.all_reduce(self.buf, group=self.group)
@@ -310,6 +325,18 @@ class AfterCompute:
         if timed:
             self.first.append(t2 - t1)
             self.second.append(t3 - t2)
+            self.computed.append(t1 - t0)
+
+    def _long_round(self, timed: bool) -> None:
+        """The pair's first all-reduce after a longer burst."""
+        t0 = time.perf_counter()
+        self.run(self.long_burst)
+        t1 = time.perf_counter()
+        dist.all_reduce(self.buf, group=self.group)
+        t2 = time.perf_counter()
+        if timed:
+            self.long_first.append(t2 - t1)
+            self.long_computed.append(t1 - t0)
 
     def _exchange_round(self, timed: bool) -> None:
         """An op's worth of compute, then both post a receive and a send, as a 1F1B steady
@@ -342,7 +369,12 @@ class AfterCompute:
             "burst_matmuls": self.burst, "bytes": _SYNC_BYTES,
             "first_s": statistics.mean(self.first), "second_s": statistics.mean(self.second),
             "first_median_s": statistics.median(self.first),
-            "first_rounds_s": self.first, "second_rounds_s": self.second}
+            "first_rounds_s": self.first, "second_rounds_s": self.second,
+            "burst_rounds_s": self.computed,
+            "long": {"burst_matmuls": self.long_burst, "rounds_per_pass": _LONG_ROUNDS,
+                     "first_s": statistics.mean(self.long_first),
+                     "first_rounds_s": self.long_first,
+                     "burst_rounds_s": self.long_computed}}
         if self.landed:
             out["exchange"] = {
                 "bytes": _EXCHANGE_BYTES, "op_matmuls": self.op, "from": self.peer,
@@ -623,8 +655,9 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "and one here (record: passes); "
         "excess = the mean over rounds of the later of the pair's two first all-reduces, "
         "less the sweep's price of the same all-reduce on the pair, at least 0, the same for "
-        "both ranks of a pair (a rank in no pair: its kind's median). Message after compute "
-        "(the same "
+        "both ranks of a pair (a rank in no pair: its kind's median); the same after a burst "
+        f"of about {_LONG_BURST_S} s, {_LONG_ROUNDS} rounds per pass, each round's burst time "
+        "kept (recorded, not priced). Message after compute (the same "
         f"pairs on one host): compute about {_OP_S} s, then both post a receive and a send of "
         f"{_EXCHANGE_BYTES} bytes, the sender's clock in the message; the time from both ends "
         "posted to the receive's end, the same rounds and passes; excess = mean less the "
