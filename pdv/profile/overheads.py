@@ -263,13 +263,12 @@ class AfterCompute:
     def __init__(self, device: torch.device) -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
         rounds = tournament_rounds(world)
-        pairs = rounds[0] if rounds else []
+        self.pairs = rounds[0] if rounds else []
         hosts: list[str] = [""] * world
         dist.all_gather_object(hosts, host_name())
-        # Every rank makes every pair's group, so each takes a fresh name (see _fsdp_probe).
-        self.groups = [dist.new_group(list(p)) for p in pairs]
-        settle_gloo_loops()
-        mine = next((i for i, p in enumerate(pairs) if rank in p), None)
+        mine = next((i for i, p in enumerate(self.pairs) if rank in p), None)
+        self.mine = mine
+        self.burst = self.long_burst = self.op = 0  # agreed with the partner in the first pass
         self.pair: list[int] | None = None
         self.passes = 0
         self.first: list[float] = []
@@ -280,32 +279,45 @@ class AfterCompute:
         self.long_computed: list[float] = []
         if mine is None:
             return
-        self.pair = list(pairs[mine])
-        self.group = self.groups[mine]
+        self.pair = list(self.pairs[mine])
         self.peer = self.pair[1] if self.pair[0] == rank else self.pair[0]
         # A message's landing is read against its sender's clock: only on one host.
         self.same_host = hosts[self.peer] == hosts[rank]
-        self.run, per = _burst(device)
-        # Both ranks burst equally (the larger count): a partner's lateness is the rest.
-        agreed = torch.tensor([max(1, round(_BURST_S / max(per, 1e-9)))])
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
-        self.burst = int(agreed.item())
-        self.long_burst = max(1, round(self.burst * _LONG_BURST_S / _BURST_S))
-        self.op = max(1, round(self.burst * _OP_S / _BURST_S))
+        self.run, self.per = _burst(device)
         self.buf = torch.zeros(_SYNC_BYTES // 4)
         self.send = torch.zeros(_EXCHANGE_BYTES // 8, dtype=torch.float64)
         self.recv = torch.zeros_like(self.send)
 
     def take_pass(self) -> None:
         """One pass: warm-ups then ``_SYNC_ROUNDS`` timed rounds of the sync, then of the
-        exchange, every round after a barrier of the pair; ends with a barrier of all ranks."""
-        if self.pair is not None:
+        exchange, every round after a barrier of the pair; ends with a barrier of all ranks.
+
+        The pairs' groups live for the pass only. Every rank makes every pair's group, so each
+        takes a fresh name (see _fsdp_probe), but only members hold one, and a group made
+        later by its members alone (the collective sweep's) is named from how many groups
+        each member holds: one kept across the sweeps left a rank with a bye one short of its
+        partner there, and the two waited on different names (3 ranks).
+        """
+        groups = [dist.new_group(list(p)) for p in self.pairs]
+        settle_gloo_loops()
+        if self.pair is not None and self.mine is not None:
+            self.group = groups[self.mine]
+            if not self.burst:
+                # Both ranks burst equally (the larger count): a partner's lateness is the rest.
+                agreed = torch.tensor([max(1, round(_BURST_S / max(self.per, 1e-9)))])
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
+                self.burst = int(agreed.item())
+                self.long_burst = max(1, round(self.burst * _LONG_BURST_S / _BURST_S))
+                self.op = max(1, round(self.burst * _OP_S / _BURST_S))
             self.passes += 1
             self._rounds(self._sync_round)
             self._rounds(self._long_round, _LONG_WARMUP, _LONG_ROUNDS)
             if self.same_host:
                 self._rounds(self._exchange_round)
         dist.barrier()  # a rank with a bye waits here for the pairs
+        for g in groups:
+            if g != dist.GroupMember.NON_GROUP_MEMBER:
+                dist.destroy_process_group(g)
 
     def _rounds(self, one: Callable[[bool], None], warmup: int = _SYNC_WARMUP,
                 timed: int = _SYNC_ROUNDS) -> None:
@@ -354,11 +366,7 @@ class AfterCompute:
             self.landed.append(done - max(posted, float(self.recv[0])))
 
     def record(self) -> dict[str, Any] | None:
-        """This rank's record (None: a bye, or no pass taken), and the pair groups torn down."""
-        for g in self.groups:
-            if g != dist.GroupMember.NON_GROUP_MEMBER:
-                dist.destroy_process_group(g)
-        self.groups = []
+        """This rank's record (None: a bye, or no pass taken)."""
         if self.pair is None or not self.first:
             return None
         # The mean, not the median: the times are bimodal (about 0.3 ms, or 2-6 ms when a
