@@ -292,6 +292,11 @@ class RankOverheads(_Strict):
         None, ge=0, description="per step of a stage with replicas: what the gradient sync's "
         "first collective pays beyond the back-to-back sweeps, coming to it from compute (the "
         "backend's threads waking, a partner finishing its equal work later); CPU ranks")
+    grad_passes_s_per_byte: float | None = Field(
+        None, ge=0, description="per step of a stage with plain replicas, per byte of the "
+        "gradients they all-reduce: zeroing the flat gradient buffer before the first backward "
+        "and dividing it by the replica count after the all-reduce (two in-place passes, "
+        "timed on the rank alone)")
     fsdp_gather: FsdpUnitCost | None = Field(
         None, description="per FSDP unit and gathering op (every backward, and one more per "
         "step): hooks, copies in and out of the all-gather, resharding, beyond what the "

@@ -312,3 +312,40 @@ def test_a_boundary_of_several_tensors_or_slices_pays_one_excess_per_rank_pair()
     dp2 = PlanStage(layers=(0, 1), ranks=[0, 2], dp=2)
     a = activation_transfer_time(plain, dp2, two, 4, 1000.0, 3)
     assert activation_transfer_time(slow, dp2, two, 4, 1000.0, 3) == pytest.approx(a + 0.004)
+
+
+def test_plain_replicas_pay_their_gradient_passes_per_all_reduced_byte() -> None:
+    """grad sync += the slowest rank's measured passes rate × the stage's plain gradient bytes
+    when dp > 1 (the flat buffer's zero_ and div_); FSDP layers and dp = 1 pay none; the
+    planner's price and the simulator's agree."""
+    prof = make_profile(n_layers=4, fwd=0.01, bwd=0.02, optimizer_s=0.001)
+    grads = sum(layer.grad_bytes for layer in prof.layers)
+    assert grads > 0
+    slow = OVER.model_copy(update={"grad_passes_s_per_byte": 2e-9})
+    quick = OVER.model_copy(update={"grad_passes_s_per_byte": 5e-10})
+    base = make_cluster(2)
+    devices = [d.model_copy(update={"overheads": slow if d.rank == 1 else quick})
+               for d in base.devices]  # fmt: skip
+    cl = base.model_copy(update={"devices": devices})
+    kw = dict(mbs=2, schedule="1F1B", stage_index=0, num_stages=1, num_micro=2)
+    dp2 = PlanStage(layers=(0, 4), ranks=[0, 1], dp=2)
+    priced = stage_cost({"cpu": prof}, cl, dp2, None, **kw)  # type: ignore[arg-type]
+    without = stage_cost({"cpu": prof}, _with_overheads(base), dp2, None,
+                         **kw)  # type: ignore[arg-type]
+    assert priced.grad_sync_s == pytest.approx(without.grad_sync_s + 2e-9 * grads)
+    assert priced.fwd_s == without.fwd_s and priced.optimizer_s == without.optimizer_s
+    one = PlanStage(layers=(0, 4), ranks=[1], dp=1)
+    assert stage_cost({"cpu": prof}, cl, one, None,
+                      **kw).grad_sync_s == 0.0  # type: ignore[arg-type]
+    # FSDP layers' gradients are reduce-scattered, not summed in the flat buffer.
+    fsdp = PlanStage(layers=(0, 4), ranks=[0, 1], dp=2, fsdp=True)
+    assert stage_cost({"cpu": prof}, cl, fsdp, None, **kw).grad_sync_s == pytest.approx(
+        stage_cost({"cpu": prof}, _with_overheads(base), fsdp, None,
+                   **kw).grad_sync_s)  # type: ignore[arg-type]
+    problem = PlanProblem({"cpu": prof}, cl, 4)
+    mine = stage_prices(problem, [StageSpec(0, 4, (0, 1), LayerChoice())], 2)[0]
+    assert mine.sync_s == pytest.approx(priced.grad_sync_s + priced.optimizer_s)
+    plan = make_plan([dp2], num_micro=2, mbs=2)
+    step = simulate(plan, {"cpu": prof}, cl).step_time_s
+    assert step == pytest.approx(simulate(plan, {"cpu": prof}, _with_overheads(base)).step_time_s
+                                 + 2e-9 * grads)

@@ -6,6 +6,7 @@ import itertools
 import random
 from dataclasses import replace
 
+from pdv.artifacts import RankOverheads
 from pdv.plan.objective import stage_price
 from pdv.plan.problem import PlanProblem, StageSpec, choices_for
 from pdv.plan.sharding import _layer_options, refine_stage
@@ -26,6 +27,16 @@ def _instance(rng: random.Random) -> tuple[PlanProblem, StageSpec, int] | None:
     bw = [[rng.choice([1e8, 1e9, 1e10]) for _ in range(n_dev)] for _ in range(n_dev)]
     memory = int(rng.choice([1.5, 2, 3, 4, 6, 16]) * GiB)
     cl = cluster([f"h{r // 2}" for r in range(n_dev)], bw, memory=memory)
+    # Half the instances: measured per-step overheads of replicas (a separate draw, so the
+    # instances themselves are those drawn before): the plain gradients' passes per byte
+    # (1-10 GB/s: tens of ms over these layers) and the sync's excess after compute.
+    extra = random.Random(f"{n_layers}-{n_dev}-{memory}-{pool}")
+    if extra.random() < 0.5:
+        over = RankOverheads(fwd_s=0.0, bwd_s=0.0, step_s=0.0,
+                             sync_after_compute_s=extra.choice([0.0, 0.002]),
+                             grad_passes_s_per_byte=extra.choice([1e-10, 1e-9]))
+        cl = cl.model_copy(update={"devices": [d.model_copy(update={"overheads": over})
+                                               for d in cl.devices]})
     batch = rng.choice([4, 8])
     problem = PlanProblem({"gpu": prof}, cl, batch, micro_batch_sizes=(1, 2, 4), time_limit_s=5)
     sizes = [m for m in problem.mbs_options() if list(choices_for(problem, n_dev, m))]

@@ -250,6 +250,8 @@ def _check_overheads(data: dict) -> None:
         assert raw["rank"] == d["rank"]
         # torch.distributed.pipelining does Python work per micro-batch: never free, never 0.1 s
         assert 0 < o["fwd_s"] + o["bwd_s"] < 0.1 and 0 <= o["step_s"] < 0.1
+        # Two passes over a flat gradient buffer: memory-bound, between 100 MB/s and 1 TB/s.
+        assert 1e-12 < o["grad_passes_s_per_byte"] < 1e-8
         if "messages" in raw:  # 4 ranks pair up in the tournament's first round
             paired += 1
             m = raw["messages"]

@@ -42,8 +42,10 @@ added in :func:`compose` before the maximum over the ranks.
 Per step: the gradient sync on each replica ring — one all-reduce of the stage's plain
 gradients, a reduce-scatter of each FSDP layer's, and what its first collective pays coming
 from the last backward rather than from another collective (each rank's measured
-RankOverheads.sync_after_compute_s, the slowest rank's) — then the optimizer step over the
-rank's parameter shard (the profile's measured step by shard share, 1/dp of it under FSDP).
+RankOverheads.sync_after_compute_s, the slowest rank's), and the plain replicas' two passes
+over their flat gradient buffer per all-reduced byte (RankOverheads.grad_passes_s_per_byte,
+the slowest rank's) — then the optimizer step over the rank's parameter shard (the profile's
+measured step by shard share, 1/dp of it under FSDP).
 
 A stage runs at the pace of its slowest rank and its slowest ring: each time is the largest
 over the ranks (or rings) of its sum over the layers. A new per-layer term is one field of
@@ -115,6 +117,9 @@ class RankView(NamedTuple):
     sync_after_compute_s: float = 0.0
     """per step of a stage with replicas: the gradient sync's excess coming from compute
     (RankOverheads.sync_after_compute_s; 0 where unmeasured)"""
+    grad_passes_s_per_byte: float = 0.0
+    """per step of a stage with plain replicas, per all-reduced gradient byte: the flat
+    buffer's zeroing and division (RankOverheads.grad_passes_s_per_byte; 0 where unmeasured)"""
 
 
 class RingView(NamedTuple):
@@ -295,8 +300,10 @@ def compose(group: StageGroup, sums: Mapping[str, np.ndarray]) -> StagePrice:
 
     fwd, bwd, opt = sums["fwd_s"], sums["bwd_s"], sums["optimizer_s"]
     gather = sums["gather_s"].max(axis=0)
+    passes = grad_passes_per_byte(group)
     sync = np.max(
-        [all_reduce_time(rv.ring, sums["dp_grad_bytes"][d]) + sums["reduce_scatter_s"][d]
+        [all_reduce_time(rv.ring, sums["dp_grad_bytes"][d])
+         + passes * sums["dp_grad_bytes"][d] + sums["reduce_scatter_s"][d]
          for d, rv in enumerate(group.dp_rings)],
         axis=0,
     ) + gather + sync_after_compute(group)  # fmt: skip
@@ -333,6 +340,13 @@ def _overheads(group: StageGroup) -> np.ndarray:
     out = np.array([v.overhead_bytes for v in group.ranks], dtype=float)
     out.flags.writeable = False  # shared by every caller
     return out
+
+
+def grad_passes_per_byte(group: StageGroup) -> float:
+    """Per step and all-reduced gradient byte: the plain replicas' two passes over their flat
+    gradient buffer (zeroed before the first backward, divided after the all-reduce: pdv.run
+    .stage.ReplicaGrads), at the slowest rank's measured rate; 0 without replicas."""
+    return max(r.grad_passes_s_per_byte for r in group.ranks) if group.dp > 1 else 0.0
 
 
 def sync_after_compute(group: StageGroup) -> float:

@@ -34,7 +34,7 @@ from ortools.sat.python import cp_model
 from pdv.artifacts import LayerChoice
 from pdv.cost.comm import all_reduce_linear
 from pdv.cost.schedules import in_flight
-from pdv.cost.terms import LayerTerms, StageGroup, sync_after_compute
+from pdv.cost.terms import LayerTerms, StageGroup, grad_passes_per_byte, sync_after_compute
 from pdv.plan.objective import stage_group, stage_price, terms_of
 from pdv.plan.problem import PlanProblem, StageSpec
 
@@ -197,14 +197,16 @@ def _build(
 
 
 def _sync_var(model: _Model, group: StageGroup) -> cp_model.IntVar:
-    """Per-step sync ≥ each replica ring's DP all-reduce + its FSDP layers' reduce-scatters,
-    plus the sync's measured excess after compute (as pdv.cost.terms.compose prices it)."""
+    """Per-step sync ≥ each replica ring's DP all-reduce and its plain replicas' gradient
+    passes + its FSDP layers' reduce-scatters, plus the sync's measured excess after compute
+    (as pdv.cost.terms.compose prices it)."""
     m = model.m
     sync = m.new_int_var(0, 1 << 60, "sync")
     if group.dp < 2:
         m.add(sync == 0)
         return sync
     after = _ns(sync_after_compute(group))
+    passes = grad_passes_per_byte(group)
     for d, rv in enumerate(group.dp_rings):
         used = m.new_bool_var("use_dp")
         for k, members in enumerate(model.classes):
@@ -212,6 +214,7 @@ def _sync_var(model: _Model, group: StageGroup) -> cp_model.IntVar:
                 if t.dp_grad_bytes[d, members[0]] > 0:
                     m.add_implication(model.z[k, o], used)
         per_byte, per_call = all_reduce_linear(rv.ring)
+        per_byte += passes
         expr = sum(
             (_ns(per_byte * t.dp_grad_bytes[d, c[0]]) + _ns(t.reduce_scatter_s[d, c[0]]))
             * model.x[k, o]

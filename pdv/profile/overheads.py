@@ -9,7 +9,12 @@ Four probes, run by every rank of ``pdv profile cluster`` after the link sweeps:
   ``_MICRO`` micro-batches are timed; the difference per micro-batch is the per-micro-batch
   cost (split forward/backward by the share each method took), the rest the per-step cost. The
   ranks of a host take turns (as the alone matmul probe does), so the numbers are a rank's own;
-  sharing cores is the simulator's business.
+  sharing cores is the simulator's business. In the same turn, the **gradient passes**: a
+  stage with plain replicas zeroes its flat gradient buffer before the first backward and
+  divides it by the replica count after the all-reduce (pdv.run.stage.ReplicaGrads), two
+  passes over every gradient byte a step that no layer profile times (2.7 ms from a traced
+  mlp dp2 step's start to its first op, 33 MiB). Each is timed over ``_PASS_BYTES`` from a
+  cold cache, as a step meets it; the cost model prices them per all-reduced byte.
 - **Message CPU** (CPU ranks). In gloo on CPU a message is moved by the ranks' own cores: the
   sender writes it, the receiver's backend thread reads it, with the system calls and thread
   wake-ups around them. Ranks pair up (the tournament's first round, disjoint pairs at once);
@@ -106,6 +111,9 @@ _SYNC_WARMUP, _SYNC_ROUNDS = 4, 24
 _LONG_BURST_S, _LONG_WARMUP, _LONG_ROUNDS = 0.05, 1, 8
 """the sync's rounds after a longer burst, per pass: recorded, not priced (AfterCompute)"""
 """warm-ups and timed rounds per pass of the after-compute probe (AfterCompute.take_pass)"""
+_PASS_BYTES, _PASS_ROUNDS = 16 * 2**20, 5
+"""the gradient passes' buffer (past a core's L2, as the buffers they price mostly are) and
+timed rounds"""
 _FSDP_SMALL, _FSDP_LARGE = 1024, (16 * 1024, 1024 * 1024)
 """parameter bytes of the FSDP probe's small unit, and the range of its large one"""
 _FSDP_WIRE_S = 0.002
@@ -192,6 +200,30 @@ def _bookkeeping(device: torch.device) -> dict[str, float]:
     dist.destroy_process_group(group)
     return {"fwd_s": per_micro * share, "bwd_s": per_micro * (1 - share),
             "step_s": max(0.0, one - per_micro)}
+
+
+def _grad_passes(device: torch.device) -> float:
+    """Seconds per byte of a plain replica's two passes over its flat gradient buffer a step
+    (pdv.run.stage.ReplicaGrads: zero_ before the first backward, div_ by the replica count
+    after the all-reduce), each pass from a cold cache as a step meets it (the ops between
+    them touch far more memory than the cache holds)."""
+    flat = torch.zeros(_PASS_BYTES // 4, device=device)
+    evict = torch.empty(2 * _PASS_BYTES // 4, device=device)
+    took: list[float] = []
+    for k in range(_PASS_ROUNDS + 1):
+        spent = 0.0
+        for one in (flat.zero_, lambda: flat.div_(2)):
+            evict.fill_(float(k))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            one()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            spent += time.perf_counter() - t0
+        if k:  # the first round is a warm-up
+            took.append(spent)
+    return statistics.median(took) / _PASS_BYTES
 
 
 def _line(sizes: list[int], cpu: list[float]) -> dict[str, float]:
@@ -624,7 +656,7 @@ def measure_overheads(device: torch.device, wire: torch.device,
     for turn in range(int(turns.item())):
         dist.barrier()
         if turn == mine_local:
-            book = _bookkeeping(device)
+            book = _bookkeeping(device) | {"grad_passes_s_per_byte": _grad_passes(device)}
     dist.barrier()
     report({"phase": "message-cpu"})
     messages = _message_cpu(rank, world) if all_cpu(device, wire) else None
@@ -651,7 +683,10 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         f"whose layer is one parameter, steps of 1 and {_MICRO} micro-batches ({_WARMUP} "
         f"warm-up + {_STEPS} timed, medians), ranks of a host in turns; per micro-batch = "
         f"the difference / {_MICRO - 1}, split forward/backward by the time each method took; "
-        "per step = the rest (zero_grad included). Message CPU (CPU ranks): the tournament's "
+        "per step = the rest (zero_grad included). Gradient passes (the same turns): zero_ "
+        f"and div_ of a {_PASS_BYTES} byte buffer, each after writing twice that elsewhere "
+        f"(a cold cache), median of {_PASS_ROUNDS} rounds after a warm-up, per byte. "
+        "Message CPU (CPU ranks): the tournament's "
         f"first round pairs send each other {_MESSAGES} messages per size after 2 warm-ups, "
         f"in {_ROUNDS} rounds {_ROUND_GAP_S} s apart; process CPU time per message on each "
         "side, the median of the rounds per size, least squares a + b*S; spread = the largest "
