@@ -22,9 +22,11 @@ from pdv.profile.collective import (
     _BURST,
     _FSDP_REACH,
     _SWEEPS,
+    PRICE_FIT,
     PairCollective,
     _alpha,
     collective_matrices,
+    price_line,
     ring_from_pair_line,
     superlinearity,
     sweep_flaws,
@@ -86,6 +88,43 @@ def test_collective_alpha_is_bounded_by_the_cleanest_small_size(
     bound = [k for k, s in enumerate(sizes) if s / bw <= times[k] / 2]
     if any(noise[k] == 0 for k in bound):
         assert got == pytest.approx(alpha, rel=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    alpha=st.floats(1e-5, 1e-3),
+    bw=st.floats(1e8, 1e10),
+    waited=st.lists(st.floats(0.0, 5.0), min_size=4, max_size=4),
+)
+def test_waits_on_small_sizes_do_not_make_the_bandwidth_cheaper(
+        alpha: float, bw: float, waited: list[float]) -> None:
+    """The price is t = 2α + S/β with α from the size that waited least, so β must come from a
+    line through that intercept: the bandwidth-bound sizes are priced as they ran whatever
+    waits the latency-bound ones (S/β ≤ 2α) met, up to 5x their time; the smallest ran clean."""
+    sizes = [4096, 16384, 65536, 262144, 4 << 20, 16 << 20]
+    assume(sizes[0] / bw <= 2 * alpha and sizes[-2] / bw >= 20 * alpha)
+    clean = [2 * alpha + s / bw for s in sizes]
+    times = [t * (1 + w) if s / bw <= 2 * alpha else t
+             for s, t, w in zip(sizes, clean, [0.0, *waited, 0.0], strict=False)]
+    _c, free_bw, _r2, how = fit_line(sizes, times)
+    assume(how == "least squares")
+    excess, slope_bw = price_line(sizes, times, free_bw)
+    for k in (-2, -1):
+        assert excess + sizes[k] / slope_bw == pytest.approx(clean[k], rel=0.01)
+    assert excess == pytest.approx(2 * alpha, rel=0.05, abs=2e-6)
+
+
+def test_a_wait_on_a_small_size_priced_the_free_line_under_its_largest() -> None:
+    """The case that made price_line (pz21's all-reduce sweep): a 256 KiB size met a wait, the
+    free line's slope read 1.94 GB/s and priced 16 MiB 9% under its own median."""
+    sizes = [4096, 16384, 65536, 262144, 1 << 20, 4 << 20, 16 << 20]
+    medians = [0.73e-3, 0.714e-3, 1.167e-3, 3.465e-3, 2.735e-3, 2.95e-3, 10.271e-3]
+    _c, free_bw, _r2, _how = fit_line(sizes, medians)
+    free_price = 2 * _alpha(sizes, medians, free_bw) + sizes[-1] / free_bw
+    excess, slope_bw = price_line(sizes, medians, free_bw)
+    assert free_price < 0.93 * medians[-1]
+    assert excess + sizes[-1] / slope_bw == pytest.approx(medians[-1], rel=0.03)
+    assert slope_bw < free_bw
 
 
 @settings(max_examples=50, deadline=None)
@@ -359,9 +398,9 @@ def _check_collectives(data: dict) -> None:
         assert rec["host"] == data["devices"][ranks[0]]["host"]
         assert len(rec["sizes"]) == len(rec["median_s"]) >= 2
         assert all(b <= m for b, m in zip(rec["best_s"], rec["median_s"], strict=True))
-        slope_beta = fit_line(rec["sizes"], rec["median_s"])[1]
-        again = ring_from_pair_line(list(ranks), _alpha(rec["sizes"], rec["median_s"],
-                                                        slope_beta), slope_beta)
+        excess, slope_beta = price_line(rec["sizes"], rec["median_s"],
+                                        fit_line(rec["sizes"], rec["median_s"])[1])
+        again = ring_from_pair_line(list(ranks), excess / 2, slope_beta)
         assert again.bandwidth_Bps == pytest.approx(ring["bandwidth_Bps"], rel=1e-3)
         assert again.alpha_s == pytest.approx(ring["alpha_s"], rel=1e-3, abs=1e-9)
     matrices = {"all_reduce": bw, "all_gather": links["gather_bandwidth_Bps"],
@@ -375,6 +414,12 @@ def _check_collectives(data: dict) -> None:
                          "_latency_s"][p["a"]][p["b"]] == p["alpha_s"] >= 0
     for p in block["pairs"]:
         assert 1 <= p["sweeps"] <= _SWEEPS
+        if p["op"] == "all_reduce" and p["fit"] == PRICE_FIT:
+            # The price's line comes from the medians the file keeps.
+            excess, slope_bw = price_line(p["sizes"], p["median_s"],
+                                          fit_line(p["sizes"], p["median_s"])[1])
+            assert p["bandwidth_Bps"] == pytest.approx(slope_bw, rel=1e-3)
+            assert p["alpha_s"] == pytest.approx(excess / 2, rel=1e-3, abs=1e-9)
         if p["sweeps"] < _SWEEPS:  # sweeps stop at the first without a burst
             assert superlinearity(p["sizes"], p["median_s"]) <= _BURST
         if p["op"] != "all_reduce":
@@ -388,7 +433,7 @@ def _check_collectives(data: dict) -> None:
             continue
         # Fitted well, or swept as often as the probe allows (noise on 2 shared cores can
         # outlast 3 sweeps: a kept r2 of 0.76 was seen).
-        assert p["fit"] == "least squares" and (p["r2"] > 0.8 or p["sweeps"] == _SWEEPS), p
+        assert p["fit"] == PRICE_FIT and (p["r2"] > 0.8 or p["sweeps"] == _SWEEPS), p
         # Time grows with size (only loosely: on 2 cores a 4 KiB all-reduce that meets the
         # concurrent pair's megabytes has been seen to wait 3.5 ms, a 16 MiB one takes ~17 ms).
         assert p["median_s"][-1] > p["median_s"][0]
