@@ -357,30 +357,31 @@ class AfterCompute:
             dist.barrier(group=self.group)
             one(n >= warmup)
 
-    def _sync_round(self, timed: bool) -> None:
-        """The pair's first all-reduce after a compute burst, and the one right after it."""
+    def _burst_then_sync(self, count: int) -> tuple[float, float]:
+        """A compute burst of `count`, then the pair's all-reduce: (burst, all-reduce) seconds."""
         t0 = time.perf_counter()
-        self.run(self.burst)
+        self.run(count)
         t1 = time.perf_counter()
         dist.all_reduce(self.buf, group=self.group)
-        t2 = time.perf_counter()
+        return t1 - t0, time.perf_counter() - t1
+
+    def _sync_round(self, timed: bool) -> None:
+        """The pair's first all-reduce after a compute burst, and the one right after it."""
+        computed, first = self._burst_then_sync(self.burst)
+        t0 = time.perf_counter()
         dist.all_reduce(self.buf, group=self.group)
-        t3 = time.perf_counter()
+        second = time.perf_counter() - t0
         if timed:
-            self.first.append(t2 - t1)
-            self.second.append(t3 - t2)
-            self.computed.append(t1 - t0)
+            self.first.append(first)
+            self.second.append(second)
+            self.computed.append(computed)
 
     def _long_round(self, timed: bool) -> None:
         """The pair's first all-reduce after a longer burst."""
-        t0 = time.perf_counter()
-        self.run(self.long_burst)
-        t1 = time.perf_counter()
-        dist.all_reduce(self.buf, group=self.group)
-        t2 = time.perf_counter()
+        computed, first = self._burst_then_sync(self.long_burst)
         if timed:
-            self.long_first.append(t2 - t1)
-            self.long_computed.append(t1 - t0)
+            self.long_first.append(first)
+            self.long_computed.append(computed)
 
     def _exchange_round(self, timed: bool) -> None:
         """An op's worth of compute, then both post a receive and a send, as a 1F1B steady
