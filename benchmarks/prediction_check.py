@@ -30,6 +30,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pdv import artifacts
+from pdv.cost.compute import unsteady_note
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (factory, factory args, global batch, profiled micro-batch sizes). Models and sizes
@@ -150,6 +153,10 @@ def main() -> int:
         # (docs/design-notes.md, "The last stage keeps no outputs").
         print(f"zoo peak memory: median |error| {statistics.median(memory):.1%}, max "
               f"{max(memory):.1%} (worst rank per plan)")
+    unsteady = unsteady_note(artifacts.load_as(cluster, "cluster"))
+    if unsteady:
+        # Not a miss of its own: the round's errors carry it (the compute drift line above).
+        print(f"cluster file: {unsteady}")
     print(f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
           f"artifacts in {out}")
     for m in missed:

@@ -30,6 +30,7 @@ from pdv.check import (
     summarize,
     write_json_atomic,
 )
+from pdv.cost.compute import unsteady_ranks
 from pdv.cost.simulate import simulate
 from pdv.plan.problem import PlanProblem
 from tests.conftest import run_pdv
@@ -281,9 +282,18 @@ def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
     assert 1 <= s["pick"]["measured_rank"] <= len(rows)
     assert s["max_load"] == max(r["load"] for r in rows) and s["cpus"] >= 1
     assert all(row["measured_runs_s"] == [row["measured_s"]] for row in rows)
+    assert [u["rank"] for u in doc["cluster_unsteady"]] == [r for r, _, _ in
+                                                            unsteady_ranks(cluster)]
     # The first plan again, two rounds, against a tolerance nothing meets: exit 1, the miss
-    # named; its step is the median of both rounds' runs, each with its own report.
-    r = run_pdv("check", str(prof), "--cluster", str(cl), "--plan", rows[0]["plan"],
+    # named; its step is the median of both rounds' runs, each with its own report. Its
+    # cluster file says rank 1's speed moved 20% over the probe (only the windows kept in
+    # the details, which price nothing): the report and the output say so.
+    raw = json.loads(cl.read_text())
+    raw["devices"][0]["details"]["matmul_flops_alone_windows"] = [9.5e10, 9.6e10, 9.6e10]
+    raw["devices"][1]["details"]["matmul_flops_alone_windows"] = [8e10, 9e10, 9.6e10]
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps(raw))
+    r = run_pdv("check", str(prof), "--cluster", str(moved), "--plan", rows[0]["plan"],
                 "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "again"),
                 "--max-error", "0", "--repeat", "2", timeout=300)
     assert r.returncode == 1, r.stderr
@@ -298,3 +308,6 @@ def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
     assert row["measured_stderr"] == pytest.approx(round_stderr(row["measured_runs_s"]))
     assert again["summary"]["measured_stderr_max"] == row["measured_stderr"]
     assert "the measurement's own noise" in r.stdout
+    assert [u["rank"] for u in again["cluster_unsteady"]] == [1]
+    assert again["cluster_unsteady"][0]["matmul_flops_alone_min"] == 8e10
+    assert "rank 1 read 80.0 .. 96.0 GFLOP/s alone" in " ".join(r.stdout.split())

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from pdv.artifacts import ClusterDevice, TimeFit
-from pdv.cost.compute import layer_cost, profile_arrays, rank_overhead_bytes, speed_factor
+from pdv.artifacts import ClusterArtifact, ClusterDevice, TimeFit
+from pdv.cost.compute import (
+    layer_cost,
+    profile_arrays,
+    rank_overhead_bytes,
+    speed_factor,
+    unsteady_note,
+    unsteady_ranks,
+)
 from pdv.cost.schedules import in_flight
 from pdv.errors import PdvError
+from tests.plan_fixtures import cluster
 from tests.test_cost_builders import make_profile
 
 
@@ -82,3 +90,50 @@ def test_rank_overhead_adds_what_the_cap_counts_beyond_the_rank(runtime, own, ex
     dev = ClusterDevice(rank=0, host="h", kind="cpu", memory_bytes=1 << 30,
                         runtime_bytes=runtime, runtime_own_bytes=own)
     assert rank_overhead_bytes(make_profile(overhead=300), dev) == expect
+
+
+def _windowed(windows: list[list[float] | None]) -> ClusterArtifact:
+    """Two ranks on one host; each rank's matmul windows alone as the probe keeps them."""
+    cl = cluster(["h"] * len(windows), [[0.0, 1e9], [1e9, 0.0]][: len(windows)],
+                 kinds=["cpu"] * len(windows))
+    devices = [d.model_copy(update={"details": {"matmul_flops_alone_windows": w}} if w else {})
+               for d, w in zip(cl.devices, windows, strict=True)]
+    return cl.model_copy(update={"devices": devices})
+
+
+@pytest.mark.parametrize(("windows", "flagged"), [
+    ([[1.0e11, 0.98e11, 1.01e11], [0.99e11, 1.0e11, 1.0e11]], []),  # steady files read ≤ 3.5%
+    ([[1.0e11, 1.04e11, 1.0e11], [0.778e11, 0.839e11, 0.817e11]], [(1, 0.778e11, 0.839e11)]),
+    ([[0.989e11, 0.918e11, 0.861e11], [0.778e11, 0.839e11, 0.817e11]],
+     [(0, 0.861e11, 0.989e11), (1, 0.778e11, 0.839e11)]),  # /tmp/pz23's file
+    ([None, None], []),  # declared: no windows, nothing to say
+])
+def test_a_rank_whose_speed_moved_during_the_probe_is_flagged(
+        windows: list[list[float] | None], flagged: list[tuple[int, float, float]]) -> None:
+    cl = _windowed(windows)
+    assert unsteady_ranks(cl) == flagged
+    note = unsteady_note(cl)
+    assert (note is None) == (not flagged)
+    if flagged:
+        worst = max(flagged, key=lambda f: f[2] / f[1])
+        assert f"rank {worst[0]}" in note and f"{worst[1] / 1e9:.1f}" in note
+
+
+def test_the_flag_rides_into_the_simulation_and_the_plan() -> None:
+    """Whoever reads a prediction made from a moving file learns it: the simulation's notes
+    and the plan's provenance carry the note, a steady file adds nothing."""
+    from pdv.artifacts import Plan, PlanStage
+    from pdv.cost.simulate import simulate
+    from pdv.plan.search import plan_provenance
+
+    moved = _windowed([[1.0e11, 1.0e11, 1.0e11], [0.8e11, 0.9e11, 0.96e11]])
+    steady = _windowed([[1.0e11, 1.0e11, 1.0e11], [0.96e11, 0.96e11, 0.95e11]])
+    prof = make_profile()
+    plan = Plan(stages=[PlanStage(layers=[0, len(prof.layers)], ranks=[0, 1], dp=2, tp=1)],
+                micro_batch_size=2, num_micro_batches=2, global_batch_size=4)
+    note = unsteady_note(moved)
+    assert note is not None and unsteady_note(steady) is None
+    assert note in simulate(plan, {"cpu": prof}, moved).notes
+    assert not any("speed moved" in n for n in simulate(plan, {"cpu": prof}, steady).notes)
+    assert note in plan_provenance({"cpu": prof}, moved).notes
+    assert note not in plan_provenance({"cpu": prof}, steady).notes

@@ -23,6 +23,7 @@ from pdv.check import (
 from pdv.cli.app import app, console, err_console
 from pdv.cli.plan_cmd import _ints
 from pdv.cli.render import fmt_time, new_table, print_table
+from pdv.cost.compute import unsteady_ranks
 from pdv.errors import PdvError
 from pdv.plan.problem import PlanProblem
 from pdv.plan.search import check_plan_dtype, check_profiles
@@ -139,6 +140,11 @@ def check(
         "min_seconds": min_seconds,
         "repeat": repeat,
         "tolerances": {k: v for k, v in vars(tol).items()},
+        # Ranks whose speed moved during the cluster probe: an error that follows the
+        # compute column then says more about the file than about the pricing.
+        "cluster_unsteady": [{"rank": r, "matmul_flops_alone_min": lo,
+                              "matmul_flops_alone_max": hi}
+                             for r, lo, hi in unsteady_ranks(clus)],
         **result,
     }
     target = report or out / "check.json"
@@ -202,6 +208,12 @@ def _print(doc: dict, target: Path) -> None:
         console.print(f"pdv's pick ranked {p['measured_rank']} of {p['of']} measured "
                       f"({p['vs_best']:.2f}x the measured best; predicted rank "
                       f"{p['predicted_rank']})", highlight=False)
+    for u in doc["cluster_unsteady"]:
+        console.print(f"[yellow]note:[/] the cluster file's rank {u['rank']} read "
+                      f"{u['matmul_flops_alone_min'] / 1e9:.1f} .. "
+                      f"{u['matmul_flops_alone_max'] / 1e9:.1f} GFLOP/s alone over its probe: "
+                      "the machine's speed moved while the file was taken, and every "
+                      "prediction on that rank carries the rate kept", highlight=False)
     load, cpus = s["max_load"], s["cpus"]
     if load is not None and cpus and load > cpus + s["ranks"]:  # the runs' own ranks add theirs
         console.print(f"[yellow]note:[/] the 1-min load average reached {load:.1f} on {cpus} "

@@ -16,6 +16,7 @@ from pdv import artifacts
 from pdv.cli.app import cluster_app, console, profile_app
 from pdv.cli.render import fmt_bytes, fmt_rate, fmt_time, render
 from pdv.cluster_spec import declare_cluster, load_spec, parse_bytes
+from pdv.cost.compute import unsteady_note
 from pdv.errors import PdvError
 
 # Above this many ranks the declared artifact is written unindented (two N×N matrices).
@@ -185,6 +186,9 @@ def _summary(artifact: Any, out: Path, as_json: bool) -> None:
                           f"bandwidth {fmt_rate(ring.bandwidth_Bps)}, latency "
                           f"{fmt_time(ring.alpha_s)} per ring step", highlight=False)
     _after_compute_summary(artifact)
+    unsteady = unsteady_note(artifact)
+    if unsteady:
+        console.print(f"[yellow]note:[/] {unsteady}", highlight=False)
     runtime = [d.runtime_bytes for d in artifact.devices if d.runtime_bytes is not None]
     if runtime:
         console.print(f"rank runtime memory (before any model): {fmt_bytes(min(runtime))} .. "

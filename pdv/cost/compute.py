@@ -39,6 +39,8 @@ __all__ = [
     "smallest_batch",
     "speed_factor",
     "unpriced_note",
+    "unsteady_note",
+    "unsteady_ranks",
 ]
 
 
@@ -177,6 +179,45 @@ def speed_factor(profile: ModelProfile, device: ClusterDevice) -> float:
     if measured_here and measured_there:
         return measured_here / measured_there
     return 1.0
+
+
+UNSTEADY_SPREAD = 0.05
+"""a rank whose matmul windows alone (taken at three points of the cluster probe) moved more
+than this is flagged: over the seven earlier files of this project's 2-vCPU VM that keep
+windows (/tmp/pz17-pz22 and the held-out round's) they spread 3.5% at most; in a slow spell
+that outlasted the probe (/tmp/pz23) 15% and 8%, and the rate kept (the best window) was
+still 2-17% under the model profiles' ~100 GFLOP/s a few minutes later. A diagnostic, priced
+nowhere"""
+
+
+def unsteady_ranks(cluster: ClusterArtifact) -> list[tuple[int, float, float]]:
+    """Ranks whose speed moved during the cluster probe: (rank, lowest, highest) FLOP/s alone.
+
+    The cost model scales every layer by the rank's best window (:func:`speed_factor`), which
+    is right when the windows agree; when they do not, the probe ran in a spell of the
+    machine's, and its rate may be the spell's, not the runs'. Read from the windows the probe
+    keeps in each device's details (absent in declared clusters: none flagged).
+    """
+    out = []
+    for d in cluster.devices:
+        windows = [float(w) for w in (d.details or {}).get("matmul_flops_alone_windows") or ()
+                   if w]
+        if len(windows) >= 2 and max(windows) > (1 + UNSTEADY_SPREAD) * min(windows):
+            out.append((d.rank, min(windows), max(windows)))
+    return out
+
+
+def unsteady_note(cluster: ClusterArtifact) -> str | None:
+    """One line for the user when :func:`unsteady_ranks` flags any rank; None otherwise."""
+    flagged = unsteady_ranks(cluster)
+    if not flagged:
+        return None
+    worst = max(flagged, key=lambda r: r[2] / r[1])
+    return (f"the machine's speed moved during the cluster probe: {len(flagged)} rank(s)' "
+            f"matmul windows alone spread more than {UNSTEADY_SPREAD:.0%} (rank {worst[0]}: "
+            f"{worst[1] / 1e9:.1f} .. {worst[2] / 1e9:.1f} GFLOP/s); compute is priced at "
+            "each rank's best window, which may be a slow spell's: profile the cluster again "
+            "when the machine is quiet")
 
 
 @dataclass(frozen=True)

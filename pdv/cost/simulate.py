@@ -59,6 +59,7 @@ from pdv.cost.compute import (
     fsdp_unpriced_note,
     smallest_batch,
     unpriced_note,
+    unsteady_note,
 )
 from pdv.cost.schedules import Op, StageLayout, rank_orders, splits_backward
 from pdv.cost.stage import StageCost, stage_cost
@@ -135,8 +136,9 @@ def simulate(
     hosts = [[cluster.devices[r].host for r in ranks] for ranks in layout.group_ranks]
     sim = simulate_costs(costs, layout, schedule, plan.num_micro_batches,
                          Sharing(capacity, hosts) if capacity else None, trace)
-    notes = [n for n in (unpriced_note(cluster), fsdp_unpriced_note(plan, cluster),
-                         fsdp_heap_note(plan, cluster), _extrapolated_note(plan, profiles)) if n]
+    notes = [n for n in (unpriced_note(cluster), unsteady_note(cluster),
+                         fsdp_unpriced_note(plan, cluster), fsdp_heap_note(plan, cluster),
+                         _extrapolated_note(plan, profiles)) if n]
     return replace(sim, notes=(*sim.notes, *notes)) if notes else sim
 
 

@@ -28,7 +28,7 @@ from pdv.artifacts import (
     Provenance,
     digest,
 )
-from pdv.cost.compute import speed_factor, unpriced_note
+from pdv.cost.compute import speed_factor, unpriced_note, unsteady_note
 from pdv.cost.schedules import rank_orders, splits_backward, warmup_forwards
 from pdv.cost.simulate import host_capacity, peak_memory, simulate, to_predicted
 from pdv.cost.stage import stage_cost
@@ -211,9 +211,7 @@ def plan_provenance(profiles: Mapping[str, ModelProfile], cluster: ClusterArtifa
     notes = ["predicted by pdv.cost.simulate on the cluster's links"]
     if "estimated" in methods or "declared" in methods:
         notes.append(f"inputs include {sorted(methods - {'measured'})} artifacts")
-    unpriced = unpriced_note(cluster)
-    if unpriced:
-        notes.append(unpriced)
+    notes += [n for n in (unpriced_note(cluster), unsteady_note(cluster)) if n]
     return Provenance(method="estimated", inputs=inputs, notes=notes)
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from pdv import artifacts
 from pdv.artifacts import ClusterArtifact, ClusterDevice, Links, Provenance
 from pdv.cost.comm import ring_of
+from pdv.cost.compute import unsteady_note
 from pdv.errors import PdvError
 from pdv.profile.allocator import keep_freed_memory
 from pdv.profile.collective import (
@@ -244,6 +245,10 @@ def profile_cluster_rank(
             links=links,
             measurement=measurement,
         )
+        unsteady = unsteady_note(artifact)
+        if unsteady:  # the file says so itself, for whoever reads it later
+            artifact = artifact.model_copy(update={"provenance": artifact.provenance.model_copy(
+                update={"notes": [*artifact.provenance.notes, unsteady]})})
         artifacts.write(out, artifact)
         step({"phase": "written"})
         dist.barrier()
