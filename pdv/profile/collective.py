@@ -82,9 +82,9 @@ there gloo's reduce-scatter took 213-221 ms against 14.5 ms at 16 MiB in the sam
 fell to 153 MB/s (likely, not proven: a full-size temporary larger than a worker thread's 64 MiB
 malloc heap is mapped afresh and faulted in per call, which a run meets only with units that
 large)"""
-# t(S) on n = 2 ranks = _STEPS[op]·α + S / (_SHARE[op]·β), S the full tensor's bytes
 PRICE_FIT = "least squares through the least excess"
 """a sweep's `fit` when its α and β come from :func:`price_line`"""
+# t(S) on n = 2 ranks = _STEPS[op]·α + S / (_SHARE[op]·β), S the full tensor's bytes
 _STEPS = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
 _SHARE = {"all_reduce": 1, "all_gather": 2, "reduce_scatter": 2}
 
