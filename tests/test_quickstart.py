@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pdv import artifacts
+from pdv.cost.compute import unsteady_note
 
 from .conftest import run_pdv
 
@@ -39,6 +40,11 @@ def test_quickstart_writes_every_artifact_and_compares(tmp_path):
             report.measured.peak_memory_bytes[r]  # fmt: skip
         assert abs(predicted - measured) <= 0.06 * measured, (r, predicted, measured)
     assert "predicted vs measured" in result.stdout
+    # Where the prediction is read, the user learns whether the cluster file was taken while
+    # the machine's speed moved (and only then).
+    after = " ".join(result.stdout.split("predicted vs measured")[-1].split())
+    assert ("speed moved during the cluster probe" in after) == \
+        (unsteady_note(loaded["cluster.json"]) is not None)  # fmt: skip
 
 
 def test_quickstart_bad_model_is_one_line(tmp_path):

@@ -17,6 +17,7 @@ import typer
 from pdv import artifacts
 from pdv.cli.app import app, console
 from pdv.cli.render import fmt_bytes, fmt_time, new_table, print_table
+from pdv.cost.compute import unsteady_note
 from pdv.errors import PdvError
 
 
@@ -115,6 +116,9 @@ def quickstart(
                 f"peak memory rank {rank}", fmt_bytes(want) if want else "-", fmt_bytes(used), err_m
             )
     print_table(console, table)
+    unsteady = unsteady_note(artifacts.load_as(cluster, "cluster"))
+    if unsteady:  # said above too, but this is where the prediction is read
+        console.print(f"[yellow]note:[/] {unsteady}", highlight=False)
     console.print(
         f"loss {result.loss[0]:.4f} → {result.loss[-1]:.4f}; memory measured as "
         f"{measured.memory_method}"
