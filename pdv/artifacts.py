@@ -54,6 +54,7 @@ __all__ = [
     "Replan",
     "RunMeasured",
     "RankOverheads",
+    "SyncAfterLongCompute",
     "RunReport",
     "Schedule",
     "SlowRank",
@@ -270,6 +271,20 @@ class FsdpUnitCost(_Strict):
     b_s_per_byte: float = Field(ge=0, description="per byte of the unit, seconds")
 
 
+class SyncAfterLongCompute(_Strict):
+    """The gradient sync's excess after a longer burst of compute than the one
+    ``sync_after_compute_s`` was measured after: a stage's excess is priced between the two
+    by its compute per step (pdv.cost.terms.sync_after_compute)."""
+
+    burst_s: float = Field(gt=0, description="the compute before each round that "
+                           "sync_after_compute_s prices, mean seconds")
+    long_burst_s: float = Field(gt=0, description="the longer compute before each round, mean "
+                                "seconds")
+    long_excess_s: float = Field(ge=0, description="the pair's first all-reduce after the "
+                                 "longer compute, each round's later end, beyond the sweep's "
+                                 "price (mean, seconds)")
+
+
 class RankOverheads(_Strict):
     """What a rank pays in a pipeline besides its layers and the wire, measured on the rank.
 
@@ -292,6 +307,9 @@ class RankOverheads(_Strict):
         None, ge=0, description="per step of a stage with replicas: what the gradient sync's "
         "first collective pays beyond the back-to-back sweeps, coming to it from compute (the "
         "backend's threads waking, a partner finishing its equal work later); CPU ranks")
+    sync_after_long_compute: SyncAfterLongCompute | None = Field(
+        None, description="the same excess after a burst about ten times as long; without it "
+        "the excess does not grow with a stage's compute")
     grad_passes_s_per_byte: float | None = Field(
         None, ge=0, description="per step of a stage with plain replicas, per byte of the "
         "gradients they all-reduce: zeroing the flat gradient buffer before the first backward "

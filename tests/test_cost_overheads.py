@@ -48,14 +48,14 @@ def test_each_rank_pays_its_own_schedule_work_before_the_slowest_is_taken() -> N
         dp_rings=(RingView(Ring(1, 0.0, float("inf")), ("a",)),),
         tp=1, dp=1,
     )  # fmt: skip
-    one = price_layers(prof, group, 1, 0, [LayerChoice()] * 2)
+    one = price_layers(prof, group, 1, 0, [LayerChoice()] * 2, num_micro=1)
     assert float(one.compute_fwd_s) == pytest.approx(max(0.6, 0.2 + 0.5))
     assert float(one.compute_bwd_s) == pytest.approx(max(0.2, 0.2 + 0.05))
     assert float(one.optimizer_s) == pytest.approx(0.7)
-    table = price_ranges(prof, group, 1, LayerChoice(), np.array([0, 1, 2]))
+    table = price_ranges(prof, group, 1, LayerChoice(), np.array([0, 1, 2]), num_micro=1)
     for x, y in ((0, 1), (0, 2), (1, 2)):
         lo, hi = x, y
-        ref = price_layers(prof, group, 1, lo, [LayerChoice()] * (hi - lo))
+        ref = price_layers(prof, group, 1, lo, [LayerChoice()] * (hi - lo), num_micro=1)
         assert table.fwd_s[x, y] == pytest.approx(float(ref.fwd_s))
         assert table.optimizer_s[x, y] == pytest.approx(float(ref.optimizer_s))
 
@@ -146,6 +146,40 @@ def test_a_stage_with_replicas_pays_the_sync_after_compute_once_per_step() -> No
     step = simulate(plan, {"cpu": prof}, cl).step_time_s
     assert step == pytest.approx(simulate(plan, {"cpu": prof}, _with_overheads(base)).step_time_s
                                  + 0.003)
+
+
+@pytest.mark.parametrize("num_micro", [1, 2, 4, 8])
+def test_a_stages_sync_excess_grows_with_its_compute_per_step(num_micro: int) -> None:
+    """Between the probe's two bursts the excess lies on the line between their excesses, by
+    the stage's compute per step (its micro-batches' forwards and backwards); past the longer
+    burst it is held. The simulator, the planner's price and the stage cost agree."""
+    from pdv.artifacts import SyncAfterLongCompute
+
+    prof = make_profile(n_layers=4, fwd=0.01, bwd=0.02, optimizer_s=0.001)
+    grows = OVER.model_copy(update={
+        "sync_after_compute_s": 0.002,
+        "sync_after_long_compute": SyncAfterLongCompute(burst_s=0.005, long_burst_s=2.0,
+                                                        long_excess_s=0.010)})
+    flat = OVER.model_copy(update={"sync_after_compute_s": 0.002})
+    base = make_cluster(2)
+
+    def on(o: RankOverheads) -> ClusterArtifact:
+        return base.model_copy(update={"devices": [d.model_copy(update={"overheads": o})
+                                                   for d in base.devices]})
+
+    kw = dict(mbs=2, schedule="1F1B", stage_index=0, num_stages=1, num_micro=num_micro)
+    dp2 = PlanStage(layers=(0, 4), ranks=[0, 1], dp=2)
+    got = stage_cost({"cpu": prof}, on(grows), dp2, None, **kw)  # type: ignore[arg-type]
+    ref = stage_cost({"cpu": prof}, on(flat), dp2, None, **kw)  # type: ignore[arg-type]
+    step = num_micro * (got.fwd_s + got.bwd_s)  # 0.42 s a micro-batch: 8 pass the longer burst
+    want = 0.008 * min(1.0, (step - 0.005) / 1.995)
+    assert got.grad_sync_s - ref.grad_sync_s == pytest.approx(want)
+    problem = PlanProblem({"cpu": prof}, on(grows), 2 * num_micro)
+    mine = stage_prices(problem, [StageSpec(0, 4, (0, 1), LayerChoice())], 2)[0]
+    assert mine.sync_s == pytest.approx(got.grad_sync_s + got.optimizer_s)
+    plan = make_plan([dp2], num_micro=num_micro, mbs=2)
+    assert simulate(plan, {"cpu": prof}, on(grows)).step_time_s == pytest.approx(
+        simulate(plan, {"cpu": prof}, on(flat)).step_time_s + want)
 
 
 def test_fsdp_collectives_are_priced_on_their_own_measured_links() -> None:

@@ -6,7 +6,9 @@ import itertools
 import random
 from dataclasses import replace
 
-from pdv.artifacts import RankOverheads
+import pytest
+
+from pdv.artifacts import RankOverheads, SyncAfterLongCompute
 from pdv.plan.objective import stage_price
 from pdv.plan.problem import PlanProblem, StageSpec, choices_for
 from pdv.plan.sharding import _layer_options, refine_stage
@@ -29,11 +31,18 @@ def _instance(rng: random.Random) -> tuple[PlanProblem, StageSpec, int] | None:
     cl = cluster([f"h{r // 2}" for r in range(n_dev)], bw, memory=memory)
     # Half the instances: measured per-step overheads of replicas (a separate draw, so the
     # instances themselves are those drawn before): the plain gradients' passes per byte
-    # (1-10 GB/s: tens of ms over these layers) and the sync's excess after compute.
+    # (1-10 GB/s: tens of ms over these layers) and the sync's excess after compute, in some
+    # growing with the stage's compute up to a longer burst these stages' steps fall short
+    # of or pass (a per-layer choice then moves the sync too).
     extra = random.Random(f"{n_layers}-{n_dev}-{memory}-{pool}")
     if extra.random() < 0.5:
+        grows = None
+        if extra.random() < 0.6:
+            grows = SyncAfterLongCompute(burst_s=0.005, long_burst_s=extra.choice([0.05, 0.3]),
+                                         long_excess_s=extra.choice([0.003, 0.04]))
         over = RankOverheads(fwd_s=0.0, bwd_s=0.0, step_s=0.0,
                              sync_after_compute_s=extra.choice([0.0, 0.002]),
+                             sync_after_long_compute=grows,
                              grad_passes_s_per_byte=extra.choice([1e-10, 1e-9]))
         cl = cl.model_copy(update={"devices": [d.model_copy(update={"overheads": over})
                                                for d in cl.devices]})
@@ -80,3 +89,39 @@ def test_refined_stage_is_the_best_per_layer_assignment() -> None:
         improved += busy < ref_busy
     # The instances exercise the refinement: most stages fit, and in some a per-layer mix wins.
     assert compared >= 60 and improved >= 10, (compared, improved)
+
+
+def test_cp_sats_sync_excess_is_the_cost_models_at_every_compute() -> None:
+    """The excess CP-SAT takes for a stage's compute (one boolean per rank choosing the line
+    or the hold) equals pdv.cost.terms.sync_after_compute's, below the shorter burst, on the
+    line, past the longer one, for ranks whose lines cross and one that does not grow."""
+    import numpy as np
+    from ortools.sat.python import cp_model
+
+    from pdv.cost.comm import Ring
+    from pdv.cost.terms import RankView, RingView, StageGroup, sync_after_compute
+    from pdv.plan.sharding import NS, _after_compute_var, _Model
+
+    ranks = (
+        RankView("a", 1.0, 0.0, 1e9, 1e-4, 2e-4, 0.0, sync_after_compute_s=0.002,
+                 sync_burst_s=0.005, sync_long_burst_s=0.05, sync_long_excess_s=0.006),
+        RankView("a", 1.0, 0.0, 1e9, 1e-4, 2e-4, 0.0, sync_after_compute_s=0.001,
+                 sync_burst_s=0.004, sync_long_burst_s=0.3, sync_long_excess_s=0.009),
+        # Its longer burst read under its shorter: no growth.
+        RankView("a", 1.0, 0.0, 1e9, 1e-4, 2e-4, 0.0, sync_after_compute_s=0.0025,
+                 sync_burst_s=0.005, sync_long_burst_s=0.05, sync_long_excess_s=0.001),
+    )
+    ring = RingView(Ring(3, 1e-5, 1e9), ("a",))
+    group = StageGroup(ranks=ranks, tp_rings=(ring,), dp_rings=(ring,), tp=1, dp=3)
+    M = 4
+    for compute_ms in (0.1, 1.0, 2.0, 5.0, 11.9, 20.0, 60.0, 74.7, 200.0):
+        layers_ns = int(compute_ms * 1e6)
+        m = cp_model.CpModel()
+        compute = m.new_int_var(layers_ns, layers_ns, "compute")
+        after = _after_compute_var(_Model(m, {}, {}, [], []), group, M, compute, 10**9)
+        m.minimize(after)
+        solver = cp_model.CpSolver()
+        assert solver.solve(m) == cp_model.OPTIMAL
+        step = M * (layers_ns / NS + 3e-4)  # the schedule's own work rides in the compute
+        want = float(sync_after_compute(group, np.float64(step)))
+        assert solver.value(after) / NS == pytest.approx(want, abs=2e-9), compute_ms

@@ -333,6 +333,17 @@ def _check_overheads(data: dict) -> None:
             assert statistics.mean(later) >= sy["first_s"] - 1e-12
             assert o["sync_after_compute_s"] == pytest.approx(
                 max(0.0, statistics.mean(later) - all_reduce_time(ring, sy["bytes"])))
+            # The longer burst's excess, the pair's alike, and both bursts' lengths: what a
+            # stage's compute per step prices the excess between.
+            grows = o["sync_after_long_compute"]
+            later_long = [max(a, b) for a, b in zip(long["first_rounds_s"],
+                                                    theirs["long"]["first_rounds_s"],
+                                                    strict=True)]
+            assert grows["long_excess_s"] == pytest.approx(
+                max(0.0, statistics.mean(later_long) - all_reduce_time(ring, sy["bytes"])))
+            assert grows["burst_s"] == pytest.approx(statistics.mean(sy["burst_rounds_s"]))
+            assert grows["long_burst_s"] == pytest.approx(
+                statistics.mean(long["burst_rounds_s"]))
             # The exchange after compute (one host: the sender's clock reads on the receiver):
             # a message to this rank pays its mean landing beyond its link's α + S/β.
             ex = sy["exchange"]
@@ -660,6 +671,49 @@ def test_a_pairs_sync_excess_is_each_rounds_later_end() -> None:
     got = [d["overheads"]["sync_after_compute_s"] for d in devices]
     # Own means would be 1.25 ms and 1.0 ms; each round's later end is 2.25 ms past the price.
     assert got == [pytest.approx(0.00225), pytest.approx(0.00225)]
+
+
+def test_the_sync_after_a_longer_burst_is_each_rounds_later_end_and_a_bye_takes_its_kinds() -> None:
+    """After the longer burst too, the pair's excess is each round's later end less the
+    sweep's price; both bursts are the rounds' mean compute. A rank with a bye takes its
+    kind's median of each number; a record without the longer rounds gives no field."""
+    from pdv.artifacts import Links
+    from pdv.profile.cluster import _sync_after_compute
+
+    n = 3
+    lat = [[0.0 if i == j else 1e-4 for j in range(n)] for i in range(n)]
+    bw = [[0.0 if i == j else 1e9 for j in range(n)] for i in range(n)]
+    links = Links(latency_s=lat, bandwidth_Bps=bw)
+    priced = all_reduce_time(ring_of(links, [0, 1]), 4096)
+
+    def rec(short: list[float], burst: list[float], long: list[float],
+            long_burst: list[float]) -> dict:  # fmt: skip
+        return {"pair": [0, 1], "bytes": 4096, "first_s": statistics.mean(short),
+                "first_rounds_s": short, "burst_rounds_s": burst,
+                "long": {"first_s": statistics.mean(long), "first_rounds_s": long,
+                         "burst_rounds_s": long_burst}}
+
+    a = rec([priced + 0.001] * 2, [0.005, 0.007], [priced + x for x in (0.002, 0.010)],
+            [0.05, 0.07])
+    b = rec([priced] * 2, [0.006, 0.006], [priced + x for x in (0.008, 0.004)], [0.06, 0.06])
+    devices = [{"rank": r, "kind": "cpu", "overheads": {}} for r in range(n)]
+    over = [{"rank": 0, "after_compute": a}, {"rank": 1, "after_compute": b},
+            {"rank": 2, "after_compute": None}]
+    _sync_after_compute(devices, over, links)
+    got = [d["overheads"]["sync_after_long_compute"] for d in devices]
+    # Later ends 8 and 10 ms past the price: 9 ms; each rank's own would be 6 ms.
+    assert got[0]["long_excess_s"] == pytest.approx(0.009) == got[1]["long_excess_s"]
+    assert got[0]["burst_s"] == pytest.approx(0.006)
+    assert got[0]["long_burst_s"] == pytest.approx(0.06)
+    assert got[2] == {k: pytest.approx(statistics.median([got[0][k], got[1][k]])) for k in got[0]}
+    artifacts.RankOverheads(fwd_s=0.0, bwd_s=0.0, step_s=0.0, **devices[2]["overheads"])
+
+    old = [{**o, "after_compute": {k: v for k, v in o["after_compute"].items() if k != "long"}}
+           for o in over[:2]]
+    devices = [{"rank": r, "kind": "cpu", "overheads": {}} for r in range(2)]
+    _sync_after_compute(devices, old, links)
+    assert all("sync_after_long_compute" not in d["overheads"] for d in devices)
+    assert all("sync_after_compute_s" in d["overheads"] for d in devices)
 
 
 def test_a_message_pays_its_receivers_exchange_excess_and_a_rank_unmeasured_its_kinds() -> None:

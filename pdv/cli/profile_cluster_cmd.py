@@ -204,7 +204,15 @@ def _after_compute_summary(artifact: Any) -> None:
     ex = artifact.links.exchange_latency_s
     parts = []
     if sync:
-        parts.append(f"gradient sync +{fmt_time(min(sync))} .. +{fmt_time(max(sync))} per step")
+        line = f"gradient sync +{fmt_time(min(sync))} .. +{fmt_time(max(sync))} per step"
+        grows = [d.overheads.sync_after_long_compute for d in artifact.devices
+                 if d.overheads is not None and d.overheads.sync_after_long_compute is not None]
+        if grows:
+            line += (f" after {fmt_time(min(g.burst_s for g in grows))} of compute, "
+                     f"+{fmt_time(min(g.long_excess_s for g in grows))} .. "
+                     f"+{fmt_time(max(g.long_excess_s for g in grows))} after "
+                     f"{fmt_time(max(g.long_burst_s for g in grows))}")
+        parts.append(line)
     if ex is not None and n > 1:
         vals = [ex[i][j] for i in range(n) for j in range(n) if i != j]
         parts.append(f"pipeline message +{fmt_time(min(vals))} .. +{fmt_time(max(vals))}")

@@ -114,17 +114,20 @@ def rank_overheads(device: ClusterDevice) -> tuple[float, ...]:
     """The rank's measured overheads in RankView's order: per micro-batch forward and backward
     and per step of the pipeline schedule's own work, then FSDP's own work per unit (a, b of
     each gathering op; a, b of the step's reduce-scatter), then the gradient sync's excess after
-    compute and the plain replicas' gradient passes per byte, as ``pdv profile cluster``
-    measured them (zeros where the cluster predates a probe or was declared: then the terms
-    are unpriced, see :func:`unpriced_note`)."""
+    compute and the plain replicas' gradient passes per byte, then the sync's two bursts and
+    its excess after the longer one, as ``pdv profile cluster`` measured them (zeros where the
+    cluster predates a probe or was declared: then the terms are unpriced, see
+    :func:`unpriced_note`)."""
     o = device.overheads
     if o is None:
-        return (0.0,) * 9
-    g, r = o.fsdp_gather, o.fsdp_reduce_scatter
+        return (0.0,) * 12
+    g, r, long = o.fsdp_gather, o.fsdp_reduce_scatter, o.sync_after_long_compute
     return (o.fwd_s, o.bwd_s, o.step_s,
             g.a_s if g else 0.0, g.b_s_per_byte if g else 0.0,
             r.a_s if r else 0.0, r.b_s_per_byte if r else 0.0,
-            o.sync_after_compute_s or 0.0, o.grad_passes_s_per_byte or 0.0)
+            o.sync_after_compute_s or 0.0, o.grad_passes_s_per_byte or 0.0,
+            long.burst_s if long else 0.0, long.long_burst_s if long else 0.0,
+            long.long_excess_s if long else 0.0)
 
 
 def smallest_batch(profiles: Mapping[str, ModelProfile]) -> int:

@@ -125,7 +125,8 @@ def stage_cost(
     """
     group = stage_group(profiles, cluster, stage)
     rmbs = mbs // stage.dp
-    price = price_layers(profiles, group, rmbs, stage.layers[0], stage.layer_choices())
+    price = price_layers(profiles, group, rmbs, stage.layers[0], stage.layer_choices(),
+                         num_micro=num_micro)
     send = back = 0.0
     if next_stage is not None:
         per_sample = float(price.output_bytes) / rmbs

@@ -120,6 +120,13 @@ class RankView(NamedTuple):
     grad_passes_s_per_byte: float = 0.0
     """per step of a stage with plain replicas, per all-reduced gradient byte: the flat
     buffer's zeroing and division (RankOverheads.grad_passes_s_per_byte; 0 where unmeasured)"""
+    sync_burst_s: float = 0.0
+    """the compute before the rounds sync_after_compute_s was measured after
+    (RankOverheads.sync_after_long_compute; 0 where unmeasured: the excess does not grow)"""
+    sync_long_burst_s: float = 0.0
+    """a longer compute before the sync"""
+    sync_long_excess_s: float = 0.0
+    """the sync's excess after the longer compute"""
 
 
 class RingView(NamedTuple):
@@ -286,12 +293,13 @@ class StagePrice:
         return self.static_bytes + self.live_bytes * in_flight + self.transient_bytes
 
 
-def compose(group: StageGroup, sums: Mapping[str, np.ndarray]) -> StagePrice:
+def compose(group: StageGroup, sums: Mapping[str, np.ndarray], num_micro: int) -> StagePrice:
     """A stage's price from its layers' terms summed (rows first) over its layers.
 
     ``sums`` has one entry per :class:`LayerTerms` field: summed over the layers, except
     transient_bytes (the largest) and output_bytes (the last layer's); state_bytes includes the
-    rank's overhead. The stage runs at the pace of its slowest rank and slowest ring.
+    rank's overhead. The stage runs at the pace of its slowest rank and slowest ring; its sync
+    comes after its ``num_micro`` micro-batches' compute.
     """
     def per_rank(field: str, like: np.ndarray) -> np.ndarray:
         # One value per rank view, broadcast over the layer ranges (the DP's (n, n) cells).
@@ -301,15 +309,17 @@ def compose(group: StageGroup, sums: Mapping[str, np.ndarray]) -> StagePrice:
     fwd, bwd, opt = sums["fwd_s"], sums["bwd_s"], sums["optimizer_s"]
     gather = sums["gather_s"].max(axis=0)
     passes = grad_passes_per_byte(group)
+    compute_fwd = (fwd + per_rank("schedule_fwd_s", fwd)).max(axis=0)
+    compute_bwd = (bwd + per_rank("schedule_bwd_s", bwd)).max(axis=0)
     sync = np.max(
         [all_reduce_time(rv.ring, sums["dp_grad_bytes"][d])
          + passes * sums["dp_grad_bytes"][d] + sums["reduce_scatter_s"][d]
          for d, rv in enumerate(group.dp_rings)],
         axis=0,
-    ) + gather + sync_after_compute(group)  # fmt: skip
+    ) + gather + sync_after_compute(group, num_micro * (compute_fwd + compute_bwd))  # fmt: skip
     return StagePrice(
-        compute_fwd_s=(fwd + per_rank("schedule_fwd_s", fwd)).max(axis=0),
-        compute_bwd_s=(bwd + per_rank("schedule_bwd_s", bwd)).max(axis=0),
+        compute_fwd_s=compute_fwd,
+        compute_bwd_s=compute_bwd,
         tp_fwd_s=sums["tp_fwd_s"].max(axis=0),
         tp_bwd_s=sums["tp_bwd_s"].max(axis=0),
         gather_s=gather,
@@ -349,10 +359,27 @@ def grad_passes_per_byte(group: StageGroup) -> float:
     return max(r.grad_passes_s_per_byte for r in group.ranks) if group.dp > 1 else 0.0
 
 
-def sync_after_compute(group: StageGroup) -> float:
-    """Per step: what a stage's gradient sync pays coming from its last backward rather than
-    from another collective (its slowest rank's measured excess; 0 without replicas)."""
-    return max(r.sync_after_compute_s for r in group.ranks) if group.dp > 1 else 0.0
+def sync_after_compute(group: StageGroup, step_compute_s: np.ndarray | float) -> np.ndarray:
+    """Per step: what a stage's gradient sync pays coming from its compute rather than from
+    another collective, its slowest rank's; 0 without replicas.
+
+    Each rank's excess was measured after two bursts of compute (about 5 and 50 ms). After
+    the step's compute it is priced on the line between them, held at the nearer end outside
+    them: the longer wait for the partner's end grew over 5-100 ms in a scratch loop here
+    (1.9-2.6 ms, then 3.4-3.8 ms after 100 ms), but no burst past the longer one is measured.
+    A longer burst's excess under the shorter's is priced as no growth: a slower stage never
+    prices a cheaper sync (the DP's dominance test relies on it).
+    """
+    t = np.asarray(step_compute_s, dtype=float)
+    if group.dp < 2:
+        return np.zeros_like(t)
+    out = np.zeros_like(t)
+    for r in group.ranks:
+        grow = max(0.0, r.sync_long_excess_s - r.sync_after_compute_s)
+        span = r.sync_long_burst_s - r.sync_burst_s
+        frac = np.clip((t - r.sync_burst_s) / span, 0.0, 1.0) if span > 0 else 0.0
+        out = np.maximum(out, r.sync_after_compute_s + grow * frac)
+    return out
 
 
 def price_layers(
@@ -362,8 +389,11 @@ def price_layers(
     lo: int,
     choices: Sequence[LayerChoice],
     terms: Mapping[LayerChoice, LayerTerms] | None = None,
+    *,
+    num_micro: int,
 ) -> StagePrice:
-    """Price layers [lo, lo + len(choices)), each with its own choice, on one stage group.
+    """Price layers [lo, lo + len(choices)), each with its own choice, on one stage group, in
+    a step of ``num_micro`` micro-batches.
 
     Sums run layer by layer in order (the simulator's event times depend on no summation
     trick). `terms` may hold the layer terms of the choices already computed.
@@ -393,7 +423,7 @@ def price_layers(
                                                  0.0)
         if "output_bytes" in names:
             sums["output_bytes"] = cols[names.index("output_bytes"), :, -1]
-    return compose(group, sums)
+    return compose(group, sums, num_micro)
 
 
 def price_ranges(
@@ -403,8 +433,11 @@ def price_ranges(
     choice: LayerChoice,
     bounds: np.ndarray,
     terms: LayerTerms | None = None,
+    *,
+    num_micro: int,
 ) -> StagePrice:
-    """Price every layer range [bounds[x], bounds[y]) at once with one choice for all layers.
+    """Price every layer range [bounds[x], bounds[y]) at once with one choice for all layers,
+    in a step of ``num_micro`` micro-batches.
 
     Index [x, y] of each field (after its row axis) is that range; ranges with y ≤ x are
     meaningless (the caller masks them). Sums are prefix-sum differences.
@@ -427,7 +460,7 @@ def price_ranges(
     ends = np.concatenate([np.zeros((rows, 1)), t.output_bytes], axis=1)[:, bounds]
     sums["output_bytes"] = np.broadcast_to(ends[:, None, :], (rows, n, n))
     sums["state_bytes"] = sums["state_bytes"] + _overheads(group)[:, None, None]
-    return compose(group, sums)
+    return compose(group, sums, num_micro)
 
 
 def _range_max(v: np.ndarray, bounds: np.ndarray) -> np.ndarray:

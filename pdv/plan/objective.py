@@ -82,12 +82,15 @@ def _group(problem: PlanProblem, ranks: tuple[int, ...], tp: int) -> StageGroup:
     for r in ranks:
         device = problem.cluster.devices[r]
         profile = problem.profile_of(r)
-        # capacity: the smallest; every other field: the largest of the kind's ranks
+        # capacity and the sync's two bursts (a line that rises sooner): the smallest; every
+        # other field: the largest of the kind's ranks
+        *own, burst, long_burst, long_excess = rank_overheads(device)
         mine = (speed_factor(profile, device), rank_overhead_bytes(profile, device),
-                -problem.capacity(r), *rank_overheads(device))
+                -problem.capacity(r), *own, -burst, -long_burst, long_excess)
         old = worst.get(device.kind)
         worst[device.kind] = tuple(map(max, old, mine)) if old else mine
-    worst = {k: (v[0], v[1], -v[2], *v[3:]) for k, v in worst.items()}
+    worst = {k: (v[0], v[1], -v[2], *v[3:-3], -v[-3], -v[-2], v[-1])
+             for k, v in worst.items()}
     kinds = sorted(worst)
     tp_rings = _pareto([ring_of(links, ranks[r * tp : (r + 1) * tp]) for r in range(dp)])
     dp_rings = sorted({RingView(ring_of(links, ranks[t::tp]),
@@ -194,7 +197,8 @@ def _stage_price(problem: PlanProblem, spec: StageSpec, mbs: int, stages_to_end:
     group = stage_group(problem, spec.ranks, spec.choice.tp)
     choices = spec.choices()
     terms = {c: terms_of(problem, group, mbs, c) for c in dict.fromkeys(choices)}
-    price = price_layers(problem.profiles, group, mbs // group.dp, spec.lo, choices, terms)
+    price = price_layers(problem.profiles, group, mbs // group.dp, spec.lo, choices, terms,
+                         num_micro=num_micro)
     send = 0.0
     if following and price.output_bytes > 0:
         nbytes = np.array([float(price.output_bytes)])
@@ -240,7 +244,8 @@ def _table(problem: PlanProblem, group: StageGroup, mbs: int, choice: LayerChoic
            bounds: tuple[int, ...]) -> StageTable:  # fmt: skip
     b = np.asarray(bounds)
     terms = terms_of(problem, group, mbs, choice)
-    price = price_ranges(problem.profiles, group, mbs // group.dp, choice, b, terms)
+    price = price_ranges(problem.profiles, group, mbs // group.dp, choice, b, terms,
+                         num_micro=problem.global_batch // mbs)
     cap = np.array([v.capacity_bytes for v in group.ranks])[:, None, None]
     room = cap - price.static_bytes - price.transient_bytes
     per = price.live_bytes

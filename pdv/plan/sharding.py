@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from functools import lru_cache
 from itertools import product
 from typing import cast
@@ -34,7 +35,7 @@ from ortools.sat.python import cp_model
 from pdv.artifacts import LayerChoice
 from pdv.cost.comm import all_reduce_linear
 from pdv.cost.schedules import in_flight
-from pdv.cost.terms import LayerTerms, StageGroup, grad_passes_per_byte, sync_after_compute
+from pdv.cost.terms import LayerTerms, StageGroup, grad_passes_per_byte
 from pdv.plan.objective import stage_group, stage_price, terms_of
 from pdv.plan.problem import PlanProblem, StageSpec
 
@@ -141,6 +142,7 @@ def _build(
     opts: Sequence[LayerChoice],
     mbs: int,
     n_in: int,
+    num_micro: int,
 ) -> tuple[_Model, cp_model.LinearExpr, cp_model.LinearExpr]:
     """The model, the stage's per-micro-batch time and its per-step terms (sync + optimizer);
     option `base` is the hint."""
@@ -182,7 +184,7 @@ def _build(
             + peak_t
             <= int(view.capacity_bytes)
         )
-    sync = _sync_var(model, group)
+    sync = _sync_var(model, group, num_micro, fwd + bwd, 2 * big)
     # The optimizer step follows the sync; its time depends on the FSDP choice of each layer.
     top = sum(max(_ns(t.optimizer_s[v, i]) for v in views) for t in terms for i in layers)
     opt = m.new_int_var(0, top + 1, "opt")
@@ -196,16 +198,17 @@ def _build(
     return model, fwd + bwd + tpf + tpb + gather, sync + opt + gather
 
 
-def _sync_var(model: _Model, group: StageGroup) -> cp_model.IntVar:
+def _sync_var(model: _Model, group: StageGroup, num_micro: int,
+              compute: cp_model.LinearExpr, top: int) -> cp_model.IntVar:  # fmt: skip
     """Per-step sync ≥ each replica ring's DP all-reduce and its plain replicas' gradient
-    passes + its FSDP layers' reduce-scatters, plus the sync's measured excess after compute
-    (as pdv.cost.terms.compose prices it)."""
+    passes + its FSDP layers' reduce-scatters, plus the sync's measured excess after the
+    step's compute (as pdv.cost.terms.compose prices it)."""
     m = model.m
     sync = m.new_int_var(0, 1 << 60, "sync")
     if group.dp < 2:
         m.add(sync == 0)
         return sync
-    after = _ns(sync_after_compute(group))
+    after = _after_compute_var(model, group, num_micro, compute, top)
     passes = grad_passes_per_byte(group)
     for d, rv in enumerate(group.dp_rings):
         used = m.new_bool_var("use_dp")
@@ -223,6 +226,40 @@ def _sync_var(model: _Model, group: StageGroup) -> cp_model.IntVar:
         )
         m.add(sync >= expr + _ns(per_call) * used + after)
     return sync
+
+
+def _after_compute_var(model: _Model, group: StageGroup, num_micro: int,
+                       compute: cp_model.LinearExpr, top: int) -> cp_model.IntVar:  # fmt: skip
+    """The sync's excess after the step's compute (``num_micro`` times the layers' forward and
+    backward, ``compute``, at most ``top`` ns), as pdv.cost.terms.sync_after_compute prices it: each
+    rank's at the shorter burst, growing on a line to its excess at the longer one and held
+    there. The hold makes the growth min(cap, line), which a minimizing model would cut to
+    the line's lower part; one boolean per rank picks which bound holds instead."""
+    m = model.m
+    # The schedule's own per-micro-batch work is in the stage's compute (compose) but not in
+    # the layer vars: the slowest rank's, a constant.
+    sched = max(_ns(r.schedule_fwd_s + r.schedule_bwd_s) for r in group.ranks)
+    base = max(_ns(r.sync_after_compute_s) for r in group.ranks)
+    after = m.new_int_var(base, 1 << 60, "after")
+    for r in group.ranks:
+        cap = _ns(max(0.0, r.sync_long_excess_s - r.sync_after_compute_s))
+        span = r.sync_long_burst_s - r.sync_burst_s
+        if cap <= 0 or span <= 0:
+            m.add(after >= _ns(r.sync_after_compute_s))
+            continue
+        grow = m.new_int_var(0, cap, "grow")
+        held = m.new_bool_var("held")
+        m.add(grow >= cap).only_enforce_if(held)
+        # The slope as a ratio of integers close enough that the line stays within a
+        # nanosecond over the whole step, and small enough that no product overflows int64.
+        reach = num_micro * (top + sched) + 1
+        slope = Fraction(cap, _ns(span)).limit_denominator(
+            max(1, min(10**9, (1 << 61) // (reach * (cap // _ns(span) + 1)))))
+        m.add(slope.denominator * grow
+              >= slope.numerator * (num_micro * (compute + sched) - _ns(r.sync_burst_s))
+              ).only_enforce_if(held.Not())  # fmt: skip
+        m.add(after >= _ns(r.sync_after_compute_s) + grow)
+    return after
 
 
 def refine_stage(
@@ -264,7 +301,8 @@ def _solved(problem: PlanProblem, group: StageGroup, lo: int, hi: int, base: int
     The model depends on the ranks only through their reduced group, so candidates that share
     a stage up to the ranks it sits on (most do) solve it once; the solver is deterministic.
     """
-    model, time, per_step = _build(problem, list(range(lo, hi)), base, group, opts, mbs, n_in)
+    model, time, per_step = _build(problem, list(range(lo, hi)), base, group, opts, mbs, n_in,
+                                   num_micro)
     n = hi - lo
     model.m.add(time <= ref_t + n * 4)
     model.m.add((num_micro - 1) * time + per_step <= ref_busy + num_micro * n * 4 + 8)

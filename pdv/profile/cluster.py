@@ -324,6 +324,30 @@ def _sync_after_compute(devices: list[dict[str, Any]], over: list[dict[str, Any]
     for d, value in zip(devices, _own_or_kind_median(devices, mine), strict=True):
         if value is not None:
             d["overheads"]["sync_after_compute_s"] = value
+    # The same after the longer burst, and both bursts' lengths: what the excess is priced
+    # between by a stage's compute per step. Each number falls back to its kind's median alone.
+    timed = {r: rec for r, rec in records.items()
+             if rec.get("long") and rec.get("burst_rounds_s") and rec["long"].get("burst_rounds_s")}
+    if not timed:
+        return
+
+    def longer(rec: dict[str, Any]) -> dict[str, Any]:
+        return {**rec["long"], "bytes": rec["bytes"]}
+
+    parts = {
+        "burst_s": {r: statistics.mean(rec["burst_rounds_s"]) for r, rec in timed.items()},
+        "long_burst_s": {r: statistics.mean(rec["long"]["burst_rounds_s"])
+                         for r, rec in timed.items()},
+        "long_excess_s": {
+            r: sync_excess(longer(rec), ring_of(links, rec["pair"]),
+                           longer(p) if (p := partner(rec, r)) and p.get("long") else None)
+            for r, rec in timed.items()},
+    }
+    columns = {k: _own_or_kind_median(devices, v) for k, v in parts.items()}
+    for i, d in enumerate(devices):
+        row = {k: columns[k][i] for k in parts}
+        if all(v is not None for v in row.values()) and "sync_after_compute_s" in d["overheads"]:
+            d["overheads"]["sync_after_long_compute"] = row
 
 
 def _with_exchange(devices: list[dict[str, Any]], over: list[dict[str, Any]],

@@ -46,7 +46,9 @@ Four probes, run by every rank of ``pdv profile cluster`` after the link sweeps:
   (:func:`sync_excess`), and a message's to the rank as its mean landing less the link's
   α + S/β (:func:`exchange_excess`). The mean, because the times are bimodal and a median
   flips between the modes from one profile to the next. The second all-reduce is kept in the
-  record.
+  record. The sync is timed after a burst ten times as long too: the excess grows with the
+  compute before it, and a stage's is priced on the line between the two by its compute per
+  step.
 - **FSDP's own work** (with the collective sweep). FSDP2 does work per unit besides its
   collectives: the hooks around each forward and backward, copying parameters into the
   all-gather's buffer and out of it, resharding, the gradients' copy into the reduce-scatter.
@@ -109,8 +111,8 @@ _EXCHANGE_BYTES = 32 * 1024
 _SYNC_WARMUP, _SYNC_ROUNDS = 4, 24
 """warm-ups and timed rounds per pass of the after-compute probe (AfterCompute.take_pass)"""
 _LONG_BURST_S, _LONG_WARMUP, _LONG_ROUNDS = 0.05, 1, 8
-"""the sync's rounds after a longer burst, per pass: recorded, not priced (AfterCompute)"""
-"""warm-ups and timed rounds per pass of the after-compute probe (AfterCompute.take_pass)"""
+"""the sync's rounds after a longer burst, per pass (AfterCompute): with the shorter burst's,
+the two ends of the line a stage's excess is priced on by its compute per step"""
 _PASS_BYTES, _PASS_ROUNDS = 16 * 2**20, 5
 """the gradient passes' buffer (past a core's L2, as the buffers they price mostly are) and
 timed rounds"""
@@ -289,7 +291,9 @@ class AfterCompute:
     Each pass also times the sync after a burst ten times as long (``_LONG_BURST_S``), with
     each round's compute: the later end grew with the compute before it in a scratch loop
     here (1.9-2.6 ms after 5 ms, 3.4-3.8 ms after 100 ms), which one burst length cannot
-    say. It is recorded (``long``) for the cost model to come, not priced yet.
+    say. The cluster file takes both bursts' mean compute and the longer one's excess
+    (``RankOverheads.sync_after_long_compute``); a stage's excess is priced between them by its
+    compute per step (pdv.cost.terms.sync_after_compute).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -701,7 +705,9 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "less the sweep's price of the same all-reduce on the pair, at least 0, the same for "
         "both ranks of a pair (a rank in no pair: its kind's median); the same after a burst "
         f"of about {_LONG_BURST_S} s, {_LONG_ROUNDS} rounds per pass, each round's burst time "
-        "kept (recorded, not priced). Message after compute (the same "
+        "kept; both bursts' mean compute and the longer one's excess into "
+        "sync_after_long_compute (a stage's excess: on the line between the two by its "
+        "compute per step, held outside them). Message after compute (the same "
         f"pairs on one host): compute about {_OP_S} s, then both post a receive and a send of "
         f"{_EXCHANGE_BYTES} bytes, the sender's clock in the message; the time from both ends "
         "posted to the receive's end, the same rounds and passes; excess = mean less the "
