@@ -231,10 +231,10 @@ def _sync_var(model: _Model, group: StageGroup, num_micro: int,
 def _after_compute_var(model: _Model, group: StageGroup, num_micro: int,
                        compute: cp_model.LinearExpr, top: int) -> cp_model.IntVar:  # fmt: skip
     """The sync's excess after the step's compute (``num_micro`` times the layers' forward and
-    backward, ``compute``, at most ``top`` ns), as pdv.cost.terms.sync_after_compute prices it: each
-    rank's at the shorter burst, growing on a line to its excess at the longer one and held
-    there. The hold makes the growth min(cap, line), which a minimizing model would cut to
-    the line's lower part; one boolean per rank picks which bound holds instead."""
+    backward, ``compute``, at most ``top`` ns), as pdv.cost.terms.sync_after_compute prices
+    it: each rank's at the shorter burst, growing on a line to its excess at the longer one
+    and held there. The hold makes the growth min(cap, line), which a minimizing model would
+    cut to the line's lower part; one boolean per rank picks which bound holds instead."""
     m = model.m
     # The schedule's own per-micro-batch work is in the stage's compute (compose) but not in
     # the layer vars: the slowest rank's, a constant.
@@ -250,8 +250,11 @@ def _after_compute_var(model: _Model, group: StageGroup, num_micro: int,
         grow = m.new_int_var(0, cap, "grow")
         held = m.new_bool_var("held")
         m.add(grow >= cap).only_enforce_if(held)
-        # The slope as a ratio of integers close enough that the line stays within a
-        # nanosecond over the whole step, and small enough that no product overflows int64.
+        # The slope as a ratio of integers: exact while the span's nanoseconds fit the
+        # denominator's bound (a span under 0.1 s while num_micro times the compute's bound
+        # is under 20 s), else the nearest ratio whose products stay inside int64. A rounded
+        # slope was not close enough: 50 µs over a step against the few ns of slack the
+        # model allows the reference choice.
         reach = num_micro * (top + sched) + 1
         slope = Fraction(cap, _ns(span)).limit_denominator(
             max(1, min(10**9, (1 << 61) // (reach * (cap // _ns(span) + 1)))))
