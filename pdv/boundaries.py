@@ -4,7 +4,10 @@ Every layer boundary is a possible stage boundary, and between stages only tenso
 buffers sized in advance. The probe runs the whole model on small real batches (three of them:
 two sizes, two draws of data) and records, per layer, what it hands on: a tensor or a tuple of
 tensors, each with its dtype, its shape without the micro-batch dim (or its whole shape when it
-has none: a table every sample shares), and whether a gradient flows back through it. Anything
+has none: a table every sample shares), and whether a gradient flows back through it. A value
+whose dim 0 is a fixed multiple of the rows (logits flattened to (rows × tokens, vocab) for the
+loss, tokens flattened for an MLP) is batched too: each sample owns that many consecutive rows,
+as a row-major flatten of (rows, tokens, ...) lays them out. Anything
 the wire cannot carry is a PdvError naming the layer (and, at run time, the stage): a non-tensor,
 a shape that changes between micro-batches, a layer that fails on what the one before it hands
 on, a last layer that returns more than the loss reads.
@@ -50,10 +53,16 @@ class Value:
     """dim 0 is the micro-batch: split by rows between replicas, concatenated when merged"""
     requires_grad: bool
     """a gradient flows back through it"""
+    row_factor: int = 1
+    """dim-0 rows per sample of a batched value (consecutive: a row-major flatten)"""
 
     def full_shape(self, rows: int) -> tuple[int, ...]:
         """The shape of this value for a micro-batch of `rows` samples."""
-        return (rows, *self.shape) if self.batched else self.shape
+        return (rows * self.row_factor, *self.shape) if self.batched else self.shape
+
+    def sample_rows(self, lo: int, hi: int) -> slice:
+        """The dim-0 slice of a batched value that holds samples [lo, hi)."""
+        return slice(lo * self.row_factor, hi * self.row_factor)
 
 
 @dataclass(frozen=True)
@@ -151,10 +160,12 @@ def _value(seen: Sequence[tuple[int, torch.Tensor]], where: str, k: int, index: 
     if len(dtypes) > 1 or len(grads) > 1:
         raise BoundaryError(index, f"{what}: its dtype or gradient changes between micro-batches "
                        f"({sorted(map(str, dtypes))}); pdv sends a fixed kind of tensor")
-    batched = all(t.dim() > 0 and t.shape[0] == rows for rows, t in seen)
+    # The probe's batches have two sizes, so a fixed table never passes for a multiple of them.
+    factors = {t.shape[0] // rows if t.dim() > 0 and t.shape[0] % rows == 0 else 0
+               for rows, t in seen}
     per_sample = {tuple(t.shape[1:]) for _, t in seen}
-    if batched and len(per_sample) == 1:
-        return Value(dtypes.pop(), per_sample.pop(), True, grads.pop())
+    if len(factors) == 1 and min(factors) > 0 and len(per_sample) == 1:
+        return Value(dtypes.pop(), per_sample.pop(), True, grads.pop(), factors.pop())
     if len(shapes) == 1:
         return Value(dtypes.pop(), shapes.pop(), False, grads.pop())
     listed = ", ".join(f"{tuple(t.shape)} at {rows} samples" for rows, t in seen)

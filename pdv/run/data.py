@@ -44,12 +44,17 @@ class BatchSource:
             gen = torch.Generator().manual_seed(step_seed(self.seed, step))
             return self.model.make_batch(self.global_batch_size, gen)
         x, y = self._hook(step=step, batch_size=self.global_batch_size, seed=self.seed)
+        gb = self.global_batch_size
         for name, t in (("inputs", x), ("targets", y)):
-            if not isinstance(t, torch.Tensor) or t.shape[0] != self.global_batch_size:
+            # Targets may be flattened per token (rows × tokens), as the loss of flattened
+            # logits reads them; each sample's rows together, so micro-batches split evenly.
+            rows = t.shape[0] if isinstance(t, torch.Tensor) and t.dim() > 0 else -1
+            if rows != gb and not (name == "targets" and rows > 0 and rows % gb == 0):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                also = " (or a multiple of it, for targets)" if name == "targets" else ""
                 raise PdvError(
                     f"data hook {self.hook}: {name} must be a tensor with "
-                    f"{self.global_batch_size} rows (the global batch), got {got}"
+                    f"{gb} rows (the global batch){also}, got {got}"
                 )
         if self.model.dtype != torch.float32:  # the plan's dtype (pdv.models.cast_model)
             return cast_batch((x, y), self.model.dtype)

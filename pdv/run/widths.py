@@ -286,7 +286,7 @@ class WidthPipeline:
         first_lo = min((r.lo for r in routes), default=0)
         for r in routes:
             if value.batched:
-                piece = t[r.lo - self.lo : r.hi - self.lo]
+                piece = t[value.sample_rows(r.lo - self.lo, r.hi - self.lo)]
             elif first_only and r.lo != first_lo:
                 piece = torch.zeros_like(t)
             else:

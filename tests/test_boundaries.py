@@ -1,0 +1,89 @@
+"""The shape probe: what counts as a batched value, a fixed table, or a value the wire cannot
+carry, for dim 0 laid out every way a model lays it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pdv.boundaries import BoundaryError, probe
+from pdv.models import ModelDef, build_model
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs: torch.Tensor):  # type: ignore[no-untyped-def]
+        return self.fn(*xs)
+
+
+def _model(*fns) -> ModelDef:  # type: ignore[no-untyped-def]
+    def make_batch(mbs: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(mbs, 6, 4, generator=gen), torch.zeros(mbs)
+
+    return ModelDef(layers=[(f"l{i}", Lambda(f)) for i, f in enumerate(fns)],
+                    make_batch=make_batch, loss_fn=lambda out, y: out.sum())
+
+
+@pytest.mark.parametrize("factor", [1, 2, 6, 7])
+def test_dim_0_a_fixed_multiple_of_the_rows_is_batched(factor: int) -> None:
+    model = _model(lambda x: x.repeat_interleave(factor, dim=0).flatten(1), lambda h: h * 2)
+    first, last = probe(model)
+    for b in (first, last):
+        (v,) = b.values
+        assert v.batched and v.row_factor == factor and v.shape == (24,)
+        assert v.full_shape(5) == (5 * factor, 24)
+        assert v.sample_rows(1, 3) == slice(factor, 3 * factor)
+
+
+def test_flattened_tokens_keep_each_sample_in_consecutive_rows() -> None:
+    model = build_model("tests/models/flat_tokens.py:net", {"d": 8})
+    boundaries = probe(model)
+    tokens = 10  # flat_tokens.TOKENS
+    assert [b.values[0].row_factor for b in boundaries] == [1, 1] + [tokens] * 4
+    x, _ = model.make_batch(3, torch.Generator().manual_seed(0))
+    h = x
+    for _, layer in model.layers[:3]:
+        h = layer(h)
+    rows = boundaries[2].values[0].sample_rows(1, 2)
+    # sample 1 alone through the same layers gives exactly the rows the slice picks
+    alone = x[1:2]
+    for _, layer in model.layers[:3]:
+        alone = layer(alone)
+    torch.testing.assert_close(h[rows], alone)
+
+
+def test_a_table_no_multiple_explains_is_fixed_and_a_ragged_dim_0_is_refused() -> None:
+    # (6, 4) at every size: 6 is 3 rows of 2 and 2 rows of 3, so no one factor fits
+    (v,) = probe(_model(lambda x: x[0]))[0].values
+    assert not v.batched and v.full_shape(5) == (6, 4)
+    # one row more than a multiple: neither batched nor fixed
+    with pytest.raises(BoundaryError, match="shape changes between micro-batches"):
+        probe(_model(lambda x: torch.cat([x, x[:1]]).reshape(-1, 4)))
+
+
+def _flat_hook(step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.arange(batch_size * 11).reshape(batch_size, 11) % 53
+    return t[:, :-1].contiguous(), t[:, 1:].reshape(-1)
+
+
+def _short_hook(step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _flat_hook(step, batch_size, seed)
+    return x, y[:-1]
+
+
+def test_a_data_hook_may_flatten_its_targets_by_whole_samples() -> None:
+    from pdv.errors import PdvError
+    from pdv.run.data import BatchSource, micro_batch_rows
+
+    model = build_model("tests/models/flat_tokens.py:net", {"d": 8})
+    x, y = BatchSource(model, 8, 0, f"{__file__}:_flat_hook").global_batch(0)
+    assert x.shape == (8, 10) and y.shape == (80,)
+    # replica 1 of 2, micro-batches of 4: samples 2, 3 and 6, 7, each with its 10 tokens
+    mine = micro_batch_rows(y, 2, 2, 1)
+    assert torch.equal(mine, torch.cat([y[20:40], y[60:80]]))
+    with pytest.raises(PdvError, match=r"targets must be a tensor with 8 rows .*multiple"):
+        BatchSource(model, 8, 0, f"{__file__}:_short_hook").global_batch(0)
