@@ -69,6 +69,7 @@ from pdv.profile.request import (
     check_model,
     check_request,
 )
+from pdv.profile.source_memory import model_source_bytes
 
 __all__ = ["profile_model"]
 
@@ -311,6 +312,11 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     # read right after it (before any model tensor exists) is the runtime's constant cost.
     info = device_info(device, kind=req.device_kind)
     overhead, overhead_note = overhead_bytes(device)
+    if device.type == "cpu":
+        # Host memory only: a CUDA rank's imports do not take device memory.
+        extra, source_note = model_source_bytes(req.spec, req.kwargs, req.split_at, req.blocks)
+        overhead += extra
+        overhead_note += "; " + source_note
     # After the runtime's own bytes are read (so the probe's freed buffers are not counted as
     # runtime), before anything is timed: a run's ranks allocate the same way.
     malloc_note = keep_freed_memory() if device.type == "cpu" else None
