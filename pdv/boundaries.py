@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from pdv.errors import PdvError
-from pdv.models import ModelDef
+from pdv.models import ModelDef, batch_inputs
 
-__all__ = ["Value", "Boundary", "BoundaryError", "probe", "probe_for_stages", "WIRE_DTYPES"]
+__all__ = ["Value", "Boundary", "BoundaryError", "probe", "probe_for_stages", "WIRE_DTYPES",
+           "input_values"]
 
 WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
@@ -105,7 +106,12 @@ def _values(out: Any, where: str, index: int) -> tuple[torch.Tensor, ...]:
 def _run(model: ModelDef, rows: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
     gen = torch.Generator().manual_seed(seed)
     x, _ = model.make_batch(rows, gen)
-    values: tuple[Any, ...] = (x,)
+    values: tuple[Any, ...] = batch_inputs(x)
+    for t in values:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != rows:
+            raise BoundaryError(0, f"make_batch({rows}, ...) gives inputs {_describe(x)}; "
+                                "inputs are a tensor or a tuple of tensors, each with the "
+                                "micro-batch's rows in dim 0")
     outs: list[tuple[torch.Tensor, ...]] = []
     for index, (name, layer) in enumerate(model.layers):
         where = f"layer {index} {name!r}"
@@ -174,6 +180,11 @@ def _value(seen: Sequence[tuple[int, torch.Tensor]], where: str, k: int, index: 
         f"{what}: its shape changes between micro-batches ({listed}); pdv sends fixed-size "
         "buffers between stages: pad to a fixed shape, or keep the micro-batch as dim 0"
     )
+
+
+def input_values(x: Any) -> tuple[Value, ...]:
+    """What the first stage receives: each of make_batch's inputs, batched, no gradient."""
+    return tuple(Value(t.dtype, tuple(t.shape[1:]), True, False) for t in batch_inputs(x))
 
 
 def probe_for_stages(model: ModelDef, stage_layers: Sequence[tuple[int, int]]) -> list[Boundary]:

@@ -16,7 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Chain", "ModelDef"]
+__all__ = ["Chain", "ModelDef", "Inputs", "batch_inputs"]
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+"""What make_batch gives the first layer: one tensor, or a tuple of them (token ids and a mask),
+each with the batch in dim 0; a tuple's elements are the first layer's arguments."""
+
+
+def batch_inputs(x: Inputs) -> tuple[torch.Tensor, ...]:
+    """make_batch's inputs as the first layer's arguments."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 class _GradContiguous(torch.autograd.Function):
@@ -65,8 +74,9 @@ class ModelDef:
 
     layers: list[tuple[str, nn.Module]]
     """Ordered (name, module) pipeline units; a stage is a contiguous range of them."""
-    make_batch: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-    """(micro_batch_size, generator) -> (inputs, targets), seeded and synthetic."""
+    make_batch: Callable[[int, torch.Generator], tuple[Inputs, torch.Tensor]]
+    """(micro_batch_size, generator) -> (inputs, targets), seeded and synthetic; inputs is a
+    tensor or a tuple of tensors (the first layer's arguments), each with the batch in dim 0."""
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     """(last layer's output, targets) -> scalar loss (mean over the micro-batch)."""
     tp_plan: Callable[[int, nn.Module], dict[str, Any]] | None = None

@@ -23,11 +23,11 @@ from torch import nn
 from pdv.adapters.hf import FAMILIES
 from pdv.adapters.module import from_module
 from pdv.errors import PdvError
-from pdv.model_def import Chain, ModelDef
+from pdv.model_def import Chain, Inputs, ModelDef, batch_inputs
 from pdv.sample_models import SAMPLES, sample_spec
 
-__all__ = ["Chain", "ModelDef", "load_factory", "build_model", "cast_batch", "cast_model",
-           "check_dtype", "parse_model_args"]
+__all__ = ["Chain", "Inputs", "ModelDef", "batch_inputs", "load_factory", "build_model",
+           "cast_batch", "cast_model", "check_dtype", "parse_model_args"]
 
 
 def parse_model_args(pairs: Sequence[str]) -> dict[str, Any]:
@@ -124,12 +124,15 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, seed: int = 0, 
     return model
 
 
-def cast_batch(batch: tuple[torch.Tensor, torch.Tensor],
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def cast_batch(batch: tuple[Inputs, torch.Tensor],
+               dtype: torch.dtype) -> tuple[Inputs, torch.Tensor]:
     """(inputs, targets) with the floating ones in `dtype`; token ids and labels stay integers."""
     x, y = batch
-    return (x.to(dtype) if x.is_floating_point() else x,
-            y.to(dtype) if y.is_floating_point() else y)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    return (tuple(cast(t) for t in x) if isinstance(x, (tuple, list)) else cast(x)), cast(y)
 
 
 def check_dtype(model: ModelDef, dtype: torch.dtype) -> None:
@@ -153,7 +156,7 @@ def cast_model(model: ModelDef, dtype: torch.dtype) -> ModelDef:
         layer.to(dtype)
     make_batch = model.make_batch
 
-    def cast(rows: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def cast(rows: int, gen: torch.Generator) -> tuple[Inputs, torch.Tensor]:
         return cast_batch(make_batch(rows, gen), dtype)
 
     model.make_batch = cast

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pdv.boundaries import BoundaryError, probe
+from pdv.boundaries import BoundaryError, input_values, probe
 from pdv.models import ModelDef, build_model
 
 
@@ -44,15 +44,12 @@ def test_flattened_tokens_keep_each_sample_in_consecutive_rows() -> None:
     boundaries = probe(model)
     tokens = 10  # flat_tokens.TOKENS
     assert [b.values[0].row_factor for b in boundaries] == [1, 1] + [tokens] * 4
-    x, _ = model.make_batch(3, torch.Generator().manual_seed(0))
-    h = x
-    for _, layer in model.layers[:3]:
-        h = layer(h)
+    (ids, keep), _ = model.make_batch(3, torch.Generator().manual_seed(0))
+    chain = model.sequential(0, 3)
+    h = chain(ids, keep)
     rows = boundaries[2].values[0].sample_rows(1, 2)
-    # sample 1 alone through the same layers gives exactly the rows the slice picks
-    alone = x[1:2]
-    for _, layer in model.layers[:3]:
-        alone = layer(alone)
+    # sample 1 alone through the same layers gives the rows the slice picks
+    alone = chain(ids[1:2], keep[1:2])
     torch.testing.assert_close(h[rows], alone)
 
 
@@ -65,14 +62,19 @@ def test_a_table_no_multiple_explains_is_fixed_and_a_ragged_dim_0_is_refused() -
         probe(_model(lambda x: torch.cat([x, x[:1]]).reshape(-1, 4)))
 
 
-def _flat_hook(step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _flat_hook(step: int, batch_size: int, seed: int):  # type: ignore[no-untyped-def]
     t = torch.arange(batch_size * 11).reshape(batch_size, 11) % 53
-    return t[:, :-1].contiguous(), t[:, 1:].reshape(-1)
+    return (t[:, :-1].contiguous(), torch.ones(batch_size, 10)), t[:, 1:].reshape(-1)
 
 
-def _short_hook(step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _short_hook(step: int, batch_size: int, seed: int):  # type: ignore[no-untyped-def]
     x, y = _flat_hook(step, batch_size, seed)
     return x, y[:-1]
+
+
+def _ragged_hook(step: int, batch_size: int, seed: int):  # type: ignore[no-untyped-def]
+    (ids, keep), y = _flat_hook(step, batch_size, seed)
+    return (ids, keep[:-1]), y
 
 
 def test_a_data_hook_may_flatten_its_targets_by_whole_samples() -> None:
@@ -80,10 +82,25 @@ def test_a_data_hook_may_flatten_its_targets_by_whole_samples() -> None:
     from pdv.run.data import BatchSource, micro_batch_rows
 
     model = build_model("tests/models/flat_tokens.py:net", {"d": 8})
-    x, y = BatchSource(model, 8, 0, f"{__file__}:_flat_hook").global_batch(0)
-    assert x.shape == (8, 10) and y.shape == (80,)
+    (ids, keep), y = BatchSource(model, 8, 0, f"{__file__}:_flat_hook").global_batch(0)
+    assert ids.shape == keep.shape == (8, 10) and y.shape == (80,)
     # replica 1 of 2, micro-batches of 4: samples 2, 3 and 6, 7, each with its 10 tokens
     mine = micro_batch_rows(y, 2, 2, 1)
     assert torch.equal(mine, torch.cat([y[20:40], y[60:80]]))
     with pytest.raises(PdvError, match=r"targets must be a tensor with 8 rows .*multiple"):
         BatchSource(model, 8, 0, f"{__file__}:_short_hook").global_batch(0)
+    # every input has the global batch's rows, a mask too
+    with pytest.raises(PdvError, match=r"inputs must be a tensor with 8 rows .*got \(7, 10\)"):
+        BatchSource(model, 8, 0, f"{__file__}:_ragged_hook").global_batch(0)
+
+
+def test_inputs_are_a_tensor_or_a_tuple_of_tensors_with_the_rows_in_dim_0() -> None:
+    model = build_model("tests/models/flat_tokens.py:net", {"d": 8})
+    inputs = input_values(model.make_batch(4, torch.Generator().manual_seed(0))[0])
+    assert [(v.dtype, v.shape, v.batched) for v in inputs] == [
+        (torch.int64, (10,), True), (torch.float32, (10,), True)]
+    make = model.make_batch
+    model.make_batch = lambda rows, gen: ((make(rows, gen)[0][0], 0.5), None)  # type: ignore
+    with pytest.raises(BoundaryError, match=r"make_batch\(2, ...\) gives inputs \(tensor "
+                       r"\(2, 10\), float\); inputs are a tensor or a tuple of tensors"):
+        probe(model)

@@ -5,9 +5,9 @@ Each model runs five plans on 4 CPU ranks -- pipeline only (1F1B), stages of dif
 must equal a 1-rank run's within 1e-5 relative. All plans of all models share one torchrun
 launch (tests/conformance_worker.py). The models include one whose layers hand on
 non-contiguous views, one whose blocks take extra inputs as tuples, three whose embedding
-is tied to the LM head across a stage boundary, and one whose boundaries carry tokens flattened
-into dim 0 (a fixed multiple of the micro-batch). Each model's profile must also add up: the
-sum of its layers' times within 15% of the whole model's.
+is tied to the LM head across a stage boundary, and one with two inputs whose boundaries carry
+tokens flattened into dim 0 (a fixed multiple of the micro-batch). Each model's profile must
+also add up: the sum of its layers' times within 15% of the whole model's.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ MODELS = {
                            lr=0.05, profiled={"d": 256}),
     "tuples_tied": Source("tests/models/carry.py:carry", {"n_block": 2}, lr=0.05,
                           profiled={"d": 256}),
-    # a GRU, then tokens flattened into dim 0 (rows = samples x tokens) up to the loss
+    # two inputs (ids, mask); a GRU, then tokens flattened into dim 0 (samples x tokens rows)
     "flat_tokens": Source("tests/models/flat_tokens.py:net", lr=0.05, profiled={"d": 128}),
 }
 """Every model has at least 4 layers, so every plan below has at least one layer per stage."""

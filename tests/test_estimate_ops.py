@@ -44,8 +44,8 @@ def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def test_reshaping_a_matmul_output_moves_no_memory(shape: tuple[int, int, int, int]) -> None:
     b, t, d, e = shape
     layer = _MatmulThenReshape(d, e).to("meta")
-    x = torch.empty(b, t, d, device="meta")
-    tr = _trace(layer, x, False, False, _loss, torch.empty(0, device="meta"))
+    x = torch.empty(b, t, d, device="meta", requires_grad=True)
+    tr = _trace(layer, (x,), False, False, _loss, torch.empty(0, device="meta"))
     assert len(tr.fwd_ops) == 1, "only the mm is priced"
     flops, moved, gemm = tr.fwd_ops[0]
     assert gemm is not None and flops == 2 * b * t * d * e
@@ -59,7 +59,8 @@ def test_dropout_on_an_accelerator_is_one_kernel_each_way(shape: tuple[int, ...]
                                                           dtype: torch.dtype) -> None:
     n = torch.Size(shape).numel()
     item = torch.empty(0, dtype=dtype).element_size()
-    x = torch.empty(shape, device="meta", dtype=dtype)
+    # a layer's input inside the model: the previous layer's output, which carries a gradient
+    x = (torch.empty(shape, device="meta", dtype=dtype, requires_grad=True),)
     layer = _Dropout(0.1).train()
     fused = _trace(layer, x, False, False, _loss, torch.empty(0, device="meta"), True)
     # native_dropout: the input in, the output and a bool mask out.
@@ -99,3 +100,19 @@ def test_a_declared_gpu_prices_the_gpt_block_dropout_fused() -> None:
     elements = 16 * 1024 * 1024 + 2 * 1024 * 1024
     expected = 5 * elements / (spec.memory_bandwidth * spec.memory_efficiency)
     assert with_dropout - without == pytest.approx(expected, rel=0.05)
+
+
+def test_the_estimate_counts_a_boundarys_tensors_as_the_shape_probe_does() -> None:
+    """A tuple boundary is several messages: the estimate (meta, nothing run) hands each
+    layer's outputs on as the next one's arguments and counts them, and which carry a
+    gradient back, as the shape probe does on real batches; two inputs go to the first layer."""
+    from pdv.boundaries import probe
+    from pdv.models import build_model
+
+    for spec in ("tests/models/carry.py:carry", "tests/models/flat_tokens.py:net"):
+        est = profile_model(ProfileRequest(spec=spec, micro_batch_sizes=(2, 3), estimate=True,
+                                           device_flops=1e12))
+        seen = probe(build_model(spec))
+        assert [(x.output_tensors, x.output_grad_tensors) for x in est.layers] == [
+            (len(b.values), sum(v.requires_grad for v in b.values)) for b in seen]
+        assert all(x.fwd_s > 0 and x.bwd_s > 0 for x in est.layers if x.param_bytes)

@@ -10,7 +10,7 @@ import torch
 from torch.distributed.pipelining.schedules import Schedule1F1B
 
 from pdv.artifacts import ModelSpec, Plan, PlanStage
-from pdv.boundaries import Value, probe_for_stages
+from pdv.boundaries import input_values, probe_for_stages
 from pdv.models import build_model
 from pdv.run.dims import ParallelDims, build_meshes
 from pdv.run.pipeline import ChainPipeline
@@ -32,7 +32,7 @@ def test_last_stage_keeps_no_outputs(world_of_one: None) -> None:
     boundaries = probe_for_stages(model, [(0, 3)])
     x, y = model.make_batch(8, torch.Generator().manual_seed(0))
     pipe = ChainPipeline(dims, meshes, {0: module}, 0, device, "1F1B", model.loss_fn, boundaries,
-                         Value(x.dtype, tuple(x.shape[1:]), True, False))
+                         input_values(x))
     losses = pipe.step(x, y)
     assert len(losses) == 4 and all(v > 0 for v in losses)
     # Each micro-batch's output (8 x 32 floats here; a GPT's logits in general) is gone once

@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from pdv.errors import PdvError
-from pdv.model_def import ModelDef
+from pdv.model_def import ModelDef, batch_inputs
 
 __all__ = ["from_module", "split_points"]
 
@@ -183,7 +183,7 @@ class _Traces:
         x, _ = self.make_batch(rows, gen)
         self.cuts.clear()
         try:
-            pipe = Pipe.from_tracing(self.root, (x,))
+            pipe = Pipe.from_tracing(self.root, batch_inputs(x))
         except Exception as exc:  # torch.export fails in many ways; the cause is what helps
             cause = exc.__cause__ or exc
             text = str(cause).strip()

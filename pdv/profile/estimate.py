@@ -43,9 +43,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from pdv.artifacts import Provenance
+from pdv.boundaries import Boundary, Value
 from pdv.device_spec import DeviceSpec, Gemm, load_device_spec
 from pdv.errors import PdvError
-from pdv.models import build_model
+from pdv.models import batch_inputs, build_model
 from pdv.optim import PROFILE_OPTIMIZERS, make_optimizer
 from pdv.profile.compute import (
     device_info,
@@ -221,8 +222,8 @@ class _Trace:
     bwd_ops: tuple[Op, ...]
     saved_bytes: int
     output_bytes: int
-    output_shape: tuple[int, ...]
-    output_dtype: torch.dtype
+    outputs: tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]
+    """(shape, dtype, whether a gradient flows back) of each tensor the layer hands on"""
 
 
 class _Pricing:
@@ -294,29 +295,33 @@ class _Measured(_Pricing):
         return total
 
 
-def _trace(layer: nn.Module, x: torch.Tensor, first: bool, last: bool,
+def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bool,
            loss_fn: Callable[..., Any], targets: torch.Tensor,
            fused_dropout: bool = False) -> _Trace:
     """Run the layer's forward (and the loss if last) and backward on meta tensors;
+    `xs` are its arguments (the previous layer's outputs, or the batch's inputs);
     `fused_dropout` prices dropout as an accelerator's single kernel."""
-    x = x.detach().requires_grad_(not first and x.is_floating_point())
+    # An input carries a gradient where the previous layer's output did (the batch's none).
+    xs = tuple(x.detach().requires_grad_(not first and x.requires_grad) for x in xs)
     saved = SavedTensors(exclude=list(layer.parameters()))
     phase = _Phase()
     with saved.active(), _DeviceKernels(phase, fused_dropout), \
             FlopCounterMode(display=False) as fc, \
             _OpLog(fc) as fwd:
         phase.log = fwd
-        out = layer(x)
-        result = loss_fn(out, targets) if last else out
-    grad = None if last else torch.ones_like(result)
+        out = layer(*xs)
+        outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        roots = [loss_fn(out, targets)] if last else [o for o in outs if o.requires_grad]
+    # The upstream gradients are the next stage's to make: made before the backward's log.
+    grads = None if last else [torch.ones_like(r) for r in roots]
     with FlopCounterMode(display=False) as fc, _OpLog(fc) as bwd:
         phase.log = bwd
-        if result.requires_grad:
-            result.backward(grad)
+        if roots and roots[0].requires_grad:
+            torch.autograd.backward(roots, grads)
     for p in layer.parameters():
         p.grad = None
     return _Trace(tuple(fwd.ops), tuple(bwd.ops), saved.bytes(), tensor_bytes(out),
-                  tuple(out.shape), out.dtype)
+                  tuple((tuple(o.shape), o.dtype, o.requires_grad) for o in outs))
 
 
 def _optimizer_ops(layer: nn.Module, optimizer: str) -> tuple[Op, ...]:
@@ -335,9 +340,11 @@ def _optimizer_ops(layer: nn.Module, optimizer: str) -> tuple[Op, ...]:
     return tuple(op for op in log.ops if op[:2] != (0.0, 0))
 
 
-def _signature(layer: nn.Module, x: torch.Tensor, first: bool, last: bool) -> tuple[Any, ...]:
-    # repr() spells out every submodule's sizes; with the input shape it fixes the trace.
-    return (repr(layer), tuple(x.shape), x.dtype, first, last)
+def _signature(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool,
+               last: bool) -> tuple[Any, ...]:
+    # repr() spells out every submodule's sizes; with the inputs' shapes it fixes the trace.
+    return (repr(layer), tuple((tuple(x.shape), x.dtype, x.requires_grad) for x in xs), first,
+            last)
 
 
 @dataclass(frozen=True)
@@ -447,6 +454,7 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
     gen = torch.Generator().manual_seed(req.seed)
 
     cache: dict[tuple[Any, ...], _Trace] = {}
+    first_outputs: list[tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]] = []
     points: dict[tuple[int, int], list[Point]] = {}
     n = len(layers)
     total, done = len(tps) * len(mbss) * n + n, 0
@@ -460,7 +468,8 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
                           for i, layer in enumerate(layers)]
         for m in mbss:
             x, y = model.make_batch(m, gen)
-            h = x.to(device=meta, dtype=dtype) if x.is_floating_point() else x.to(meta)
+            h = tuple(t.to(device=meta, dtype=dtype) if t.is_floating_point() else t.to(meta)
+                      for t in batch_inputs(x))
             targets = y.to(meta)
             pts = []
             for i, layer in enumerate(shards):
@@ -474,7 +483,10 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
                                  activation_bytes=tr.saved_bytes,
                                  output_bytes=tr.output_bytes,
                                  flops_fwd=sum(op[0] for op in tr.fwd_ops)))
-                h = torch.empty(tr.output_shape, dtype=tr.output_dtype, device=meta)
+                h = tuple(torch.empty(shape, dtype=dt, device=meta).requires_grad_(grad)
+                          for shape, dt, grad in tr.outputs)
+                if len(first_outputs) < n:
+                    first_outputs.append(tr.outputs)
                 done += 1
                 if progress:
                     progress(f"estimate TP {tp}, micro-batch {m}", done, total)
@@ -530,5 +542,9 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
     elif target.declared:
         info = info.model_copy(update={
             "name": f"{kind} (declared {target.matmul_flops:.3g} FLOP/s)"})
+    # How many tensors each layer hands on, and how many carry a gradient back: the messages
+    # a boundary costs (shapes as traced at the first micro-batch size; only counts are read).
+    handed = [Boundary(i, name, tuple(Value(dt, shape, True, grad) for shape, dt, grad in outs))
+              for i, ((name, _), outs) in enumerate(zip(model.layers, first_outputs, strict=True))]
     return assemble(req, model, info, points, tps, mbss, dtype, overhead,
-                    Provenance(method="estimated", notes=notes), None, optimizer_s)
+                    Provenance(method="estimated", notes=notes), None, optimizer_s, handed)

@@ -204,7 +204,7 @@ def _grads_back(successor_inputs: Values,
     return live if same else fixed
 
 
-def _time_whole(layers: Sequence[nn.Module], x: torch.Tensor, loss_fn: Callable[..., Any],
+def _time_whole(layers: Sequence[nn.Module], x: Any, loss_fn: Callable[..., Any],
                 targets: torch.Tensor, clock: Clock) -> tuple[float, float]:
     t0 = clock.now()
     h: Any = x
@@ -218,7 +218,7 @@ def _time_whole(layers: Sequence[nn.Module], x: torch.Tensor, loss_fn: Callable[
 
 
 def _measure_points(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
-                    batches: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                    batches: dict[int, tuple[Any, torch.Tensor]],
                     device: torch.device, warmup: int, repeat: int, whole_at: int | None,
                     ticks: dict[int, Callable[[], None]], between: Callable[[], None],
                     timed: Sequence[nn.Module] | None = None,
@@ -237,7 +237,7 @@ def _measure_points(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
     clock = Clock(device)
     setup = {}
     for m, (inputs, targets) in batches.items():
-        acts: list[Values] = [(inputs,)]
+        acts: list[Values] = [_as_values(inputs)]
         with torch.no_grad():
             for layer in layers[:-1]:
                 acts.append(_as_values(layer(*acts[-1])))
@@ -332,7 +332,8 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     batches = {}
     for m in mbss:
         x, y = model.make_batch(m, gen)
-        batches[m] = (_to_device(x, device, dtype), y.to(device))
+        xs = tuple(_to_device(t, device, dtype) for t in _as_values(x))
+        batches[m] = (xs if len(xs) > 1 else xs[0], y.to(device))
 
     # The optimizer rounds come last; its first step is always a warm-up (it allocates state).
     # At least one warm-up: it leaves the gradients each timed backward adds into.

@@ -4,8 +4,9 @@ Every rank draws the same global batch for a step (a generator seeded by (seed, 
 only its rows, so the data never depend on the plan: a single-process run sees the same samples.
 A data hook is named like a model factory (``pkg.mod:fn`` or ``path/file.py:fn``) and is called
 as ``fn(step=..., batch_size=..., seed=...)``; it returns ``(inputs, targets)`` of the whole
-global batch. Under a plan in another dtype than float32 its floating tensors are cast to it,
-as the model's own batches are (pdv.models.cast_model).
+global batch (inputs a tensor or a tuple of tensors, as make_batch gives). Under a plan in
+another dtype than float32 its floating tensors are cast to it, as the model's own batches are
+(pdv.models.cast_model).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from pdv.errors import PdvError
-from pdv.models import ModelDef, cast_batch, load_factory
+from pdv.models import Inputs, ModelDef, cast_batch, load_factory
 
 __all__ = ["BatchSource", "step_seed", "micro_batch_rows"]
 
@@ -33,19 +34,21 @@ class BatchSource:
         self.model = model
         self.global_batch_size = global_batch_size
         self.seed = seed
-        self._hook: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = (
+        self._hook: Callable[..., tuple[Inputs, torch.Tensor]] | None = (
             load_factory(hook) if hook else None
         )
         self.hook = hook
 
-    def global_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) of the whole global batch of this step."""
+    def global_batch(self, step: int) -> tuple[Inputs, torch.Tensor]:
+        """(inputs, targets) of the whole global batch of this step; inputs a tensor or a
+        tuple of them (the first layer's arguments)."""
         if self._hook is None:
             gen = torch.Generator().manual_seed(step_seed(self.seed, step))
             return self.model.make_batch(self.global_batch_size, gen)
         x, y = self._hook(step=step, batch_size=self.global_batch_size, seed=self.seed)
         gb = self.global_batch_size
-        for name, t in (("inputs", x), ("targets", y)):
+        inputs = [("inputs", t) for t in x] if isinstance(x, (tuple, list)) else [("inputs", x)]
+        for name, t in (*inputs, ("targets", y)):
             # Targets may be flattened per token (rows × tokens), as the loss of flattened
             # logits reads them; each sample's rows together, so micro-batches split evenly.
             rows = t.shape[0] if isinstance(t, torch.Tensor) and t.dim() > 0 else -1

@@ -23,6 +23,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from pdv.boundaries import Boundary, Value
 from pdv.errors import PdvError
+from pdv.models import Inputs, batch_inputs
 from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
 from pdv.run.stage import ReplicaGrads
@@ -133,10 +134,10 @@ class ChainPipeline:
     def __init__(self, dims: ParallelDims, meshes: StageMeshes, modules: dict[int, nn.Module],
                  rank: int, device: torch.device, schedule: str,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 boundaries: list[Boundary], first_input: Value) -> None:
-        """`boundaries`: the shape probe's record of what each layer hands on; `first_input`:
-        the model's input. Stages get their shapes from them (torch's static mode), so no
-        shape inference runs on the wire."""
+                 boundaries: list[Boundary], first_inputs: tuple[Value, ...]) -> None:
+        """`boundaries`: the shape probe's record of what each layer hands on; `first_inputs`:
+        the model's inputs (pdv.boundaries.input_values). Stages get their shapes from them
+        (torch's static mode), so no shape inference runs on the wire."""
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import get_schedule_class
 
@@ -160,7 +161,7 @@ class ChainPipeline:
         rows = dims.replica_rows(0)
         for i in self.stage_ids:
             start, end = dims.stages[i].layers
-            ins = (first_input,) if i == 0 else boundaries[start - 1].values
+            ins = first_inputs if i == 0 else boundaries[start - 1].values
             st = PipelineStage(modules[i], i, dims.num_stages, device, group=meshes.pp_group,
                                input_args=_examples(ins, rows, device),
                                output_args=_examples(boundaries[end - 1].values, rows, device))
@@ -197,7 +198,7 @@ class ChainPipeline:
         self.reports_loss = self.last and dims.position(rank, dims.num_stages - 1)[1] == 0
         """True on the ranks whose losses count: shard 0 of each last-stage replica."""
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    def step(self, x: Inputs, y: torch.Tensor) -> list[float]:
         """Forward and backward of one global batch; the last stage returns micro-batch losses."""
         losses: list[torch.Tensor] = []
         nmb = self.dims.num_micro_batches
@@ -208,7 +209,8 @@ class ChainPipeline:
         args = ()
         if self.first:
             replica, _ = self.dims.position(self.rank, 0)
-            args = (micro_batch_rows(x, nmb, self.dims.stages[0].dp, replica).to(self.device),)
+            args = tuple(micro_batch_rows(t, nmb, self.dims.stages[0].dp, replica).to(self.device)
+                         for t in batch_inputs(x))
         if self.last:
             end = self.dims.num_stages - 1
             replica, _ = self.dims.position(self.rank, end)

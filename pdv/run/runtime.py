@@ -25,7 +25,7 @@ import torch.distributed.pipelining  # noqa: F401
 import torch.distributed.tensor.parallel  # noqa: F401
 
 from pdv.artifacts import ModelSpec, Plan, digest, load_as, write
-from pdv.boundaries import Value, probe_for_stages
+from pdv.boundaries import input_values, probe_for_stages
 from pdv.errors import PdvError
 from pdv.models import build_model, cast_model, parse_model_args
 from pdv.profile.allocator import keep_freed_memory
@@ -153,8 +153,7 @@ def train(args: argparse.Namespace) -> bool:
     if uniform:
         from pdv.run.pipeline import ChainPipeline
 
-        x0 = source.global_batch(0)[0]
-        first = Value(x0.dtype, tuple(x0.shape[1:]), True, False)
+        first = input_values(source.global_batch(0)[0])
         executor: Any = ChainPipeline(dims, meshes, modules, rank, device, plan.schedule,
                                       loss_fn, boundaries, first)
     else:

@@ -62,6 +62,7 @@ from torch.distributed.fsdp import FSDPModule
 from pdv.boundaries import Boundary, Value
 from pdv.errors import PdvError
 from pdv.fsdp_step import before_backward, end_step
+from pdv.models import Inputs, batch_inputs
 from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
 from pdv.run.stage import ReplicaGrads
@@ -197,11 +198,12 @@ class WidthPipeline:
             ops += [("F", m), ("B", m - warm)]
         return ops + [("B", m) for m in range(nmb - warm, nmb)]
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    def step(self, x: Inputs, y: torch.Tensor) -> list[float]:
         """Forward and backward of one global batch, then the replicas' gradient sum."""
         nmb, dims = self.dims.num_micro_batches, self.dims
         spec = dims.stages[self.stage]
-        xs = micro_batch_rows(x, nmb, spec.dp, self.replica).chunk(nmb) if self.first else None
+        xs = ([micro_batch_rows(t, nmb, spec.dp, self.replica).chunk(nmb) for t in batch_inputs(x)]
+              if self.first else None)
         ys = micro_batch_rows(y, nmb, spec.dp, self.replica).chunk(nmb) if self.last else None
         saved: dict[int, tuple[tuple[torch.Tensor, ...], Any]] = {}
         pending: list[dist.Work] = []
@@ -211,7 +213,8 @@ class WidthPipeline:
             self.replica_grads.attach()
         for kind, m in self._order():
             if kind == "F":
-                inputs = (xs[m].to(self.device),) if xs is not None else self._recv_inputs(m)
+                inputs = (tuple(c[m].to(self.device) for c in xs) if xs is not None
+                          else self._recv_inputs(m))
                 out = self.module(*inputs)
                 if self.last:
                     assert ys is not None

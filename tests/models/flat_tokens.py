@@ -1,5 +1,6 @@
-"""A recurrent LM whose later layers work on tokens flattened into dim 0, for pdv's
-"factory returns an nn.Sequential" source: from its third layer on, every boundary is
+"""A recurrent LM with two inputs whose later layers work on tokens flattened into dim 0, for
+pdv's "factory returns an nn.Sequential" source. make_batch gives (token ids, a mask of the
+tokens to read) as the first layer's two arguments. From its third layer on, every boundary is
 (micro-batch × tokens, width), and the last layer hands the loss flattened logits, as models
 that call cross_entropy on (B·T, vocab) do. Dim 0 is then a fixed multiple of the micro-batch,
 which replicas split and stages of different widths concatenate by whole samples."""
@@ -11,6 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 VOCAB, TOKENS = 53, 10
+
+
+class Embed(nn.Module):
+    """Token ids and a float mask in; masked embeddings out."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(VOCAB, d)
+
+    def forward(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.table(ids) * keep[..., None]
 
 
 class Recurrent(nn.Module):
@@ -44,14 +56,17 @@ class TokenMLP(nn.Module):
 
 
 def net(d: int = 32, n_mlp: int = 2) -> nn.Sequential:
-    """embedding, a GRU block, the flatten, n_mlp token MLPs, the LM head (flattened logits)."""
-    return nn.Sequential(nn.Embedding(VOCAB, d), Recurrent(d), Flatten(),
+    """masked embedding, a GRU block, the flatten, n_mlp token MLPs, the LM head (flattened
+    logits)."""
+    return nn.Sequential(Embed(d), Recurrent(d), Flatten(),
                          *[TokenMLP(d) for _ in range(n_mlp)], nn.Linear(d, VOCAB))
 
 
-def make_batch(mbs: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(mbs: int, gen: torch.Generator
+               ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     t = torch.randint(VOCAB, (mbs, TOKENS + 1), generator=gen)
-    return t[:, :-1].contiguous(), t[:, 1:].reshape(-1).contiguous()
+    keep = (torch.rand(mbs, TOKENS, generator=gen) > 0.1).float()
+    return (t[:, :-1].contiguous(), keep), t[:, 1:].reshape(-1).contiguous()
 
 
 def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
