@@ -6,7 +6,7 @@ tracing (``--split-at``/``--blocks``: torch.export brings in dynamo, FX and symp
 transformers (``hf:``) makes every rank import and keep much more: 33-35 MiB for a traced
 U-Net or decoder and 38 MiB for ``hf:gpt2`` on this project's machine, against 1.5-2.3 MiB
 for the sample models (beyond their parameters). A held-out traced U-Net's runs measured
-47-63 MiB over their predicted peaks with the sample model's runtime alone.
+47-64 MiB over their predicted peaks with the sample model's runtime alone.
 
 So a fresh process does what a rank does before its stage exists: it keeps freed memory as
 runs do (pdv.profile.allocator), imports the run's modules, builds the empty pipeline's model,
