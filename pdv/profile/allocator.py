@@ -19,11 +19,12 @@ the system between steps.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["KEEP_BYTES", "keep_freed_memory"]
+__all__ = ["KEEP_BYTES", "keep_freed_memory", "trim_heap"]
 
 KEEP_BYTES = 1 << 30
 """blocks below this are served from malloc's heap, and a free top below it is kept"""
@@ -53,3 +54,9 @@ def keep_freed_memory() -> str | None:
     _done = (f"host malloc keeps freed memory (glibc mmap and trim thresholds {KEEP_BYTES >> 20} "
              "MiB), as in every pdv profile and run")
     return _done
+
+
+def trim_heap() -> None:
+    """Hand the heap's free top back to the system now (glibc's malloc_trim; else nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

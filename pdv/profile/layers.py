@@ -332,8 +332,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     batches = {}
     for m in mbss:
         x, y = model.make_batch(m, gen)
-        xs = tuple(_to_device(t, device, dtype) for t in _as_values(x))
-        batches[m] = (xs if len(xs) > 1 else xs[0], y.to(device))
+        batches[m] = (tuple(_to_device(t, device, dtype) for t in _as_values(x)), y.to(device))
 
     # The optimizer rounds come last; its first step is always a warm-up (it allocates state).
     # At least one warm-up: it leaves the gradients each timed backward adds into.

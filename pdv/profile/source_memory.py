@@ -17,8 +17,6 @@ the model's source adds to every rank's runtime.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -32,19 +30,14 @@ from pdv.errors import PdvError
 __all__ = ["model_source_bytes"]
 
 
-def _resident() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise PdvError("no VmRSS in /proc/self/status")
-
-
 def _settle() -> int:
+    """The resident set once garbage is collected and the heap's free top handed back."""
+    from pdv.profile.allocator import trim_heap
+    from pdv.run.report import status_bytes
+
     gc.collect()
-    with contextlib.suppress(OSError):  # not glibc: nothing to hand back
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return _resident()
+    trim_heap()
+    return status_bytes("VmRSS")
 
 
 def _measure(spec: str, kwargs: dict[str, Any], split_at: list[str], blocks: list[str]) -> int:

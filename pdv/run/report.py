@@ -13,14 +13,14 @@ parameters, gradients, optimizer state, activations and communication buffers.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import statistics
 from pathlib import Path
 
 from pdv.artifacts import Plan, Provenance, RunMeasured, RunReport, digest
+from pdv.profile.allocator import trim_heap
 
-__all__ = ["PeakMemory", "step_stats", "make_report", "CPU_MEMORY_METHOD", "CUDA_MEMORY_METHOD"]
+__all__ = ["PeakMemory", "status_bytes", "step_stats", "make_report", "CPU_MEMORY_METHOD",
+           "CUDA_MEMORY_METHOD"]
 
 CPU_MEMORY_METHOD = (
     "cpu: peak resident set of the rank process (VmHWM, reset after the stage was built), "
@@ -29,7 +29,8 @@ CPU_MEMORY_METHOD = (
 CUDA_MEMORY_METHOD = "cuda: torch.cuda.max_memory_reserved (caching allocator)"
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -50,8 +51,7 @@ class PeakMemory:
     def start(self) -> None:
         """Start the peak window (after the stage is built and the rest of the model freed)."""
         if self.device_type == "cpu":
-            with contextlib.suppress(OSError):
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            trim_heap()
             Path("/proc/self/clear_refs").write_text("5")
         else:
             import torch
@@ -61,7 +61,7 @@ class PeakMemory:
     def peak(self) -> int:
         """Peak bytes in the window."""
         if self.device_type == "cpu":
-            return _status_bytes("VmHWM")
+            return status_bytes("VmHWM")
         import torch
 
         return int(torch.cuda.max_memory_reserved())
