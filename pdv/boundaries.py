@@ -25,7 +25,7 @@ from pdv.errors import PdvError
 from pdv.models import ModelDef, batch_inputs
 
 __all__ = ["Value", "Boundary", "BoundaryError", "probe", "probe_for_stages", "WIRE_DTYPES",
-           "input_values"]
+           "input_values", "in_place_writers"]
 
 WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
@@ -73,6 +73,9 @@ class Boundary:
     layer: int
     name: str
     values: tuple[Value, ...]
+    overwritten: bool = False
+    """the next layer writes into one of these tensors in place (``ReLU(inplace=True)``): a
+    stage that starts there, whose input is a received leaf, must hand it a copy"""
 
 
 def _describe(out: Any) -> str:
@@ -103,7 +106,8 @@ def _values(out: Any, where: str, index: int) -> tuple[torch.Tensor, ...]:
     return items
 
 
-def _run(model: ModelDef, rows: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
+def _run(model: ModelDef, rows: int, seed: int) -> tuple[list[tuple[torch.Tensor, ...]], set[int]]:
+    """Each layer's output, and the layers that wrote into their input in place."""
     gen = torch.Generator().manual_seed(seed)
     x, _ = model.make_batch(rows, gen)
     values: tuple[Any, ...] = batch_inputs(x)
@@ -113,8 +117,10 @@ def _run(model: ModelDef, rows: int, seed: int) -> list[tuple[torch.Tensor, ...]
                                 "inputs are a tensor or a tuple of tensors, each with the "
                                 "micro-batch's rows in dim 0")
     outs: list[tuple[torch.Tensor, ...]] = []
+    writers: set[int] = set()
     for index, (name, layer) in enumerate(model.layers):
         where = f"layer {index} {name!r}"
+        versions = [t._version for t in values]
         try:
             out = layer(*values)
         except PdvError:
@@ -128,17 +134,22 @@ def _run(model: ModelDef, rows: int, seed: int) -> list[tuple[torch.Tensor, ...]
                 "gets exactly the previous layer's output (a tuple as separate arguments): hand "
                 "on what the next layer needs, or recompute it there"
             ) from None
+        if any(t._version != v for t, v in zip(values, versions, strict=True)):
+            writers.add(index)
         outs.append(_values(out, where, index))
         values = outs[-1]
-    return outs
+    return outs, writers
 
 
 def probe(model: ModelDef) -> list[Boundary]:
     """Run the model on three small batches; what every layer hands on, checked for the wire."""
     runs = []
+    writers: set[int] = set()
     with torch.random.fork_rng(devices=[]):
         for rows, seed in zip(_ROWS, _SEEDS, strict=True):
-            runs.append((rows, _run(model, rows, seed)))
+            outs, wrote = _run(model, rows, seed)
+            runs.append((rows, outs))
+            writers |= wrote
     last = len(model.layers) - 1
     boundaries = []
     for index, (name, _) in enumerate(model.layers):
@@ -154,7 +165,7 @@ def probe(model: ModelDef) -> list[Boundary]:
         if index == last and len(values) != 1:
             raise BoundaryError(index, f"{where} is the last layer and returns {len(values)} "
                                 "tensors; it must return the one tensor the loss reads")
-        boundaries.append(Boundary(index, name, tuple(values)))
+        boundaries.append(Boundary(index, name, tuple(values), index + 1 in writers))
     return boundaries
 
 
@@ -180,6 +191,11 @@ def _value(seen: Sequence[tuple[int, torch.Tensor]], where: str, k: int, index: 
         f"{what}: its shape changes between micro-batches ({listed}); pdv sends fixed-size "
         "buffers between stages: pad to a fixed shape, or keep the micro-batch as dim 0"
     )
+
+
+def in_place_writers(boundaries: Sequence[Boundary]) -> frozenset[int]:
+    """The layers (past the first) that write into what they receive."""
+    return frozenset(b.layer + 1 for b in boundaries if b.overwritten)
 
 
 def input_values(x: Any) -> tuple[Value, ...]:

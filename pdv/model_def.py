@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Chain", "ModelDef", "Inputs", "batch_inputs"]
+__all__ = ["Chain", "ModelDef", "Inputs", "batch_inputs", "grad_copies"]
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 """What make_batch gives the first layer: one tensor, or a tuple of them (token ids and a mask),
@@ -28,21 +28,31 @@ def batch_inputs(x: Inputs) -> tuple[torch.Tensor, ...]:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+def grad_copies(values: Sequence[Any]) -> tuple[Any, ...]:
+    """Copies of the tensors that carry a gradient, for a layer that writes into its input in
+    place: autograd forbids that on a leaf (a received or profiled input) and on the input a
+    recompute keeps."""
+    return tuple(v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v
+                 for v in values)
+
+
 class _GradContiguous(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous (what the wire accepts)."""
+    """Identity whose backward makes the gradient contiguous (what the wire accepts); with
+    `copy`, a fresh tensor that the stage's first layer may write into in place (a received
+    tensor is a leaf, and autograd forbids in-place writes to a leaf or to a view of one)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+    def forward(ctx: Any, x: torch.Tensor, copy: bool) -> torch.Tensor:
+        return x.clone() if copy else x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.contiguous(), None
 
 
-def _wire_input(x: Any) -> Any:
+def _wire_input(x: Any, copy: bool) -> Any:
     if isinstance(x, torch.Tensor) and x.requires_grad:
-        return _GradContiguous.apply(x)
+        return _GradContiguous.apply(x, copy)
     return x
 
 
@@ -56,11 +66,15 @@ class Chain(nn.Sequential):
 
     What leaves the chain is made contiguous, and so is the gradient that flows back into its
     inputs: a stage is a Chain, and gloo (like NCCL) sends only contiguous tensors, whatever
-    views the model's own layers hand on (a transpose, a slice).
+    views the model's own layers hand on (a transpose, a slice). With `copy_inputs` the inputs
+    that carry a gradient are copied first: the chain's first layer writes into its input in
+    place (the shape probe's ``Boundary.overwritten``).
     """
 
+    copy_inputs: bool = False
+
     def forward(self, *args: Any) -> Any:
-        values = tuple(_wire_input(a) for a in args)
+        values = tuple(_wire_input(a, self.copy_inputs) for a in args)
         for layer in self:
             out = layer(*values)
             values = tuple(out) if isinstance(out, (tuple, list)) else (out,)

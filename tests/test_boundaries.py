@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from pdv.boundaries import BoundaryError, input_values, probe
+from pdv.boundaries import BoundaryError, in_place_writers, input_values, probe
 from pdv.models import ModelDef, build_model
+from tests.models import shared_in_place
 
 
 class Lambda(nn.Module):
@@ -104,3 +105,23 @@ def test_inputs_are_a_tensor_or_a_tuple_of_tensors_with_the_rows_in_dim_0() -> N
     with pytest.raises(BoundaryError, match=r"make_batch\(2, ...\) gives inputs \(tensor "
                        r"\(2, 10\), float\); inputs are a tensor or a tuple of tensors"):
         probe(model)
+
+
+def test_the_probe_marks_what_the_next_layer_writes_into_in_place() -> None:
+    """A value some layer writes into (ReLU(inplace=True), mul_) is marked on the boundary that
+    hands it on; a layer that only reads, or writes into its own fresh output, marks nothing."""
+    model = build_model("tests/models/shared_in_place.py:net", {})
+    found = probe(model)
+    assert [b.overwritten for b in found] == [False, True, False, True, False, True, False, False]
+    assert in_place_writers(found) == {2, 4, 6}
+    fresh = _model(lambda x: x * 2, lambda x: (x + 1).relu_(), lambda x: x.sum(dim=(1, 2)))
+    assert in_place_writers(probe(fresh)) == frozenset()
+
+
+def test_a_module_at_several_places_of_a_sequential_is_a_layer_at_each() -> None:
+    """nn.Module.named_children() yields a module once; the Sequential runs it at each place."""
+    model = build_model("tests/models/shared_in_place.py:net", {})
+    assert len(model.layers) == 8
+    assert model.layers[1][1] is model.layers[3][1] is model.layers[5][1]
+    assert [sorted({i for i, _ in g}) for g in model.tied_groups()] == [[1, 3, 5], [1, 3, 5]]
+    assert len(model.layers) == len(shared_in_place.net())

@@ -5,8 +5,9 @@ Each model runs five plans on 4 CPU ranks -- pipeline only (1F1B), stages of dif
 must equal a 1-rank run's within 1e-5 relative. All plans of all models share one torchrun
 launch (tests/conformance_worker.py). The models include one whose layers hand on
 non-contiguous views, one whose blocks take extra inputs as tuples, three whose embedding
-is tied to the LM head across a stage boundary, and one with two inputs whose boundaries carry
-tokens flattened into dim 0 (a fixed multiple of the micro-batch). Each model's profile must
+is tied to the LM head across a stage boundary, one with two inputs whose boundaries carry
+tokens flattened into dim 0 (a fixed multiple of the micro-batch), and an nn.Sequential that
+holds one module at three places and writes into stage inputs in place. Each model's profile must
 also add up: the sum of its layers' times within 15% of the whole model's.
 """
 
@@ -73,6 +74,10 @@ MODELS = {
                           profiled={"d": 256}),
     # two inputs (ids, mask); a GRU, then tokens flattened into dim 0 (samples x tokens rows)
     "flat_tokens": Source("tests/models/flat_tokens.py:net", lr=0.05, profiled={"d": 128}),
+    # one Linear at three depths (shared across stages and twice in one FSDP stage); stages
+    # that start with a layer writing into its input in place
+    "shared_in_place": Source("tests/models/shared_in_place.py:net", lr=0.05,
+                              profiled={"d": 512}, profile_mbs=512),
 }
 """Every model has at least 4 layers, so every plan below has at least one layer per stage."""
 
@@ -175,6 +180,7 @@ def test_profile_layers_add_up_to_the_whole_model(model: str) -> None:
 
     import torch
 
+    from pdv.boundaries import in_place_writers, probe
     from pdv.models import build_model
     from pdv.profile.layers import _measure_points
 
@@ -183,12 +189,14 @@ def test_profile_layers_add_up_to_the_whole_model(model: str) -> None:
     built = build_model(source.spec, {**source.kwargs, **source.profiled},
                         split_at=source.split_at, blocks=source.blocks)
     layers = [layer for _, layer in built.layers]
+    writers = in_place_writers(probe(built))
     x, y = built.make_batch(source.profile_mbs, torch.Generator().manual_seed(0))
     for _ in range(3):
         mbs = source.profile_mbs
         by_size, whole = _measure_points(layers, built.loss_fn, {mbs: (x, y)},
                                          torch.device("cpu"), warmup=3, repeat=9, whole_at=mbs,
-                                         ticks={mbs: lambda: None}, between=lambda: None)
+                                         ticks={mbs: lambda: None}, between=lambda: None,
+                                         writers=writers)
         points = by_size[mbs]
         ratios = [sum(p.fwd[r] + p.bwd[r] for p in points) / (wf + wb)
                   for r, (wf, wb) in enumerate(whole)]

@@ -132,6 +132,19 @@ def test_a_layer_handing_on_a_tuple_records_its_messages() -> None:
     assert artifacts.dumps(p).count('"output_tensors": 3') == 3
 
 
+def test_layers_that_write_into_their_input_profile_measured_and_estimated() -> None:
+    # Timed alone, a layer gets a leaf that carries a gradient, which autograd forbids writing
+    # into; both profilers hand such a layer a copy, as a stage starting there does.
+    req = {"spec": "tests/models/shared_in_place.py:net", "micro_batch_sizes": (2,)}
+    measured = profile_model(ProfileRequest(**req, warmup=1, repeat=2))
+    estimated = profile_model(ProfileRequest(**req, estimate=True))
+    for p in (measured, estimated):
+        assert len(p.layers) == 8 and all(x.fwd_s > 0 for x in p.layers)
+        # ReLU, mul_ and Hardtanh have no parameters; the shared Linear has its own at each place.
+        assert [x.param_bytes > 0 for x in p.layers] == [True, True, False, True, False, True,
+                                                         False, True]
+
+
 def test_estimate_gpt3_175b_is_fast_and_marked(tmp_path: Path) -> None:
     out = tmp_path / "gpt3.json"
     start = time.perf_counter()

@@ -62,7 +62,9 @@ def from_module(module: nn.Module, factory: Callable[..., Any], spec: str,
                 "where to cut it with --split-at MODULE (repeatable) or --blocks MODULELIST; "
                 f"its submodules: {_names(module)}"
             )
-        layers = [(name, child) for name, child in module.named_children()]
+        # Not named_children(): it yields a module once, and a Sequential may hold one module
+        # at several places (weights shared across depths), each place a layer.
+        layers = [(name, child) for name, child in module._modules.items() if child is not None]
         if not layers:
             raise PdvError(f"model {spec!r}: the nn.Sequential has no children")
         return ModelDef(layers=layers, make_batch=make_batch, loss_fn=loss_fn)

@@ -303,6 +303,9 @@ def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bo
     `fused_dropout` prices dropout as an accelerator's single kernel."""
     # An input carries a gradient where the previous layer's output did (the batch's none).
     xs = tuple(x.detach().requires_grad_(not first and x.requires_grad) for x in xs)
+    # Non-leaf copies, made before the op log opens (meta tensors: no data, no cost), so a
+    # layer that writes into its input in place (ReLU(inplace=True)) traces as in a stage.
+    xs = tuple(x.clone() if x.requires_grad else x for x in xs)
     saved = SavedTensors(exclude=list(layer.parameters()))
     phase = _Phase()
     with saved.active(), _DeviceKernels(phase, fused_dropout), \

@@ -39,8 +39,9 @@ from pdv.artifacts import (
     Provenance,
     WholeModelTiming,
 )
-from pdv.boundaries import probe
+from pdv.boundaries import in_place_writers, probe
 from pdv.errors import PdvError
+from pdv.model_def import grad_copies
 from pdv.models import build_model
 from pdv.profile.allocator import keep_freed_memory
 from pdv.profile.compute import (
@@ -128,9 +129,11 @@ def _forward(layer: nn.Module, xs: Values, last: bool, loss_fn: Callable[..., An
 
 def _layer_memory(layer: nn.Module, xs: Values, first: bool, last: bool,
                   loss_fn: Callable[..., Any], targets: torch.Tensor,
-                  device: torch.device) -> tuple[int, int, float]:
+                  device: torch.device, writes: bool = False) -> tuple[int, int, float]:
     """(saved activation bytes, output bytes, forward FLOPs) of one untimed forward."""
     xs = _leaves(xs, not first)
+    if writes:
+        xs = grad_copies(xs)
     saved = SavedTensors(exclude=list(layer.parameters()))
     cuda = device.type == "cuda"
     if cuda:
@@ -153,7 +156,8 @@ def _layer_memory(layer: nn.Module, xs: Values, first: bool, last: bool,
 
 def _time_layers(layers: Sequence[nn.Module], acts: Sequence[Values],
                  grads: Sequence[tuple[torch.Tensor | None, ...]], loss_fn: Callable[..., Any],
-                 targets: torch.Tensor, clock: Clock) -> tuple[list[float], list[float]]:
+                 targets: torch.Tensor, clock: Clock,
+                 writers: frozenset[int] = frozenset()) -> tuple[list[float], list[float]]:
     """One round: every layer's forward in order, then every backward in reverse order.
 
     The order and the data flow are the whole model's: a layer takes the output its
@@ -171,6 +175,8 @@ def _time_layers(layers: Sequence[nn.Module], acts: Sequence[Values],
     for i, layer in enumerate(layers):
         xs = _leaves(acts[i] if i == 0 else _hand_on(outs[i - 1], acts[i]), i > 0)
         ins.append(xs)
+        if i in writers:
+            xs = grad_copies(xs)
         t0 = clock.now()
         outs.append(_forward(layer, xs, i == n - 1, loss_fn, targets))
         fwd[i] = clock.now() - t0
@@ -222,6 +228,7 @@ def _measure_points(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
                     device: torch.device, warmup: int, repeat: int, whole_at: int | None,
                     ticks: dict[int, Callable[[], None]], between: Callable[[], None],
                     timed: Sequence[nn.Module] | None = None,
+                    writers: frozenset[int] = frozenset(),
                     ) -> tuple[dict[int, list[Point]], list[tuple[float, float]]]:
     """Every layer at each micro-batch size of one TP degree; the whole model at `whole_at`.
 
@@ -235,12 +242,15 @@ def _measure_points(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
     n = len(layers)
     timed = layers if timed is None else timed
     clock = Clock(device)
+    # `writers` write into their input in place: the untimed passes below hand them copies
+    # so that every layer's stored input stays what its predecessor handed on.
     setup = {}
     for m, (inputs, targets) in batches.items():
         acts: list[Values] = [_as_values(inputs)]
         with torch.no_grad():
-            for layer in layers[:-1]:
-                acts.append(_as_values(layer(*acts[-1])))
+            for i, layer in enumerate(layers[:-1]):
+                xs = tuple(x.clone() for x in acts[-1]) if i in writers else acts[-1]
+                acts.append(_as_values(layer(*xs)))
         # A fixed upstream gradient per layer output stands in for what the next stage sends
         # back.
         gen = torch.Generator(device=device).manual_seed(1)
@@ -250,7 +260,7 @@ def _measure_points(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
         points = []
         for i, layer in enumerate(layers):
             act, out, flops = _layer_memory(layer, acts[i], i == 0, i == n - 1, loss_fn,
-                                             targets, device)  # fmt: skip
+                                             targets, device, i in writers)  # fmt: skip
             points.append(Point([], [], param_bytes(layer), act, out, flops))
         setup[m] = (acts, grads, points)
     whole_times: list[tuple[float, float]] = []
@@ -263,7 +273,7 @@ def _measure_points(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
             # its whole-model time against 1.16 timed size after size).
             untimed = warmup if v == 0 else 1
             for r in range(untimed + timed_rounds):
-                fwd, bwd = _time_layers(timed, acts, grads, loss_fn, targets, clock)
+                fwd, bwd = _time_layers(timed, acts, grads, loss_fn, targets, clock, writers)
                 if r >= untimed:
                     for i in range(n):
                         points[i].fwd.append(fwd[i])
@@ -325,6 +335,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     tps = check_model(req, model)
     # Every layer boundary is a possible stage boundary: check now what each hands on.
     boundaries = probe(model)
+    writers = in_place_writers(boundaries)
     mbss = tuple(sorted(set(req.micro_batch_sizes)))
     ref = mbss[0]
     base = [layer.to(device=device, dtype=dtype) for _, layer in model.layers]
@@ -376,7 +387,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
                                      device, warmup, req.repeat, ref if tp == 1 else None,
                                      ticks,
                                      lambda: probes.append(matmul_flops_probe(device)),
-                                     timed=timed)  # fmt: skip
+                                     timed=timed, writers=writers)  # fmt: skip
             for m in mbss:
                 points[(tp, m)] = pts[m]
             whole = whole or w

@@ -25,7 +25,7 @@ import torch.distributed.pipelining  # noqa: F401
 import torch.distributed.tensor.parallel  # noqa: F401
 
 from pdv.artifacts import ModelSpec, Plan, digest, load_as, write
-from pdv.boundaries import input_values, probe_for_stages
+from pdv.boundaries import in_place_writers, input_values, probe_for_stages
 from pdv.errors import PdvError
 from pdv.models import build_model, cast_model, parse_model_args
 from pdv.profile.allocator import keep_freed_memory
@@ -139,8 +139,10 @@ def train(args: argparse.Namespace) -> bool:
         model.prepare(sorted({dims.replica_rows(i) for i in range(dims.num_stages)}))
     uniform = dims.uniform
     tied = TiedGrads(model, dims, rank, dims.stages[0].dp if uniform else 1)
+    writers = in_place_writers(boundaries)
     modules = {
-        i: build_stage_module(model, dims.stages[i], meshes.stage_mesh[i], device, tied.params)
+        i: build_stage_module(model, dims.stages[i], meshes.stage_mesh[i], device, tied.params,
+                              writers)
         for i in dims.stages_of(rank)
     }
     tied.check()

@@ -16,6 +16,7 @@ from torch import nn
 
 from pdv.artifacts import PlanStage
 from pdv.errors import PdvError
+from pdv.model_def import grad_copies
 from pdv.models import ModelDef
 
 __all__ = ["ReplicaGrads", "build_stage_module", "check_tp_support"]
@@ -38,26 +39,34 @@ def check_tp_support(model: ModelDef, stages: list[PlanStage], spec: str) -> Non
 
 
 def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
-                       device: torch.device, tied: set[nn.Parameter] | None = None) -> nn.Module:
+                       device: torch.device, tied: set[nn.Parameter] | None = None,
+                       writers: frozenset[int] = frozenset()) -> nn.Module:
     """The stage's layers as one module, parallelized for this rank (TP, recompute, FSDP2).
 
     Plain replicas come back unwrapped; the executor sums their grads with ReplicaGrads.
     `tied` parameters stay out of FSDP's shards (pdv.run.tied sums their gradients).
+    `writers`: layers that write into their input in place (pdv.boundaries.in_place_writers):
+    the stage copies its input for the first (Chain.copy_inputs), a recompute for any.
     """
     start, end = stage.layers
     choices = stage.layer_choices()
     module = model.sequential(start, end)
+    module.copy_inputs = start in writers
     module.to(device)
+    # One module object may fill several layers (ALBERT shares one encoder layer across
+    # depths); TP and FSDP take a module once, at its first place in the stage.
+    first = [k for k in range(end - start)
+             if all(module[j] is not module[k] for j in range(k))]
     if stage.tp > 1:
         from torch.distributed.tensor.parallel import parallelize_module
 
         assert model.tp_plan is not None
         tp_mesh = mesh["tp"]
-        for index in range(start, end):
-            layer = module[index - start]
-            plan = model.tp_plan(index, layer)
+        for k in first:
+            layer = module[k]
+            plan = model.tp_plan(start + k, layer)
             # tp 1 in layer_sharding: the layer stays replicated inside the TP group.
-            if plan and choices[index - start].tp > 1:
+            if plan and choices[k].tp > 1:
                 parallelize_module(layer, tp_mesh, plan)
     if any(c.recompute for c in choices):
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -66,7 +75,8 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
 
         for k, c in enumerate(choices):
             if c.recompute:
-                module[k] = checkpoint_wrapper(module[k])
+                fn = _checkpoint_copying if start + k in writers else None
+                module[k] = checkpoint_wrapper(module[k], checkpoint_fn=fn)
     if stage.dp == 1:
         return module
     if any(c.fsdp for c in choices):
@@ -76,12 +86,20 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
         # so a stage with any FSDP layer shards all of its parameters.
         dp_mesh = mesh["dp"]
         ignored = set(tied or ())
-        for k, c in enumerate(choices):
-            if c.fsdp:
+        for k in first:
+            if any(c.fsdp for j, c in enumerate(choices) if module[j] is module[k]):
                 fully_shard(module[k], mesh=dp_mesh, ignored_params=ignored)
         fully_shard(module, mesh=dp_mesh, ignored_params=ignored)
         return module
     return module
+
+
+def _checkpoint_copying(module: nn.Module, *args: Any) -> Any:
+    """Recompute a layer that writes into its input in place: the checkpoint keeps the input it
+    was given and the layer writes into a copy, so the recompute reads what the forward read."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(lambda *xs: module(*grad_copies(xs)), *args, use_reentrant=False)
 
 
 class ReplicaGrads:
