@@ -25,7 +25,7 @@ from pdv.errors import PdvError
 from pdv.models import ModelDef, batch_inputs
 
 __all__ = ["Value", "Boundary", "BoundaryError", "probe", "probe_for_stages", "WIRE_DTYPES",
-           "input_values", "in_place_writers"]
+           "input_values", "in_place_writers", "check_targets"]
 
 WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
@@ -106,16 +106,27 @@ def _values(out: Any, where: str, index: int) -> tuple[torch.Tensor, ...]:
     return items
 
 
+def check_targets(targets: Any, rows: int) -> None:
+    """make_batch's targets must be one tensor whose dim 0 holds the rows (or a fixed multiple
+    of them: flattened tokens); they are split with the inputs, and the loss reads them."""
+    if isinstance(targets, torch.Tensor) and targets.dim() > 0 and targets.shape[0] % rows == 0:
+        return
+    raise BoundaryError(-1, f"make_batch({rows}, ...) gives targets {_describe(targets)}; "
+                        "targets are one tensor with the micro-batch's rows in dim 0 (stack "
+                        "several into one tensor and take them apart in loss_fn)")
+
+
 def _run(model: ModelDef, rows: int, seed: int) -> tuple[list[tuple[torch.Tensor, ...]], set[int]]:
     """Each layer's output, and the layers that wrote into their input in place."""
     gen = torch.Generator().manual_seed(seed)
-    x, _ = model.make_batch(rows, gen)
+    x, y = model.make_batch(rows, gen)
     values: tuple[Any, ...] = batch_inputs(x)
     for t in values:
         if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != rows:
             raise BoundaryError(0, f"make_batch({rows}, ...) gives inputs {_describe(x)}; "
                                 "inputs are a tensor or a tuple of tensors, each with the "
                                 "micro-batch's rows in dim 0")
+    check_targets(y, rows)
     outs: list[tuple[torch.Tensor, ...]] = []
     writers: set[int] = set()
     for index, (name, layer) in enumerate(model.layers):

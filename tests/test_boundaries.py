@@ -125,3 +125,24 @@ def test_a_module_at_several_places_of_a_sequential_is_a_layer_at_each() -> None
     assert model.layers[1][1] is model.layers[3][1] is model.layers[5][1]
     assert [sorted({i for i, _ in g}) for g in model.tied_groups()] == [[1, 3, 5], [1, 3, 5]]
     assert len(model.layers) == len(shared_in_place.net())
+
+
+@pytest.mark.parametrize("targets, ok", [
+    (lambda n: torch.zeros(n), True),
+    (lambda n: torch.zeros(n * 7, dtype=torch.long), True),  # tokens flattened into dim 0
+    (lambda n: (torch.zeros(n), torch.ones(n)), False),  # labels and weights, not stacked
+    (lambda n: torch.tensor(1.0), False),
+    (lambda n: torch.zeros(n + 1), False),
+])
+def test_targets_are_one_tensor_with_the_rows_in_dim_0(targets, ok: bool) -> None:  # type: ignore[no-untyped-def]
+    model = _model(lambda x: x.sum(dim=2))
+
+    def make_batch(mbs: int, gen: torch.Generator):  # type: ignore[no-untyped-def]
+        return torch.randn(mbs, 6, 4, generator=gen), targets(mbs)
+
+    model.make_batch = make_batch
+    if ok:
+        assert len(probe(model)) == 1
+    else:
+        with pytest.raises(BoundaryError, match="targets are one tensor"):
+            probe(model)

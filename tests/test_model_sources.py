@@ -69,10 +69,20 @@ class Branch(nn.Module):
     def forward(self, x):
         return self.a(x) if x.sum() > 0 else self.b(x)
 
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4)] * 3)
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
 def dict_out(): return nn.Sequential(nn.Linear(4, 4), Pair(), nn.Identity())
 def ragged(): return nn.Sequential(nn.Linear(4, 8), Grow(), nn.Identity())
 def branchy(): return Branch()
 def not_a_model(): return 42
+def shared(): return Shared()
 def make_batch(mbs, gen): return torch.randn(mbs, 4, generator=gen), torch.randn(mbs, 4)
 def loss_fn(out, y): return (out - y[:, : out.shape[1]]).pow(2).mean()
 """
@@ -85,6 +95,7 @@ def loss_fn(out, y): return (out - y[:, : out.shape[1]]).pow(2).mean()
     ("branchy", ["--split-at", "c"], "--split-at c: model"),
     ("branchy", [], "not an nn.Sequential"),
     ("not_a_model", [], "factory returned int"),
+    ("shared", ["--blocks", "layers"], "holds one module at several places (3 places, 1 distinct"),
 ])
 def test_bad_models_are_one_line_and_exit_2(tmp_path: Path, factory: str, args: list[str],
                                             needle: str) -> None:

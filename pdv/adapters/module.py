@@ -99,6 +99,15 @@ def split_points(module: nn.Module, split_at: Sequence[str], blocks: Sequence[st
                 f"--blocks {name}: {type(parent).__name__} is not a non-empty ModuleList or "
                 "Sequential; name the list that holds the model's blocks (e.g. model.layers)"
             )
+        slots = [n for n, m in parent._modules.items() if m is not None]
+        if len(slots) > len(children):
+            raise PdvError(
+                f"--blocks {name}: the list holds one module at several places ({len(slots)} "
+                f"places, {len(children)} distinct: weights shared across depths); "
+                "torch.export cannot cut a module shared across cut points: return an "
+                "nn.Sequential (a module may fill several of its places) or a "
+                "pdv.models.ModelDef whose layers are the places"
+            )
         points += [(f"{name}.{c}", "begin") for c in children]
         points.append((f"{name}.{children[-1]}", "end"))
     seen: set[tuple[str, str]] = set()

@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from pdv.artifacts import Provenance
-from pdv.boundaries import Boundary, Value
+from pdv.boundaries import Boundary, Value, check_targets
 from pdv.device_spec import DeviceSpec, Gemm, load_device_spec
 from pdv.errors import PdvError
 from pdv.models import batch_inputs, build_model
@@ -471,6 +471,7 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
                           for i, layer in enumerate(layers)]
         for m in mbss:
             x, y = model.make_batch(m, gen)
+            check_targets(y, m)
             h = tuple(t.to(device=meta, dtype=dtype) if t.is_floating_point() else t.to(meta)
                       for t in batch_inputs(x))
             targets = y.to(meta)
