@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pdv.errors import PdvError
-from pdv.models import ModelDef, batch_inputs
+from pdv.models import ModelDef, as_args
 
 __all__ = ["Value", "Boundary", "BoundaryError", "probe", "probe_for_stages", "WIRE_DTYPES",
            "input_values", "in_place_writers", "check_targets"]
@@ -87,7 +87,7 @@ def _describe(out: Any) -> str:
 
 
 def _values(out: Any, where: str, index: int) -> tuple[torch.Tensor, ...]:
-    items = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    items = as_args(out)
     for k, item in enumerate(items):
         if not isinstance(item, torch.Tensor):
             at = f" (element {k} of its tuple)" if len(items) > 1 else ""
@@ -120,7 +120,7 @@ def _run(model: ModelDef, rows: int, seed: int) -> tuple[list[tuple[torch.Tensor
     """Each layer's output, and the layers that wrote into their input in place."""
     gen = torch.Generator().manual_seed(seed)
     x, y = model.make_batch(rows, gen)
-    values: tuple[Any, ...] = batch_inputs(x)
+    values: tuple[Any, ...] = as_args(x)
     for t in values:
         if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != rows:
             raise BoundaryError(0, f"make_batch({rows}, ...) gives inputs {_describe(x)}; "
@@ -211,7 +211,7 @@ def in_place_writers(boundaries: Sequence[Boundary]) -> frozenset[int]:
 
 def input_values(x: Any) -> tuple[Value, ...]:
     """What the first stage receives: each of make_batch's inputs, batched, no gradient."""
-    return tuple(Value(t.dtype, tuple(t.shape[1:]), True, False) for t in batch_inputs(x))
+    return tuple(Value(t.dtype, tuple(t.shape[1:]), True, False) for t in as_args(x))
 
 
 def probe_for_stages(model: ModelDef, stage_layers: Sequence[tuple[int, int]]) -> list[Boundary]:

@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Chain", "ModelDef", "Inputs", "batch_inputs", "grad_copies"]
+__all__ = ["Chain", "ModelDef", "Inputs", "as_args", "grad_copies"]
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 """What make_batch gives the first layer: one tensor, or a tuple of them (token ids and a mask),
 each with the batch in dim 0; a tuple's elements are the first layer's arguments."""
 
 
-def batch_inputs(x: Inputs) -> tuple[torch.Tensor, ...]:
-    """make_batch's inputs as the first layer's arguments."""
+def as_args(x: Any) -> tuple[Any, ...]:
+    """make_batch's inputs, or a layer's output, as the next layer's positional arguments."""
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
@@ -77,7 +77,7 @@ class Chain(nn.Sequential):
         values = tuple(_wire_input(a, self.copy_inputs) for a in args)
         for layer in self:
             out = layer(*values)
-            values = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+            values = as_args(out)
         outs = tuple(_wire_output(v) for v in values)
         return outs[0] if len(outs) == 1 else outs
 

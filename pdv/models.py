@@ -23,10 +23,10 @@ from torch import nn
 from pdv.adapters.hf import FAMILIES
 from pdv.adapters.module import from_module
 from pdv.errors import PdvError
-from pdv.model_def import Chain, Inputs, ModelDef, batch_inputs
+from pdv.model_def import Chain, Inputs, ModelDef, as_args
 from pdv.sample_models import SAMPLES, sample_spec
 
-__all__ = ["Chain", "Inputs", "ModelDef", "batch_inputs", "load_factory", "build_model",
+__all__ = ["Chain", "Inputs", "ModelDef", "as_args", "load_factory", "build_model",
            "cast_batch", "cast_model", "check_dtype", "parse_model_args"]
 
 

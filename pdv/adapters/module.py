@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from pdv.errors import PdvError
-from pdv.model_def import ModelDef, batch_inputs
+from pdv.model_def import ModelDef, as_args
 
 __all__ = ["from_module", "split_points"]
 
@@ -194,7 +194,7 @@ class _Traces:
         x, _ = self.make_batch(rows, gen)
         self.cuts.clear()
         try:
-            pipe = Pipe.from_tracing(self.root, batch_inputs(x))
+            pipe = Pipe.from_tracing(self.root, as_args(x))
         except Exception as exc:  # torch.export fails in many ways; the cause is what helps
             cause = exc.__cause__ or exc
             text = str(cause).strip()

@@ -46,7 +46,7 @@ from pdv.artifacts import Provenance
 from pdv.boundaries import Boundary, Value, check_targets
 from pdv.device_spec import DeviceSpec, Gemm, load_device_spec
 from pdv.errors import PdvError
-from pdv.models import batch_inputs, build_model
+from pdv.models import as_args, build_model
 from pdv.optim import PROFILE_OPTIMIZERS, make_optimizer
 from pdv.profile.compute import (
     device_info,
@@ -313,7 +313,7 @@ def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bo
             _OpLog(fc) as fwd:
         phase.log = fwd
         out = layer(*xs)
-        outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        outs = as_args(out)
         roots = [loss_fn(out, targets)] if last else [o for o in outs if o.requires_grad]
     # The upstream gradients are the next stage's to make: made before the backward's log.
     grads = None if last else [torch.ones_like(r) for r in roots]
@@ -473,7 +473,7 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
             x, y = model.make_batch(m, gen)
             check_targets(y, m)
             h = tuple(t.to(device=meta, dtype=dtype) if t.is_floating_point() else t.to(meta)
-                      for t in batch_inputs(x))
+                      for t in as_args(x))
             targets = y.to(meta)
             pts = []
             for i, layer in enumerate(shards):

@@ -41,7 +41,7 @@ from pdv.artifacts import (
 )
 from pdv.boundaries import in_place_writers, probe
 from pdv.errors import PdvError
-from pdv.model_def import grad_copies
+from pdv.model_def import as_args, grad_copies
 from pdv.models import build_model
 from pdv.profile.allocator import keep_freed_memory
 from pdv.profile.compute import (
@@ -96,17 +96,13 @@ Values = tuple[torch.Tensor, ...]
 """What a layer receives: the previous layer's output (a tuple's elements as arguments)."""
 
 
-def _as_values(out: Any) -> Values:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
 def _leaves(xs: Values, grad: bool) -> Values:
     return tuple(_leaf(x, grad) for x in xs)
 
 
 def _backward(out: Any, grads: Sequence[torch.Tensor | None] | None) -> bool:
     """Backward from a layer's output (a loss, a tensor or a tuple); False if nothing to do."""
-    outs = _as_values(out)
+    outs = as_args(out)
     pairs = [(o, None if grads is None else grads[k]) for k, o in enumerate(outs)
              if o.requires_grad]
     if not pairs:
@@ -148,7 +144,7 @@ def _layer_memory(layer: nn.Module, xs: Values, first: bool, last: bool,
         torch.cuda.synchronize(device)
         after = torch.cuda.memory_allocated(device)
         act = cuda_saved_bytes(before, after, out_bytes,
-                               all(saved.holds(o) for o in _as_values(out)),
+                               all(saved.holds(o) for o in as_args(out)),
                                tensor_bytes(xs), all(saved.holds(x) for x in xs))
     del out, loss
     return act, out_bytes, float(counter.get_total_flops())
@@ -193,7 +189,7 @@ def _time_layers(layers: Sequence[nn.Module], acts: Sequence[Values],
 def _hand_on(out: Any, expected: Values) -> Values:
     """The live output as the next layer's input, or the precomputed one where they differ
     in kind or shape (a TP layer's timed output may be a DTensor)."""
-    values = _as_values(out)
+    values = as_args(out)
     same = len(values) == len(expected) and all(
         type(v) is torch.Tensor and v.shape == e.shape and v.dtype == e.dtype
         for v, e in zip(values, expected, strict=False))
@@ -215,7 +211,7 @@ def _time_whole(layers: Sequence[nn.Module], x: Any, loss_fn: Callable[..., Any]
     t0 = clock.now()
     h: Any = x
     for layer in layers:
-        h = layer(*_as_values(h))
+        h = layer(*as_args(h))
     loss = loss_fn(h, targets)
     t1 = clock.now()
     loss.backward()
@@ -246,11 +242,11 @@ def _measure_points(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
     # so that every layer's stored input stays what its predecessor handed on.
     setup = {}
     for m, (inputs, targets) in batches.items():
-        acts: list[Values] = [_as_values(inputs)]
+        acts: list[Values] = [as_args(inputs)]
         with torch.no_grad():
             for i, layer in enumerate(layers[:-1]):
                 xs = tuple(x.clone() for x in acts[-1]) if i in writers else acts[-1]
-                acts.append(_as_values(layer(*xs)))
+                acts.append(as_args(layer(*xs)))
         # A fixed upstream gradient per layer output stands in for what the next stage sends
         # back.
         gen = torch.Generator(device=device).manual_seed(1)
@@ -343,7 +339,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     batches = {}
     for m in mbss:
         x, y = model.make_batch(m, gen)
-        batches[m] = (tuple(_to_device(t, device, dtype) for t in _as_values(x)), y.to(device))
+        batches[m] = (tuple(_to_device(t, device, dtype) for t in as_args(x)), y.to(device))
 
     # The optimizer rounds come last; its first step is always a warm-up (it allocates state).
     # At least one warm-up: it leaves the gradients each timed backward adds into.

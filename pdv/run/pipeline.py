@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from pdv.boundaries import Boundary, Value
 from pdv.errors import PdvError
-from pdv.models import Inputs, batch_inputs
+from pdv.models import Inputs, as_args
 from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
 from pdv.run.stage import ReplicaGrads
@@ -210,7 +210,7 @@ class ChainPipeline:
         if self.first:
             replica, _ = self.dims.position(self.rank, 0)
             args = tuple(micro_batch_rows(t, nmb, self.dims.stages[0].dp, replica).to(self.device)
-                         for t in batch_inputs(x))
+                         for t in as_args(x))
         if self.last:
             end = self.dims.num_stages - 1
             replica, _ = self.dims.position(self.rank, end)

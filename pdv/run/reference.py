@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pdv.models import batch_inputs, build_model
+from pdv.models import as_args, build_model
 from pdv.optim import OPTIMIZERS, make_optimizer
 from pdv.run.data import BatchSource
 
@@ -30,7 +30,7 @@ def reference_losses(spec: str, kwargs: dict[str, Any], *, steps: int, global_ba
         x, y = source.global_batch(step)
         opt.zero_grad()
         total = 0.0
-        xs = [t.chunk(num_micro_batches) for t in batch_inputs(x)]
+        xs = [t.chunk(num_micro_batches) for t in as_args(x)]
         for m, ym in enumerate(y.chunk(num_micro_batches)):
             loss = model.loss_fn(net(*(c[m] for c in xs)), ym)
             (loss / num_micro_batches).backward()

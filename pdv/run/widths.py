@@ -62,7 +62,7 @@ from torch.distributed.fsdp import FSDPModule
 from pdv.boundaries import Boundary, Value
 from pdv.errors import PdvError
 from pdv.fsdp_step import before_backward, end_step
-from pdv.models import Inputs, batch_inputs
+from pdv.models import Inputs, as_args
 from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
 from pdv.run.stage import ReplicaGrads
@@ -202,7 +202,7 @@ class WidthPipeline:
         """Forward and backward of one global batch, then the replicas' gradient sum."""
         nmb, dims = self.dims.num_micro_batches, self.dims
         spec = dims.stages[self.stage]
-        xs = ([micro_batch_rows(t, nmb, spec.dp, self.replica).chunk(nmb) for t in batch_inputs(x)]
+        xs = ([micro_batch_rows(t, nmb, spec.dp, self.replica).chunk(nmb) for t in as_args(x)]
               if self.first else None)
         ys = micro_batch_rows(y, nmb, spec.dp, self.replica).chunk(nmb) if self.last else None
         saved: dict[int, tuple[tuple[torch.Tensor, ...], Any]] = {}
