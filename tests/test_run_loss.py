@@ -166,3 +166,40 @@ def test_replicas_with_two_micro_batches(tmp_path: Path) -> None:
                   "--report", str(report))
     assert res.returncode == 0, res.stderr[-3000:]
     assert_close(json.loads(report.read_text())["loss"], want)
+
+
+BATCH_NORM = '''
+import torch, torch.nn as nn, torch.nn.functional as F
+def net(): return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+def make_batch(mbs, gen):
+    return torch.randn(mbs, 6, generator=gen), torch.randint(3, (mbs,), generator=gen)
+def loss_fn(out, y): return F.cross_entropy(out, y)
+'''
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_batch_norm_under_replicas_is_noted_and_differs_as_the_note_says(tmp_path: Path) -> None:
+    """Each replica normalizes over its own rows: the run says so in its report, and the losses
+    show it (a pipeline without replicas still trains as one process)."""
+    src = tmp_path / "bn.py"
+    src.write_text(BATCH_NORM)
+    model = f"{src}:net"
+    want = reference_losses(model, {}, steps=3, global_batch_size=16, num_micro_batches=2)
+    runs = {"replicas": [{"layers": [0, 2], "ranks": [0, 1], "dp": 2},
+                         {"layers": [2, 4], "ranks": [2]}],
+            "pipeline": [{"layers": [0, 2], "ranks": [0]}, {"layers": [2, 4], "ranks": [1]}]}
+    got = {}
+    for name, stages in runs.items():
+        plan = write_plan(tmp_path / f"{name}.json", stages, "GPipe", nmb=2, mbs=8)
+        report = tmp_path / f"{name}.report.json"
+        res = run_pdv("run", str(plan), "--steps", "3", "--model", model, "--report", str(report))
+        assert res.returncode == 0, res.stderr[-3000:]
+        got[name] = json.loads(report.read_text())
+    notes = [n for n in got["replicas"]["provenance"]["notes"] if "BatchNorm" in n]
+    assert notes == [notes[0]] and notes[0].startswith("stage 0: BatchNorm in layers 1 ")
+    assert "2 replicas' 4 rows" in notes[0]
+    assert not [n for n in got["pipeline"]["provenance"]["notes"] if "BatchNorm" in n]
+    assert_close(got["pipeline"]["loss"], want)
+    apart = [abs(a - b) / abs(b) for a, b in zip(got["replicas"]["loss"], want, strict=True)]
+    assert max(apart) > 1e-4

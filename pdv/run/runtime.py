@@ -37,7 +37,7 @@ from pdv.run.dims import ParallelDims, build_meshes
 from pdv.run.reference import OPTIMIZERS, make_optimizer
 from pdv.run.report import PeakMemory, make_report
 from pdv.run.resume import CheckpointMeta, read_meta, resume_source
-from pdv.run.stage import build_stage_module, check_tp_support
+from pdv.run.stage import build_stage_module, check_tp_support, replica_norm_notes
 from pdv.run.tied import TiedGrads
 from pdv.run.watch import SlowOptions, StepWatch
 from pdv.run.workers import EXIT_REPLAN
@@ -151,6 +151,7 @@ def train(args: argparse.Namespace) -> bool:
     spec_used = ModelSpec(spec=spec, kwargs=kwargs, split_at=split_at, blocks=blocks)
     # Checkpoint keys and shapes of the whole model, read before the other stages are freed.
     shapes = state_shapes(model) if rank == 0 else {}
+    model_notes = replica_norm_notes(model, dims) if rank == 0 else []
     model.layers = []  # the other stages' layers are freed; this rank keeps its own
     if uniform:
         from pdv.run.pipeline import ChainPipeline
@@ -218,7 +219,7 @@ def train(args: argparse.Namespace) -> bool:
             break
         _maybe_crash(step, rank)
     _finish(plan, dims, args, rank, world, device, memory, (prior_losses, prior_times),
-            losses, times, executor, watch)
+            losses, times, executor, watch, model_notes)
     return stopped
 
 
@@ -239,7 +240,8 @@ def _history(losses: list[float], times: list[float], executor: Any, dims: Paral
 
 def _finish(plan: Plan, dims: ParallelDims, args: argparse.Namespace, rank: int, world: int,
             device: torch.device, memory: PeakMemory, prior: tuple[list[float], list[float]],
-            losses: list[float], times: list[float], executor: Any, watch: StepWatch) -> None:
+            losses: list[float], times: list[float], executor: Any, watch: StepWatch,
+            model_notes: list[str]) -> None:
     run_losses, run_times = _history(losses, times, executor, dims, device)
     peak_t = torch.zeros(world, dtype=torch.int64)
     peak_t[rank] = memory.peak()
@@ -257,6 +259,7 @@ def _finish(plan: Plan, dims: ParallelDims, args: argparse.Namespace, rank: int,
         f"steps {args.steps}, warm-up {args.warmup}, seed {args.seed}, optimizer "
         f"{args.optimizer} lr {args.lr}; step time = max over ranks",
     ]
+    notes += model_notes
     if resumed:
         notes.append(f"resumed after step {resumed}: losses and step times of steps "
                      f"0..{resumed - 1} come from the checkpoint; the median is of this run's")

@@ -18,8 +18,9 @@ from pdv.artifacts import PlanStage
 from pdv.errors import PdvError
 from pdv.model_def import grad_copies
 from pdv.models import ModelDef
+from pdv.run.dims import ParallelDims
 
-__all__ = ["ReplicaGrads", "build_stage_module", "check_tp_support"]
+__all__ = ["ReplicaGrads", "build_stage_module", "check_tp_support", "replica_norm_notes"]
 
 
 def check_tp_support(model: ModelDef, stages: list[PlanStage], spec: str) -> None:
@@ -92,6 +93,26 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
         fully_shard(module, mesh=dp_mesh, ignored_params=ignored)
         return module
     return module
+
+
+def replica_norm_notes(model: ModelDef, dims: ParallelDims) -> list[str]:
+    """One note per stage whose replicas hold BatchNorm: each normalizes over its own rows."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    notes = []
+    for s, stage in enumerate(dims.stages):
+        if stage.dp == 1:
+            continue
+        names = [name for name, layer in model.layers[slice(*stage.layers)]
+                 if any(isinstance(m, _BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+                        for m in layer.modules())]
+        if names:
+            notes.append(
+                f"stage {s}: BatchNorm in layers {', '.join(names)} normalizes over each of its "
+                f"{stage.dp} replicas' {dims.replica_rows(s)} rows of a micro-batch, not over the "
+                "micro-batch's rows (as DDP without SyncBatchNorm): losses differ from one "
+                "process's by that")
+    return notes
 
 
 def _checkpoint_copying(module: nn.Module, *args: Any) -> Any:
