@@ -46,6 +46,7 @@ from pdv.artifacts import Provenance
 from pdv.boundaries import Boundary, Value, check_targets
 from pdv.device_spec import DeviceSpec, Gemm, load_device_spec
 from pdv.errors import PdvError
+from pdv.model_def import grad_copies
 from pdv.models import as_args, build_model
 from pdv.optim import PROFILE_OPTIMIZERS, make_optimizer
 from pdv.profile.compute import (
@@ -305,7 +306,7 @@ def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bo
     xs = tuple(x.detach().requires_grad_(not first and x.requires_grad) for x in xs)
     # Non-leaf copies, made before the op log opens (meta tensors: no data, no cost), so a
     # layer that writes into its input in place (ReLU(inplace=True)) traces as in a stage.
-    xs = tuple(x.clone() if x.requires_grad else x for x in xs)
+    xs = grad_copies(xs)
     saved = SavedTensors(exclude=list(layer.parameters()))
     phase = _Phase()
     with saved.active(), _DeviceKernels(phase, fused_dropout), \
