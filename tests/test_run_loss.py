@@ -203,3 +203,21 @@ def test_batch_norm_under_replicas_is_noted_and_differs_as_the_note_says(tmp_pat
     assert_close(got["pipeline"]["loss"], want)
     apart = [abs(a - b) / abs(b) for a, b in zip(got["replicas"]["loss"], want, strict=True)]
     assert max(apart) > 1e-4
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_module_at_every_place_of_one_fsdp_stage_with_recompute(tmp_path: Path) -> None:
+    # The shared Linear fills layers 1, 3 and 5, all in stage 0: not tied, so FSDP shards it,
+    # and each place's recompute wrapper runs it (the conformance plans split its places).
+    model = "tests/models/shared_in_place.py:net"
+    want = reference_losses(model, {}, steps=3, global_batch_size=NMB * MBS,
+                            num_micro_batches=NMB, lr=0.05)
+    plan = write_plan(tmp_path / "p.json", [
+        {"layers": [0, 6], "ranks": [0, 1], "dp": 2, "fsdp": True, "recompute": True},
+        {"layers": [6, 8], "ranks": [2, 3], "dp": 2, "fsdp": True, "recompute": True}])
+    report = tmp_path / "r.json"
+    res = run_pdv("run", str(plan), "--steps", "3", "--model", model, "--lr", "0.05",
+                  "--report", str(report))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_close(json.loads(report.read_text())["loss"], want)

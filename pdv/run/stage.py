@@ -54,17 +54,19 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
     module = model.sequential(start, end)
     module.copy_inputs = start in writers
     module.to(device)
-    # One module object may fill several layers (ALBERT shares one encoder layer across
-    # depths); TP and FSDP take a module once, at its first place in the stage.
-    first = [k for k in range(end - start)
-             if all(module[j] is not module[k] for j in range(k))]
+    # One module object may fill several places (ALBERT shares one encoder layer across
+    # depths); TP and FSDP take it once. Read before recompute wraps each place on its own.
+    layers = list(module)
+    places: dict[int, list[int]] = {}
+    for k, layer in enumerate(layers):
+        places.setdefault(id(layer), []).append(k)
     if stage.tp > 1:
         from torch.distributed.tensor.parallel import parallelize_module
 
         assert model.tp_plan is not None
         tp_mesh = mesh["tp"]
-        for k in first:
-            layer = module[k]
+        for k, *_ in places.values():
+            layer = layers[k]
             plan = model.tp_plan(start + k, layer)
             # tp 1 in layer_sharding: the layer stays replicated inside the TP group.
             if plan and choices[k].tp > 1:
@@ -87,9 +89,12 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
         # so a stage with any FSDP layer shards all of its parameters.
         dp_mesh = mesh["dp"]
         ignored = set(tied or ())
-        for k in first:
-            if any(c.fsdp for j, c in enumerate(choices) if module[j] is module[k]):
-                fully_shard(module[k], mesh=dp_mesh, ignored_params=ignored)
+        for ks in places.values():
+            if any(choices[k].fsdp for k in ks):
+                # A module at several places is its own unit, so that every place's wrapper
+                # (and the root's walk through them) meets it already sharded.
+                unit = layers[ks[0]] if len(ks) > 1 else module[ks[0]]
+                fully_shard(unit, mesh=dp_mesh, ignored_params=ignored)
         fully_shard(module, mesh=dp_mesh, ignored_params=ignored)
         return module
     return module
