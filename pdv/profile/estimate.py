@@ -112,16 +112,6 @@ _GATHER = frozenset({
 })
 
 
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    return 0
-
-
 class _OpLog(TorchDispatchMode):
     """Records each launched aten op's FLOPs (read off an enclosing FlopCounterMode), the
     bytes of its tensor inputs and outputs, and a GEMM's shape -- what the roofline prices."""
@@ -138,9 +128,9 @@ class _OpLog(TorchDispatchMode):
         if not func.is_view and func not in _FREE:
             flops = float(self._counter.get_total_flops() - before)
             if func in _GATHER:
-                moved = 2 * _nbytes(out) + _nbytes(args[1])
+                moved = 2 * tensor_bytes(out) + tensor_bytes(args[1])
             else:
-                moved = _nbytes(args) + _nbytes(kwargs) + _nbytes(out)
+                moved = tensor_bytes(args) + tensor_bytes(kwargs) + tensor_bytes(out)
             self.ops.append((flops, moved, _gemm_shape(func, args)))
         return out
 
@@ -169,14 +159,14 @@ class _FusedAttention(torch.autograd.Function):
         gemm = (q.shape[:-2].numel(), q.shape[-2], k.shape[-2], q.shape[-1])
         ctx.flops, ctx.phase, ctx.gemm = flops, phase, gemm
         if phase.log is not None:
-            phase.log.ops.append((flops, _nbytes((q, k, v, out)), gemm))
+            phase.log.ops.append((flops, tensor_bytes((q, k, v, out)), gemm))
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         q, k, v, out = ctx.saved_tensors
         if ctx.phase.log is not None:
-            ctx.phase.log.ops.append((2.5 * ctx.flops, 2 * _nbytes((q, k, v, out)), ctx.gemm))
+            ctx.phase.log.ops.append((2.5 * ctx.flops, 2 * tensor_bytes((q, k, v, out)), ctx.gemm))
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), None, None
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from pdv.errors import PdvError
-from pdv.models import Inputs, ModelDef, cast_batch, load_factory
+from pdv.models import Inputs, ModelDef, as_args, cast_batch, load_factory
 
 __all__ = ["BatchSource", "step_seed", "micro_batch_rows"]
 
@@ -47,7 +47,7 @@ class BatchSource:
             return self.model.make_batch(self.global_batch_size, gen)
         x, y = self._hook(step=step, batch_size=self.global_batch_size, seed=self.seed)
         gb = self.global_batch_size
-        inputs = [("inputs", t) for t in x] if isinstance(x, (tuple, list)) else [("inputs", x)]
+        inputs = [("inputs", t) for t in as_args(x)]
         for name, t in (*inputs, ("targets", y)):
             # Targets may be flattened per token (rows × tokens), as the loss of flattened
             # logits reads them; each sample's rows together, so micro-batches split evenly.
