@@ -121,3 +121,18 @@ def test_the_estimate_counts_a_boundarys_tensors_as_the_shape_probe_does() -> No
         assert [(x.output_tensors, x.output_grad_tensors) for x in est.layers] == [
             (len(b.values), sum(v.requires_grad for v in b.values)) for b in seen]
         assert all(x.fwd_s > 0 and x.bwd_s > 0 for x in est.layers if x.param_bytes)
+
+
+def test_a_layer_whose_shapes_depend_on_the_data_is_named_not_a_traceback() -> None:
+    """A mixture of experts routes tokens with torch.nonzero: meta tensors hold no data, so the
+    estimate stops with the layer's name; the measured profile takes the same model."""
+    from pdv.errors import PdvError
+
+    routed = str(ROOT / "tests" / "models" / "routed.py") + ":net"
+    with pytest.raises(PdvError, match=r"layer 1 '1' cannot be estimated.*nonzero.*without "
+                       r"--estimate"):
+        profile_model(ProfileRequest(spec=routed, micro_batch_sizes=(2,), estimate=True,
+                                     device_spec=str(A100)))
+    measured = profile_model(ProfileRequest(spec=routed, micro_batch_sizes=(2,), repeat=3,
+                                            warmup=1))
+    assert len(measured.layers) == 4 and all(la.fwd_s > 0 for la in measured.layers)

@@ -318,6 +318,23 @@ def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bo
                   tuple((tuple(o.shape), o.dtype, o.requires_grad) for o in outs))
 
 
+def _traced(index: int, name: str, layer: nn.Module, xs: tuple[torch.Tensor, ...], last: bool,
+            loss_fn: Callable[..., Any], targets: torch.Tensor, fused_dropout: bool) -> _Trace:
+    """_trace, with a layer that cannot run on meta tensors named in one line."""
+    try:
+        return _trace(layer, xs, index == 0, last, loss_fn, targets, fused_dropout)
+    except PdvError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:240]
+        raise PdvError(
+            f"layer {index} {name!r} cannot be estimated: --estimate runs each layer on meta "
+            f"tensors, which hold shapes but no data, and it failed there ({type(exc).__name__}:"
+            f" {first}); an op whose output's shape depends on the data (torch.nonzero, "
+            "torch.where with one argument, a mixture of experts' routing) cannot run so: "
+            "profile the model measured, on a device at hand (without --estimate)") from None
+
+
 def _optimizer_ops(layer: nn.Module, optimizer: str) -> tuple[Op, ...]:
     """What one steady-state optimizer step over the layer's parameters launches (meta)."""
     params = [nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"))
@@ -471,8 +488,9 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
                 key = _signature(layer, h, i == 0, i == n - 1)
                 tr = cache.get(key)
                 if tr is None:
-                    tr = cache[key] = _trace(layer, h, i == 0, i == n - 1, model.loss_fn,
-                                             targets, isinstance(rate, _Declared))
+                    tr = cache[key] = _traced(i, model.layers[i][0], layer, h, i == n - 1,
+                                              model.loss_fn, targets,
+                                              isinstance(rate, _Declared))
                 pts.append(Point(fwd=[rate.seconds(tr.fwd_ops)], bwd=[rate.seconds(tr.bwd_ops)],
                                  param_bytes=param_bytes(layer),
                                  activation_bytes=tr.saved_bytes,
