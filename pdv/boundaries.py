@@ -3,11 +3,13 @@
 Every layer boundary is a possible stage boundary, and between stages only tensors travel, in
 buffers sized in advance. The probe runs the whole model on small real batches (three of them:
 two sizes, two draws of data) and records, per layer, what it hands on: a tensor or a tuple of
-tensors, each with its dtype, its shape without the micro-batch dim (or its whole shape when it
-has none: a table every sample shares), and whether a gradient flows back through it. A value
-whose dim 0 is a fixed multiple of the rows (logits flattened to (rows × tokens, vocab) for the
-loss, tokens flattened for an MLP) is batched too: each sample owns that many consecutive rows,
-as a row-major flatten of (rows, tokens, ...) lays them out. Anything
+tensors, each with its dtype, the dim that holds the micro-batch (dim 0, or dim 1 in torch's
+sequence-first layout) and its shape without it (or its whole shape when it has none: a table
+every sample shares), and whether a gradient flows back through it. A dim that is a fixed
+multiple of the rows (logits flattened to (rows × tokens, vocab) for the loss, tokens flattened
+for an MLP) is batched too. Where each sample's entries sit -- together, as a flatten of (rows,
+tokens, ...) lays them, or strided, as a flatten of (tokens, rows, ...) does -- is read off one
+more run: a few samples alone must give what the layout says. Anything
 the wire cannot carry is a PdvError naming the layer (and, at run time, the stage): a non-tensor,
 a shape that changes between micro-batches, a layer that fails on what the one before it hands
 on, a last layer that returns more than the loss reads.
@@ -16,7 +18,7 @@ on, a last layer that returns more than the loss reads.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -51,19 +53,45 @@ class Value:
     shape: tuple[int, ...]
     """without the micro-batch dim when `batched`, else the whole shape"""
     batched: bool
-    """dim 0 is the micro-batch: split by rows between replicas, concatenated when merged"""
+    """one dim holds the micro-batch: split by samples between replicas, joined when merged"""
     requires_grad: bool
     """a gradient flows back through it"""
     row_factor: int = 1
-    """dim-0 rows per sample of a batched value (consecutive: a row-major flatten)"""
+    """entries of the batch dim per sample (tokens flattened into it)"""
+    batch_dim: int = 0
+    """the dim that holds the micro-batch: 1 for (tokens, batch, width), torch's default for
+    nn.Transformer, nn.LSTM and nn.MultiheadAttention, and for an LSTM's (layers, batch, h)"""
+    interleaved: bool = False
+    """a sample's `row_factor` entries are strided (rows minor: a flatten of (tokens, batch))
+    rather than consecutive (a flatten of (batch, tokens))"""
+    separable: bool = True
+    """the probe found each sample's entries where this layout says (run alone, a sample gives
+    them); False where the model mixes samples or lays them out otherwise, so stages of
+    different widths cannot split or join this value"""
 
     def full_shape(self, rows: int) -> tuple[int, ...]:
         """The shape of this value for a micro-batch of `rows` samples."""
-        return (rows * self.row_factor, *self.shape) if self.batched else self.shape
+        if not self.batched:
+            return self.shape
+        d = self.batch_dim
+        return (*self.shape[:d], rows * self.row_factor, *self.shape[d:])
 
-    def sample_rows(self, lo: int, hi: int) -> slice:
-        """The dim-0 slice of a batched value that holds samples [lo, hi)."""
-        return slice(lo * self.row_factor, hi * self.row_factor)
+    def take(self, t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Samples [lo, hi) of a batched value, in its layout."""
+        d, f = self.batch_dim, self.row_factor
+        if not self.interleaved:
+            return t.narrow(d, lo * f, (hi - lo) * f)
+        rows = t.shape[d] // f
+        grid = t.unflatten(d, (f, rows)).narrow(d + 1, lo, hi - lo)
+        return grid.flatten(d, d + 1)
+
+    def join(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Consecutive samples' pieces of a batched value, as one (the inverse of `take`)."""
+        d, f = self.batch_dim, self.row_factor
+        if not self.interleaved:
+            return torch.cat(list(parts), dim=d)
+        grids = [p.unflatten(d, (f, p.shape[d] // f)) for p in parts]
+        return torch.cat(grids, dim=d + 1).flatten(d, d + 1)
 
 
 @dataclass(frozen=True)
@@ -177,6 +205,16 @@ def probe(model: ModelDef) -> list[Boundary]:
             raise BoundaryError(index, f"{where} is the last layer and returns {len(values)} "
                                 "tensors; it must return the one tensor the loss reads")
         boundaries.append(Boundary(index, name, tuple(values), index + 1 in writers))
+    boundaries = _sample_layouts(model, boundaries)
+    end = boundaries[-1].values[0]
+    _, targets = model.make_batch(3, torch.Generator().manual_seed(_SEEDS[-1]))
+    if end.interleaved and targets.shape[0] != 3:
+        raise BoundaryError(last, f"layer {last} {boundaries[-1].name!r} hands the loss "
+                            f"{end.row_factor} rows per sample, strided across the micro-batch "
+                            "(a flatten of (tokens, batch, ...)), and flattened targets; pdv "
+                            "cuts a batch into micro-batches and replicas by samples in order, "
+                            "so rows would meet other samples' targets: flatten batch-first "
+                            "(x.transpose(0, 1).reshape(-1, ...)), with targets in that order")
     return boundaries
 
 
@@ -188,12 +226,10 @@ def _value(seen: Sequence[tuple[int, torch.Tensor]], where: str, k: int, index: 
     if len(dtypes) > 1 or len(grads) > 1:
         raise BoundaryError(index, f"{what}: its dtype or gradient changes between micro-batches "
                        f"({sorted(map(str, dtypes))}); pdv sends a fixed kind of tensor")
-    # The probe's batches have two sizes, so a fixed table never passes for a multiple of them.
-    factors = {t.shape[0] // rows if t.dim() > 0 and t.shape[0] % rows == 0 else 0
-               for rows, t in seen}
-    per_sample = {tuple(t.shape[1:]) for _, t in seen}
-    if len(factors) == 1 and min(factors) > 0 and len(per_sample) == 1:
-        return Value(dtypes.pop(), per_sample.pop(), True, grads.pop(), factors.pop())
+    # The probe's batches have two sizes, so a fixed table never passes for a multiple of them,
+    # and at most one dim can scale with them while every other dim stays put.
+    for dim, factor, rest in _batch_dims(seen):
+        return Value(dtypes.pop(), rest, True, grads.pop(), factor, dim)
     if len(shapes) == 1:
         return Value(dtypes.pop(), shapes.pop(), False, grads.pop())
     listed = ", ".join(f"{tuple(t.shape)} at {rows} samples" for rows, t in seen)
@@ -202,6 +238,79 @@ def _value(seen: Sequence[tuple[int, torch.Tensor]], where: str, k: int, index: 
         f"{what}: its shape changes between micro-batches ({listed}); pdv sends fixed-size "
         "buffers between stages: pad to a fixed shape, or keep the micro-batch as dim 0"
     )
+
+
+def _batch_dims(seen: Sequence[tuple[int, torch.Tensor]]
+                ) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Each dim whose size is one multiple of the rows in every run while the other dims stay
+    fixed: (dim, that multiple, the shape without it)."""
+    ranks = {t.dim() for _, t in seen}
+    if len(ranks) != 1:
+        return []
+    found = []
+    for d in range(ranks.pop()):
+        factors = {t.shape[d] // rows if t.shape[d] % rows == 0 else 0 for rows, t in seen}
+        rest = {tuple(t.shape[:d]) + tuple(t.shape[d + 1:]) for _, t in seen}
+        if len(factors) == 1 and min(factors) > 0 and len(rest) == 1:
+            found.append((d, factors.pop(), rest.pop()))
+    return found
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    return torch.equal(a, b)
+
+
+def _outputs(model: ModelDef, inputs: tuple[torch.Tensor, ...]) -> list[tuple[Any, ...]]:
+    outs, values = [], inputs
+    for _, layer in model.layers:
+        values = as_args(layer(*values))
+        # copies: a layer that writes into its input in place would change what is kept
+        outs.append(tuple(t.clone() for t in values))
+    return outs
+
+
+def _sample_layouts(model: ModelDef, boundaries: list[Boundary]) -> list[Boundary]:
+    """Where each batched value keeps a sample's entries: consecutive, strided, or neither.
+
+    The shape of a value says which dim scales with the micro-batch, not how samples sit in
+    it: (B·T, d) flattened from (B, T, d) holds a sample's T rows together, flattened from
+    (T, B, d) strided. So the model runs once on 3 samples and once on the first 2 alone (eval
+    mode, no gradient: no dropout draws, no batch statistics), and each value must give the 2
+    samples' entries where its layout says. A model that fails in eval mode keeps the shapes'
+    reading."""
+    x, _ = model.make_batch(3, torch.Generator().manual_seed(_SEEDS[-1]))
+    inputs = as_args(x)
+    modes = [layer.training for _, layer in model.layers]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for _, layer in model.layers:
+                layer.eval()
+            whole = _outputs(model, tuple(t.clone() for t in inputs))
+            part = _outputs(model, tuple(t[:2].clone() for t in inputs))
+    except Exception:
+        return boundaries
+    finally:
+        for (_, layer), mode in zip(model.layers, modes, strict=True):
+            layer.train(mode)
+    checked = []
+    for b, got_whole, got_part in zip(boundaries, whole, part, strict=True):
+        if not len(b.values) == len(got_whole) == len(got_part):
+            checked.append(b)  # eval mode hands on something else: keep the shapes' reading
+            continue
+        values = []
+        for v, a, p in zip(b.values, got_whole, got_part, strict=True):
+            if (v.batched and tuple(a.shape) == v.full_shape(3)
+                    and tuple(p.shape) == v.full_shape(2) and not _same(v.take(a, 0, 2), p)):
+                strided = replace(v, interleaved=True)
+                ok = v.row_factor > 1 and _same(strided.take(a, 0, 2), p)
+                v = strided if ok else replace(v, separable=False)
+            values.append(v)
+        checked.append(replace(b, values=tuple(values)))
+    return checked
 
 
 def in_place_writers(boundaries: Sequence[Boundary]) -> frozenset[int]:

@@ -37,7 +37,8 @@ def test_dim_0_a_fixed_multiple_of_the_rows_is_batched(factor: int) -> None:
         (v,) = b.values
         assert v.batched and v.row_factor == factor and v.shape == (24,)
         assert v.full_shape(5) == (5 * factor, 24)
-        assert v.sample_rows(1, 3) == slice(factor, 3 * factor)
+        t = torch.arange(5 * factor)[:, None].expand(-1, 24)
+        assert torch.equal(v.take(t, 1, 3)[:, 0], torch.arange(factor, 3 * factor))
 
 
 def test_flattened_tokens_keep_each_sample_in_consecutive_rows() -> None:
@@ -48,10 +49,9 @@ def test_flattened_tokens_keep_each_sample_in_consecutive_rows() -> None:
     (ids, keep), _ = model.make_batch(3, torch.Generator().manual_seed(0))
     chain = model.sequential(0, 3)
     h = chain(ids, keep)
-    rows = boundaries[2].values[0].sample_rows(1, 2)
-    # sample 1 alone through the same layers gives the rows the slice picks
+    # sample 1 alone through the same layers gives the rows the value's layout picks
     alone = chain(ids[1:2], keep[1:2])
-    torch.testing.assert_close(h[rows], alone)
+    torch.testing.assert_close(boundaries[2].values[0].take(h, 1, 2), alone)
 
 
 def test_a_table_no_multiple_explains_is_fixed_and_a_ragged_dim_0_is_refused() -> None:
@@ -146,3 +146,91 @@ def test_targets_are_one_tensor_with_the_rows_in_dim_0(targets, ok: bool) -> Non
     else:
         with pytest.raises(BoundaryError, match="targets are one tensor"):
             probe(model)
+
+
+def _alone(model: ModelDef, rows: int, lo: int, hi: int, layer: int) -> tuple[
+        tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """What `layer` hands on for a batch of `rows` samples, and for samples [lo, hi) alone."""
+    from pdv.models import as_args
+
+    x, _ = model.make_batch(rows, torch.Generator().manual_seed(3))
+    chain = model.sequential(0, layer + 1).eval()
+    with torch.no_grad():
+        whole = as_args(chain(*as_args(x)))
+        part = as_args(chain(*(t[lo:hi] for t in as_args(x))))
+    return whole, part
+
+
+def test_sequence_first_values_are_batched_in_dim_1_and_cut_by_samples() -> None:
+    """torch's batch_first=False layout: (tokens, batch, d) and an LSTM's (1, batch, h) state
+    hold the micro-batch in dim 1; a time-major flatten strides each sample's rows. Every
+    value's take() picks what its samples give alone, and join() undoes take()."""
+    model = build_model("tests/models/seq_first.py:net", {"d": 8})
+    found = probe(model)
+    layout = [[(v.batch_dim, v.row_factor, v.interleaved) for v in b.values] for b in found]
+    assert layout == [[(1, 1, False)]] * 3 + [[(1, 1, False)] * 3] + [[(1, 1, False)]] + \
+        [[(0, 6, True)]] * 2 + [[(0, 1, False)]]
+    assert all(v.separable for b in found for v in b.values)
+    for b in found:
+        for lo, hi in ((0, 2), (2, 5), (4, 5)):
+            whole, part = _alone(model, 5, lo, hi, b.layer)
+            for v, w, p in zip(b.values, whole, part, strict=True):
+                assert v.full_shape(5) == tuple(w.shape)
+                torch.testing.assert_close(v.take(w, lo, hi), p, rtol=1e-4, atol=1e-5)
+        whole, _ = _alone(model, 5, 0, 5, b.layer)
+        for v, w in zip(b.values, whole, strict=True):
+            pieces = [v.take(w, lo, hi) for lo, hi in ((0, 1), (1, 3), (3, 5))]
+            assert torch.equal(v.join(pieces), w)
+
+
+def test_a_value_whose_samples_are_not_where_its_shape_says_is_not_separable() -> None:
+    # each row minus the batch's mean: the shape is (rows, 6, 4), but rows mix samples
+    (v,) = probe(_model(lambda x: x - x.mean(0), lambda x: x.sum(2)))[0].values
+    assert v.batched and not v.separable
+    # the batch's rows reversed: each sample's row, somewhere else
+    (v,) = probe(_model(lambda x: x.flip(0), lambda x: x.sum(2)))[0].values
+    assert v.batched and not v.separable
+    # rows regrouped (2, rows·3, 4): dim 1 holds 3 entries per sample, consecutive per half
+    (v,) = probe(_model(lambda x: x.reshape(-1, 2, 4).transpose(0, 1), lambda x: x.sum(2))
+                 )[0].values
+    assert v.batched and v.batch_dim == 1 and v.row_factor == 3 and v.separable
+    assert not v.interleaved
+
+
+def test_a_strided_last_value_with_flattened_targets_is_refused() -> None:
+    """Micro-batches cut targets by samples in order: a time-major (tokens · batch, vocab)
+    output would meet other samples' targets."""
+    def make_batch(mbs: int, gen: torch.Generator):  # type: ignore[no-untyped-def]
+        return torch.randn(mbs, 6, 4, generator=gen), torch.zeros(mbs * 6, dtype=torch.long)
+
+    model = _model(lambda x: x.transpose(0, 1).reshape(-1, 4))
+    model.make_batch = make_batch
+    with pytest.raises(BoundaryError, match="strided across the micro-batch"):
+        probe(model)
+    batch_first = _model(lambda x: x.reshape(-1, 4))
+    batch_first.make_batch = make_batch
+    (b,) = probe(batch_first)
+    assert b.values[0].row_factor == 6 and not b.values[0].interleaved
+
+
+def test_stages_of_different_widths_refuse_to_cut_a_value_they_cannot_find_samples_in() -> None:
+    from pdv.artifacts import Plan
+    from pdv.errors import PdvError
+    from pdv.run.dims import ParallelDims
+    from pdv.run.widths import _check_separable
+
+    found = probe(_model(lambda x: x * 2, lambda x: x - x.mean(0), lambda x: x.sum(2)))
+    # once mixed, every later value is mixed too
+    assert [v.separable for b in found for v in b.values] == [True, False, False]
+
+    def dims(cut: int, dp: int) -> ParallelDims:
+        return ParallelDims.from_plan(Plan.model_validate({
+            "schema": "pdv.plan/v1", "micro_batch_size": 4, "num_micro_batches": 2,
+            "global_batch_size": 8, "schedule": "GPipe",
+            "stages": [{"layers": [0, cut], "ranks": [0, 1], "dp": 2},
+                       {"layers": [cut, 3], "ranks": [2, 3][:dp], "dp": dp}]}), 3)
+
+    _check_separable(dims(1, 1), found)  # cut where samples sit in order
+    _check_separable(dims(2, 2), found)  # same widths: nothing is cut
+    with pytest.raises(PdvError, match=r"stages 0 and 1 have different widths.*layer 1 'l1'"):
+        _check_separable(dims(2, 1), found)

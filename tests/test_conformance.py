@@ -7,7 +7,8 @@ launch (tests/conformance_worker.py). The models include one whose layers hand o
 non-contiguous views, one whose blocks take extra inputs as tuples, three whose embedding
 is tied to the LM head across a stage boundary, one with two inputs whose boundaries carry
 tokens flattened into dim 0 (a fixed multiple of the micro-batch), and an nn.Sequential that
-holds one module at three places and writes into stage inputs in place. Each model's profile must
+holds one module at three places and writes into stage inputs in place, and a sequence-first
+model (the micro-batch in dim 1, samples strided in a time-major flatten). Each model's profile must
 also add up: the sum of its layers' times within 15% of the whole model's.
 """
 
@@ -78,6 +79,9 @@ MODELS = {
     # that start with a layer writing into its input in place
     "shared_in_place": Source("tests/models/shared_in_place.py:net", lr=0.05,
                               profiled={"d": 512}, profile_mbs=512),
+    # torch's sequence-first layout: (tokens, batch, d) boundaries and an LSTM's (1, batch, h)
+    # state, joined between the widths plan's stages; a time-major flatten (strided samples)
+    "seq_first": Source("tests/models/seq_first.py:net", lr=0.05, profiled={"d": 256}),
 }
 """Every model has at least 4 layers, so every plan below has at least one layer per stage."""
 

@@ -33,10 +33,12 @@ sends are asynchronous and every message carries a (micro-batch, direction) tag,
 that respects the data dependencies completes.
 
 Values. A boundary carries a tensor or a tuple of tensors; what each is (dtype, shape, whether
-its dim 0 is the micro-batch, whether a gradient flows back) comes from the shape probe every
-rank runs on the whole model before building its stage (:mod:`pdv.boundaries`), so receive
-buffers are sized exactly and nothing about shapes is negotiated at run time. A batched value
-is split and merged by rows as above; a value without the micro-batch dim (a table every sample
+a dim holds the micro-batch and how samples sit in it, whether a gradient flows back) comes
+from the shape probe every rank runs on the whole model before building its stage
+(:mod:`pdv.boundaries`), so receive buffers are sized exactly and nothing about shapes is
+negotiated at run time. A batched value is split and merged by samples as above, in its own
+layout (``Value.take`` and ``Value.join``), and a plan that would cut one whose samples the
+probe could not find is refused; a value without the micro-batch dim (a table every sample
 shares) travels whole on every route, and its gradient returns whole on the route of the
 receiver's first rows only (zeros on the others), so the senders' replicas, which sum their
 gradients, count each receiver's gradient once.
@@ -147,6 +149,24 @@ def _unique_rows(routes: list[Route]) -> list[Route]:
     return list(seen.values())
 
 
+def _check_separable(dims: ParallelDims, boundaries: list[Boundary]) -> None:
+    """A value is cut or joined by samples only where the probe found where they sit (checked
+    on every rank alike, so all of them stop)."""
+    for s, (a, b) in enumerate(zip(dims.stages, dims.stages[1:], strict=False)):
+        if a.dp == b.dp:
+            continue
+        at = a.layers[1] - 1
+        for k, v in enumerate(boundaries[at].values):
+            if v.batched and not v.separable:
+                raise PdvError(
+                    f"stages {s} and {s + 1} have different widths (dp {a.dp} and {b.dp}), so "
+                    f"what layer {at} {boundaries[at].name!r} hands on"
+                    f"{f' (tensor {k})' if k else ''} is cut by samples, and pdv cannot find "
+                    "them in it (run alone, the first samples do not give its first entries: "
+                    "the layer mixes samples, or lays them out in a way pdv does not read); "
+                    "give both stages the same dp, or cut elsewhere")
+
+
 class WidthPipeline:
     """This rank's stage under the split/merge executor (see the module docstring)."""
 
@@ -187,6 +207,7 @@ class WidthPipeline:
         start, end = spec.layers
         self.in_values: tuple[Value, ...] = () if self.first else boundaries[start - 1].values
         self.out_values: tuple[Value, ...] = () if self.last else boundaries[end - 1].values
+        _check_separable(dims, boundaries)
 
     # ------------------------------------------------------------------ one step
 
@@ -265,7 +286,7 @@ class WidthPipeline:
                      for b, r in zip(bufs, self.fwd_in, strict=True)]
             for w in works:
                 w.wait()
-            inp = torch.cat(bufs) if value.batched else bufs[0]
+            inp = value.join(bufs) if value.batched else bufs[0]
             out.append(inp.requires_grad_(value.requires_grad))
         return tuple(out)
 
@@ -277,7 +298,7 @@ class WidthPipeline:
         for w in works:
             w.wait()
         if value.batched:
-            return torch.cat(bufs)
+            return value.join(bufs)
         total = bufs[0]
         for b in bufs[1:]:
             total = total + b
@@ -289,7 +310,7 @@ class WidthPipeline:
         first_lo = min((r.lo for r in routes), default=0)
         for r in routes:
             if value.batched:
-                piece = t[value.sample_rows(r.lo - self.lo, r.hi - self.lo)]
+                piece = value.take(t, r.lo - self.lo, r.hi - self.lo)
             elif first_only and r.lo != first_lo:
                 piece = torch.zeros_like(t)
             else:
