@@ -180,8 +180,37 @@ def _run(model: ModelDef, rows: int, seed: int) -> tuple[list[tuple[torch.Tensor
     return outs, writers
 
 
+def _kept_buffers(model: ModelDef) -> list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]]:
+    """Every buffer of every layer, with a copy of its value."""
+    kept, seen = [], set()
+    for _, layer in model.layers:
+        for module in layer.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    kept.append((module, name, buf, buf.detach().clone()))
+    return kept
+
+
 def probe(model: ModelDef) -> list[Boundary]:
-    """Run the model on three small batches; what every layer hands on, checked for the wire."""
+    """Run the model on three small batches; what every layer hands on, checked for the wire.
+
+    The model is the one that trains next, and a forward in training mode may update buffers
+    (BatchNorm's running statistics, spectral norm's power iteration): every buffer gets its
+    value back, so the probe's batches leave no trace in training or in a checkpoint."""
+    kept = _kept_buffers(model)
+    try:
+        return _probe(model)
+    finally:
+        with torch.no_grad():
+            for module, name, buf, value in kept:
+                module._buffers[name] = buf
+                buf.copy_(value)
+
+
+def _probe(model: ModelDef) -> list[Boundary]:
     runs = []
     writers: set[int] = set()
     with torch.random.fork_rng(devices=[]):

@@ -9,6 +9,8 @@ hits a torch internal assert with several micro-batches).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -78,7 +80,7 @@ def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
 
         for k, c in enumerate(choices):
             if c.recompute:
-                fn = _checkpoint_copying if start + k in writers else None
+                fn = _recompute_copying if start + k in writers else _recompute
                 module[k] = checkpoint_wrapper(module[k], checkpoint_fn=fn)
     if stage.dp == 1:
         return module
@@ -120,12 +122,65 @@ def replica_norm_notes(model: ModelDef, dims: ParallelDims) -> list[str]:
     return notes
 
 
-def _checkpoint_copying(module: nn.Module, *args: Any) -> Any:
-    """Recompute a layer that writes into its input in place: the checkpoint keeps the input it
-    was given and the layer writes into a copy, so the recompute reads what the forward read."""
+def _recompute(module: nn.Module, *args: Any) -> Any:
+    """A layer recomputed in backward, its buffers as its forward found them (see
+    _BufferReplay)."""
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(lambda *xs: module(*grad_copies(xs)), *args, use_reentrant=False)
+    return checkpoint(module, *args, use_reentrant=False,
+                      context_fn=_BufferReplay(module).contexts)
+
+
+def _recompute_copying(module: nn.Module, *args: Any) -> Any:
+    """_recompute for a layer that writes into its input in place: the checkpoint keeps the
+    input it was given and the layer writes into a copy, so the recompute reads what the
+    forward read."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(lambda *xs: module(*grad_copies(xs)), *args, use_reentrant=False,
+                      context_fn=_BufferReplay(module).contexts)
+
+
+class _BufferReplay:
+    """A forward in training mode may update buffers (BatchNorm's running statistics, spectral
+    norm's power iteration), and torch's checkpoint runs that forward twice: the recompute
+    would see buffers later micro-batches had moved on and update them again. So the forward
+    keeps the values it found of the buffers it changed; the recompute runs on those and puts
+    the current ones back after, as if it had not run. One instance per checkpointed call."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.buffers = [(m, name) for m in module.modules() for name, b in m._buffers.items()
+                        if b is not None]
+        self.found: list[tuple[nn.Module, str, torch.Tensor]] = []
+
+    def contexts(self) -> tuple[Any, Any]:
+        """(around the forward, around the recompute), as checkpoint's context_fn gives them."""
+        return self._forward(), self._recompute()
+
+    @contextlib.contextmanager
+    def _forward(self) -> Iterator[None]:
+        before = [(m, name, m._buffers[name]) for m, name in self.buffers]
+        copies = [b.detach().clone() for _, _, b in before]  # type: ignore[union-attr]
+        yield
+        # By value: batch_norm's kernel updates the running statistics without bumping their
+        # version counter.
+        self.found = [(m, name, copy) for (m, name, b), copy in zip(before, copies, strict=True)
+                      if m._buffers[name] is not b or not torch.equal(b, copy)]
+
+    @contextlib.contextmanager
+    def _recompute(self) -> Iterator[None]:
+        current = [(m, name, m._buffers[name]) for m, name, _ in self.found]
+        kept = [b.detach().clone() for _, _, b in current]  # type: ignore[union-attr]
+        with torch.no_grad():
+            for m, name, value in self.found:
+                m._buffers[name].copy_(value)  # type: ignore[union-attr]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (m, name, b), value in zip(current, kept, strict=True):
+                    m._buffers[name] = b
+                    b.copy_(value)  # type: ignore[union-attr]
 
 
 class ReplicaGrads:
