@@ -23,7 +23,7 @@ from pdv.run.launch import HostSlot, RunOptions, host_slots, slurm_node, torchru
 from pdv.run.reference import OPTIMIZERS
 from pdv.run.resume import check_resume, read_meta, resume_source
 from pdv.run.runtime import plan_dtype, resolve_model
-from pdv.run.stage import check_tp_support
+from pdv.run.stage import check_sparse_grads, check_tp_support
 
 __all__ = ["check_plan", "local_command", "free_port"]
 
@@ -40,6 +40,7 @@ def check_plan(plan: Plan, opts: RunOptions) -> ParallelDims:
     host_slots(plan)
     if opts.optimizer not in OPTIMIZERS:
         raise PdvError(f"--optimizer {opts.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    check_sparse_grads(model, list(plan.stages), opts.optimizer)
     if opts.data:
         load_factory(opts.data)
     if opts.checkpoint_every and not opts.checkpoint_dir:

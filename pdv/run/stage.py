@@ -41,6 +41,27 @@ def check_tp_support(model: ModelDef, stages: list[PlanStage], spec: str) -> Non
             )
 
 
+def check_sparse_grads(model: ModelDef, stages: list[PlanStage], optimizer: str) -> None:
+    """A PdvError when a layer's gradients are sparse (nn.Embedding or nn.EmbeddingBag with
+    sparse=True) and the optimizer or the stage's FSDP takes dense ones only."""
+    for i, s in enumerate(stages):
+        lo, hi = s.layers
+        for index in range(lo, hi):
+            name, layer = model.layers[index]
+            if not any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+                       for m in layer.modules()):
+                continue
+            where = f"layer {index} {name!r} has an embedding with sparse=True"
+            if optimizer == "adamw":
+                raise PdvError(f"{where}: its gradients are sparse, which AdamW does not take "
+                               "(torch refuses them in one process too); use --optimizer sgd, "
+                               "or sparse=False")
+            if any(c.fsdp for c in s.layer_choices()):
+                raise PdvError(f"{where}, and stage {i} shards with FSDP, which reduces dense "
+                               "gradients only; give that stage plain replicas (fsdp false), "
+                               "or sparse=False")
+
+
 def build_stage_module(model: ModelDef, stage: PlanStage, mesh: Any,
                        device: torch.device, tied: set[nn.Parameter] | None = None,
                        writers: frozenset[int] = frozenset()) -> nn.Module:

@@ -1,5 +1,7 @@
-"""Recompute and the probe leave a layer's buffers as one plain forward would: BatchNorm's
-running statistics and spectral norm's power-iteration vectors change in a training forward."""
+"""What a stage's layers carry besides parameters and dense gradients. Recompute and the probe
+leave a layer's buffers as one plain forward would (BatchNorm's running statistics and spectral
+norm's power-iteration vectors change in a training forward), and sparse gradients are refused
+where the optimizer or FSDP takes dense ones only."""
 
 from __future__ import annotations
 
@@ -71,3 +73,29 @@ def test_the_probe_leaves_every_buffer_as_it_found_it() -> None:
     model.layers[0][1](torch.randn(4, 8))
     assert not torch.equal(_buffers(model.layers[0][1])["1.running_mean"],
                            before["batchnorm"]["1.running_mean"])
+
+
+def test_sparse_embedding_gradients_are_refused_where_adamw_or_fsdp_would_take_them() -> None:
+    """nn.Embedding(sparse=True) gives sparse gradients: AdamW and FSDP's reduce-scatter take
+    dense ones only (a rank's traceback before); SGD with plain replicas runs."""
+    from pdv.artifacts import PlanStage
+    from pdv.errors import PdvError
+    from pdv.run.stage import check_sparse_grads
+
+    def model(sparse: bool) -> ModelDef:
+        return ModelDef(layers=[("bag", nn.EmbeddingBag(50, 8, sparse=sparse)),
+                                ("head", nn.Linear(8, 3))],
+                        make_batch=lambda rows, gen: (torch.randint(50, (rows, 4)),
+                                                      torch.zeros(rows, dtype=torch.long)),
+                        loss_fn=nn.functional.cross_entropy)
+
+    replicas = [PlanStage(layers=[0, 1], ranks=[0, 1], dp=2), PlanStage(layers=[1, 2], ranks=[2])]
+    sharded = [PlanStage(layers=[0, 1], ranks=[0, 1], dp=2, fsdp=True),
+               PlanStage(layers=[1, 2], ranks=[2])]
+    with pytest.raises(PdvError, match=r"layer 0 'bag' has an embedding with sparse=True: .*"
+                       r"AdamW"):
+        check_sparse_grads(model(True), replicas, "adamw")
+    with pytest.raises(PdvError, match=r"stage 0 shards with FSDP"):
+        check_sparse_grads(model(True), sharded, "sgd")
+    check_sparse_grads(model(True), replicas, "sgd")
+    check_sparse_grads(model(False), sharded, "adamw")
