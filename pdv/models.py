@@ -9,6 +9,7 @@ and optionally a tensor-parallel plan; or a plain module that an adapter (pdv.ad
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -53,10 +54,15 @@ def load_factory(spec: str) -> Callable[..., Any]:
     factory callable."""
     if spec.startswith(HF_PREFIX):
         family = spec[len(HF_PREFIX):]
-        if family not in FAMILIES:
-            raise PdvError(f"model {spec!r}: pdv builds the HuggingFace families "
-                           f"{', '.join(HF_PREFIX + f for f in FAMILIES)}")
-        spec = f"pdv.adapters.hf:{family}"
+        if family in FAMILIES:
+            spec = f"pdv.adapters.hf:{family}"
+        elif family.replace("_", "").isalnum():
+            from pdv.adapters.hf import decoder
+
+            return functools.partial(decoder, family)
+        else:
+            raise PdvError(f"model {spec!r}: hf: takes a transformers model_type "
+                           f"({', '.join(HF_PREFIX + f for f in FAMILIES)}, hf:mistral, ...)")
     target, sep, name = spec.rpartition(":")
     packaged = sample_spec(spec)
     if packaged is not None and (not sep or not Path(target).is_file()):

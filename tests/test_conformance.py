@@ -68,6 +68,9 @@ MODELS = {
     "hf_gpt2": Source("hf:gpt2", {"n_layer": 2, "n_embd": 32, "seq_len": 16}, lr=0.05),
     "hf_llama": Source("hf:llama", {"num_hidden_layers": 2, "hidden_size": 32,
                                     "intermediate_size": 64, "seq_len": 16}, tp=True),
+    # any Llama-shaped transformers family (pdv.adapters.hf.decoder): a mixture of experts
+    "hf_mixtral": Source("hf:mixtral", {"num_hidden_layers": 2, "hidden_size": 32,
+                                        "intermediate_size": 64, "seq_len": 16}),
     "sequential_views": Source("tests/models/seq_views.py:net", profile_mbs=512),
     "split_blocks": Source("tests/models/split_net.py:net", {"n_block": 2}, blocks=("layers",),
                            lr=0.05, profiled={"d": 256}),

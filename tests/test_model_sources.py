@@ -33,6 +33,35 @@ def test_hf_adapters_equal_the_transformers_models() -> None:
                                                      (5, "lm_head.weight")]]
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "mixtral"])
+def test_any_llama_shaped_hf_family_is_cut_into_layers_that_give_its_logits(family: str) -> None:
+    """hf:<model_type> beyond gpt2 and llama: the transformers model built from the same config
+    and seed gives the logits of pdv's layers in a row (a mixture of experts included)."""
+    transformers = pytest.importorskip("transformers")
+
+    model = build_model(f"hf:{family}", {"seq_len": 9, "hidden_size": 48}, seed=5)
+    torch.manual_seed(5)
+    config = model.layers[1][1].layer.self_attn.config
+    ref = transformers.AutoModelForCausalLM.from_config(config)
+    x, _ = model.make_batch(3, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model.sequential()(x), ref(input_ids=x).logits)
+    assert [n for n, _ in model.layers] == ["embed", *[f"layers.{i}" for i in range(4)], "head"]
+    # TP where the blocks have Llama's projections; a mixture of experts' blocks do not
+    assert (model.tp_plan is None) == (family == "mixtral")
+
+
+@pytest.mark.parametrize("family, refusal", [
+    # its forward scales the logits (logit_scale) outside lm_head: the cut would drop it
+    ("cohere", r"hf:cohere: pdv's cut .* does not give CohereForCausalLM's logits"),
+    ("opt", r"hf:opt: OPTForCausalLM is not Llama-shaped"),
+    ("no_such_family", r"has no model_type 'no_such_family'"),
+])
+def test_an_hf_family_pdv_cannot_cut_faithfully_is_refused(family: str, refusal: str) -> None:
+    pytest.importorskip("transformers")
+    with pytest.raises(PdvError, match=refusal):
+        build_model(f"hf:{family}", {"seq_len": 8})
+
+
 def test_split_by_name_reproduces_the_module() -> None:
     from tests.models import split_net
 

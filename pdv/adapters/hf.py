@@ -2,6 +2,15 @@
 
     pdv profile model hf:llama --model-arg num_hidden_layers=4 -o llama.json
     pdv profile model hf:gpt2 --model-arg n_layer=4 -o gpt2.json
+    pdv profile model hf:mixtral -o mixtral.json     # any Llama-shaped model_type
+
+``hf:gpt2`` and ``hf:llama`` have their own builders. Any other transformers ``model_type``
+(mistral, qwen2, qwen3, mixtral, olmo, granite, ...) is built with AutoModelForCausalLM and cut
+as Llama is, when its causal LM is Llama-shaped: ``model.embed_tokens``, ``model.layers``,
+``model.norm`` (and ``model.rotary_emb``), ``lm_head``. The cut is checked at build time: the
+layers in a row must give the model's own logits on a short batch, else the family is refused
+(its forward does work between those parts that the cut would drop: an embedding scale, a
+logit soft-cap, a mask the blocks need).
 
 Nothing is downloaded: the model is built from a config object (``HF_HUB_OFFLINE=1`` is set
 before transformers is imported), never ``from_pretrained``, and no tokenizer is used; batches
@@ -41,9 +50,18 @@ from torch import nn
 from pdv.errors import PdvError
 from pdv.model_def import ModelDef
 
-__all__ = ["gpt2", "llama", "FAMILIES"]
+__all__ = ["gpt2", "llama", "decoder", "FAMILIES"]
 
 FAMILIES = ("gpt2", "llama")
+"""the families with their own builders; any other model_type goes through `decoder`"""
+
+_TINY_ANY: dict[str, Any] = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+    num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=64,
+    shared_expert_intermediate_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+"""CPU-sized defaults for any other family, each used where its config has the field."""
 
 _TINY: dict[str, dict[str, Any]] = {
     "gpt2": dict(vocab_size=512, n_positions=64, n_embd=64, n_layer=4, n_head=4),
@@ -168,13 +186,28 @@ def llama(**kwargs: Any) -> ModelDef:
     on the blocks as torchtitan's plan (q/k/v, gate/up by columns; o, down by rows)."""
     tf = _transformers()
     config, seq_len = _config("llama", kwargs)
-    model = tf.LlamaForCausalLM(config)
+    return _llama_shaped("llama", tf.LlamaForCausalLM(config), config, seq_len)
+
+
+_TP_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _llama_shaped(family: str, model: nn.Module, config: Any, seq_len: int) -> ModelDef:
+    """embed, layers.0..layers.{n-1}, head of a Llama-shaped causal LM; TP where its blocks
+    have Llama's projections (a mixture of experts' blocks do not)."""
     body = model.model
     n = config.num_hidden_layers
+    rotary = getattr(body, "rotary_emb", None)
     layers: list[tuple[str, nn.Module]] = [("embed", _Embed(body.embed_tokens, None))]
-    layers += [(f"layers.{i}", _Block(layer, copy.deepcopy(body.rotary_emb)))
+    layers += [(f"layers.{i}", _Block(layer, copy.deepcopy(rotary)))
                for i, layer in enumerate(body.layers)]
     layers.append(("head", _Head(body.norm, model.lm_head)))
+    make_batch = _batches(config.vocab_size, seq_len)
+    names = {name for name, _ in body.layers[0].named_modules()}
+    if not (set(_TP_NAMES) <= names and all(
+            hasattr(config, f) for f in ("num_key_value_heads", "intermediate_size"))):
+        return ModelDef(layers=layers, make_batch=make_batch, loss_fn=_lm_loss)
 
     def is_block(index: int) -> bool:
         return 1 <= index <= n
@@ -184,33 +217,99 @@ def llama(**kwargs: Any) -> ModelDef:
 
         if not is_block(index):
             return {}
-        return {
-            "layer.self_attn.q_proj": ColwiseParallel(),
-            "layer.self_attn.k_proj": ColwiseParallel(),
-            "layer.self_attn.v_proj": ColwiseParallel(),
-            "layer.self_attn.o_proj": RowwiseParallel(),
-            "layer.mlp.gate_proj": ColwiseParallel(),
-            "layer.mlp.up_proj": ColwiseParallel(),
-            "layer.mlp.down_proj": RowwiseParallel(),
-        }
+        return {f"layer.{name}": RowwiseParallel() if name.endswith(("o_proj", "down_proj"))
+                else ColwiseParallel() for name in _TP_NAMES}
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    block_cls = type(body.layers[0])
 
     def tp_shard(index: int, layer: nn.Module, k: int) -> nn.Module:
         if not is_block(index) or k == 1:
             return layer
         if k not in degrees:
-            raise PdvError(f"hf:llama: TP degree {k} does not divide the heads, key/value "
+            raise PdvError(f"hf:{family}: TP degree {k} does not divide the heads, key/value "
                            f"heads and intermediate size; use one of {list(degrees)}")
         local = copy.deepcopy(config)
         local.num_attention_heads = config.num_attention_heads // k
         local.num_key_value_heads = config.num_key_value_heads // k
         local.intermediate_size = config.intermediate_size // k
         local.head_dim = head_dim
-        return _Block(tf.models.llama.modeling_llama.LlamaDecoderLayer(local, index - 1),
-                      copy.deepcopy(body.rotary_emb))
+        return _Block(block_cls(local, index - 1), copy.deepcopy(rotary))
 
     sizes = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
     degrees = tuple(k for k in range(1, 9) if all(s % k == 0 for s in sizes))
-    return ModelDef(layers=layers, make_batch=_batches(config.vocab_size, seq_len),
-                    loss_fn=_lm_loss, tp_plan=tp_plan, tp_shard=tp_shard, tp_degrees=degrees)
+    return ModelDef(layers=layers, make_batch=make_batch, loss_fn=_lm_loss, tp_plan=tp_plan,
+                    tp_shard=tp_shard, tp_degrees=degrees)
+
+
+def decoder(model_type: str, **kwargs: Any) -> ModelDef:
+    """Any other transformers model_type whose causal LM is Llama-shaped, cut as Llama is;
+    refused unless the cut gives the model's own logits."""
+    tf = _transformers()
+    try:
+        cls = type(tf.AutoConfig.for_model(model_type))
+    except (ValueError, KeyError):
+        raise PdvError(f"hf:{model_type}: transformers {tf.__version__} has no model_type "
+                       f"{model_type!r} (e.g. hf:llama, hf:mistral, hf:qwen2, hf:mixtral)"
+                       ) from None
+    kwargs = dict(kwargs)
+    seq_len = int(kwargs.pop("seq_len", 32))
+    known = set(cls().to_dict()) | {"head_dim"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise PdvError(f"hf:{model_type}: {', '.join(unknown)} is not a {cls.__name__} field "
+                       "(nor seq_len)")
+    quiet = {k: 0.0 for k in known if k.endswith(("dropout", "pdrop", "jitter_noise"))}
+    tiny = {k: v for k, v in _TINY_ANY.items() if k in known}
+    try:
+        config = cls(**{**tiny, **quiet, **kwargs})
+        config._attn_implementation = "sdpa"
+        model = tf.AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # a config's own checks raise what they like
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        given = kwargs or "pdv's small defaults"
+        raise PdvError(f"hf:{model_type}: cannot build {cls.__name__} with {given} "
+                       f"({type(exc).__name__}: {first}); set its sizes with --model-arg"
+                       ) from None
+    limit = getattr(config, "max_position_embeddings", seq_len)
+    if not 1 <= seq_len <= limit:
+        raise PdvError(f"hf:{model_type}: seq_len={seq_len} must be in 1..{limit} (the "
+                       "config's position limit); raise it with --model-arg")
+    body = getattr(model, "model", None)
+    parts = ("embed_tokens", "layers", "norm")
+    if body is None or not all(hasattr(body, a) for a in parts) or not hasattr(model, "lm_head"):
+        raise PdvError(f"hf:{model_type}: {type(model).__name__} is not Llama-shaped (model."
+                       "embed_tokens, model.layers, model.norm, lm_head), which is how pdv "
+                       "cuts a HuggingFace model other than hf:gpt2; wrap it in a factory that "
+                       "returns an nn.Sequential or a ModelDef")
+    built = _llama_shaped(model_type, model, config, seq_len)
+    _check_cut(model_type, model, built)
+    return built
+
+
+def _check_cut(family: str, model: nn.Module, built: ModelDef) -> None:
+    """The layers in a row give the model's own logits (eval mode, a short batch)."""
+    ids, _ = built.make_batch(2, torch.Generator().manual_seed(0))
+    chain = built.sequential()
+    modes = [m.training for m in (model, chain)]
+    model.eval(), chain.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            want = model(input_ids=ids).logits
+            got = chain(ids)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise PdvError(f"hf:{family}: {type(model).__name__} fails on a short batch, whole or "
+                       f"cut ({type(exc).__name__}: {first}); set its sizes with --model-arg, or "
+                       "wrap it in a factory that returns an nn.Sequential or a ModelDef"
+                       ) from None
+    finally:
+        model.train(modes[0]), chain.train(modes[1])
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+        raise PdvError(
+            f"hf:{family}: pdv's cut (embed_tokens, each of model.layers, norm, lm_head) does "
+            f"not give {type(model).__name__}'s logits (largest difference {diff:.3g}): its "
+            "forward does work between those parts that the cut would drop (an embedding "
+            "scale, a logit soft-cap, per-layer masks); wrap it in a factory that returns an "
+            "nn.Sequential or a ModelDef")
