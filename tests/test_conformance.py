@@ -59,7 +59,8 @@ class Source:
 
 
 MODELS = {
-    "mlp": Source("mlp", {"n_layer": 2}, tp=True, profiled={"dim": 512, "in_dim": 256}),
+    "mlp": Source("mlp", {"n_layer": 2}, tp=True, profiled={"dim": 512, "in_dim": 256},
+                  profile_mbs=256),
     "convnet": Source("convnet", {"n_block": 2, "width": 8, "image_size": 16},
                       profiled={"width": 16, "image_size": 32}),
     "gpt_tiny": Source("gpt_tiny", {"n_layer": 2}, tp=True),
