@@ -62,6 +62,15 @@ def test_an_hf_family_pdv_cannot_cut_faithfully_is_refused(family: str, refusal:
         build_model(f"hf:{family}", {"seq_len": 8})
 
 
+def test_an_hf_error_prints_the_family_as_typed(tmp_path: Path) -> None:
+    """rich read "hf:llama: " as the emoji code ":llama:" and printed a llama in its place."""
+    pytest.importorskip("transformers")
+    res = run_pdv("profile", "model", "hf:llama", "--model-arg", "bogus=1", "-o",
+                  str(tmp_path / "p.json"))
+    assert res.returncode == 2
+    assert res.stderr.startswith("pdv: error: hf:llama: bogus is not a LlamaConfig field")
+
+
 def test_split_by_name_reproduces_the_module() -> None:
     from tests.models import split_net
 

@@ -89,16 +89,24 @@ def _transformers() -> Any:
     return transformers
 
 
-def _config(family: str, kwargs: dict[str, Any]) -> tuple[Any, int]:
-    tf = _transformers()
-    cls = {"gpt2": tf.GPT2Config, "llama": tf.LlamaConfig}[family]
+def _model_args(family: str, cls: type, kwargs: dict[str, Any], hint: str = ""
+                ) -> tuple[dict[str, Any], int, set[str]]:
+    """--model-arg split into the config's fields and seq_len; the config's field names."""
     kwargs = dict(kwargs)
     seq_len = int(kwargs.pop("seq_len", 32))
     known = set(cls().to_dict()) | {"head_dim"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise PdvError(f"hf:{family}: {', '.join(unknown)} is not a {cls.__name__} field "
-                       f"(nor seq_len); e.g. {', '.join(sorted(_TINY[family]))}")
+                       f"(nor seq_len){hint}")
+    return kwargs, seq_len, known
+
+
+def _config(family: str, kwargs: dict[str, Any]) -> tuple[Any, int]:
+    tf = _transformers()
+    cls = {"gpt2": tf.GPT2Config, "llama": tf.LlamaConfig}[family]
+    kwargs, seq_len, _ = _model_args(family, cls, kwargs,
+                                     f"; e.g. {', '.join(sorted(_TINY[family]))}")
     fields = {**_TINY[family], **_NO_DROPOUT[family], **kwargs}
     try:
         config = cls(**fields)
@@ -252,13 +260,7 @@ def decoder(model_type: str, **kwargs: Any) -> ModelDef:
         raise PdvError(f"hf:{model_type}: transformers {tf.__version__} has no model_type "
                        f"{model_type!r} (e.g. hf:llama, hf:mistral, hf:qwen2, hf:mixtral)"
                        ) from None
-    kwargs = dict(kwargs)
-    seq_len = int(kwargs.pop("seq_len", 32))
-    known = set(cls().to_dict()) | {"head_dim"}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise PdvError(f"hf:{model_type}: {', '.join(unknown)} is not a {cls.__name__} field "
-                       "(nor seq_len)")
+    kwargs, seq_len, known = _model_args(model_type, cls, kwargs)
     quiet = {k: 0.0 for k in known if k.endswith(("dropout", "pdrop", "jitter_noise"))}
     tiny = {k: v for k, v in _TINY_ANY.items() if k in known}
     try:

@@ -17,8 +17,8 @@ from pdv.errors import PdvError
 
 __all__ = ["app", "main", "console", "err_console", "profile_app", "cluster_app"]
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)  # "hf:llama:..." is a model name, not an emoji code
+err_console = Console(stderr=True, emoji=False)
 
 app = typer.Typer(
     name="pdv",
