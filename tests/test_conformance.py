@@ -7,8 +7,9 @@ launch (tests/conformance_worker.py). The models include one whose layers hand o
 non-contiguous views, one whose blocks take extra inputs as tuples, three whose embedding
 is tied to the LM head across a stage boundary, one with two inputs whose boundaries carry
 tokens flattened into dim 0 (a fixed multiple of the micro-batch), and an nn.Sequential that
-holds one module at three places and writes into stage inputs in place, and a sequence-first
-model (the micro-batch in dim 1, samples strided in a time-major flatten). Each model's profile must
+holds one module at three places and writes into stage inputs in place, a sequence-first
+model (the micro-batch in dim 1, samples strided in a time-major flatten), and HuggingFace's
+Mixtral (a mixture of experts through the generic hf: cut). Each model's profile must
 also add up: the sum of its layers' times within 15% of the whole model's.
 """
 
