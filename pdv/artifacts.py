@@ -187,6 +187,10 @@ class LayerProfile(_Strict):
         description="one optimizer step over this layer's unsharded parameters on one rank, "
         "seconds (median); a shard's step scales with its share of the parameters",
     )
+    sparse_grads: bool = Field(
+        False, description="an embedding with sparse=True: its gradients are sparse, which "
+        "FSDP does not shard (plans keep this layer's stage unsharded)",
+    )
     samples: list[LayerSample] = Field(
         default_factory=list, description="every (micro-batch size, TP degree) point measured"
     )
@@ -206,6 +210,8 @@ class LayerProfile(_Strict):
                 "output_grad_tensors"):
             data.pop("output_tensors", None)
             data.pop("output_grad_tensors", None)
+        if isinstance(data, dict) and data.get("sparse_grads") is False:
+            data.pop("sparse_grads")  # likewise: profiles of dense layers keep their digest
         return data
 
 

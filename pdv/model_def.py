@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Chain", "ModelDef", "Inputs", "as_args", "grad_copies"]
+__all__ = ["Chain", "ModelDef", "Inputs", "as_args", "grad_copies", "has_sparse_grads"]
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 """What make_batch gives the first layer: one tensor, or a tuple of them (token ids and a mask),
@@ -34,6 +34,12 @@ def grad_copies(values: Sequence[Any]) -> tuple[Any, ...]:
     recompute keeps."""
     return tuple(v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v
                  for v in values)
+
+
+def has_sparse_grads(layer: nn.Module) -> bool:
+    """Whether the layer holds an embedding with sparse=True (its gradients are sparse)."""
+    return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+               for m in layer.modules())
 
 
 class _GradContiguous(torch.autograd.Function):

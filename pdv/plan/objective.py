@@ -253,6 +253,9 @@ def _table(problem: PlanProblem, group: StageGroup, mbs: int, choice: LayerChoic
         k = np.where(per > 0, np.floor(room / np.where(per > 0, per, 1.0)), np.inf)
     kmax = np.min(np.where(room < 0, -1.0, k), axis=0)
     valid = np.triu(np.ones((len(b), len(b)), dtype=bool), 1)
+    if choice.fsdp:
+        for layer in problem.sparse_layers:  # [b[x], b[y]) holds it: FSDP cannot shard it
+            valid &= ~((b[:, None] <= layer) & (layer < b[None, :]))
     # Cells below the diagonal are no stage; they hold neutral values so that comparing two
     # tables (the DP's dominance test) looks at real stages only.
     time = np.where(valid, price.fwd_s + price.bwd_s, np.inf)

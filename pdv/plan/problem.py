@@ -90,6 +90,16 @@ class PlanProblem:
         return len(next(iter(self.profiles.values())).layers)
 
     @property
+    def sparse_layers(self) -> frozenset[int]:
+        """Layers with sparse gradients (a sparse embedding): FSDP cannot shard their stage."""
+        return frozenset(i for p in self.profiles.values()
+                         for i, layer in enumerate(p.layers) if layer.sparse_grads)
+
+    def holds_sparse(self, lo: int, hi: int) -> bool:
+        """Whether layers [lo, hi) hold a layer with sparse gradients."""
+        return any(lo <= i < hi for i in self.sparse_layers)
+
+    @property
     def net(self) -> Links:
         """The links the search prices transfers on."""
         return self.links if self.links is not None else self.cluster.links

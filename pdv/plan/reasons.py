@@ -118,6 +118,7 @@ def layer_fit(problem: PlanProblem) -> tuple[int, Excess] | None:
         least = min(
             (_excess(problem, spec, stage_price(problem, spec, mbs, 1, M, None), mbs, 1, 1)
              for ranks, mbs, ch in tried
+             if not (ch.fsdp and problem.holds_sparse(int(layer), int(layer) + 1))
              for spec, M in [(StageSpec(int(layer), int(layer) + 1, ranks, ch),
                               problem.global_batch // mbs)]),
             key=lambda e: (e.bytes, e.mbs, len(e.spec.ranks)),
@@ -174,7 +175,10 @@ def closest_layout(problem: PlanProblem) -> tuple[Excess | None, Candidate | Non
             ch = frugal_choice(problem, w, mbs)
             assert ch is not None, "widths() lists only widths some choice fits"
             for k in _stage_counts(min(n // w, max_stages(problem.schedule, M, L))):
-                stages = tuple(StageSpec(lo, hi, tuple(order[s * w : (s + 1) * w]), ch)
+                # FSDP cannot shard a stage holding a sparse embedding: plain replicas there.
+                stages = tuple(StageSpec(lo, hi, tuple(order[s * w : (s + 1) * w]),
+                                         ch.model_copy(update={"fsdp": False})
+                                         if problem.holds_sparse(lo, hi) else ch)
                                for s, (lo, hi) in enumerate(_balanced(problem, k)))  # fmt: skip
                 worst = max(
                     (_excess(problem, spec,
@@ -206,7 +210,10 @@ def _layer_advice(problem: PlanProblem, e: Excess) -> str:
         tips.append("TP is not in the profile and no stage fits this layer's state without it: "
                     "profile with --tp-degrees (for a model with a TP plan)")
     most = max(problem.mbs_options())
-    if not problem.allow_fsdp:
+    if problem.holds_sparse(e.spec.lo, e.spec.hi):
+        tips.append("its gradients are sparse (an embedding with sparse=True), which FSDP does "
+                    "not shard: make it sparse=False to let FSDP shard it")
+    elif not problem.allow_fsdp:
         tips.append("plan with --fsdp to shard it over replicas")
     elif most < len(problem.cluster.devices) // max(problem.tp_options()):
         tips.append(f"FSDP shards over at most {most} replicas here (replicas must divide the "

@@ -56,7 +56,8 @@ class ShardingResult:
 
 def _layer_options(problem: PlanProblem, spec: StageSpec) -> list[LayerChoice]:
     tps = (spec.choice.tp, 1) if spec.choice.tp > 1 else (1,)
-    fsdps = (False, True) if spec.dp > 1 and problem.allow_fsdp else (False,)
+    sparse = problem.holds_sparse(spec.lo, spec.hi)
+    fsdps = (False, True) if spec.dp > 1 and problem.allow_fsdp and not sparse else (False,)
     recomputes = (False, True) if problem.allow_recompute else (False,)
     # The DP's own choice stays an option (the refinement starts from it).
     options = [LayerChoice(tp=t, fsdp=f, recompute=r)

@@ -24,6 +24,7 @@ from pdv.artifacts import (
 )
 from pdv.boundaries import Boundary
 from pdv.errors import PdvError
+from pdv.model_def import has_sparse_grads
 from pdv.models import ModelDef, check_dtype
 from pdv.profile.compute import fit_time, median_iqr, resolve_dtype
 from pdv.profile.memory import OPTIMIZERS, grad_bytes, optimizer_state_bytes, param_bytes
@@ -164,6 +165,7 @@ def assemble(req: ProfileRequest, model: ModelDef, device: Any,
             output_grad_tensors=sum(v.requires_grad for v in values) if values else 1,
             flops_fwd=None if flops is None else flops / ref,
             optimizer_s=None if optimizer_s is None else optimizer_s[i],
+            sparse_grads=has_sparse_grads(layer),
             samples=samples, fwd_fit=fwd_fit, bwd_fit=bwd_fit,
         ))
     return ModelProfile(

@@ -18,7 +18,7 @@ from torch import nn
 
 from pdv.artifacts import PlanStage
 from pdv.errors import PdvError
-from pdv.model_def import grad_copies
+from pdv.model_def import grad_copies, has_sparse_grads
 from pdv.models import ModelDef
 from pdv.run.dims import ParallelDims
 
@@ -48,8 +48,7 @@ def check_sparse_grads(model: ModelDef, stages: list[PlanStage], optimizer: str)
         lo, hi = s.layers
         for index in range(lo, hi):
             name, layer = model.layers[index]
-            if not any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
-                       for m in layer.modules()):
+            if not has_sparse_grads(layer):
                 continue
             where = f"layer {index} {name!r} has an embedding with sparse=True"
             if optimizer == "adamw":
