@@ -50,6 +50,19 @@ def test_any_llama_shaped_hf_family_is_cut_into_layers_that_give_its_logits(fami
     assert (model.tp_plan is None) == (family == "mixtral")
 
 
+def test_a_mixture_of_experts_builds_in_float32_at_any_size_and_on_meta() -> None:
+    """transformers' default experts kernel (grouped_mm) took only bfloat16 on a CPU at
+    hidden_size 128; pdv asks for the eager one. On meta (pdv profile model's first check,
+    --estimate) the cut is not compared: meta holds no data, and routing needs it."""
+    pytest.importorskip("transformers")
+    sizes = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}
+    model = build_model("hf:mixtral", sizes)
+    x, _ = model.make_batch(2, torch.Generator().manual_seed(0))
+    assert model.sequential()(x).shape == (2, 32, 512)
+    with torch.device("meta"):
+        assert len(build_model("hf:mixtral", sizes).layers) == 4
+
+
 @pytest.mark.parametrize("family, refusal", [
     # its forward scales the logits (logit_scale) outside lm_head: the cut would drop it
     ("cohere", r"hf:cohere: pdv's cut .* does not give CohereForCausalLM's logits"),
