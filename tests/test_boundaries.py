@@ -217,7 +217,7 @@ def test_stages_of_different_widths_refuse_to_cut_a_value_they_cannot_find_sampl
     from pdv.artifacts import Plan
     from pdv.errors import PdvError
     from pdv.run.dims import ParallelDims
-    from pdv.run.widths import _check_separable
+    from pdv.run.widths import check_separable
 
     found = probe(_model(lambda x: x * 2, lambda x: x - x.mean(0), lambda x: x.sum(2)))
     # once mixed, every later value is mixed too
@@ -230,7 +230,44 @@ def test_stages_of_different_widths_refuse_to_cut_a_value_they_cannot_find_sampl
             "stages": [{"layers": [0, cut], "ranks": [0, 1], "dp": 2},
                        {"layers": [cut, 3], "ranks": [2, 3][:dp], "dp": dp}]}), 3)
 
-    _check_separable(dims(1, 1), found)  # cut where samples sit in order
-    _check_separable(dims(2, 2), found)  # same widths: nothing is cut
+    check_separable(dims(1, 1), found)  # cut where samples sit in order
+    check_separable(dims(2, 2), found)  # same widths: nothing is cut
     with pytest.raises(PdvError, match=r"stages 0 and 1 have different widths.*layer 1 'l1'"):
-        _check_separable(dims(2, 1), found)
+        check_separable(dims(2, 1), found)
+
+
+MIXING = """
+import torch
+from torch import nn
+
+class Mix(nn.Module):
+    def forward(self, x):
+        return x - x.mean(0)
+
+def net():
+    return nn.Sequential(nn.Linear(6, 6), Mix(), nn.Linear(6, 6), nn.Linear(6, 2))
+
+def make_batch(rows, gen):
+    return torch.randn(rows, 6, generator=gen), torch.randint(2, (rows,), generator=gen)
+
+def loss_fn(out, y):
+    return nn.functional.cross_entropy(out, y)
+"""
+
+
+def test_pdv_run_refuses_to_cut_a_mixed_value_before_launching(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from tests.conftest import run_pdv
+
+    (tmp_path / "mix.py").write_text(MIXING)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({
+        "schema": "pdv.plan/v1", "micro_batch_size": 4, "num_micro_batches": 2,
+        "global_batch_size": 8, "schedule": "GPipe",
+        "stages": [{"layers": [0, 2], "ranks": [0, 1], "dp": 2},
+                   {"layers": [2, 4], "ranks": [2]}]}))
+    res = run_pdv("run", str(plan), "--model", f"{tmp_path / 'mix.py'}:net", "--steps", "1")
+    assert res.returncode == 2
+    assert "stages 0 and 1 have different widths" in res.stderr
+    assert "torchrun" not in res.stderr  # refused before any rank started

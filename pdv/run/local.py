@@ -24,6 +24,7 @@ from pdv.run.reference import OPTIMIZERS
 from pdv.run.resume import check_resume, read_meta, resume_source
 from pdv.run.runtime import plan_dtype, resolve_model
 from pdv.run.stage import check_sparse_grads, check_tp_support
+from pdv.run.widths import check_separable
 
 __all__ = ["check_plan", "local_command", "free_port"]
 
@@ -36,7 +37,7 @@ def check_plan(plan: Plan, opts: RunOptions) -> ParallelDims:
                        plan_dtype(plan))  # the boundary probe in the dtype the ranks run
     dims = ParallelDims.from_plan(plan, len(model.layers))
     check_tp_support(model, list(plan.stages), spec)
-    probe_for_stages(model, [s.layers for s in dims.stages])
+    check_separable(dims, probe_for_stages(model, [s.layers for s in dims.stages]))
     host_slots(plan)
     if opts.optimizer not in OPTIMIZERS:
         raise PdvError(f"--optimizer {opts.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")

@@ -69,7 +69,7 @@ from pdv.run.data import micro_batch_rows
 from pdv.run.dims import ParallelDims, StageMeshes
 from pdv.run.stage import ReplicaGrads
 
-__all__ = ["Route", "routes_in", "routes_out", "WidthPipeline"]
+__all__ = ["Route", "routes_in", "routes_out", "WidthPipeline", "check_separable"]
 
 
 def _tag(micro_batch: int, backward: bool, value: int) -> int:
@@ -149,7 +149,7 @@ def _unique_rows(routes: list[Route]) -> list[Route]:
     return list(seen.values())
 
 
-def _check_separable(dims: ParallelDims, boundaries: list[Boundary]) -> None:
+def check_separable(dims: ParallelDims, boundaries: list[Boundary]) -> None:
     """A value is cut or joined by samples only where the probe found where they sit (checked
     on every rank alike, so all of them stop)."""
     for s, (a, b) in enumerate(zip(dims.stages, dims.stages[1:], strict=False)):
@@ -207,7 +207,7 @@ class WidthPipeline:
         start, end = spec.layers
         self.in_values: tuple[Value, ...] = () if self.first else boundaries[start - 1].values
         self.out_values: tuple[Value, ...] = () if self.last else boundaries[end - 1].values
-        _check_separable(dims, boundaries)
+        check_separable(dims, boundaries)
 
     # ------------------------------------------------------------------ one step
 
