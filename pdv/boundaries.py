@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pdv.errors import PdvError
+from pdv.model_def import kept_buffers, put_back
 from pdv.models import ModelDef, as_args
 
 __all__ = ["Value", "Boundary", "BoundaryError", "probe", "probe_for_stages", "WIRE_DTYPES",
@@ -180,34 +181,17 @@ def _run(model: ModelDef, rows: int, seed: int) -> tuple[list[tuple[torch.Tensor
     return outs, writers
 
 
-def _kept_buffers(model: ModelDef) -> list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]]:
-    """Every buffer of every layer, with a copy of its value."""
-    kept, seen = [], set()
-    for _, layer in model.layers:
-        for module in layer.modules():
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
-            for name, buf in module._buffers.items():
-                if buf is not None:
-                    kept.append((module, name, buf, buf.detach().clone()))
-    return kept
-
-
 def probe(model: ModelDef) -> list[Boundary]:
     """Run the model on three small batches; what every layer hands on, checked for the wire.
 
     The model is the one that trains next, and a forward in training mode may update buffers
     (BatchNorm's running statistics, spectral norm's power iteration): every buffer gets its
     value back, so the probe's batches leave no trace in training or in a checkpoint."""
-    kept = _kept_buffers(model)
+    kept = kept_buffers([layer for _, layer in model.layers])
     try:
         return _probe(model)
     finally:
-        with torch.no_grad():
-            for module, name, buf, value in kept:
-                module._buffers[name] = buf
-                buf.copy_(value)
+        put_back(kept)
 
 
 def _probe(model: ModelDef) -> list[Boundary]:
@@ -234,9 +218,10 @@ def _probe(model: ModelDef) -> list[Boundary]:
             raise BoundaryError(index, f"{where} is the last layer and returns {len(values)} "
                                 "tensors; it must return the one tensor the loss reads")
         boundaries.append(Boundary(index, name, tuple(values), index + 1 in writers))
-    boundaries = _sample_layouts(model, boundaries)
+    # the probe's last batch (3 samples) again: seeded, so the same tensors
+    x, targets = model.make_batch(3, torch.Generator().manual_seed(_SEEDS[-1]))
+    boundaries = _sample_layouts(model, boundaries, as_args(x))
     end = boundaries[-1].values[0]
-    _, targets = model.make_batch(3, torch.Generator().manual_seed(_SEEDS[-1]))
     if end.interleaved and targets.shape[0] != 3:
         raise BoundaryError(last, f"layer {last} {boundaries[-1].name!r} hands the loss "
                             f"{end.row_factor} rows per sample, strided across the micro-batch "
@@ -302,17 +287,16 @@ def _outputs(model: ModelDef, inputs: tuple[torch.Tensor, ...]) -> list[tuple[An
     return outs
 
 
-def _sample_layouts(model: ModelDef, boundaries: list[Boundary]) -> list[Boundary]:
+def _sample_layouts(model: ModelDef, boundaries: list[Boundary],
+                    inputs: tuple[torch.Tensor, ...]) -> list[Boundary]:
     """Where each batched value keeps a sample's entries: consecutive, strided, or neither.
 
     The shape of a value says which dim scales with the micro-batch, not how samples sit in
     it: (B·T, d) flattened from (B, T, d) holds a sample's T rows together, flattened from
     (T, B, d) strided. So the model runs once on 3 samples and once on the first 2 alone (eval
     mode, no gradient: no dropout draws, no batch statistics), and each value must give the 2
-    samples' entries where its layout says. A model that fails in eval mode keeps the shapes'
-    reading."""
-    x, _ = model.make_batch(3, torch.Generator().manual_seed(_SEEDS[-1]))
-    inputs = as_args(x)
+    samples' entries where its layout says (`inputs`: a batch of 3). A model that fails in
+    eval mode keeps the shapes' reading."""
     modes = [layer.training for _, layer in model.layers]
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):

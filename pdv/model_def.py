@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Chain", "ModelDef", "Inputs", "as_args", "grad_copies", "has_sparse_grads"]
+__all__ = ["Chain", "ModelDef", "Inputs", "as_args", "grad_copies", "has_sparse_grads",
+           "KeptBuffer", "kept_buffers", "put_back"]
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 """What make_batch gives the first layer: one tensor, or a tuple of them (token ids and a mask),
@@ -40,6 +41,33 @@ def has_sparse_grads(layer: nn.Module) -> bool:
     """Whether the layer holds an embedding with sparse=True (its gradients are sparse)."""
     return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
                for m in layer.modules())
+
+
+KeptBuffer = tuple[nn.Module, str, torch.Tensor, torch.Tensor]
+"""(module, buffer name, the buffer tensor, a copy of its value)"""
+
+
+def kept_buffers(layers: Sequence[nn.Module]) -> list[KeptBuffer]:
+    """Every buffer of the layers' modules (a module shared by several, once), with a copy of
+    its value: what a training-mode forward may move (BatchNorm's running statistics)."""
+    kept, seen = [], set()
+    for layer in layers:
+        for module in layer.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    kept.append((module, name, buf, buf.detach().clone()))
+    return kept
+
+
+def put_back(kept: Sequence[KeptBuffer]) -> None:
+    """Each kept buffer back in its module (the same tensor), holding its kept value."""
+    with torch.no_grad():
+        for module, name, buf, value in kept:
+            module._buffers[name] = buf
+            buf.copy_(value)
 
 
 class _GradContiguous(torch.autograd.Function):

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdv.errors import PdvError
+from pdv.errors import PdvError, first_line
 from pdv.model_def import ModelDef
 
 __all__ = ["gpt2", "llama", "decoder", "FAMILIES"]
@@ -273,7 +273,7 @@ def decoder(model_type: str, **kwargs: Any) -> ModelDef:
         config._attn_implementation = "sdpa"
         model = tf.AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # a config's own checks raise what they like
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc)
         given = kwargs or "pdv's small defaults"
         raise PdvError(f"hf:{model_type}: cannot build {cls.__name__} with {given} "
                        f"({type(exc).__name__}: {first}); set its sizes with --model-arg"
@@ -301,19 +301,21 @@ def _check_cut(family: str, model: nn.Module, built: ModelDef) -> None:
     ids, _ = built.make_batch(2, torch.Generator().manual_seed(0))
     chain = built.sequential()
     modes = [m.training for m in (model, chain)]
-    model.eval(), chain.eval()
+    model.eval()
+    chain.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             want = model(input_ids=ids).logits
             got = chain(ids)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc)
         raise PdvError(f"hf:{family}: {type(model).__name__} fails on a short batch, whole or "
                        f"cut ({type(exc).__name__}: {first}); set its sizes with --model-arg, or "
                        "wrap it in a factory that returns an nn.Sequential or a ModelDef"
                        ) from None
     finally:
-        model.train(modes[0]), chain.train(modes[1])
+        model.train(modes[0])
+        chain.train(modes[1])
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
         diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
         raise PdvError(

@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pdv.artifacts import Provenance
 from pdv.boundaries import Boundary, Value, check_targets
 from pdv.device_spec import DeviceSpec, Gemm, load_device_spec
-from pdv.errors import PdvError
+from pdv.errors import PdvError, first_line
 from pdv.model_def import grad_copies
 from pdv.models import as_args, build_model
 from pdv.optim import PROFILE_OPTIMIZERS, make_optimizer
@@ -326,7 +326,7 @@ def _traced(index: int, name: str, layer: nn.Module, xs: tuple[torch.Tensor, ...
     except PdvError:
         raise
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:240]
+        first = first_line(exc, 240)
         raise PdvError(
             f"layer {index} {name!r} cannot be estimated: --estimate runs each layer on meta "
             f"tensors, which hold shapes but no data, and it failed there ({type(exc).__name__}:"

@@ -18,7 +18,7 @@ from torch import nn
 
 from pdv.artifacts import PlanStage
 from pdv.errors import PdvError
-from pdv.model_def import grad_copies, has_sparse_grads
+from pdv.model_def import KeptBuffer, grad_copies, has_sparse_grads, kept_buffers, put_back
 from pdv.models import ModelDef
 from pdv.run.dims import ParallelDims
 
@@ -169,9 +169,8 @@ class _BufferReplay:
     the current ones back after, as if it had not run. One instance per checkpointed call."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.buffers = [(m, name) for m in module.modules() for name, b in m._buffers.items()
-                        if b is not None]
-        self.found: list[tuple[nn.Module, str, torch.Tensor]] = []
+        self.module = module
+        self.found: list[KeptBuffer] = []
 
     def contexts(self) -> tuple[Any, Any]:
         """(around the forward, around the recompute), as checkpoint's context_fn gives them."""
@@ -179,28 +178,22 @@ class _BufferReplay:
 
     @contextlib.contextmanager
     def _forward(self) -> Iterator[None]:
-        before = [(m, name, m._buffers[name]) for m, name in self.buffers]
-        copies = [b.detach().clone() for _, _, b in before]  # type: ignore[union-attr]
+        kept = kept_buffers([self.module])
         yield
         # By value: batch_norm's kernel updates the running statistics without bumping their
         # version counter.
-        self.found = [(m, name, copy) for (m, name, b), copy in zip(before, copies, strict=True)
-                      if m._buffers[name] is not b or not torch.equal(b, copy)]
+        self.found = [(m, name, b, value) for m, name, b, value in kept
+                      if m._buffers[name] is not b or not torch.equal(b, value)]
 
     @contextlib.contextmanager
     def _recompute(self) -> Iterator[None]:
-        current = [(m, name, m._buffers[name]) for m, name, _ in self.found]
-        kept = [b.detach().clone() for _, _, b in current]  # type: ignore[union-attr]
-        with torch.no_grad():
-            for m, name, value in self.found:
-                m._buffers[name].copy_(value)  # type: ignore[union-attr]
+        now = [(m, name, b, b.detach().clone()) for m, name, _, _ in self.found
+               if (b := m._buffers[name]) is not None]
+        put_back(self.found)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for (m, name, b), value in zip(current, kept, strict=True):
-                    m._buffers[name] = b
-                    b.copy_(value)  # type: ignore[union-attr]
+            put_back(now)
 
 
 class ReplicaGrads:
