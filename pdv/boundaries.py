@@ -3,16 +3,18 @@
 Every layer boundary is a possible stage boundary, and between stages only tensors travel, in
 buffers sized in advance. The probe runs the whole model on small real batches (three of them:
 two sizes, two draws of data) and records, per layer, what it hands on: a tensor or a tuple of
-tensors, each with its dtype, the dim that holds the micro-batch (dim 0, or dim 1 in torch's
-sequence-first layout) and its shape without it (or its whole shape when it has none: a table
-every sample shares), and whether a gradient flows back through it. A dim that is a fixed
-multiple of the rows (logits flattened to (rows × tokens, vocab) for the loss, tokens flattened
-for an MLP) is batched too. Where each sample's entries sit -- together, as a flatten of (rows,
-tokens, ...) lays them, or strided, as a flatten of (tokens, rows, ...) does -- is read off one
-more run: a few samples alone must give what the layout says. Anything
-the wire cannot carry is a PdvError naming the layer (and, at run time, the stage): a non-tensor,
-a shape that changes between micro-batches, a layer that fails on what the one before it hands
-on, a last layer that returns more than the loss reads.
+tensors (a nested output -- ``(out, (h, c))``, a dict, a None beside the tensors -- is handed
+on as the flat tuple of its tensors, pdv.nesting), each with its dtype, the dim that holds the
+micro-batch (dim 0, or dim 1 in torch's sequence-first layout) and its shape without it (or
+its whole shape when it has none: a table every sample shares), and whether a gradient flows
+back through it. A dim that is a fixed multiple of the rows (logits flattened to (rows ×
+tokens, vocab) for the loss, tokens flattened for an MLP) is batched too. Where each sample's
+entries sit -- together, as a flatten of (rows, tokens, ...) lays them, or strided, as a
+flatten of (tokens, rows, ...) does -- is read off one more run: a few samples alone must give
+what the layout says. Anything the wire cannot carry is a PdvError naming the layer (and, at
+run time, the stage): a non-tensor that changes between micro-batches, a shape that changes
+between micro-batches, a layer that fails on what the one before it hands on, a last layer
+that returns more than the loss reads.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from pdv.errors import PdvError
 from pdv.model_def import kept_buffers, put_back
 from pdv.models import ModelDef, as_args
+from pdv.nesting import hand_on
 
 __all__ = ["Value", "Boundary", "BoundaryError", "probe", "probe_for_stages", "WIRE_DTYPES",
            "input_values", "in_place_writers", "check_targets"]
@@ -122,9 +125,8 @@ def _values(out: Any, where: str, index: int) -> tuple[torch.Tensor, ...]:
             at = f" (element {k} of its tuple)" if len(items) > 1 else ""
             raise BoundaryError(
                 index,
-                f"{where} hands on a {type(item).__name__}{at}: {_describe(out)}; only "
-                "tensors cross stage boundaries: return a tensor or a tuple of tensors (recompute "
-                "non-tensor settings inside each layer)"
+                f"{where} hands on a {type(item).__name__}{at}: {_describe(out)}; it is the "
+                "last layer, and the loss reads one tensor: return the tensor loss_fn takes"
             )
         if item.dtype not in WIRE_DTYPES:
             raise BoundaryError(index, f"{where} hands on a {item.dtype} tensor, which pdv "
@@ -158,13 +160,16 @@ def _run(model: ModelDef, rows: int, seed: int) -> tuple[list[tuple[torch.Tensor
     check_targets(y, rows)
     outs: list[tuple[torch.Tensor, ...]] = []
     writers: set[int] = set()
+    layers = [layer for _, layer in model.layers]
     for index, (name, layer) in enumerate(model.layers):
         where = f"layer {index} {name!r}"
         versions = [t._version for t in values]
         try:
             out = layer(*values)
-        except PdvError:
+        except BoundaryError:
             raise
+        except PdvError as exc:  # a nesting hook's check: name the layer for the stage
+            raise BoundaryError(index, str(exc)) from None
         except Exception as exc:
             got = _describe(values if len(values) > 1 else values[0])
             raise BoundaryError(
@@ -176,6 +181,10 @@ def _run(model: ModelDef, rows: int, seed: int) -> tuple[list[tuple[torch.Tensor
             ) from None
         if any(t._version != v for t, v in zip(values, versions, strict=True)):
             writers.add(index)
+        try:
+            out = hand_on(layers, index, out, where)
+        except PdvError as exc:
+            raise BoundaryError(index, str(exc)) from None
         outs.append(_values(out, where, index))
         values = outs[-1]
     return outs, writers

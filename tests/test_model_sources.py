@@ -107,7 +107,11 @@ from torch import nn
 
 class Pair(nn.Module):
     def forward(self, x):
-        return {"h": x}
+        return {"h": x, "norm": x.norm().item()}
+
+class Unpair(nn.Module):
+    def forward(self, pair):
+        return pair["h"] / pair["norm"]
 
 class Grow(nn.Module):
     def forward(self, x):
@@ -129,7 +133,7 @@ class Shared(nn.Module):
             x = layer(x)
         return x
 
-def dict_out(): return nn.Sequential(nn.Linear(4, 4), Pair(), nn.Identity())
+def item_out(): return nn.Sequential(nn.Linear(4, 4), Pair(), Unpair())
 def ragged(): return nn.Sequential(nn.Linear(4, 8), Grow(), nn.Identity())
 def branchy(): return Branch()
 def not_a_model(): return 42
@@ -140,7 +144,7 @@ def loss_fn(out, y): return (out - y[:, : out.shape[1]]).pow(2).mean()
 
 
 @pytest.mark.parametrize("factory,args,needle", [
-    ("dict_out", [], "layer 1 '1' hands on a dict"),
+    ("item_out", [], "layer 1 '1' hands on "),
     ("ragged", [], "shape changes between micro-batches"),
     ("branchy", ["--split-at", "b"], "torch.export cannot trace"),
     ("branchy", ["--split-at", "c"], "--split-at c: model"),
@@ -169,9 +173,10 @@ def test_run_names_the_stage_of_a_bad_boundary(tmp_path: Path) -> None:
                                 "schedule": "GPipe",
                                 "stages": [{"layers": [0, 1], "ranks": [0]},
                                            {"layers": [1, 3], "ranks": [1]}]}))
-    res = run_pdv("run", str(plan), "--model", f"{src}:dict_out", "--steps", "1")
+    res = run_pdv("run", str(plan), "--model", f"{src}:item_out", "--steps", "1")
     assert res.returncode == 2, res.stderr
-    assert "stage 1 (layers [1, 3)): layer 1 '1' hands on a dict" in res.stderr
+    assert "stage 1 (layers [1, 3)): layer 1 '1' hands on " in res.stderr
+    assert "must be the same every micro-batch" in res.stderr
 
 
 def test_missing_batch_hooks_name_the_fix(tmp_path: Path) -> None:

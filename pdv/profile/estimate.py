@@ -48,6 +48,7 @@ from pdv.device_spec import DeviceSpec, Gemm, load_device_spec
 from pdv.errors import PdvError, first_line
 from pdv.model_def import grad_copies
 from pdv.models import as_args, build_model
+from pdv.nesting import Nesting, install, nesting_of
 from pdv.optim import PROFILE_OPTIMIZERS, make_optimizer
 from pdv.profile.compute import (
     device_info,
@@ -215,6 +216,8 @@ class _Trace:
     output_bytes: int
     outputs: tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]
     """(shape, dtype, whether a gradient flows back) of each tensor the layer hands on"""
+    nesting: Nesting | None = None
+    """how the layer's output nests those tensors (pdv.nesting), where it does"""
 
 
 class _Pricing:
@@ -288,7 +291,7 @@ class _Measured(_Pricing):
 
 def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bool,
            loss_fn: Callable[..., Any], targets: torch.Tensor,
-           fused_dropout: bool = False) -> _Trace:
+           fused_dropout: bool = False, where: str = "the layer") -> _Trace:
     """Run the layer's forward (and the loss if last) and backward on meta tensors;
     `xs` are its arguments (the previous layer's outputs, or the batch's inputs);
     `fused_dropout` prices dropout as an accelerator's single kernel."""
@@ -304,7 +307,8 @@ def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bo
             _OpLog(fc) as fwd:
         phase.log = fwd
         out = layer(*xs)
-        outs = as_args(out)
+        nesting = None if last else (nesting_of(out) or getattr(layer, "_pdv_nesting_out", None))
+        outs = nesting.flatten(out, where) if nesting and nesting_of(out) else as_args(out)
         roots = [loss_fn(out, targets)] if last else [o for o in outs if o.requires_grad]
     # The upstream gradients are the next stage's to make: made before the backward's log.
     grads = None if last else [torch.ones_like(r) for r in roots]
@@ -314,15 +318,16 @@ def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bo
             torch.autograd.backward(roots, grads)
     for p in layer.parameters():
         p.grad = None
-    return _Trace(tuple(fwd.ops), tuple(bwd.ops), saved.bytes(), tensor_bytes(out),
-                  tuple((tuple(o.shape), o.dtype, o.requires_grad) for o in outs))
+    return _Trace(tuple(fwd.ops), tuple(bwd.ops), saved.bytes(), tensor_bytes(outs),
+                  tuple((tuple(o.shape), o.dtype, o.requires_grad) for o in outs), nesting)
 
 
 def _traced(index: int, name: str, layer: nn.Module, xs: tuple[torch.Tensor, ...], last: bool,
             loss_fn: Callable[..., Any], targets: torch.Tensor, fused_dropout: bool) -> _Trace:
     """_trace, with a layer that cannot run on meta tensors named in one line."""
     try:
-        return _trace(layer, xs, index == 0, last, loss_fn, targets, fused_dropout)
+        return _trace(layer, xs, index == 0, last, loss_fn, targets, fused_dropout,
+                      f"layer {index} {name!r}")
     except PdvError:
         raise
     except Exception as exc:
@@ -354,8 +359,10 @@ def _optimizer_ops(layer: nn.Module, optimizer: str) -> tuple[Op, ...]:
 def _signature(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool,
                last: bool) -> tuple[Any, ...]:
     # repr() spells out every submodule's sizes; with the inputs' shapes it fixes the trace.
+    # A layer that takes a nested structure back (pdv.nesting) traces what it rebuilds.
+    nesting = getattr(layer, "_pdv_nesting_in", None)
     return (repr(layer), tuple((tuple(x.shape), x.dtype, x.requires_grad) for x in xs), first,
-            last)
+            last, None if nesting is None else (nesting.spec, repr(nesting.constants)))
 
 
 @dataclass(frozen=True)
@@ -491,6 +498,8 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
                     tr = cache[key] = _traced(i, model.layers[i][0], layer, h, i == n - 1,
                                               model.loss_fn, targets,
                                               isinstance(rate, _Declared))
+                if tr.nesting is not None:  # the next layer takes the flat tensors back
+                    install(shards, i, tr.nesting, f"layer {i} {model.layers[i][0]!r}")
                 pts.append(Point(fwd=[rate.seconds(tr.fwd_ops)], bwd=[rate.seconds(tr.bwd_ops)],
                                  param_bytes=param_bytes(layer),
                                  activation_bytes=tr.saved_bytes,

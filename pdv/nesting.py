@@ -1,0 +1,135 @@
+"""Layers that hand on more than a flat tuple: ``(out, (h, c))``, a dict, a None or a setting.
+
+Only tensors cross a stage boundary, in a fixed order. A layer whose output nests its tensors
+(an LSTM's state pair, a dict of hidden states and masks) or carries non-tensors beside them
+(``None`` for an absent mask, a float scale) is made to hand on the flat tuple of its tensors,
+and the layer after it gets the structure back before its own forward: a forward hook on the
+one, a forward pre-hook on the other. Hooks, not a wrapper module, so that parameter names,
+checkpoints and TP plans (module paths inside a layer) stay the model's own.
+
+The structure is found the first time the layer runs (the shape probe, or ``--estimate``'s
+meta trace), and every later call must match it: the same nesting, and the same non-tensor
+values, which are kept with the structure and never sent (a value that changes between
+micro-batches would have to travel, and only tensors do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from pdv.errors import PdvError
+
+__all__ = ["Nesting", "nesting_of", "install", "hand_on"]
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class Nesting:
+    """How one layer's output holds its tensors, and the non-tensors kept beside them."""
+
+    spec: pytree.TreeSpec
+    constants: tuple[tuple[int, Any], ...]
+    """(position among the leaves, value) of every leaf that is not a tensor"""
+    tensors: int
+    """how many tensors travel"""
+
+    def flatten(self, out: Any, where: str) -> tuple[torch.Tensor, ...]:
+        """The output's tensors in leaf order, checked against this structure."""
+        leaves, spec = pytree.tree_flatten(out)
+        if spec != self.spec:
+            raise PdvError(f"{where} hands on a different structure than before ({spec} "
+                           f"against {self.spec}); pdv needs the same one every micro-batch")
+        for k, value in self.constants:
+            if not _same(leaves[k], value):
+                raise PdvError(f"{where} hands on {leaves[k]!r} where it handed on {value!r}; "
+                               "only tensors cross stage boundaries, so a non-tensor it hands "
+                               "on must be the same every micro-batch (hand on a tensor)")
+        kept = {k for k, _ in self.constants}
+        return tuple(leaf for k, leaf in enumerate(leaves) if k not in kept)
+
+    def unflatten(self, tensors: Sequence[Any]) -> Any:
+        """The layer's output again, from the tensors that travelled."""
+        constants = dict(self.constants)
+        it = iter(tensors)
+        leaves = [constants[k] if k in constants else next(it)
+                  for k in range(self.spec.num_leaves)]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+    def __str__(self) -> str:
+        return str(self.spec).replace("\n", " ")
+
+
+def nesting_of(out: Any) -> Nesting | None:
+    """The structure of a layer's output; None for a tensor or a flat tuple of tensors."""
+    if isinstance(out, torch.Tensor):
+        return None
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+        return None
+    leaves, spec = pytree.tree_flatten(out)
+    constants = tuple((k, leaf) for k, leaf in enumerate(leaves)
+                      if not isinstance(leaf, torch.Tensor))
+    return Nesting(spec, constants, len(leaves) - len(constants))
+
+
+def _as_args(x: Any) -> tuple[Any, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def install(layers: Sequence[nn.Module], index: int, nesting: Nesting, where: str) -> None:
+    """Make layer `index` hand on its tensors flat and layer `index + 1` take them back as
+    `nesting` (a tuple's elements as separate arguments, as between any two layers).
+
+    Idempotent; a module that sits at two places must meet one structure at both."""
+    out, nxt = layers[index], layers[index + 1]
+    for module, attr in ((out, "_pdv_nesting_out"), (nxt, "_pdv_nesting_in")):
+        held = getattr(module, attr, None)
+        if held is not None and (held.spec != nesting.spec or len(held.constants)
+                                 != len(nesting.constants) or not all(
+                                     _same(a[1], b[1]) for a, b in
+                                     zip(held.constants, nesting.constants, strict=True))):
+            raise PdvError(f"{where}: this module sits at two places in the model and meets "
+                           f"two structures ({held} and {nesting}); use one structure")
+    if getattr(out, "_pdv_nesting_out", None) is None:
+        out._pdv_nesting_out = nesting  # type: ignore[assignment]
+
+        def flat(module: nn.Module, args: Any, output: Any) -> Any:
+            return nesting.flatten(output, where)
+
+        out.register_forward_hook(flat)
+    if getattr(nxt, "_pdv_nesting_in", None) is None:
+        nxt._pdv_nesting_in = nesting  # type: ignore[assignment]
+
+        def nest(module: nn.Module, args: tuple[Any, ...]) -> Any:
+            if len(args) == nesting.tensors and all(isinstance(a, torch.Tensor) for a in args):
+                return _as_args(nesting.unflatten(args))
+            return None  # called with the structure itself (not through a boundary)
+
+        nxt.register_forward_pre_hook(nest)
+
+
+def hand_on(layers: Sequence[nn.Module], index: int, out: Any, where: str) -> Any:
+    """Layer `index`'s output as it crosses a boundary: flat, with the hooks that make it so
+    installed the first time a nesting shows (also where the module's own hook flattened it
+    already, at another of its places). The last layer's output is the loss's: left as is."""
+    if index + 1 >= len(layers):
+        return out
+    nesting = nesting_of(out) or getattr(layers[index], "_pdv_nesting_out", None)
+    if nesting is None:
+        return out
+    if nesting.tensors == 0:
+        raise PdvError(f"{where} hands on no tensor ({nesting}); a layer hands the next one "
+                       "at least one tensor")
+    install(layers, index, nesting, where)
+    return out if nesting_of(out) is None else nesting.flatten(out, where)

@@ -1,0 +1,119 @@
+"""Nested boundaries: a layer's dict, (out, (h, c)) or None crosses a stage boundary as the flat
+tuple of its tensors, and the next layer gets the structure back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pdv.boundaries import BoundaryError, probe
+from pdv.models import ModelDef, build_model
+from pdv.nesting import nesting_of
+from pdv.profile.layers import profile_model
+from pdv.profile.request import ProfileRequest
+
+NESTED = ("tests/models/nested.py:net", "tests/models/nested.py:stack")
+
+
+@pytest.mark.parametrize("spec", NESTED)
+def test_every_cut_of_a_nested_model_gives_the_whole_models_loss_and_gradients(spec: str) -> None:
+    """Each stage boundary receives only the flat tensors, as a stage in another process does;
+    the two halves' forward and backward must be the whole model's."""
+    model = build_model(spec, {"d": 8, "depth": 3})
+    boundaries = probe(model)
+    # the states (h, c) travel beside the hidden states, the micro-batch in their dim 1
+    assert [len(b.values) for b in boundaries] == [3, 3, 3, 3, 1]
+    assert [v.batch_dim for v in boundaries[1].values] == [0, 1, 1]
+    assert all(v.requires_grad for v in boundaries[1].values)
+    x, y = model.make_batch(4, torch.Generator().manual_seed(3))
+    params = [p for _, layer in model.layers for p in layer.parameters()]
+
+    def grads_of(loss: torch.Tensor) -> list[torch.Tensor]:
+        return [g.clone() for g in torch.autograd.grad(loss, params)]
+
+    whole = model.loss_fn(model.sequential()(x), y)
+    want = grads_of(whole)
+    for cut in range(1, len(model.layers)):
+        sent = model.sequential(0, cut)(x)
+        sent = sent if isinstance(sent, tuple) else (sent,)
+        assert all(isinstance(t, torch.Tensor) for t in sent)
+        assert len(sent) == len(boundaries[cut - 1].values)
+        received = tuple(t.detach().requires_grad_(t.requires_grad) for t in sent)
+        loss = model.loss_fn(model.sequential(cut)(*received), y)
+        assert torch.equal(loss, whole)
+        # the back half's gradients, then the front half's from the received ones
+        back = torch.autograd.grad(loss, [*params, *[r for r in received if r.requires_grad]],
+                                   allow_unused=True)
+        sends = [s for s, r in zip(sent, received, strict=True) if r.requires_grad]
+        upstream = [torch.zeros_like(s) if g is None else g
+                    for s, g in zip(sends, back[len(params):], strict=True)]
+        front = torch.autograd.grad(sends, params, upstream, allow_unused=True)
+        for g, b, f in zip(want, back[:len(params)], front, strict=True):
+            got = (torch.zeros_like(g) if b is None else b) + (0 if f is None else f)
+            torch.testing.assert_close(got, g, rtol=1e-5, atol=1e-6)
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):  # type: ignore[no-untyped-def]
+        return self.fn(*xs)
+
+
+def _model(*fns) -> ModelDef:  # type: ignore[no-untyped-def]
+    def make_batch(mbs: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(mbs, 5, generator=gen), torch.zeros(mbs)
+
+    return ModelDef([(f"l{i}", _Lambda(f)) for i, f in enumerate(fns)], make_batch,
+                    lambda out, y: out.sum())
+
+
+def test_a_setting_beside_the_tensors_is_kept_and_one_that_changes_is_refused() -> None:
+    kept = _model(lambda x: (x, None, {"scale": 2.0, "h": x * 3}),
+                  lambda x, m, d: x * d["scale"] + d["h"] if m is None else x,
+                  lambda x: x)
+    b = probe(kept)
+    assert [len(v.values) for v in b] == [2, 1, 1]
+    x = torch.randn(2, 5)
+    front = kept.sequential(0, 1)(x)
+    assert isinstance(front, tuple) and len(front) == 2
+    torch.testing.assert_close(kept.sequential(1)(*front), x * 5)
+    changing = _model(lambda x: (x, x.sum().item()), lambda x, s: x * s, lambda x: x)
+    with pytest.raises(BoundaryError, match=r"layer 0 'l0' hands on -?[0-9.]+ where it handed "
+                       r"on -?[0-9.]+.*must be the same every micro-batch"):
+        probe(changing)
+
+
+def test_a_structure_that_changes_or_holds_no_tensor_is_refused() -> None:
+    shifting = _model(lambda x: (x, (x,)) if x.shape[0] == 2 else (x, [x]),
+                      lambda x, s: x + s[0], lambda x: x)
+    with pytest.raises(BoundaryError, match="layer 0 'l0' hands on a different structure"):
+        probe(shifting)
+    empty = _model(lambda x: x, lambda x: (None, 3), lambda *a: torch.zeros(2))
+    with pytest.raises(BoundaryError, match="layer 1 'l1' hands on no tensor"):
+        probe(empty)
+    last = _model(lambda x: x, lambda x: {"logits": x})
+    with pytest.raises(BoundaryError, match="layer 1 'l1' hands on a dict"):
+        probe(last)
+
+
+def test_flat_outputs_are_not_nested() -> None:
+    t = torch.zeros(1)
+    assert nesting_of(t) is None and nesting_of((t, t)) is None and nesting_of([t]) is None
+    nested = nesting_of((t, (t, None)))
+    assert nested is not None and nested.tensors == 2
+    back = nested.unflatten((t, t + 1))
+    assert back[1][1] is None and torch.equal(back[1][0], t + 1)
+
+
+@pytest.mark.parametrize("spec", NESTED)
+def test_the_estimate_hands_a_nested_boundary_on_as_the_probe_does(spec: str) -> None:
+    est = profile_model(ProfileRequest(spec=spec, micro_batch_sizes=(2, 3), estimate=True,
+                                       device_flops=1e12))
+    seen = probe(build_model(spec))
+    assert [(x.output_tensors, x.output_grad_tensors) for x in est.layers] == [
+        (len(b.values), sum(v.requires_grad for v in b.values)) for b in seen]
+    assert all(x.fwd_s > 0 and x.bwd_s > 0 for x in est.layers)
