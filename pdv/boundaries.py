@@ -24,11 +24,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from pdv.errors import PdvError
 from pdv.model_def import kept_buffers, put_back
 from pdv.models import ModelDef, as_args
-from pdv.nesting import hand_on
+from pdv.nesting import hand_on, may_take_whole, take_whole
 
 __all__ = ["Value", "Boundary", "BoundaryError", "probe", "probe_for_stages", "WIRE_DTYPES",
            "input_values", "in_place_writers", "check_targets"]
@@ -164,21 +165,7 @@ def _run(model: ModelDef, rows: int, seed: int) -> tuple[list[tuple[torch.Tensor
     for index, (name, layer) in enumerate(model.layers):
         where = f"layer {index} {name!r}"
         versions = [t._version for t in values]
-        try:
-            out = layer(*values)
-        except BoundaryError:
-            raise
-        except PdvError as exc:  # a nesting hook's check: name the layer for the stage
-            raise BoundaryError(index, str(exc)) from None
-        except Exception as exc:
-            got = _describe(values if len(values) > 1 else values[0])
-            raise BoundaryError(
-                index,
-                f"{where} fails on what {'the batch' if index == 0 else 'the layer before'} "
-                f"hands on ({got}): {type(exc).__name__}: {str(exc).strip()[:200]}; a layer "
-                "gets exactly the previous layer's output (a tuple as separate arguments): hand "
-                "on what the next layer needs, or recompute it there"
-            ) from None
+        out = _call(layer, index, values, where)
         if any(t._version != v for t, v in zip(values, versions, strict=True)):
             writers.add(index)
         try:
@@ -188,6 +175,40 @@ def _run(model: ModelDef, rows: int, seed: int) -> tuple[list[tuple[torch.Tensor
         outs.append(_values(out, where, index))
         values = outs[-1]
     return outs, writers
+
+
+def _call(layer: nn.Module, index: int, values: tuple[torch.Tensor, ...], where: str) -> Any:
+    """The layer on what the one before it handed on: as separate arguments (pdv's way, and
+    the way a batch's tuple reaches the first layer), else as one, as torch's nn.Sequential
+    passes a child's tuple on; the first way that runs stays the layer's."""
+    try:
+        try:
+            return layer(*values)
+        except PdvError:
+            raise
+        except Exception as exc:
+            if index == 0 or not may_take_whole(layer, values):
+                raise
+            take_whole(layer)
+            try:
+                return layer(*values)
+            except Exception:
+                take_whole(layer, False)
+                raise exc from None
+    except BoundaryError:
+        raise
+    except PdvError as exc:  # a nesting hook's check: name the layer for the stage
+        raise BoundaryError(index, str(exc)) from None
+    except Exception as exc:
+        got = _describe(values if len(values) > 1 else values[0])
+        raise BoundaryError(
+            index,
+            f"{where} fails on what {'the batch' if index == 0 else 'the layer before'} "
+            f"hands on ({got}): {type(exc).__name__}: {str(exc).strip()[:200]}; a layer "
+            "gets the previous layer's output (a tuple's elements as separate arguments, or "
+            "the tuple as one, as nn.Sequential passes it): hand on what the next layer "
+            "needs, or recompute it there"
+        ) from None
 
 
 def probe(model: ModelDef) -> list[Boundary]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from pdv.errors import PdvError
 
-__all__ = ["Nesting", "nesting_of", "install", "hand_on"]
+__all__ = ["Nesting", "nesting_of", "install", "hand_on", "may_take_whole", "take_whole"]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -87,6 +87,29 @@ def _as_args(x: Any) -> tuple[Any, ...]:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+def _rebuild(module: nn.Module, args: tuple[Any, ...]) -> Any:
+    """Forward pre-hook: the flat tensors that crossed the boundary, as the layer takes them."""
+    nesting: Nesting | None = getattr(module, "_pdv_nesting_in", None)
+    whole = getattr(module, "_pdv_takes_whole", False)
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        return None  # called with the structure itself (not through a boundary)
+    if nesting is not None:
+        if len(args) != nesting.tensors:
+            return None
+        value = nesting.unflatten(args)
+    elif whole and len(args) > 1:
+        value = tuple(args)
+    else:
+        return None
+    return (value,) if whole else _as_args(value)
+
+
+def _rebuilds(module: nn.Module) -> None:
+    if not getattr(module, "_pdv_rebuilds", False):
+        module._pdv_rebuilds = True  # type: ignore[assignment]
+        module.register_forward_pre_hook(_rebuild)
+
+
 def install(layers: Sequence[nn.Module], index: int, nesting: Nesting, where: str) -> None:
     """Make layer `index` hand on its tensors flat and layer `index + 1` take them back as
     `nesting` (a tuple's elements as separate arguments, as between any two layers).
@@ -110,13 +133,23 @@ def install(layers: Sequence[nn.Module], index: int, nesting: Nesting, where: st
         out.register_forward_hook(flat)
     if getattr(nxt, "_pdv_nesting_in", None) is None:
         nxt._pdv_nesting_in = nesting  # type: ignore[assignment]
+        _rebuilds(nxt)
 
-        def nest(module: nn.Module, args: tuple[Any, ...]) -> Any:
-            if len(args) == nesting.tensors and all(isinstance(a, torch.Tensor) for a in args):
-                return _as_args(nesting.unflatten(args))
-            return None  # called with the structure itself (not through a boundary)
 
-        nxt.register_forward_pre_hook(nest)
+def may_take_whole(layer: nn.Module, args: Sequence[Any]) -> bool:
+    """Whether the layer, having failed on its predecessor's output as separate arguments,
+    could take it as one (it receives several tensors or a structure, and does not yet)."""
+    if getattr(layer, "_pdv_takes_whole", False):
+        return False
+    return len(args) > 1 or getattr(layer, "_pdv_nesting_in", None) is not None
+
+
+def take_whole(layer: nn.Module, whole: bool = True) -> None:
+    """Hand the layer its predecessor's tuple or structure as one argument, as torch's
+    nn.Sequential does (an nn.LSTM's ``(out, (h, c))`` to a module that picks ``out``);
+    ``whole=False`` takes that back."""
+    layer._pdv_takes_whole = whole  # type: ignore[assignment]
+    _rebuilds(layer)
 
 
 def hand_on(layers: Sequence[nn.Module], index: int, out: Any, where: str) -> Any:

@@ -9,8 +9,9 @@ is tied to the LM head across a stage boundary, one with two inputs whose bounda
 tokens flattened into dim 0 (a fixed multiple of the micro-batch), and an nn.Sequential that
 holds one module at three places and writes into stage inputs in place, a sequence-first
 model (the micro-batch in dim 1, samples strided in a time-major flatten), one whose layers
-hand on dicts with a nested state pair, a None and a float, and HuggingFace's Mixtral (a
-mixture of experts through the generic hf: cut). Each model's profile must
+hand on dicts with a nested state pair, a None and a float, an nn.Sequential written for
+torch's convention (a child's tuple reaches the next child whole), and HuggingFace's Mixtral
+(a mixture of experts through the generic hf: cut). Each model's profile must
 also add up: the sum of its layers' times within 15% of the whole model's.
 """
 
@@ -91,6 +92,9 @@ MODELS = {
     # every boundary a dict: hidden states, an LSTM's (h, c) pair (micro-batch in dim 1),
     # None and a float (pdv.nesting: only the tensors travel)
     "nested": Source("tests/models/nested.py:net", lr=0.05, profiled={"d": 256}),
+    # written for torch's nn.Sequential: nn.LSTM and nn.GRU as children, whose tuples the next
+    # child takes whole
+    "torch_sequential": Source("tests/models/torch_seq.py:net", lr=0.05, profiled={"d": 256}),
 }
 """Every model has at least 4 layers, so every plan below has at least one layer per stage."""
 

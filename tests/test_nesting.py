@@ -117,3 +117,34 @@ def test_the_estimate_hands_a_nested_boundary_on_as_the_probe_does(spec: str) ->
     assert [(x.output_tensors, x.output_grad_tensors) for x in est.layers] == [
         (len(b.values), sum(v.requires_grad for v in b.values)) for b in seen]
     assert all(x.fwd_s > 0 and x.bwd_s > 0 for x in est.layers)
+
+
+def test_a_sequential_written_for_torch_hands_a_tuple_on_whole_at_every_cut() -> None:
+    """nn.Sequential passes a child's tuple to the next child as one argument. pdv passes a
+    tuple's elements as arguments where the next layer takes them so (its own models, a
+    batch's inputs), and whole where it takes one: the stages must compute what torch's own
+    nn.Sequential computes, from the flat tensors that cross each cut."""
+    from tests.models import torch_seq
+
+    spec = "tests/models/torch_seq.py:net"
+    model = build_model(spec)
+    boundaries = probe(model)
+    assert [len(b.values) for b in boundaries] == [1, 3, 1, 1, 2, 1, 1]
+    torch.manual_seed(0)
+    own = torch_seq.net()  # the same seed as build_model's
+    x, _ = model.make_batch(3, torch.Generator().manual_seed(5))
+    want = own(x)
+    for cut in range(1, len(model.layers)):
+        sent = model.sequential(0, cut)(x)
+        sent = sent if isinstance(sent, tuple) else (sent,)
+        assert torch.equal(model.sequential(cut)(*sent), want), cut
+    est = profile_model(ProfileRequest(spec=spec, micro_batch_sizes=(2,), estimate=True,
+                                       device_flops=1e12))
+    assert [x.output_tensors for x in est.layers][:-1] == [len(b.values) for b in boundaries][:-1]
+
+
+def test_a_layer_that_fails_both_ways_reports_the_first() -> None:
+    broken = _model(lambda x: (x, x), lambda a, b: a @ torch.zeros(3, 3), lambda x: x)
+    with pytest.raises(BoundaryError, match=r"layer 1 'l1' fails on what the layer before "
+                       r"hands on .*RuntimeError.*or the tuple as one"):
+        probe(broken)

@@ -48,7 +48,7 @@ from pdv.device_spec import DeviceSpec, Gemm, load_device_spec
 from pdv.errors import PdvError, first_line
 from pdv.model_def import grad_copies
 from pdv.models import as_args, build_model
-from pdv.nesting import Nesting, install, nesting_of
+from pdv.nesting import Nesting, install, may_take_whole, nesting_of, take_whole
 from pdv.optim import PROFILE_OPTIMIZERS, make_optimizer
 from pdv.profile.compute import (
     device_info,
@@ -325,9 +325,22 @@ def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bo
 def _traced(index: int, name: str, layer: nn.Module, xs: tuple[torch.Tensor, ...], last: bool,
             loss_fn: Callable[..., Any], targets: torch.Tensor, fused_dropout: bool) -> _Trace:
     """_trace, with a layer that cannot run on meta tensors named in one line."""
+    where = f"layer {index} {name!r}"
     try:
-        return _trace(layer, xs, index == 0, last, loss_fn, targets, fused_dropout,
-                      f"layer {index} {name!r}")
+        try:
+            return _trace(layer, xs, index == 0, last, loss_fn, targets, fused_dropout, where)
+        except PdvError:
+            raise
+        except Exception as exc:
+            # as the shape probe does: torch's nn.Sequential hands a child's tuple on whole
+            if index == 0 or not may_take_whole(layer, xs):
+                raise
+            take_whole(layer)
+            try:
+                return _trace(layer, xs, False, last, loss_fn, targets, fused_dropout, where)
+            except Exception:
+                take_whole(layer, False)
+                raise exc from None
     except PdvError:
         raise
     except Exception as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pdv.boundaries import probe
 from pdv.models import as_args, build_model
 from pdv.optim import OPTIMIZERS, make_optimizer
 from pdv.run.data import BatchSource
@@ -22,6 +23,9 @@ def reference_losses(spec: str, kwargs: dict[str, Any], *, steps: int, global_ba
                      split_at: Sequence[str] = (), blocks: Sequence[str] = ()) -> list[float]:
     """Per-step losses of single-process training with gradient accumulation."""
     model = build_model(spec, kwargs, seed, split_at=split_at, blocks=blocks)
+    # as every rank does before it builds its stage: how each layer takes its predecessor's
+    # output (a nested structure, or a tuple as one argument) is settled by the shape probe
+    probe(model)
     net = model.sequential()
     opt = make_optimizer(net.parameters(), optimizer, lr)
     source = BatchSource(model, global_batch_size, seed, data)
