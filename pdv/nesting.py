@@ -15,6 +15,7 @@ micro-batches would have to travel, and only tensors do).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,7 @@ class Nesting:
 
     def flatten(self, out: Any, where: str) -> tuple[torch.Tensor, ...]:
         """The output's tensors in leaf order, checked against this structure."""
-        leaves, spec = pytree.tree_flatten(out)
+        leaves, spec = _flatten(out)
         if spec != self.spec:
             raise PdvError(f"{where} hands on a different structure than before ({spec} "
                            f"against {self.spec}); pdv needs the same one every micro-batch")
@@ -71,13 +72,27 @@ class Nesting:
         return str(self.spec).replace("\n", " ")
 
 
+def _flatten(out: Any) -> tuple[list[Any], pytree.TreeSpec]:
+    """pytree's flatten, which also looks inside the layer's own dataclasses: each is made a
+    pytree node the first time it shows (torch's pytree leaves an unregistered one whole)."""
+    while True:
+        leaves, spec = pytree.tree_flatten(out)
+        unknown = {type(leaf) for leaf in leaves
+                   if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type)}
+        if not unknown:
+            return leaves, spec
+        for cls in unknown:
+            pytree.register_dataclass(cls)
+
+
 def nesting_of(out: Any) -> Nesting | None:
     """The structure of a layer's output; None for a tensor or a flat tuple of tensors."""
     if isinstance(out, torch.Tensor):
         return None
-    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+    # exactly a tuple or list: a NamedTuple's fields are read by name, so it is rebuilt
+    if type(out) in (tuple, list) and out and all(isinstance(o, torch.Tensor) for o in out):
         return None
-    leaves, spec = pytree.tree_flatten(out)
+    leaves, spec = _flatten(out)
     constants = tuple((k, leaf) for k, leaf in enumerate(leaves)
                       if not isinstance(leaf, torch.Tensor))
     return Nesting(spec, constants, len(leaves) - len(constants))

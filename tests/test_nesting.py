@@ -3,6 +3,9 @@ tuple of its tensors, and the next layer gets the structure back."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import pytest
 import torch
 from torch import nn
@@ -148,3 +151,32 @@ def test_a_layer_that_fails_both_ways_reports_the_first() -> None:
     with pytest.raises(BoundaryError, match=r"layer 1 'l1' fails on what the layer before "
                        r"hands on .*RuntimeError.*or the tuple as one"):
         probe(broken)
+
+
+class _Pair(NamedTuple):
+    h: torch.Tensor
+    gate: torch.Tensor
+
+
+@dataclasses.dataclass
+class _State:
+    h: torch.Tensor
+    steps: int
+
+
+def test_a_named_tuple_and_a_dataclass_reach_the_next_layer_as_themselves() -> None:
+    """Their fields are read by name: the next stage must get a _Pair, a _State, not a tuple
+    (and the dataclass's int stays behind)."""
+    x = torch.randn(2, 5)
+    cases = [
+        (lambda t: _Pair(t, t.sigmoid()), lambda p: p.h * p.gate, x * x.sigmoid(), 2),
+        (lambda t: _Pair(t, t.sigmoid()), lambda h, g: h - g, x - x.sigmoid(), 2),
+        (lambda t: _State(t * 2, 3), lambda s: s.h * s.steps, x * 6, 1),
+    ]
+    for make, take, want, sent_count in cases:
+        model = _model(make, take, lambda t: t)
+        assert [len(b.values) for b in probe(model)] == [sent_count, 1, 1]
+        sent = model.sequential(0, 1)(x)
+        sent = sent if isinstance(sent, tuple) else (sent,)
+        assert type(sent) is tuple and len(sent) == sent_count
+        torch.testing.assert_close(model.sequential(1)(*sent), want)
