@@ -29,7 +29,7 @@ from torch import nn
 from pdv.errors import PdvError
 from pdv.model_def import kept_buffers, put_back
 from pdv.models import ModelDef, as_args
-from pdv.nesting import hand_on, may_take_whole, take_whole
+from pdv.nesting import either_way, hand_on
 
 __all__ = ["Value", "Boundary", "BoundaryError", "probe", "probe_for_stages", "WIRE_DTYPES",
            "input_values", "in_place_writers", "check_targets"]
@@ -182,19 +182,7 @@ def _call(layer: nn.Module, index: int, values: tuple[torch.Tensor, ...], where:
     the way a batch's tuple reaches the first layer), else as one, as torch's nn.Sequential
     passes a child's tuple on; the first way that runs stays the layer's."""
     try:
-        try:
-            return layer(*values)
-        except PdvError:
-            raise
-        except Exception as exc:
-            if index == 0 or not may_take_whole(layer, values):
-                raise
-            take_whole(layer)
-            try:
-                return layer(*values)
-            except Exception:
-                take_whole(layer, False)
-                raise exc from None
+        return either_way(layer, index == 0, values, lambda: layer(*values))
     except BoundaryError:
         raise
     except PdvError as exc:  # a nesting hook's check: name the layer for the stage

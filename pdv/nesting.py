@@ -16,9 +16,9 @@ micro-batches would have to travel, and only tensors do).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.utils._pytree as pytree
@@ -26,7 +26,7 @@ from torch import nn
 
 from pdv.errors import PdvError
 
-__all__ = ["Nesting", "nesting_of", "install", "hand_on", "may_take_whole", "take_whole"]
+__all__ = ["Nesting", "nesting_of", "install", "hand_on", "either_way", "take_whole"]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -151,12 +151,35 @@ def install(layers: Sequence[nn.Module], index: int, nesting: Nesting, where: st
         _rebuilds(nxt)
 
 
-def may_take_whole(layer: nn.Module, args: Sequence[Any]) -> bool:
+def _may_take_whole(layer: nn.Module, args: Sequence[Any]) -> bool:
     """Whether the layer, having failed on its predecessor's output as separate arguments,
     could take it as one (it receives several tensors or a structure, and does not yet)."""
     if getattr(layer, "_pdv_takes_whole", False):
         return False
     return len(args) > 1 or getattr(layer, "_pdv_nesting_in", None) is not None
+
+
+T = TypeVar("T")
+
+
+def either_way(layer: nn.Module, first: bool, args: Sequence[Any], call: Callable[[], T]) -> T:
+    """`call()`, which runs the layer on its predecessor's output as separate arguments (pdv's
+    way, and how a batch's tuple reaches the `first` layer); if that fails, once more with the
+    output whole, as torch's nn.Sequential passes a child's tuple on. The way that runs stays
+    the layer's; if neither does, the first error is raised."""
+    try:
+        return call()
+    except PdvError:
+        raise
+    except Exception as exc:
+        if first or not _may_take_whole(layer, args):
+            raise
+        take_whole(layer)
+        try:
+            return call()
+        except Exception:
+            take_whole(layer, False)
+            raise exc from None
 
 
 def take_whole(layer: nn.Module, whole: bool = True) -> None:

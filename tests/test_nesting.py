@@ -8,13 +8,13 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from torch import nn
 
 from pdv.boundaries import BoundaryError, probe
-from pdv.models import ModelDef, build_model
+from pdv.models import build_model
 from pdv.nesting import nesting_of
 from pdv.profile.layers import profile_model
 from pdv.profile.request import ProfileRequest
+from tests.test_boundaries import _model
 
 NESTED = ("tests/models/nested.py:net", "tests/models/nested.py:stack")
 
@@ -55,23 +55,6 @@ def test_every_cut_of_a_nested_model_gives_the_whole_models_loss_and_gradients(s
         for g, b, f in zip(want, back[:len(params)], front, strict=True):
             got = (torch.zeros_like(g) if b is None else b) + (0 if f is None else f)
             torch.testing.assert_close(got, g, rtol=1e-5, atol=1e-6)
-
-
-class _Lambda(nn.Module):
-    def __init__(self, fn) -> None:  # type: ignore[no-untyped-def]
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs):  # type: ignore[no-untyped-def]
-        return self.fn(*xs)
-
-
-def _model(*fns) -> ModelDef:  # type: ignore[no-untyped-def]
-    def make_batch(mbs: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.randn(mbs, 5, generator=gen), torch.zeros(mbs)
-
-    return ModelDef([(f"l{i}", _Lambda(f)) for i, f in enumerate(fns)], make_batch,
-                    lambda out, y: out.sum())
 
 
 def test_a_setting_beside_the_tensors_is_kept_and_one_that_changes_is_refused() -> None:

@@ -48,7 +48,7 @@ from pdv.device_spec import DeviceSpec, Gemm, load_device_spec
 from pdv.errors import PdvError, first_line
 from pdv.model_def import grad_copies
 from pdv.models import as_args, build_model
-from pdv.nesting import Nesting, install, may_take_whole, nesting_of, take_whole
+from pdv.nesting import Nesting, either_way, install, nesting_of
 from pdv.optim import PROFILE_OPTIMIZERS, make_optimizer
 from pdv.profile.compute import (
     device_info,
@@ -327,20 +327,9 @@ def _traced(index: int, name: str, layer: nn.Module, xs: tuple[torch.Tensor, ...
     """_trace, with a layer that cannot run on meta tensors named in one line."""
     where = f"layer {index} {name!r}"
     try:
-        try:
-            return _trace(layer, xs, index == 0, last, loss_fn, targets, fused_dropout, where)
-        except PdvError:
-            raise
-        except Exception as exc:
-            # as the shape probe does: torch's nn.Sequential hands a child's tuple on whole
-            if index == 0 or not may_take_whole(layer, xs):
-                raise
-            take_whole(layer)
-            try:
-                return _trace(layer, xs, False, last, loss_fn, targets, fused_dropout, where)
-            except Exception:
-                take_whole(layer, False)
-                raise exc from None
+        # as the shape probe does: a tuple as separate arguments, else whole (nn.Sequential's)
+        return either_way(layer, index == 0, xs, lambda: _trace(
+            layer, xs, index == 0, last, loss_fn, targets, fused_dropout, where))
     except PdvError:
         raise
     except Exception as exc:
