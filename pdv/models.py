@@ -56,7 +56,7 @@ def load_factory(spec: str) -> Callable[..., Any]:
         family = spec[len(HF_PREFIX):]
         if family in FAMILIES:
             spec = f"pdv.adapters.hf:{family}"
-        elif family.replace("_", "").isalnum():
+        elif family.replace("_", "").replace("-", "").isalnum():  # bert-generation
             from pdv.adapters.hf import decoder
 
             return functools.partial(decoder, family)

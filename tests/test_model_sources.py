@@ -33,21 +33,27 @@ def test_hf_adapters_equal_the_transformers_models() -> None:
                                                      (5, "lm_head.weight")]]
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "mixtral"])
-def test_any_llama_shaped_hf_family_is_cut_into_layers_that_give_its_logits(family: str) -> None:
+@pytest.mark.parametrize("family, blocks, tp", [
+    ("mistral", "layers", True), ("qwen2", "layers", True), ("mixtral", "layers", False),
+    # not Llama's names: final_layernorm; gpt_neox.embed_in, embed_out, final_layer_norm;
+    # h, ln_f and a learned position table (wpe)
+    ("phi", "layers", False), ("gpt_neox", "layers", False), ("gpt_bigcode", "h", False),
+])
+def test_any_decoder_hf_family_is_cut_into_layers_that_give_its_logits(family: str, blocks: str,
+                                                                        tp: bool) -> None:
     """hf:<model_type> beyond gpt2 and llama: the transformers model built from the same config
     and seed gives the logits of pdv's layers in a row (a mixture of experts included)."""
     transformers = pytest.importorskip("transformers")
 
     model = build_model(f"hf:{family}", {"seq_len": 9, "hidden_size": 48}, seed=5)
     torch.manual_seed(5)
-    config = model.layers[1][1].layer.self_attn.config
+    config = next(m.config for m in model.layers[1][1].layer.modules() if hasattr(m, "config"))
     ref = transformers.AutoModelForCausalLM.from_config(config)
     x, _ = model.make_batch(3, torch.Generator().manual_seed(1))
     torch.testing.assert_close(model.sequential()(x), ref(input_ids=x).logits)
-    assert [n for n, _ in model.layers] == ["embed", *[f"layers.{i}" for i in range(4)], "head"]
+    assert [n for n, _ in model.layers] == ["embed", *[f"{blocks}.{i}" for i in range(4)], "head"]
     # TP where the blocks have Llama's projections; a mixture of experts' blocks do not
-    assert (model.tp_plan is None) == (family == "mixtral")
+    assert (model.tp_plan is not None) == tp
 
 
 def test_a_mixture_of_experts_builds_in_float32_at_any_size_and_on_meta() -> None:
@@ -66,7 +72,8 @@ def test_a_mixture_of_experts_builds_in_float32_at_any_size_and_on_meta() -> Non
 @pytest.mark.parametrize("family, refusal", [
     # its forward scales the logits (logit_scale) outside lm_head: the cut would drop it
     ("cohere", r"hf:cohere: pdv's cut .* does not give CohereForCausalLM's logits"),
-    ("opt", r"hf:opt: OPTForCausalLM is not Llama-shaped"),
+    # its blocks sit in model.decoder, and its position table is offset by 2
+    ("opt", r"hf:opt: OPTForCausalLM is not a decoder pdv can cut"),
     ("no_such_family", r"has no model_type 'no_such_family'"),
 ])
 def test_an_hf_family_pdv_cannot_cut_faithfully_is_refused(family: str, refusal: str) -> None:

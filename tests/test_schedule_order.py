@@ -88,8 +88,11 @@ def test_planner_offers_an_interleaved_plan_and_pdv_runs_it(tmp_path: Path) -> N
     """profile → plan → run: with as many micro-batches as ranks the plain 1F1B bubble is
     large, the planner's best plan is interleaved, and `pdv run` executes it in the simulated
     order."""
-    # (the profile, the cluster probe, a plan and a run of two ranks: about a minute)
-    model = ["--model-arg", "n_layer=12", "--model-arg", "fwd_ms=2", "--model-arg", "bwd_ms=4"]
+    # (the profile, the cluster probe, a plan and a run of two ranks: about a minute). Layers
+    # of 4 + 8 ms: interleaving saves half a stage's bubble (about 36 ms a step) against the
+    # extra boundaries' messages, which a cluster probe taken on a loaded CI host priced at a
+    # few ms each (at 2 + 4 ms the planner once chose plain 1F1B there).
+    model = ["--model-arg", "n_layer=12", "--model-arg", "fwd_ms=4", "--model-arg", "bwd_ms=8"]
     prof, clus = tmp_path / "profile.json", tmp_path / "cluster.json"
     r = run_pdv("profile", "model", SPEC, *model, "--micro-batch-sizes", "1", "--warmup", "1",
                 "--repeat", "3", "-o", str(prof))

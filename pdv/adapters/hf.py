@@ -2,15 +2,18 @@
 
     pdv profile model hf:llama --model-arg num_hidden_layers=4 -o llama.json
     pdv profile model hf:gpt2 --model-arg n_layer=4 -o gpt2.json
-    pdv profile model hf:mixtral -o mixtral.json     # any Llama-shaped model_type
+    pdv profile model hf:mixtral -o mixtral.json     # any decoder-only model_type
 
 ``hf:gpt2`` and ``hf:llama`` have their own builders. Any other transformers ``model_type``
-(mistral, qwen2, qwen3, mixtral, olmo, granite, ...) is built with AutoModelForCausalLM and cut
-as Llama is, when its causal LM is Llama-shaped: ``model.embed_tokens``, ``model.layers``,
-``model.norm`` (and ``model.rotary_emb``), ``lm_head``. The cut is checked at build time: the
-layers in a row must give the model's own logits on a short batch, else the family is refused
-(its forward does work between those parts that the cut would drop: an embedding scale, a
-logit soft-cap, a mask the blocks need).
+(mistral, qwen2, mixtral, phi, gpt_neox, gpt_bigcode, olmo, granite, ...) is built with
+AutoModelForCausalLM and cut as Llama is, its parts found by what they are rather than by
+Llama's names: the base model's one list of ``num_hidden_layers`` blocks (``layers``, ``h``),
+its input embedding, a learned position table (``wpe``, ``embed_positions``) if any, a shared
+``rotary_emb`` if any, a final norm (``norm``, ``final_layernorm``, ``final_layer_norm``,
+``ln_f``), and the output embedding. The cut is checked at build time: the layers in a row must
+give the model's own logits on a short batch, else the family is refused (its forward does
+work between those parts that the cut would drop: an embedding scale, a logit soft-cap, a
+position offset, a mask the blocks need).
 
 Nothing is downloaded: the model is built from a config object (``HF_HUB_OFFLINE=1`` is set
 before transformers is imported), never ``from_pretrained``, and no tokenizer is used; batches
@@ -41,6 +44,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -95,7 +99,10 @@ def _model_args(family: str, cls: type, kwargs: dict[str, Any], hint: str = "",
     seq_len; the names accepted."""
     kwargs = dict(kwargs)
     seq_len = int(kwargs.pop("seq_len", 32))
-    known = set(cls().to_dict()) | {"head_dim"} | (extra or set())
+    # a family's own field names, and the common names it maps to them (GPT-2's n_embd is
+    # hidden_size)
+    known = (set(cls().to_dict()) | set(getattr(cls, "attribute_map", {})) | {"head_dim"}
+             | (extra or set()))
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise PdvError(f"hf:{family}: {', '.join(unknown)} is not a {cls.__name__} field "
@@ -202,18 +209,75 @@ _TP_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def _llama_shaped(family: str, model: nn.Module, config: Any, seq_len: int) -> ModelDef:
-    """embed, layers.0..layers.{n-1}, head of a Llama-shaped causal LM; TP where its blocks
-    have Llama's projections (a mixture of experts' blocks do not)."""
-    body = model.model
+_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f")
+"""what families call the norm after their last block"""
+_POSITIONS = ("wpe", "embed_positions")
+"""what families call a learned position table added to the token embedding"""
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The pieces of a decoder-only causal LM that pdv's layers are made of."""
+
+    tokens: nn.Module
+    positions: nn.Embedding | None
+    blocks_name: str
+    blocks: nn.ModuleList
+    rotary: nn.Module | None
+    norm: nn.Module
+    head: nn.Module
+
+
+def _embedding(get: Callable[[], Any]) -> nn.Module | None:
+    try:
+        found = get()
+    except Exception:  # a wrapper's get_input_embeddings may raise rather than return None
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
+def _parts(family: str, model: nn.Module, config: Any) -> _Parts:
+    """Found by what every decoder has, under whatever names: the base model's one list of
+    num_hidden_layers blocks, its input embedding, a learned position table if any, a
+    shared rotary module if any, a final norm, and the output embedding (the LM head)."""
     n = config.num_hidden_layers
-    rotary = getattr(body, "rotary_emb", None)
-    layers: list[tuple[str, nn.Module]] = [("embed", _Embed(body.embed_tokens, None))]
-    layers += [(f"layers.{i}", _Block(layer, copy.deepcopy(rotary)))
-               for i, layer in enumerate(body.layers)]
-    layers.append(("head", _Head(body.norm, model.lm_head)))
+
+    def block_lists(module: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(name, m) for name, m in module.named_children()
+                if isinstance(m, nn.ModuleList) and len(m) == n]
+
+    # the base model holds the blocks; where its prefix does not name it (Llama 4's text
+    # model), the one module that does
+    base = model.base_model
+    if not block_lists(base):
+        holders = [m for m in model.modules() if block_lists(m)]
+        base = holders[0] if len(holders) == 1 else base
+    lists = block_lists(base)
+    norms = [getattr(base, a) for a in _NORMS if isinstance(getattr(base, a, None), nn.Module)]
+    tokens, head = _embedding(model.get_input_embeddings), _embedding(model.get_output_embeddings)
+    if len(lists) != 1 or len(norms) != 1 or tokens is None or head is None:
+        raise PdvError(f"hf:{family}: {type(model).__name__} is not a decoder pdv can cut (one "
+                       f"list of its {n} blocks, a final norm named {'/'.join(_NORMS)}, an input "
+                       "and an output embedding); wrap it in a factory that returns an "
+                       "nn.Sequential or a ModelDef")
+    positions = [getattr(base, a) for a in _POSITIONS
+                 if isinstance(getattr(base, a, None), nn.Embedding)]
+    return _Parts(tokens, positions[0] if positions else None, lists[0][0], lists[0][1],
+                  getattr(base, "rotary_emb", None), norms[0], head)
+
+
+def _llama_shaped(family: str, model: nn.Module, config: Any, seq_len: int) -> ModelDef:
+    """embed, <blocks>.0..<blocks>.{n-1}, head of a decoder-only causal LM; TP where its
+    blocks have Llama's projections (a mixture of experts' blocks do not)."""
+    parts = _parts(family, model, config)
+    n = config.num_hidden_layers
+    rotary = parts.rotary
+    layers: list[tuple[str, nn.Module]] = [("embed", _Embed(parts.tokens, parts.positions))]
+    layers += [(f"{parts.blocks_name}.{i}", _Block(layer, copy.deepcopy(rotary)))
+               for i, layer in enumerate(parts.blocks)]
+    layers.append(("head", _Head(parts.norm, parts.head)))
     make_batch = _batches(config.vocab_size, seq_len)
-    names = {name for name, _ in body.layers[0].named_modules()}
+    names = {name for name, _ in parts.blocks[0].named_modules()}
     if not (set(_TP_NAMES) <= names and all(
             hasattr(config, f) for f in ("num_key_value_heads", "intermediate_size"))):
         return ModelDef(layers=layers, make_batch=make_batch, loss_fn=_lm_loss)
@@ -230,7 +294,7 @@ def _llama_shaped(family: str, model: nn.Module, config: Any, seq_len: int) -> M
                 else ColwiseParallel() for name in _TP_NAMES}
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    block_cls = type(body.layers[0])
+    block_cls = type(parts.blocks[0])
 
     def tp_shard(index: int, layer: nn.Module, k: int) -> nn.Module:
         if not is_block(index) or k == 1:
@@ -252,8 +316,19 @@ def _llama_shaped(family: str, model: nn.Module, config: Any, seq_len: int) -> M
 
 
 def decoder(model_type: str, **kwargs: Any) -> ModelDef:
-    """Any other transformers model_type whose causal LM is Llama-shaped, cut as Llama is;
-    refused unless the cut gives the model's own logits."""
+    """Any other transformers model_type whose causal LM is a decoder pdv can cut as Llama
+    (`_parts`); refused unless the cut gives the model's own logits."""
+    try:
+        return _decoder(model_type, kwargs)
+    except PdvError:
+        raise
+    except Exception as exc:  # a family's config or model raises what it likes
+        raise PdvError(f"hf:{model_type}: pdv cannot build or cut it ({type(exc).__name__}: "
+                       f"{first_line(exc)}); wrap it in a factory that returns an "
+                       "nn.Sequential or a ModelDef") from None
+
+
+def _decoder(model_type: str, kwargs: dict[str, Any]) -> ModelDef:
     tf = _transformers()
     try:
         cls = type(tf.AutoConfig.for_model(model_type))
@@ -264,6 +339,10 @@ def decoder(model_type: str, **kwargs: Any) -> ModelDef:
     kwargs, seq_len, known = _model_args(model_type, cls, kwargs, extra={"experts_implementation"})
     quiet = {k: 0.0 for k in known if k.endswith(("dropout", "pdrop", "jitter_noise"))}
     tiny = {k: v for k, v in _TINY_ANY.items() if k in known}
+    # a family that names a field its own way maps the common name to it (n_embd, n_layer)
+    for common, own in getattr(cls, "attribute_map", {}).items():
+        if common in _TINY_ANY and own in known and own not in tiny:
+            tiny[own] = _TINY_ANY[common]
     # A mixture of experts' default kernel (grouped_mm) takes bfloat16 only on a CPU, at some
     # sizes (Mixtral at hidden_size 128 in float32 failed); eager runs in every dtype and on
     # every device. --model-arg experts_implementation=grouped_mm picks the fused one.
@@ -282,13 +361,6 @@ def decoder(model_type: str, **kwargs: Any) -> ModelDef:
     if not 1 <= seq_len <= limit:
         raise PdvError(f"hf:{model_type}: seq_len={seq_len} must be in 1..{limit} (the "
                        "config's position limit); raise it with --model-arg")
-    body = getattr(model, "model", None)
-    parts = ("embed_tokens", "layers", "norm")
-    if body is None or not all(hasattr(body, a) for a in parts) or not hasattr(model, "lm_head"):
-        raise PdvError(f"hf:{model_type}: {type(model).__name__} is not Llama-shaped (model."
-                       "embed_tokens, model.layers, model.norm, lm_head), which is how pdv "
-                       "cuts a HuggingFace model other than hf:gpt2; wrap it in a factory that "
-                       "returns an nn.Sequential or a ModelDef")
     built = _llama_shaped(model_type, model, config, seq_len)
     _check_cut(model_type, model, built)
     return built
@@ -319,7 +391,7 @@ def _check_cut(family: str, model: nn.Module, built: ModelDef) -> None:
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
         diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
         raise PdvError(
-            f"hf:{family}: pdv's cut (embed_tokens, each of model.layers, norm, lm_head) does "
+            f"hf:{family}: pdv's cut (input embedding, each block, final norm, LM head) does "
             f"not give {type(model).__name__}'s logits (largest difference {diff:.3g}): its "
             "forward does work between those parts that the cut would drop (an embedding "
             "scale, a logit soft-cap, per-layer masks); wrap it in a factory that returns an "
