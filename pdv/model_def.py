@@ -135,6 +135,10 @@ class ModelDef:
     """TP degrees the model supports (divisors of its head count and hidden sizes)."""
     dtype: torch.dtype = torch.float32
     """The layers' dtype, and make_batch's floating tensors' (pdv.models.cast_model sets it)."""
+    inputs: Any = None
+    """How make_batch's inputs nest their tensors (a pdv.nesting.Nesting) where they are more
+    than a tensor or a flat tuple: set by pdv.models.build_model, which then hands every
+    consumer the flat tensors and the first layer the structure"""
     prepare: Callable[[Sequence[int]], None] | None = None
     """Micro-batch sizes -> None: readies layers specialised to shapes (a traced split) for
     every size that will run; called before any layer is parallelized."""

@@ -25,6 +25,7 @@ from pdv.adapters.hf import FAMILIES
 from pdv.adapters.module import from_module
 from pdv.errors import PdvError
 from pdv.model_def import Chain, Inputs, ModelDef, as_args
+from pdv.nesting import install_inputs, nesting_of
 from pdv.sample_models import SAMPLES, sample_spec
 
 __all__ = ["Chain", "Inputs", "ModelDef", "as_args", "load_factory", "build_model",
@@ -127,6 +128,31 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, seed: int = 0, 
         if not isinstance(layer, nn.Module):
             raise PdvError(f"model {spec!r}: layer {name!r} is a {type(layer).__name__}, "
                            "not an nn.Module")
+    return _flat_inputs(model, spec)
+
+
+def _flat_inputs(model: ModelDef, spec: str) -> ModelDef:
+    """make_batch's inputs as flat tensors, where they are a dict or nested (ids and a mask
+    in a dict): what the batch splits into micro-batches and replicas and what a first stage
+    receives; the first layer gets the structure back (pdv.nesting)."""
+    # on CPU whatever device the model is built on (--estimate builds on meta): the batch is
+    # data, and only its structure is read here
+    with torch.device("cpu"):
+        x, _ = model.make_batch(2, torch.Generator().manual_seed(0))
+    nesting = nesting_of(x)
+    if nesting is None or model.inputs is not None:
+        return model
+    if nesting.tensors == 0:
+        raise PdvError(f"model {spec!r}: make_batch's inputs hold no tensor ({nesting})")
+    install_inputs(model.layers[0][1], nesting)
+    make_batch = model.make_batch
+
+    def flat(rows: int, gen: torch.Generator) -> tuple[Inputs, torch.Tensor]:
+        x, y = make_batch(rows, gen)
+        return nesting.flatten(x, f"model {spec!r}: make_batch"), y
+
+    model.make_batch = flat
+    model.inputs = nesting
     return model
 
 

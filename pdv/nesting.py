@@ -26,7 +26,8 @@ from torch import nn
 
 from pdv.errors import PdvError
 
-__all__ = ["Nesting", "nesting_of", "install", "hand_on", "either_way", "take_whole"]
+__all__ = ["Nesting", "nesting_of", "install", "install_inputs", "hand_on", "either_way",
+           "take_whole"]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -149,6 +150,14 @@ def install(layers: Sequence[nn.Module], index: int, nesting: Nesting, where: st
     if getattr(nxt, "_pdv_nesting_in", None) is None:
         nxt._pdv_nesting_in = nesting  # type: ignore[assignment]
         _rebuilds(nxt)
+
+
+def install_inputs(first: nn.Module, nesting: Nesting) -> None:
+    """Make the first layer take make_batch's structured inputs (a dict of ids and a mask)
+    back from the flat tensors that the batch is split and sent as."""
+    if getattr(first, "_pdv_nesting_in", None) is None:
+        first._pdv_nesting_in = nesting  # type: ignore[assignment]
+        _rebuilds(first)
 
 
 def _may_take_whole(layer: nn.Module, args: Sequence[Any]) -> bool:

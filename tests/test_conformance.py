@@ -8,10 +8,11 @@ non-contiguous views, one whose blocks take extra inputs as tuples, three whose 
 is tied to the LM head across a stage boundary, one with two inputs whose boundaries carry
 tokens flattened into dim 0 (a fixed multiple of the micro-batch), and an nn.Sequential that
 holds one module at three places and writes into stage inputs in place, a sequence-first
-model (the micro-batch in dim 1, samples strided in a time-major flatten), one whose layers
-hand on dicts with a nested state pair, a None and a float, an nn.Sequential written for
-torch's convention (a child's tuple reaches the next child whole), and HuggingFace's Mixtral
-(a mixture of experts through the generic hf: cut). Each model's profile must
+model (the micro-batch in dim 1, samples strided in a time-major flatten), one that takes its
+batch as a dict and whose layers hand on dicts with a nested state pair, a None and a float,
+an nn.Sequential written for torch's convention (a child's tuple reaches the next child
+whole), and HuggingFace's Mixtral (a mixture of experts through the generic hf: cut). Each
+model's profile must
 also add up: the sum of its layers' times within 15% of the whole model's.
 """
 
@@ -89,9 +90,9 @@ MODELS = {
     # torch's sequence-first layout: (tokens, batch, d) boundaries and an LSTM's (1, batch, h)
     # state, joined between the widths plan's stages; a time-major flatten (strided samples)
     "seq_first": Source("tests/models/seq_first.py:net", lr=0.05, profiled={"d": 256}),
-    # every boundary a dict: hidden states, an LSTM's (h, c) pair (micro-batch in dim 1),
-    # None and a float (pdv.nesting: only the tensors travel)
-    "nested": Source("tests/models/nested.py:net", lr=0.05, profiled={"d": 256}),
+    # a dict batch (ids, a mask, a setting), and every boundary a dict: hidden states, an
+    # LSTM's (h, c) pair (micro-batch in dim 1), None and a float (only the tensors travel)
+    "nested": Source("tests/models/nested.py:keyed", lr=0.05, profiled={"d": 256}),
     # written for torch's nn.Sequential: nn.LSTM and nn.GRU as children, whose tuples the next
     # child takes whole
     "torch_sequential": Source("tests/models/torch_seq.py:net", lr=0.05, profiled={"d": 256}),

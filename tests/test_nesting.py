@@ -163,3 +163,35 @@ def test_a_named_tuple_and_a_dataclass_reach_the_next_layer_as_themselves() -> N
         sent = sent if isinstance(sent, tuple) else (sent,)
         assert type(sent) is tuple and len(sent) == sent_count
         torch.testing.assert_close(model.sequential(1)(*sent), want)
+
+
+def test_a_dict_batch_is_split_and_sent_as_its_tensors_and_the_first_layer_gets_the_dict(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """make_batch may give a dict (a model called as model(**batch)): every consumer gets its
+    tensors flat, micro-batches and replicas cut them by rows, and the first layer the dict;
+    a data hook's dict is flattened alike, and a setting in it that changes is refused."""
+    from pdv.errors import PdvError
+    from pdv.run.data import BatchSource
+
+    spec = "tests/models/nested.py:keyed"
+    model = build_model(spec, {"d": 8})
+    x, y = model.make_batch(4, torch.Generator().manual_seed(2))
+    assert type(x) is tuple and [t.shape for t in x] == [(4, 8), (4, 8)]
+    assert [len(b.values) for b in probe(model)][0] == 3
+    whole = model.sequential()(*x)
+    halves = [model.sequential()(*(t[lo:lo + 2] for t in x)) for lo in (0, 2)]
+    torch.testing.assert_close(torch.cat(halves), whole)
+    hook = tmp_path / "data.py"
+    hook.write_text(
+        "import torch\n"
+        "def data(step, batch_size, seed, causal=True):\n"
+        "    g = torch.Generator().manual_seed(step)\n"
+        "    ids = torch.randint(32, (batch_size, 9), generator=g)\n"
+        "    keep = torch.ones(batch_size, 8)\n"
+        "    return {'ids': ids[:, :-1], 'keep': keep, 'causal': causal}, ids[:, 1:]\n"
+        "def acausal(step, batch_size, seed):\n"
+        "    return data(step, batch_size, seed, causal=False)\n")
+    got, _ = BatchSource(model, 4, 0, f"{hook}:data").global_batch(1)
+    assert type(got) is tuple and len(got) == 2
+    with pytest.raises(PdvError, match="hands on False where it handed on True"):
+        BatchSource(model, 4, 0, f"{hook}:acausal").global_batch(1)

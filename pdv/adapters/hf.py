@@ -260,8 +260,10 @@ def _parts(family: str, model: nn.Module, config: Any) -> _Parts:
                        f"list of its {n} blocks, a final norm named {'/'.join(_NORMS)}, an input "
                        "and an output embedding); wrap it in a factory that returns an "
                        "nn.Sequential or a ModelDef")
+    # a plain table read at 0..T-1; a subclass has a forward of its own (OPT's offset by 2),
+    # which the cut would not reproduce
     positions = [getattr(base, a) for a in _POSITIONS
-                 if isinstance(getattr(base, a, None), nn.Embedding)]
+                 if type(getattr(base, a, None)) is nn.Embedding]
     return _Parts(tokens, positions[0] if positions else None, lists[0][0], lists[0][1],
                   getattr(base, "rotary_emb", None), norms[0], head)
 

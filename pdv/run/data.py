@@ -4,7 +4,8 @@ Every rank draws the same global batch for a step (a generator seeded by (seed, 
 only its rows, so the data never depend on the plan: a single-process run sees the same samples.
 A data hook is named like a model factory (``pkg.mod:fn`` or ``path/file.py:fn``) and is called
 as ``fn(step=..., batch_size=..., seed=...)``; it returns ``(inputs, targets)`` of the whole
-global batch (inputs a tensor or a tuple of tensors, as make_batch gives). Under a plan in
+global batch (inputs a tensor or a tuple of tensors, or the structure make_batch gives, a dict
+of them, which is flattened as make_batch's is). Under a plan in
 another dtype than float32 its floating tensors are cast to it, as the model's own batches are
 (pdv.models.cast_model).
 """
@@ -46,6 +47,8 @@ class BatchSource:
             gen = torch.Generator().manual_seed(step_seed(self.seed, step))
             return self.model.make_batch(self.global_batch_size, gen)
         x, y = self._hook(step=step, batch_size=self.global_batch_size, seed=self.seed)
+        if self.model.inputs is not None:  # a dict, as make_batch gives: flat, as its are
+            x = self.model.inputs.flatten(x, f"data hook {self.hook}")
         gb = self.global_batch_size
         inputs = [("inputs", t) for t in as_args(x)]
         for name, t in (*inputs, ("targets", y)):

@@ -4,7 +4,8 @@ mask) and a float that every layer reads. Each LSTM layer starts from the previo
 final state, so the state's gradient crosses every stage boundary.
 
 ``stack`` hands on the same thing as a nested tuple, ``(x, (h, c))``, the way torch's own
-``nn.LSTM`` returns it.
+``nn.LSTM`` returns it. ``keyed`` takes its batch as a dict (token ids, a mask of the tokens to
+read, and a setting), as a model called with ``model(**batch)`` does.
 """
 
 from __future__ import annotations
@@ -87,3 +88,22 @@ def stack(d: int = 16, depth: int = 3) -> ModelDef:
     """The same, handing on ``(x, (h, c))``."""
     layers = [("embed", TupleEmbed(d))] + [(f"rnn{i}", TupleRecurrent(d)) for i in range(depth)]
     return ModelDef(layers + [("head", TupleHead(d))], _batch, _loss)
+
+
+class KeyedEmbed(Embed):
+    def forward(self, batch: dict) -> dict:  # type: ignore[override]
+        assert batch["causal"] is True
+        s = super().forward(batch["ids"])
+        return {**s, "x": s["x"] * batch["keep"][..., None]}
+
+
+def _keyed_batch(rows: int, gen: torch.Generator) -> tuple[dict, torch.Tensor]:
+    ids, targets = _batch(rows, gen)
+    keep = (torch.rand(rows, TOKENS, generator=gen) > 0.2).float()
+    return {"ids": ids, "keep": keep, "causal": True}, targets
+
+
+def keyed(d: int = 16, depth: int = 3) -> ModelDef:
+    """`net` with a dict batch: {"ids", "keep", "causal"}."""
+    layers = [("embed", KeyedEmbed(d))] + [(f"rnn{i}", Recurrent(d)) for i in range(depth)]
+    return ModelDef(layers + [("head", Head(d))], _keyed_batch, _loss)
