@@ -263,10 +263,22 @@ class ModelProfile(_Strict):
 
 
 class MessageCost(_Strict):
-    """CPU time one point-to-point message costs a rank: a_s + b_s_per_byte * S."""
+    """CPU time one point-to-point message costs a rank: a_s + b_s_per_byte * S; messages
+    posted together (a boundary's tensors) pay a_s once and batched_a_s for each after it."""
 
     a_s: float = Field(ge=0, description="per message, seconds")
     b_s_per_byte: float = Field(ge=0, description="per byte, seconds")
+    batched_a_s: float | None = Field(
+        None, ge=0, description="per message after the first of several posted together to one "
+        "peer (batch_isend_irecv), seconds; None (files before it): a_s")
+
+    @model_serializer(mode="wrap")
+    def _omit_unmeasured(self, handler: Any) -> Any:
+        # files without the batch probe keep their bytes and digest (plans name them by digest)
+        data = handler(self)
+        if isinstance(data, dict) and data.get("batched_a_s") is None:
+            data.pop("batched_a_s", None)
+        return data
 
 
 class FsdpUnitCost(_Strict):

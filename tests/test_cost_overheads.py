@@ -383,3 +383,33 @@ def test_plain_replicas_pay_their_gradient_passes_per_all_reduced_byte() -> None
     step = simulate(plan, {"cpu": prof}, cl).step_time_s
     assert step == pytest.approx(simulate(plan, {"cpu": prof}, _with_overheads(base)).step_time_s
                                  + 2e-9 * grads)
+
+
+@pytest.mark.parametrize("batched", [None, 0.002, 0.0])
+def test_a_boundarys_tensors_posted_together_pay_the_fixed_cpu_once(batched: float | None) -> None:
+    """A boundary of three tensors is posted to its peer at once: each side pays its line's a
+    once, the batched a for the second and third, and b on all the bytes; a file without the
+    batch probe pays a for each (as before)."""
+    from pdv.cost.stage import message_cpu
+
+    send = MessageCost(a_s=0.01, b_s_per_byte=1e-5, batched_a_s=batched)
+    recv = MessageCost(a_s=0.02, b_s_per_byte=2e-5, batched_a_s=batched)
+    over = OVER.model_copy(update={"send_cpu": send, "recv_cpu": recv})
+    cluster = make_cluster(3, bw=1e9)
+    cluster = cluster.model_copy(update={"devices": [
+        d.model_copy(update={"overheads": over}) for d in cluster.devices]})
+    a, b = PlanStage(layers=(0, 2), ranks=[0]), PlanStage(layers=(2, 4), ranks=[1, 2], dp=2)
+    cpu = message_cpu(cluster, a, b, 4, 100.0, tensors=3)
+
+    def extra(c: MessageCost) -> float:
+        return c.a_s if batched is None else batched
+
+    # rank 0 posts 3 tensors of 2 samples (200 B in all) to each of ranks 1 and 2
+    per_peer_send = send.a_s + 2 * extra(send) + send.b_s_per_byte * 200
+    assert cpu[0] == pytest.approx(2 * per_peer_send)
+    assert cpu[1] == cpu[2] == pytest.approx(recv.a_s + 2 * extra(recv) + recv.b_s_per_byte * 200)
+    # one tensor: the line alone, whatever the batched field says
+    one = message_cpu(cluster, a, b, 4, 100.0, tensors=1)
+    assert one[1] == pytest.approx(recv.a_s + recv.b_s_per_byte * 200)
+    # the field is written only when measured: older files keep their bytes
+    assert ("batched_a_s" in artifacts.dumps(cluster)) == (batched is not None)

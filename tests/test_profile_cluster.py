@@ -303,6 +303,13 @@ def _check_overheads(data: dict) -> None:
                 assert len(rounds) == len(block["sizes_bytes"])
                 assert all(len(r) == len(rounds[0]) >= 3 for r in rounds)
                 assert m[f"{key}_s"] == [statistics.median(r) for r in rounds]
+                # messages posted together: one posting of 1 and of 3, each round kept; the
+                # batched cost of a message after the first follows from their medians
+                by = m["batched_cpu_rounds_s"][key.split("_")[0]]
+                assert set(by) == {"1", "3"} and len(by["1"]) == len(rounds[0])
+                one, three = statistics.median(by["1"]), statistics.median(by["3"])
+                want = (three - one - 2 * o[key]["b_s_per_byte"] * m["batch_size_bytes"]) / 2
+                assert o[key]["batched_a_s"] == pytest.approx(max(want, 0.0))
             assert m["spread"] >= 0
             # The sync after compute: the same pairs, every round kept; the excess is the mean
             # of each round's later end of the pair's first all-reduce less the sweep's price

@@ -204,8 +204,11 @@ def reduce_scatter_time(ring: Ring, nbytes: Bytes) -> Bytes:
     return _half_ring(ring.n, ring.alpha, ring.beta, nbytes)
 
 
-def message_cpu_time(cost: MessageCost | None, nbytes: float) -> float:
-    """CPU one rank spends sending (or receiving) one message of nbytes: a + b·S (0 unmeasured)."""
-    if cost is None or nbytes <= 0:
+def message_cpu_time(cost: MessageCost | None, nbytes: float, messages: int = 1) -> float:
+    """CPU one rank spends sending (or receiving) `messages` messages of nbytes in all, posted
+    together to one peer: a once, the batched a for each message after the first, b·S (0
+    unmeasured). A file without the batch probe prices each message at a."""
+    if cost is None or nbytes <= 0 or messages < 1:
         return 0.0
-    return cost.a_s + cost.b_s_per_byte * nbytes
+    extra = cost.a_s if cost.batched_a_s is None else cost.batched_a_s
+    return cost.a_s + (messages - 1) * extra + cost.b_s_per_byte * nbytes

@@ -230,14 +230,20 @@ def message_cpu(cluster: ClusterArtifact, src: PlanStage, dst: PlanStage, mbs: i
                 bytes_per_sample: float, tensors: int = 1) -> dict[int, float]:
     """Per rank: CPU seconds its side of one micro-batch's boundary messages src → dst costs.
 
-    Each sender pays its measured send line per message, each receiver its receive line
-    (pdv.cost.comm.message_cpu_time); a rank that is unmeasured pays nothing.
+    Each sender pays its measured send line, each receiver its receive line
+    (pdv.cost.comm.message_cpu_time), once per peer for the messages a boundary posts to it
+    together (its tensors), plus the batched cost of each message after the first; a rank
+    that is unmeasured pays nothing.
     """
-    cpu: dict[int, float] = {}
+    per_pair: dict[tuple[int, int], list[float]] = {}
     for s, d, nbytes in boundary_messages(src, dst, mbs, bytes_per_sample, tensors):
+        per_pair.setdefault((s, d), []).append(nbytes)
+    cpu: dict[int, float] = {}
+    for (s, d), sizes in per_pair.items():
         so, do = cluster.devices[s].overheads, cluster.devices[d].overheads
-        cpu[s] = cpu.get(s, 0.0) + message_cpu_time(so.send_cpu if so else None, nbytes)
-        cpu[d] = cpu.get(d, 0.0) + message_cpu_time(do.recv_cpu if do else None, nbytes)
+        total, n = sum(sizes), len(sizes)
+        cpu[s] = cpu.get(s, 0.0) + message_cpu_time(so.send_cpu if so else None, total, n)
+        cpu[d] = cpu.get(d, 0.0) + message_cpu_time(do.recv_cpu if do else None, total, n)
     return cpu
 
 

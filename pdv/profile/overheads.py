@@ -100,6 +100,11 @@ _MICRO = 8
 _STEPS = 12
 _WARMUP = 3
 _MESSAGES = 24
+_BATCH = 3
+"""messages posted together in the batch probe (a boundary of three tensors: an LSTM's output
+and its (h, c) state)"""
+_BATCH_SIZE = 16 * 1024
+"""bytes of each message of the batch probe"""
 _ROUNDS = 6
 _ROUND_GAP_S = 0.5
 _BURST_S = 0.005
@@ -247,6 +252,8 @@ def _message_cpu(rank: int, world: int) -> dict[str, Any] | None:
     # per round, per size: CPU seconds per message in each direction
     sent: list[list[float]] = [[] for _ in MESSAGE_SIZES]
     received: list[list[float]] = [[] for _ in MESSAGE_SIZES]
+    # per direction, per count posted together: CPU seconds per posting, a value per round
+    batched: dict[str, dict[int, list[float]]] = {"send": {}, "recv": {}}
     for k in range(_ROUNDS):
         if k:
             time.sleep(_ROUND_GAP_S)  # rounds apart in time, past one burst of kernel cost
@@ -265,16 +272,45 @@ def _message_cpu(rank: int, world: int) -> dict[str, Any] | None:
                         dist.recv(buf, peer)
                 per = (time.process_time() - c0) / _MESSAGES
                 (sent if sending else received)[i].append(per)
+        if peer is not None:
+            _batched_round(rank, peer, batched)
     dist.barrier()  # a rank with a bye waits here for the pairs
     if peer is None:
         return None
     sizes = list(MESSAGE_SIZES)
     send = [statistics.median(r) for r in sent]
     recv = [statistics.median(r) for r in received]
+    send_line, recv_line = _line(sizes, send), _line(sizes, recv)
+    for direction, line in (("send", send_line), ("recv", recv_line)):
+        one = statistics.median(batched[direction][1])
+        several = statistics.median(batched[direction][_BATCH])
+        # k messages posted together: a + (k-1)·a' + b·k·S, against one posted alone, a + b·S
+        extra = (several - one - (_BATCH - 1) * line["b_s_per_byte"] * _BATCH_SIZE)
+        line["batched_a_s"] = max(extra / (_BATCH - 1), 0.0)
     return {"peer": peer, "sizes": sizes, "send_cpu_s": send, "recv_cpu_s": recv,
             "send_cpu_rounds_s": sent, "recv_cpu_rounds_s": received,
+            "batched_cpu_rounds_s": {d: {str(k): v for k, v in by.items()}
+                                     for d, by in batched.items()},
+            "batch_size_bytes": _BATCH_SIZE,
             "spread": _spread(sent + received),
-            "send_cpu": _line(sizes, send), "recv_cpu": _line(sizes, recv)}
+            "send_cpu": send_line, "recv_cpu": recv_line}
+
+
+def _batched_round(rank: int, peer: int, batched: dict[str, dict[int, list[float]]]) -> None:
+    """One round of messages posted together (batch_isend_irecv, as a pipeline stage posts a
+    boundary's tensors): per direction, the CPU of one posting of 1 and of _BATCH messages."""
+    for sender in (0, 1):
+        sending = (rank < peer) == (sender == 0)
+        for k in (1, _BATCH):
+            bufs = [torch.zeros(_BATCH_SIZE, dtype=torch.uint8) for _ in range(k)]
+            op = dist.isend if sending else dist.irecv
+            for n in range(2 + _MESSAGES):
+                if n == 2:  # after two warm-up postings
+                    c0 = time.process_time()
+                for work in dist.batch_isend_irecv([dist.P2POp(op, b, peer) for b in bufs]):
+                    work.wait()
+            per = (time.process_time() - c0) / _MESSAGES
+            batched["send" if sending else "recv"].setdefault(k, []).append(per)
 
 
 class AfterCompute:
@@ -695,7 +731,11 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         f"first round pairs send each other {_MESSAGES} messages per size after 2 warm-ups, "
         f"in {_ROUNDS} rounds {_ROUND_GAP_S} s apart; process CPU time per message on each "
         "side, the median of the rounds per size, least squares a + b*S; spread = the largest "
-        "IQR/median of a size's rounds. Sync after compute (CPU ranks): the same pairs, each in "
+        "IQR/median of a size's rounds; each round also posts 1 and then "
+        f"{_BATCH} messages of {_BATCH_SIZE} bytes together (batch_isend_irecv, "
+        f"{_MESSAGES} postings each), and batched_a_s = (CPU of {_BATCH} - CPU of 1 - "
+        f"{_BATCH - 1}*b*S) / {_BATCH - 1}, the medians of the rounds. "
+        "Sync after compute (CPU ranks): the same pairs, each in "
         f"its own process group, compute about {_BURST_S} s of 256x256 matmuls (the pair's "
         f"larger count) then all-reduce {_SYNC_BYTES} bytes twice, "
         f"{_SYNC_ROUNDS} timed rounds after {_SYNC_WARMUP} warm-ups per pass, a pass at "
