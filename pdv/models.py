@@ -139,8 +139,8 @@ def _flat_inputs(model: ModelDef, spec: str) -> ModelDef:
     # data, and only its structure is read here
     with torch.device("cpu"):
         x, _ = model.make_batch(2, torch.Generator().manual_seed(0))
-    nesting = nesting_of(x)
-    if nesting is None or model.inputs is not None:
+    nesting = nesting_of(x)  # None where make_batch is already flat
+    if nesting is None:
         return model
     if nesting.tensors == 0:
         raise PdvError(f"model {spec!r}: make_batch's inputs hold no tensor ({nesting})")

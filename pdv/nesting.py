@@ -26,8 +26,8 @@ from torch import nn
 
 from pdv.errors import PdvError
 
-__all__ = ["Nesting", "nesting_of", "install", "install_inputs", "hand_on", "either_way",
-           "take_whole"]
+__all__ = ["Nesting", "nesting_of", "install", "install_inputs", "flat_output", "hand_on",
+           "either_way", "take_whole"]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -68,6 +68,12 @@ class Nesting:
         leaves = [constants[k] if k in constants else next(it)
                   for k in range(self.spec.num_leaves)]
         return pytree.tree_unflatten(leaves, self.spec)
+
+    def same_as(self, other: Nesting) -> bool:
+        """The same structure holding the same non-tensors."""
+        return (self.spec == other.spec and len(self.constants) == len(other.constants)
+                and all(a == b and _same(x, y) for (a, x), (b, y)
+                        in zip(self.constants, other.constants, strict=True)))
 
     def __str__(self) -> str:
         return str(self.spec).replace("\n", " ")
@@ -134,10 +140,7 @@ def install(layers: Sequence[nn.Module], index: int, nesting: Nesting, where: st
     out, nxt = layers[index], layers[index + 1]
     for module, attr in ((out, "_pdv_nesting_out"), (nxt, "_pdv_nesting_in")):
         held = getattr(module, attr, None)
-        if held is not None and (held.spec != nesting.spec or len(held.constants)
-                                 != len(nesting.constants) or not all(
-                                     _same(a[1], b[1]) for a, b in
-                                     zip(held.constants, nesting.constants, strict=True))):
+        if held is not None and not held.same_as(nesting):
             raise PdvError(f"{where}: this module sits at two places in the model and meets "
                            f"two structures ({held} and {nesting}); use one structure")
     if getattr(out, "_pdv_nesting_out", None) is None:
@@ -199,17 +202,26 @@ def take_whole(layer: nn.Module, whole: bool = True) -> None:
     _rebuilds(layer)
 
 
+def flat_output(layer: nn.Module, out: Any, where: str) -> tuple[Any, Nesting | None]:
+    """The layer's output with its tensors flat, and its nesting: found in this output, or
+    held by the layer's own hook, which has flattened it already (a module at two places)."""
+    found = nesting_of(out)
+    if found is not None:
+        return found.flatten(out, where), found
+    return out, getattr(layer, "_pdv_nesting_out", None)
+
+
 def hand_on(layers: Sequence[nn.Module], index: int, out: Any, where: str) -> Any:
     """Layer `index`'s output as it crosses a boundary: flat, with the hooks that make it so
-    installed the first time a nesting shows (also where the module's own hook flattened it
-    already, at another of its places). The last layer's output is the loss's: left as is."""
+    installed the first time a nesting shows. The last layer's output is the loss's: left as
+    is."""
     if index + 1 >= len(layers):
         return out
-    nesting = nesting_of(out) or getattr(layers[index], "_pdv_nesting_out", None)
+    flat, nesting = flat_output(layers[index], out, where)
     if nesting is None:
         return out
     if nesting.tensors == 0:
         raise PdvError(f"{where} hands on no tensor ({nesting}); a layer hands the next one "
                        "at least one tensor")
     install(layers, index, nesting, where)
-    return out if nesting_of(out) is None else nesting.flatten(out, where)
+    return flat

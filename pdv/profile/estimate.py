@@ -48,7 +48,7 @@ from pdv.device_spec import DeviceSpec, Gemm, load_device_spec
 from pdv.errors import PdvError, first_line
 from pdv.model_def import grad_copies
 from pdv.models import as_args, build_model
-from pdv.nesting import Nesting, either_way, install, nesting_of
+from pdv.nesting import Nesting, either_way, flat_output, install
 from pdv.optim import PROFILE_OPTIMIZERS, make_optimizer
 from pdv.profile.compute import (
     device_info,
@@ -307,8 +307,8 @@ def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bo
             _OpLog(fc) as fwd:
         phase.log = fwd
         out = layer(*xs)
-        nesting = None if last else (nesting_of(out) or getattr(layer, "_pdv_nesting_out", None))
-        outs = nesting.flatten(out, where) if nesting and nesting_of(out) else as_args(out)
+        flat, nesting = (out, None) if last else flat_output(layer, out, where)
+        outs = as_args(flat)
         roots = [loss_fn(out, targets)] if last else [o for o in outs if o.requires_grad]
     # The upstream gradients are the next stage's to make: made before the backward's log.
     grads = None if last else [torch.ones_like(r) for r in roots]

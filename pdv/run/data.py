@@ -47,7 +47,7 @@ class BatchSource:
             gen = torch.Generator().manual_seed(step_seed(self.seed, step))
             return self.model.make_batch(self.global_batch_size, gen)
         x, y = self._hook(step=step, batch_size=self.global_batch_size, seed=self.seed)
-        if self.model.inputs is not None:  # a dict, as make_batch gives: flat, as its are
+        if self.model.inputs is not None:  # a dict like make_batch's: flattened the same way
             x = self.model.inputs.flatten(x, f"data hook {self.hook}")
         gb = self.global_batch_size
         inputs = [("inputs", t) for t in as_args(x)]
