@@ -33,24 +33,40 @@ def test_hf_adapters_equal_the_transformers_models() -> None:
                                                      (5, "lm_head.weight")]]
 
 
-@pytest.mark.parametrize("family, blocks, tp", [
-    ("mistral", "layers", True), ("qwen2", "layers", True), ("mixtral", "layers", False),
+@pytest.mark.parametrize("family, blocks, tp, args", [
+    ("mistral", "layers", True, {}), ("qwen2", "layers", True, {}),
+    ("mixtral", "layers", False, {}),
     # not Llama's names: final_layernorm; gpt_neox.embed_in, embed_out, final_layer_norm;
     # h, ln_f and a learned position table (wpe)
-    ("phi", "layers", False), ("gpt_neox", "layers", False), ("gpt_bigcode", "h", False),
+    ("phi", "layers", False, {}), ("gpt_neox", "layers", False, {}),
+    ("gpt_bigcode", "h", False, {}),
+    # a window shorter than the sequence: SDPA needs the mask spelled out
+    ("mistral", "layers", True, {"sliding_window": 4}),
+    # eager attention (soft-capped), sliding and full layers, a soft-capped head
+    ("gemma2", "layers", True, {"sliding_window": 3}),
+    # one rotary module with a table per layer type
+    ("gemma3_text", "layers", True, {"sliding_window": 5}),
+    # a position table read 2 rows in; a scaled head; partial rotary (rotary_dim)
+    ("opt", "layers", False, {}), ("cohere", "layers", True, {}), ("gptj", "h", False, {}),
+    # alibi off: the block's required alibi argument is None
+    ("falcon", "h", False, {}),
+    # a state-space model: no attention, its final norm norm_f
+    ("mamba", "layers", False, {}),
+    # multi-head latent attention; a hybrid of Mamba and attention layers
+    ("deepseek_v3", "layers", False, {}), ("jamba", "layers", False, {}),
 ])
-def test_any_decoder_hf_family_is_cut_into_layers_that_give_its_logits(family: str, blocks: str,
-                                                                        tp: bool) -> None:
+def test_any_decoder_hf_family_is_cut_into_layers_that_give_its_logits(
+        family: str, blocks: str, tp: bool, args: dict[str, int]) -> None:
     """hf:<model_type> beyond gpt2 and llama: the transformers model built from the same config
     and seed gives the logits of pdv's layers in a row (a mixture of experts included)."""
     transformers = pytest.importorskip("transformers")
 
-    model = build_model(f"hf:{family}", {"seq_len": 9, "hidden_size": 48}, seed=5)
+    model = build_model(f"hf:{family}", {"seq_len": 9, "hidden_size": 48, **args}, seed=5)
     torch.manual_seed(5)
     config = next(m.config for m in model.layers[1][1].layer.modules() if hasattr(m, "config"))
     ref = transformers.AutoModelForCausalLM.from_config(config)
     x, _ = model.make_batch(3, torch.Generator().manual_seed(1))
-    torch.testing.assert_close(model.sequential()(x), ref(input_ids=x).logits)
+    torch.testing.assert_close(model.sequential()(x), ref(input_ids=x, use_cache=False).logits)
     assert [n for n, _ in model.layers] == ["embed", *[f"{blocks}.{i}" for i in range(4)], "head"]
     # TP where the blocks have Llama's projections; a mixture of experts' blocks do not
     assert (model.tp_plan is not None) == tp
@@ -70,10 +86,10 @@ def test_a_mixture_of_experts_builds_in_float32_at_any_size_and_on_meta() -> Non
 
 
 @pytest.mark.parametrize("family, refusal", [
-    # its forward scales the logits (logit_scale) outside lm_head: the cut would drop it
-    ("cohere", r"hf:cohere: pdv's cut .* does not give CohereForCausalLM's logits"),
-    # its position table is read at an offset of 2, which the cut does not reproduce
-    ("opt", r"hf:opt: pdv's cut .* does not give OPTForCausalLM's logits"),
+    # its forward applies its norm after the embedding as well: the cut would drop that
+    ("nanochat", r"hf:nanochat: pdv's cut .* does not give NanoChatForCausalLM's logits"),
+    # its blocks need the ALiBi biases its forward computes; pdv hands them None
+    ("bloom", r"hf:bloom: BloomForCausalLM fails on a short batch.*None for alibi"),
     ("no_such_family", r"has no model_type 'no_such_family'"),
 ])
 def test_an_hf_family_pdv_cannot_cut_faithfully_is_refused(family: str, refusal: str) -> None:

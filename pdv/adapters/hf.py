@@ -8,12 +8,14 @@
 (mistral, qwen2, mixtral, phi, gpt_neox, gpt_bigcode, olmo, granite, ...) is built with
 AutoModelForCausalLM and cut as Llama is, its parts found by what they are rather than by
 Llama's names: the base model's one list of ``num_hidden_layers`` blocks (``layers``, ``h``),
-its input embedding, a learned position table (``wpe``, ``embed_positions``) if any, a shared
-``rotary_emb`` if any, a final norm (``norm``, ``final_layernorm``, ``final_layer_norm``,
-``ln_f``), and the output embedding. The cut is checked at build time: the layers in a row must
-give the model's own logits on a short batch, else the family is refused (its forward does
-work between those parts that the cut would drop: an embedding scale, a logit soft-cap, a
-position offset, a mask the blocks need).
+its input embedding, a learned position table (``wpe``, ``embed_positions``; OPT's read at its
+offset) if any, a shared ``rotary_emb`` if any, a final norm (``norm``, ``final_layernorm``,
+``final_layer_norm``, ``ln_f``, ``norm_f``), and the output embedding, scaled (``logit_scale``)
+and soft-capped (``final_logit_softcapping``) as the config says. Attention goes through SDPA,
+or eager where the family refuses SDPA (Gemma 2's soft-capped attention; state-space and
+hybrid models). The cut is checked at build time: the layers in a row must give the model's own
+logits on a short batch, else the family is refused (its forward does work between those parts
+that the cut would drop: an embedding scale, ALiBi biases, a mask the blocks need).
 
 Nothing is downloaded: the model is built from a config object (``HF_HUB_OFFLINE=1`` is set
 before transformers is imported), never ``from_pretrained``, and no tokenizer is used; batches
@@ -25,7 +27,9 @@ block (``layers.i`` / ``h.i``), and ``head`` (final norm + LM head). A decoder b
 than the hidden states -- position ids, rotary cos/sin tables (Llama), an attention mask -- and
 pdv *recomputes* them in each block from the hidden states' shape rather than carrying them
 over stage boundaries: positions are 0..T-1, Llama's rotary tables come from the block's own
-copy of the rotary module, and the mask is causal (SDPA's ``is_causal``; no padding). So a
+copy of the rotary module (the block's layer type's table, where the family has sliding and
+full layers), and the mask is causal (SDPA's ``is_causal``; no padding), spelled out as an
+additive table for eager attention or a sliding window shorter than the sequence. So a
 boundary carries one (B, T, d) tensor, the same bytes the planner priced.
 
 Weights stay tied as the config says (GPT-2 ties the LM head to the token embedding by
@@ -42,6 +46,7 @@ one weight, stored transposed), which DTensor's parallel styles do not split by 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,7 +68,9 @@ _TINY_ANY: dict[str, Any] = dict(
     vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
     num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2,
-    moe_intermediate_size=64,
+    moe_intermediate_size=64, n_group=1, topk_group=1,
+    # multi-head latent attention (DeepSeek V3): its rotary width is head_dim
+    qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, kv_lora_rank=32, q_lora_rank=48,
     shared_expert_intermediate_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 """CPU-sized defaults for any other family, each used where its config has the field."""
 
@@ -129,45 +136,112 @@ def _config(family: str, kwargs: dict[str, Any]) -> tuple[Any, int]:
 
 
 class _Embed(nn.Module):
-    """Token ids (B, T) -> hidden states (B, T, d); GPT-2 adds its learned positions."""
+    """Token ids (B, T) -> hidden states (B, T, d); GPT-2 adds its learned positions (OPT's
+    table starts `offset` rows in)."""
 
-    def __init__(self, tokens: nn.Embedding, positions: nn.Embedding | None) -> None:
+    def __init__(self, tokens: nn.Module, positions: nn.Embedding | None,
+                 offset: int = 0) -> None:
         super().__init__()
-        self.tokens, self.positions = tokens, positions
+        self.tokens, self.positions, self.offset = tokens, positions, offset
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.tokens(ids)
         if self.positions is not None:
-            h = h + self.positions(torch.arange(ids.shape[1], device=ids.device))
+            at = torch.arange(ids.shape[1], device=ids.device) + self.offset
+            # the table's own lookup: a subclass's forward takes a mask, not positions
+            h = h + nn.Embedding.forward(self.positions, at)
         return h
+
+
+@dataclass(frozen=True)
+class _Attention:
+    """How a block's attention is fed: SDPA takes no mask for plain causal attention (its
+    is_causal); eager attention, or a sliding window shorter than the sequence, needs the
+    mask as an additive (T, T) table. `kind` is the block's layer type where the family has
+    several (Gemma's sliding and full layers each have their own rotary tables)."""
+
+    sdpa: bool = True
+    window: int | None = None
+    kind: str | None = None
+
+
+def _attention(config: Any, index: int, block: nn.Module) -> _Attention | None:
+    """The block at `index`'s attention, as the family's config describes it; None for a
+    block without one (a state-space model's, whose mask argument is a padding mask)."""
+    if not any("attn" in name or "attention" in name for name, _ in block.named_modules()):
+        return None
+    kinds = getattr(config, "layer_types", None)
+    kind = kinds[index] if isinstance(kinds, (list, tuple)) and index < len(kinds) else None
+    window = getattr(config, "sliding_window", None)
+    if kind is not None:
+        window = window if kind == "sliding_attention" else None
+    elif getattr(config, "use_sliding_window", True) is False:
+        window = None
+    return _Attention(getattr(config, "_attn_implementation", "sdpa") == "sdpa",
+                      window if isinstance(window, int) else None, kind)
+
+
+def _causal_mask(h: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(1, 1, T, T) additive mask: a query sees itself and earlier keys, within `window`."""
+    t = h.shape[1]
+    q = torch.arange(t, device=h.device).unsqueeze(1)
+    k = torch.arange(t, device=h.device).unsqueeze(0)
+    seen = k <= q
+    if window is not None:
+        seen = seen & (q - k < window)
+    blocked = torch.full((), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device)
+    return torch.where(seen, torch.zeros((), dtype=h.dtype, device=h.device), blocked)[None, None]
 
 
 class _Block(nn.Module):
     """A decoder layer fed what the model's forward would give it, recomputed from the hidden
     states: positions 0..T-1, (Llama) rotary cos/sin, and a causal mask (None -> is_causal)."""
 
-    def __init__(self, layer: nn.Module, rotary: nn.Module | None) -> None:
+    def __init__(self, layer: nn.Module, rotary: nn.Module | None,
+                 attention: _Attention | None = _Attention()) -> None:
         super().__init__()
-        self.layer, self.rotary = layer, rotary
+        self.layer, self.rotary, self.attention = layer, rotary, attention
+        self._typed_rotary = rotary is not None and "layer_type" in inspect.signature(
+            rotary.forward).parameters
+        # an argument the block requires that its model passes as None in this configuration
+        # (Falcon's alibi, when config.alibi is off); where the model passes more, the
+        # logits check refuses the cut
+        given = {"attention_mask", "position_ids", "position_embeddings"}
+        params = list(inspect.signature(layer.forward).parameters.values())[1:]
+        self._nones = [p.name for p in params
+                       if p.default is inspect.Parameter.empty and p.name not in given
+                       and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        extra: dict[str, Any] = {"attention_mask": None, "position_ids": positions}
+        how = self.attention or _Attention()
+        plain = how.sdpa and (how.window is None or h.shape[1] <= how.window)
+        mask = None if plain or self.attention is None else _causal_mask(h, how.window)
+        extra: dict[str, Any] = {"attention_mask": mask, "position_ids": positions}
         if self.rotary is not None:
-            extra["position_embeddings"] = self.rotary(h, positions)
+            extra["position_embeddings"] = (self.rotary(h, positions, how.kind)
+                                            if self._typed_rotary else self.rotary(h, positions))
+        extra.update(dict.fromkeys(self._nones))
         out = self.layer(h, **extra)
         return out[0] if isinstance(out, tuple) else out
 
 
 class _Head(nn.Module):
-    """Final norm and LM head: hidden (B, T, d) -> logits (B, T, vocab)."""
+    """Final norm and LM head: hidden (B, T, d) -> logits (B, T, vocab), scaled (Cohere) and
+    soft-capped (Gemma 2) where the family's config says so."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Linear) -> None:
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, scale: float | None = None,
+                 cap: float | None = None) -> None:
         super().__init__()
-        self.norm, self.lm_head = norm, lm_head
+        self.norm, self.lm_head, self.scale, self.cap = norm, lm_head, scale, cap
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h))
+        logits = self.lm_head(self.norm(h))
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.cap is not None:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
 
 
 def _batches(vocab: int, seq_len: int) -> Callable[[int, torch.Generator],
@@ -209,7 +283,7 @@ _TP_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f")
+_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
 """what families call the norm after their last block"""
 _POSITIONS = ("wpe", "embed_positions")
 """what families call a learned position table added to the token embedding"""
@@ -221,6 +295,7 @@ class _Parts:
 
     tokens: nn.Module
     positions: nn.Embedding | None
+    offset: int
     blocks_name: str
     blocks: nn.ModuleList
     rotary: nn.Module | None
@@ -260,12 +335,28 @@ def _parts(family: str, model: nn.Module, config: Any) -> _Parts:
                        f"list of its {n} blocks, a final norm named {'/'.join(_NORMS)}, an input "
                        "and an output embedding); wrap it in a factory that returns an "
                        "nn.Sequential or a ModelDef")
-    # a plain table read at 0..T-1; a subclass has a forward of its own (OPT's offset by 2),
-    # which the cut would not reproduce
-    positions = [getattr(base, a) for a in _POSITIONS
-                 if type(getattr(base, a, None)) is nn.Embedding]
-    return _Parts(tokens, positions[0] if positions else None, lists[0][0], lists[0][1],
+    # a table read at 0..T-1, or `offset` rows in (OPT's); a subclass with another forward
+    # of its own is left out, and the logits check refuses the cut
+    positions = [(table, _offset(table)) for table in
+                 (getattr(base, a, None) for a in _POSITIONS) if _offset(table) is not None]
+    table, offset = positions[0] if positions else (None, 0)
+    return _Parts(tokens, table, offset or 0, lists[0][0], lists[0][1],
                   getattr(base, "rotary_emb", None), norms[0], head)
+
+
+def _offset(table: Any) -> int | None:
+    """Where a position table's row for position 0 is: 0 for a plain nn.Embedding, the
+    subclass's integer `offset` (OPT's 2); None for anything else."""
+    if type(table) is nn.Embedding:
+        return 0
+    offset = getattr(table, "offset", None)
+    return offset if isinstance(table, nn.Embedding) and isinstance(offset, int) else None
+
+
+def _number(config: Any, field: str) -> float | None:
+    """A config's float setting, None where the family has none or leaves it unset."""
+    value = getattr(config, field, None)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _llama_shaped(family: str, model: nn.Module, config: Any, seq_len: int) -> ModelDef:
@@ -274,10 +365,13 @@ def _llama_shaped(family: str, model: nn.Module, config: Any, seq_len: int) -> M
     parts = _parts(family, model, config)
     n = config.num_hidden_layers
     rotary = parts.rotary
-    layers: list[tuple[str, nn.Module]] = [("embed", _Embed(parts.tokens, parts.positions))]
-    layers += [(f"{parts.blocks_name}.{i}", _Block(layer, copy.deepcopy(rotary)))
+    layers: list[tuple[str, nn.Module]] = [
+        ("embed", _Embed(parts.tokens, parts.positions, parts.offset))]
+    layers += [(f"{parts.blocks_name}.{i}",
+                _Block(layer, copy.deepcopy(rotary), _attention(config, i, layer)))
                for i, layer in enumerate(parts.blocks)]
-    layers.append(("head", _Head(parts.norm, parts.head)))
+    layers.append(("head", _Head(parts.norm, parts.head, _number(config, "logit_scale"),
+                                 _number(config, "final_logit_softcapping"))))
     make_batch = _batches(config.vocab_size, seq_len)
     names = {name for name, _ in parts.blocks[0].named_modules()}
     if not (set(_TP_NAMES) <= names and all(
@@ -309,7 +403,8 @@ def _llama_shaped(family: str, model: nn.Module, config: Any, seq_len: int) -> M
         local.num_key_value_heads = config.num_key_value_heads // k
         local.intermediate_size = config.intermediate_size // k
         local.head_dim = head_dim
-        return _Block(block_cls(local, index - 1), copy.deepcopy(rotary))
+        block = block_cls(local, index - 1)
+        return _Block(block, copy.deepcopy(rotary), _attention(config, index - 1, block))
 
     sizes = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
     degrees = tuple(k for k in range(1, 9) if all(s % k == 0 for s in sizes))
@@ -349,16 +444,31 @@ def _decoder(model_type: str, kwargs: dict[str, Any]) -> ModelDef:
     # sizes (Mixtral at hidden_size 128 in float32 failed); eager runs in every dtype and on
     # every device. --model-arg experts_implementation=grouped_mm picks the fused one.
     tiny["experts_implementation"] = "eager"
-    try:
-        config = cls(**{**tiny, **quiet, **kwargs})
-        config._attn_implementation = "sdpa"
-        model = tf.AutoModelForCausalLM.from_config(config)
-    except Exception as exc:  # a config's own checks raise what they like
-        first = first_line(exc)
+    # a field the family derives from others (Falcon's head_dim) cannot be set
+    tiny = {k: v for k, v in tiny.items() if _settable(cls, k)}
+    fields = {**tiny, **quiet, **kwargs}
+    if {"kv_lora_rank", "num_key_value_heads", "num_attention_heads"} <= set(fields) \
+            and "num_key_value_heads" not in kwargs:
+        # latent attention expands its keys to every head: no grouped heads to share
+        fields["num_key_value_heads"] = fields.get("num_attention_heads")
+    failed: Exception | None = None
+    # SDPA first (no mask to carry); eager where the family refuses SDPA (Gemma 2's soft-capped
+    # attention, state-space models with no attention at all)
+    for attention in ("sdpa", "eager"):
+        try:
+            config = cls(**fields)
+            _fit_rotary(config, kwargs)
+            config._attn_implementation = attention
+            model = tf.AutoModelForCausalLM.from_config(config)
+            break
+        except Exception as exc:  # a config's own checks raise what they like
+            failed = failed or exc
+    else:
+        assert failed is not None
         given = kwargs or "pdv's small defaults"
         raise PdvError(f"hf:{model_type}: cannot build {cls.__name__} with {given} "
-                       f"({type(exc).__name__}: {first}); set its sizes with --model-arg"
-                       ) from None
+                       f"({type(failed).__name__}: {first_line(failed)}); set its sizes with "
+                       "--model-arg") from None
     limit = getattr(config, "max_position_embeddings", seq_len)
     if not 1 <= seq_len <= limit:
         raise PdvError(f"hf:{model_type}: seq_len={seq_len} must be in 1..{limit} (the "
@@ -366,6 +476,23 @@ def _decoder(model_type: str, kwargs: dict[str, Any]) -> ModelDef:
     built = _llama_shaped(model_type, model, config, seq_len)
     _check_cut(model_type, model, built)
     return built
+
+
+def _fit_rotary(config: Any, given: dict[str, Any]) -> None:
+    """A rotary width the family set for its default heads (GPT-J's 64), cut to the heads
+    pdv's sizes give, unless --model-arg set it."""
+    width = getattr(config, "rotary_dim", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if "rotary_dim" in given or not all(isinstance(v, int) for v in (width, heads, hidden)):
+        return
+    config.rotary_dim = min(width, hidden // heads)
+
+
+def _settable(cls: type, field: str) -> bool:
+    """Whether a config field can be given: not a property without a setter."""
+    attr = inspect.getattr_static(cls, field, None)
+    return not (isinstance(attr, property) and attr.fset is None)
 
 
 def _check_cut(family: str, model: nn.Module, built: ModelDef) -> None:
@@ -379,12 +506,13 @@ def _check_cut(family: str, model: nn.Module, built: ModelDef) -> None:
     chain.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            want = model(input_ids=ids).logits
+            want = model(input_ids=ids, use_cache=False).logits
             got = chain(ids)
     except Exception as exc:
         first = first_line(exc)
         raise PdvError(f"hf:{family}: {type(model).__name__} fails on a short batch, whole or "
-                       f"cut ({type(exc).__name__}: {first}); set its sizes with --model-arg, or "
+                       f"cut ({type(exc).__name__}: {first}){_passed_none(built)}; set its "
+                       "sizes with --model-arg, or "
                        "wrap it in a factory that returns an nn.Sequential or a ModelDef"
                        ) from None
     finally:
@@ -394,7 +522,15 @@ def _check_cut(family: str, model: nn.Module, built: ModelDef) -> None:
         diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
         raise PdvError(
             f"hf:{family}: pdv's cut (input embedding, each block, final norm, LM head) does "
-            f"not give {type(model).__name__}'s logits (largest difference {diff:.3g}): its "
+            f"not give {type(model).__name__}'s logits (largest difference {diff:.3g})"
+            f"{_passed_none(built)}: its "
             "forward does work between those parts that the cut would drop (an embedding "
             "scale, a logit soft-cap, per-layer masks); wrap it in a factory that returns an "
             "nn.Sequential or a ModelDef")
+
+
+def _passed_none(built: ModelDef) -> str:
+    """What the cut handed the blocks as None that the model may compute (Bloom's alibi)."""
+    names = sorted({n for _, layer in built.layers if isinstance(layer, _Block)
+                    for n in layer._nones})
+    return f" (pdv hands its blocks None for {', '.join(names)})" if names else ""
