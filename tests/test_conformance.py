@@ -11,8 +11,9 @@ holds one module at three places and writes into stage inputs in place, a sequen
 model (the micro-batch in dim 1, samples strided in a time-major flatten), one that takes its
 batch as a dict and whose layers hand on dicts with a nested state pair, a None and a float,
 an nn.Sequential written for torch's convention (a child's tuple reaches the next child
-whole), and HuggingFace's Mixtral (a mixture of experts through the generic hf: cut). Each
-model's profile must
+whole), and three families through the generic hf: cut: Mixtral (a mixture of experts),
+Gemma 2 (eager attention, sliding windows) and Mamba (a state-space model). Each model's
+profile must
 also add up: the sum of its layers' times within 15% of the whole model's.
 """
 
@@ -76,6 +77,13 @@ MODELS = {
     # any Llama-shaped transformers family (pdv.adapters.hf.decoder): a mixture of experts
     "hf_mixtral": Source("hf:mixtral", {"num_hidden_layers": 2, "hidden_size": 32,
                                         "intermediate_size": 64, "seq_len": 16}),
+    # eager attention (soft-capped), a sliding window shorter than the sequence on every
+    # other layer: the mask is recomputed in each block, never carried
+    "hf_gemma2": Source("hf:gemma2", {"num_hidden_layers": 2, "hidden_size": 32,
+                                      "intermediate_size": 64, "sliding_window": 5,
+                                      "seq_len": 16}, tp=True),
+    # a state-space model: no attention, a selective scan in each block
+    "hf_mamba": Source("hf:mamba", {"num_hidden_layers": 2, "hidden_size": 32, "seq_len": 16}),
     "sequential_views": Source("tests/models/seq_views.py:net", profile_mbs=512),
     "split_blocks": Source("tests/models/split_net.py:net", {"n_block": 2}, blocks=("layers",),
                            lr=0.05, profiled={"d": 256}),
