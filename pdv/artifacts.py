@@ -155,6 +155,11 @@ class LayerSample(_Strict):
         ge=0, description="bytes saved for backward, per micro-batch of this size"
     )
     output_bytes: int = Field(ge=0, description="bytes of the output, per micro-batch")
+    backward_bytes: int = Field(
+        0, ge=0, description="the backward's peak above what the forward left alive (its "
+        "gradients' temporaries), per micro-batch of this size; 0 in profiles before it was "
+        "measured",
+    )
 
 
 class LayerProfile(_Strict):
@@ -171,6 +176,10 @@ class LayerProfile(_Strict):
     )
     output_bytes: int = Field(
         ge=0, description="bytes sent to the next stage per micro-batch, at the reference point"
+    )
+    backward_bytes: int = Field(
+        0, ge=0, description="the backward's peak above what the forward left alive, per "
+        "micro-batch at the reference point; 0 in profiles before it was measured",
     )
     output_tensors: int = Field(
         1, ge=1, description="tensors the layer hands on: one message each to the next stage"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -356,7 +357,83 @@ def test_backward_is_timed_adding_into_kept_gradients() -> None:
     assert [rounds_per_size(1, 3, 2), rounds_per_size(2, 10, 1)] == [6, 12]
     assert len(order) == 2 * rounds_per_size(1, 3, 2)
     per_round = 4  # parameters; the whole model's backward adds 4 more at size 3
-    assert len(seen) == per_round * (len(order) + 3 * 2)
-    assert seen[:per_round] == [False] * per_round  # the warm-up's first pass allocates
-    assert all(seen[per_round:])  # every later backward adds into kept gradients
+    # first, one untimed backward per layer and size for its memory, gradients held
+    memory = per_round * len(batches)
+    assert len(seen) == memory + per_round * (len(order) + 3 * 2)
+    assert all(seen[:memory])
+    # the warm-up's first pass allocates
+    assert seen[memory:memory + per_round] == [False] * per_round
+    assert all(seen[memory + per_round:])  # every later backward adds into kept gradients
     assert all(p.grad is None for layer in layers for p in layer.parameters())  # left clean
+
+
+class _HoldsInBackward(torch.autograd.Function):
+    """Identity whose backward holds a temporary of `nbytes` while it makes the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, nbytes: int) -> torch.Tensor:
+        ctx.nbytes = nbytes
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        scratch = torch.ones(ctx.nbytes // 4, device=grad.device)
+        return grad * scratch[:1], None
+
+
+class _Scratchy(torch.nn.Module):
+    def __init__(self, nbytes: int) -> None:
+        super().__init__()
+        self.nbytes = nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _HoldsInBackward.apply(x, self.nbytes)
+
+
+def scratchy() -> Any:
+    """Linear, a layer whose backward holds 4 MB besides its gradient, Linear."""
+    from pdv.model_def import ModelDef
+
+    torch.manual_seed(0)
+    layers = [("a", torch.nn.Linear(64, 64)), ("scratch", _Scratchy(4 << 20)),
+              ("b", torch.nn.Linear(64, 8))]
+
+    def make_batch(m: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(m, 64, generator=gen), torch.randn(m, 8, generator=gen)
+
+    return ModelDef(layers=layers, make_batch=make_batch,
+                    loss_fn=torch.nn.functional.mse_loss)
+
+
+def test_the_backward_peak_is_measured_and_estimated_alike() -> None:
+    """A layer's backward holds temporaries on top of what its forward left alive; both
+    profilers record the peak (backward_bytes), and the cost model adds the largest of a
+    stage's layers to its peak memory."""
+    from pdv.cost.compute import profile_arrays
+
+    req = {"spec": "tests/test_profile_model.py:scratchy", "micro_batch_sizes": (2, 8)}
+    measured = profile_model(ProfileRequest(**req, warmup=1, repeat=2))
+    estimated = profile_model(ProfileRequest(**req, estimate=True))
+    mib = 1 << 20
+    for p in (measured, estimated):
+        by = {x.name: {s.micro_batch_size: s.backward_bytes for s in x.samples}
+              for x in p.layers}
+        # the scratch, the incoming and the outgoing gradient (m x 64 floats each)
+        for m in (2, 8):
+            assert 4 * mib <= by["scratch"][m] <= 4 * mib + 3 * m * 64 * 4
+        # a Linear's backward: its weights' temporary gradients (added into the kept ones),
+        # which do not grow with the micro-batch, and its input's gradient
+        grads = 64 * 64 * 4 + 64 * 4
+        for m in (2, 8):
+            assert grads <= by["a"][m] <= 2 * grads + 4 * m * 64 * 4
+        assert by["a"][8] - by["a"][2] <= 3 * 6 * 64 * 4
+    # on meta as on the CPU: the same storages, made and freed in the same order
+    for x, y in zip(measured.layers[:2], estimated.layers[:2], strict=True):
+        for s, t in zip(x.samples, y.samples, strict=True):
+            assert t.backward_bytes == pytest.approx(s.backward_bytes, rel=0.05)
+    # priced between and beyond the measured sizes on the line through them
+    arrays = profile_arrays(measured, 4, 1)
+    at = {m: {s.micro_batch_size: s.backward_bytes for s in measured.layers[1].samples}[m]
+          for m in (2, 8)}
+    assert arrays.backward[1] == pytest.approx(at[2] + (at[8] - at[2]) * (4 - 2) / (8 - 2),
+                                               rel=1e-6)

@@ -339,6 +339,24 @@ def test_simulated_1f1b_memory_matches_the_stage_formula() -> None:
         assert sim.peak_memory_bytes[s] == pytest.approx(cost.peak_memory_bytes[s])
 
 
+def test_a_stage_holds_its_largest_backward_peak_once() -> None:
+    """A layer's backward holds temporaries on top of the live activations (backward_bytes);
+    a stage's peak adds its largest layer's, once, whatever the micro-batches in flight."""
+    prof = make_profile(n_layers=4, act=500)
+    extra = {0: 7000, 1: 3000, 3: 2000}
+
+    def with_backward(p: artifacts.ModelProfile) -> artifacts.ModelProfile:
+        layers = [x.model_copy(update={"backward_bytes": extra.get(i, 0)})
+                  for i, x in enumerate(p.layers)]
+        return p.model_copy(update={"layers": layers})
+
+    for schedule, micro in (("1F1B", 6), ("GPipe", 3)):
+        plan = chain_plan(2, num_micro=micro, schedule=schedule, layers_per_stage=2)
+        base, more = _sim(plan, prof), _sim(plan, with_backward(prof))
+        assert more.peak_memory_bytes[0] - base.peak_memory_bytes[0] == pytest.approx(7000)
+        assert more.peak_memory_bytes[1] - base.peak_memory_bytes[1] == pytest.approx(2000)
+
+
 # --------------------------------------------------------------------------- schedules
 
 

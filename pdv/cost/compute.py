@@ -20,6 +20,7 @@ from pdv.artifacts import (
     ClusterArtifact,
     ClusterDevice,
     LayerProfile,
+    LayerSample,
     ModelProfile,
     Plan,
     TimeFit,
@@ -56,6 +57,8 @@ class LayerCost:
     """bytes saved for backward, per micro-batch"""
     output_bytes: float
     """bytes of the layer's output (what the next stage receives), per micro-batch"""
+    backward_bytes: float = 0.0
+    """the backward's peak above what the forward left alive, per micro-batch"""
 
 
 def _fit_at(fit: TimeFit, mbs: int) -> float:
@@ -90,7 +93,27 @@ def layer_cost(profile: ModelProfile, index: int, mbs: int, tp: int = 1) -> Laye
         per_sample_act = layer.activation_bytes / ref
         per_sample_out = layer.output_bytes / ref
         params = layer.param_bytes / tp
-    return LayerCost(fwd, bwd, params, per_sample_act * mbs, per_sample_out * mbs)
+    return LayerCost(fwd, bwd, params, per_sample_act * mbs, per_sample_out * mbs,
+                     _backward_bytes(layer, tp_samples, mbs, ref))
+
+
+def _backward_bytes(layer: LayerProfile, samples: list[LayerSample], mbs: int,
+                    ref: int) -> float:
+    """The backward's peak at mbs: the measured point, else the least-squares line through the
+    measured sizes (a part of it, the parameters' gradient temporaries, does not grow with the
+    micro-batch), else the reference point scaled."""
+    exact = [s.backward_bytes for s in samples if s.micro_batch_size == mbs]
+    if exact:
+        return float(exact[0])
+    sizes = sorted({s.micro_batch_size for s in samples})
+    if len(sizes) >= 2:
+        x = np.array([s.micro_batch_size for s in samples], dtype=float)
+        y = np.array([s.backward_bytes for s in samples], dtype=float)
+        slope, intercept = np.polyfit(x, y, 1)
+        return max(float(intercept + slope * mbs), 0.0)
+    if samples:
+        return samples[0].backward_bytes / samples[0].micro_batch_size * mbs
+    return layer.backward_bytes / ref * mbs
 
 
 def rank_overhead_bytes(profile: ModelProfile, device: ClusterDevice) -> float:
@@ -245,6 +268,8 @@ class ProfileArrays:
     """bytes saved for backward, per micro-batch"""
     outputs: np.ndarray
     """bytes of the layer's output, per micro-batch"""
+    backward: np.ndarray
+    """the backward's peak above what the forward left alive, per micro-batch"""
 
 
 def _arrays(profile: ModelProfile, mbs: int, tp: int) -> ProfileArrays:
@@ -264,6 +289,7 @@ def _arrays(profile: ModelProfile, mbs: int, tp: int) -> ProfileArrays:
         optimizer_s=np.array([x.optimizer_s or 0.0 for x in profile.layers], dtype=float) * shard,
         activations=np.array([c.activation_bytes for c in rows], dtype=float),
         outputs=np.array([c.output_bytes for c in rows], dtype=float),
+        backward=np.array([c.backward_bytes for c in rows], dtype=float),
     )
 
 

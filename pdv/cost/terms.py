@@ -32,7 +32,8 @@ k) with micro-batch size m runs each replica on m / dp samples. Per layer and mi
   and optimizer state, plus the whole layer's parameters and gradients, unsharded from a
   backward until the step's reduce-scatter); the activations one in-flight micro-batch keeps
   until its backward (with recompute only the layer's input, plus its full activations while
-  it is recomputed: the transient).
+  it is recomputed), and the largest backward's own peak above that (its gradients'
+  temporaries, measured by the profile): the transient.
 
 Per stage and micro-batch, besides its layers: the pipeline schedule's own work on each rank
 (receive buffers, autograd calls, the loss call), and per step zero_grad and the schedule's
@@ -169,7 +170,8 @@ class LayerTerms:
     live_bytes: np.ndarray
     """kept by each in-flight micro-batch until its backward"""
     transient_bytes: np.ndarray
-    """held while the layer is recomputed (a stage holds its largest): not summed"""
+    """held during the layer's backward, on top of what is live: its gradients' temporaries,
+    and under recompute the activations made again (a stage holds its largest): not summed"""
     output_bytes: np.ndarray
     """the layer's output: what the next stage receives if the stage ends here"""
     tp_fwd_s: np.ndarray
@@ -215,7 +217,9 @@ def layer_terms(
         rows["optimizer_s"].append(step)
         rows["state_bytes"].append(state)
         rows["live_bytes"].append(a.outputs if choice.recompute else a.activations)
-        rows["transient_bytes"].append(a.activations * choice.recompute)
+        # a layer's backward holds its gradients' temporaries on top (recomputed: on top of
+        # the activations it made again)
+        rows["transient_bytes"].append(a.activations * choice.recompute + a.backward)
         rows["output_bytes"].append(a.outputs)
     for rv in group.tp_rings:
         out = _moved(profiles, rv, replica_batch, choice.tp, "outputs")

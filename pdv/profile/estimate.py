@@ -61,6 +61,7 @@ from pdv.profile.compute import (
 )
 from pdv.profile.memory import (
     OPTIMIZERS,
+    LiveBytes,
     SavedTensors,
     overhead_bytes,
     param_bytes,
@@ -214,6 +215,8 @@ class _Trace:
     bwd_ops: tuple[Op, ...]
     saved_bytes: int
     output_bytes: int
+    backward_bytes: int
+    """the backward's peak above what the forward left alive"""
     outputs: tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]
     """(shape, dtype, whether a gradient flows back) of each tensor the layer hands on"""
     nesting: Nesting | None = None
@@ -301,8 +304,9 @@ def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bo
     # layer that writes into its input in place (ReLU(inplace=True)) traces as in a stage.
     xs = grad_copies(xs)
     saved = SavedTensors(exclude=list(layer.parameters()))
+    live = LiveBytes()
     phase = _Phase()
-    with saved.active(), _DeviceKernels(phase, fused_dropout), \
+    with live, saved.active(), _DeviceKernels(phase, fused_dropout), \
             FlopCounterMode(display=False) as fc, \
             _OpLog(fc) as fwd:
         phase.log = fwd
@@ -310,15 +314,23 @@ def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bo
         flat, nesting = (out, None) if last else flat_output(layer, out, where)
         outs = as_args(flat)
         roots = [loss_fn(out, targets)] if last else [o for o in outs if o.requires_grad]
+    saved_bytes = saved.bytes()
+    del saved  # it holds what it counted: backward must be free to release it
     # The upstream gradients are the next stage's to make: made before the backward's log.
     grads = None if last else [torch.ones_like(r) for r in roots]
-    with FlopCounterMode(display=False) as fc, _OpLog(fc) as bwd:
+    # gradients already held, as the measured profile's backward has them (pdv.profile.layers)
+    for p in layer.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    live.mark()
+    with live, FlopCounterMode(display=False) as fc, _OpLog(fc) as bwd:
         phase.log = bwd
         if roots and roots[0].requires_grad:
             torch.autograd.backward(roots, grads)
     for p in layer.parameters():
         p.grad = None
-    return _Trace(tuple(fwd.ops), tuple(bwd.ops), saved.bytes(), tensor_bytes(outs),
+    return _Trace(tuple(fwd.ops), tuple(bwd.ops), saved_bytes, tensor_bytes(outs),
+                  live.above_mark(),
                   tuple((tuple(o.shape), o.dtype, o.requires_grad) for o in outs), nesting)
 
 
@@ -506,7 +518,8 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
                                  param_bytes=param_bytes(layer),
                                  activation_bytes=tr.saved_bytes,
                                  output_bytes=tr.output_bytes,
-                                 flops_fwd=sum(op[0] for op in tr.fwd_ops)))
+                                 flops_fwd=sum(op[0] for op in tr.fwd_ops),
+                                 backward_bytes=tr.backward_bytes))
                 h = tuple(torch.empty(shape, dtype=dt, device=meta).requires_grad_(grad)
                           for shape, dt, grad in tr.outputs)
                 if len(first_outputs) < n:
@@ -539,7 +552,8 @@ def estimate_profile(req: ProfileRequest, progress: Progress | None = None) -> A
            "output and a bool mask out), not the three-op form the meta device decomposes it "
            "into"] if isinstance(rate, _Declared) else []),
         "activation_bytes: distinct non-parameter tensors saved for backward on meta; "
-        "output_bytes from the output's shape",
+        "output_bytes from the output's shape; backward_bytes: the backward's peak of live "
+        "storages on meta above what the forward left alive",
         f"optimizer_bytes: {req.optimizer} at {OPTIMIZERS[req.optimizer]} bytes per parameter",
         f"optimizer_s: ESTIMATED, not timed: {optimizer_note(req.optimizer)} traced on meta "
         "copies of each layer's parameters (the steady-state step, after the one that "

@@ -55,6 +55,7 @@ from pdv.profile.estimate import estimate_profile
 from pdv.profile.hardware import matmul_flops as matmul_flops_probe
 from pdv.profile.memory import (
     OPTIMIZERS,
+    LiveBytes,
     SavedTensors,
     cuda_saved_bytes,
     overhead_bytes,
@@ -125,17 +126,21 @@ def _forward(layer: nn.Module, xs: Values, last: bool, loss_fn: Callable[..., An
 
 def _layer_memory(layer: nn.Module, xs: Values, first: bool, last: bool,
                   loss_fn: Callable[..., Any], targets: torch.Tensor,
-                  device: torch.device, writes: bool = False) -> tuple[int, int, float]:
-    """(saved activation bytes, output bytes, forward FLOPs) of one untimed forward."""
+                  device: torch.device, writes: bool = False,
+                  upstream: Sequence[torch.Tensor | None] | None = None,
+                  ) -> tuple[int, int, float, int]:
+    """(saved activation bytes, output bytes, forward FLOPs, backward bytes) of one untimed
+    forward and backward; backward bytes are its peak above what the forward left alive."""
     xs = _leaves(xs, not first)
     if writes:
         xs = grad_copies(xs)
     saved = SavedTensors(exclude=list(layer.parameters()))
+    live = LiveBytes()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
-    with saved.active(), FlopCounterMode(display=False) as counter:
+    with live, saved.active(), FlopCounterMode(display=False) as counter:
         out = layer(*xs)
         loss = loss_fn(out, targets) if last else None
     out_bytes = tensor_bytes(out)
@@ -146,8 +151,19 @@ def _layer_memory(layer: nn.Module, xs: Values, first: bool, last: bool,
         act = cuda_saved_bytes(before, after, out_bytes,
                                all(saved.holds(o) for o in as_args(out)),
                                tensor_bytes(xs), all(saved.holds(x) for x in xs))
+    flops = float(counter.get_total_flops())
+    del saved  # it holds what it counted: backward must be free to release it
+    # Gradients already held, as in every micro-batch after a step's first: a backward adds
+    # into them (through a temporary), and the gradients themselves are the stage's state.
+    for p in layer.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    live.mark()
+    with live:
+        _backward(loss if last else out, None if last else upstream)
+    _clear_grads(layer)
     del out, loss
-    return act, out_bytes, float(counter.get_total_flops())
+    return act, out_bytes, flops, live.above_mark()
 
 
 def _time_layers(layers: Sequence[nn.Module], acts: Sequence[Values],
@@ -255,9 +271,10 @@ def _measure_points(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
                  for values in acts[1:]]  # fmt: skip
         points = []
         for i, layer in enumerate(layers):
-            act, out, flops = _layer_memory(layer, acts[i], i == 0, i == n - 1, loss_fn,
-                                             targets, device, i in writers)  # fmt: skip
-            points.append(Point([], [], param_bytes(layer), act, out, flops))
+            act, out, flops, back = _layer_memory(
+                layer, acts[i], i == 0, i == n - 1, loss_fn, targets, device, i in writers,
+                None if i == n - 1 else grads[i])
+            points.append(Point([], [], param_bytes(layer), act, out, flops, back))
         setup[m] = (acts, grads, points)
     whole_times: list[tuple[float, float]] = []
     for v, timed_rounds in enumerate(_visits(repeat, len(batches))):
@@ -418,6 +435,9 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
         + ("(caching-allocator delta across the forward, adjusted for input/output)"
            if device.type == "cuda" else "(saved_tensors_hooks)")
         + ", per micro-batch, including the layer's input where backward keeps it",
+        "backward_bytes: the peak of the storages alive during one backward (gradients "
+        "already held) above what its forward left alive, counted per storage by a dispatch "
+        "mode, per micro-batch",
         f"optimizer_bytes: {req.optimizer} at {OPTIMIZERS[req.optimizer]} bytes per parameter",
         f"optimizer_s: {optimizer_note(req.optimizer)} over each layer's own trainable "
         f"parameters (TP 1, {req.dtype}) with random gradients of their shapes; "

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from pdv.errors import PdvError
 
 __all__ = [
     "OPTIMIZERS",
+    "LiveBytes",
     "SavedTensors",
     "cuda_saved_bytes",
     "grad_bytes",
@@ -72,6 +76,62 @@ def _root(t: torch.Tensor) -> torch.Tensor:
     while t._base is not None:
         t = t._base
     return t
+
+
+def _allocation(t: torch.Tensor) -> tuple[Any, int, int]:
+    """(what owns a tensor's memory, a key for it, its bytes): its storage, or for a sparse
+    gradient (no storage of its own) the tensor with its indices and values."""
+    try:
+        storage = t.untyped_storage()
+        return storage, storage._cdata, int(storage.nbytes())
+    except (RuntimeError, NotImplementedError):
+        if t.is_sparse:
+            parts = (t._indices(), t._values())
+            return t, id(t), sum(p.numel() * p.element_size() for p in parts)
+        return t, id(t), t.numel() * t.element_size()
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages ops create while active and that are still alive, with the peak.
+
+    Counted by storage, so views and in-place results add nothing; works alike on every device,
+    meta included (a storage's own handle, not its address, keys it). `mark()` starts a new
+    peak from the live bytes at that moment: a layer's backward peak above what its forward
+    left alive is `peak - at_mark`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.at_mark = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            owner, key, nbytes = _allocation(t)
+            if key in self._sizes:
+                continue
+            self._sizes[key] = nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(owner, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def mark(self) -> None:
+        """Start a new peak from what is alive now."""
+        self.at_mark = self.peak = self.live
+
+    def above_mark(self) -> int:
+        """The peak since `mark()`, above the bytes alive at it."""
+        return max(0, self.peak - self.at_mark)
 
 
 class SavedTensors:

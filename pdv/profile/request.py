@@ -82,6 +82,7 @@ class Point:
     activation_bytes: int
     output_bytes: int
     flops_fwd: float | None = None
+    backward_bytes: int = 0
 
     def sample(self, mbs: int, tp: int) -> LayerSample:
         """Medians and spreads of the kept rounds as a LayerSample."""
@@ -90,7 +91,7 @@ class Point:
         return LayerSample(micro_batch_size=mbs, tp_degree=tp, fwd_s=f, bwd_s=b,
                            fwd_spread_s=fs, bwd_spread_s=bs, param_bytes=self.param_bytes,
                            activation_bytes=self.activation_bytes,
-                           output_bytes=self.output_bytes)
+                           output_bytes=self.output_bytes, backward_bytes=self.backward_bytes)
 
 
 def parse_sizes(text: str, option: str) -> tuple[int, ...]:
@@ -161,6 +162,7 @@ def assemble(req: ProfileRequest, model: ModelDef, device: Any,
             param_bytes=param_bytes(layer), grad_bytes=grad_bytes(layer),
             optimizer_bytes=optimizer_state_bytes(layer, req.optimizer),
             activation_bytes=top.activation_bytes, output_bytes=top.output_bytes,
+            backward_bytes=top.backward_bytes,
             output_tensors=len(values) if values else 1,
             output_grad_tensors=sum(v.requires_grad for v in values) if values else 1,
             flops_fwd=None if flops is None else flops / ref,
