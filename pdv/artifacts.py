@@ -860,6 +860,13 @@ def dumps(artifact: BaseModel, compact: bool = False) -> str:
         # Left out, as before the field existed: a float32 plan keeps its bytes and digest
         # (checkpoints and reports name plans by digest), and older pdv still reads it.
         del data["dtype"]
+    if isinstance(artifact, ModelProfile):
+        # Left out where not measured, as before the field existed: an older profile keeps
+        # its bytes and digest (plans name their profiles by digest).
+        for layer in data.get("layers", []):
+            for entry in (layer, *layer.get("samples", [])):
+                if entry.get("backward_bytes") == 0:
+                    del entry["backward_bytes"]
     if compact:
         return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
     return json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"

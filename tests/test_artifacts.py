@@ -179,3 +179,21 @@ def test_v1_plan_is_read_as_v2() -> None:
                                               "memory_bytes": 1}])  # fmt: skip
     with pytest.raises(PdvError, match=r"ranks \[3, 1\] must be \[first, last\]"):
         artifacts.parse(bad)
+
+
+def test_a_profile_without_backward_peaks_keeps_its_bytes_and_digest() -> None:
+    """backward_bytes is written only where measured: a profile from before the field keeps
+    the bytes, and the digest its plans name it by; a measured one keeps its figures."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "profiles" / "gpt_tiny.cpu.json"
+    old = artifacts.load_as(path, "model-profile")
+    assert artifacts.dumps(old) == path.read_text()
+    assert "backward_bytes" not in path.read_text()
+    layers = [x.model_copy(update={"backward_bytes": 1000 + i}) for i, x in
+              enumerate(old.layers)]
+    new = old.model_copy(update={"layers": layers})
+    again = json.loads(artifacts.dumps(new))
+    assert [x["backward_bytes"] for x in again["layers"]] == [1000 + i for i in
+                                                              range(len(layers))]
+    assert artifacts.digest(new) != artifacts.digest(old)
