@@ -298,15 +298,15 @@ def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bo
     """Run the layer's forward (and the loss if last) and backward on meta tensors;
     `xs` are its arguments (the previous layer's outputs, or the batch's inputs);
     `fused_dropout` prices dropout as an accelerator's single kernel."""
+    given = xs
     # An input carries a gradient where the previous layer's output did (the batch's none).
     xs = tuple(x.detach().requires_grad_(not first and x.requires_grad) for x in xs)
     # Non-leaf copies, made before the op log opens (meta tensors: no data, no cost), so a
     # layer that writes into its input in place (ReLU(inplace=True)) traces as in a stage.
     xs = grad_copies(xs)
     saved = SavedTensors(exclude=list(layer.parameters()))
-    live = LiveBytes()
     phase = _Phase()
-    with live, saved.active(), _DeviceKernels(phase, fused_dropout), \
+    with saved.active(), _DeviceKernels(phase, fused_dropout), \
             FlopCounterMode(display=False) as fc, \
             _OpLog(fc) as fwd:
         phase.log = fwd
@@ -314,24 +314,44 @@ def _trace(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bo
         flat, nesting = (out, None) if last else flat_output(layer, out, where)
         outs = as_args(flat)
         roots = [loss_fn(out, targets)] if last else [o for o in outs if o.requires_grad]
-    saved_bytes = saved.bytes()
-    del saved  # it holds what it counted: backward must be free to release it
     # The upstream gradients are the next stage's to make: made before the backward's log.
     grads = None if last else [torch.ones_like(r) for r in roots]
-    # gradients already held, as the measured profile's backward has them (pdv.profile.layers)
-    for p in layer.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
-    live.mark()
-    with live, FlopCounterMode(display=False) as fc, _OpLog(fc) as bwd:
+    with FlopCounterMode(display=False) as fc, _OpLog(fc) as bwd:
         phase.log = bwd
         if roots and roots[0].requires_grad:
             torch.autograd.backward(roots, grads)
     for p in layer.parameters():
         p.grad = None
-    return _Trace(tuple(fwd.ops), tuple(bwd.ops), saved_bytes, tensor_bytes(outs),
-                  live.above_mark(),
+    peak = _backward_peak(layer, given, first, last, loss_fn, targets, fused_dropout, where)
+    return _Trace(tuple(fwd.ops), tuple(bwd.ops), saved.bytes(), tensor_bytes(outs), peak,
                   tuple((tuple(o.shape), o.dtype, o.requires_grad) for o in outs), nesting)
+
+
+def _backward_peak(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, last: bool,
+                   loss_fn: Callable[..., Any], targets: torch.Tensor, fused_dropout: bool,
+                   where: str) -> int:
+    """The backward's peak of live storages above what the forward left alive, with the
+    gradients already held, as the measured profile takes it (pdv.profile.layers): a pass of
+    its own, so that the priced op log stays the traced step's."""
+    xs = grad_copies(tuple(x.detach().requires_grad_(not first and x.requires_grad)
+                           for x in xs))
+    for p in layer.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    live = LiveBytes()
+    with live, _DeviceKernels(_Phase(), fused_dropout):
+        out = layer(*xs)
+        flat = out if last else flat_output(layer, out, where)[0]
+        roots = [loss_fn(out, targets)] if last else [o for o in as_args(flat)
+                                                      if o.requires_grad]
+    grads = None if last else [torch.ones_like(r) for r in roots]
+    live.mark()
+    with live:
+        if roots and roots[0].requires_grad:
+            torch.autograd.backward(roots, grads)
+    for p in layer.parameters():
+        p.grad = None
+    return live.above_mark()
 
 
 def _traced(index: int, name: str, layer: nn.Module, xs: tuple[torch.Tensor, ...], last: bool,
