@@ -164,6 +164,12 @@ class _Attention:
     window: int | None = None
     kind: str | None = None
 
+    def mask(self, h: torch.Tensor) -> torch.Tensor | None:
+        """None where SDPA's is_causal does it, else the additive table."""
+        if self.sdpa and (self.window is None or h.shape[1] <= self.window):
+            return None
+        return _causal_mask(h, self.window)
+
 
 def _attention(config: Any, index: int, block: nn.Module) -> _Attention | None:
     """The block at `index`'s attention, as the family's config describes it; None for a
@@ -214,13 +220,13 @@ class _Block(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        how = self.attention or _Attention()
-        plain = how.sdpa and (how.window is None or h.shape[1] <= how.window)
-        mask = None if plain or self.attention is None else _causal_mask(h, how.window)
-        extra: dict[str, Any] = {"attention_mask": mask, "position_ids": positions}
+        how = self.attention
+        extra: dict[str, Any] = {"attention_mask": None if how is None else how.mask(h),
+                                 "position_ids": positions}
         if self.rotary is not None:
-            extra["position_embeddings"] = (self.rotary(h, positions, how.kind)
-                                            if self._typed_rotary else self.rotary(h, positions))
+            extra["position_embeddings"] = (
+                self.rotary(h, positions, how.kind if how else None) if self._typed_rotary
+                else self.rotary(h, positions))
         extra.update(dict.fromkeys(self._nones))
         out = self.layer(h, **extra)
         return out[0] if isinstance(out, tuple) else out
@@ -337,10 +343,9 @@ def _parts(family: str, model: nn.Module, config: Any) -> _Parts:
                        "nn.Sequential or a ModelDef")
     # a table read at 0..T-1, or `offset` rows in (OPT's); a subclass with another forward
     # of its own is left out, and the logits check refuses the cut
-    positions = [(table, _offset(table)) for table in
-                 (getattr(base, a, None) for a in _POSITIONS) if _offset(table) is not None]
-    table, offset = positions[0] if positions else (None, 0)
-    return _Parts(tokens, table, offset or 0, lists[0][0], lists[0][1],
+    tables = [(t, _offset(t)) for t in (getattr(base, a, None) for a in _POSITIONS)]
+    table, offset = next(((t, o) for t, o in tables if o is not None), (None, 0))
+    return _Parts(tokens, table, offset, lists[0][0], lists[0][1],
                   getattr(base, "rotary_emb", None), norms[0], head)
 
 

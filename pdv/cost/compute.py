@@ -105,8 +105,7 @@ def _backward_bytes(layer: LayerProfile, samples: list[LayerSample], mbs: int,
     exact = [s.backward_bytes for s in samples if s.micro_batch_size == mbs]
     if exact:
         return float(exact[0])
-    sizes = sorted({s.micro_batch_size for s in samples})
-    if len(sizes) >= 2:
+    if len({s.micro_batch_size for s in samples}) >= 2:
         x = np.array([s.micro_batch_size for s in samples], dtype=float)
         y = np.array([s.backward_bytes for s in samples], dtype=float)
         slope, intercept = np.polyfit(x, y, 1)

@@ -63,6 +63,7 @@ from pdv.profile.memory import (
     OPTIMIZERS,
     LiveBytes,
     SavedTensors,
+    backward_peak,
     overhead_bytes,
     param_bytes,
     tensor_bytes,
@@ -335,9 +336,6 @@ def _backward_peak(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, 
     its own, so that the priced op log stays the traced step's."""
     xs = grad_copies(tuple(x.detach().requires_grad_(not first and x.requires_grad)
                            for x in xs))
-    for p in layer.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
     live = LiveBytes()
     with live, _DeviceKernels(_Phase(), fused_dropout):
         out = layer(*xs)
@@ -345,13 +343,9 @@ def _backward_peak(layer: nn.Module, xs: tuple[torch.Tensor, ...], first: bool, 
         roots = [loss_fn(out, targets)] if last else [o for o in as_args(flat)
                                                       if o.requires_grad]
     grads = None if last else [torch.ones_like(r) for r in roots]
-    live.mark()
-    with live:
-        if roots and roots[0].requires_grad:
-            torch.autograd.backward(roots, grads)
-    for p in layer.parameters():
-        p.grad = None
-    return live.above_mark()
+    if not (roots and roots[0].requires_grad):
+        return 0
+    return backward_peak(layer, live, lambda: torch.autograd.backward(roots, grads))
 
 
 def _traced(index: int, name: str, layer: nn.Module, xs: tuple[torch.Tensor, ...], last: bool,

@@ -57,6 +57,7 @@ from pdv.profile.memory import (
     OPTIMIZERS,
     LiveBytes,
     SavedTensors,
+    backward_peak,
     cuda_saved_bytes,
     overhead_bytes,
     param_bytes,
@@ -153,17 +154,8 @@ def _layer_memory(layer: nn.Module, xs: Values, first: bool, last: bool,
                                tensor_bytes(xs), all(saved.holds(x) for x in xs))
     flops = float(counter.get_total_flops())
     del saved  # it holds what it counted: backward must be free to release it
-    # Gradients already held, as in every micro-batch after a step's first: a backward adds
-    # into them (through a temporary), and the gradients themselves are the stage's state.
-    for p in layer.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
-    live.mark()
-    with live:
-        _backward(loss if last else out, None if last else upstream)
-    _clear_grads(layer)
-    del out, loss
-    return act, out_bytes, flops, live.above_mark()
+    root, grads = (loss, None) if last else (out, upstream)
+    return act, out_bytes, flops, backward_peak(layer, live, lambda: _backward(root, grads))
 
 
 def _time_layers(layers: Sequence[nn.Module], acts: Sequence[Values],

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "OPTIMIZERS",
     "LiveBytes",
     "SavedTensors",
+    "backward_peak",
     "cuda_saved_bytes",
     "grad_bytes",
     "optimizer_state_bytes",
@@ -132,6 +133,22 @@ class LiveBytes(TorchDispatchMode):
     def above_mark(self) -> int:
         """The peak since `mark()`, above the bytes alive at it."""
         return max(0, self.peak - self.at_mark)
+
+
+def backward_peak(layer: nn.Module, live: LiveBytes, backward: Callable[[], object]) -> int:
+    """`backward()`'s peak of live storages above what was alive before it, with the layer's
+    gradients already held: as in every micro-batch after a step's first, a backward adds into
+    them through a temporary, and the gradients themselves are the stage's state. The layer's
+    gradients are cleared after."""
+    for p in layer.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    live.mark()
+    with live:
+        backward()
+    for p in layer.parameters():
+        p.grad = None
+    return live.above_mark()
 
 
 class SavedTensors:
