@@ -467,7 +467,9 @@ def _decoder(model_type: str, kwargs: dict[str, Any]) -> ModelDef:
             model = tf.AutoModelForCausalLM.from_config(config)
             break
         except Exception as exc:  # a config's own checks raise what they like
-            failed = failed or exc
+            # the eager attempt's error is the one that says what else is wrong (reformer:
+            # is_decoder); a family that refuses SDPA fails the first for that alone
+            failed = exc
     else:
         assert failed is not None
         given = kwargs or "pdv's small defaults"
