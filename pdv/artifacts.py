@@ -57,6 +57,7 @@ __all__ = [
     "SyncAfterLongCompute",
     "RunReport",
     "Schedule",
+    "SharedParams",
     "SlowRank",
     "StagePrediction",
     "TimeFit",
@@ -243,6 +244,19 @@ class DeviceInfo(_Strict):
     matmul_flops: float | None = Field(None, description="measured dense matmul throughput, FLOP/s")
 
 
+class SharedParams(_Strict):
+    """Parameters several layers use: a tied embedding and LM head, one module at several
+    places. Each layer's own bytes count them; a stage holding several of the places holds one
+    copy, and a plan that splits the places syncs the copies' gradients once per step."""
+
+    layers: list[int] = Field(min_length=2, description="the layers that use them, ascending")
+    param_bytes: int = Field(ge=0, description="bytes of one copy of the shared parameters")
+    grad_bytes: int = Field(ge=0, description="their gradient bytes (trainable ones)")
+    optimizer_bytes: int = Field(ge=0, description="their optimizer-state bytes")
+    tensors: int = Field(1, ge=1, description="how many parameter tensors they are (each is "
+                         "its own all-reduce where stages split the places)")
+
+
 class ModelProfile(_Strict):
     """Per-layer compute time and memory of one model on one device kind."""
 
@@ -264,8 +278,27 @@ class ModelProfile(_Strict):
     whole_model: WholeModelTiming | None = Field(
         None, description="timed whole-model fwd+bwd at the reference point, to check layer sums"
     )
+    shared: list[SharedParams] = Field(
+        default_factory=list, description="parameters several layers use, one entry per set "
+        "of layers; empty in profiles before it was recorded (each place then counts a copy)"
+    )
 
     model_config = ConfigDict(populate_by_name=True)
+
+    def model_param_bytes(self) -> int:
+        """The model's parameter bytes: the layers' own, each shared parameter counted once."""
+        repeated = sum(s.param_bytes * (len(s.layers) - 1) for s in self.shared)
+        return sum(x.param_bytes for x in self.layers) - repeated
+
+    @model_validator(mode="after")
+    def _shared_layers_exist(self) -> ModelProfile:
+        n = len(self.layers)
+        for group in self.shared:
+            if group.layers != sorted(set(group.layers)) or group.layers[-1] >= n or \
+                    group.layers[0] < 0:
+                raise ValueError(f"shared parameters' layers {group.layers}: need distinct "
+                                 f"ascending layer indices below {n}")
+        return self
 
 
 # --------------------------------------------------------------------------- cluster
@@ -867,6 +900,8 @@ def dumps(artifact: BaseModel, compact: bool = False) -> str:
             for entry in (layer, *layer.get("samples", [])):
                 if entry.get("backward_bytes") == 0:
                     del entry["backward_bytes"]
+        if not data.get("shared"):
+            data.pop("shared", None)
     if compact:
         return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
     return json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"

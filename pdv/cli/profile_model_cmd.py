@@ -132,7 +132,7 @@ def profile_model_cmd(
             "layer_bwd_s": bwd,
             "whole_model_fwd_bwd_s": whole.fwd_bwd_s if whole else None,
             "optimizer_s": sum(x.optimizer_s or 0.0 for x in layers),
-            "param_bytes": sum(x.param_bytes for x in layers),
+            "param_bytes": profile.model_param_bytes(),
         }
         typer.echo(json.dumps(summary, sort_keys=True))
         return

@@ -131,8 +131,12 @@ def _model_profile(a: ModelProfile, console: Console) -> None:
     console.print(
         f"total fwd {fmt_time(total_f)}  bwd {fmt_time(total_b)}  "
         + (f"optimizer step {fmt_time(sum(steps))}  " if steps else "")
-        + f"params {fmt_bytes(sum(x.param_bytes for x in a.layers))}"
+        + f"params {fmt_bytes(a.model_param_bytes())}"
     )
+    for s in a.shared:
+        console.print(f"shared by layers {', '.join(map(str, s.layers))}: "
+                      f"{fmt_bytes(s.param_bytes)} of parameters, counted once in the total "
+                      "(a stage holding several of these layers holds one copy)")
     w = a.whole_model
     if w is not None and w.fwd_bwd_s > 0:
         console.print(f"whole model fwd+bwd {fmt_time(w.fwd_bwd_s)} (IQR "

@@ -20,6 +20,7 @@ from pdv.artifacts import (
     ModelProfile,
     ModelSpec,
     Provenance,
+    SharedParams,
     WholeModelTiming,
 )
 from pdv.boundaries import Boundary
@@ -183,4 +184,26 @@ def assemble(req: ProfileRequest, model: ModelDef, device: Any,
         overhead_bytes=overhead,
         layers=layers,
         whole_model=whole,
+        shared=shared_params(model, req.optimizer),
     )
+
+
+def shared_params(model: ModelDef, optimizer: str) -> list[SharedParams]:
+    """The model's parameters that several layers use, one entry per set of layers (a tied
+    embedding and head; every parameter of a module at several places)."""
+    by_places: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
+    for group in model.tied_groups():
+        places = tuple(sorted({i for i, _ in group}))
+        index, name = group[0]
+        by_places.setdefault(places, []).append(model.layers[index][1].get_parameter(name))
+    out = []
+    for places, params in sorted(by_places.items()):
+        trainable = [p for p in params if p.requires_grad]
+        out.append(SharedParams(
+            layers=list(places),
+            param_bytes=sum(p.numel() * p.element_size() for p in params),
+            grad_bytes=sum(p.numel() * p.element_size() for p in trainable),
+            optimizer_bytes=sum(p.numel() for p in trainable) * OPTIMIZERS[optimizer],
+            tensors=len(params),
+        ))
+    return out
