@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,6 +38,8 @@ __all__ = [
     "profile_for",
     "rank_overhead_bytes",
     "rank_overheads",
+    "SharedPlaces",
+    "shared_places",
     "smallest_batch",
     "speed_factor",
     "unpriced_note",
@@ -303,6 +306,35 @@ def profile_arrays(profile: ModelProfile, mbs: int, tp: int) -> ProfileArrays:
     if hit is None or hit[0] is not profile:
         hit = (profile, _arrays(profile, mbs, tp))
         _ARRAYS[key] = hit
+    return hit[1]
+
+
+_SHARED: dict[int, tuple[ModelProfile, tuple[SharedPlaces, ...]]] = {}
+
+
+class SharedPlaces(NamedTuple):
+    """One set of shared parameters: the layers that use them, and at each the share of the
+    layer's own parameter bytes they are (so each of its terms scales by it)."""
+
+    layers: np.ndarray
+    share: np.ndarray
+
+
+def shared_places(profile: ModelProfile) -> tuple[SharedPlaces, ...]:
+    """The profile's shared parameter sets (empty in profiles that did not record them),
+    cached by profile identity."""
+    hit = _SHARED.get(id(profile))
+    if hit is None or hit[0] is not profile:
+        sets = tuple(
+            SharedPlaces(
+                np.array(g.layers, dtype=int),
+                np.array([g.param_bytes / profile.layers[i].param_bytes
+                          if profile.layers[i].param_bytes else 0.0 for i in g.layers]),
+            )
+            for g in profile.shared
+        )
+        hit = (profile, sets)
+        _SHARED[id(profile)] = hit
     return hit[1]
 
 

@@ -21,7 +21,10 @@ Model (each choice is what the simulator charges; the sources are next to the fo
   first collective measured after compute) runs on the group's collective lane; it does not
   overlap the backward (conservative: DDP and FSDP overlap part of it). Then the optimizer
   step (StageCost.optimizer_s, measured per layer by the profiler) runs on the compute lane,
-  as ``pdv run`` calls it after the schedule and the sync.
+  as ``pdv run`` calls it after the schedule and the sync. Parameters that layers in several
+  stages share (a tied embedding and LM head) are first summed over every rank holding a copy
+  (pdv.run.tied), one all-reduce per shared tensor on the holders' measured ring, each after
+  every holder stage's sync and the rank's earlier such sums: their stages step after it.
 - Ranks that share a host's cores (CPU ranks; measured by ``pdv profile cluster`` as each
   rank's matmul rate with all the host's ranks probing at once over its rate alone) are
   processor-shared: while n of a host's ranks compute, each op there progresses at
@@ -54,6 +57,7 @@ from pdv.artifacts import (
     Schedule,
     StagePrediction,
 )
+from pdv.cost.comm import all_reduce_time, ring_of
 from pdv.cost.compute import (
     fsdp_heap_note,
     fsdp_unpriced_note,
@@ -71,6 +75,8 @@ __all__ = [
     "Simulation",
     "simulate",
     "simulate_costs",
+    "tied_syncs",
+    "TiedSync",
     "stage_costs",
     "peak_memory",
     "host_capacity",
@@ -88,7 +94,7 @@ class Event:
     """One interval of the simulated step on one rank group."""
 
     name: str
-    """F, B, I, W, opt (compute), send-act, send-grad (p2p), sync (collective)"""
+    """F, B, I, W, opt (compute), send-act, send-grad (p2p), sync, tied-sync (collective)"""
     lane: str
     """compute | p2p | collective"""
     group: int
@@ -135,7 +141,8 @@ def simulate(
     capacity = host_capacity(cluster)
     hosts = [[cluster.devices[r].host for r in ranks] for ranks in layout.group_ranks]
     sim = simulate_costs(costs, layout, schedule, plan.num_micro_batches,
-                         Sharing(capacity, hosts) if capacity else None, trace)
+                         Sharing(capacity, hosts) if capacity else None, trace,
+                         tied_syncs(plan, profiles, cluster))
     notes = [n for n in (unpriced_note(cluster), unsteady_note(cluster),
                          fsdp_unpriced_note(plan, cluster), fsdp_heap_note(plan, cluster),
                          _extrapolated_note(plan, profiles)) if n]
@@ -188,6 +195,33 @@ def _priced(plan: Plan, profiles: Mapping[str, ModelProfile],
         for i, st in enumerate(plan.stages)
     ]
     return layout, costs
+
+
+@dataclass(frozen=True)
+class TiedSync:
+    """Per step: the all-reduces that sum one shared parameter set's copies over the stages
+    that hold them."""
+
+    stages: tuple[int, ...]
+    seconds: float
+
+
+def tied_syncs(plan: Plan, profiles: Mapping[str, ModelProfile],
+               cluster: ClusterArtifact) -> tuple[TiedSync, ...]:
+    """Each shared parameter set whose places the plan puts in more than one stage, priced as
+    pdv.run.tied sums it: one all-reduce of each tensor's gradient over every holder's ranks."""
+    profile = next(iter(profiles.values()))
+    stage_of = {i: s for s, st in enumerate(plan.stages) for i in range(*st.layers)}
+    out = []
+    for group in profile.shared:
+        stages = tuple(sorted({stage_of[i] for i in group.layers}))
+        if len(stages) < 2 or group.param_bytes == 0:
+            continue
+        holders = sorted({r for s in stages for r in plan.stages[s].ranks})
+        ring = ring_of(cluster.links, holders)
+        per_tensor = group.param_bytes / group.tensors  # frozen ones are summed as zeros
+        out.append(TiedSync(stages, group.tensors * float(all_reduce_time(ring, per_tensor))))
+    return tuple(out)
 
 
 def _extrapolated_note(plan: Plan, profiles: Mapping[str, ModelProfile]) -> str | None:
@@ -268,8 +302,11 @@ class _Run:
     """Mutable state of one simulation (local to simulate_costs; never escapes)."""
 
     def __init__(self, costs: Sequence[StageCost], layout: StageLayout, split: bool,
-                 num_micro: int, trace: bool = True) -> None:  # fmt: skip
+                 num_micro: int, trace: bool = True,
+                 tied: Sequence[TiedSync] = ()) -> None:  # fmt: skip
         self.costs = costs
+        self.tied = tied
+        self.tied_end: list[float | None] = [None] * len(tied)
         self.durations = [_durations(c, split) for c in costs]
         self.send_s = [c.send_s for c in costs]
         self.grad_send_s = [c.grad_send_s for c in costs]
@@ -289,6 +326,8 @@ class _Run:
         self.act_sent: list[list[float | None]] = [[None] * num_micro for _ in range(n)]
         self.grad_sent: list[list[float | None]] = [[None] * num_micro for _ in range(n)]
         self.synced: list[float | None] = [None] * n
+        # When each stage may step: its sync's end, then its shared copies' sums.
+        self.stepping: list[float | None] = [None] * n
         self.free = [0.0] * layout.num_groups
         self.coll_free = [0.0] * layout.num_groups
         self.backwards_left = [num_micro] * len(costs)
@@ -321,7 +360,7 @@ class _Run:
         if kind == "F":
             return 0.0 if s == 0 else _arrival(self.act_sent[s][m], posted, self.send_s[s - 1])
         if kind == "O":
-            return self.synced[s]
+            return self.stepping[s]
         if kind == "W":
             return self.input_grad_end[s][m]
         own = self.fwd_end[s][m]
@@ -367,11 +406,38 @@ class _Run:
         dur = self.costs[s].grad_sync_s
         if dur <= 0:
             self.synced[s] = t0
-            return
-        start = max(t0, self.coll_free[g])
-        self.coll_free[g] = start + dur
-        self.synced[s] = start + dur
-        self.record("sync", "collective", g, s, None, start, start + dur)
+        else:
+            start = max(t0, self.coll_free[g])
+            self.coll_free[g] = start + dur
+            self.synced[s] = start + dur
+            self.record("sync", "collective", g, s, None, start, start + dur)
+        self._sum_copies()
+
+    def _sum_copies(self) -> None:
+        # A rank sums its shared copies in order after its whole schedule: each sum starts
+        # once every holder has synced and finished the sums before it that it takes part in.
+        done: dict[int, float | None] = {}  # per stage, its sums' end so far; None: waiting
+        for k, tie in enumerate(self.tied):
+            synced = [self.synced[s] for s in tie.stages]
+            before = [done.get(s, 0.0) for s in tie.stages]
+            if any(t is None for t in synced + before):
+                done.update(dict.fromkeys(tie.stages))
+                continue
+            end = self.tied_end[k]
+            if end is None:
+                start = max(t for t in synced + before if t is not None)
+                end = self.tied_end[k] = start + tie.seconds
+                for s in tie.stages:
+                    g = self.group_of_stage[s]
+                    self.coll_free[g] = max(self.coll_free[g], end)
+                    self.record("tied-sync", "collective", g, s, None, start, end)
+            done.update(dict.fromkeys(tie.stages, end))
+        for s, synced_at in enumerate(self.synced):
+            if self.stepping[s] is None and synced_at is not None:
+                if s not in done:
+                    self.stepping[s] = synced_at
+                elif (end := done[s]) is not None:
+                    self.stepping[s] = max(synced_at, end)
 
     def _record_transfer(self, op: Op, posted: float) -> None:
         # The transfer an op received, on its sender's p2p lane, from when both ends posted.
@@ -398,14 +464,16 @@ def simulate_costs(
     num_micro: int,
     sharing: Sharing | None = None,
     trace: bool = True,
+    tied: Sequence[TiedSync] = (),
 ) -> Simulation:
-    """Run the event-driven simulation on priced stages (events kept when `trace`)."""
+    """Run the event-driven simulation on priced stages (events kept when `trace`), with the
+    per-step sums of shared parameters' copies `tied` (:func:`tied_syncs`)."""
     split = splits_backward(schedule)
     orders = rank_orders(layout, schedule, num_micro)
     # Each group ends its step with the optimizer step of each of its stages.
     steps = [order + [("O", s, -1) for s in layout.stages_of_group[g]]
              for g, order in enumerate(orders)]
-    state = _Run(costs, layout, split, num_micro, trace)
+    state = _Run(costs, layout, split, num_micro, trace, tied)
     if sharing is None:
         _run_alone(state, steps, layout, schedule, num_micro)
     else:
@@ -440,7 +508,11 @@ def _run_alone(state: _Run, steps: list[list[Op]], layout: StageLayout, schedule
     ready, complete, free = state.ready, state.complete, state.free
     durations, group_of = state.durations, layout.group_of_stage
     # The groups an op of stage s may unblock: those holding its pipeline neighbours.
-    woken = [tuple(group_of[t] for t in (s - 1, s + 1) if 0 <= t < n_stages)
+    # and, when its sync ends a sum of shared copies, those of the copies' other holders.
+    partners = [{t for tie in state.tied if s in tie.stages for t in tie.stages}
+                for s in range(n_stages)]  # fmt: skip
+    woken = [tuple(dict.fromkeys(group_of[t] for t in sorted({s - 1, s + 1} | partners[s])
+                                 if 0 <= t < n_stages and t != s))
              for s in range(n_stages)]  # fmt: skip
     while todo:
         g = todo.pop()
@@ -516,10 +588,11 @@ def _finish(state: _Run, orders: list[list[Op]], schedule: str) -> Simulation:
         StagePrediction(
             compute_s=num_micro * (c.fwd_s + c.bwd_s - c.tp_comm_s) + c.optimizer_s,
             p2p_s=num_micro * (c.send_s + c.grad_send_s),
-            collective_s=num_micro * c.tp_comm_s + c.grad_sync_s,
+            collective_s=num_micro * c.tp_comm_s + c.grad_sync_s
+            + sum(t.seconds for t in state.tied if s in t.stages),
             peak_memory_bytes=int(max(peak[r] for r in c.peak_memory_bytes)),
         )
-        for c in costs
+        for s, c in enumerate(costs)
     )
     events = tuple(sorted(state.events, key=lambda e: (e.start_s, e.group, e.lane, e.stage)))
     return Simulation(

@@ -65,7 +65,7 @@ import numpy as np
 
 from pdv.artifacts import LayerChoice, ModelProfile
 from pdv.cost.comm import Ring, all_gather_time, all_reduce_time, reduce_scatter_time
-from pdv.cost.compute import profile_arrays
+from pdv.cost.compute import profile_arrays, shared_places
 
 __all__ = [
     "TP_ALL_REDUCES",
@@ -410,6 +410,7 @@ def price_layers(
     order = list(dict.fromkeys(choices))
     which = np.array([order.index(c) for c in choices])
     sums: dict[str, np.ndarray] = {}
+    picked: dict[str, np.ndarray] = {}
     for names in _by_shape(have[order[0]]):
         cols = np.stack([getattr(have[order[0]], n)[:, lo:hi] for n in names])
         for j, c in enumerate(order[1:], 1):  # each layer's column from its own choice
@@ -422,11 +423,21 @@ def price_layers(
         total = np.cumsum(np.concatenate([start, cols], axis=2), axis=2)[:, :, -1]
         for i, n in enumerate(names):
             sums[n] = total[i]
+            if n in _ONE_COPY:
+                picked[n] = cols[i]
         if "transient_bytes" in names:
             sums["transient_bytes"] = np.maximum(cols[names.index("transient_bytes")].max(axis=1),
                                                  0.0)
         if "output_bytes" in names:
             sums["output_bytes"] = cols[names.index("output_bytes"), :, -1]
+    for places in shared_places(profiles[group.ranks[0].kind]):
+        inside = (places.layers >= lo) & (places.layers < hi)
+        if not inside.any():
+            continue
+        at = places.layers[inside] - lo
+        for name in _ONE_COPY:
+            copies = picked[name][:, at] * places.share[inside]
+            sums[name] = sums[name] - _beyond_one_copy(name, copies, bool(inside.all()))
     return compose(group, sums, num_micro)
 
 
@@ -464,7 +475,35 @@ def price_ranges(
     ends = np.concatenate([np.zeros((rows, 1)), t.output_bytes], axis=1)[:, bounds]
     sums["output_bytes"] = np.broadcast_to(ends[:, None, :], (rows, n, n))
     sums["state_bytes"] = sums["state_bytes"] + _overheads(group)[:, None, None]
+    for places in shared_places(profiles[group.ranks[0].kind]):
+        # [x, y, j]: range [bounds[x], bounds[y]) holds the set's j-th place
+        inside = ((bounds[:, None, None] <= places.layers)
+                  & (places.layers < bounds[None, :, None]))
+        every = np.asarray(inside.all(axis=2))
+        for name in _ONE_COPY:
+            copies = getattr(t, name)[:, places.layers] * places.share  # (rows, places)
+            held = np.where(inside[None], copies[:, None, None, :], 0.0)
+            sums[name] = sums[name] - _beyond_one_copy(name, held, every)
     return compose(group, sums, num_micro)
+
+
+_ONE_COPY = ("state_bytes", "optimizer_s", "dp_grad_bytes")
+"""The terms a stage pays once for parameters that several of its layers use."""
+
+
+def _beyond_one_copy(name: str, copies: np.ndarray, every: np.ndarray | bool) -> np.ndarray:
+    """What the layers' sum counts of shared parameters beyond what the stage pays, over the
+    last axis (the places it holds; 0 where it holds none).
+
+    A stage holds one copy of them and steps it once: its state and optimizer step count one
+    place. Its replicas all-reduce that copy's gradient with the stage's others while the stage
+    holds every place; where other stages hold places too, the copies' own all-reduce over
+    every holder (pdv.run.tied; priced per step by the simulator) syncs it instead.
+    """
+    total = copies.sum(axis=-1)
+    if name == "dp_grad_bytes":
+        return total - np.where(every, copies.max(axis=-1), 0.0)
+    return total - copies.max(axis=-1)
 
 
 def _range_max(v: np.ndarray, bounds: np.ndarray) -> np.ndarray:

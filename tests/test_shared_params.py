@@ -1,0 +1,197 @@
+"""Parameters several layers share (a tied embedding and LM head, a module at several places):
+recorded by the profile, held and stepped once by a stage that holds several of their places,
+and summed across the stages that split them once per step."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pdv import artifacts
+from pdv.artifacts import LayerChoice, PlanStage, SharedParams
+from pdv.cost.comm import Ring, all_reduce_time, ring_of
+from pdv.cost.simulate import simulate, tied_syncs
+from pdv.cost.terms import RankView, RingView, StageGroup, price_layers, price_ranges
+from pdv.errors import PdvError
+from pdv.models import ModelDef
+from pdv.profile.layers import profile_model
+from pdv.profile.request import ProfileRequest
+from tests.test_cost_builders import make_cluster, make_plan, make_profile
+
+torch.set_num_threads(1)
+
+PARAMS = 1000  # make_profile's bytes per layer: grads the same, optimizer state twice
+
+
+def _shared(profile: artifacts.ModelProfile, *sets: tuple[list[int], int, int]
+            ) -> artifacts.ModelProfile:  # fmt: skip
+    shared = [SharedParams(layers=places, param_bytes=b, grad_bytes=b, optimizer_bytes=2 * b,
+                           tensors=n) for places, b, n in sets]
+    return profile.model_copy(update={"shared": shared})
+
+
+def _group(dp: int = 2) -> StageGroup:
+    ring = RingView(Ring(dp, 1e-5, 1e8), ("cpu",))
+    return StageGroup(ranks=tuple(RankView("cpu", 1.0, 0.0, 1e12) for _ in range(dp)),
+                      tp_rings=(RingView(Ring(1, 0.0, 1e9), ("cpu",)),) * dp,
+                      dp_rings=(ring,), tp=1, dp=dp)
+
+
+@pytest.mark.parametrize("choice", [
+    LayerChoice(), LayerChoice(fsdp=True), LayerChoice(recompute=True),
+])  # fmt: skip
+def test_every_range_prices_shared_copies_as_one_range(choice: LayerChoice) -> None:
+    """price_ranges (the DP) and price_layers (the simulator) agree with shared sets of two
+    and of three places, on ranges that hold none, some or all of them."""
+    base = make_profile("cpu", n_layers=7, fwd=[0.01, 0.02, 0.005, 0.03, 0.01, 0.02, 0.01],
+                        params=PARAMS, optimizer_s=0.004)
+    profiles = {"cpu": _shared(base, ([0, 6], 400, 1), ([2, 3, 5], 250, 3))}
+    group = _group()
+    bounds = np.arange(8)
+    table = price_ranges(profiles, group, 2, choice, bounds, num_micro=3)
+    for lo in range(7):
+        for hi in range(lo + 1, 8):
+            one = price_layers(profiles, group, 2, lo, [choice] * (hi - lo), num_micro=3)
+            for field in ("grad_sync_s", "optimizer_s"):
+                assert getattr(table, field)[lo, hi] == pytest.approx(float(getattr(one, field)))
+            assert table.static_bytes[:, lo, hi] == pytest.approx(one.static_bytes)
+
+
+def test_a_stage_holds_and_steps_one_copy_and_syncs_it_only_when_it_holds_every_place() -> None:
+    """State and optimizer step count one copy wherever a stage holds several places; the
+    replicas' all-reduce carries it only where no other stage holds a place."""
+    tie = 400
+    base = make_profile("cpu", n_layers=4, params=PARAMS, optimizer_s=0.004)
+    profiles = {"cpu": _shared(base, ([0, 3], tie, 1))}
+    plain = {"cpu": base}
+    group = _group()
+    ring = group.dp_rings[0].ring
+
+    def price(p, lo, hi):
+        return price_layers(p, group, 2, lo, [LayerChoice()] * (hi - lo), num_micro=2)
+
+    whole, whole_plain = price(profiles, 0, 4), price(plain, 0, 4)
+    per_byte_of_state = 4  # parameters, gradients, two of optimizer state
+    assert whole_plain.static_bytes - whole.static_bytes == pytest.approx(
+        [per_byte_of_state * tie] * 2)
+    assert whole_plain.optimizer_s - whole.optimizer_s == pytest.approx(0.004 * tie / PARAMS)
+    assert whole.grad_sync_s == pytest.approx(all_reduce_time(ring, 4 * PARAMS - tie))
+    # A stage holding one place of a split set keeps its copy but leaves its sync to the
+    # holders' own all-reduce.
+    front, front_plain = price(profiles, 0, 2), price(plain, 0, 2)
+    assert front.static_bytes == pytest.approx(front_plain.static_bytes)
+    assert front.optimizer_s == pytest.approx(front_plain.optimizer_s)
+    assert front.grad_sync_s == pytest.approx(all_reduce_time(ring, 2 * PARAMS - tie))
+    # Layers holding none of it price as before.
+    middle, middle_plain = price(profiles, 1, 3), price(plain, 1, 3)
+    assert middle.grad_sync_s == pytest.approx(middle_plain.grad_sync_s)
+    assert middle.static_bytes == pytest.approx(middle_plain.static_bytes)
+
+
+def _pipeline(ranks_per_stage: list[list[int]], layers: list[tuple[int, int]]):
+    stages = [PlanStage(layers=list(lh), ranks=r, dp=len(r))
+              for lh, r in zip(layers, ranks_per_stage, strict=True)]
+    return make_plan(stages, mbs=2, num_micro=4)
+
+
+def test_split_copies_are_summed_after_every_holders_sync_before_they_step() -> None:
+    """A pp2 plan that splits a tied pair: the step grows by exactly the holders' all-reduce
+    (each tensor its own), both stages step after it, and a one-stage plan has none."""
+    tie = 40_000
+    base = make_profile("cpu", n_layers=4, params=100_000, optimizer_s=0.003)
+    tied = {"cpu": _shared(base, ([0, 3], tie, 2))}
+    cluster = make_cluster(2, bw=1e8, lat=1e-4)
+    plan = _pipeline([[0], [1]], [(0, 2), (2, 4)])
+    with_tie, without = simulate(plan, tied, cluster), simulate(plan, {"cpu": base}, cluster)
+    ring = ring_of(cluster.links, [0, 1])
+    expect = 2 * float(all_reduce_time(ring, tie / 2))
+    (sync,) = tied_syncs(plan, tied, cluster)
+    assert sync.stages == (0, 1) and sync.seconds == pytest.approx(expect)
+    assert with_tie.step_time_s - without.step_time_s == pytest.approx(expect)
+    sums = [e for e in with_tie.events if e.name == "tied-sync"]
+    assert {e.stage for e in sums} == {0, 1}
+    end = max(e.end_s for e in sums)
+    assert all(e.start_s >= end - 1e-12 for e in with_tie.events if e.name == "opt")
+    last_b = max(e.end_s for e in with_tie.events if e.name == "B")
+    assert min(e.start_s for e in sums) == pytest.approx(last_b)
+    one = _pipeline([[0, 1]], [(0, 4)])
+    assert tied_syncs(one, tied, cluster) == ()
+    assert not [e for e in simulate(one, tied, cluster).events if e.name == "tied-sync"]
+
+
+def test_a_stage_between_split_copies_does_not_wait_for_their_sum() -> None:
+    tie = 40_000
+    base = make_profile("cpu", n_layers=3, params=100_000, optimizer_s=0.003)
+    tied = {"cpu": _shared(base, ([0, 2], tie, 1))}
+    cluster = make_cluster(3, bw=1e8, lat=1e-4)
+    plan = _pipeline([[0], [1], [2]], [(0, 1), (1, 2), (2, 3)])
+    sim = simulate(plan, tied, cluster)
+    synced = {e.stage: e.end_s for e in sim.events if e.name == "B"}
+    opt = {e.stage: e.start_s for e in sim.events if e.name == "opt"}
+    sums = {e.stage: e.end_s for e in sim.events if e.name == "tied-sync"}
+    assert set(sums) == {0, 2}
+    assert opt[1] == pytest.approx(synced[1])  # no replicas: its step follows its backward
+    assert opt[0] >= sums[0] and opt[2] >= sums[2]
+
+
+class _Embed(nn.Module):
+    def __init__(self, vocab: int, d: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tok(ids)
+
+
+class _Head(nn.Module):
+    def __init__(self, embed: _Embed) -> None:
+        super().__init__()
+        self.out = nn.Linear(embed.tok.embedding_dim, embed.tok.num_embeddings, bias=False)
+        self.out.weight = embed.tok.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(h)
+
+
+def shared_lm(vocab: int = 96, d: int = 24, places: int = 3) -> ModelDef:
+    """A tied embedding and head around one Linear used at `places` places (ALBERT-like)."""
+    embed, mix = _Embed(vocab, d), nn.Linear(d, d)
+    layers = [("embed", embed), *((f"mix{i}", mix) for i in range(places)),
+              ("head", _Head(embed))]
+
+    def make_batch(mbs: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randint(vocab, (mbs, 5), generator=gen)
+        return ids, torch.randint(vocab, (mbs, 5), generator=gen)
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+
+    return ModelDef(layers=layers, make_batch=make_batch, loss_fn=loss)
+
+
+@pytest.mark.parametrize("estimate", [False, True])
+def test_profile_records_each_shared_set_once(estimate: bool) -> None:
+    profile = profile_model(ProfileRequest(
+        spec="tests.test_shared_params:shared_lm", kwargs={"vocab": 96, "d": 24, "places": 3},
+        micro_batch_sizes=(1,), warmup=1, repeat=2, estimate=estimate))
+    sets = {tuple(s.layers): s for s in profile.shared}
+    assert set(sets) == {(0, 4), (1, 2, 3)}
+    assert sets[(0, 4)].param_bytes == 96 * 24 * 4 and sets[(0, 4)].tensors == 1
+    assert sets[(1, 2, 3)].param_bytes == (24 * 24 + 24) * 4 and sets[(1, 2, 3)].tensors == 2
+    assert sets[(1, 2, 3)].optimizer_bytes == 2 * sets[(1, 2, 3)].grad_bytes
+    # each place still counts its own bytes (older profiles price as before)
+    assert profile.layers[4].param_bytes == 96 * 24 * 4
+    again = artifacts.parse(json.loads(artifacts.dumps(profile)))
+    assert again == profile
+
+
+def test_profiles_without_shared_sets_keep_their_bytes() -> None:
+    p = make_profile("cpu", n_layers=2)
+    assert '"shared"' not in artifacts.dumps(p)
+    assert '"shared"' in artifacts.dumps(_shared(p, ([0, 1], 10, 1)))
+    with pytest.raises(PdvError, match="distinct ascending"):
+        artifacts.parse(json.loads(artifacts.dumps(_shared(p, ([1, 0], 10, 1)))))
