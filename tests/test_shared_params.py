@@ -86,6 +86,14 @@ def test_a_stage_holds_and_steps_one_copy_and_syncs_it_only_when_it_holds_every_
     assert front.static_bytes == pytest.approx(front_plain.static_bytes)
     assert front.optimizer_s == pytest.approx(front_plain.optimizer_s)
     assert front.grad_sync_s == pytest.approx(all_reduce_time(ring, 2 * PARAMS - tie))
+    # FSDP leaves a split copy out of its shards: the stage holds it whole.
+    fsdp = [LayerChoice(fsdp=True)] * 2
+    sharded = price_layers(profiles, group, 2, 0, fsdp, num_micro=2)
+    sharded_plain = price_layers(plain, group, 2, 0, fsdp, num_micro=2)
+    per_layer = (PARAMS + 2 * PARAMS) / 2 + 2 * PARAMS  # (P + O) / dp + P + G
+    assert sharded_plain.static_bytes == pytest.approx([2 * per_layer] * 2)
+    assert sharded.static_bytes == pytest.approx(
+        [2 * per_layer - per_layer * tie / PARAMS + per_byte_of_state * tie] * 2)
     # Layers holding none of it price as before.
     middle, middle_plain = price(profiles, 1, 3), price(plain, 1, 3)
     assert middle.grad_sync_s == pytest.approx(middle_plain.grad_sync_s)

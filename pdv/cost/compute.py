@@ -318,6 +318,8 @@ class SharedPlaces(NamedTuple):
 
     layers: np.ndarray
     share: np.ndarray
+    state_bytes: float
+    """one whole copy's parameters, gradients and optimizer state"""
 
 
 def shared_places(profile: ModelProfile) -> tuple[SharedPlaces, ...]:
@@ -330,6 +332,7 @@ def shared_places(profile: ModelProfile) -> tuple[SharedPlaces, ...]:
                 np.array(g.layers, dtype=int),
                 np.array([g.param_bytes / profile.layers[i].param_bytes
                           if profile.layers[i].param_bytes else 0.0 for i in g.layers]),
+                float(g.param_bytes + g.grad_bytes + g.optimizer_bytes),
             )
             for g in profile.shared
         )

@@ -437,7 +437,8 @@ def price_layers(
         at = places.layers[inside] - lo
         for name in _ONE_COPY:
             copies = picked[name][:, at] * places.share[inside]
-            sums[name] = sums[name] - _beyond_one_copy(name, copies, bool(inside.all()))
+            sums[name] = sums[name] - _beyond_one_copy(name, copies, bool(inside.all()),
+                                                       places.state_bytes)
     return compose(group, sums, num_micro)
 
 
@@ -483,7 +484,8 @@ def price_ranges(
         for name in _ONE_COPY:
             copies = getattr(t, name)[:, places.layers] * places.share  # (rows, places)
             held = np.where(inside[None], copies[:, None, None, :], 0.0)
-            sums[name] = sums[name] - _beyond_one_copy(name, held, every)
+            sums[name] = sums[name] - np.where(
+                inside.any(axis=2), _beyond_one_copy(name, held, every, places.state_bytes), 0.0)
     return compose(group, sums, num_micro)
 
 
@@ -491,19 +493,25 @@ _ONE_COPY = ("state_bytes", "optimizer_s", "dp_grad_bytes")
 """The terms a stage pays once for parameters that several of its layers use."""
 
 
-def _beyond_one_copy(name: str, copies: np.ndarray, every: np.ndarray | bool) -> np.ndarray:
-    """What the layers' sum counts of shared parameters beyond what the stage pays, over the
-    last axis (the places it holds; 0 where it holds none).
+def _beyond_one_copy(name: str, copies: np.ndarray, every: np.ndarray | bool,
+                     whole_copy_state: float) -> np.ndarray:
+    """What the layers' sum counts of shared parameters beyond what a stage holding some of
+    their places pays, over the last axis (the places it holds).
 
-    A stage holds one copy of them and steps it once: its state and optimizer step count one
-    place. Its replicas all-reduce that copy's gradient with the stage's others while the stage
-    holds every place; where other stages hold places too, the copies' own all-reduce over
-    every holder (pdv.run.tied; priced per step by the simulator) syncs it instead.
+    A stage holds one copy of them and steps it once: its optimizer step counts one place.
+    Where it holds every place, its state counts one place's copy and its replicas all-reduce
+    that copy with the stage's other gradients. Where other stages hold places too, the run
+    keeps the copy out of FSDP's shards and of the replicas' buffer (pdv.run.tied), and a TP
+    plan must leave it whole: the stage holds the whole copy, and the copies' own all-reduce
+    over every holder (priced per step by the simulator) syncs it.
     """
     total = copies.sum(axis=-1)
+    one = copies.max(axis=-1)
     if name == "dp_grad_bytes":
-        return total - np.where(every, copies.max(axis=-1), 0.0)
-    return total - copies.max(axis=-1)
+        return total - np.where(every, one, 0.0)
+    if name == "state_bytes":
+        return total - np.where(every, one, whole_copy_state)
+    return total - one
 
 
 def _range_max(v: np.ndarray, bounds: np.ndarray) -> np.ndarray:
