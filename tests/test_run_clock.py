@@ -76,3 +76,24 @@ def test_a_backward_that_no_input_gradient_ends_is_still_counted() -> None:
     busy = _step(stem_weight=False, input_grad=False)
     counted = 2 * (0.01 + 0.01 + 0.02)  # the stem's backward is not in the graph
     assert counted * 0.98 <= busy < counted + 0.05
+
+
+def test_a_last_stage_counts_its_loss_forward_and_backward() -> None:
+    """The profile times the last layer with its loss, so the clock counts the loss's call and
+    its backward (which runs before the gradient reaches the stage's outputs)."""
+    stage = nn.Sequential(_Layer(0.01, 0.02))
+    clock = ComputeClock({0: stage})
+
+    def slow_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.03)
+        return _SlowBackward.apply((out - target).square().sum(), 0.04)
+
+    loss_fn = clock.timed_loss(slow_loss)
+    for _ in range(2):
+        loss = loss_fn(stage(torch.ones(4)), torch.zeros(4))
+        time.sleep(0.05)
+        loss.backward()
+        time.sleep(0.05)
+    busy = clock.take()
+    counted = 2 * (0.01 + 0.02 + 0.03 + 0.04)
+    assert counted * 0.98 <= busy < counted + 0.05  # 4 gaps of 50 ms would show

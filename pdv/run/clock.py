@@ -8,7 +8,9 @@ identity autograd function marks them) to the end of that backward pass (a callb
 autograd engine runs when the pass is done). So a backward counts all the stage's work: its
 input gradients, and its parameters' gradients accumulated, the first layer's too where the
 stage's inputs carry no gradient (token ids, images: an embedding's scatter-add, a stem
-convolution's weight gradient). Recompute runs inside the backward span and counts there; TP
+convolution's weight gradient). A last stage's loss counts too, forward and backward (the
+profile times the last layer with its loss): the loss call is a span, and its backward opens
+the stage's backward span. Recompute runs inside the backward span and counts there; TP
 collectives and FSDP's reduce-scatter run inside the spans and count as compute too. On CUDA the
 spans are CUDA events on the current stream (kernels run after the host queued them), read once
 per step.
@@ -88,6 +90,17 @@ class ComputeClock:
             self._add(self._fwd_start)
             self._fwd_start = None
         return out
+
+    def timed_loss(self, loss_fn: Any) -> Any:
+        """`loss_fn` whose call is a forward span and whose backward opens the backward span."""
+
+        def loss(output: Any, target: Any) -> Any:
+            start = self._now()
+            value = loss_fn(output, target)
+            self._add(start)
+            return _wrap(value, self)
+
+        return loss
 
     def open_backward(self) -> None:
         """A gradient reached a stage's outputs: the first of them opens the span, which the

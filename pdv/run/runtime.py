@@ -146,7 +146,9 @@ def train(args: argparse.Namespace) -> bool:
         for i in dims.stages_of(rank)
     }
     tied.check()
-    loss_fn = model.loss_fn
+    slow = SlowOptions(args.slow_margin, args.slow_steps, stop=args.stop_when_slow)
+    watch = StepWatch(plan, dims, modules, rank, world, args.warmup, slow, device)
+    loss_fn = watch.clock.timed_loss(model.loss_fn)
     source = BatchSource(model, plan.global_batch_size, args.seed, args.data)
     spec_used = ModelSpec(spec=spec, kwargs=kwargs, split_at=split_at, blocks=blocks)
     # Checkpoint keys and shapes of the whole model, read before the other stages are freed.
@@ -176,8 +178,6 @@ def train(args: argparse.Namespace) -> bool:
         meta = read_meta(source_dir)
         ckpt.load(source_dir)
         start, prior_losses, prior_times = meta.step, list(meta.loss), list(meta.step_times_s)
-    slow = SlowOptions(args.slow_margin, args.slow_steps, stop=args.stop_when_slow)
-    watch = StepWatch(plan, dims, modules, rank, world, args.warmup, slow, device)
     losses: list[float] = []  # this run's steps (this rank's part of each loss)
     times: list[float] = []
     stopped = False
