@@ -79,6 +79,7 @@ __all__ = [
     "sync_after_compute",
     "price_ranges",
     "compose",
+    "ONE_COPY",
 ]
 
 TP_ALL_REDUCES = 2
@@ -423,7 +424,7 @@ def price_layers(
         total = np.cumsum(np.concatenate([start, cols], axis=2), axis=2)[:, :, -1]
         for i, n in enumerate(names):
             sums[n] = total[i]
-            if n in _ONE_COPY:
+            if n in ONE_COPY:
                 picked[n] = cols[i]
         if "transient_bytes" in names:
             sums["transient_bytes"] = np.maximum(cols[names.index("transient_bytes")].max(axis=1),
@@ -435,7 +436,7 @@ def price_layers(
         if not inside.any():
             continue
         at = places.layers[inside] - lo
-        for name in _ONE_COPY:
+        for name in ONE_COPY:
             copies = picked[name][:, at] * places.share[inside]
             sums[name] = sums[name] - _beyond_one_copy(name, copies, bool(inside.all()),
                                                        places.state_bytes)
@@ -481,7 +482,7 @@ def price_ranges(
         inside = ((bounds[:, None, None] <= places.layers)
                   & (places.layers < bounds[None, :, None]))
         every = np.asarray(inside.all(axis=2))
-        for name in _ONE_COPY:
+        for name in ONE_COPY:
             copies = getattr(t, name)[:, places.layers] * places.share  # (rows, places)
             held = np.where(inside[None], copies[:, None, None, :], 0.0)
             sums[name] = sums[name] - np.where(
@@ -489,7 +490,7 @@ def price_ranges(
     return compose(group, sums, num_micro)
 
 
-_ONE_COPY = ("state_bytes", "optimizer_s", "dp_grad_bytes")
+ONE_COPY = ("state_bytes", "optimizer_s", "dp_grad_bytes")
 """The terms a stage pays once for parameters that several of its layers use."""
 
 

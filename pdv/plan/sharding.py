@@ -22,8 +22,9 @@ relative gap (objective − bound) / objective are reported.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import lru_cache
 from itertools import product
@@ -34,8 +35,9 @@ from ortools.sat.python import cp_model
 
 from pdv.artifacts import LayerChoice
 from pdv.cost.comm import all_reduce_linear
+from pdv.cost.compute import shared_places
 from pdv.cost.schedules import in_flight
-from pdv.cost.terms import LayerTerms, StageGroup, grad_passes_per_byte
+from pdv.cost.terms import ONE_COPY, LayerTerms, StageGroup, grad_passes_per_byte
 from pdv.plan.objective import stage_group, stage_price, terms_of
 from pdv.plan.problem import PlanProblem, StageSpec
 
@@ -69,6 +71,10 @@ def _ns(x: float) -> int:
     return int(round(x * NS))
 
 
+def _ns_times(rate: float, x: float) -> int:
+    return _ns(rate * x)
+
+
 class _CpModel(cp_model.CpModel):
     """CpModel without its camelCase aliases: ortools adds one per method to every new model
     (about 2 ms each), and a search builds dozens of small models."""
@@ -94,12 +100,37 @@ class _Model:
     """per option: every layer's terms"""
     classes: list[list[int]]
     """layers of each class, in order; the first stands for the class"""
+    shared: list[tuple[list[tuple[int, float]], bool, float]] = field(default_factory=list)
+    """per shared parameter set with places in the stage: (class of each place, the set's
+    share of that layer's parameters), whether the stage holds every place, one whole copy's
+    state bytes (each place is a class of its own)"""
 
     def lin(self, name: str, row: int, scale: Callable[[float], int]) -> cp_model.LinearExpr:
-        """Σ over classes and options of the field's scaled coefficient (one row) · x."""
-        return cast(cp_model.LinearExpr, sum(scale(getattr(t, name)[row, c[0]]) * self.x[k, o]
-                                             for k, c in enumerate(self.classes)
-                                             for o, t in enumerate(self.terms)))  # fmt: skip
+        """Σ over classes and options of the field's scaled coefficient (one row) · x, less
+        what it counts of shared parameters beyond the stage's one copy."""
+        total = sum(scale(getattr(t, name)[row, c[0]]) * self.x[k, o]
+                    for k, c in enumerate(self.classes)
+                    for o, t in enumerate(self.terms))  # fmt: skip
+        return cast(cp_model.LinearExpr, total - self.beyond_one_copy(name, row, scale))
+
+    def beyond_one_copy(self, name: str, row: int,
+                        scale: Callable[[float], int]) -> cp_model.LinearExpr:  # fmt: skip
+        """pdv.cost.terms' correction for shared parameters, linear: the copy kept is the
+        first place's rather than the largest (so the DP's own choice prices no higher here
+        than there, and the float price judges the result)."""
+        if name not in ONE_COPY:
+            return cast(cp_model.LinearExpr, 0)
+        out: cp_model.LinearExpr | int = 0
+        for places, every, whole in self.shared:
+            keep_first = every or name == "optimizer_s"
+            for j, (k, share) in enumerate(places):
+                if j == 0 and keep_first:
+                    continue
+                out += sum(scale(share * getattr(t, name)[row, self.classes[k][0]])
+                           * self.x[k, o] for o, t in enumerate(self.terms))
+            if name == "state_bytes" and not every:
+                out -= scale(whole)
+        return cast(cp_model.LinearExpr, out)
 
     def at_least(self, bounds: Sequence[tuple[cp_model.IntVar, str]]) -> None:
         """Each var ≥ its field's sum over the layers (ns), for every row (view or ring)."""
@@ -120,14 +151,31 @@ class _Model:
         return tuple(pick[i] for i in sorted(pick))
 
 
-def _classes(terms: list[LayerTerms], layers: list[int]) -> list[list[int]]:
-    """Layers grouped by equal terms under every option (first appearance order)."""
+def _classes(terms: list[LayerTerms], layers: list[int],
+             alone: frozenset[int] = frozenset()) -> list[list[int]]:  # fmt: skip
+    """Layers grouped by equal terms under every option (first appearance order); each layer
+    in `alone` is a class of its own."""
     out: dict[bytes, list[int]] = {}
     for i in layers:
         key = b"".join(np.ascontiguousarray(getattr(t, f)[:, i]).tobytes()
                        for t in terms for f in _USED)  # fmt: skip
-        out.setdefault(key, []).append(i)
+        out.setdefault(str(i).encode() if i in alone else key, []).append(i)
     return list(out.values())
+
+
+def _shared_in(problem: PlanProblem, group: StageGroup,
+               layers: list[int]) -> list[tuple[list[int], list[float], bool, float]]:  # fmt: skip
+    """The shared parameter sets with places among `layers`: places there, their shares,
+    whether every place is there, one whole copy's state."""
+    lo, hi = layers[0], layers[-1] + 1
+    out = []
+    for places in shared_places(problem.profiles[group.ranks[0].kind]):
+        inside = (places.layers >= lo) & (places.layers < hi)
+        if inside.any():
+            out.append(([int(i) for i in places.layers[inside]],
+                        [float(x) for x in places.share[inside]], bool(inside.all()),
+                        places.state_bytes))
+    return out
 
 
 _USED = ("fwd_s", "bwd_s", "tp_fwd_s", "tp_bwd_s", "transient_bytes", "state_bytes", "live_bytes",
@@ -149,7 +197,8 @@ def _build(
     option `base` is the hint."""
     terms = [terms_of(problem, group, mbs, ch) for ch in opts]
     m = _CpModel()
-    classes = _classes(terms, layers)
+    shared = _shared_in(problem, group, layers)
+    classes = _classes(terms, layers, frozenset(i for at, _, _, _ in shared for i in at))
     x, z = {}, {}
     for k, members in enumerate(classes):
         n = len(members)
@@ -159,7 +208,16 @@ def _build(
             m.add(x[k, o] <= n * z[k, o])
             m.add_hint(x[k, o], n if o == base else 0)
         m.add(sum(x[k, o] for o in range(len(opts))) == n)
-    model = _Model(m, x, z, terms, classes)
+    first = {c[0]: k for k, c in enumerate(classes)}
+    model = _Model(m, x, z, terms, classes,
+                   [([(first[i], share) for i, share in zip(at, shares, strict=True)], every,
+                     whole) for at, shares, every, whole in shared])
+    # The places of shared parameters in one stage take one option: FSDP would shard the one
+    # parameter for one place and not the other.
+    for places, _, _ in model.shared:
+        for k, _ in places[1:]:
+            for o in range(len(opts)):
+                m.add(x[k, o] == x[places[0][0], o])
     views = range(len(group.ranks))
     big = (
         sum(max(_ns(t.fwd_s[v, i] + t.bwd_s[v, i]) for t in terms for i in layers) for v in views)
@@ -224,7 +282,7 @@ def _sync_var(model: _Model, group: StageGroup, num_micro: int,
             * model.x[k, o]
             for k, c in enumerate(model.classes)
             for o, t in enumerate(model.terms)
-        )
+        ) - model.beyond_one_copy("dp_grad_bytes", d, functools.partial(_ns_times, per_byte))
         m.add(sync >= expr + _ns(per_call) * used + after)
     return sync
 
