@@ -22,6 +22,8 @@ from pdv.cost.terms import RankView, RingView, StageGroup, price_layers, price_r
 from pdv.errors import PdvError
 from pdv.models import ModelDef
 from pdv.plan.objective import stage_price
+from pdv.plan.problem import PlanProblem
+from pdv.plan.reasons import _state_short
 from pdv.plan.sharding import _layer_options, refine_stage
 from pdv.profile.layers import profile_model
 from pdv.profile.request import ProfileRequest
@@ -253,3 +255,14 @@ def test_cp_sat_refines_a_stage_with_shared_places_as_brute_force_does(split: bo
         assert busy <= best * (1 + 1e-6) + 8e-9 * M * (spec.hi - spec.lo + 2), (seed, busy, best)
         compared += 1
     assert compared >= 15, compared
+
+
+def test_a_model_is_short_of_room_only_counting_its_shared_state_once() -> None:
+    """The no-plan check "the model's state cannot fit" counts shared parameters once, as a
+    stage holding all their places does."""
+    layer = 100 << 20
+    base = make_profile("cpu", n_layers=4, params=layer)  # 4 x (P + G + 2P) = 1600 MiB
+    tied = _shared(base, ([0, 3], layer, 1))  # one copy fewer: 1200 MiB
+    cluster = make_cluster(2, memory=700 << 20)  # 1400 MiB of room, less the overheads
+    assert _state_short(PlanProblem({"cpu": base}, cluster, 4)) is not None
+    assert _state_short(PlanProblem({"cpu": tied}, cluster, 4)) is None
