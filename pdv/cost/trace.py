@@ -2,7 +2,8 @@
 
 One process per rank (pid = global rank, named "rank r · stage s"), with one lane (tid) per kind
 of work, so that events in a lane never overlap and the trace nests cleanly in Perfetto:
-tid 0 compute (F, B, I, W), tid 1 p2p sends, tid 2 collectives (gradient sync).
+tid 0 compute (F, B, I, W), tid 1 p2p sends, tid 2 collectives (gradient sync, the sum of
+shared parameters' copies).
 Times are microseconds, as the format requires.
 """
 
@@ -25,6 +26,7 @@ _NAMES = {
     "send-act": "send activations",
     "send-grad": "send gradients",
     "sync": "grad sync",
+    "tied-sync": "shared parameters' sum",
     "opt": "optimizer step",
 }
 
