@@ -128,6 +128,7 @@ def test_split_copies_are_summed_after_every_holders_sync_before_they_step() -> 
     (sync,) = tied_syncs(plan, tied, cluster)
     assert sync.stages == (0, 1) and sync.seconds == pytest.approx(expect)
     assert with_tie.step_time_s - without.step_time_s == pytest.approx(expect)
+    assert any("layers 0, 3 share" in n and "ranks [0, 1]" in n for n in with_tie.notes)
     sums = [e for e in with_tie.events if e.name == "tied-sync"]
     assert {e.stage for e in sums} == {0, 1}
     end = max(e.end_s for e in sums)

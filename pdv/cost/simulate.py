@@ -140,12 +140,12 @@ def simulate(
     schedule = plan.schedule
     capacity = host_capacity(cluster)
     hosts = [[cluster.devices[r].host for r in ranks] for ranks in layout.group_ranks]
+    ties = tied_syncs(plan, profiles, cluster)
     sim = simulate_costs(costs, layout, schedule, plan.num_micro_batches,
-                         Sharing(capacity, hosts) if capacity else None, trace,
-                         tied_syncs(plan, profiles, cluster))
+                         Sharing(capacity, hosts) if capacity else None, trace, ties)
     notes = [n for n in (unpriced_note(cluster), unsteady_note(cluster),
                          fsdp_unpriced_note(plan, cluster), fsdp_heap_note(plan, cluster),
-                         _extrapolated_note(plan, profiles)) if n]
+                         _extrapolated_note(plan, profiles), *map(_tied_note, ties)) if n]
     return replace(sim, notes=(*sim.notes, *notes)) if notes else sim
 
 
@@ -204,6 +204,18 @@ class TiedSync:
 
     stages: tuple[int, ...]
     seconds: float
+    layers: tuple[int, ...] = ()
+    """the layers that share the parameters"""
+    ranks: tuple[int, ...] = ()
+    """every rank holding a copy"""
+    param_bytes: int = 0
+
+
+def _tied_note(tie: TiedSync) -> str:
+    return (f"layers {', '.join(map(str, tie.layers))} share {tie.param_bytes / 2**20:.1f} MiB "
+            f"of parameters across stages {', '.join(map(str, tie.stages))}: their copies' "
+            f"gradients are summed over ranks {list(tie.ranks)} every step, priced "
+            f"{tie.seconds * 1e3:.3g} ms before those stages step")
 
 
 def tied_syncs(plan: Plan, profiles: Mapping[str, ModelProfile],
@@ -220,7 +232,8 @@ def tied_syncs(plan: Plan, profiles: Mapping[str, ModelProfile],
         holders = sorted({r for s in stages for r in plan.stages[s].ranks})
         ring = ring_of(cluster.links, holders)
         per_tensor = group.param_bytes / group.tensors  # frozen ones are summed as zeros
-        out.append(TiedSync(stages, group.tensors * float(all_reduce_time(ring, per_tensor))))
+        out.append(TiedSync(stages, group.tensors * float(all_reduce_time(ring, per_tensor)),
+                            tuple(group.layers), tuple(holders), group.param_bytes))
     return tuple(out)
 
 
