@@ -21,12 +21,16 @@ from pdv.cost.simulate import simulate, tied_syncs
 from pdv.cost.terms import RankView, RingView, StageGroup, price_layers, price_ranges
 from pdv.errors import PdvError
 from pdv.models import ModelDef
+from pdv.plan.groups import folded
 from pdv.plan.objective import stage_price
 from pdv.plan.problem import PlanProblem
 from pdv.plan.reasons import _state_short
+from pdv.plan.search import search
 from pdv.plan.sharding import _layer_options, refine_stage
 from pdv.profile.layers import profile_model
 from pdv.profile.request import ProfileRequest
+from tests.plan_fixtures import cluster as plan_cluster
+from tests.plan_fixtures import profile as plan_profile
 from tests.test_cost_builders import make_cluster, make_plan, make_profile
 from tests.test_plan_sharding import _instance
 
@@ -267,3 +271,35 @@ def test_a_model_is_short_of_room_only_counting_its_shared_state_once() -> None:
     cluster = make_cluster(2, memory=700 << 20)  # 1400 MiB of room, less the overheads
     assert _state_short(PlanProblem({"cpu": base}, cluster, 4)) is not None
     assert _state_short(PlanProblem({"cpu": tied}, cluster, 4)) is None
+
+
+def test_folded_order_puts_the_ends_next_to_each_other() -> None:
+    assert folded([5, 1, 4, 0, 3, 2]) == [5, 4, 3, 2, 0, 1]
+    assert folded([0, 1, 2, 3], [[2, 3], [0, 1]]) == [0, 1, 2, 3]  # two islands: nothing to fold
+    assert folded([0, 1, 2, 3, 4, 5], [[0, 1], [2, 3], [4, 5]]) == [0, 1, 4, 5, 2, 3]
+
+
+def test_the_search_keeps_a_split_ties_sum_on_a_fast_link() -> None:
+    """Two hosts of two devices, 40 MB/s between them: a pipeline over all four devices in
+    bandwidth order sums the tied embedding's 256 MiB copies across the slow link every step.
+    Aware of the sum, pdv's search finds a faster plan than the one it picks without it (the
+    same plan re-priced with the sum), and the sum it pays runs inside one host."""
+    fwd = [0.05, 0.3, 0.3, 0.3, 0.3, 0.05]
+    base = plan_profile(n_layers=6, fwd=fwd, param_bytes=64 << 20, act_bytes=1 << 20,
+                        out_bytes=1 << 20, tp_degrees=(1,))
+    tied = _shared(base, ([0, 5], 256 << 20, 1))
+    fast, slow = 10e9, 40e6
+    hosts = ["a", "a", "b", "b"]
+    bw = [[fast if hosts[i] == hosts[j] else slow for j in range(4)] for i in range(4)]
+    cl = plan_cluster(hosts, bw)
+
+    def best(profile: artifacts.ModelProfile) -> artifacts.Plan:
+        problem = PlanProblem({"gpu": profile}, cl, 8, allow_fsdp=False, allow_recompute=False)
+        return search(problem, "pdv").plans[0]
+
+    aware, unaware = best(tied), best(base)
+    aware_s = simulate(aware, {"gpu": tied}, cl).step_time_s
+    unaware_s = simulate(unaware, {"gpu": tied}, cl).step_time_s
+    assert aware_s < 0.95 * unaware_s, (aware_s, unaware_s)
+    for tie in tied_syncs(aware, {"gpu": tied}, cl):
+        assert len({hosts[r] for r in tie.ranks}) == 1, tie

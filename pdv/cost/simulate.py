@@ -51,6 +51,7 @@ import numpy as np
 
 from pdv.artifacts import (
     ClusterArtifact,
+    Links,
     ModelProfile,
     Plan,
     Predicted,
@@ -76,6 +77,7 @@ __all__ = [
     "simulate",
     "simulate_costs",
     "tied_syncs",
+    "shared_sums",
     "TiedSync",
     "stage_costs",
     "peak_memory",
@@ -222,18 +224,25 @@ def tied_syncs(plan: Plan, profiles: Mapping[str, ModelProfile],
                cluster: ClusterArtifact) -> tuple[TiedSync, ...]:
     """Each shared parameter set whose places the plan puts in more than one stage, priced as
     pdv.run.tied sums it: one all-reduce of each tensor's gradient over every holder's ranks."""
-    profile = next(iter(profiles.values()))
-    stage_of = {i: s for s, st in enumerate(plan.stages) for i in range(*st.layers)}
+    return shared_sums(next(iter(profiles.values())),
+                       [(st.layers[0], st.layers[1], st.ranks) for st in plan.stages],
+                       cluster.links)
+
+
+def shared_sums(profile: ModelProfile, stages: Sequence[tuple[int, int, Sequence[int]]],
+                links: Links) -> tuple[TiedSync, ...]:
+    """:func:`tied_syncs` of stages given as (first layer, end layer, ranks)."""
+    stage_of = {i: s for s, (lo, hi, _) in enumerate(stages) for i in range(lo, hi)}
     out = []
     for group in profile.shared:
-        stages = tuple(sorted({stage_of[i] for i in group.layers}))
-        if len(stages) < 2 or group.param_bytes == 0:
+        held = tuple(sorted({stage_of[i] for i in group.layers}))
+        if len(held) < 2 or group.param_bytes == 0:
             continue
-        holders = sorted({r for s in stages for r in plan.stages[s].ranks})
-        ring = ring_of(cluster.links, holders)
+        holders = sorted({r for s in held for r in stages[s][2]})
         per_tensor = group.param_bytes / group.tensors  # frozen ones are summed as zeros
-        out.append(TiedSync(stages, group.tensors * float(all_reduce_time(ring, per_tensor)),
-                            tuple(group.layers), tuple(holders), group.param_bytes))
+        seconds = group.tensors * float(all_reduce_time(ring_of(links, holders), per_tensor))
+        out.append(TiedSync(held, seconds, tuple(group.layers), tuple(holders),
+                            group.param_bytes))
     return tuple(out)
 
 

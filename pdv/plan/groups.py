@@ -42,6 +42,7 @@ __all__ = [
     "best_chain",
     "chain_value",
     "device_order",
+    "folded",
 ]
 
 GAP = 0.25
@@ -261,3 +262,21 @@ def device_order(
         members = [r for r in ranks if (speed[r], room[r]) == key]
         order.extend(_chain_order(sym, members, gap))
     return order
+
+
+def folded(order: Sequence[int], parts: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """`order` folded in two: every other unit on the way out, the rest on the way back, so
+    its two ends are neighbours in `order`. Units are devices, or the islands `parts` (kept
+    whole, as the DP's island steps need) in the order they lie in `order`.
+
+    A pipeline cut from it has its first and last stages on a link the chain rates well, where
+    a tied embedding and LM head sum their copies every step; its activations cross links one
+    unit apart instead.
+    """
+    at = {r: k for k, r in enumerate(order)}
+    if parts is None:
+        units = [[r] for r in order]
+    else:
+        units = sorted((sorted(part, key=at.__getitem__) for part in parts),
+                       key=lambda u: at[u[0]])
+    return [r for unit in units[0::2] + units[1::2][::-1] for r in unit]

@@ -30,18 +30,18 @@ from pdv.artifacts import (
 )
 from pdv.cost.compute import speed_factor, unpriced_note, unsteady_note
 from pdv.cost.schedules import rank_orders, splits_backward, warmup_forwards
-from pdv.cost.simulate import host_capacity, peak_memory, simulate, to_predicted
+from pdv.cost.simulate import host_capacity, peak_memory, shared_sums, simulate, to_predicted
 from pdv.cost.stage import stage_cost
 from pdv.cost.validity import check_plan
 from pdv.errors import PdvError
 from pdv.plan import ahead, baselines
-from pdv.plan.groups import device_order, islands
+from pdv.plan.groups import device_order, folded, islands
 from pdv.plan.interleave import interleaved, recomputing
 from pdv.plan.objective import followers, pipeline_objective
 from pdv.plan.problem import Candidate, PlanProblem, plan_stage
 from pdv.plan.reasons import closest_layout, why_no_plan
 from pdv.plan.sharding import refine_stage
-from pdv.plan.stages import DPResult, rank_key, stage_dp
+from pdv.plan.stages import GENERAL_LIMIT, DPResult, rank_key, stage_dp
 
 __all__ = [
     "PLANNERS",
@@ -66,6 +66,9 @@ def pdv_orders(problem: PlanProblem) -> list[tuple[list[int], list[list[int]]]]:
     - ``speed-first``: the same, per class of speed and memory (pdv.plan.groups.classes),
       fastest class first and the roomiest among equally fast, so a pipeline can leave slow or
       small devices in the unused tail;
+    - ``folded``: for a model whose layers share parameters, the bandwidth order folded in
+      two (pdv.plan.groups.folded), so a pipeline's first and last stages, which sum a tied
+      embedding's and head's copies every step, are neighbours there;
     - ``host``: ranks grouped by host name. Only the *layout* comes from the hosts; it is priced
       on the measured links like the others, so every layout a host-hierarchy planner can pick
       is in pdv's search space too, and pdv is not worse than it where the hosts do match the
@@ -82,6 +85,11 @@ def pdv_orders(problem: PlanProblem) -> list[tuple[list[int], list[list[int]]]]:
     ]
     if len(problem.cluster.devices) <= HOST_ORDER_LIMIT:
         orders.append((host_chain, host_parts))
+    if any(p.shared for p in problem.profiles.values()):
+        # The bandwidth order folded, so a pipeline's ends sit on a good link: its copies of
+        # shared parameters (a tied embedding and head) are summed there every step.
+        units = None if len(problem.cluster.devices) <= GENERAL_LIMIT else by_bandwidth
+        orders.append((folded(orders[0][0], units), by_bandwidth))
     unique: list[tuple[list[int], list[list[int]]]] = []
     for order in orders:
         if order[0] not in [u[0] for u in unique]:
@@ -93,12 +101,22 @@ def _pdv(problem: PlanProblem) -> DPResult:
     runs = [stage_dp(problem, order, parts, search="pdv") for order, parts in pdv_orders(problem)]
     found: dict[tuple, Candidate] = {}
     for run in runs:
-        for cand in run.candidates:
+        for cand in map(functools.partial(_with_shared_sums, problem), run.candidates):
             key = (cand.micro_batch_size, cand.stages)
             if key not in found or found[key].objective_s > cand.objective_s:
                 found[key] = cand
     ranked = sorted(found.values(), key=rank_key)
     return DPResult(ranked, all(r.exact for r in runs), sum(r.evaluated for r in runs))
+
+
+def _with_shared_sums(problem: PlanProblem, cand: Candidate) -> Candidate:
+    """The candidate with the per-step sums of the shared parameters it splits over stages
+    added to its objective: the DP prices each stage alone and cannot see them."""
+    sums = shared_sums(next(iter(problem.profiles.values())),
+                       [(s.lo, s.hi, s.ranks) for s in cand.stages], problem.cluster.links)
+    if not sums:
+        return cand
+    return replace(cand, objective_s=cand.objective_s + sum(t.seconds for t in sums))
 
 
 PLANNERS: dict[str, Callable[[PlanProblem], DPResult]] = {
