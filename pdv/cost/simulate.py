@@ -77,7 +77,7 @@ __all__ = [
     "simulate",
     "simulate_costs",
     "tied_syncs",
-    "shared_sums",
+    "stage_tied_syncs",
     "TiedSync",
     "stage_costs",
     "peak_memory",
@@ -224,12 +224,12 @@ def tied_syncs(plan: Plan, profiles: Mapping[str, ModelProfile],
                cluster: ClusterArtifact) -> tuple[TiedSync, ...]:
     """Each shared parameter set whose places the plan puts in more than one stage, priced as
     pdv.run.tied sums it: one all-reduce of each tensor's gradient over every holder's ranks."""
-    return shared_sums(next(iter(profiles.values())),
+    return stage_tied_syncs(next(iter(profiles.values())),
                        [(st.layers[0], st.layers[1], st.ranks) for st in plan.stages],
                        cluster.links)
 
 
-def shared_sums(profile: ModelProfile, stages: Sequence[tuple[int, int, Sequence[int]]],
+def stage_tied_syncs(profile: ModelProfile, stages: Sequence[tuple[int, int, Sequence[int]]],
                 links: Links) -> tuple[TiedSync, ...]:
     """:func:`tied_syncs` of stages given as (first layer, end layer, ranks)."""
     stage_of = {i: s for s, (lo, hi, _) in enumerate(stages) for i in range(lo, hi)}

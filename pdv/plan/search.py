@@ -30,7 +30,7 @@ from pdv.artifacts import (
 )
 from pdv.cost.compute import speed_factor, unpriced_note, unsteady_note
 from pdv.cost.schedules import rank_orders, splits_backward, warmup_forwards
-from pdv.cost.simulate import host_capacity, peak_memory, shared_sums, simulate, to_predicted
+from pdv.cost.simulate import host_capacity, peak_memory, simulate, stage_tied_syncs, to_predicted
 from pdv.cost.stage import stage_cost
 from pdv.cost.validity import check_plan
 from pdv.errors import PdvError
@@ -101,7 +101,7 @@ def _pdv(problem: PlanProblem) -> DPResult:
     runs = [stage_dp(problem, order, parts, search="pdv") for order, parts in pdv_orders(problem)]
     found: dict[tuple, Candidate] = {}
     for run in runs:
-        for cand in map(functools.partial(_with_shared_sums, problem), run.candidates):
+        for cand in map(functools.partial(_with_tied_syncs, problem), run.candidates):
             key = (cand.micro_batch_size, cand.stages)
             if key not in found or found[key].objective_s > cand.objective_s:
                 found[key] = cand
@@ -109,10 +109,10 @@ def _pdv(problem: PlanProblem) -> DPResult:
     return DPResult(ranked, all(r.exact for r in runs), sum(r.evaluated for r in runs))
 
 
-def _with_shared_sums(problem: PlanProblem, cand: Candidate) -> Candidate:
+def _with_tied_syncs(problem: PlanProblem, cand: Candidate) -> Candidate:
     """The candidate with the per-step sums of the shared parameters it splits over stages
     added to its objective: the DP prices each stage alone and cannot see them."""
-    sums = shared_sums(next(iter(problem.profiles.values())),
+    sums = stage_tied_syncs(next(iter(problem.profiles.values())),
                        [(s.lo, s.hi, s.ranks) for s in cand.stages], problem.cluster.links)
     if not sums:
         return cand
