@@ -4,7 +4,6 @@ and summed across the stages that split them once per step."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 from dataclasses import replace
@@ -26,13 +25,13 @@ from pdv.plan.objective import stage_price
 from pdv.plan.problem import PlanProblem
 from pdv.plan.reasons import _state_short
 from pdv.plan.search import search
-from pdv.plan.sharding import _layer_options, refine_stage
+from pdv.plan.sharding import refine_stage
 from pdv.profile.layers import profile_model
 from pdv.profile.request import ProfileRequest
 from tests.plan_fixtures import cluster as plan_cluster
 from tests.plan_fixtures import profile as plan_profile
 from tests.test_cost_builders import make_cluster, make_plan, make_profile
-from tests.test_plan_sharding import _instance
+from tests.test_plan_sharding import _instance, brute_force_best
 
 torch.set_num_threads(1)
 
@@ -241,17 +240,8 @@ def test_cp_sat_refines_a_stage_with_shared_places_as_brute_force_does(split: bo
         ref = stage_price(problem, spec, mbs, 1, M, None)
         if not ref.fits:
             continue
-        ref_t = ref.fwd_s + ref.bwd_s
-        ref_busy = best = M * ref.time_s + ref.sync_s
-        places = [0, n - 1] if not split else [0]
-        for combo in itertools.product(_layer_options(problem, spec), repeat=spec.hi - spec.lo):
-            if len({combo[i - spec.lo] for i in places}) > 1:
-                continue
-            q = stage_price(problem, replace(spec, layer_choices=combo), mbs, 1, M, None)
-            t = q.fwd_s + q.bwd_s
-            if (q.fits and t <= ref_t * (1 + 1e-9) and q.time_s <= ref.time_s
-                    and (M - 1) * t + q.sync_s <= ((M - 1) * ref_t + ref.sync_s) * (1 + 1e-9)):
-                best = min(best, M * q.time_s + q.sync_s)  # fmt: skip
+        ref_busy = M * ref.time_s + ref.sync_s
+        best = brute_force_best(problem, spec, mbs, M, ref, [0] if split else [0, n - 1])
         res = refine_stage(problem, spec, mbs, 1, M, None)
         assert res.status == "OPTIMAL", (seed, res.status)
         got = stage_price(problem, res.stage, mbs, 1, M, None)
