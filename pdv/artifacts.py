@@ -290,6 +290,13 @@ class ModelProfile(_Strict):
         repeated = sum(s.param_bytes * (len(s.layers) - 1) for s in self.shared)
         return sum(x.param_bytes for x in self.layers) - repeated
 
+    def model_state_bytes(self) -> int:
+        """Parameters, gradients and optimizer state of the model, shared ones counted once."""
+        repeated = sum((s.grad_bytes + s.optimizer_bytes) * (len(s.layers) - 1)
+                       for s in self.shared)
+        return (self.model_param_bytes() - repeated
+                + sum(x.grad_bytes + x.optimizer_bytes for x in self.layers))
+
     @model_validator(mode="after")
     def _shared_layers_exist(self) -> ModelProfile:
         n = len(self.layers)

@@ -131,12 +131,7 @@ def layer_fit(problem: PlanProblem) -> tuple[int, Excess] | None:
 def _state_short(problem: PlanProblem) -> tuple[float, float] | None:
     """(state bytes, room of all devices) when the model's state cannot fit (check 2)."""
     # Shared parameters once: a plan keeping their places in one stage holds one copy.
-    state = min(
-        float(sum(x.param_bytes + x.grad_bytes + x.optimizer_bytes for x in p.layers)
-              - sum((len(s.layers) - 1) * (s.param_bytes + s.grad_bytes + s.optimizer_bytes)
-                    for s in p.shared))
-        for p in problem.profiles.values()
-    )
+    state = min(float(p.model_state_bytes()) for p in problem.profiles.values())
     room = sum(max(0.0, _room(problem, r)) for r in range(len(problem.cluster.devices)))
     return (state, room) if state > room else None
 

@@ -113,7 +113,7 @@ def _with_tied_syncs(problem: PlanProblem, cand: Candidate) -> Candidate:
     """The candidate with the per-step sums of the shared parameters it splits over stages
     added to its objective: the DP prices each stage alone and cannot see them."""
     sums = stage_tied_syncs(next(iter(problem.profiles.values())),
-                       [(s.lo, s.hi, s.ranks) for s in cand.stages], problem.cluster.links)
+                            [(s.lo, s.hi, s.ranks) for s in cand.stages], problem.cluster.links)
     if not sums:
         return cand
     return replace(cand, objective_s=cand.objective_s + sum(t.seconds for t in sums))
