@@ -198,12 +198,9 @@ def shared_params(model: ModelDef, optimizer: str) -> list[SharedParams]:
         by_places.setdefault(places, []).append(model.layers[index][1].get_parameter(name))
     out = []
     for places, params in sorted(by_places.items()):
-        trainable = [p for p in params if p.requires_grad]
+        held = torch.nn.ParameterList(params)  # the same parameters, counted as a module's
         out.append(SharedParams(
-            layers=list(places),
-            param_bytes=sum(p.numel() * p.element_size() for p in params),
-            grad_bytes=sum(p.numel() * p.element_size() for p in trainable),
-            optimizer_bytes=sum(p.numel() for p in trainable) * OPTIMIZERS[optimizer],
-            tensors=len(params),
+            layers=list(places), param_bytes=param_bytes(held), grad_bytes=grad_bytes(held),
+            optimizer_bytes=optimizer_state_bytes(held, optimizer), tensors=len(params),
         ))
     return out
