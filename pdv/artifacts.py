@@ -471,6 +471,12 @@ class Links(_Strict):
         "it from compute, as a step's do (measured on CPU ranks: gloo's loop threads waking "
         "and waiting out scheduler slices); paid once per exchange (a boundary's messages "
         "between two ranks), besides their α + S/β; absent: nothing")
+    exchange_latency_alone_s: list[list[float]] | None = Field(
+        None, description="the same excess measured while the receiver's host has no other "
+        "rank busy (its pairs take turns; hosts with more ranks than one pair): on "
+        "oversubscribed cores the slow landings come from waiting for a core, so a simulated "
+        "transfer pays between this and exchange_latency_s by how many of the host's other "
+        "ranks compute or exchange at the time; absent: exchange_latency_s")
     host_rings: list[HostRing] | None = Field(
         None, description="all-reduces over each host's whole set of ranks (hosts with 3 or "
         "more): where ranks outnumber cores, a ring step waits for the scheduler, which no pair "
@@ -481,7 +487,8 @@ class Links(_Strict):
         # Links measured before the FSDP sweep (and every plan that copies them) keep their bytes.
         return _drop_none(handler(self), ("gather_latency_s", "gather_bandwidth_Bps",
                                           "scatter_latency_s", "scatter_bandwidth_Bps",
-                                          "exchange_latency_s", "host_rings"))
+                                          "exchange_latency_s", "exchange_latency_alone_s",
+                                          "host_rings"))
 
 
 class ClusterArtifact(_Strict):
@@ -513,6 +520,7 @@ class ClusterArtifact(_Strict):
             ("scatter_latency_s", self.links.scatter_latency_s),
             ("scatter_bandwidth_Bps", self.links.scatter_bandwidth_Bps),
             ("exchange_latency_s", self.links.exchange_latency_s),
+            ("exchange_latency_alone_s", self.links.exchange_latency_alone_s),
         ):
             if m is None:
                 continue

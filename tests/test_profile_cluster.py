@@ -363,6 +363,18 @@ def _check_overheads(data: dict) -> None:
             assert all(links.exchange_latency_s[i][d["rank"]] == pytest.approx(want)
                        for i in range(len(data["devices"])) if i != d["rank"])
             assert links.exchange_latency_s[d["rank"]][d["rank"]] == 0.0
+            # A host holding two pairs or more: they take the exchange in turns too, the
+            # host's other ranks idle, and that mean prices the transfers of a quiet host.
+            if [x["host"] for x in data["devices"]].count(d["host"]) >= 4:
+                alone = ex["alone_landed_rounds_s"]
+                assert len(alone) == passes * sy["rounds_per_pass"]
+                want = max(0.0, statistics.mean(alone) - priced)
+                assert links.exchange_latency_alone_s is not None
+                assert all(links.exchange_latency_alone_s[i][d["rank"]] == pytest.approx(want)
+                           for i in range(len(data["devices"])) if i != d["rank"])
+            else:
+                assert "alone_landed_rounds_s" not in ex
+                assert links.exchange_latency_alone_s is None
         if "collective" in data["measurement"]:  # FSDP's own work, with the collective sweep
             f = raw["fsdp"]
             assert d["rank"] in f["pair"] and len(f["unit_bytes"]) == 2
@@ -749,3 +761,40 @@ def test_a_message_pays_its_receivers_exchange_excess_and_a_rank_unmeasured_its_
         for j in range(n):
             assert got[i][j] == pytest.approx(0.0 if i == j else per[j])
     assert _with_exchange(devices, [{"rank": 0, "after_compute": None}], links) is links
+
+
+def test_the_exchange_taken_in_turns_fills_its_own_matrix_and_a_lone_pair_keeps_its_busy() -> None:
+    """Links.exchange_latency_alone_s: rank j's landing in the rounds its host's other pairs
+    sat out, beyond α + S/β; a measured rank without such rounds (one pair on its host) keeps
+    its busy excess; a file whose ranks took no turns has no such matrix."""
+    from pdv.artifacts import Links
+    from pdv.profile.cluster import _with_exchange
+
+    n = 4
+    lat = [[0.0 if i == j else 1e-4 for j in range(n)] for i in range(n)]
+    bw = [[0.0 if i == j else 1e9 for j in range(n)] for i in range(n)]
+    links = Links(latency_s=lat, bandwidth_Bps=bw)
+    wire = 1e-4 + 32768 / 1e9
+    devices = [{"rank": r, "kind": "cpu", "overheads": {}} for r in range(n)]
+
+    def probe(src: int, busy: float, alone: float | None) -> dict:
+        ex = {"from": src, "bytes": 32768, "landed_s": wire + busy}
+        if alone is not None:
+            ex["alone_landed_s"] = wire + alone
+        return {"pair": [0, 1], "exchange": ex}
+
+    over = [{"rank": 0, "after_compute": probe(1, 0.002, 0.0005)},
+            {"rank": 1, "after_compute": probe(0, 0.003, 0.0004)},
+            {"rank": 2, "after_compute": probe(3, 0.001, None)},
+            {"rank": 3, "after_compute": probe(2, 0.004, 0.0006)}]
+    got = _with_exchange(devices, over, links)
+    assert got.exchange_latency_s is not None and got.exchange_latency_alone_s is not None
+    busy, alone = [0.002, 0.003, 0.001, 0.004], [0.0005, 0.0004, 0.001, 0.0006]
+    for i in range(n):
+        for j in range(n):
+            assert got.exchange_latency_s[i][j] == pytest.approx(0.0 if i == j else busy[j])
+            assert got.exchange_latency_alone_s[i][j] == pytest.approx(
+                0.0 if i == j else alone[j])
+    without = [{"rank": o["rank"], "after_compute": probe(o["after_compute"]["exchange"]["from"],
+                                                          0.002, None)} for o in over]
+    assert _with_exchange(devices, without, links).exchange_latency_alone_s is None

@@ -215,7 +215,13 @@ def _after_compute_summary(artifact: Any) -> None:
         parts.append(line)
     if ex is not None and n > 1:
         vals = [ex[i][j] for i in range(n) for j in range(n) if i != j]
-        parts.append(f"pipeline message +{fmt_time(min(vals))} .. +{fmt_time(max(vals))}")
+        line = f"pipeline message +{fmt_time(min(vals))} .. +{fmt_time(max(vals))}"
+        quiet = artifact.links.exchange_latency_alone_s
+        if quiet is not None:
+            q = [quiet[i][j] for i in range(n) for j in range(n) if i != j]
+            line += (f" with the host's ranks all at work, +{fmt_time(min(q))} .. "
+                     f"+{fmt_time(max(q))} with the others idle")
+        parts.append(line)
     if parts:
         console.print("after compute, beyond the sweeps' prices: " + "; ".join(parts),
                       highlight=False)

@@ -94,7 +94,8 @@ def _rebuilt(
     # The exchange excess is the ranks' CPU side, not the network: kept as measured.
     return Links.model_construct(latency_s=lat, bandwidth_Bps=bw, collective_latency_s=coll_lat,
                                  collective_bandwidth_Bps=coll_bw,
-                                 exchange_latency_s=links.exchange_latency_s)
+                                 exchange_latency_s=links.exchange_latency_s,
+                                 exchange_latency_alone_s=links.exchange_latency_alone_s)
 
 
 def hierarchy_links(cluster: ClusterArtifact) -> Links:

@@ -354,15 +354,26 @@ def _with_exchange(devices: list[dict[str, Any]], over: list[dict[str, Any]],
                    links: Links) -> Links:
     """The links with each message's measured excess after compute (pdv.profile.overheads):
     a message to rank j pays j's; a rank not measured (a bye, a peer on another host) gets its
-    device kind's median."""
-    mine = {o["rank"]: exchange_excess(o["after_compute"], links, o["rank"])
-            for o in over if o.get("after_compute") and o["after_compute"].get("exchange")}
-    if not mine:
+    device kind's median. Where some host's pairs also took turns, the same from those rounds
+    into exchange_latency_alone_s; a rank whose host held one pair, its busy excess (nobody
+    else was at work then either)."""
+    measured = [o for o in over if o.get("after_compute") and o["after_compute"].get("exchange")]
+    busy = {o["rank"]: exchange_excess(o["after_compute"], links, o["rank"]) for o in measured}
+    alone = {o["rank"]: exchange_excess(o["after_compute"], links, o["rank"], alone=True)
+             for o in measured}
+    if not busy:
         return links
-    per = [v or 0.0 for v in _own_or_kind_median(devices, mine)]
     n = len(devices)
-    matrix = [[0.0 if i == j else per[j] for j in range(n)] for i in range(n)]
-    return links.model_copy(update={"exchange_latency_s": matrix})
+
+    def matrix(mine: dict[int, float | None]) -> list[list[float]]:
+        per = [v or 0.0 for v in _own_or_kind_median(devices, mine)]
+        return [[0.0 if i == j else per[j] for j in range(n)] for i in range(n)]
+
+    update = {"exchange_latency_s": matrix(busy)}
+    if any(v is not None for v in alone.values()):
+        update["exchange_latency_alone_s"] = matrix(
+            {r: busy[r] if v is None else v for r, v in alone.items()})
+    return links.model_copy(update=update)
 
 
 def _own_or_kind_median(devices: list[dict[str, Any]],

@@ -48,7 +48,10 @@ Four probes, run by every rank of ``pdv profile cluster`` after the link sweeps:
   flips between the modes from one profile to the next. The second all-reduce is kept in the
   record. The sync is timed after a burst ten times as long too: the excess grows with the
   compute before it, and a stage's is priced on the line between the two by its compute per
-  step.
+  step. Where a host holds several pairs (more ranks than one pair), its pairs also take the
+  exchange rounds in turns with the host's other ranks idle: on oversubscribed cores the slow
+  landings are waits for a core, and the simulator prices a transfer between the two
+  readings by the host's load when it starts (Links.exchange_latency_alone_s).
 - **FSDP's own work** (with the collective sweep). FSDP2 does work per unit besides its
   collectives: the hooks around each forward and backward, copying parameters into the
   all-gather's buffer and out of it, resharding, the gradients' copy into the reduce-scatter.
@@ -340,6 +343,17 @@ class AfterCompute:
         dist.all_gather_object(hosts, host_name())
         mine = next((i for i, p in enumerate(self.pairs) if rank in p), None)
         self.mine = mine
+        # Where a host holds several pairs, its pairs also take turns at the exchange, the
+        # host's other ranks idle (hosts in parallel): with its ranks outnumbering cores, the
+        # slow landings of the busy rounds are waits for a core (4 ranks on 2 cores here:
+        # 0.6-1.2 ms mean with both pairs at work, 0.3-0.6 ms taking turns, medians alike).
+        on_host = [i for i, (a, b) in enumerate(self.pairs) if hosts[a] == hosts[b]]
+        per_host = [[i for i in on_host if hosts[self.pairs[i][0]] == h]
+                    for h in sorted(set(hosts))]
+        self.turns = max((len(p) for p in per_host), default=0)
+        self.turns = self.turns if self.turns > 1 else 0
+        self.turn = next((p.index(mine) for p in per_host if mine in p), None)
+        self.alone: list[float] = []
         self.burst = self.long_burst = self.op = 0  # agreed with the partner in the first pass
         self.pair: list[int] | None = None
         self.passes = 0
@@ -386,6 +400,10 @@ class AfterCompute:
             self._rounds(self._long_round, _LONG_WARMUP, _LONG_ROUNDS)
             if self.same_host:
                 self._rounds(self._exchange_round)
+        for k in range(self.turns):
+            dist.barrier()
+            if k == self.turn and self.pair is not None:
+                self._rounds(lambda timed: self._exchange_round(timed, self.alone))
         dist.barrier()  # a rank with a bye waits here for the pairs
         for g in groups:
             if g != dist.GroupMember.NON_GROUP_MEMBER:
@@ -423,10 +441,10 @@ class AfterCompute:
             self.long_first.append(first)
             self.long_computed.append(computed)
 
-    def _exchange_round(self, timed: bool) -> None:
+    def _exchange_round(self, timed: bool, into: list[float] | None = None) -> None:
         """An op's worth of compute, then both post a receive and a send, as a 1F1B steady
         state does; the time from when both ends had posted (the sender's clock, carried in
-        the message) to the receive's completion."""
+        the message) to the receive's completion, kept in `into` (default: the busy rounds')."""
         self.run(self.op)
         posted = time.perf_counter()
         self.send[0] = posted
@@ -436,7 +454,8 @@ class AfterCompute:
         done = time.perf_counter()
         sent.wait()
         if timed:
-            self.landed.append(done - max(posted, float(self.recv[0])))
+            (self.landed if into is None else into).append(done - max(posted,
+                                                                      float(self.recv[0])))
 
     def record(self) -> dict[str, Any] | None:
         """This rank's record (None: a bye, or no pass taken)."""
@@ -462,6 +481,11 @@ class AfterCompute:
                 "landed_s": statistics.mean(self.landed),
                 "landed_median_s": statistics.median(self.landed),
                 "landed_rounds_s": self.landed}
+            if self.alone:
+                out["exchange"].update({
+                    "alone_landed_s": statistics.mean(self.alone),
+                    "alone_landed_median_s": statistics.median(self.alone),
+                    "alone_landed_rounds_s": self.alone})
         return out
 
 
@@ -489,11 +513,16 @@ def _burst(device: torch.device) -> tuple[Callable[[int], None], float]:
     return run, (time.perf_counter() - t0) / 10
 
 
-def exchange_excess(record: dict[str, Any], links: Links, rank: int) -> float:
-    """What a message to this rank took, after compute, beyond its link's α + S/β (≥ 0)."""
+def exchange_excess(record: dict[str, Any], links: Links, rank: int,
+                    alone: bool = False) -> float | None:
+    """What a message to this rank took, after compute, beyond its link's α + S/β (≥ 0); with
+    `alone`, in the rounds its host's other ranks sat out (None where there were none)."""
     ex = record["exchange"]
+    landed = ex.get("alone_landed_s") if alone else ex["landed_s"]
+    if landed is None:
+        return None
     priced = p2p_time(links, ex["from"], rank, float(ex["bytes"]))
-    return max(0.0, float(ex["landed_s"]) - priced)
+    return max(0.0, float(landed) - priced)
 
 
 def sync_excess(record: dict[str, Any], ring: Ring,
@@ -752,7 +781,10 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         f"{_EXCHANGE_BYTES} bytes, the sender's clock in the message; the time from both ends "
         "posted to the receive's end, the same rounds and passes; excess = mean less the "
         "link's alpha + S/beta, at least 0, per receiving rank (unmeasured: its kind's "
-        "median) into links.exchange_latency_s. FSDP's own work (with the "
+        "median) into links.exchange_latency_s; where a host holds several pairs, its "
+        "pairs also take the exchange rounds in turns, the host's other ranks idle, into "
+        "links.exchange_latency_alone_s (a rank whose host held one pair: its busy excess). "
+        "FSDP's own work (with the "
         "collective sweep): ranks paired over their fastest links first, pairs on "
         "overlapping hosts in turns, step a stack of "
         f"{_FSDP_UNITS} bias-free Linear layers (each a fully_shard unit on the pair, stepped "
