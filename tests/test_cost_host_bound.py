@@ -99,3 +99,54 @@ def test_sharing_with_room_for_everyone_changes_nothing():
     # pytest 9.2 dropped approx over nested containers: compare the flat start/end lists
     flat = lambda r: [t for _, *se in times(r) for t in se]  # noqa: E731
     assert flat(again) == pytest.approx(flat(base))
+
+
+def _with_exchange(cluster, busy: float, alone: float | None):
+    n = len(cluster.devices)
+    links = cluster.links.model_copy(update={
+        "exchange_latency_s": [[0.0 if i == j else busy for j in range(n)] for i in range(n)],
+        "exchange_latency_alone_s": None if alone is None else
+        [[0.0 if i == j else alone for j in range(n)] for i in range(n)]})
+    return cluster.model_copy(update={"links": links})
+
+
+def test_a_transfer_while_the_hosts_other_ranks_idle_pays_the_excess_measured_alone():
+    """pp4 with one micro-batch on 4 ranks sharing a host: no rank but the two ends is at work
+    during any of its 6 transfers, so each pays the alone excess, and the trace shows it;
+    priced without the alone matrix each pays the busy one."""
+    prof = make_profile(n_layers=4, fwd=0.01, bwd=0.02, matmul_flops=1e12)
+    plan = chain_plan(4, num_micro=1, schedule="GPipe")
+    host = shared_host(4, 0.5)
+    base = simulate(plan, {"cpu": prof}, host).step_time_s
+    busy_only = simulate(plan, {"cpu": prof}, _with_exchange(host, 0.003, None))
+    both = simulate(plan, {"cpu": prof}, _with_exchange(host, 0.003, 0.001))
+    assert busy_only.step_time_s == pytest.approx(base + 6 * 0.003)
+    assert both.step_time_s == pytest.approx(base + 6 * 0.001)
+    quiet = simulate(plan, {"cpu": prof}, host)
+    sends = [e for e in both.events if e.name.startswith("send-")]
+    plain = [e for e in quiet.events if e.name.startswith("send-")]
+    assert len(sends) == 6
+    for e, p in zip(sends, plain, strict=True):
+        assert e.end_s - e.start_s == pytest.approx(p.end_s - p.start_s + 0.001)
+
+
+def test_replicas_exchanging_at_once_fill_the_host_and_pay_the_busy_excess():
+    """pp2 × dp2 on the 4 ranks: both pairs exchange together, as in the busy probe."""
+    prof = make_profile(n_layers=2, fwd=0.01, bwd=0.02, matmul_flops=1e12)
+    plan = make_plan([PlanStage(layers=(0, 1), ranks=[0, 1], dp=2),
+                      PlanStage(layers=(1, 2), ranks=[2, 3], dp=2)],
+                     mbs=2, num_micro=1, schedule="GPipe")
+    host = shared_host(4, 0.5)
+    busy_only = simulate(plan, {"cpu": prof}, _with_exchange(host, 0.003, None)).step_time_s
+    both = simulate(plan, {"cpu": prof}, _with_exchange(host, 0.003, 0.001)).step_time_s
+    assert both == pytest.approx(busy_only)
+    assert both > simulate(plan, {"cpu": prof}, host).step_time_s + 2 * 0.003 - 1e-9
+
+
+def test_busy_share_counts_the_hosts_ranks_at_work_beyond_one_pair():
+    sharing = Sharing({"box": 2.0}, [["box"], ["box"], ["box", "box"], ["other"]],
+                      {"box": 4, "other": 2})
+    assert sharing.busy_share({0, 1}, 0) == 0.0
+    assert sharing.busy_share({0, 2}, 0) == pytest.approx(0.5)
+    assert sharing.busy_share({0, 1, 2}, 1) == 1.0
+    assert sharing.busy_share({0, 1, 2, 3}, 3) == 0.0  # a host of one pair: nobody else

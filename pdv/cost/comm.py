@@ -80,13 +80,16 @@ def p2p_time(links: Links, src: int, dst: int, nbytes: float) -> float:
     return links.latency_s[src][dst] + nbytes / links.bandwidth_Bps[src][dst]
 
 
-def exchange_time(links: Links, src: int, dst: int) -> float:
+def exchange_time(links: Links, src: int, dst: int, alone: bool = False) -> float:
     """What one exchange src → dst pays after compute beyond its messages' α + S/β
-    (Links.exchange_latency_s; 0 where unmeasured). Once per boundary, not per tensor: the
-    executors post a boundary's tensors together, and the wait is for the ranks' threads to
-    run, which the tensors share (tuples_tied's 3-tensor boundaries priced per tensor read
-    +20-30% against -6 to -15% without the term)."""
+    (Links.exchange_latency_s, or with `alone` its value while the host's other ranks idle,
+    Links.exchange_latency_alone_s where measured; 0 where unmeasured). Once per boundary,
+    not per tensor: the executors post a boundary's tensors together, and the wait is for the
+    ranks' threads to run, which the tensors share (tuples_tied's 3-tensor boundaries priced
+    per tensor read +20-30% against -6 to -15% without the term)."""
     extra = links.exchange_latency_s
+    if alone and links.exchange_latency_alone_s is not None:
+        extra = links.exchange_latency_alone_s
     return extra[src][dst] if extra is not None and src != dst else 0.0
 
 

@@ -31,6 +31,13 @@ Model (each choice is what the simulator charges; the sources are next to the fo
   min(1, C / n) of its alone speed, C the host's measured capacity (the sum of the shares); a
   rank group spanning hosts moves at its slowest rank's rate. Pipeline fill and drain leave
   cores to the ranks that are busy; a full pipeline is bound by the host's total work / C.
+  There a transfer's exchange excess is the host's load's too: the cluster measures it with
+  all the host's ranks at work (Links.exchange_latency_s) and with the host's other ranks
+  idle (Links.exchange_latency_alone_s), and a transfer pays between the two by how many of
+  the receiver's host's ranks compute or exchange when it starts, beyond its own pair
+  (Sharing.busy_share; the sender's and receiver's groups count whole: their replicas
+  exchange at the same time). Re-priced on a recorded 4-rank round, a pipeline of 4 stages
+  on 2 cores had paid the busy excess (2.1 ms) at every exchange and read +74%.
 - Zero-bubble schedules split each backward into an input-grad op I and a weight-grad op W. The
   profile times backward as one, so pdv assumes I = W = bwd/2 (an estimate, noted in
   Simulation.notes); I carries the recompute and the TP collectives' halves alike.
@@ -44,8 +51,9 @@ Model (each choice is what the simulator charges; the sources are next to the fo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -143,8 +151,9 @@ def simulate(
     capacity = host_capacity(cluster)
     hosts = [[cluster.devices[r].host for r in ranks] for ranks in layout.group_ranks]
     ties = tied_syncs(plan, profiles, cluster)
+    per_host = Counter(d.host for d in cluster.devices)
     sim = simulate_costs(costs, layout, schedule, plan.num_micro_batches,
-                         Sharing(capacity, hosts) if capacity else None, trace, ties)
+                         Sharing(capacity, hosts, per_host) if capacity else None, trace, ties)
     notes = [n for n in (unpriced_note(cluster), unsteady_note(cluster),
                          fsdp_unpriced_note(plan, cluster), fsdp_heap_note(plan, cluster),
                          _extrapolated_note(plan, profiles), *map(_tied_note, ties)) if n]
@@ -282,6 +291,22 @@ class Sharing:
 
     capacity: Mapping[str, float]
     group_hosts: Sequence[Sequence[str]]
+    host_ranks: Mapping[str, int] = field(default_factory=dict)
+    """every host's ranks in the cluster: how many took part in the busy exchange probe"""
+
+    def busy_share(self, active: Collection[int], receiver: int) -> float:
+        """How far toward the exchange probe's busy condition (every rank of the host at work
+        at once) the receiving group's hosts are while the `active` groups compute or
+        exchange: the ranks at work beyond one pair's two, over the probe's; 0 where a host
+        has no more than one pair (its probe had nobody else)."""
+        share = 0.0
+        for h in set(self.group_hosts[receiver]):
+            n = self.host_ranks.get(h, 0)
+            if n <= 2:
+                continue
+            busy = sum(hosts.count(h) for g, hosts in enumerate(self.group_hosts) if g in active)
+            share = max(share, min(1.0, max(0, busy - 2) / (n - 2)))
+        return share
 
     def rates(self, active: Sequence[int]) -> dict[int, float]:
         """Speed (fraction of alone) of each computing group, given who computes now."""
@@ -332,6 +357,11 @@ class _Run:
         self.durations = [_durations(c, split) for c in costs]
         self.send_s = [c.send_s for c in costs]
         self.grad_send_s = [c.grad_send_s for c in costs]
+        # Where ranks share cores, a transfer's excess depends on the host's load when it
+        # starts (_run_shared sets it and memoises each transfer's time; None: send_s).
+        self.sharing: Sharing | None = None
+        self.at_work: frozenset[int] = frozenset()
+        self.took: dict[tuple[str, int, int], float] = {}
         self.layout = layout
         self.group_of_stage = layout.group_of_stage
         self.split = split
@@ -380,7 +410,10 @@ class _Run:
         # receive: the end of its previous op.
         posted = self.free[self.group_of_stage[s]]
         if kind == "F":
-            return 0.0 if s == 0 else _arrival(self.act_sent[s][m], posted, self.send_s[s - 1])
+            if s == 0:
+                return 0.0
+            dur = self.send_s[s - 1] if self.sharing is None else self._loaded("F", s, m)
+            return _arrival(self.act_sent[s][m], posted, dur)
         if kind == "O":
             return self.stepping[s]
         if kind == "W":
@@ -390,8 +423,26 @@ class _Run:
             return None
         if s == len(self.costs) - 1:
             return own
-        grad = _arrival(self.grad_sent[s][m], posted, self.grad_send_s[s])
+        dur = self.grad_send_s[s] if self.sharing is None else self._loaded("B", s, m)
+        grad = _arrival(self.grad_sent[s][m], posted, dur)
         return None if grad is None else max(own, grad)
+
+    def _loaded(self, kind: str, s: int, m: int) -> float:
+        """The transfer stage s receives for micro-batch m (an activation for "F", a gradient
+        otherwise): between its time with the host's other ranks idle and busy, by the load
+        when it is first asked for, which _run_shared does at its start (both ends posted)."""
+        key = (kind, s, m)
+        took = self.took.get(key)
+        if took is None:
+            frm = s - 1 if kind == "F" else s + 1
+            cost = self.costs[frm] if kind == "F" else self.costs[s]
+            busy, quiet = ((cost.send_s, cost.send_quiet_s) if kind == "F"
+                           else (cost.grad_send_s, cost.grad_send_quiet_s))
+            g, h = self.group_of_stage[s], self.group_of_stage[frm]
+            assert self.sharing is not None
+            share = self.sharing.busy_share(self.at_work | {g, h}, g) if busy != quiet else 0.0
+            took = self.took[key] = quiet + (busy - quiet) * share
+        return took
 
     def duration(self, op: Op) -> float:
         """Seconds the op takes at its group's alone speed."""
@@ -473,6 +524,7 @@ class _Run:
             sent, dur, name, frm = self.grad_sent[s][m], self.grad_send_s[s], "send-grad", s + 1
         else:
             return
+        dur = self.took.get(("F" if name == "send-act" else "B", s, m), dur)
         if sent is None or dur <= 0:
             return
         start = max(sent, posted)
@@ -566,7 +618,10 @@ def _run_shared(state: _Run, steps: list[list[Op]], sharing: Sharing, schedule: 
     pos = [0] * groups
     running: dict[int, tuple[Op, float, float]] = {}  # group -> (op, start, work left)
     now = 0.0
+    state.sharing = sharing
     while any(pos[g] < len(steps[g]) for g in range(groups)):
+        # A transfer asked for now starts now: its load is who computes at this instant.
+        state.at_work = frozenset(running)
         wake = float("inf")
         for g in range(groups):
             if g in running or pos[g] >= len(steps[g]):

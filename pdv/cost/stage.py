@@ -61,6 +61,11 @@ class StageCost:
     send_back_s: float | None = None
     """gradient of one micro-batch back from the next stage (next → this links, which may be
     slower or faster than this → next); None means the same as send_s"""
+    send_alone_s: float | None = None
+    """send_s with each exchange's excess as measured while the host's other ranks idle
+    (Links.exchange_latency_alone_s); None: send_s"""
+    send_back_alone_s: float | None = None
+    """the same for the gradient back; None: send_back_s"""
     static_bytes: dict[int, float] = field(default_factory=dict)
     """per rank: overhead + params + grads + optimizer state (independent of in-flight count)"""
     overhead_bytes: dict[int, float] = field(default_factory=dict)
@@ -79,6 +84,16 @@ class StageCost:
     def grad_send_s(self) -> float:
         """Gradient transfer time back from the next stage."""
         return self.send_s if self.send_back_s is None else self.send_back_s
+
+    @property
+    def send_quiet_s(self) -> float:
+        """send_s when the host's other ranks idle (pdv.cost.simulate prices between the two)."""
+        return self.send_s if self.send_alone_s is None else self.send_alone_s
+
+    @property
+    def grad_send_quiet_s(self) -> float:
+        """grad_send_s when the host's other ranks idle."""
+        return self.grad_send_s if self.send_back_alone_s is None else self.send_back_alone_s
 
 
 def stage_group(
@@ -128,12 +143,18 @@ def stage_cost(
     price = price_layers(profiles, group, rmbs, stage.layers[0], stage.layer_choices(),
                          num_micro=num_micro)
     send = back = 0.0
+    send_alone = back_alone = None
     if next_stage is not None:
         per_sample = float(price.output_bytes) / rmbs
         ahead, behind = boundary_tensors(profiles, stage.layers[1] - 1)
         send = activation_transfer_time(cluster.links, stage, next_stage, mbs, per_sample, ahead)
         back = activation_transfer_time(cluster.links, next_stage, stage, mbs, per_sample,
                                         behind)
+        if cluster.links.exchange_latency_alone_s is not None:
+            send_alone = activation_transfer_time(cluster.links, stage, next_stage, mbs,
+                                                  per_sample, ahead, alone=True)
+            back_alone = activation_transfer_time(cluster.links, next_stage, stage, mbs,
+                                                  per_sample, behind, alone=True)
     fwd_cpu = bwd_cpu = 0.0
     if prev_stage is not None or next_stage is not None:
         fwd_cpu, bwd_cpu = _stage_message_cpu(profiles, cluster, prev_stage, stage, next_stage,
@@ -151,6 +172,8 @@ def stage_cost(
         grad_sync_s=float(price.grad_sync_s),
         peak_memory_bytes=per_rank(peak),
         send_back_s=back,
+        send_alone_s=send_alone,
+        send_back_alone_s=back_alone,
         static_bytes=per_rank(price.static_bytes),
         overhead_bytes=per_rank([v.overhead_bytes for v in group.ranks]),
         activation_bytes=per_rank(price.live_bytes),
@@ -202,8 +225,10 @@ def activation_transfer_time(
     mbs: int,
     bytes_per_sample: float,
     tensors: int = 1,
+    alone: bool = False,
 ) -> float:
-    """Seconds to move one micro-batch's boundary from stage src's ranks to dst's.
+    """Seconds to move one micro-batch's boundary from stage src's ranks to dst's (with
+    `alone`, each exchange's excess as measured with the host's other ranks idle).
 
     The messages are :func:`boundary_messages`. Each rank sends and receives one message at a
     time, different ranks in parallel: the time is the largest per-rank sum of α + S/β over its
@@ -222,7 +247,7 @@ def activation_transfer_time(
         add(s, d, p2p_time(links, s, d, nbytes))
     # A boundary's tensors between two ranks are posted together: one exchange excess.
     for s, d in dict.fromkeys((s, d) for s, d, _ in messages):
-        add(s, d, exchange_time(links, s, d))
+        add(s, d, exchange_time(links, s, d, alone))
     return max(busy.values(), default=0.0)
 
 
