@@ -32,6 +32,7 @@ from pdv.profile.collective import (
     sweep_flaws,
 )
 from pdv.profile.network import fit_line, tournament_rounds
+from pdv.profile.overheads import typical_pass
 from tests.conftest import run_pdv
 
 
@@ -311,9 +312,10 @@ def _check_overheads(data: dict) -> None:
                 want = (three - one - 2 * o[key]["b_s_per_byte"] * m["batch_size_bytes"]) / 2
                 assert o[key]["batched_a_s"] == pytest.approx(max(want, 0.0))
             assert m["spread"] >= 0
-            # The sync after compute: the same pairs, every round kept; the excess is the mean
-            # of each round's later end of the pair's first all-reduce less the sweep's price
-            # on the pair (never negative), so both ranks of a pair carry the same excess.
+            # The sync after compute: the same pairs, every round kept; the excess is each
+            # round's later end of the pair's first all-reduce, the median of the passes'
+            # means, less the sweep's price on the pair (never negative), so both ranks of a
+            # pair carry the same excess.
             sy = raw["after_compute"]
             assert d["rank"] in sy["pair"] and m["peer"] in sy["pair"]
             assert sy["burst_matmuls"] >= 1
@@ -339,18 +341,19 @@ def _check_overheads(data: dict) -> None:
                                               strict=True)]
             assert statistics.mean(later) >= sy["first_s"] - 1e-12
             assert o["sync_after_compute_s"] == pytest.approx(
-                max(0.0, statistics.mean(later) - all_reduce_time(ring, sy["bytes"])))
+                max(0.0, typical_pass(later, passes) - all_reduce_time(ring, sy["bytes"])))
             # The longer burst's excess, the pair's alike, and both bursts' lengths: what a
             # stage's compute per step prices the excess between.
             grows = o["sync_after_long_compute"]
             later_long = [max(a, b) for a, b in zip(long["first_rounds_s"],
                                                     theirs["long"]["first_rounds_s"],
                                                     strict=True)]
-            assert grows["long_excess_s"] == pytest.approx(
-                max(0.0, statistics.mean(later_long) - all_reduce_time(ring, sy["bytes"])))
-            assert grows["burst_s"] == pytest.approx(statistics.mean(sy["burst_rounds_s"]))
+            assert grows["long_excess_s"] == pytest.approx(max(
+                0.0, typical_pass(later_long, passes) - all_reduce_time(ring, sy["bytes"])))
+            assert grows["burst_s"] == pytest.approx(
+                typical_pass(sy["burst_rounds_s"], passes))
             assert grows["long_burst_s"] == pytest.approx(
-                statistics.mean(long["burst_rounds_s"]))
+                typical_pass(long["burst_rounds_s"], passes))
             # The exchange after compute (one host: the sender's clock reads on the receiver):
             # a message to this rank pays its mean landing beyond its link's α + S/β.
             ex = sy["exchange"]
@@ -733,6 +736,42 @@ def test_the_sync_after_a_longer_burst_is_each_rounds_later_end_and_a_bye_takes_
     _sync_after_compute(devices, old, links)
     assert all("sync_after_long_compute" not in d["overheads"] for d in devices)
     assert all("sync_after_compute_s" in d["overheads"] for d in devices)
+
+
+def test_a_pass_in_a_slow_spell_does_not_set_the_sync_excess() -> None:
+    """The later ends are averaged within each pass and the passes' means take their median:
+    one pass whose bursts ran long (the partner waiting after each) moves the excess no more
+    than any other pass would; the burst lengths are taken the same way."""
+    from pdv.artifacts import Links
+    from pdv.profile.cluster import _sync_after_compute
+
+    lat = [[0.0, 1e-4], [1e-4, 0.0]]
+    bw = [[0.0, 1e9], [1e9, 0.0]]
+    links = Links(latency_s=lat, bandwidth_Bps=bw)
+    priced = all_reduce_time(ring_of(links, [0, 1]), 4096)
+    quiet, spell = [0.001, 0.003], [0.030, 0.040]  # excess per round, two rounds a pass
+
+    def rec(long_excess: list[float], long_burst: list[float]) -> dict:
+        return {"pair": [0, 1], "bytes": 4096, "passes": 3, "first_s": priced,
+                "first_rounds_s": [priced + 0.002] * 6, "burst_rounds_s": [0.005] * 6,
+                "long": {"first_s": 0.0, "first_rounds_s": [priced + x for x in long_excess],
+                         "burst_rounds_s": long_burst}}
+
+    # Rank 0's first pass ran slow; rank 1 waited after each of its bursts.
+    a = rec([0.0] * 6, [0.08, 0.07] + [0.04, 0.05] * 2)
+    b = rec(spell + quiet + quiet[::-1], [0.04] * 6)
+    devices = [{"rank": r, "kind": "cpu", "overheads": {}} for r in range(2)]
+    _sync_after_compute(devices, [{"rank": r, "after_compute": x} for r, x in enumerate((a, b))],
+                        links)
+    got = [d["overheads"]["sync_after_long_compute"] for d in devices]
+    # Pass means 35, 2 and 2 ms: 2 ms (the mean of all six rounds would be 13 ms).
+    assert got[0]["long_excess_s"] == pytest.approx(0.002) == got[1]["long_excess_s"]
+    assert got[0]["long_burst_s"] == pytest.approx(0.045)  # pass means 75, 45, 45 ms
+    assert got[1]["long_burst_s"] == pytest.approx(0.04)
+    assert devices[0]["overheads"]["sync_after_compute_s"] == pytest.approx(0.002)
+    # Rounds that do not split into the passes evenly: the plain mean.
+    assert typical_pass([1.0, 2.0, 9.0], 2) == pytest.approx(4.0)
+    assert typical_pass([1.0, 3.0, 9.0, 1.0, 2.0, 2.0], 3) == pytest.approx(2.0)
 
 
 def test_a_message_pays_its_receivers_exchange_excess_and_a_rank_unmeasured_its_kinds() -> None:

@@ -41,8 +41,9 @@ Four probes, run by every rank of ``pdv profile cluster`` after the link sweeps:
   steady state does; the sender's clock rides in the message, so only a pair on one host
   times it), in passes spread over the cluster probe (:class:`AfterCompute`: at its compute
   windows after the link sweep and the collectives, and once here). The
-  cluster takes a rank's sync excess as the mean over rounds of the pair's later first
-  all-reduce (a step ends with its last rank) less what the sweep prices for it on the pair
+  cluster takes a rank's sync excess as the mean of the pair's later first all-reduce over
+  each pass's rounds (a step ends with its last rank), the median over the passes (one pass
+  in a slow spell does not set it), less what the sweep prices for it on the pair
   (:func:`sync_excess`), and a message's to the rank as its mean landing less the link's
   α + S/β (:func:`exchange_excess`). The mean, because the times are bimodal and a median
   flips between the modes from one profile to the next. The second all-reduce is kept in the
@@ -95,7 +96,8 @@ from pdv.profile.loops import settle_gloo_loops
 from pdv.profile.network import Progress, tournament_rounds
 
 __all__ = ["FSDP_PROBE_BYTES", "MESSAGE_SIZES", "AfterCompute", "all_cpu", "fsdp_own_work",
-           "fsdp_pairs", "exchange_excess", "measure_overheads", "overheads_block", "sync_excess"]
+           "fsdp_pairs", "exchange_excess", "measure_overheads", "overheads_block", "sync_excess",
+           "typical_pass"]
 
 MESSAGE_SIZES = (1, 16 * 1024, 256 * 1024, 1024 * 1024)
 """message sizes of the message-CPU probe, bytes"""
@@ -330,7 +332,8 @@ class AfterCompute:
     Each pass also times the sync after a burst ten times as long (``_LONG_BURST_S``), with
     each round's compute: the later end grew with the compute before it in a scratch loop
     here (1.9-2.6 ms after 5 ms, 3.4-3.8 ms after 100 ms), which one burst length cannot
-    say. The cluster file takes both bursts' mean compute and the longer one's excess
+    say. The cluster file takes both bursts' compute and the longer one's excess, pass by
+    pass as the shorter's (:func:`typical_pass`)
     (``RankOverheads.sync_after_long_compute``); a stage's excess is priced between them by its
     compute per step (pdv.cost.terms.sync_after_compute).
     """
@@ -535,14 +538,34 @@ def sync_excess(record: dict[str, Any], ring: Ring,
     dp2 run here ended its sync within 0.1 ms on its two ranks in 14 steps of 35, 0.55-2.1 ms
     apart in the other 21).
     The mean of each round's later end read 0.1-0.5 ms above the larger of the two ranks' own
-    means in eight cluster files of this project's 2-vCPU machine. Without the partner's
-    rounds (an older record), the rank's own mean.
+    means in eight cluster files of this project's 2-vCPU machine. The later ends are taken
+    pass by pass (:func:`typical_pass`). Without the partner's rounds (an older record), the
+    rank's own mean.
     """
     took = float(record["first_s"])
     mine, theirs = record.get("first_rounds_s"), (partner or {}).get("first_rounds_s")
     if mine and theirs and len(mine) == len(theirs):
-        took = statistics.mean(max(a, b) for a, b in zip(mine, theirs, strict=True))
+        later = [max(a, b) for a, b in zip(mine, theirs, strict=True)]
+        took = typical_pass(later, int(record.get("passes", 1)))
     return max(0.0, took - all_reduce_time(ring, float(record["bytes"])))
+
+
+def typical_pass(rounds: Sequence[float], passes: int) -> float:
+    """The median over the passes of each pass's mean (rounds in pass order); the plain mean
+    where the rounds do not split evenly.
+
+    The mean inside a pass keeps the mix of fast and slow rounds a step pays; the median
+    across passes keeps one pass's slow spell out. In one 2-rank file here a rank's 50 ms
+    bursts ran 55-85 ms in the first pass and 37-50 ms in the other two, its partner waited
+    17-46 ms after each, and the mean over all rounds priced 13.9 ms of excess where the
+    passes' own means read 32.2, 4.5 and 4.6 ms; a dp2 run minutes later paid 7.6 ms for its
+    whole rest (all-reduce and bookkeeping included).
+    """
+    n = len(rounds)
+    if passes < 2 or n % passes:
+        return statistics.mean(rounds)
+    k = n // passes
+    return statistics.median(statistics.mean(rounds[i * k:(i + 1) * k]) for i in range(passes))
 
 
 def _spread(per_size_rounds: list[list[float]]) -> float:
@@ -770,11 +793,13 @@ def overheads_block(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         f"{_SYNC_ROUNDS} timed rounds after {_SYNC_WARMUP} warm-ups per pass, a pass at "
         "the cluster probe's compute windows after the link sweep and after the collectives "
         "and one here (record: passes); "
-        "excess = the mean over rounds of the later of the pair's two first all-reduces, "
+        "excess = the later of the pair's two first all-reduces, its mean over each pass's "
+        "rounds and the median over the passes, "
         "less the sweep's price of the same all-reduce on the pair, at least 0, the same for "
         "both ranks of a pair (a rank in no pair: its kind's median); the same after a burst "
         f"of about {_LONG_BURST_S} s, {_LONG_ROUNDS} rounds per pass, each round's burst time "
-        "kept; both bursts' mean compute and the longer one's excess into "
+        "kept; both bursts' compute (each pass's mean, the median over the passes) and the "
+        "longer one's excess into "
         "sync_after_long_compute (a stage's excess: on the line between the two by its "
         "compute per step, held outside them). Message after compute (the same "
         f"pairs on one host): compute about {_OP_S} s, then both post a receive and a send of "
