@@ -18,6 +18,12 @@ when a target is missed:
 
 Artifacts stay in --out (profiles reused when present: delete the folder to re-profile); each
 model's full table and report are in OUT/<model>/check.json.
+
+A model profile whose small-op reference step reads more than SPELL_RATIO from the cluster
+file's (pdv.cost.compute.spell_note: one of the two was taken in a spell of the machine) is
+taken again, up to --retakes times, SPELL_WAIT_S apart, as pdv's note advises; the same for
+the cluster file against the first model's profile, before any plan runs. The line per model
+shows the profile's final ratio and how many times it was taken.
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pdv import artifacts
-from pdv.cost.compute import unsteady_note
+from pdv.cost.compute import SPELL_RATIO, spell_ratio, unsteady_note
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +52,8 @@ ZOO: dict[str, tuple[str, dict[str, object], int, str]] = {
     "tuples_tied": ("tests/models/carry.py:carry", {"n_block": 4, "d": 256}, 64, "4,8,16"),
 }
 TARGETS = {"median": 0.05, "max": 0.15, "spearman": 0.8, "pick": 0.05}
+SPELL_WAIT_S = 20.0
+"""pause before a profile is taken again: this machine's spells last seconds to minutes"""
 
 
 def pdv(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -73,6 +82,8 @@ def main() -> int:
                     "on each core, as many as cores gives each rank its own")  # fmt: skip
     ap.add_argument("--top", type=int, default=3)
     ap.add_argument("--shapes", type=int, default=3)
+    ap.add_argument("--retakes", type=int, default=2,
+                    help="times a profile taken in a spell (see above) is taken again")
     a = ap.parse_args()
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -83,12 +94,31 @@ def main() -> int:
     if ranks != a.nproc:
         sys.exit(f"{cluster} has {ranks} ranks, not --nproc {a.nproc}: use another --out")
     rows, errors, memory, noise, drift, missed = [], [], [], [], [], []
-    for name in a.model or list(ZOO):
+    for index, name in enumerate(a.model or list(ZOO)):
         spec, kwargs, gb, mbs = ZOO[name]
         margs = [f"--model-arg={k}={json.dumps(v)}" for k, v in kwargs.items()]
         profile = out / f"{name}.profile.json"
-        if not profile.exists():
-            pdv("profile", "model", spec, *margs, "--micro-batch-sizes", mbs, "-o", str(profile))
+        ratios: list[float | None] = []
+        for attempt in range(a.retakes + 1):
+            if not profile.exists():
+                pdv("profile", "model", spec, *margs, "--micro-batch-sizes", mbs,
+                    "-o", str(profile))
+            ratio = spell_ratio(artifacts.load_as(profile, "model-profile"),
+                                artifacts.load_as(cluster, "cluster"))
+            ratios.append(ratio)
+            if ratio is None or 1 / SPELL_RATIO <= ratio <= SPELL_RATIO or attempt == a.retakes:
+                break
+            # A slow cluster file is taken again before any plan has run on it; after that,
+            # the rounds keep it (pdv check's note says so).
+            if ratio < 1 and index > 0:
+                break
+            time.sleep(SPELL_WAIT_S)
+            again = cluster if ratio < 1 else profile
+            print(f"{name}: small-op reference {ratio:.2f}x the cluster file's: taking "
+                  f"{again.name} again", flush=True)
+            again.unlink()
+            if again == cluster:
+                pdv("profile", "cluster", "--nproc-per-node", str(a.nproc), "-o", str(cluster))
         folder = out / name
         pdv("check", str(profile), "--cluster", str(cluster), "--global-batch", str(gb),
             "--top", str(a.top), "--shapes", str(a.shapes), "--steps", str(a.steps),
@@ -115,10 +145,10 @@ def main() -> int:
             missed.append(f"{name}: pick {pick and round(pick['vs_best'], 3)}x the best")
         if s["failed"]:
             missed.append(f"{name}: {s['failed']} plans failed to run")
-        rows.append((name, s))
+        rows.append((name, s, ratios))
     print(f"{'model':<14}{'plans':>6}{'span':>7}{'median':>8}{'max':>8}{'signed':>8}"
-          f"{'Spearman':>10}{'pick':>10}{'memory med':>12}{'max':>8}")
-    for name, s in rows:
+          f"{'Spearman':>10}{'pick':>10}{'memory med':>12}{'max':>8}{'small-op':>10}")
+    for name, s, ratios in rows:
         p = s["pick"]
         pick = f"{p['measured_rank']}/{p['of']} {p['vs_best']:.2f}x" if p else "-"
 
@@ -129,7 +159,8 @@ def main() -> int:
         span = "-" if s["predicted_span"] is None else f"{s['predicted_span']:.2f}"
         print(f"{name:<14}{s['ran']:>6}{span:>7}{pct(s['median_abs_error']):>8}"
               f"{pct(s['max_abs_error']):>8}{pct(s['mean_signed_error']):>8}{rho:>10}{pick:>10}"
-              f"{pct(s.get('memory_median_abs_error')):>12}{pct(s.get('memory_max_abs_error')):>8}")
+              f"{pct(s.get('memory_median_abs_error')):>12}{pct(s.get('memory_max_abs_error')):>8}"
+              f"{_small_op(ratios):>10}")
     if errors:
         med, worst = statistics.median(errors), max(errors)
         print(f"zoo: {len(errors)} plans, median |error| {med:.1%} (target "
@@ -162,6 +193,13 @@ def main() -> int:
     for m in missed:
         print(f"MISSED {m}")
     return 1 if missed else 0
+
+
+def _small_op(ratios: list[float | None]) -> str:
+    """The profile's small-op ratio to the cluster file's, and '(n takes)' past the first."""
+    last = ratios[-1] if ratios else None
+    text = "-" if last is None else f"{last:.2f}x"
+    return text + (f" ({len(ratios)})" if len(ratios) > 1 else "")
 
 
 if __name__ == "__main__":

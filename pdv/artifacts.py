@@ -242,6 +242,13 @@ class DeviceInfo(_Strict):
     kind: str = Field(description="device kind, matched against the cluster's device kinds")
     name: str = Field(description="human name, e.g. 'NVIDIA H100 80GB HBM3' or the CPU model")
     matmul_flops: float | None = Field(None, description="measured dense matmul throughput, FLOP/s")
+    small_op_step_s: float | None = Field(
+        None, gt=0, description="seconds of one forward and backward of pdv's small-op "
+        "reference net, the median of readings over the profile (absent: not measured)")
+
+    @model_serializer(mode="wrap")
+    def _omit_unmeasured(self, handler: Any) -> Any:
+        return _drop_none(handler(self), ("small_op_step_s",))
 
 
 class SharedParams(_Strict):
@@ -406,6 +413,10 @@ class ClusterDevice(_Strict):
         "once); each is the best of windows spread over the cluster probe; where they differ, "
         "the host's ranks share its cores",
     )
+    small_op_step_s: float | None = Field(
+        None, gt=0, description="seconds of one forward and backward of pdv's small-op "
+        "reference net with this rank probing alone, the fastest of windows spread over the "
+        "cluster probe (absent: not measured)")
     runtime_bytes: int | None = Field(
         None, ge=0,
         description="memory the rank holds before any model is built: its process under "
@@ -429,7 +440,7 @@ class ClusterDevice(_Strict):
     def _omit_unmeasured(self, handler: Any) -> Any:
         # Devices measured before the overhead probe (and every plan that copies them) keep
         # their bytes.
-        return _drop_none(handler(self), ("overheads",))
+        return _drop_none(handler(self), ("overheads", "small_op_step_s"))
 
 
 class HostRing(_Strict):

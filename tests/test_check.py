@@ -30,7 +30,7 @@ from pdv.check import (
     summarize,
     write_json_atomic,
 )
-from pdv.cost.compute import unsteady_ranks
+from pdv.cost.compute import spell_ratio, unsteady_ranks
 from pdv.cost.simulate import simulate
 from pdv.plan.problem import PlanProblem
 from tests.conftest import run_pdv
@@ -284,6 +284,9 @@ def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
     assert all(row["measured_runs_s"] == [row["measured_s"]] for row in rows)
     assert [u["rank"] for u in doc["cluster_unsteady"]] == [r for r, _, _ in
                                                             unsteady_ranks(cluster)]
+    # Both files carry the small-op reference step; the report keeps their ratio.
+    assert doc["small_op_ratio"] == {"cpu": pytest.approx(spell_ratio(profile, cluster))}
+    assert doc["small_op_ratio"]["cpu"] > 0
     # The first plan again, two rounds, against a tolerance nothing meets: exit 1, the miss
     # named; its step is the median of both rounds' runs, each with its own report. Its
     # cluster file says rank 1's speed moved 20% over the probe (only the windows kept in
@@ -293,7 +296,13 @@ def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
     raw["devices"][1]["details"]["matmul_flops_alone_windows"] = [8e10, 9e10, 9.6e10]
     moved = tmp_path / "moved.json"
     moved.write_text(json.dumps(raw))
-    r = run_pdv("check", str(prof), "--cluster", str(moved), "--plan", rows[0]["plan"],
+    # And the profile reads the small-op reference twice the cluster's fastest rank: taken in
+    # a slow spell, which the output says before the runs and after them.
+    slow_doc = json.loads(prof.read_text())
+    slow_doc["device"]["small_op_step_s"] = 2 * min(d["small_op_step_s"] for d in raw["devices"])
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(slow_doc))
+    r = run_pdv("check", str(slow), "--cluster", str(moved), "--plan", rows[0]["plan"],
                 "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "again"),
                 "--max-error", "0", "--repeat", "2", timeout=300)
     assert r.returncode == 1, r.stderr
@@ -311,3 +320,6 @@ def test_check_runs_a_small_model_end_to_end(tmp_path: Path) -> None:
     assert [u["rank"] for u in again["cluster_unsteady"]] == [1]
     assert again["cluster_unsteady"][0]["matmul_flops_alone_min"] == 8e10
     assert "rank 1 read 80.0 .. 96.0 GFLOP/s alone" in " ".join(r.stdout.split())
+    assert again["small_op_ratio"] == {"cpu": pytest.approx(2.0)}
+    assert "2.00x slower than the cluster file's ranks" in " ".join(r.stderr.split())
+    assert "ran the small-op reference 2.00x the cluster file's time" in " ".join(r.stdout.split())

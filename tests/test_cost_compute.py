@@ -141,3 +141,59 @@ def test_the_flag_rides_into_the_simulation_and_the_plan() -> None:
     assert not any("speed moved" in n for n in simulate(plan, {"cpu": prof}, steady).notes)
     assert note in plan_provenance({"cpu": prof}, moved).notes
     assert note not in plan_provenance({"cpu": prof}, steady).notes
+
+
+def _small_op(cluster_steps: list[float | None], kinds: list[str] | None = None
+              ) -> ClusterArtifact:  # fmt: skip
+    """Ranks on one host, each with its small-op reference step as the probe keeps it."""
+    n = len(cluster_steps)
+    cl = cluster(["h"] * n, [[0.0 if i == j else 1e9 for j in range(n)] for i in range(n)],
+                 kinds=kinds or ["cpu"] * n)
+    devices = [d.model_copy(update={"small_op_step_s": s})
+               for d, s in zip(cl.devices, cluster_steps, strict=True)]
+    return cl.model_copy(update={"devices": devices})
+
+
+@pytest.mark.parametrize(("profile_s", "cluster_s", "kinds", "ratio", "says"), [
+    (650e-6, [660e-6, 650e-6], None, 1.0, None),  # one state of the machine
+    (1.06e-3, [700e-6, 650e-6], None, 1.06e-3 / 650e-6, "slower than the cluster"),
+    # the quiet rank sets the cluster's reference: a rank in a spell does not hide it
+    (1.06e-3, [1.3e-3, 650e-6], None, 1.06e-3 / 650e-6, "slower than the cluster"),
+    (650e-6, [1.1e-3, 1.0e-3], None, 0.65, "cluster file was taken in a slow spell"),
+    (760e-6, [650e-6, 700e-6], None, 760e-6 / 650e-6, None),  # within 1.2x
+    # only the ranks of the profile's kind compare
+    (1.06e-3, [1.0e-3, 650e-6], ["cpu", "gpu"], 1.06, None),
+    (None, [650e-6, 650e-6], None, None, None),  # an older profile: nothing to say
+    (650e-6, [None, None], None, None, None),  # a declared cluster
+])
+def test_a_profile_taken_in_another_state_of_the_machine_is_flagged(
+        profile_s: float | None, cluster_s: list[float | None], kinds: list[str] | None,
+        ratio: float | None, says: str | None) -> None:
+    """The profile's small-op step over the fastest of its kind's ranks in the cluster file;
+    past 1.2x either way, a note names which file was taken in a spell. It rides into the
+    simulation's notes and the plan's provenance."""
+    from pdv.artifacts import Plan, PlanStage
+    from pdv.cost.compute import spell_note, spell_notes, spell_ratio
+    from pdv.cost.simulate import simulate
+    from pdv.plan.search import plan_provenance
+
+    prof = make_profile()
+    prof = prof.model_copy(update={"device": prof.device.model_copy(
+        update={"small_op_step_s": profile_s})})
+    cl = _small_op(cluster_s, kinds)
+    got = spell_ratio(prof, cl)
+    assert got == (None if ratio is None else pytest.approx(ratio))
+    note = spell_note("the cpu profile", prof, cl)
+    assert (note is None) == (says is None)
+    if note is None:
+        assert spell_notes({"cpu": prof}, cl) == []
+        return
+    assert says in note and f"{max(got, 1 / got):.2f}x" in note
+    assert spell_notes({"cpu": prof}, cl) == [note]
+    plan = Plan(stages=[PlanStage(layers=[0, len(prof.layers)], ranks=[0], dp=1, tp=1)],
+                micro_batch_size=2, num_micro_batches=2, global_batch_size=4)
+    assert note in simulate(plan, {"cpu": prof}, cl).notes
+    assert note in plan_provenance({"cpu": prof}, cl).notes
+    # The file keeps the reading; a profile without one writes none (older readers).
+    assert prof.model_dump()["device"]["small_op_step_s"] == profile_s
+    assert "small_op_step_s" not in make_profile().model_dump()["device"]

@@ -261,6 +261,10 @@ def test_four_local_ranks_give_a_valid_4x4_matrix(tmp_path: Path) -> None:
         # Alone too: the rank's speed is its best turn of three, not its first.
         alone = d["details"]["matmul_flops_alone_windows"]
         assert len(alone) == 3 and d["matmul_flops_alone"] == max(alone) > 0
+        # The small-op reference step in the same turns: the fastest window is the file's.
+        small = d["details"]["small_op_step_alone_windows_s"]
+        assert len(small) == 3 and d["small_op_step_s"] == min(small)
+        assert 1e-6 < d["small_op_step_s"] < 0.1
     if len(os.sched_getaffinity(0)) <= 2:
         # 4 ranks on 2 cores cannot all keep their alone speed: the host's measured capacity
         # (the sum of shares, ~2 here) is what the cost model's host bound divides by.
@@ -492,6 +496,8 @@ def test_no_collectives_leaves_the_collective_matrices_out(tmp_path: Path) -> No
     # Without the collectives, all ranks at once in two windows (start, after the links).
     assert all(len(d["details"]["matmul_flops_together_windows"]) == 2 for d in data["devices"])
     assert all(len(d["details"]["matmul_flops_alone_windows"]) == 2 for d in data["devices"])
+    assert all(d["small_op_step_s"] == min(d["details"]["small_op_step_alone_windows_s"])
+               for d in data["devices"])
     # The after-compute probe's passes ride the same windows, and one more at the end.
     for raw in data["measurement"]["overheads"]["ranks"]:
         after = raw["after_compute"]

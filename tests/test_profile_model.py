@@ -57,6 +57,12 @@ def test_acceptance_layers_in_order_with_backward(tiny_profile: artifacts.ModelP
     p = tiny_profile
     assert p.provenance.method == "measured"
     assert p.device.kind == "cpu"
+    # The small-op reference step the cluster probe also times: the median of the readings
+    # around the layer points, their range in the notes (an estimate has none).
+    assert p.device.small_op_step_s is not None and 1e-6 < p.device.small_op_step_s < 0.1
+    (note,) = [n for n in p.provenance.notes if n.startswith("small_op_step_s")]
+    lo, hi = (float(x) for x in note.split("(")[-1].split(" µs")[0].split(" .. "))
+    assert lo <= p.device.small_op_step_s * 1e6 + 0.5 and hi >= p.device.small_op_step_s * 1e6 - 0.5
     assert [x.name for x in p.layers] == ["embed", "block0", "block1", "block2", "block3", "head"]
     assert all(x.fwd_s > 0 and x.bwd_s > 0 for x in p.layers)
     assert p.micro_batch_sizes == [1, 2, 4] and p.reference_micro_batch_size == 1
@@ -159,6 +165,7 @@ def test_estimate_gpt3_175b_is_fast_and_marked(tmp_path: Path) -> None:
     p = artifacts.load_as(out, "model-profile")
     assert p.provenance.method == "estimated"
     assert any("reuse one trace" in n for n in p.provenance.notes)
+    assert p.device.small_op_step_s is None
     params = sum(x.param_bytes for x in p.layers) / 4
     assert abs(params - 175e9) / 175e9 < 0.01
     block = p.layers[1]

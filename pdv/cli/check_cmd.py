@@ -23,7 +23,7 @@ from pdv.check import (
 from pdv.cli.app import app, console, err_console
 from pdv.cli.plan_cmd import _ints
 from pdv.cli.render import fmt_time, new_table, print_table
-from pdv.cost.compute import unsteady_ranks
+from pdv.cost.compute import SPELL_RATIO, spell_note, spell_ratio, unsteady_ranks
 from pdv.errors import PdvError
 from pdv.plan.problem import PlanProblem
 from pdv.plan.search import check_plan_dtype, check_profiles
@@ -97,6 +97,10 @@ def check(
     clus = artifacts.load_as(cluster, "cluster")
     check_profiles(profs, clus, None, None)
     say = (lambda m: err_console.print(f"[dim]{m}[/]")) if not as_json else (lambda _m: None)
+    spells = {kind: spell_ratio(prof, clus) for kind, prof in sorted(profs.items())}
+    for kind, prof in sorted(profs.items()):
+        if note := spell_note(f"the {kind} profile", prof, clus):
+            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     if plan:
         pool = []
         for k, path in enumerate(plan, 1):
@@ -145,6 +149,10 @@ def check(
         "cluster_unsteady": [{"rank": r, "matmul_flops_alone_min": lo,
                               "matmul_flops_alone_max": hi}
                              for r, lo, hi in unsteady_ranks(clus)],
+        # Each profile's small-op reference step over the cluster's (pdv.cost.compute
+        # .spell_ratio; null where either lacks it): far from 1, one of the two files was
+        # taken in a spell of the machine, and errors follow it.
+        "small_op_ratio": spells,
         **result,
     }
     target = report or out / "check.json"
@@ -214,6 +222,11 @@ def _print(doc: dict, target: Path) -> None:
                       f"{u['matmul_flops_alone_max'] / 1e9:.1f} GFLOP/s alone over its probe: "
                       "the machine's speed moved while the file was taken, and every "
                       "prediction on that rank carries the rate kept", highlight=False)
+    for kind, ratio in doc["small_op_ratio"].items():
+        if ratio is not None and not 1 / SPELL_RATIO <= ratio <= SPELL_RATIO:
+            console.print(f"[yellow]note:[/] the {kind} profile ran the small-op reference "
+                          f"{ratio:.2f}x the cluster file's time: one of the two was taken in "
+                          "a spell of the machine, and the errors carry it", highlight=False)
     load, cpus = s["max_load"], s["cpus"]
     if load is not None and cpus and load > cpus + s["ranks"]:  # the runs' own ranks add theirs
         console.print(f"[yellow]note:[/] the 1-min load average reached {load:.1f} on {cpus} "

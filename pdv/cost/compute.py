@@ -250,6 +250,45 @@ def unsteady_note(cluster: ClusterArtifact) -> str | None:
             "cluster again when the machine is quiet")
 
 
+SPELL_RATIO = 1.2
+"""a model profile and a cluster file are flagged as taken in different states of the machine
+when their small-op reference steps differ by more than this factor. On this project's 2-vCPU
+VM, readings of 0.1 s over a quiet minute spread 2-3% around 650 µs (p75 721) and its spells
+read 1050-1270 µs (1.6-1.8×). A diagnostic, priced nowhere"""
+
+
+def spell_ratio(profile: ModelProfile, cluster: ClusterArtifact) -> float | None:
+    """The profile's small-op reference step over the fastest of the cluster's ranks of its
+    kind (None where either was not measured)."""
+    here = profile.device.small_op_step_s
+    there = [d.small_op_step_s for d in cluster.devices
+             if d.kind == profile.device.kind and d.small_op_step_s]
+    if not here or not there:
+        return None
+    return here / min(there)
+
+
+def spell_note(name: str, profile: ModelProfile, cluster: ClusterArtifact) -> str | None:
+    """One line for the user when :func:`spell_ratio` is past :data:`SPELL_RATIO` either way;
+    None otherwise. `name` says which profile (e.g. "the cpu profile")."""
+    ratio = spell_ratio(profile, cluster)
+    if ratio is None or 1 / SPELL_RATIO <= ratio <= SPELL_RATIO:
+        return None
+    if ratio > 1:
+        return (f"{name} ran the small-op reference {ratio:.2f}x slower than the "
+                "cluster file's ranks did: it was taken in a slow spell of the machine and "
+                "prices its layers slow; profile the model again when the machine is quiet")
+    return (f"the cluster file's ranks ran the small-op reference {1 / ratio:.2f}x slower than "
+            f"{name} did: the cluster file was taken in a slow spell of the machine; "
+            "profile the cluster again when the machine is quiet")
+
+
+def spell_notes(profiles: Mapping[str, ModelProfile], cluster: ClusterArtifact) -> list[str]:
+    """:func:`spell_note` of each profile (by device kind) that has one."""
+    return [n for kind, prof in sorted(profiles.items())
+            if (n := spell_note(f"the {kind} profile", prof, cluster))]
+
+
 @dataclass(frozen=True)
 class ProfileArrays:
     """Every layer of one profile at one per-replica micro-batch and TP degree (one rank)."""

@@ -71,6 +71,7 @@ from pdv.cost.compute import (
     fsdp_heap_note,
     fsdp_unpriced_note,
     smallest_batch,
+    spell_notes,
     unpriced_note,
     unsteady_note,
 )
@@ -156,7 +157,8 @@ def simulate(
                          Sharing(capacity, hosts, per_host) if capacity else None, trace, ties)
     notes = [n for n in (unpriced_note(cluster), unsteady_note(cluster),
                          fsdp_unpriced_note(plan, cluster), fsdp_heap_note(plan, cluster),
-                         _extrapolated_note(plan, profiles), *map(_tied_note, ties)) if n]
+                         _extrapolated_note(plan, profiles), *map(_tied_note, ties),
+                         *spell_notes(profiles, cluster)) if n]
     return replace(sim, notes=(*sim.notes, *notes)) if notes else sim
 
 

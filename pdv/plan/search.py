@@ -28,7 +28,7 @@ from pdv.artifacts import (
     Provenance,
     digest,
 )
-from pdv.cost.compute import speed_factor, unpriced_note, unsteady_note
+from pdv.cost.compute import speed_factor, spell_notes, unpriced_note, unsteady_note
 from pdv.cost.schedules import rank_orders, splits_backward, warmup_forwards
 from pdv.cost.simulate import host_capacity, peak_memory, simulate, stage_tied_syncs, to_predicted
 from pdv.cost.stage import stage_cost
@@ -230,6 +230,7 @@ def plan_provenance(profiles: Mapping[str, ModelProfile], cluster: ClusterArtifa
     if "estimated" in methods or "declared" in methods:
         notes.append(f"inputs include {sorted(methods - {'measured'})} artifacts")
     notes += [n for n in (unpriced_note(cluster), unsteady_note(cluster)) if n]
+    notes += spell_notes(profiles, cluster)
     return Provenance(method="estimated", inputs=inputs, notes=notes)
 
 

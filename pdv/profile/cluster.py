@@ -35,7 +35,7 @@ from pdv.profile.collective import (
     measure_collectives,
     measure_host_rings,
 )
-from pdv.profile.hardware import matmul_flops, probe_device, runtime_memory
+from pdv.profile.hardware import matmul_flops, probe_device, runtime_memory, small_op_step_s
 from pdv.profile.launch_local import PROGRESS_ENV
 from pdv.profile.loops import settle_gloo_loops
 from pdv.profile.network import (
@@ -161,16 +161,17 @@ def profile_cluster_rank(
         if device.type == "cpu":  # as the model profile and the run's ranks do (after the RSS)
             keep_freed_memory()
         loops_note = settle_gloo_loops()
-        mine["matmul_flops_alone"] = _probe_alone(device, wire, local)
+        mine["matmul_flops_alone"], small_first = _probe_alone(device, wire, local)
         step({"phase": "probed"})
         devices: list[dict[str, Any]] | None = [{} for _ in range(world)] if rank == 0 else None
         dist.gather_object(mine, devices, dst=0)
         _maybe_stall(rank, "round")
         together = [mine["matmul_flops"]]
         alone = [mine["matmul_flops_alone"]]
+        small = [small_first]
         results = measure_links(cfg, wire, step)
         together.append(_probe_together(device))
-        alone.append(_probe_alone(device, wire, local))
+        _append_alone(_probe_alone(device, wire, local), alone, small)
         # The after-compute probe takes a pass at each later compute window and one at the
         # end. Not at the start: a pass there landed twice as late (1.04 ms against 0.5-0.7
         # over 13 files), a process's first seconds, which a run's timed steps are not.
@@ -183,15 +184,18 @@ def profile_cluster_rank(
             coll = measure_collectives(cfg, wire, timedelta(seconds=group_timeout), step)
             host_rings = measure_host_rings(cfg, wire, timedelta(seconds=group_timeout), step)
             together.append(_probe_together(device))
-            alone.append(_probe_alone(device, wire, local))
+            _append_alone(_probe_alone(device, wire, local), alone, small)
             _take_pass(after)
-        windows = gather_on_rank0([(together, alone)], rank, world)
+        windows = gather_on_rank0([(together, alone, small)], rank, world)
         if devices is not None and windows is not None:
-            for d, (w, a) in zip(devices, windows, strict=True):
+            for d, (w, a, sm) in zip(devices, windows, strict=True):
                 d["matmul_flops"] = max(w)
                 d["details"]["matmul_flops_together_windows"] = w
                 d["matmul_flops_alone"] = max(a)
                 d["details"]["matmul_flops_alone_windows"] = a
+                # The fastest window: the machine's quiet state, as the best matmul window.
+                d["small_op_step_s"] = min(sm)
+                d["details"]["small_op_step_alone_windows_s"] = sm
         pairs: list[Any] = [None]
         if collectives and world > 1:
             # Rank 0 holds the links; every rank needs the same pairs for the FSDP probe.
@@ -405,8 +409,15 @@ def _probe_together(device: torch.device) -> float:
     return matmul_flops(device, trials=1)
 
 
-def _probe_alone(device: torch.device, wire: torch.device, local_ranks: int) -> float:
-    """This rank's matmul FLOP/s while the other ranks of its host wait.
+def _append_alone(window: tuple[float, float], alone: list[float], small: list[float]) -> None:
+    alone.append(window[0])
+    small.append(window[1])
+
+
+def _probe_alone(device: torch.device, wire: torch.device,
+                 local_ranks: int) -> tuple[float, float]:
+    """This rank's matmul FLOP/s while the other ranks of its host wait, and its small-op
+    reference step then (pdv.profile.hardware.small_op_step_s, as the model profiler times it).
 
     probe_device timed all ranks at once: what each gets when every rank computes. A model
     profile is timed in one process, and in a pipeline not every rank computes at once, so the
@@ -420,13 +431,14 @@ def _probe_alone(device: torch.device, wire: torch.device, local_ranks: int) -> 
     # Hosts may run different numbers of ranks: all take as many turns as the fullest host.
     turns = torch.tensor([local_ranks], device=wire)
     dist.all_reduce(turns, op=dist.ReduceOp.MAX)
-    alone = 0.0
+    alone = small = 0.0
     for turn in range(int(turns.item())):
         dist.barrier()
         if turn == mine:
             alone = matmul_flops(device)
+            small = small_op_step_s(device)
     dist.barrier()
-    return alone
+    return alone, small
 
 
 def describe_event(event: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ from pdv.profile.compute import (
 )
 from pdv.profile.estimate import estimate_profile
 from pdv.profile.hardware import matmul_flops as matmul_flops_probe
+from pdv.profile.hardware import small_op_step_s
 from pdv.profile.memory import (
     OPTIMIZERS,
     LiveBytes,
@@ -373,6 +374,11 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     whole: list[tuple[float, float]] = []
     tp_runtime = _TPRuntime(max(tps), device) if len(tps) > 1 else None
     probes = [info.matmul_flops] if info.matmul_flops else []
+    small = [small_op_step_s(device)]
+
+    def between() -> None:
+        probes.append(matmul_flops_probe(device))
+        small.append(small_op_step_s(device))
     try:
         for tp in tps:
             timed = None
@@ -391,7 +397,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
             pts, w = _measure_points(layers, model.loss_fn, batches,
                                      device, warmup, req.repeat, ref if tp == 1 else None,
                                      ticks,
-                                     lambda: probes.append(matmul_flops_probe(device)),
+                                     between,
                                      timed=timed, writers=writers)  # fmt: skip
             for m in mbss:
                 points[(tp, m)] = pts[m]
@@ -403,6 +409,8 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
                                        ticker(f"optimizer step ({req.optimizer})"))
     if probes:
         info = info.model_copy(update={"matmul_flops": statistics.median(probes)})
+    small.append(small_op_step_s(device))
+    info = info.model_copy(update={"small_op_step_s": statistics.median(small)})
 
     wf = [f for f, _ in whole]
     wb = [b for _, b in whole]
@@ -441,6 +449,10 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
         "(pdv.profile.hardware.matmul_flops), so profile and cluster speeds compare; the "
         f"median of {len(probes)} probes taken before and between the layer points "
         + (f"({min(probes) / 1e9:.1f} .. {max(probes) / 1e9:.1f} GFLOP/s)" if probes else ""),
+        "small_op_step_s: the small-op reference net's forward and backward "
+        "(pdv.profile.hardware.small_op_step_s, as pdv profile cluster times it on each rank "
+        f"alone), the median of {len(small)} readings before, between and after the layer "
+        f"points ({min(small) * 1e6:.0f} .. {max(small) * 1e6:.0f} µs)",
         "time fits: least squares over the micro-batch sizes, per TP degree",
     ]
     if threads is not None:
