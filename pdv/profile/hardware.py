@@ -25,6 +25,7 @@ __all__ = [
     "memory_limit",
     "probe_device",
     "runtime_memory",
+    "SmallOpNet",
     "small_op_step_s",
 ]
 
@@ -207,43 +208,63 @@ SMALL_OP_WIDTH, SMALL_OP_BATCH, SMALL_OP_BLOCKS = 128, 32, 4
 a batch of this many rows"""
 
 
-def small_op_step_s(device: torch.device, seconds: float = 0.1) -> float:
-    """Median seconds of one forward and backward of a fixed net of small ops, over ~`seconds`.
+class SmallOpNet:
+    """A fixed net of small ops, built once, whose forward and backward is timed on demand.
 
     The matmul probe misses what slows a model of millisecond layers on a shared machine: in
     spells of seconds to minutes this project's 2-vCPU VM ran this net 1.6-1.8× slower
     (650 µs against 1050-1270) while 256×256 matmuls kept their speed, and model profiles
     taken in such a spell read gpt_tiny 1.6× and mlp 1.4× slow at 98-99 GFLOP/s. The
-    profiler and the cluster's alone probe both time it, so a profile taken in another state
-    of the machine than the cluster file can be told (pdv.cost.compute.spell_note). A
-    median, not a best window: the layers' times are medians too.
+    profiler (after every timed round) and the cluster's alone probe both time it, so a
+    profile taken in another state of the machine than the cluster file can be told
+    (pdv.cost.compute.spell_note).
     """
-    gen = torch.Generator().manual_seed(0)
-    layers: list[torch.nn.Module] = []
-    for _ in range(SMALL_OP_BLOCKS):
-        lin = torch.nn.Linear(SMALL_OP_WIDTH, SMALL_OP_WIDTH)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) / SMALL_OP_WIDTH**0.5)
-        layers += [lin, torch.nn.LayerNorm(SMALL_OP_WIDTH), torch.nn.GELU()]
-    net = torch.nn.Sequential(*layers).to(device)
-    x = torch.randn(SMALL_OP_BATCH, SMALL_OP_WIDTH, generator=gen).to(device)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    def __init__(self, device: torch.device) -> None:
+        gen = torch.Generator().manual_seed(0)
+        layers: list[torch.nn.Module] = []
+        for _ in range(SMALL_OP_BLOCKS):
+            lin = torch.nn.Linear(SMALL_OP_WIDTH, SMALL_OP_WIDTH)
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen)
+                                 / SMALL_OP_WIDTH**0.5)
+            layers += [lin, torch.nn.LayerNorm(SMALL_OP_WIDTH), torch.nn.GELU()]
+        self.device = device
+        self.net = torch.nn.Sequential(*layers).to(device)
+        self.x = torch.randn(SMALL_OP_BATCH, SMALL_OP_WIDTH, generator=gen).to(device)
+        for _ in range(5):  # warm-up: kernels, allocator
+            self._step()
+        self._sync()
 
-    for _ in range(5):  # warm-up: kernels, allocator
-        net(x).sum().backward()
-    sync()
-    took: list[float] = []
-    end = time.perf_counter() + seconds
-    while not took or time.perf_counter() < end:
-        t0 = time.perf_counter()
-        net(x).sum().backward()
-        sync()
-        took.append(time.perf_counter() - t0)
-    took.sort()
-    return took[len(took) // 2]
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _step(self) -> None:
+        self.net(self.x).sum().backward()
+
+    def __call__(self, seconds: float) -> float:
+        """Median seconds of one forward and backward over ~`seconds` (at least one step).
+
+        A median, as the layers' times are. One untimed step first: read between a model's
+        rounds, the first step meets caches the model's layers filled (readings after
+        gpt_tiny's rounds read 11% over the quiet 0.1 s ones without it)."""
+        self._step()
+        self._sync()
+        took: list[float] = []
+        end = time.perf_counter() + seconds
+        while not took or time.perf_counter() < end:
+            t0 = time.perf_counter()
+            self._step()
+            self._sync()
+            took.append(time.perf_counter() - t0)
+        took.sort()
+        return took[len(took) // 2]
+
+
+def small_op_step_s(device: torch.device, seconds: float = 0.1) -> float:
+    """Median seconds of one forward and backward of :class:`SmallOpNet` over ~`seconds`."""
+    return SmallOpNet(device)(seconds)
 
 
 def _cuda_details(index: int) -> dict[str, Any]:

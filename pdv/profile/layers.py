@@ -52,8 +52,8 @@ from pdv.profile.compute import (
     resolve_dtype,
 )
 from pdv.profile.estimate import estimate_profile
+from pdv.profile.hardware import SmallOpNet
 from pdv.profile.hardware import matmul_flops as matmul_flops_probe
-from pdv.profile.hardware import small_op_step_s
 from pdv.profile.memory import (
     OPTIMIZERS,
     LiveBytes,
@@ -234,6 +234,7 @@ def _measure_points(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
                     ticks: dict[int, Callable[[], None]], between: Callable[[], None],
                     timed: Sequence[nn.Module] | None = None,
                     writers: frozenset[int] = frozenset(),
+                    each_round: Callable[[], None] | None = None,
                     ) -> tuple[dict[int, list[Point]], list[tuple[float, float]]]:
     """Every layer at each micro-batch size of one TP degree; the whole model at `whole_at`.
 
@@ -288,6 +289,8 @@ def _measure_points(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
                     tw = _time_whole(layers, inputs, loss_fn, targets, clock)
                     if r >= untimed:
                         whole_times.append(tw)
+                if r >= untimed and each_round is not None:
+                    each_round()
                 ticks[m]()
         between()
     for layer in (*layers, *timed):
@@ -295,6 +298,9 @@ def _measure_points(layers: Sequence[nn.Module], loss_fn: Callable[..., Any],
     return {m: points for m, (_, _, points) in setup.items()}, whole_times
 
 
+SMALL_OP_AROUND_S, SMALL_OP_ROUND_S = 0.1, 0.005
+"""seconds of the small-op reference read before and after the layer points, and after each
+timed round (about 8 of its 0.65 ms steps here)"""
 VISITS = 3
 """times the profiler comes back to each micro-batch size, its timed rounds split among them"""
 
@@ -374,11 +380,14 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
     whole: list[tuple[float, float]] = []
     tp_runtime = _TPRuntime(max(tps), device) if len(tps) > 1 else None
     probes = [info.matmul_flops] if info.matmul_flops else []
-    small = [small_op_step_s(device)]
+    # The small-op reference after every timed round as well as around them: read between
+    # the visits only, five readings missed a spell that held most of gpt_tiny's rounds
+    # (1.6x its layers' usual times; readings 642 .. 1034 µs, median 650).
+    small_net = SmallOpNet(device)
+    small = [small_net(SMALL_OP_AROUND_S)]
 
     def between() -> None:
         probes.append(matmul_flops_probe(device))
-        small.append(small_op_step_s(device))
     try:
         for tp in tps:
             timed = None
@@ -398,7 +407,9 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
                                      device, warmup, req.repeat, ref if tp == 1 else None,
                                      ticks,
                                      between,
-                                     timed=timed, writers=writers)  # fmt: skip
+                                     timed=timed, writers=writers,
+                                     each_round=lambda: small.append(small_net(SMALL_OP_ROUND_S)),
+                                     )  # fmt: skip
             for m in mbss:
                 points[(tp, m)] = pts[m]
             whole = whole or w
@@ -409,7 +420,7 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
                                        ticker(f"optimizer step ({req.optimizer})"))
     if probes:
         info = info.model_copy(update={"matmul_flops": statistics.median(probes)})
-    small.append(small_op_step_s(device))
+    small.append(small_net(SMALL_OP_AROUND_S))
     info = info.model_copy(update={"small_op_step_s": statistics.median(small)})
 
     wf = [f for f, _ in whole]
@@ -451,8 +462,9 @@ def _measure_profile(req: ProfileRequest, progress: Progress | None) -> ModelPro
         + (f"({min(probes) / 1e9:.1f} .. {max(probes) / 1e9:.1f} GFLOP/s)" if probes else ""),
         "small_op_step_s: the small-op reference net's forward and backward "
         "(pdv.profile.hardware.small_op_step_s, as pdv profile cluster times it on each rank "
-        f"alone), the median of {len(small)} readings before, between and after the layer "
-        f"points ({min(small) * 1e6:.0f} .. {max(small) * 1e6:.0f} µs)",
+        f"alone), the median of {len(small)} readings: one before and one after the layer "
+        f"points ({SMALL_OP_AROUND_S} s each) and one after every timed round "
+        f"({SMALL_OP_ROUND_S} s each); {min(small) * 1e6:.0f} .. {max(small) * 1e6:.0f} µs",
         "time fits: least squares over the micro-batch sizes, per TP degree",
     ]
     if threads is not None:
