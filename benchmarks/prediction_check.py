@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from pdv import artifacts
-from pdv.cost.compute import SPELL_RATIO, spell_ratio, unsteady_note
+from pdv.cost.compute import spell_apart, spell_ratio, unsteady_note
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def main() -> int:
             ratio = spell_ratio(artifacts.load_as(profile, "model-profile"),
                                 artifacts.load_as(cluster, "cluster"))
             ratios.append(ratio)
-            if ratio is None or 1 / SPELL_RATIO <= ratio <= SPELL_RATIO or attempt == a.retakes:
+            if ratio is None or not spell_apart(ratio) or attempt == a.retakes:
                 break
             # A slow cluster file is taken again before any plan has run on it; after that,
             # the rounds keep it (pdv check's note says so).

@@ -23,7 +23,7 @@ from pdv.check import (
 from pdv.cli.app import app, console, err_console
 from pdv.cli.plan_cmd import _ints
 from pdv.cli.render import fmt_time, new_table, print_table
-from pdv.cost.compute import SPELL_RATIO, spell_note, spell_ratio, unsteady_ranks
+from pdv.cost.compute import spell_apart, spell_note, spell_ratio, unsteady_ranks
 from pdv.errors import PdvError
 from pdv.plan.problem import PlanProblem
 from pdv.plan.search import check_plan_dtype, check_profiles
@@ -223,7 +223,7 @@ def _print(doc: dict, target: Path) -> None:
                       "the machine's speed moved while the file was taken, and every "
                       "prediction on that rank carries the rate kept", highlight=False)
     for kind, ratio in doc["small_op_ratio"].items():
-        if ratio is not None and not 1 / SPELL_RATIO <= ratio <= SPELL_RATIO:
+        if spell_apart(ratio):
             console.print(f"[yellow]note:[/] the {kind} profile ran the small-op reference "
                           f"{ratio:.2f}x the cluster file's time: one of the two was taken in "
                           "a spell of the machine, and the errors carry it", highlight=False)

@@ -253,8 +253,13 @@ def unsteady_note(cluster: ClusterArtifact) -> str | None:
 SPELL_RATIO = 1.2
 """a model profile and a cluster file are flagged as taken in different states of the machine
 when their small-op reference steps differ by more than this factor. On this project's 2-vCPU
-VM, readings of 0.1 s over a quiet minute spread 2-3% around 650 µs (p75 721) and its spells
-read 1050-1270 µs (1.6-1.8×). A diagnostic, priced nowhere"""
+VM, 0.5 s windows over a minute read 643 µs at the least, 650 at p25, 657 at the median and
+721 at p75, and its spells 1050-1270 µs (1.6-1.8×). A diagnostic, priced nowhere"""
+
+
+def spell_apart(ratio: float | None) -> bool:
+    """Whether a :func:`spell_ratio` is past :data:`SPELL_RATIO` either way (None: not)."""
+    return ratio is not None and not 1 / SPELL_RATIO <= ratio <= SPELL_RATIO
 
 
 def spell_ratio(profile: ModelProfile, cluster: ClusterArtifact) -> float | None:
@@ -272,7 +277,7 @@ def spell_note(name: str, profile: ModelProfile, cluster: ClusterArtifact) -> st
     """One line for the user when :func:`spell_ratio` is past :data:`SPELL_RATIO` either way;
     None otherwise. `name` says which profile (e.g. "the cpu profile")."""
     ratio = spell_ratio(profile, cluster)
-    if ratio is None or 1 / SPELL_RATIO <= ratio <= SPELL_RATIO:
+    if ratio is None or not spell_apart(ratio):
         return None
     if ratio > 1:
         return (f"{name} ran the small-op reference {ratio:.2f}x slower than the "
