@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 
 from pdv import artifacts
-from pdv.cost.compute import unsteady_note
+from pdv.cli.quickstart_cmd import reading_notes
+from pdv.cost.compute import spell_note, unsteady_note
 
 from .conftest import run_pdv
+from .test_cost_builders import make_profile
+from .test_cost_compute import _small_op, _windowed
 
 
 @pytest.mark.e2e
@@ -45,6 +48,34 @@ def test_quickstart_writes_every_artifact_and_compares(tmp_path):
     after = " ".join(result.stdout.split("predicted vs measured")[-1].split())
     assert ("speed moved during the cluster probe" in after) == \
         (unsteady_note(loaded["cluster.json"]) is not None)  # fmt: skip
+    # and whether the profile and the cluster file were taken in different states of it
+    spell = spell_note("the cpu profile", loaded["profile.json"], loaded["cluster.json"])
+    assert ("slow spell of the machine" in after) == (spell is not None)
+
+
+def _with_small_op(seconds: float):
+    prof = make_profile()
+    return prof.model_copy(update={"device": prof.device.model_copy(
+        update={"small_op_step_s": seconds})})
+
+
+def test_quickstart_notes_where_the_prediction_is_read():
+    """Under its predicted-vs-measured table, quickstart says when the cluster file was taken
+    while the machine's speed moved, and when the profile was taken in a slow spell the cluster
+    file missed (or the other way round); nothing when both were taken in one quiet state."""
+    quiet = _small_op([650e-6, 660e-6])
+    assert reading_notes(quiet, _with_small_op(655e-6)) == []
+    slow_profile = reading_notes(quiet, _with_small_op(2 * 650e-6))
+    assert len(slow_profile) == 1 and "the cpu profile" in slow_profile[0]
+    assert "2.00x slower than the cluster" in slow_profile[0]
+    slow_cluster = reading_notes(_small_op([1.3e-3, 1.4e-3]), _with_small_op(650e-6))
+    assert len(slow_cluster) == 1 and "cluster file was taken in a slow spell" in slow_cluster[0]
+    # A moving cluster file comes first; the profile's spell is said besides it.
+    moved = _windowed([[1.0e11, 1.0e11, 1.0e11], [0.8e11, 0.9e11, 0.96e11]])
+    moved = moved.model_copy(update={"devices": [
+        d.model_copy(update={"small_op_step_s": 650e-6}) for d in moved.devices]})
+    both = reading_notes(moved, _with_small_op(1.3e-3))
+    assert len(both) == 2 and both[0] == unsteady_note(moved) and "2.00x" in both[1]
 
 
 def test_quickstart_bad_model_is_one_line(tmp_path):

@@ -15,9 +15,10 @@ from pathlib import Path
 import typer
 
 from pdv import artifacts
+from pdv.artifacts import ClusterArtifact, ModelProfile
 from pdv.cli.app import app, console
 from pdv.cli.render import fmt_bytes, fmt_time, new_table, print_table
-from pdv.cost.compute import unsteady_note
+from pdv.cost.compute import spell_notes, unsteady_note
 from pdv.errors import PdvError
 
 
@@ -33,6 +34,13 @@ def _step(title: str, args: list[str], env: dict[str, str]) -> None:
             f"quickstart step '{title}' failed (exit {done.returncode}); "
             f"rerun it alone: pdv {shlex.join(args)}"
         )
+
+
+def reading_notes(cluster: ClusterArtifact, profile: ModelProfile) -> list[str]:
+    """What the user should know where the prediction is read: the cluster file was taken while
+    the machine's speed moved, or one of the two files in a slow spell the other missed."""
+    unsteady = unsteady_note(cluster)
+    return ([unsteady] if unsteady else []) + spell_notes({profile.device.kind: profile}, cluster)
 
 
 @app.command()
@@ -116,9 +124,11 @@ def quickstart(
                 f"peak memory rank {rank}", fmt_bytes(want) if want else "-", fmt_bytes(used), err_m
             )
     print_table(console, table)
-    unsteady = unsteady_note(artifacts.load_as(cluster, "cluster"))
-    if unsteady:  # said above too, but this is where the prediction is read
-        console.print(f"[yellow]note:[/] {unsteady}", highlight=False)
+    # The unsteady note was said by the cluster step too, but this is where the prediction is
+    # read; a profile taken in a spell prices its layers slow and the error above carries it.
+    for note in reading_notes(artifacts.load_as(cluster, "cluster"),
+                              artifacts.load_as(profile, "model-profile")):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(
         f"loss {result.loss[0]:.4f} → {result.loss[-1]:.4f}; memory measured as "
         f"{measured.memory_method}"
