@@ -124,12 +124,12 @@ def rows(plan_path: Path, profiles: list[Path], cluster_path: Path,
                "measured_ops_s": statistics.median(r[g][0] for r in run_lines),
                "measured_between_s": statistics.median(r[g][1] for r in run_lines)}
               for g in sorted(sim_line)]
-    profile = next(iter(profs.values()))
+    outputs = profile_arrays(next(iter(profs.values())), 1, 1).outputs  # bytes per sample
     out = []
     for s in range(len(plan.stages) - 1):
         src, dst = plan.stages[s], plan.stages[s + 1]
         last = src.layers[1] - 1
-        per_sample = float(profile_arrays(profile, 1, 1).outputs[last])
+        per_sample = float(outputs[last])
         ahead, back = boundary_tensors(profs, last)
         for direction, frm, to, tensors in (("act", src, dst, ahead), ("grad", dst, src, back)):
             cpu = message_cpu(cluster, frm, to, plan.micro_batch_size, per_sample, tensors)
